@@ -1,0 +1,33 @@
+# Two commands: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+# Small matrices: one BLAS thread is faster and steadier than several fighting for 2 cores.
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev,jax]"
+	touch $@ $(VENV)/.core
+
+demo: $(VENV)/.core
+	$(BIN)/bios demo
+
+lint: $(VENV)/.dev
+	$(BIN)/lint-imports
+
+test: $(VENV)/.dev lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

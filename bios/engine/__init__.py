@@ -1,0 +1,8 @@
+"""The engine: everything between the public API and the arithmetic (ordering, batching,
+futures, checkpoints). Shared by the in-process transport and the server."""
+
+from bios.engine.checkpoints import CheckpointStore
+from bios.engine.engine import Engine, SamplerHandle
+from bios.engine.registry import available_backends, create_backend
+
+__all__ = ["CheckpointStore", "Engine", "SamplerHandle", "available_backends", "create_backend"]

@@ -1,0 +1,130 @@
+"""The checkpoint store: adapter states on disk under `BIOS_HOME/checkpoints`, named by `bios://` paths.
+
+`bios://SESSION/weights/NAME` holds a training state (weights + Adam moments + step);
+`bios://SESSION/sampler_weights/NAME` a frozen sampler snapshot (weights only). Each is a
+directory with `adapter.safetensors` and `checkpoint.json`, written to a temporary directory
+and renamed into place, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from bios.backend import AdapterSpec, AdapterState
+from bios.errors import InvalidRequestError, NotFoundError
+from bios.types import StateResult
+
+SCHEME = "bios://"
+KIND_DIRS = {"state": "weights", "sampler": "sampler_weights"}
+
+
+def parse_path(path: object) -> tuple[str, str, str]:
+    """(session_id, kind, name) of a `bios://SESSION/weights|sampler_weights/NAME` path."""
+    if not isinstance(path, str) or not path.startswith(SCHEME):
+        raise InvalidRequestError(f"path {path!r} is not a checkpoint path (bios://SESSION/weights/NAME)", field="path")
+    parts = path[len(SCHEME):].split("/")
+    kinds = {v: k for k, v in KIND_DIRS.items()}
+    if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p in (".", "..") for p in parts):
+        raise InvalidRequestError(
+            f"path {path!r} is malformed; expected bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME",
+            field="path",
+        )
+    return parts[0], kinds[parts[1]], parts[2]
+
+
+def checkpoint_path(session_id: str, kind: str, name: str) -> str:
+    return f"{SCHEME}{session_id}/{KIND_DIRS[kind]}/{name}"
+
+
+class CheckpointStore:
+    """Reads and writes adapter states. Safe to use from several threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _directory(self, session_id: str, kind: str, name: str) -> Path:
+        return self.root / session_id / KIND_DIRS[kind] / name
+
+    def save(self, state: AdapterState, session_id: str, kind: str, name: str, metadata: dict) -> StateResult:
+        """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name."""
+        tensors = {f"weights/{k}": v for k, v in state.weights.items()}
+        if kind == "state":
+            tensors |= {f"adam_m/{k}": v for k, v in state.adam_m.items()}
+            tensors |= {f"adam_v/{k}": v for k, v in state.adam_v.items()}
+        spec = asdict(state.spec)
+        spec.pop("adapter_id")
+        record = StateResult(
+            path=checkpoint_path(session_id, kind, name),
+            id=uuid.uuid4().hex[:16],
+            name=name,
+            kind=kind,  # type: ignore[arg-type]
+            step=state.step,
+            base_model=state.spec.base_model,
+            metadata=metadata,
+            created_at=time.time(),
+        )
+        final = self._directory(session_id, kind, name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}."))
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "adapter.safetensors"))
+        (staging / "checkpoint.json").write_text(json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1))
+        if final.exists():
+            retired = final.with_name(f".{name}.old.{uuid.uuid4().hex[:6]}")
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        return record
+
+    def record(self, path: str) -> StateResult:
+        """The saved record of `path`; NotFoundError if there is none."""
+        return StateResult.model_validate(self._read_json(path)["record"])
+
+    def load(self, path: str, adapter_id: str) -> AdapterState:
+        """The state stored at `path`, as an adapter named `adapter_id`."""
+        meta = self._read_json(path)
+        session_id, kind, name = parse_path(path)
+        tensors = load_file(str(self._directory(session_id, kind, name) / "adapter.safetensors"))
+        groups: dict[str, dict[str, np.ndarray]] = {"weights": {}, "adam_m": {}, "adam_v": {}}
+        for key, value in tensors.items():
+            group, _, tensor = key.partition("/")
+            groups[group][tensor] = value
+        spec = meta["adapter"]
+        return AdapterState(
+            spec=AdapterSpec(adapter_id=adapter_id, **{**spec, "target_modules": tuple(spec["target_modules"])}),
+            step=int(meta["record"]["step"]),
+            weights=groups["weights"],
+            adam_m=groups["adam_m"],
+            adam_v=groups["adam_v"],
+        )
+
+    def list(self, session_id: str | None = None) -> list[StateResult]:
+        """Every checkpoint (of one session, if given), oldest first."""
+        records = []
+        for meta in sorted(self.root.glob(f"{session_id or '*'}/*/*/checkpoint.json")):
+            if not meta.parent.name.startswith("."):
+                records.append(StateResult.model_validate(json.loads(meta.read_text())["record"]))
+        return sorted(records, key=lambda r: r.created_at)
+
+    def delete(self, path: str) -> None:
+        """Remove the checkpoint at `path`; NotFoundError if there is none."""
+        self._read_json(path)
+        shutil.rmtree(self._directory(*parse_path(path)))
+
+    def _read_json(self, path: str) -> dict:
+        session_id, kind, name = parse_path(path)
+        try:
+            return json.loads((self._directory(session_id, kind, name) / "checkpoint.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"path: no checkpoint at {path}", field="path") from None

@@ -1,0 +1,350 @@
+"""The engine: sessions, their ordered requests, sampler snapshots and checkpoints.
+
+It is everything that is not arithmetic. The in-process transport calls it directly and the
+server calls the same methods, so both behave identically. Requests are validated completely
+in the calling thread (raising `InvalidRequestError` / `NotFoundError` at once and changing
+nothing); the work then runs on the scheduler's worker, and the returned
+`concurrent.futures.Future` resolves with a public result type.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import uuid
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardOutput, OptimStepOutput, SampleOutput
+from bios.catalog import Catalog, ModelSpec
+from bios.engine import validation
+from bios.engine.checkpoints import CheckpointStore, parse_path
+from bios.engine.scheduler import Job, Scheduler
+from bios.errors import InvalidRequestError, NotFoundError
+from bios.losses import LOSSES
+from bios.tokenizer import Tokenizer
+from bios.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardResult,
+    LoraConfig,
+    ModelInfo,
+    ModelInput,
+    OptimStepResult,
+    SampledSequence,
+    SampleResult,
+    SamplingParams,
+    ServerCapabilities,
+    StateResult,
+    TensorData,
+    TrainingInfo,
+)
+
+
+@dataclass(slots=True)
+class _Session:
+    session_id: str
+    model: ModelSpec
+    adapter: AdapterSpec
+    step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerHandle:
+    """A sampling target: a frozen adapter (`adapter_id`) or the bare base model (None)."""
+
+    sampler_id: str
+    base_model: str
+    adapter_id: str | None
+
+
+class Engine:
+    """Owns sessions, sampler snapshots and the checkpoint store on top of one backend."""
+
+    def __init__(self, backend: Backend, catalog: Catalog, store: CheckpointStore) -> None:
+        self.backend = backend
+        self.catalog = catalog
+        self.store = store
+        self.scheduler = Scheduler(backend)
+        self._sessions: dict[str, _Session] = {}
+        self._samplers: dict[str, SamplerHandle] = {}
+        self._snapshots: dict[str, str] = {}  # checkpoint id -> adapter id
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._lock = threading.Lock()
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def capabilities(self) -> ServerCapabilities:
+        models = [self.catalog.get(name) for name in self.catalog.names()]
+        return ServerCapabilities(
+            supported_models=[_model_info(spec) for spec in models],
+            backend=self.backend.name,
+            loss_fns=list(LOSSES),
+        )
+
+    def tokenizer(self, base_model: str) -> Tokenizer:
+        with self._lock:
+            if base_model not in self._tokenizers:
+                self._tokenizers[base_model] = self.catalog.get(base_model).tokenizer()
+            return self._tokenizers[base_model]
+
+    # ---- sessions --------------------------------------------------------------------------
+
+    def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
+        """A new training session with a freshly initialised adapter."""
+        if not isinstance(lora, LoraConfig):
+            raise InvalidRequestError(f"lora_config must be a LoraConfig, got {type(lora).__name__}", field="lora_config")
+        model = self.catalog.get(base_model)
+        session_id = f"session-{uuid.uuid4().hex[:12]}"
+        adapter = validation.lora_adapter(session_id, model, lora)
+        return self._open_session(_Session(session_id, model, adapter), state=None)
+
+    def create_session_from_state(self, path: str) -> TrainingInfo:
+        """A new session resuming the training state saved at `path` (optimizer included)."""
+        self.store.record(path)
+        session_id = f"session-{uuid.uuid4().hex[:12]}"
+        state = self.store.load(path, session_id)
+        model = self.catalog.get(state.spec.base_model)
+        return self._open_session(_Session(session_id, model, state.spec, state.step), state=state)
+
+    def _open_session(self, session: _Session, state: AdapterState | None) -> TrainingInfo:
+        self.scheduler.call(lambda: self.backend.create_adapter(session.adapter, state)).result()
+        with self._lock:
+            self._sessions[session.session_id] = session
+        self.scheduler.open_lane(session.session_id)
+        return self.session_info(session.session_id)
+
+    def session_info(self, session_id: str) -> TrainingInfo:
+        session = self._session(session_id)
+        spec = session.adapter
+        lora = LoraConfig(rank=spec.rank, alpha=spec.alpha, target_modules=spec.target_modules, dropout=spec.dropout, seed=spec.seed)
+        return TrainingInfo(session_id=session_id, base_model=session.model.name, lora_config=lora, step=session.step, model_name=session.model.name)
+
+    def next_seq(self, session_id: str) -> int:
+        return self.scheduler.next_seq(self._session(session_id).session_id)
+
+    def skip(self, session_id: str, seq: int) -> None:
+        """Release sequence number `seq` unused (e.g. a custom loss whose function raised)."""
+        self.scheduler.skip(self._session(session_id).session_id, seq)
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise NotFoundError(f"session_id: no training session {session_id!r}", field="session_id") from None
+
+    def _ordered(self, session: _Session, seq: int, build: Callable[[], Job]) -> concurrent.futures.Future:
+        """Validate with `build` and queue at `seq`; a rejected request still uses up `seq`."""
+        try:
+            job = build()
+        except Exception:
+            self.scheduler.skip(session.session_id, seq)
+            raise
+        return self.scheduler.submit(session.session_id, seq, job)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        session_id: str,
+        seq: int,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+        *,
+        backward: bool = True,
+    ) -> concurrent.futures.Future:
+        """Future[ForwardBackwardResult]; with backward, the gradient joins the accumulator."""
+        session = self._session(session_id)
+
+        def build() -> Job:
+            work = validation.forward_work(session.adapter.adapter_id, session.model, data, loss_fn, loss_fn_config, backward=backward)
+            return Job("forward_backward", session.model.name, work, _forward_result)
+
+        return self._ordered(session, seq, build)
+
+    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
+        """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared."""
+        session = self._session(session_id)
+
+        def finish(output: OptimStepOutput) -> OptimStepResult:
+            session.step = output.step
+            return OptimStepResult(step=output.step, metrics={"grad_norm": output.grad_norm, "learning_rate": adam.learning_rate})
+
+        return self._ordered(session, seq, lambda: Job("optim_step", session.model.name, validation.optim_work(session.adapter.adapter_id, adam), finish))
+
+    def sample(self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1) -> concurrent.futures.Future:
+        """Future[SampleResult] from the session's current weights, in order with its training."""
+        session = self._session(session_id)
+
+        def build() -> Job:
+            work = validation.sample_work(session.adapter.adapter_id, session.model, prompt, params, num_samples)
+            return Job("sample", session.model.name, work, _sample_result)
+
+        return self._ordered(session, seq, build)
+
+    def save_state(self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state") -> concurrent.futures.Future:
+        """Future[StateResult]: checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler")."""
+        session = self._session(session_id)
+
+        def build() -> Job:
+            checked_name, checked_meta = validation.checkpoint_name(name), validation.metadata(metadata)
+
+            def save() -> StateResult:
+                state = self.backend.export_state(session.adapter.adapter_id)
+                record = self.store.save(state, session.session_id, kind, checked_name, checked_meta)
+                if kind == "sampler":
+                    self._freeze(record, state)
+                return record
+
+            return Job("call", session.model.name, save)
+
+        return self._ordered(session, seq, build)
+
+    def load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
+        """Future[TrainingInfo]: replace the session's adapter, moments and step with `path`'s."""
+        session = self._session(session_id)
+
+        def build() -> Job:
+            record = self.store.record(path)
+            if record.base_model != session.model.name:
+                raise InvalidRequestError(
+                    f"path {path} holds an adapter for {record.base_model}, but this session trains {session.model.name}",
+                    field="path",
+                )
+
+            def load() -> TrainingInfo:
+                state = self.store.load(path, session.adapter.adapter_id)
+                self.backend.delete_adapter(session.adapter.adapter_id)
+                self.backend.create_adapter(state.spec, state)
+                session.adapter, session.step = state.spec, state.step
+                return self.session_info(session.session_id)
+
+            return Job("call", session.model.name, load)
+
+        return self._ordered(session, seq, build)
+
+    # ---- sampling clients -----------------------------------------------------------------
+
+    def create_sampler(self, model_path: str | None = None, base_model: str | None = None) -> SamplerHandle:
+        """A sampling target for a saved checkpoint (`model_path`) or a bare `base_model`."""
+        if (model_path is None) == (base_model is None):
+            raise InvalidRequestError("give exactly one of model_path and base_model", field="model_path")
+        if base_model is not None:
+            handle = SamplerHandle(f"sampler-{uuid.uuid4().hex[:12]}", self.catalog.get(base_model).name, None)
+        else:
+            record = self.store.record(model_path)  # type: ignore[arg-type]
+            self.catalog.get(record.base_model)
+            adapter_id = self.scheduler.call(lambda: self._snapshot_adapter(record)).result()
+            handle = SamplerHandle(f"sampler-{uuid.uuid4().hex[:12]}", record.base_model, adapter_id)
+        with self._lock:
+            self._samplers[handle.sampler_id] = handle
+        return handle
+
+    def sampler_sample(
+        self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int = 1, *, prompt_logprobs: bool = False
+    ) -> concurrent.futures.Future:
+        """Future[SampleResult] from a frozen snapshot or base model."""
+        handle = self._sampler(sampler_id)
+        work = validation.sample_work(handle.adapter_id, self.catalog.get(handle.base_model), prompt, params, num_samples, prompt_logprobs=prompt_logprobs)
+        return self.scheduler.submit(None, None, Job("sample", handle.base_model, work, _sample_result))
+
+    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
+        """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
+        handle = self._sampler(sampler_id)
+        model = self.catalog.get(handle.base_model)
+        if not isinstance(prompt, ModelInput):
+            raise InvalidRequestError(f"prompt must be a bios.types.ModelInput, got {type(prompt).__name__}", field="prompt")
+        ids = validation.check_tokens(prompt.to_ints(), model, "prompt")
+        if ids.size == 1:
+            return _done([None])
+        datum = Datum(model_input=ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
+        work = validation.forward_work(handle.adapter_id, model, [datum], "cross_entropy", None, backward=False)
+
+        def finish(output: ForwardBackwardOutput) -> list[float | None]:
+            return [None, *(float(x) for x in output.logprobs[0])]
+
+        return self.scheduler.submit(None, None, Job("forward_backward", model.name, work, finish))
+
+    def _sampler(self, sampler_id: str) -> SamplerHandle:
+        try:
+            return self._samplers[sampler_id]
+        except KeyError:
+            raise NotFoundError(f"sampler_id: no sampling client {sampler_id!r}", field="sampler_id") from None
+
+    def _freeze(self, record: StateResult, state: AdapterState) -> str:
+        """Worker thread: a read-only copy of `state`'s weights as its own adapter."""
+        adapter_id = f"snapshot-{record.id}"
+        frozen = AdapterState(spec=replace(state.spec, adapter_id=adapter_id), step=state.step, weights=state.weights)
+        self.backend.create_adapter(frozen.spec, frozen)
+        self._snapshots[record.id] = adapter_id
+        return adapter_id
+
+    def _snapshot_adapter(self, record: StateResult) -> str:
+        """Worker thread: the adapter frozen from checkpoint `record`, loading it if needed."""
+        if record.id in self._snapshots:
+            return self._snapshots[record.id]
+        state = self.store.load(record.path, f"snapshot-{record.id}")
+        return self._freeze(record, AdapterState(spec=state.spec, step=state.step, weights=state.weights))
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def list_checkpoints(self, session_id: str | None = None) -> list[StateResult]:
+        return self.store.list(session_id)
+
+    def delete_checkpoint(self, path: str) -> None:
+        parse_path(path)
+        self.store.delete(path)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.backend.close()
+
+
+def _done(value: object) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def _model_info(spec: ModelSpec) -> ModelInfo:
+    return ModelInfo(
+        model_name=spec.name,
+        architecture=spec.architecture,
+        vocab_size=spec.vocab_size,
+        d_model=spec.d_model,
+        n_layers=spec.n_layers,
+        n_heads=spec.n_heads,
+        n_kv_heads=spec.n_kv_heads,
+        max_seq_len=spec.max_seq_len,
+        n_params=spec.n_params,
+        max_lora_rank=spec.max_lora_rank,
+        random_init=spec.random_init,
+        description=spec.description,
+    )
+
+
+def _forward_result(output: ForwardBackwardOutput) -> ForwardBackwardResult:
+    return ForwardBackwardResult(
+        loss=float(output.loss),
+        loss_fn_outputs=[
+            {"logprobs": TensorData.from_numpy(np.asarray(lp, dtype=np.float32)), "elementwise_loss": TensorData.from_numpy(np.asarray(el, dtype=np.float32))}
+            for lp, el in zip(output.logprobs, output.elementwise_loss, strict=True)
+        ],
+        metrics={k: float(v) for k, v in output.metrics.items()},
+    )
+
+
+def _sample_result(output: SampleOutput) -> SampleResult:
+    prompt_lp = None
+    if output.prompt_logprobs is not None:
+        prompt_lp = [None if i == 0 else float(x) for i, x in enumerate(output.prompt_logprobs)]
+    return SampleResult(
+        sequences=[
+            SampledSequence(tokens=[int(t) for t in s.tokens], logprobs=[float(x) for x in s.logprobs], stop_reason=s.stop_reason)  # type: ignore[arg-type]
+            for s in output.sequences
+        ],
+        prompt_logprobs=prompt_lp,
+    )

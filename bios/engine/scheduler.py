@@ -1,0 +1,180 @@
+"""The scheduler: per-session ordered lanes, batching across sessions, one worker thread.
+
+Invariant (enforced here and nowhere else): the jobs of one lane run strictly in the order of
+their sequence numbers 0, 1, 2, ..., one at a time, each only after the previous one has
+finished; a missing number holds its lane until it is submitted or skipped. Jobs outside any
+lane (sampling from frozen snapshots) have no order.
+
+Each round the worker takes the head of every ready lane and every unordered job, groups
+them by (kind, base model) and makes ONE backend call per group, so concurrent sessions on
+the same base model share device calls. Only the worker thread touches the backend.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bios.backend import Backend
+from bios.errors import BackendError, BiosError, ConflictError, NotFoundError
+
+BATCHED_KINDS = ("forward_backward", "optim_step", "sample")
+
+
+@dataclass(slots=True)
+class Job:
+    """One unit of work. kind "call": `work` is a zero-argument callable run on the worker;
+    otherwise `work` is a backend work item. `finish` maps the backend's output to the result."""
+
+    kind: str
+    base_model: str
+    work: object
+    finish: Callable[[object], object] = lambda output: output
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(slots=True)
+class _Lane:
+    next_seq: int = 0
+    pending: dict[int, Job | None] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Queues jobs and runs them on the backend from a single worker thread."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.backend_calls = 0
+        self.jobs_run = 0
+        self._lanes: dict[str, _Lane] = {}
+        self._unordered: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="bios-engine", daemon=True)
+        self._worker.start()
+
+    def open_lane(self, lane_id: str, next_seq: int = 0) -> None:
+        with self._cond:
+            self._lanes[lane_id] = _Lane(next_seq=next_seq)
+
+    def next_seq(self, lane_id: str) -> int:
+        """The lowest sequence number not yet submitted or skipped in the lane."""
+        with self._cond:
+            lane = self._lane(lane_id)
+            seq = lane.next_seq
+            while seq in lane.pending:
+                seq += 1
+            return seq
+
+    def submit(self, lane_id: str | None, seq: int | None, job: Job) -> concurrent.futures.Future:
+        """Queue `job` at position `seq` of `lane_id` (or unordered when lane_id is None)."""
+        with self._cond:
+            self._check_open()
+            if lane_id is None:
+                self._unordered.append(job)
+            else:
+                self._reserve(lane_id, seq)[seq] = job  # type: ignore[index]
+            self._cond.notify()
+        return job.future
+
+    def skip(self, lane_id: str, seq: int) -> None:
+        """Mark `seq` as used by nothing, so later jobs of the lane may run."""
+        with self._cond:
+            lane = self._lane(lane_id)
+            if seq >= lane.next_seq and lane.pending.get(seq) is None:
+                lane.pending[seq] = None
+                self._cond.notify()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` on the worker thread, outside any lane (e.g. creating an adapter)."""
+        return self.submit(None, None, Job("call", "", fn))
+
+    def close(self) -> None:
+        """Stop the worker; jobs still queued fail with BackendError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._worker.join(timeout=60)
+        closed = BackendError("the engine was shut down before this request ran")
+        for job in self._unordered + [j for lane in self._lanes.values() for j in lane.pending.values() if j]:
+            if not job.future.done():
+                job.future.set_exception(closed)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("the engine is shut down")
+
+    def _lane(self, lane_id: str) -> _Lane:
+        try:
+            return self._lanes[lane_id]
+        except KeyError:
+            raise NotFoundError(f"session {lane_id!r} does not exist", field="session_id") from None
+
+    def _reserve(self, lane_id: str, seq: int | None) -> dict[int, Job | None]:
+        lane = self._lane(lane_id)
+        if not isinstance(seq, int) or seq < lane.next_seq or seq in lane.pending:
+            raise ConflictError(
+                f"seq_id {seq} of session {lane_id} is already used; the next free one is {self.next_seq(lane_id)}",
+                field="seq_id",
+            )
+        return lane.pending
+
+    def _take_round(self) -> list[Job]:
+        """Heads of ready lanes plus all unordered jobs; advances each lane past its head."""
+        jobs, self._unordered = self._unordered, []
+        for lane in self._lanes.values():
+            while lane.next_seq in lane.pending and lane.pending[lane.next_seq] is None:
+                del lane.pending[lane.next_seq]
+                lane.next_seq += 1
+            if lane.next_seq in lane.pending:
+                jobs.append(lane.pending.pop(lane.next_seq))  # type: ignore[arg-type]
+                lane.next_seq += 1
+        return jobs
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                jobs = self._take_round()
+                while not jobs and not self._closed:
+                    self._cond.wait()
+                    jobs = self._take_round()
+                if self._closed and not jobs:
+                    return
+            self._run_round(jobs)
+
+    def _run_round(self, jobs: list[Job]) -> None:
+        groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.kind in BATCHED_KINDS:
+                groups[(job.kind, job.base_model)].append(job)
+            else:
+                self._resolve(job, lambda job=job: job.work())  # type: ignore[operator]
+        for (kind, _model), group in groups.items():
+            self.backend_calls += 1
+            try:
+                outputs = getattr(self.backend, kind)([job.work for job in group])
+            except Exception as exc:  # a backend bug must fail its requests, not the worker
+                outputs = [_as_backend_error(exc)] * len(group)
+            for job, output in zip(group, outputs, strict=True):
+                self._resolve(job, lambda output=output: output)
+
+    def _resolve(self, job: Job, produce: Callable[[], object]) -> None:
+        self.jobs_run += 1
+        try:
+            output = produce()
+            if isinstance(output, BaseException):
+                raise output
+            result = job.finish(output)
+        except Exception as exc:
+            job.future.set_exception(_as_backend_error(exc))
+        else:
+            job.future.set_result(result)
+
+
+def _as_backend_error(exc: Exception) -> BiosError:
+    if isinstance(exc, BiosError):
+        return exc
+    return BackendError(f"backend failure: {type(exc).__name__}: {exc}")

@@ -1,0 +1,207 @@
+"""Validation at the edge: public request types in, backend work items out.
+
+Everything a request could get wrong is checked here, before it is queued, so that a
+rejected request changes nothing. Errors are `InvalidRequestError`s naming the field, the
+value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+from bios.backend import AdapterSpec, ForwardBackwardWork, OptimStepWork, SampleWork
+from bios.catalog import ModelSpec
+from bios.errors import InvalidRequestError
+from bios.losses import INTEGER_INPUTS, loss_spec
+from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
+
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_tokens(tokens: Sequence[int], model: ModelSpec, field: str, *, allow_empty: bool = False) -> np.ndarray:
+    """`tokens` as [T] int64, all in [0, V) and T <= max_seq_len (T >= 1 unless allow_empty)."""
+    array = np.asarray(tokens, dtype=np.int64)
+    if array.size == 0 and not allow_empty:
+        raise InvalidRequestError(f"{field} is empty; give at least one token", field=field)
+    if array.size > model.max_seq_len:
+        raise InvalidRequestError(
+            f"{field} has {array.size} tokens; {model.name} accepts at most {model.max_seq_len}", field=field
+        )
+    bad = np.flatnonzero((array < 0) | (array >= model.vocab_size))
+    if bad.size:
+        raise InvalidRequestError(
+            f"{field}[{bad[0]}] = {array[bad[0]]} is outside the vocabulary of {model.name} "
+            f"(valid ids are 0..{model.vocab_size - 1})",
+            field=field,
+        )
+    return array
+
+
+def lora_adapter(adapter_id: str, model: ModelSpec, lora: LoraConfig) -> AdapterSpec:
+    """The adapter a new session gets; rank must not exceed the model's `max_lora_rank`."""
+    if lora.rank > model.max_lora_rank:
+        raise InvalidRequestError(
+            f"rank: {lora.rank} exceeds the maximum LoRA rank {model.max_lora_rank} of {model.name}", field="rank"
+        )
+    return AdapterSpec(
+        adapter_id=adapter_id,
+        base_model=model.name,
+        rank=lora.rank,
+        alpha=float(lora.alpha or 2 * lora.rank),
+        target_modules=tuple(lora.target_modules or ()),
+        dropout=lora.dropout,
+        seed=lora.seed,
+    )
+
+
+def _datum_inputs(datum: Datum, index: int, needed: tuple[str, ...], optional: dict[str, float], length: int) -> dict[str, np.ndarray]:
+    where = f"data[{index}].loss_fn_inputs"
+    unknown = sorted(set(datum.loss_fn_inputs) - set(needed) - set(optional))
+    if unknown:
+        raise InvalidRequestError(
+            f"{where}.{unknown[0]} is not an input of this loss (it reads {', '.join(needed + tuple(optional))})",
+            field=f"{where}.{unknown[0]}",
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for name in needed + tuple(optional):
+        if name not in datum.loss_fn_inputs:
+            if name in optional:
+                inputs[name] = np.full(length, optional[name], dtype=np.float64)
+                continue
+            raise InvalidRequestError(f"{where}.{name} is missing; this loss needs {', '.join(needed)}", field=f"{where}.{name}")
+        array = datum.loss_fn_inputs[name].to_numpy()
+        if array.shape != (length,):
+            raise InvalidRequestError(
+                f"{where}.{name} has shape {list(array.shape)}; it must have one entry per input token ({length})",
+                field=f"{where}.{name}",
+            )
+        if name in INTEGER_INPUTS:
+            if datum.loss_fn_inputs[name].dtype != "int64":
+                raise InvalidRequestError(f"{where}.{name} must hold integer token ids", field=f"{where}.{name}")
+        elif not np.all(np.isfinite(array)):
+            raise InvalidRequestError(f"{where}.{name} holds NaN or infinity", field=f"{where}.{name}")
+        inputs[name] = array.astype(np.int64 if name in INTEGER_INPUTS else np.float64)
+    return inputs
+
+
+def forward_work(
+    adapter_id: str | None,
+    model: ModelSpec,
+    data: Sequence[Datum],
+    loss_fn: str,
+    loss_fn_config: dict[str, float] | None,
+    *,
+    backward: bool,
+) -> ForwardBackwardWork:
+    """A checked `forward`/`forward_backward` request for the backend."""
+    if not isinstance(data, (list, tuple)) or not data:
+        raise InvalidRequestError("data is empty; give at least one Datum", field="data")
+    spec = loss_spec(loss_fn)
+    config = spec.resolve_config(loss_fn_config)
+    tokens, inputs = [], []
+    for i, datum in enumerate(data):
+        if not isinstance(datum, Datum):
+            raise InvalidRequestError(f"data[{i}] must be a bios.types.Datum, got {type(datum).__name__}", field=f"data[{i}]")
+        ids = check_tokens(datum.model_input.to_ints(), model, f"data[{i}].model_input")
+        item = _datum_inputs(datum, i, spec.required, spec.optional, len(ids))
+        check_tokens(item["target_tokens"], model, f"data[{i}].loss_fn_inputs.target_tokens")
+        tokens.append(ids)
+        inputs.append(item)
+    return ForwardBackwardWork(
+        adapter_id=adapter_id,
+        base_model=model.name,
+        loss_fn=spec.name,
+        loss_config=config,
+        tokens=tuple(tokens),
+        inputs=tuple(inputs),
+        backward=backward,
+    )
+
+
+def optim_work(adapter_id: str, adam: AdamParams) -> OptimStepWork:
+    """A checked `optim_step` request (AdamParams already range-checked by its model)."""
+    if not isinstance(adam, AdamParams):
+        raise InvalidRequestError(f"adam_params must be a bios.types.AdamParams, got {type(adam).__name__}", field="adam_params")
+    return OptimStepWork(adapter_id=adapter_id, **adam.model_dump())
+
+
+def sample_work(
+    adapter_id: str | None,
+    model: ModelSpec,
+    prompt: ModelInput,
+    params: SamplingParams,
+    num_samples: int,
+    *,
+    prompt_logprobs: bool = False,
+) -> SampleWork:
+    """A checked `sample` request; the prompt must leave room for one generated token."""
+    if not isinstance(prompt, ModelInput):
+        raise InvalidRequestError(f"prompt must be a bios.types.ModelInput, got {type(prompt).__name__}", field="prompt")
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError(
+            f"sampling_params must be a bios.types.SamplingParams, got {type(params).__name__}", field="sampling_params"
+        )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= 128:
+        raise InvalidRequestError(f"num_samples must be an integer in [1, 128], got {num_samples!r}", field="num_samples")
+    ids = check_tokens(prompt.to_ints(), model, "prompt")
+    if ids.size >= model.max_seq_len:
+        raise InvalidRequestError(
+            f"prompt has {ids.size} tokens, leaving no room to generate within {model.max_seq_len}", field="prompt"
+        )
+    stop_ids = params.stop_token_ids()
+    if stop_ids:
+        check_tokens(stop_ids, model, "sampling_params.stop")
+    return SampleWork(
+        adapter_id=adapter_id,
+        base_model=model.name,
+        prompt=ids,
+        num_samples=num_samples,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop_token_ids=stop_ids,
+        stop_strings=params.stop_strings(),
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def checkpoint_name(name: object) -> str:
+    """A checkpoint name: 1–128 of letters, digits, '.', '_', '-', starting with a letter or digit."""
+    if not isinstance(name, str) or not CHECKPOINT_NAME.match(name) or ".." in name:
+        raise InvalidRequestError(
+            f"name {name!r} is not a valid checkpoint name: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no path separators)",
+            field="name",
+        )
+    return name
+
+
+def metadata(value: object) -> dict:
+    """User metadata: a JSON object of finite numbers, strings, booleans, null, lists and objects."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"metadata must be a dict, got {type(value).__name__}", field="metadata")
+
+    def check(item: object, where: str) -> None:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidRequestError(f"{where} is not a finite number", field=where)
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise InvalidRequestError(f"{where} has a non-string key {key!r}", field=where)
+                check(sub, f"{where}.{key}")
+        elif isinstance(item, (list, tuple)):
+            for i, sub in enumerate(item):
+                check(sub, f"{where}[{i}]")
+        elif not isinstance(item, (str, int, float, bool, type(None))):
+            raise InvalidRequestError(f"{where} holds a {type(item).__name__}, which is not JSON", field=where)
+
+    check(value, "metadata")
+    return dict(value)

@@ -1,0 +1,76 @@
+"""`ServiceClient`: the entry point. Discovers models and creates training and sampling clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bios.config import ClientConfig
+from bios.errors import InvalidRequestError
+from bios.sampling_client import SamplingClient
+from bios.training_client import TrainingClient
+from bios.transport import connect
+from bios.types import LoraConfig, ServerCapabilities
+
+
+class ServiceClient:
+    """Connects to Bios: in this process when there is no base URL, on the chosen backend.
+
+    Configuration is resolved once, here: explicit argument, then environment, then default.
+    Environment: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND` (default "emulator"), and
+    `BIOS_HOME` (checkpoints; default ~/.bios).
+    """
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, backend: str | None = None) -> None:
+        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, backend=backend)
+        self._transport = connect(self.config)
+
+    def get_server_capabilities(self) -> ServerCapabilities:
+        """The models this deployment serves, with their architecture facts."""
+        return self._transport.capabilities()
+
+    async def get_server_capabilities_async(self) -> ServerCapabilities:
+        return self.get_server_capabilities()
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int | None = None,
+        alpha: float | None = None,
+        *,
+        lora_config: LoraConfig | None = None,
+        seed: int | None = None,
+        target_modules: list[str] | None = None,
+        train_mlp: bool | None = None,
+        train_attn: bool | None = None,
+        train_unembed: bool | None = None,
+        dropout: float | None = None,
+    ) -> TrainingClient:
+        """A new LoRA training session on `base_model`.
+
+        Give the adapter either as keywords (rank defaults to 32, alpha to 2 * rank) or as a
+        `LoraConfig` — not both.
+        """
+        fields = {"rank": rank, "alpha": alpha, "seed": seed, "target_modules": target_modules, "train_mlp": train_mlp,
+                  "train_attn": train_attn, "train_unembed": train_unembed, "dropout": dropout}  # fmt: skip
+        given = {k: v for k, v in fields.items() if v is not None}
+        if lora_config is not None and given:
+            raise InvalidRequestError(f"give either lora_config or {', '.join(given)}, not both", field="lora_config")
+        config = lora_config if lora_config is not None else LoraConfig(**given)
+        return TrainingClient(self._transport, self._transport.create_session(base_model, config))
+
+    async def create_lora_training_client_async(self, base_model: str, rank: int | None = None, alpha: float | None = None, **kwargs: object) -> TrainingClient:
+        return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, alpha, **kwargs)  # type: ignore[arg-type]
+
+    def create_training_client_from_state(self, path: str) -> TrainingClient:
+        """A new session resuming the state saved at `path`: weights, optimizer moments, step."""
+        return TrainingClient(self._transport, self._transport.create_session_from_state(path))
+
+    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path)
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
+        """Sample from saved weights (`model_path`, a bios:// path) or a bare `base_model`."""
+        return SamplingClient(self._transport, self._transport.create_sampler(model_path=model_path, base_model=base_model))
+
+    async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
+        return await asyncio.to_thread(self.create_sampling_client, model_path, base_model)

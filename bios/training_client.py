@@ -1,0 +1,240 @@
+"""`TrainingClient`: one LoRA fine-tuning session.
+
+Work methods return a `BiosFuture` at once and run in submission order on the service;
+`forward_backward` calls accumulate gradients until `optim_step` applies and clears them, so
+submitting both before waiting pipelines them. Each has an `*_async` twin directly below it:
+awaiting the twin of a future-returning method gives the future (as in Tinker), awaiting the
+twin of a blocking method (`train`, `load_state`, ...) gives the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import threading
+from typing import TYPE_CHECKING, Sequence
+
+from bios import custom_loss
+from bios.errors import InvalidRequestError
+from bios.futures import BiosFuture
+from bios.tokenizer import Tokenizer
+from bios.transport import Transport
+from bios.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardResult,
+    ModelInput,
+    OptimStepResult,
+    SampleResult,
+    SamplingParams,
+    StateResult,
+    TrainingInfo,
+    TrainingResult,
+)
+
+if TYPE_CHECKING:
+    from bios.sampling_client import SamplingClient
+
+_ADAM_KWARGS = {"weight_decay": "weight_decay", "grad_clip": "grad_clip_norm", "grad_clip_norm": "grad_clip_norm",
+                "beta1": "beta1", "beta2": "beta2", "eps": "eps"}  # fmt: skip
+_custom_loss_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-custom-loss")
+
+
+def _combine_train(outer: concurrent.futures.Future, fb: ForwardBackwardResult, opt: concurrent.futures.Future) -> None:
+    if opt.exception() is not None:
+        outer.set_exception(opt.exception())
+        return
+    step: OptimStepResult = opt.result()
+    outer.set_result(TrainingResult(loss=fb.loss, step=step.step, metrics={**fb.metrics, **step.metrics}, loss_fn_outputs=fb.loss_fn_outputs))
+
+
+class TrainingClient:
+    """A training session on the service. Create it with `ServiceClient.create_lora_training_client`."""
+
+    def __init__(self, transport: Transport, info: TrainingInfo) -> None:
+        self._transport = transport
+        self.session_id = info.session_id
+        self.base_model = info.base_model
+        self._seq = transport.next_seq(info.session_id)
+        self._seq_lock = threading.Lock()
+
+    def _reserve(self, count: int = 1) -> int:
+        with self._seq_lock:
+            first, self._seq = self._seq, self._seq + count
+            return first
+
+    # ---- forward / backward -----------------------------------------------------------------
+
+    def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+        """Loss and per-token logprobs under the current weights; accumulates no gradient."""
+        future = self._transport.forward_backward(self.session_id, self._reserve(), data, loss_fn, loss_fn_config, backward=False)
+        return BiosFuture(future, "forward")
+
+    async def forward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+        return self.forward(data, loss_fn, loss_fn_config)
+
+    def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+        """Loss, per-token logprobs, and the gradient added to the session's accumulator.
+
+        `loss_fn` is a built-in loss name (docs/losses.md); the loss is a plain sum over tokens.
+        """
+        if callable(loss_fn):
+            return self.forward_backward_custom(data, loss_fn)
+        future = self._transport.forward_backward(self.session_id, self._reserve(), data, loss_fn, loss_fn_config, backward=True)
+        return BiosFuture(future, "forward_backward")
+
+    async def forward_backward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+        return self.forward_backward(data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn) -> BiosFuture[ForwardBackwardResult]:
+        """forward_backward with `loss_fn(data, logprobs) -> (loss, metrics)` written in jax.numpy.
+
+        `logprobs[i]` is datum i's [T_i] logprobs of its `target_tokens`. The gradient is exact
+        (docs/losses.md, L7); it costs one extra forward pass. The returned `loss`/`metrics` are
+        the function's, `loss_fn_outputs` the logprobs.
+        """
+        if not callable(loss_fn):
+            raise InvalidRequestError(f"loss_fn must be callable, got {type(loss_fn).__name__}", field="loss_fn")
+        data = list(data) if isinstance(data, (list, tuple)) else data
+        reduced = custom_loss.logprob_data(data)
+        seq = self._reserve(2)
+        try:
+            forward = self._transport.forward_backward(self.session_id, seq, reduced, "cross_entropy", None, backward=False)
+        except Exception:
+            self._transport.skip(self.session_id, seq + 1)
+            raise
+        outer: concurrent.futures.Future = concurrent.futures.Future()
+
+        def backward(done: concurrent.futures.Future) -> None:
+            try:
+                result: ForwardBackwardResult = done.result()
+                logprobs = [out["logprobs"].to_numpy() for out in result.loss_fn_outputs]
+                loss, metrics, grads = custom_loss.evaluate(loss_fn, data, logprobs)
+                surrogate = custom_loss.surrogate_data(reduced, grads)
+                self._transport.forward_backward(self.session_id, seq + 1, surrogate, "cross_entropy", None, backward=True).result()
+                outer.set_result(ForwardBackwardResult(loss=loss, loss_fn_outputs=result.loss_fn_outputs, metrics={**metrics, "loss:sum": loss}))
+            except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller's future
+                self._transport.skip(self.session_id, seq + 1)
+                outer.set_exception(exc)
+
+        forward.add_done_callback(lambda done: _custom_loss_pool.submit(backward, done))
+        return BiosFuture(outer, "forward_backward_custom")
+
+    async def forward_backward_custom_async(self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn) -> BiosFuture[ForwardBackwardResult]:
+        return self.forward_backward_custom(data, loss_fn)
+
+    # ---- optimizer ----------------------------------------------------------------------------
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
+        """Apply the accumulated gradient with Adam(W) (docs/losses.md O1–O5) and clear it."""
+        adam = AdamParams() if adam_params is None else adam_params
+        return BiosFuture(self._transport.optim_step(self.session_id, self._reserve(), adam), "optim_step")
+
+    async def optim_step_async(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
+        return self.optim_step(adam_params)
+
+    def train(self, data: Sequence[Datum], loss_fn: str | custom_loss.CustomLossFn = "cross_entropy", learning_rate: float = 1e-4, **kwargs: object) -> TrainingResult:
+        """One training step: forward_backward then optim_step, as one call; blocks for the result.
+
+        kwargs: `weight_decay`, `grad_clip` (alias `grad_clip_norm`), `beta1`, `beta2`, `eps`,
+        and `loss_fn_config` for built-in losses. Everything is validated before anything runs,
+        and the optimizer step is skipped if the forward_backward fails.
+        """
+        return self._submit_train(data, loss_fn, learning_rate, kwargs).result()
+
+    async def train_async(self, data: Sequence[Datum], loss_fn: str | custom_loss.CustomLossFn = "cross_entropy", learning_rate: float = 1e-4, **kwargs: object) -> TrainingResult:
+        return await self._submit_train(data, loss_fn, learning_rate, kwargs)
+
+    def _submit_train(self, data: Sequence[Datum], loss_fn: object, learning_rate: float, kwargs: dict) -> BiosFuture[TrainingResult]:
+        unknown = sorted(set(kwargs) - set(_ADAM_KWARGS) - {"loss_fn_config"})
+        if unknown:
+            allowed = ", ".join(sorted(set(_ADAM_KWARGS) | {"loss_fn_config"}))
+            raise InvalidRequestError(f"train() got an unknown argument {unknown[0]!r}; allowed: {allowed}", field=unknown[0])
+        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate < 0:
+            raise InvalidRequestError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}", field="learning_rate")
+        adam = AdamParams(learning_rate=learning_rate, **{_ADAM_KWARGS[k]: v for k, v in kwargs.items() if k in _ADAM_KWARGS})
+        config = kwargs.get("loss_fn_config")
+        if callable(loss_fn) and config is not None:
+            raise InvalidRequestError("loss_fn_config applies to built-in losses only", field="loss_fn_config")
+        fwd = self.forward_backward(data, loss_fn, config)  # type: ignore[arg-type]
+        step_seq = self._reserve()
+        outer: concurrent.futures.Future = concurrent.futures.Future()
+
+        def after_forward(done: BiosFuture[ForwardBackwardResult]) -> None:
+            if done.exception() is not None:
+                self._transport.skip(self.session_id, step_seq)
+                outer.set_exception(done.exception())  # type: ignore[arg-type]
+                return
+            try:
+                step = self._transport.optim_step(self.session_id, step_seq, adam)
+            except Exception as exc:  # noqa: BLE001 - reported through the train future
+                outer.set_exception(exc)
+                return
+            step.add_done_callback(lambda opt: _combine_train(outer, done.result(), opt))
+
+        fwd.add_done_callback(after_forward)
+        return BiosFuture(outer, "train")
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def sample(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> BiosFuture[SampleResult]:
+        """Completions from the session's current weights, in order with its training calls."""
+        return BiosFuture(self._transport.sample(self.session_id, self._reserve(), prompt, sampling_params, num_samples), "sample")
+
+    async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> SampleResult:
+        return await self.sample(prompt, sampling_params, num_samples)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def save_state(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
+        """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`."""
+        return BiosFuture(self._transport.save_state(self.session_id, self._reserve(), name, metadata, "state"), "save_state")
+
+    async def save_state_async(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
+        return self.save_state(name, metadata)
+
+    def load_state(self, path: str) -> "TrainingClient":
+        """Restore weights, optimizer state and step from `path` into this session; returns it.
+
+        Pending gradients are discarded. The checkpoint must be of the same base model.
+        """
+        self._transport.load_state(self.session_id, self._reserve(), path).result()
+        return self
+
+    async def load_state_async(self, path: str) -> "TrainingClient":
+        await asyncio.wrap_future(self._transport.load_state(self.session_id, self._reserve(), path))
+        return self
+
+    def save_weights_for_sampler(self, name: str) -> BiosFuture[StateResult]:
+        """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training never changes it."""
+        return BiosFuture(self._transport.save_state(self.session_id, self._reserve(), name, None, "sampler"), "save_weights_for_sampler")
+
+    async def save_weights_for_sampler_async(self, name: str) -> BiosFuture[StateResult]:
+        return self.save_weights_for_sampler(name)
+
+    def save_weights_and_get_sampling_client(self, name: str) -> "SamplingClient":
+        """Freeze the current weights and return a SamplingClient on them."""
+        from bios.sampling_client import SamplingClient
+
+        record = self.save_weights_for_sampler(name).result()
+        return SamplingClient(self._transport, self._transport.create_sampler(model_path=record.path))
+
+    async def save_weights_and_get_sampling_client_async(self, name: str) -> "SamplingClient":
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
+
+    # ---- facts --------------------------------------------------------------------------------
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The base model's tokenizer."""
+        return self._transport.tokenizer(self.base_model)
+
+    def get_info(self) -> TrainingInfo:
+        """Session id, base model, LoRA config and the step reached by completed optim_steps."""
+        return self._transport.session_info(self.session_id)
+
+    async def get_info_async(self) -> TrainingInfo:
+        return self.get_info()
+
+    def __repr__(self) -> str:
+        return f"TrainingClient(session_id={self.session_id!r}, base_model={self.base_model!r})"

@@ -1,0 +1,40 @@
+"""The in-process transport: one shared engine per (backend, BIOS_HOME) in this process.
+
+Sharing means that every ServiceClient of a process with the same backend batches into the
+same backend calls and sees the same sampler snapshots.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from pathlib import Path
+
+from bios.backend import BackendConfig
+from bios.catalog import Catalog
+from bios.engine import CheckpointStore, Engine, create_backend
+
+_engines: dict[tuple[str, Path], Engine] = {}
+_lock = threading.Lock()
+
+
+def shared_engine(backend: str, home: Path) -> Engine:
+    """The process's engine for `backend` storing checkpoints under `home/checkpoints`."""
+    key = (backend, Path(home).resolve())
+    with _lock:
+        if key not in _engines:
+            catalog = Catalog()
+            _engines[key] = Engine(create_backend(backend, BackendConfig(catalog=catalog)), catalog, CheckpointStore(key[1] / "checkpoints"))
+        return _engines[key]
+
+
+def close_all() -> None:
+    """Shut down every shared engine (registered to run at interpreter exit)."""
+    with _lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.close()
+
+
+atexit.register(close_all)

@@ -1,0 +1,44 @@
+"""The typed vocabulary of the Bios API (`from bios import types`)."""
+
+from bios.types.params import AdamParams, LoraConfig, SamplingParams
+from bios.types.results import (
+    ForwardBackwardOutput,
+    ForwardBackwardResult,
+    ModelInfo,
+    OptimStepResult,
+    SampledSequence,
+    SampleResponse,
+    SampleResult,
+    ServerCapabilities,
+    StateResult,
+    StopReason,
+    TrainingInfo,
+    TrainingResult,
+)
+from bios.types.tensors import Datum, EncodedTextChunk, ModelInput, TensorData, TensorDtype
+
+ModelOutput = ForwardBackwardResult
+
+__all__ = [
+    "AdamParams",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "ForwardBackwardResult",
+    "LoraConfig",
+    "ModelInfo",
+    "ModelInput",
+    "ModelOutput",
+    "OptimStepResult",
+    "SampleResponse",
+    "SampleResult",
+    "SampledSequence",
+    "SamplingParams",
+    "ServerCapabilities",
+    "StateResult",
+    "StopReason",
+    "TensorData",
+    "TensorDtype",
+    "TrainingInfo",
+    "TrainingResult",
+]

@@ -1,0 +1,116 @@
+"""What Bios returns. Every result is frozen and ignores fields it does not know."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, JsonValue
+
+from bios.types._base import ResultModel
+from bios.types.params import LoraConfig
+from bios.types.tensors import TensorData
+
+
+class ForwardBackwardResult(ResultModel):
+    """Result of `forward` or `forward_backward` on a batch.
+
+    `loss` is the sum over the batch of the loss's per-token terms (never a mean).
+    `loss_fn_outputs[i]` holds datum i's per-token `logprobs` (log p of each target token under
+    the current weights) and `elementwise_loss`, both aligned with its input.
+    """
+
+    loss: float
+    loss_fn_output_type: str = "TensorData"
+    loss_fn_outputs: list[dict[str, TensorData]] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+ForwardBackwardOutput = ForwardBackwardResult
+
+
+class OptimStepResult(ResultModel):
+    """Result of `optim_step`: the step number reached and `grad_norm` / `learning_rate`."""
+
+    step: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainingResult(ResultModel):
+    """Result of `train()`: forward_backward then optim_step as one call."""
+
+    loss: float
+    step: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+    loss_fn_outputs: list[dict[str, TensorData]] = Field(default_factory=list)
+
+
+StopReason = Literal["stop", "length"]
+
+
+class SampledSequence(ResultModel):
+    """One completion. `logprobs[i]` is log p(tokens[i]) under the model's unmodified
+    distribution (temperature 1, no top-k/top-p), so it equals what `forward` computes."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: StopReason
+
+
+class SampleResult(ResultModel):
+    """Completions of one prompt; `prompt_logprobs` when asked for (first entry None)."""
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+
+
+SampleResponse = SampleResult
+
+
+class StateResult(ResultModel):
+    """A saved checkpoint: its `bios://` path, id, name and the user's metadata."""
+
+    path: str
+    id: str
+    name: str
+    kind: Literal["state", "sampler"] = "state"
+    step: int = 0
+    base_model: str = ""
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    created_at: float = 0.0
+    """Unix time of the save, in seconds."""
+
+
+class ModelInfo(ResultModel):
+    """Facts about one base model a deployment serves."""
+
+    model_name: str
+    architecture: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    max_seq_len: int
+    n_params: int
+    max_lora_rank: int
+    random_init: bool
+    """True when the weights are seed-generated stand-ins, not trained ones."""
+    description: str = ""
+
+
+class ServerCapabilities(ResultModel):
+    """What a deployment offers."""
+
+    supported_models: list[ModelInfo]
+    backend: str = ""
+    loss_fns: list[str] = Field(default_factory=list)
+
+
+class TrainingInfo(ResultModel):
+    """`TrainingClient.get_info()`: the session's identity, model, adapter and step."""
+
+    session_id: str
+    base_model: str
+    lora_config: LoraConfig
+    step: int
+    model_name: str = ""
