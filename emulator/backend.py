@@ -29,7 +29,8 @@ from bios.catalog import ModelSpec
 from bios.errors import BiosError, ConflictError, InvalidRequestError, NotFoundError
 from bios.weights import dropout_scale, init_lora_weights, load_base_weights, lora_shapes
 from emulator.losses import LOSSES, elementwise_loss
-from emulator.model import Lora, backward, forward, last_logits, token_logprobs, token_logprobs_backward
+from emulator.decode import KVCache, extend
+from emulator.model import Lora, backward, forward, token_logprobs, token_logprobs_backward
 from emulator.optim import adam_step
 from emulator.sampler import generate
 
@@ -237,13 +238,24 @@ class EmulatorBackend:
         adapter = None if item.adapter_id is None else self._adapter(item.adapter_id, item.base_model)
         lora = None if adapter is None else Lora(adapter.weights, adapter.spec.scale)
         prompt = np.asarray(item.prompt, dtype=np.int64)
-        logits, _ = forward(model, base, lora, prompt)
+        logits, prefix = extend(model, base, lora, prompt, KVCache.empty(model))
         prompt_logprobs = None
         if item.prompt_logprobs:
             prompt_logprobs = np.concatenate([[np.nan], token_logprobs(logits[:-1], prompt[1:])])
+
+        def stepper() -> Callable[[int], np.ndarray]:
+            cache = prefix
+
+            def step(token: int) -> np.ndarray:
+                nonlocal cache
+                step_logits, cache = extend(model, base, lora, np.array([token]), cache)
+                return step_logits[0]
+
+            return step
+
         sequences = tuple(
             generate(
-                lambda context: last_logits(model, base, lora, context), logits[-1], prompt,
+                stepper(), logits[-1], len(prompt),
                 max_tokens=item.max_tokens, max_seq_len=model.max_seq_len, temperature=item.temperature,
                 top_k=item.top_k, top_p=item.top_p, stop_token_ids=item.stop_token_ids,
                 stop_strings=item.stop_strings, decode=self._decode(model),

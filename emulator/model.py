@@ -76,7 +76,7 @@ def _unembedding(spec: ModelSpec, base: dict[str, np.ndarray]) -> np.ndarray:
     return base["model.embed_tokens.weight"] if spec.tie_embeddings else base["lm_head.weight"]
 
 
-def _weight(spec: ModelSpec, base: dict[str, np.ndarray], path: str) -> np.ndarray:
+def weight_of(spec: ModelSpec, base: dict[str, np.ndarray], path: str) -> np.ndarray:
     """The base weight [out, in] of the linear at `path`."""
     return _unembedding(spec, base) if path == "lm_head" else base[f"{path}.weight"]
 
@@ -86,7 +86,7 @@ def _apply(
 ) -> np.ndarray:
     """M1 on the linear at `path`: x [T, in] → y [T, out], recording what the backward needs."""
     factors = None if lora is None else lora.factors(path, x.shape)
-    y, lin_cache = linear(x, _weight(spec, base, path), base.get(f"{path}.bias"), factors)
+    y, lin_cache = linear(x, weight_of(spec, base, path), base.get(f"{path}.bias"), factors)
     cache.linears[path] = (factors, lin_cache)
     return y
 
@@ -96,7 +96,7 @@ def _apply_backward(
 ) -> np.ndarray:
     """M1 backward of the linear at `path`: dy [T, out] → dx [T, in]; stores dA, dB in `grads`."""
     factors, lin_cache = cache.linears[path]
-    dx, da, db = linear_backward(dy, _weight(spec, base, path), factors, lin_cache)
+    dx, da, db = linear_backward(dy, weight_of(spec, base, path), factors, lin_cache)
     if factors is not None:
         grads[f"{path}.lora_A"] = da
         grads[f"{path}.lora_B"] = db
@@ -174,14 +174,6 @@ def forward(spec: ModelSpec, base: dict, lora: Lora | None, tokens: np.ndarray) 
     """
     hidden, cache = _trunk(spec, base, lora, tokens)
     return _apply(spec, base, lora, cache, "lm_head", hidden), cache
-
-
-def last_logits(spec: ModelSpec, base: dict, lora: Lora | None, tokens: np.ndarray) -> np.ndarray:
-    """§Model logits [V] of the last position only (for sampling; no dropout)."""
-    hidden, _ = _trunk(spec, base, lora, tokens)
-    factors = None if lora is None else lora.factors("lm_head", hidden[-1:].shape)
-    logits, _ = linear(hidden[-1:], _unembedding(spec, base), None, factors)
-    return logits[0]
 
 
 def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -111,6 +111,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, 
     return _ungrouped(out), probs
 
 
+def cached_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+    """§Model attention for queries at positions start..start+n-1 over keys at 0..t-1 (a KV cache).
+
+    q: [n, H, E], k, v: [t, K, E] with t = start + n. Query i sees keys 0..start+i. Returns [n, H, E];
+    with start 0 it equals `attention(q, k, v)[0]`.
+    """
+    n_queries, e = q.shape[0], q.shape[-1]
+    scores = np.einsum("kgne,ske->kgns", _grouped(q, k.shape[1]), k) / math.sqrt(e)
+    visible = np.arange(k.shape[0])[None, :] <= start + np.arange(n_queries)[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return _ungrouped(np.einsum("kgns,ske->kgne", probs, v))
+
+
 def attention_backward(
     dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, probs: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Decoding of docs/losses.md S1–S3: the choice of each next token (greedy, temperature,
 top-k, top-p), the logprob reported for it, and when a completion stops.
 
-The model is reached through `logits_fn(context [T]) → logits [V]` of the last position, so
-this module knows nothing of weights. Each step recomputes the whole context (no KV cache).
+The model is reached through `step(token) → logits [V]` of the position after `token` (the
+backend feeds it from a KV cache), so this module knows nothing of weights.
 Shapes: V vocab, T context tokens, N generated tokens.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from bios.backend import SampledOutput
 from emulator.ops import log_softmax
 
-LogitsFn = Callable[[np.ndarray], np.ndarray]
+Step = Callable[[int], np.ndarray]
 Decode = Callable[[Sequence[int]], str]
 
 
@@ -59,9 +59,9 @@ def is_stop(
 
 
 def generate(
-    logits_fn: LogitsFn,
+    step: Step,
     first_logits: np.ndarray,
-    prompt: np.ndarray,
+    prompt_length: int,
     *,
     max_tokens: int,
     max_seq_len: int,
@@ -73,7 +73,8 @@ def generate(
     rng: np.random.Generator,
     decode: Decode,
 ) -> SampledOutput:
-    """S1–S3 for one completion of `prompt` [T] whose next-token logits are `first_logits` [V].
+    """S1–S3 for one completion of a prompt of `prompt_length` tokens whose next-token logits
+    are `first_logits` [V]; `step(token)` appends a token and returns the logits after it.
 
     Each token's logprob is `log_softmax(z_raw)[token]` (S2). Stops with "stop" after a stop
     token or stop string (kept in `tokens`), else "length" at `max_tokens` or when prompt plus
@@ -81,14 +82,14 @@ def generate(
     """
     tokens: list[int] = []
     logprobs: list[float] = []
-    context = [int(t) for t in prompt]
     reason = "length"
-    while len(tokens) < max_tokens and len(context) < max_seq_len:
-        z = logits_fn(np.asarray(context, dtype=np.int64)) if tokens else first_logits
+    z = first_logits
+    while len(tokens) < max_tokens and prompt_length + len(tokens) < max_seq_len:
+        if tokens:
+            z = step(tokens[-1])
         token = next_token(z, temperature, top_k, top_p, rng)
         tokens.append(token)
         logprobs.append(float(log_softmax(z)[token]))
-        context.append(token)
         if is_stop(tokens, stop_token_ids, stop_strings, decode):
             reason = "stop"
             break

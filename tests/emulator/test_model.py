@@ -12,7 +12,8 @@ import pytest
 from bios.catalog import ModelSpec
 from bios.weights import dropout_scale, generate_base_weights, init_lora_weights
 from emulator.losses import elementwise_loss
-from emulator.model import Lora, backward, forward, last_logits, token_logprobs, token_logprobs_backward
+from emulator.decode import KVCache, extend
+from emulator.model import Lora, backward, forward, token_logprobs, token_logprobs_backward
 from emulator.ops import rope_inv_freq
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -133,8 +134,13 @@ def test_forward_matches_naive_loops(config):
     tokens = [3, 17, 42, 0, 9, 9, 31]
     logits, _ = forward(spec, base, Lora(lora, 2.0), np.array(tokens))
     np.testing.assert_allclose(logits, naive_logits(spec, base, lora, 2.0, tokens), rtol=1e-10, atol=1e-10)
-    last = last_logits(spec, base, Lora(lora, 2.0), np.array(tokens))
-    np.testing.assert_allclose(last, logits[-1], rtol=1e-12, atol=1e-12)
+    prefill, cache = extend(spec, base, Lora(lora, 2.0), np.array(tokens[:4]), KVCache.empty(spec))
+    steps = [prefill]
+    for token in tokens[4:]:
+        step, cache = extend(spec, base, Lora(lora, 2.0), np.array([token]), cache)
+        steps.append(step)
+    np.testing.assert_allclose(np.concatenate(steps), logits, rtol=1e-12, atol=1e-12)
+    assert cache.length == len(tokens)
 
 
 def test_zero_b_adapter_equals_base_model():
