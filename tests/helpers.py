@@ -1,0 +1,23 @@
+"""Small builders of test data shared by the test modules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bios import types
+
+MODEL = "bios/tiny"
+
+
+def make_datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
+    """Next-token datum over `tokens` (input tokens[:-1], targets tokens[1:])."""
+    inputs = {"target_tokens": tokens[1:]}
+    if weights is not None:
+        inputs["weights"] = weights
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
+
+
+def random_batch(seed: int, size: int = 4, length: int = 12, vocab: int = 4096) -> list[types.Datum]:
+    """`size` random next-token data of `length` tokens each."""
+    rng = np.random.default_rng(seed)
+    return [make_datum(rng.integers(4, vocab, length).tolist()) for _ in range(size)]
