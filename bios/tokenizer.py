@@ -3,7 +3,7 @@
 Loads ``tokenizer.json`` (plus the optional ``tokenizer_config.json``) from a directory — Bios's
 built-in tokenizer shipped in ``bios/data/tokenizer`` or a Hugging Face model directory — and offers
 encode/decode and chat-template rendering with the same semantics as ``transformers``' fast
-tokenizers. Depends only on the stdlib, ``tokenizers`` and ``jinja2``.
+tokenizers. Depends only on the stdlib, ``tokenizers``, ``jinja2`` and ``bios.errors``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _RustTokenizer
+
+from bios.errors import InvalidRequestError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -164,17 +166,18 @@ class Tokenizer:
                             tokenize: bool = True) -> list[int] | str:
         """Render ``messages`` with the chat template; token ids (no extra special tokens) or the string.
 
-        Raises ``ValueError`` if this tokenizer has no chat template or the template fails to render.
+        Raises ``InvalidRequestError`` (a ``ValueError``) if this tokenizer has no chat template or the
+        template fails to render.
         """
         if self._chat_template is None:
-            raise ValueError(f"tokenizer {self._name_or_path or '<unnamed>'} has no chat_template; "
-                             "add one to its tokenizer_config.json to use chat messages")
+            raise InvalidRequestError(f"tokenizer {self._name_or_path or '<unnamed>'} has no chat_template; "
+                                     "add one to its tokenizer_config.json to use chat messages", field="chat_template")
         specials = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_content(self._config.get(k))) is not None}
         try:
             rendered = _compile_template(self._chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **specials)
         except jinja2.TemplateError as exc:
-            raise ValueError(f"chat template of {self._name_or_path or '<unnamed>'} failed: {exc}") from exc
+            raise InvalidRequestError(f"chat template of {self._name_or_path or '<unnamed>'} failed: {exc}") from exc
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
 
     def __setattr__(self, name: str, value: Any) -> None:
