@@ -153,13 +153,7 @@ class EmulatorBackend:
     # --- training ------------------------------------------------------------------------
 
     def forward_backward(self, work: Sequence[ForwardBackwardWork]) -> list[ForwardBackwardOutput | BiosError]:
-        results: list[ForwardBackwardOutput | BiosError] = []
-        for item in work:
-            try:
-                results.append(self._forward_backward(item))
-            except BiosError as error:
-                results.append(error)
-        return results
+        return _each(work, self._forward_backward)
 
     def _dropout(self, adapter: _Adapter, datum: int) -> Callable[[str, tuple[int, ...]], np.ndarray]:
         """M1 dropout masks of datum `datum` at the adapter's current step, per module path and input shape."""
@@ -200,13 +194,7 @@ class EmulatorBackend:
         return ForwardBackwardOutput(total, tuple(logprobs), tuple(losses), {"loss:sum": total})
 
     def optim_step(self, work: Sequence[OptimStepWork]) -> list[OptimStepOutput | BiosError]:
-        results: list[OptimStepOutput | BiosError] = []
-        for item in work:
-            try:
-                results.append(self._optim_step(item))
-            except BiosError as error:
-                results.append(error)
-        return results
+        return _each(work, self._optim_step)
 
     def _optim_step(self, item: OptimStepWork) -> OptimStepOutput:
         """O1–O5 on the accumulated gradient, then the accumulator is zeroed (L8) and step += 1."""
@@ -224,13 +212,7 @@ class EmulatorBackend:
     # --- sampling ------------------------------------------------------------------------
 
     def sample(self, work: Sequence[SampleWork]) -> list[SampleOutput | BiosError]:
-        results: list[SampleOutput | BiosError] = []
-        for item in work:
-            try:
-                results.append(self._sample(item))
-            except BiosError as error:
-                results.append(error)
-        return results
+        return _each(work, self._sample)
 
     def _sample(self, item: SampleWork) -> SampleOutput:
         """S1–S3 for each of `item.num_samples` completions; sample j draws from `default_rng([seed, j])`."""
@@ -270,3 +252,14 @@ class EmulatorBackend:
         self._adapters.clear()
         self._base.clear()
         self._tokenizers.clear()
+
+
+def _each(work: Sequence[Any], run: Callable[[Any], Any]) -> list[Any]:
+    """`run` on every item; an item's `BiosError` becomes its result and does not stop the others."""
+    results = []
+    for item in work:
+        try:
+            results.append(run(item))
+        except BiosError as error:
+            results.append(error)
+    return results
