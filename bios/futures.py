@@ -38,25 +38,20 @@ class BiosFuture(Generic[T]):
         Raises APITimeoutError after `timeout` seconds, and BlockingCallError when called from
         inside a running event loop (use `await future` or the `*_async` method there).
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            if not self._inner.done():
-                raise BlockingCallError(
-                    f"{self._method}: .result() would block the running event loop; "
-                    f"use `await` on the future or call {self._method}_async instead"
-                )
+        self._refuse_to_block_a_running_loop()
         try:
             return self._inner.result(timeout)
         except concurrent.futures.TimeoutError:
             raise APITimeoutError(f"{self._method}: no result within {timeout} s") from None
 
     async def result_async(self, timeout: float | None = None) -> T:
-        """Await the result (at most `timeout` seconds)."""
+        """Await the result (at most `timeout` seconds).
+
+        Giving up the wait (timeout or cancellation of the awaiting task) leaves the request
+        itself running: its result can still be collected later.
+        """
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(self._inner), timeout)
+            return await asyncio.wait_for(self._shielded(), timeout)
         except asyncio.TimeoutError:
             raise APITimeoutError(f"{self._method}: no result within {timeout} s") from None
 
@@ -64,18 +59,60 @@ class BiosFuture(Generic[T]):
         return self._inner.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The request's error, None if it succeeded; waits like `result`."""
+        """The request's error, None if it succeeded; waits like `result` (and, like it, refuses
+        to block a running event loop)."""
+        self._refuse_to_block_a_running_loop()
         try:
             return self._inner.exception(timeout)
         except concurrent.futures.TimeoutError:
             raise APITimeoutError(f"{self._method}: no result within {timeout} s") from None
+
+    def _refuse_to_block_a_running_loop(self) -> None:
+        """BlockingCallError if this thread runs an event loop and the result is not ready."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if not self._inner.done():
+            raise BlockingCallError(
+                f"{self._method}: waiting here would block the running event loop; "
+                f"use `await` on the future or call {self._method}_async instead"
+            )
 
     def add_done_callback(self, fn: Callable[["BiosFuture[T]"], object]) -> None:
         """Call `fn(self)` once the future is done (at once if it already is)."""
         self._inner.add_done_callback(lambda _inner: fn(self))
 
     def __await__(self) -> Generator[object, None, T]:
-        return asyncio.wrap_future(self._inner).__await__()
+        return self._shielded().__await__()
+
+    def _shielded(self) -> "asyncio.Future[T]":
+        """An asyncio future on the running loop that mirrors the inner one.
+
+        Unlike `asyncio.wrap_future`, cancelling it (a timeout, a cancelled task) never cancels
+        the inner future: the request keeps running and the engine can still resolve it.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future = loop.create_future()
+
+        def copy_state() -> None:
+            if waiter.done():
+                return
+            if self._inner.cancelled():
+                waiter.cancel()
+            elif self._inner.exception() is not None:
+                waiter.set_exception(self._inner.exception())  # type: ignore[arg-type]
+            else:
+                waiter.set_result(self._inner.result())
+
+        def on_done(_inner: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(copy_state)
+            except RuntimeError:  # the loop was closed after the waiter was given up
+                pass
+
+        self._inner.add_done_callback(on_done)
+        return waiter
 
     def __repr__(self) -> str:
         state = "done" if self._inner.done() else "pending"

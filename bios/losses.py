@@ -52,7 +52,7 @@ class LossSpec:
         if low is not None and high is not None and not (0.0 <= low <= 1.0 <= high):
             raise InvalidRequestError(
                 f"loss_fn_config: need 0 <= clip_low_threshold <= 1 <= clip_high_threshold, got {low} and {high}",
-                field="loss_fn_config.clip_low_threshold",
+                field="loss_fn_config." + ("clip_low_threshold" if not 0.0 <= low <= 1.0 else "clip_high_threshold"),
             )
         if resolved.get("beta", 0.0) < 0:
             raise InvalidRequestError(

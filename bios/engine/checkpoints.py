@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -26,6 +27,9 @@ from bios.types import StateResult
 
 SCHEME = "bios://"
 KIND_DIRS = {"state": "weights", "sampler": "sampler_weights"}
+_LOCK = threading.RLock()
+"""Held while a checkpoint directory is swapped and while one is read, so that a reader in this
+process (any store) sees the old checkpoint or the new one, never the gap between them."""
 
 
 def parse_path(path: object) -> tuple[str, str, str]:
@@ -34,7 +38,7 @@ def parse_path(path: object) -> tuple[str, str, str]:
         raise InvalidRequestError(f"path {path!r} is not a checkpoint path (bios://SESSION/weights/NAME)", field="path")
     parts = path[len(SCHEME):].split("/")
     kinds = {v: k for k, v in KIND_DIRS.items()}
-    if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p in (".", "..") for p in parts):
+    if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p.startswith(".") for p in parts):
         raise InvalidRequestError(
             f"path {path!r} is malformed; expected bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME",
             field="path",
@@ -76,15 +80,20 @@ class CheckpointStore:
         final = self._directory(session_id, kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}."))
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "adapter.safetensors"))
-        (staging / "checkpoint.json").write_text(json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1))
-        if final.exists():
-            retired = final.with_name(f".{name}.old.{uuid.uuid4().hex[:6]}")
-            os.replace(final, retired)
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "adapter.safetensors"))
+            (staging / "checkpoint.json").write_text(json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the old checkpoint, if any, stays as it was
+            raise
+        retired = None
+        with _LOCK:
+            if final.exists():
+                retired = final.with_name(f".{name}.old.{uuid.uuid4().hex[:6]}")
+                os.replace(final, retired)
             os.replace(staging, final)
+        if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
         return record
 
     def record(self, path: str) -> StateResult:
@@ -93,9 +102,9 @@ class CheckpointStore:
 
     def load(self, path: str, adapter_id: str) -> AdapterState:
         """The state stored at `path`, as an adapter named `adapter_id`."""
-        meta = self._read_json(path)
-        session_id, kind, name = parse_path(path)
-        tensors = load_file(str(self._directory(session_id, kind, name) / "adapter.safetensors"))
+        with _LOCK:
+            meta = self._read_json(path)
+            tensors = load_file(str(self._directory(*parse_path(path)) / "adapter.safetensors"))
         groups: dict[str, dict[str, np.ndarray]] = {"weights": {}, "adam_m": {}, "adam_v": {}}
         for key, value in tensors.items():
             group, _, tensor = key.partition("/")
@@ -112,19 +121,22 @@ class CheckpointStore:
     def list(self, session_id: str | None = None) -> list[StateResult]:
         """Every checkpoint (of one session, if given), oldest first."""
         records = []
-        for meta in sorted(self.root.glob(f"{session_id or '*'}/*/*/checkpoint.json")):
-            if not meta.parent.name.startswith("."):
-                records.append(StateResult.model_validate(json.loads(meta.read_text())["record"]))
+        with _LOCK:
+            for meta in sorted(self.root.glob(f"{session_id or '*'}/*/*/checkpoint.json")):
+                if not meta.parent.name.startswith("."):
+                    records.append(StateResult.model_validate(json.loads(meta.read_text())["record"]))
         return sorted(records, key=lambda r: r.created_at)
 
     def delete(self, path: str) -> None:
         """Remove the checkpoint at `path`; NotFoundError if there is none."""
-        self._read_json(path)
-        shutil.rmtree(self._directory(*parse_path(path)))
+        with _LOCK:
+            self._read_json(path)
+            shutil.rmtree(self._directory(*parse_path(path)))
 
     def _read_json(self, path: str) -> dict:
         session_id, kind, name = parse_path(path)
         try:
-            return json.loads((self._directory(session_id, kind, name) / "checkpoint.json").read_text())
+            with _LOCK:
+                return json.loads((self._directory(session_id, kind, name) / "checkpoint.json").read_text())
         except FileNotFoundError:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path") from None

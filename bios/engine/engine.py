@@ -103,7 +103,7 @@ class Engine:
 
     def create_session_from_state(self, path: str) -> TrainingInfo:
         """A new session resuming the training state saved at `path` (optimizer included)."""
-        self.store.record(path)
+        _training_state(self.store.record(path))
         session_id = f"session-{uuid.uuid4().hex[:12]}"
         state = self.store.load(path, session_id)
         model = self.catalog.get(state.spec.base_model)
@@ -208,7 +208,7 @@ class Engine:
         session = self._session(session_id)
 
         def build() -> Job:
-            record = self.store.record(path)
+            record = _training_state(self.store.record(path))
             if record.base_model != session.model.name:
                 raise InvalidRequestError(
                     f"path {path} holds an adapter for {record.base_model}, but this session trains {session.model.name}",
@@ -301,6 +301,17 @@ class Engine:
     def close(self) -> None:
         self.scheduler.close()
         self.backend.close()
+
+
+def _training_state(record: StateResult) -> StateResult:
+    """`record` if it is a full training state; sampler snapshots lack the optimizer moments."""
+    if record.kind != "state":
+        raise InvalidRequestError(
+            f"path {record.path} is a sampler snapshot (weights only); resume training from a "
+            "save_state checkpoint (bios://SESSION/weights/NAME)",
+            field="path",
+        )
+    return record
 
 
 def _done(value: object) -> concurrent.futures.Future:

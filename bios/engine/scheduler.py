@@ -155,7 +155,9 @@ class Scheduler:
         for (kind, _model), group in groups.items():
             self.backend_calls += 1
             try:
-                outputs = getattr(self.backend, kind)([job.work for job in group])
+                outputs = list(getattr(self.backend, kind)([job.work for job in group]))
+                if len(outputs) != len(group):
+                    raise BackendError(f"backend {kind} returned {len(outputs)} results for {len(group)} requests")
             except Exception as exc:  # a backend bug must fail its requests, not the worker
                 outputs = [_as_backend_error(exc)] * len(group)
             for job, output in zip(group, outputs, strict=True):
@@ -163,15 +165,21 @@ class Scheduler:
 
     def _resolve(self, job: Job, produce: Callable[[], object]) -> None:
         self.jobs_run += 1
+        error: BiosError | None = None
         try:
             output = produce()
             if isinstance(output, BaseException):
                 raise output
             result = job.finish(output)
         except Exception as exc:
-            job.future.set_exception(_as_backend_error(exc))
-        else:
-            job.future.set_result(result)
+            error = _as_backend_error(exc)
+        try:
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass  # the caller cancelled its future; the job ran anyway, in order, and nobody waits
 
 
 def _as_backend_error(exc: Exception) -> BiosError:

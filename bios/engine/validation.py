@@ -24,7 +24,12 @@ CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_tokens(tokens: Sequence[int], model: ModelSpec, field: str, *, allow_empty: bool = False) -> np.ndarray:
     """`tokens` as [T] int64, all in [0, V) and T <= max_seq_len (T >= 1 unless allow_empty)."""
-    array = np.asarray(tokens, dtype=np.int64)
+    try:
+        array = np.asarray(tokens, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        raise InvalidRequestError(
+            f"{field} must be integer token ids in 0..{model.vocab_size - 1} of {model.name}", field=field
+        ) from None
     if array.size == 0 and not allow_empty:
         raise InvalidRequestError(f"{field} is empty; give at least one token", field=field)
     if array.size > model.max_seq_len:
@@ -98,9 +103,16 @@ def forward_work(
     backward: bool,
 ) -> ForwardBackwardWork:
     """A checked `forward`/`forward_backward` request for the backend."""
-    if not isinstance(data, (list, tuple)) or not data:
+    if not isinstance(data, (list, tuple)):
+        raise InvalidRequestError(f"data must be a list of bios.types.Datum, got {type(data).__name__}", field="data")
+    if not data:
         raise InvalidRequestError("data is empty; give at least one Datum", field="data")
     spec = loss_spec(loss_fn)
+    if loss_fn_config is not None and not isinstance(loss_fn_config, dict):
+        raise InvalidRequestError(
+            f"loss_fn_config must be a dict of setting -> number (or None), got {type(loss_fn_config).__name__}",
+            field="loss_fn_config",
+        )
     config = spec.resolve_config(loss_fn_config)
     tokens, inputs = [], []
     for i, datum in enumerate(data):
@@ -203,5 +215,12 @@ def metadata(value: object) -> dict:
         elif not isinstance(item, (str, int, float, bool, type(None))):
             raise InvalidRequestError(f"{where} holds a {type(item).__name__}, which is not JSON", field=where)
 
+    def plain(item: object) -> object:  # tuples become lists, as JSON (and StateResult) has them
+        if isinstance(item, dict):
+            return {key: plain(sub) for key, sub in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [plain(sub) for sub in item]
+        return item
+
     check(value, "metadata")
-    return dict(value)
+    return plain(value)  # type: ignore[return-value]

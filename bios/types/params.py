@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from bios.types._base import RequestModel
 
@@ -12,6 +12,16 @@ LoraModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES: tuple[str, ...] = (*ATTENTION_MODULES, *MLP_MODULES, "lm_head")
+_SWITCHES = {"train_attn": ATTENTION_MODULES, "train_mlp": MLP_MODULES, "train_unembed": ("lm_head",)}
+_BOOL = TypeAdapter(bool)
+
+
+def _as_bool(value: object) -> bool:
+    """`value` as pydantic reads a bool; False if it is not one (its field then reports the error)."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False
 
 
 class SamplingParams(RequestModel):
@@ -90,11 +100,11 @@ class LoraConfig(RequestModel):
     """Scale numerator; the update is `(alpha / rank) * x @ A @ B`. None means `2 * rank`."""
     target_modules: tuple[LoraModule, ...] | None = None
     """Linear layers that get an adapter, by Hugging Face name."""
-    train_attn: bool | None = None
+    train_attn: bool | None = Field(None, validate_default=True)
     """Adapt q_proj, k_proj, v_proj, o_proj (default True)."""
-    train_mlp: bool | None = None
+    train_mlp: bool | None = Field(None, validate_default=True)
     """Adapt gate_proj, up_proj, down_proj (default True)."""
-    train_unembed: bool | None = None
+    train_unembed: bool | None = Field(None, validate_default=True)
     """Adapt lm_head (default False)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapter's input during forward_backward; masks are drawn from `seed`."""
@@ -104,33 +114,47 @@ class LoraConfig(RequestModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve(cls, data: object) -> object:
+        # Only fills in what was left out; every check lives in a field validator so that its
+        # error names the field (`LoraConfig.train_attn`, `LoraConfig.target_modules`, ...).
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        given = {k: data[k] for k in ("train_attn", "train_mlp", "train_unembed") if data.get(k) is not None}
-        if data.get("target_modules") is not None:
-            modules = tuple(dict.fromkeys(data["target_modules"]))
-            if not modules:
-                raise ValueError("target_modules must name at least one module")
-            data["target_modules"] = tuple(m for m in ALL_MODULES if m in modules) + tuple(
-                m for m in modules if m not in ALL_MODULES
-            )
-        else:
-            chosen = (ATTENTION_MODULES if given.get("train_attn", True) else ()) + (
-                MLP_MODULES if given.get("train_mlp", True) else ()
-            )
-            chosen += ("lm_head",) if given.get("train_unembed", False) else ()
-            if not chosen:
-                raise ValueError("at least one of train_attn, train_mlp, train_unembed must be True")
-            data["target_modules"] = chosen
+        if data.get("target_modules") is None:
+            defaults = {"train_attn": True, "train_mlp": True, "train_unembed": False}
+            on = {key: default if data.get(key) is None else _as_bool(data[key]) for key, default in defaults.items()}
+            data["target_modules"] = tuple(m for key, modules in _SWITCHES.items() if on[key] for m in modules)
         if data.get("alpha") is None:
-            data["alpha"] = 2.0 * float(data.get("rank", 32))
-        for key, modules in (("train_attn", ATTENTION_MODULES), ("train_mlp", MLP_MODULES), ("train_unembed", ("lm_head",))):
-            derived = all(m in data["target_modules"] for m in modules)
-            if key in given and given[key] != derived:
-                raise ValueError(f"{key}={given[key]} contradicts target_modules {list(data['target_modules'])}")
-            data[key] = derived
+            try:
+                data["alpha"] = 2.0 * float(data.get("rank", 32))
+            except (TypeError, ValueError):
+                pass  # an invalid rank is reported by its own field validation
         return data
+
+    @field_validator("target_modules")
+    @classmethod
+    def _canonical_modules(cls, modules: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if modules is None:
+            return None
+        if not modules:
+            raise ValueError(
+                "name at least one module (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), "
+                "or leave at least one of train_attn, train_mlp, train_unembed True"
+            )
+        return tuple(m for m in ALL_MODULES if m in modules)
+
+    @field_validator("train_attn", "train_mlp", "train_unembed")
+    @classmethod
+    def _switch_matches(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        modules = info.data.get("target_modules")
+        if modules is None:
+            return value  # target_modules itself is invalid and reported
+        derived = all(m in modules for m in _SWITCHES[info.field_name])  # type: ignore[index]
+        if value is not None and value != derived:
+            raise ValueError(
+                f"{info.field_name}={value} contradicts target_modules {list(modules)}; "
+                f"give target_modules or the train_* switches, not both"
+            )
+        return derived
 
     @property
     def scale(self) -> float:

@@ -8,9 +8,10 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from bios.errors import InvalidRequestError
-from bios.types._base import RequestModel
+from bios.types._base import RequestModel, field_error
 
 TensorDtype = Literal["int64", "float32"]
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class TensorData(RequestModel):
@@ -26,7 +27,11 @@ class TensorData(RequestModel):
     @model_validator(mode="after")
     def _shape_matches(self) -> "TensorData":
         if self.shape is not None and int(np.prod(self.shape, dtype=np.int64)) != len(self.data):
-            raise ValueError(f"shape {self.shape} does not hold {len(self.data)} elements")
+            raise field_error(("shape",), f"shape {self.shape} does not hold the {len(self.data)} elements of data", self.shape)
+        if self.dtype == "int64":
+            for i, x in enumerate(self.data):
+                if x != int(x) or not _INT64_MIN <= int(x) <= _INT64_MAX:
+                    raise field_error(("data", i), "int64 data must hold whole numbers in [-2**63, 2**63)", x)
         return self
 
     @classmethod
