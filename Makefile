@@ -16,8 +16,10 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# torch first, pinned: 2.13.0 is the CPU build on local disk; a looser pin would fetch a CUDA build.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev,jax]"
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,jax,hf]"
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core

@@ -125,11 +125,22 @@ def spec_from_hf_directory(name: str, path: str | os.PathLike) -> ModelSpec:
         raise InvalidRequestError(
             f"model {name}: model_type {model_type!r} is not supported (llama, qwen2, qwen3)", field="model_type"
         )
+    unsupported = {
+        "attention_bias": config.get("attention_bias", False) and arch != "qwen2",
+        "mlp_bias": config.get("mlp_bias", False),
+        "sliding_window": config.get("use_sliding_window", False),
+        "hidden_act": config.get("hidden_act", "silu") != "silu",
+    }
+    for key, present in unsupported.items():
+        if present:
+            raise InvalidRequestError(f"model {name}: {key}={config.get(key)!r} is not supported by Bios's decoder", field=key)
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
         raise InvalidRequestError(f"model {name}: rope_scaling {scaling} is not supported", field="rope_scaling")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if scaling and "original_max_position_embeddings" not in scaling:
+        scaling = {**scaling, "original_max_position_embeddings": config.get("max_position_embeddings", 2048)}
     heads = config["num_attention_heads"]
     return ModelSpec(
         name=name,

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bios import types
-from helpers import MODEL
-from test_training import saved_weights
+from helpers import MODEL, saved_weights
 
 TOKENS = [[0, 11, 250, 37, 900, 41, 5], [0, 77, 78, 79, 80]]
 

@@ -84,3 +84,10 @@ def test_hf_configs_of_both_rope_conventions_are_read(tmp_path):
     with pytest.raises(bios.InvalidRequestError) as err:
         spec_from_hf_directory("gpt", _hf_directory(tmp_path / "c", dict(TINY_CONFIG, model_type="gpt2")))
     assert err.value.field == "model_type"
+
+
+@pytest.mark.parametrize("extra", [{"attention_bias": True}, {"mlp_bias": True}, {"use_sliding_window": True}, {"hidden_act": "gelu"}])
+def test_hf_configs_the_decoder_cannot_serve_are_rejected(tmp_path, extra):
+    with pytest.raises(bios.InvalidRequestError) as err:
+        spec_from_hf_directory("odd", _hf_directory(tmp_path, dict(TINY_CONFIG, **extra)))
+    assert err.value.field in ("attention_bias", "mlp_bias", "sliding_window", "hidden_act")

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 import bios
 from bios import types
@@ -15,19 +14,12 @@ from bios.catalog import ModelSpec
 from bios.transport.inprocess import shared_engine
 from emulator.model import Lora, forward, token_logprobs
 
-from helpers import MODEL, make_datum, random_batch
+from helpers import MODEL, make_datum, random_batch, saved_weights
 
 MICRO = ModelSpec(
     name="test/micro", vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
     head_dim=8, d_ff=32, max_seq_len=32, weights_seed=7, max_lora_rank=8,
 )  # fmt: skip
-
-
-def saved_weights(path: str) -> dict[str, np.ndarray]:
-    """The LoRA weights stored at checkpoint `path` (float64, exactly as the emulator holds them)."""
-    session, kind, name = path.removeprefix("bios://").split("/")
-    tensors = load_file(str(Path(os.environ["BIOS_HOME"]) / "checkpoints" / session / kind / name / "adapter.safetensors"))
-    return {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
 
 
 def test_twenty_train_steps_lower_the_loss_and_count_steps(training):

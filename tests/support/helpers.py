@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+from safetensors.numpy import load_file
 
 from bios import types
 
@@ -21,3 +25,10 @@ def random_batch(seed: int, size: int = 4, length: int = 12, vocab: int = 4096) 
     """`size` random next-token data of `length` tokens each."""
     rng = np.random.default_rng(seed)
     return [make_datum(rng.integers(4, vocab, length).tolist()) for _ in range(size)]
+
+
+def saved_weights(path: str) -> dict[str, np.ndarray]:
+    """The LoRA weights stored at checkpoint `path` (float64, exactly as the emulator holds them)."""
+    session, kind, name = path.removeprefix("bios://").split("/")
+    tensors = load_file(str(Path(os.environ["BIOS_HOME"]) / "checkpoints" / session / kind / name / "adapter.safetensors"))
+    return {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
