@@ -1,0 +1,275 @@
+"""`JaxBackend`: the Backend protocol on JAX — sharded base weights stored once, many LoRA
+sessions side by side in slots, one compiled program per bucketed shape.
+
+Requests of many sessions on one base model share one device call: their rows are sorted by
+adapter slot and each token is routed to its own adapter by a grouped matmul (ops.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from backends.jax import compiled, sampler
+from backends.jax.compiled import MIN_TOKENS, Batch, bucket, host
+from backends.jax.model import Decoder
+from backends.jax.params import base_from_hf
+from backends.jax.sharding import base_sharding, batch_sharding, make_mesh, rows_multiple
+from backends.jax.slots import SlotTable
+from bios.backend import (
+    AdapterSpec,
+    AdapterState,
+    BackendConfig,
+    ForwardBackwardOutput,
+    ForwardBackwardWork,
+    OptimStepOutput,
+    OptimStepWork,
+    SampleOutput,
+    SampleWork,
+)
+from bios.catalog import ModelSpec
+from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
+from bios.losses import LOSSES
+from bios.tokenizer import Tokenizer
+from bios.weights import init_lora_weights, load_base_weights
+
+DEFAULT_SLOTS = 4
+DEFAULT_TOKENS_PER_CALL = 16384
+
+
+@dataclass
+class _Served:
+    """One base model on the devices: its frozen weights and its adapter slots."""
+
+    spec: ModelSpec
+    decoder: Decoder
+    base: dict[str, jax.Array]
+    slots: SlotTable
+    tokenizer: Tokenizer | None = None
+
+
+class JaxBackend:
+    """Options (`BackendConfig.options`): `dtype` (float32 | bfloat16; default float32 on CPU,
+    bfloat16 elsewhere), `devices` (how many of `jax.devices()` to use, default all),
+    `model_parallel` (devices per tensor-parallel group, default 1),
+    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens)."""
+
+    name = "jax"
+
+    def __init__(self, config: BackendConfig) -> None:
+        options = config.options
+        self.catalog = config.catalog
+        devices = jax.devices()[: int(options.get("devices", len(jax.devices())))]
+        self.mesh = make_mesh(int(options.get("model_parallel", 1)), devices)
+        platform = jax.devices()[0].platform
+        self.dtype = jnp.dtype(options.get("dtype", "float32" if platform == "cpu" else "bfloat16"))
+        self.initial_slots = int(options.get("slots", DEFAULT_SLOTS))
+        self.tokens_per_call = int(options.get("tokens_per_call", DEFAULT_TOKENS_PER_CALL))
+        self._served: dict[str, _Served] = {}
+        self._owner: dict[str, str] = {}
+
+    # ---- models and adapters -----------------------------------------------------------------
+
+    def _model(self, name: str) -> _Served:
+        if name not in self._served:
+            spec = self.catalog.get(name)
+            base = {}
+            for key, array in base_from_hf(spec, load_base_weights(spec)).items():
+                base[key] = jax.device_put(jnp.asarray(array, self.dtype), base_sharding(key, array.shape, self.mesh))
+            decoder = Decoder(spec, base)
+            slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
+            self._served[name] = _Served(spec, decoder, decoder.arrays(), slots)
+        return self._served[name]
+
+    def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
+        if spec.dropout > 0:
+            raise UnsupportedError("lora_config.dropout > 0 is not supported by the jax backend; use 0", field="lora_config.dropout")
+        served = self._model(spec.base_model)
+        if spec.rank > served.slots.rank:
+            raise InvalidRequestError(f"rank {spec.rank} exceeds {served.slots.rank} for {spec.base_model}", field="rank")
+        if state is None:
+            weights, moments, step = init_lora_weights(served.spec, spec.target_modules, spec.rank, spec.seed), None, 0
+        else:
+            weights, step = state.weights, state.step
+            moments = (state.adam_m, state.adam_v) if state.adam_m else None
+        served.slots.add(spec, weights, moments, step)
+        self._owner[spec.adapter_id] = spec.base_model
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        base_model = self._owner.pop(adapter_id, None)
+        if base_model is not None:
+            self._served[base_model].slots.remove(adapter_id)
+
+    def export_state(self, adapter_id: str) -> AdapterState:
+        if adapter_id not in self._owner:
+            raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id")
+        return self._served[self._owner[adapter_id]].slots.export(adapter_id)
+
+    def _slot(self, adapter_id: str | None, base_model: str) -> int:
+        """The slot of `adapter_id` on `base_model` (0 for the bare model); typed errors otherwise."""
+        if adapter_id is None:
+            return 0
+        if adapter_id not in self._owner:
+            raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id")
+        if self._owner[adapter_id] != base_model:
+            raise InvalidRequestError(f"adapter {adapter_id!r} belongs to {self._owner[adapter_id]}, not {base_model}", field="base_model")
+        return self._served[base_model].slots.slot(adapter_id)
+
+    # ---- forward / backward ------------------------------------------------------------------
+
+    def forward_backward(self, work: Sequence[ForwardBackwardWork]) -> list[ForwardBackwardOutput | BiosError]:
+        results: list[ForwardBackwardOutput | BiosError | None] = [None] * len(work)
+        groups: dict[tuple[str, str, bool], list[tuple[int, int]]] = defaultdict(list)
+        for index, item in enumerate(work):
+            try:
+                if item.backward and item.adapter_id is None:
+                    raise InvalidRequestError("forward_backward needs an adapter; the bare base model has no gradient", field="adapter_id")
+                self._model(item.base_model)
+                groups[(item.base_model, item.loss_fn, item.backward)].append((index, self._slot(item.adapter_id, item.base_model)))
+            except BiosError as error:
+                results[index] = error
+        for (base_model, loss_fn, backward), members in groups.items():
+            outputs = self._run_losses(self._served[base_model], loss_fn, backward, [(work[i], slot) for i, slot in members])
+            for (index, _), output in zip(members, outputs, strict=True):
+                results[index] = output
+        return results  # type: ignore[return-value]
+
+    def _run_losses(self, served: _Served, loss_fn: str, backward: bool, items: list[tuple[ForwardBackwardWork, int]]) -> list[ForwardBackwardOutput]:
+        rows = sorted(((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0])
+        logprobs: dict[tuple[int, int], np.ndarray] = {}
+        elementwise: dict[tuple[int, int], np.ndarray] = {}
+        for chunk in self._micro_batches(rows, items):
+            batch, lengths = self._batch(served.spec, loss_fn, items, chunk)
+            if backward:
+                served.slots.accumulator, lp, el = compiled.forward_backward(
+                    served.spec, served.base, served.slots.lora, served.slots.accumulator, batch, loss_fn
+                )
+            else:
+                lp, el = compiled.forward(served.spec, served.base, served.slots.lora, batch, loss_fn)
+            lp, el = host(lp), host(el)
+            for row, ((_, i, d), n) in enumerate(zip(chunk, lengths, strict=True)):
+                logprobs[(i, d)], elementwise[(i, d)] = lp[row, :n], el[row, :n]
+        outputs = []
+        for i, (item, _) in enumerate(items):
+            lps = tuple(logprobs[(i, d)] for d in range(len(item.tokens)))
+            els = tuple(elementwise[(i, d)] for d in range(len(item.tokens)))
+            loss = float(sum(e.astype(np.float64).sum() for e in els))
+            outputs.append(ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}))
+        return outputs
+
+    def _micro_batches(self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]]) -> list[list[tuple[int, int, int]]]:
+        """Consecutive runs of `rows` whose padded size stays within the token budget."""
+        chunks: list[list[tuple[int, int, int]]] = [[]]
+        longest = 0
+        for row in rows:
+            length = len(items[row[1]][0].tokens[row[2]])
+            candidate = max(longest, length)
+            if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > self.tokens_per_call:
+                chunks.append([])
+                candidate = length
+            chunks[-1].append(row)
+            longest = candidate
+        return chunks
+
+    def _batch(self, spec: ModelSpec, loss_fn: str, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]]) -> tuple[Batch, list[int]]:
+        """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length."""
+        lengths = [len(items[i][0].tokens[d]) for _, i, d in rows]
+        b = bucket(len(rows), multiple=rows_multiple(self.mesh))
+        t = bucket(max(lengths), MIN_TOKENS, cap=spec.max_seq_len)
+        tokens = np.zeros((b, t), np.int32)
+        targets = np.zeros((b, t), np.int32)
+        mask = np.zeros((b, t), np.float32)
+        names = [n for n in LOSSES[loss_fn].inputs if n != "target_tokens"]
+        inputs = {n: np.zeros((b, t), np.float32) for n in names}
+        config = {k: np.zeros((b, 1), np.float32) for k in LOSSES[loss_fn].config}
+        slots = np.full(b, rows[-1][0], np.int32)
+        for row, ((slot, i, d), n) in enumerate(zip(rows, lengths, strict=True)):
+            item = items[i][0]
+            tokens[row, :n], targets[row, :n], mask[row, :n], slots[row] = item.tokens[d], item.inputs[d]["target_tokens"], 1.0, slot
+            for name in names:
+                inputs[name][row, :n] = item.inputs[d][name]
+            for key in config:
+                config[key][row] = item.loss_config[key]
+        put = lambda a: jax.device_put(a, batch_sharding(a.shape, self.mesh))  # noqa: E731
+        batch = Batch(put(tokens), put(targets), put(mask), {k: put(v) for k, v in inputs.items()},
+                      {k: put(v) for k, v in config.items()}, jnp.asarray(np.repeat(slots, t)))  # fmt: skip
+        return batch, lengths
+
+    # ---- optimizer -----------------------------------------------------------------------------
+
+    def optim_step(self, work: Sequence[OptimStepWork]) -> list[OptimStepOutput | BiosError]:
+        results: list[OptimStepOutput | BiosError | None] = [None] * len(work)
+        pending: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for index, item in enumerate(work):
+            if item.adapter_id not in self._owner:
+                results[index] = NotFoundError(f"adapter {item.adapter_id!r} does not exist", field="adapter_id")
+                continue
+            base_model = self._owner[item.adapter_id]
+            pending[base_model].append((index, self._served[base_model].slots.slot(item.adapter_id)))
+        for base_model, members in pending.items():
+            slots = self._served[base_model].slots
+            while members:  # one call per round of distinct slots
+                round_, seen, rest = [], set(), []
+                for index, slot in members:
+                    (rest if slot in seen else round_).append((index, slot))
+                    seen.add(slot)
+                members = rest
+                self._optim_round(slots, [(work[i], i, slot) for i, slot in round_], results)
+        return results  # type: ignore[return-value]
+
+    def _optim_round(self, slots: SlotTable, round_: list[tuple[OptimStepWork, int, int]], results: list) -> None:
+        capacity = slots.capacity
+        hyper = {name: np.zeros(capacity, np.float32) for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")}
+        active = np.zeros(capacity, bool)
+        for item, _, slot in round_:
+            active[slot] = True
+            for name in hyper:
+                hyper[name][slot] = getattr(item, name)
+        slots.lora, slots.opt_state, slots.accumulator, norms, steps = compiled.optim_step(
+            slots.lora, slots.opt_state, slots.accumulator, {k: jnp.asarray(v) for k, v in hyper.items()}, jnp.asarray(active)
+        )
+        norms, steps = host(norms), host(steps)
+        for _, index, slot in round_:
+            results[index] = OptimStepOutput(step=int(steps[slot]), grad_norm=float(norms[slot]))
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    def sample(self, work: Sequence[SampleWork]) -> list[SampleOutput | BiosError]:
+        results: list[SampleOutput | BiosError | None] = [None] * len(work)
+        groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for index, item in enumerate(work):
+            try:
+                self._model(item.base_model)
+                groups[item.base_model].append((index, self._slot(item.adapter_id, item.base_model)))
+            except BiosError as error:
+                results[index] = error
+        for base_model, members in groups.items():
+            served = self._served[base_model]
+            outputs = sampler.sample(served.spec, served.base, served.slots.lora, [(work[i], slot) for i, slot in members],
+                                     lambda served=served: self._tokenizer(served), self.dtype)  # fmt: skip
+            for (index, _), output in zip(members, outputs, strict=True):
+                results[index] = output
+        return results  # type: ignore[return-value]
+
+    def _tokenizer(self, served: _Served) -> Tokenizer:
+        if served.tokenizer is None:
+            served.tokenizer = served.spec.tokenizer()
+        return served.tokenizer
+
+    def close(self) -> None:
+        self._served.clear()
+        self._owner.clear()
+
+
+def compilation_cache(directory: str | None = None) -> None:
+    """Use JAX's persistent compilation cache in `directory` (default $JAX_COMPILATION_CACHE_DIR)."""
+    directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -1,0 +1,158 @@
+"""The decoder (Llama 3 / Qwen2 / Qwen3) as a Flax NNX module over pure functions.
+
+`Decoder` declares the frozen base weights (layout in params.py) and is split once at load
+into a graph definition and its state; compiled steps take the state and run the pure
+functions below. Layers are stacked and run under `jax.lax.scan` with per-layer
+rematerialisation; the unembedding and log-softmax run over chunks of tokens, so
+`[tokens, vocab]` logits are never materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from backends.jax.ops import Routing, apply_rope, attention, lora_delta, project, rms_norm, rope_inv_freq, rope_tables
+from bios.catalog import ModelSpec
+
+LOGPROB_CHUNK = 256
+"""Tokens per chunk of the unembedding + log-softmax."""
+
+
+class Decoder(nnx.Module):
+    """The base model's weights as NNX parameters (frozen: they never receive gradients)."""
+
+    def __init__(self, spec: ModelSpec, base: dict[str, jax.Array]) -> None:
+        self.spec = spec
+        self.weights = nnx.Dict({name.replace(".", "__"): nnx.Param(value) for name, value in base.items()})
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """The weights by params.py name."""
+        return {name.replace("__", "."): param[...] for name, param in self.weights.items()}
+
+
+def _layer_params(base: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k.removeprefix("layers."): v for k, v in base.items() if k.startswith("layers.")}
+
+
+def _layer_lora(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: v for k, v in lora.items() if k.startswith("lora.") and not k.startswith("lora.lm_head")}
+
+
+def _attention_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, routing: Routing,
+                     kv_update: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]]) -> tuple[jax.Array, tuple]:
+    b, t, _ = x.shape
+    h = rms_norm(x, p["in_norm"], spec.rms_eps)
+
+    def proj(name: str, width: int) -> jax.Array:
+        short = name[0]
+        bias = p.get(f"{short}_bias") if name in ("q_proj", "k_proj", "v_proj") else None
+        pair = (lo[f"lora.{name}.a"], lo[f"lora.{name}.b"])
+        return project(h, p[name], bias, pair, routing).reshape(b, t, width, spec.head_dim)
+
+    q, k, v = proj("q_proj", spec.n_heads), proj("k_proj", spec.n_kv_heads), proj("v_proj", spec.n_kv_heads)
+    if spec.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], spec.rms_eps), rms_norm(k, p["k_norm"], spec.rms_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values, mask = kv_update(k, v)
+    out = attention(q, keys, values, mask).reshape(b, t, spec.n_heads * spec.head_dim)
+    o = project(out, p["o_proj"], None, (lo["lora.o_proj.a"], lo["lora.o_proj.b"]), routing)
+    return x + o, (keys, values)
+
+
+def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routing) -> jax.Array:
+    h = rms_norm(x, p["post_norm"], spec.rms_eps)
+    gate = project(h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing)
+    up = project(h, p["up_proj"], None, (lo["lora.up_proj.a"], lo["lora.up_proj.b"]), routing)
+    hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
+    return x + project(hidden, p["down_proj"], None, (lo["lora.down_proj.a"], lo["lora.down_proj.b"]), routing)
+
+
+def hidden_states(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, routing: Routing) -> jax.Array:
+    """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    cos, sin = rope_tables(rope_inv_freq(spec), positions)
+    x = base["embed"][tokens]
+
+    @jax.checkpoint
+    def layer(x: jax.Array, params: tuple[dict, dict]) -> tuple[jax.Array, None]:
+        p, lo = params
+        x, _ = _attention_block(spec, p, lo, x, cos, sin, routing, lambda k, v: (k, v, None))
+        return _mlp_block(spec, p, lo, x, routing), None
+
+    x, _ = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora)))
+    return rms_norm(x, base["final_norm"], spec.rms_eps)
+
+
+def _unembedding(base: dict[str, jax.Array]) -> jax.Array:
+    """[D, V]: `lm_head`, or the transposed embedding when tied."""
+    return base["lm_head"] if "lm_head" in base else base["embed"].T
+
+
+def token_logprobs(base: dict[str, jax.Array], lora: dict[str, jax.Array], hidden: jax.Array, targets: jax.Array,
+                   routing: Routing, token_slot: jax.Array, chunk: int = LOGPROB_CHUNK) -> jax.Array:
+    """L6 `log softmax(logits)[target]` for hidden [B, T, D] and targets [B, T] → [B, T] float32.
+
+    Computed over chunks of `chunk` tokens, each rematerialised in the backward pass, so the
+    [B*T, V] logits never exist at once. token_slot [N]: each token's slot (for lm_head LoRA).
+    """
+    b, t, d = hidden.shape
+    n = b * t
+    pad = (-n) % chunk
+    flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
+    flat_y = jnp.pad(targets.reshape(n), (0, pad))
+    slots = jnp.pad(token_slot, (0, pad), constant_values=token_slot[-1])
+    u = jax.lax.ragged_dot(flat_h.astype(jnp.float32), lora["lora.lm_head.a"], _counts(slots, lora["scale"].shape[0]))
+    u = u * jnp.pad(routing.token_scale, (0, pad))[:, None]  # [N, R]
+    w = _unembedding(base)
+    n_slots = lora["scale"].shape[0]
+
+    @jax.checkpoint
+    def chunk_logprobs(args: tuple[jax.Array, ...]) -> jax.Array:
+        h, y, uc, sc = args
+        logits = jnp.einsum("cd,dv->cv", h, w.astype(h.dtype)).astype(jnp.float32)
+        logits = logits + jax.lax.ragged_dot(uc, lora["lora.lm_head.b"], _counts(sc, n_slots))
+        return jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=1)
+
+    pieces = (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk), u.reshape(-1, chunk, u.shape[-1]), slots.reshape(-1, chunk))
+    return jax.lax.map(chunk_logprobs, pieces).reshape(-1)[:n].reshape(b, t)
+
+
+def _counts(token_slot: jax.Array, n_slots: int) -> jax.Array:
+    """Group sizes [S] of a slot-sorted token_slot [N]."""
+    return jnp.sum(jax.nn.one_hot(token_slot, n_slots, dtype=jnp.int32), axis=0)
+
+
+def extend(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, start: jax.Array,
+           cache: tuple[jax.Array, jax.Array], routing: Routing, token_slot: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Feed tokens [B, T] at positions start[b].. of each row, reading and writing the KV cache
+    (keys, values: [L, B, C, K, E]). Returns (logits [B, T, V] float32, the updated cache)."""
+    b, t = tokens.shape
+    capacity = cache[0].shape[2]
+    positions = start[:, None] + jnp.arange(t)[None, :]
+    cos, sin = rope_tables(rope_inv_freq(spec), positions)
+    visible = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
+    x = base["embed"][tokens]
+
+    def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
+        return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(buffer, new, start)
+
+    def layer(x: jax.Array, params: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        p, lo, keys, values = params
+        holder = {}
+
+        def kv_update(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            holder["k"], holder["v"] = write(keys, k), write(values, v)
+            return holder["k"], holder["v"], visible[:, None]
+
+        x, _ = _attention_block(spec, p, lo, x, cos, sin, routing, kv_update)
+        return _mlp_block(spec, p, lo, x, routing), (holder["k"], holder["v"])
+
+    x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
+    hidden = rms_norm(x, base["final_norm"], spec.rms_eps).reshape(b * t, -1)
+    logits = jnp.einsum("nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype)).astype(jnp.float32)
+    u = lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing)
+    return (logits + u).reshape(b, t, -1), new_cache

@@ -1,0 +1,94 @@
+"""Pure arithmetic of the decoder (docs/losses.md §Model): norms, RoPE, attention, multi-LoRA.
+
+Shapes: B rows, T tokens, N = B*T flattened tokens, D width, H/K query/kv heads, E head dim,
+S adapter slots, R rank. Norms, softmax and LoRA run in float32 whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bios.catalog import ModelSpec
+
+
+def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
+    """[E/2] inverse frequencies `theta^(-2i/E)`, with Llama-3 scaling when configured (host, float64)."""
+    e = spec.head_dim
+    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e)
+    if spec.rope_scaling is None:
+        return inv_freq
+    cfg = dict(spec.rope_scaling)
+    factor, low, high = cfg["factor"], cfg["low_freq_factor"], cfg["high_freq_factor"]
+    original = cfg["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    medium = (wavelen <= original / low) & (wavelen >= original / high)
+    return np.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def rope_tables(inv_freq: np.ndarray, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, E] for integer positions [B, T] (frequencies repeated twice, rotate-half)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, E] rotated: `x·cos + rotate_half(x)·sin`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """`x / sqrt(mean(x²) + eps) · w` over the last axis, computed in float32, returned in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which adapter each flattened token uses. Rows are sorted by slot, so the tokens of one
+    slot are contiguous: group_sizes [S] counts them; token_scale [N] is alpha/rank of each
+    token's slot (0 for padding)."""
+
+    group_sizes: jax.Array
+    token_scale: jax.Array
+
+
+jax.tree_util.register_dataclass(Routing, data_fields=["group_sizes", "token_scale"], meta_fields=[])
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> jax.Array:
+    """M1 for a batch mixing adapters: `scale · (x A_s) B_s` per token, by grouped matmul.
+
+    x: [N, in]; a: [S, in, R]; b: [S, R, out]. Returns [N, out] float32.
+    """
+    xa = jax.lax.ragged_dot(x.astype(jnp.float32), a, routing.group_sizes)  # [N, R]
+    return jax.lax.ragged_dot(xa * routing.token_scale[:, None], b, routing.group_sizes)
+
+
+def project(x: jax.Array, w: jax.Array, bias: jax.Array | None, lora: tuple[jax.Array, jax.Array] | None, routing: Routing) -> jax.Array:
+    """M1 linear: x [B, T, in] @ w [in, out] (+ bias) + LoRA → [B, T, out] in x.dtype."""
+    y = jnp.einsum("bti,io->bto", x, w.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    if lora is not None:
+        b_, t_, n_in = x.shape
+        y = y + lora_delta(x.reshape(b_ * t_, n_in), *lora, routing).reshape(b_, t_, -1).astype(x.dtype)
+    return y
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention, scores scaled by 1/sqrt(E), via `jax.nn.dot_product_attention`
+    (the cuDNN flash kernel on GPU). q: [B, T, H, E]; k, v: [B, S, K, E]; mask [B, 1, T, S]
+    or None for plain causal self-attention. Returns [B, T, H, E]."""
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)

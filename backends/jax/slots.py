@@ -1,0 +1,117 @@
+"""The adapter slots of one served base model: device arrays for every session's LoRA,
+gradient accumulator and optimizer state, and which adapter lives in which slot.
+
+Slot 0 is reserved for the bare base model (its factors and scale are zero); sessions take
+slots 1.. and the capacity doubles when full (a new capacity is a new shape, so it compiles
+new programs — it happens once per doubling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from backends.jax import optimizer
+from backends.jax.params import adapter_weights, lora_shapes, slot_arrays
+from backends.jax.sharding import replicated
+from bios.backend import AdapterSpec, AdapterState
+from bios.catalog import ModelSpec
+from bios.errors import ConflictError, NotFoundError
+
+
+@dataclass
+class SlotTable:
+    """LoRA state [.., S, ..] (params.py), accumulator (same shapes), slot-major optimizer state."""
+
+    spec: ModelSpec
+    mesh: Mesh
+    capacity: int
+    rank: int
+    lora: dict[str, jax.Array] = field(init=False)
+    accumulator: dict[str, jax.Array] = field(init=False)
+    opt_state: object = field(init=False)
+    adapters: dict[str, tuple[int, AdapterSpec]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shapes = lora_shapes(self.spec, self.capacity, self.rank)
+        put = lambda shape: jax.device_put(jnp.zeros(shape, jnp.float32), replicated(self.mesh))  # noqa: E731
+        self.lora = {name: put(shape) for name, shape in shapes.items()}
+        self.accumulator = {name: put(shape) for name, shape in shapes.items() if name != "scale"}
+        self.opt_state = optimizer.init_state(self.accumulator)
+
+    def slot(self, adapter_id: str) -> int:
+        try:
+            return self.adapters[adapter_id][0]
+        except KeyError:
+            raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id") from None
+
+    def add(self, spec: AdapterSpec, weights: dict[str, np.ndarray], moments: tuple[dict, dict] | None, step: int) -> int:
+        """Place an adapter (bios.weights names) in a free slot, growing the table if needed."""
+        if spec.adapter_id in self.adapters:
+            raise ConflictError(f"adapter {spec.adapter_id!r} already exists", field="adapter_id")
+        used = {slot for slot, _ in self.adapters.values()}
+        free = next((s for s in range(1, self.capacity) if s not in used), None)
+        if free is None:
+            self._grow()
+            free = self.capacity // 2
+        self._write(free, weights, moments, step, spec.alpha / spec.rank)
+        self.adapters[spec.adapter_id] = (free, spec)
+        return free
+
+    def remove(self, adapter_id: str) -> None:
+        """Free the adapter's slot (zeroing it, so nothing of it can leak into a later tenant)."""
+        if adapter_id in self.adapters:
+            slot, _ = self.adapters.pop(adapter_id)
+            self._write(slot, {}, None, 0, 0.0)
+
+    def export(self, adapter_id: str) -> AdapterState:
+        slot, spec = self.adapters[adapter_id]
+        modules = spec.target_modules
+        def take(tree: dict, slot_major: bool) -> dict[str, np.ndarray]:
+            return {k: np.asarray(v[slot] if slot_major or k.startswith("lora.lm_head") else v[:, slot]) for k, v in tree.items() if k != "scale"}
+
+        adam = self.opt_state[1][0]
+        return AdapterState(
+            spec=spec,
+            step=int(adam.count[slot]),
+            weights=adapter_weights(self.spec, take(self.lora, False), modules, spec.rank),
+            adam_m=adapter_weights(self.spec, take(adam.mu, True), modules, spec.rank),
+            adam_v=adapter_weights(self.spec, take(adam.nu, True), modules, spec.rank),
+        )
+
+    def _write(self, slot: int, weights: dict, moments: tuple[dict, dict] | None, step: int, scale: float) -> None:
+        values = slot_arrays(self.spec, weights, self.rank)
+
+        def put(tree: dict, arrays: dict, slot_major: bool) -> dict:
+            out = dict(tree)
+            for k, v in arrays.items():
+                index = (slot,) if slot_major or k.startswith("lora.lm_head") else (slice(None), slot)
+                out[k] = tree[k].at[index].set(jnp.asarray(v, tree[k].dtype))
+            return out
+
+        self.lora = put(self.lora, values, False)
+        self.lora["scale"] = self.lora["scale"].at[slot].set(scale)
+        self.accumulator = put(self.accumulator, {k: np.zeros_like(v) for k, v in values.items()}, False)
+        mu, nu = (slot_arrays(self.spec, m, self.rank) for m in moments) if moments else (dict.fromkeys(values, 0.0),) * 2
+        clip_state, (adam, *rest) = self.opt_state
+        adam = adam._replace(count=adam.count.at[slot].set(step), mu=put(adam.mu, mu, True), nu=put(adam.nu, nu, True))
+        self.opt_state = (clip_state, (adam, *rest))
+
+    def _grow(self) -> None:
+        """Double the capacity, keeping every slot's contents."""
+        old = (self.lora, self.accumulator, self.opt_state, self.capacity)
+        self.capacity *= 2
+        self.__post_init__()
+        lora, accumulator, opt_state, capacity = old
+
+        def copy(new: jax.Array, old: jax.Array, axis: int) -> jax.Array:
+            index = (slice(None),) * axis + (slice(0, capacity),)
+            return new.at[index].set(old)
+
+        self.lora = {k: copy(self.lora[k], v, 0 if k == "scale" else optimizer.slot_axis(k)) for k, v in lora.items()}
+        self.accumulator = {k: copy(self.accumulator[k], v, optimizer.slot_axis(k)) for k, v in accumulator.items()}
+        self.opt_state = jax.tree.map(lambda new, old: copy(new, old, 0) if new.ndim else new, self.opt_state, opt_state)
