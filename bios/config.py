@@ -1,36 +1,69 @@
 """Client configuration, resolved once: explicit argument, then `BIOS_*` variable, then default.
 
-Variables: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND`, `BIOS_HOME`.
+Variables: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND`, `BIOS_BACKEND_OPTIONS`
+(`key=value,key=value`), `BIOS_HOME`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BACKEND = "emulator"
+from bios.errors import InvalidRequestError
+
 
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """api_key: sent to a remote server; base_url: None runs in-process; backend: entry-point
-    name or `module:factory`; home: where checkpoints live (`BIOS_HOME`, default `~/.bios`)."""
+    name or `module:factory` (default: jax when installed, else emulator); home: where
+    checkpoints live (`BIOS_HOME`, default `~/.bios`)."""
 
     api_key: str | None
     base_url: str | None
     backend: str
     home: Path
+    backend_options: tuple[tuple[str, str], ...] = ()
+    """Backend settings as sorted (key, value) pairs, e.g. (("devices", "8"),)."""
 
     @classmethod
-    def resolve(cls, api_key: str | None = None, base_url: str | None = None, backend: str | None = None) -> "ClientConfig":
+    def resolve(
+        cls,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        backend: str | None = None,
+        backend_options: dict[str, str] | None = None,
+    ) -> "ClientConfig":
         env = os.environ
+        options = backend_options if backend_options is not None else _parse_options(env.get("BIOS_BACKEND_OPTIONS", ""))
         return cls(
             api_key=api_key or env.get("BIOS_API_KEY") or None,
             base_url=base_url or env.get("BIOS_BASE_URL") or None,
-            backend=backend or env.get("BIOS_BACKEND") or DEFAULT_BACKEND,
+            backend=backend or env.get("BIOS_BACKEND") or default_backend(),
             home=bios_home(),
+            backend_options=tuple(sorted((str(k), str(v)) for k, v in options.items())),
         )
+
+
+def _parse_options(text: str) -> dict[str, str]:
+    """`key=value,key=value` → dict; InvalidRequestError naming BIOS_BACKEND_OPTIONS if malformed."""
+    options = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise InvalidRequestError(
+                f"BIOS_BACKEND_OPTIONS: {part!r} is not key=value (example: devices=8,model_parallel=2)",
+                field="backend_options",
+            )
+        options[key.strip()] = value.strip()
+    return options
+
+
+def default_backend() -> str:
+    """`jax` when JAX is installed, otherwise the NumPy `emulator`."""
+    return "jax" if importlib.util.find_spec("jax") is not None else "emulator"
 
 
 def bios_home() -> Path:

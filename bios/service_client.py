@@ -16,12 +16,19 @@ class ServiceClient:
     """Connects to Bios: in this process when there is no base URL, on the chosen backend.
 
     Configuration is resolved once, here: explicit argument, then environment, then default.
-    Environment: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND` (default "emulator"), and
-    `BIOS_HOME` (checkpoints; default ~/.bios).
+    Environment: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND` (default "jax" when JAX is
+    installed, else "emulator"), `BIOS_BACKEND_OPTIONS` (`key=value,...`, e.g. the jax
+    backend's `devices`, `model_parallel`, `dtype`), and `BIOS_HOME` (checkpoints; default ~/.bios).
     """
 
-    def __init__(self, api_key: str | None = None, base_url: str | None = None, backend: str | None = None) -> None:
-        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, backend=backend)
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        backend: str | None = None,
+        backend_options: dict[str, str] | None = None,
+    ) -> None:
+        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options)
         self._transport = connect(self.config)
 
     def get_server_capabilities(self) -> ServerCapabilities:

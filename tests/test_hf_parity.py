@@ -14,11 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # noqa: F401 - the `hf` extra is required, not optional, for this module
 from transformers import AutoModelForCausalLM
 
+from backends.jax import compiled
+from backends.jax import params as jax_params
+from backends.jax.params import base_from_hf
 from bios.catalog import ModelSpec, spec_from_hf_directory
 from bios.weights import load_base_weights
 from emulator.model import forward
@@ -40,8 +44,19 @@ def emulator_logits(spec: ModelSpec, tokens: np.ndarray) -> np.ndarray:
     return logits
 
 
+def jax_logits(spec: ModelSpec, tokens: np.ndarray) -> np.ndarray:
+    """The JAX decoder's float32 logits, bare base model (slot 0): tokens [T] → [T, V]."""
+    base = {k: jnp.asarray(v) for k, v in base_from_hf(spec, load_base_weights(spec)).items()}
+    lora = {k: jnp.zeros(s, jnp.float32) for k, s in jax_params.lora_shapes(spec, slots=1, rank=1).items()}
+    cache = tuple(jnp.zeros((spec.n_layers, 1, len(tokens), spec.n_kv_heads, spec.head_dim)) for _ in range(2))
+    n = len(tokens)
+    logits, _ = compiled.extend(spec, base, lora, jnp.asarray(tokens, jnp.int32)[None], jnp.zeros(1, jnp.int32), cache, jnp.zeros(n, jnp.int32))
+    return np.asarray(logits[0], dtype=np.float64)
+
+
 IMPLEMENTATIONS: dict[str, Callable[[ModelSpec, np.ndarray], np.ndarray]] = {
     "emulator": emulator_logits,
+    "jax": jax_logits,
 }
 """Name → (spec, tokens [T]) → logits [T, V] of the base model at `spec.hf_path`."""
 

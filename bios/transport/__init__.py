@@ -23,7 +23,7 @@ def connect(config: ClientConfig) -> Transport:
             "unset BIOS_BASE_URL / base_url to run in-process",
             field="base_url",
         )
-    return shared_engine(config.backend, config.home)
+    return shared_engine(config.backend, config.home, config.backend_options)
 
 
 __all__ = ["Transport", "connect"]

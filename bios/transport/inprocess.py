@@ -1,4 +1,4 @@
-"""The in-process transport: one shared engine per (backend, BIOS_HOME) in this process.
+"""The in-process transport: one shared engine per (backend, BIOS_HOME, options) in this process.
 
 Sharing means that every ServiceClient of a process with the same backend batches into the
 same backend calls and sees the same sampler snapshots.
@@ -14,17 +14,18 @@ from bios.backend import BackendConfig
 from bios.catalog import Catalog
 from bios.engine import CheckpointStore, Engine, create_backend
 
-_engines: dict[tuple[str, Path], Engine] = {}
+_engines: dict[tuple[str, Path, tuple[tuple[str, str], ...]], Engine] = {}
 _lock = threading.Lock()
 
 
-def shared_engine(backend: str, home: Path) -> Engine:
-    """The process's engine for `backend` storing checkpoints under `home/checkpoints`."""
-    key = (backend, Path(home).resolve())
+def shared_engine(backend: str, home: Path, options: tuple[tuple[str, str], ...] = ()) -> Engine:
+    """The process's engine for `backend` (with `options`) storing checkpoints under `home/checkpoints`."""
+    key = (backend, Path(home).resolve(), tuple(options))
     with _lock:
         if key not in _engines:
             catalog = Catalog()
-            _engines[key] = Engine(create_backend(backend, BackendConfig(catalog=catalog)), catalog, CheckpointStore(key[1] / "checkpoints"))
+            config = BackendConfig(catalog=catalog, options=dict(options))
+            _engines[key] = Engine(create_backend(backend, config), catalog, CheckpointStore(key[1] / "checkpoints"))
         return _engines[key]
 
 
