@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import compiled, sampler
-from backends.jax.compiled import MIN_TOKENS, Batch, bucket, host
+from backends.jax.compiled import MIN_ROWS, MIN_TOKENS, Batch, bucket, host
 from backends.jax.model import Decoder
 from backends.jax.params import base_from_hf
 from backends.jax.sharding import base_sharding, batch_sharding, make_mesh, rows_multiple
@@ -180,7 +180,7 @@ class JaxBackend:
     def _batch(self, spec: ModelSpec, loss_fn: str, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]]) -> tuple[Batch, list[int]]:
         """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length."""
         lengths = [len(items[i][0].tokens[d]) for _, i, d in rows]
-        b = bucket(len(rows), multiple=rows_multiple(self.mesh))
+        b = bucket(len(rows), minimum=MIN_ROWS, multiple=rows_multiple(self.mesh))
         t = bucket(max(lengths), MIN_TOKENS, cap=spec.max_seq_len)
         tokens = np.zeros((b, t), np.int32)
         targets = np.zeros((b, t), np.int32)

@@ -22,6 +22,7 @@ from backends.jax.ops import Routing
 from bios.catalog import ModelSpec
 
 MIN_TOKENS = 16
+MIN_ROWS = 4
 
 
 def bucket(n: int, minimum: int = 1, multiple: int = 1, cap: int | None = None) -> int:

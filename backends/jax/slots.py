@@ -42,6 +42,12 @@ class SlotTable:
         self.lora = {name: put(shape) for name, shape in shapes.items()}
         self.accumulator = {name: put(shape) for name, shape in shapes.items() if name != "scale"}
         self.opt_state = optimizer.init_state(self.accumulator)
+        self._place()
+
+    def _place(self) -> None:
+        """Commit every array to the mesh (replicated), as the compiled programs return them,
+        so eager edits never change an argument's sharding and force a recompilation."""
+        self.lora, self.accumulator, self.opt_state = jax.device_put((self.lora, self.accumulator, self.opt_state), replicated(self.mesh))
 
     def slot(self, adapter_id: str) -> int:
         try:
@@ -100,6 +106,7 @@ class SlotTable:
         clip_state, (adam, *rest) = self.opt_state
         adam = adam._replace(count=adam.count.at[slot].set(step), mu=put(adam.mu, mu, True), nu=put(adam.nu, nu, True))
         self.opt_state = (clip_state, (adam, *rest))
+        self._place()
 
     def _grow(self) -> None:
         """Double the capacity, keeping every slot's contents."""
@@ -115,3 +122,4 @@ class SlotTable:
         self.lora = {k: copy(self.lora[k], v, 0 if k == "scale" else optimizer.slot_axis(k)) for k, v in lora.items()}
         self.accumulator = {k: copy(self.accumulator[k], v, optimizer.slot_axis(k)) for k, v in accumulator.items()}
         self.opt_state = jax.tree.map(lambda new, old: copy(new, old, 0) if new.ndim else new, self.opt_state, opt_state)
+        self._place()
