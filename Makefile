@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.core: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[jax]"
 	touch $@
 
 # torch first, pinned: 2.13.0 is the CPU build on local disk; a looser pin would fetch a CUDA build.

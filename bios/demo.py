@@ -68,7 +68,8 @@ def run_demo(backend: str | None = None, model: str = "bios/tiny", steps: int | 
 
     def evaluate(label: str) -> float:
         greedy = SamplingParams(max_tokens=8, temperature=0.0, stop=[tokenizer.eos_token_id])
-        futures = [training.sample(ModelInput.from_ints(tokenizer.encode(prompt_text(w))), greedy) for w in held_out]
+        sampler = training.save_weights_and_get_sampling_client(f"demo-{label.split()[0]}")
+        futures = [sampler.sample(ModelInput.from_ints(tokenizer.encode(prompt_text(w))), greedy) for w in held_out]
         answers = [tokenizer.decode(f.result().sequences[0].tokens, skip_special_tokens=True) for f in futures]
         correct = [a == answer_text(w) for a, w in zip(answers, held_out)]
         print(f"{label}: {sum(correct)}/{len(correct)} held-out sentences reversed exactly")

@@ -19,8 +19,8 @@ import numpy as np
 from backends.jax import compiled, sampler
 from backends.jax.compiled import MIN_ROWS, MIN_TOKENS, Batch, bucket, host
 from backends.jax.model import Decoder
-from backends.jax.params import base_from_hf
-from backends.jax.sharding import base_sharding, batch_sharding, make_mesh, rows_multiple
+from backends.jax.sharding import batch_sharding, make_mesh, rows_multiple
+from backends.jax.weights import load_base
 from backends.jax.slots import SlotTable
 from bios.backend import (
     AdapterSpec,
@@ -37,7 +37,7 @@ from bios.catalog import ModelSpec
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
 from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
-from bios.weights import init_lora_weights, load_base_weights
+from bios.weights import init_lora_weights
 
 DEFAULT_SLOTS = 4
 DEFAULT_TOKENS_PER_CALL = 16384
@@ -58,7 +58,9 @@ class JaxBackend:
     """Options (`BackendConfig.options`): `dtype` (float32 | bfloat16; default float32 on CPU,
     bfloat16 elsewhere), `devices` (how many of `jax.devices()` to use, default all),
     `model_parallel` (devices per tensor-parallel group, default 1),
-    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens)."""
+    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens),
+    `weights_init` ("weights": the seed or the model's files; "device": random weights drawn on
+    the devices, for benchmarking large configurations)."""
 
     name = "jax"
 
@@ -71,6 +73,7 @@ class JaxBackend:
         self.dtype = jnp.dtype(options.get("dtype", "float32" if platform == "cpu" else "bfloat16"))
         self.initial_slots = int(options.get("slots", DEFAULT_SLOTS))
         self.tokens_per_call = int(options.get("tokens_per_call", DEFAULT_TOKENS_PER_CALL))
+        self.weights_init = options.get("weights_init", "weights")
         self._served: dict[str, _Served] = {}
         self._owner: dict[str, str] = {}
 
@@ -79,10 +82,7 @@ class JaxBackend:
     def _model(self, name: str) -> _Served:
         if name not in self._served:
             spec = self.catalog.get(name)
-            base = {}
-            for key, array in base_from_hf(spec, load_base_weights(spec)).items():
-                base[key] = jax.device_put(jnp.asarray(array, self.dtype), base_sharding(key, array.shape, self.mesh))
-            decoder = Decoder(spec, base)
+            decoder = Decoder(spec, load_base(spec, self.mesh, self.dtype, self.weights_init))
             slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
             self._served[name] = _Served(spec, decoder, decoder.arrays(), slots)
         return self._served[name]

@@ -20,39 +20,58 @@ rank up to R (columns beyond a slot's rank, and modules it does not adapt, are e
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from bios.catalog import ModelSpec
-from bios.weights import module_path
+from bios.weights import base_weight_shapes, module_path
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def base_from_hf(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Hugging Face tensors (`[out, in]`, by HF name) → the stacked layout above (host arrays)."""
-    layers = range(spec.n_layers)
-
-    def stack(name: str, transpose: bool = False) -> np.ndarray:
-        arrays = [weights[name.format(i=i)] for i in layers]
-        return np.stack([a.T if transpose else a for a in arrays])
-
-    base = {
-        "embed": weights["model.embed_tokens.weight"],
-        "final_norm": weights["model.norm.weight"],
-        "layers.in_norm": stack("model.layers.{i}.input_layernorm.weight"),
-        "layers.post_norm": stack("model.layers.{i}.post_attention_layernorm.weight"),
+def base_layout(spec: ModelSpec) -> dict[str, tuple[str, bool]]:
+    """Every base array of the stacked layout → (its Hugging Face name, with `{i}` for the
+    layer index when stacked, and whether each tensor is transposed to math layout)."""
+    layout = {
+        "embed": ("model.embed_tokens.weight", False),
+        "final_norm": ("model.norm.weight", False),
+        "layers.in_norm": ("model.layers.{i}.input_layernorm.weight", False),
+        "layers.post_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
     }
     for module in PROJECTIONS:
-        base[f"layers.{module}"] = stack(module_path(0, module).replace("layers.0.", "layers.{i}.") + ".weight", transpose=True)
+        layout[f"layers.{module}"] = (module_path(0, module).replace("layers.0.", "layers.{i}.") + ".weight", True)
     if spec.qkv_bias:
         for short in ("q", "k", "v"):
-            base[f"layers.{short}_bias"] = stack(f"model.layers.{{i}}.self_attn.{short}_proj.bias")
+            layout[f"layers.{short}_bias"] = (f"model.layers.{{i}}.self_attn.{short}_proj.bias", False)
     if spec.qk_norm:
-        base["layers.q_norm"] = stack("model.layers.{i}.self_attn.q_norm.weight")
-        base["layers.k_norm"] = stack("model.layers.{i}.self_attn.k_norm.weight")
+        layout["layers.q_norm"] = ("model.layers.{i}.self_attn.q_norm.weight", False)
+        layout["layers.k_norm"] = ("model.layers.{i}.self_attn.k_norm.weight", False)
     if not spec.tie_embeddings:
-        base["lm_head"] = weights["lm_head.weight"].T
-    return base
+        layout["lm_head"] = ("lm_head.weight", True)
+    return layout
+
+
+def assemble(spec: ModelSpec, key: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """Base array `key` (host) from the HF tensors that `read(name)` returns."""
+    name, transpose = base_layout(spec)[key]
+    if "{i}" not in name:
+        tensor = read(name)
+        return tensor.T if transpose else tensor
+    return np.stack([read(name.format(i=i)).T if transpose else read(name.format(i=i)) for i in range(spec.n_layers)])
+
+
+def stacked_shape(spec: ModelSpec, key: str) -> tuple[int, ...]:
+    """Shape of base array `key` in the stacked layout."""
+    name, transpose = base_layout(spec)[key]
+    shape = base_weight_shapes(spec)[name.format(i=0)]
+    shape = shape[::-1] if transpose else shape
+    return (spec.n_layers, *shape) if "{i}" in name else shape
+
+
+def base_from_hf(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Hugging Face tensors (`[out, in]`, by HF name) → the stacked layout above (host arrays)."""
+    return {key: assemble(spec, key, weights.__getitem__) for key in base_layout(spec)}
 
 
 def lora_shapes(spec: ModelSpec, slots: int, rank: int) -> dict[str, tuple[int, ...]]:
