@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from bios.config import ClientConfig
 from bios.errors import InvalidRequestError
@@ -68,12 +69,14 @@ class ServiceClient:
     async def create_lora_training_client_async(self, base_model: str, rank: int | None = None, alpha: float | None = None, **kwargs: object) -> TrainingClient:
         return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, alpha, **kwargs)  # type: ignore[arg-type]
 
-    def create_training_client_from_state(self, path: str) -> TrainingClient:
-        """A new session resuming the state saved at `path`: weights, optimizer moments, step."""
-        return TrainingClient(self._transport, self._transport.create_session_from_state(path))
+    def create_training_client_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingClient:
+        """A new session resuming the state saved at `path` (bios://SESSION/weights/NAME: weights,
+        optimizer moments, step), or starting at step 0 from the Hugging Face PEFT LoRA adapter in
+        local directory `path` on `base_model` (required then)."""
+        return TrainingClient(self._transport, self._transport.create_session_from_state(path, base_model=base_model))
 
-    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state, path)
+    async def create_training_client_from_state_async(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path, base_model)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
         """Sample from saved weights (`model_path`, a bios:// path) or a bare `base_model`."""

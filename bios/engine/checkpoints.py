@@ -2,8 +2,9 @@
 
 `bios://SESSION/weights/NAME` holds a training state (weights + Adam moments + step);
 `bios://SESSION/sampler_weights/NAME` a frozen sampler snapshot (weights only). Each is a
-directory with `adapter.safetensors` and `checkpoint.json`, written to a temporary directory
-and renamed into place, so a reader never sees half a checkpoint.
+directory with `adapter.safetensors` and `checkpoint.json` (a sampler snapshot also `peft/`, the
+same weights as a Hugging Face PEFT LoRA adapter that PEFT and vLLM load), written to a
+temporary directory and renamed into place, so a reader never sees half a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from bios.backend import AdapterSpec, AdapterState
+from bios.catalog import ModelSpec
+from bios.engine.peft import CONFIG_FILE, write_peft_adapter
 from bios.errors import InvalidRequestError, NotFoundError
 from bios.types import StateResult
 
 SCHEME = "bios://"
 KIND_DIRS = {"state": "weights", "sampler": "sampler_weights"}
+PEFT_DIR = "peft"
 _LOCK = threading.RLock()
 """Held while a checkpoint directory is swapped and while one is read, so that a reader in this
 process (any store) sees the old checkpoint or the new one, never the gap between them."""
@@ -59,8 +63,12 @@ class CheckpointStore:
     def _directory(self, session_id: str, kind: str, name: str) -> Path:
         return self.root / session_id / KIND_DIRS[kind] / name
 
-    def save(self, state: AdapterState, session_id: str, kind: str, name: str, metadata: dict) -> StateResult:
-        """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name."""
+    def save(self, state: AdapterState, session_id: str, kind: str, name: str, metadata: dict, model: ModelSpec | None = None) -> StateResult:
+        """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name.
+
+        A sampler snapshot also gets its PEFT export in `peft/`, which needs `model` (the adapter's base)."""
+        if kind == "sampler" and model is None:
+            raise ValueError("a sampler checkpoint needs the ModelSpec of its base model to write its PEFT adapter")
         tensors = {f"weights/{k}": v for k, v in state.weights.items()}
         if kind == "state":
             tensors |= {f"adam_m/{k}": v for k, v in state.adam_m.items()}
@@ -83,6 +91,8 @@ class CheckpointStore:
         try:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "adapter.safetensors"))
             (staging / "checkpoint.json").write_text(json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1))
+            if kind == "sampler":
+                write_peft_adapter(state, model, staging / PEFT_DIR)  # type: ignore[arg-type]
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # the old checkpoint, if any, stays as it was
             raise
@@ -117,6 +127,20 @@ class CheckpointStore:
             adam_m=groups["adam_m"],
             adam_v=groups["adam_v"],
         )
+
+    def peft_directory(self, path: str) -> Path:
+        """The local directory of the PEFT LoRA adapter exported with sampler checkpoint `path`
+        (`adapter_config.json` + `adapter_model.safetensors`); NotFoundError if it has none."""
+        directory = self._directory(*parse_path(path)) / PEFT_DIR
+        with _LOCK:
+            record = self.record(path)  # NotFoundError when there is no checkpoint at all
+            if not (directory / CONFIG_FILE).is_file():
+                raise NotFoundError(
+                    f"path: checkpoint {path} ({record.kind}) has no PEFT export; sampler checkpoints "
+                    "(save_weights_for_sampler, bios://SESSION/sampler_weights/NAME) saved by this version of Bios carry one",
+                    field="path",
+                )
+        return directory
 
     def list(self, session_id: str | None = None) -> list[StateResult]:
         """Every checkpoint (of one session, if given), oldest first."""

@@ -10,9 +10,11 @@ nothing); the work then runs on the scheduler's worker, and the returned
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import uuid
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,7 +22,8 @@ import numpy as np
 from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardOutput, OptimStepOutput, SampleOutput
 from bios.catalog import Catalog, ModelSpec
 from bios.engine import validation
-from bios.engine.checkpoints import CheckpointStore, parse_path
+from bios.engine.checkpoints import SCHEME, CheckpointStore, parse_path
+from bios.engine.peft import is_local_directory, read_peft_adapter
 from bios.engine.scheduler import Job, Scheduler
 from bios.errors import InvalidRequestError, NotFoundError
 from bios.losses import LOSSES
@@ -101,13 +104,41 @@ class Engine:
         adapter = validation.lora_adapter(session_id, model, lora)
         return self._open_session(_Session(session_id, model, adapter), state=None)
 
-    def create_session_from_state(self, path: str) -> TrainingInfo:
-        """A new session resuming the training state saved at `path` (optimizer included)."""
-        _training_state(self.store.record(path))
+    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
+        """A new session resuming the training state saved at `path` (a `bios://SESSION/weights/NAME`
+        path: weights, optimizer moments and step), or starting from the Hugging Face PEFT LoRA adapter
+        in local directory `path` (`adapter_config.json` + `adapter_model.safetensors`) on `base_model`,
+        at step 0 with zero Adam moments. `base_model` is required for a PEFT directory; for a
+        `bios://` path it may be given only as the checkpoint's own base model."""
+        if is_local_directory(path):
+            return self._session_from_peft(Path(path), base_model)
+        if not isinstance(path, str) or not path.startswith(SCHEME):
+            raise InvalidRequestError(
+                f"path {str(path)!r} is neither a checkpoint path (bios://SESSION/weights/NAME) nor a local "
+                "directory holding a PEFT LoRA adapter (adapter_config.json)",
+                field="path",
+            )
+        record = _training_state(self.store.record(path))
+        if base_model is not None and base_model != record.base_model:
+            raise InvalidRequestError(f"base_model: {path} holds an adapter for {record.base_model}, not {base_model!r}", field="base_model")
         session_id = f"session-{uuid.uuid4().hex[:12]}"
         state = self.store.load(path, session_id)
         model = self.catalog.get(state.spec.base_model)
         return self._open_session(_Session(session_id, model, state.spec, state.step), state=state)
+
+    def _session_from_peft(self, directory: Path, base_model: str | None) -> TrainingInfo:
+        """A new session whose adapter starts from a PEFT LoRA adapter; validated fully first."""
+        if base_model is None:
+            raise InvalidRequestError(
+                f"base_model: {directory} is a PEFT adapter, which does not name a Bios model; pass base_model=",
+                field="base_model",
+            )
+        model = self.catalog.get(base_model)
+        lora, weights = read_peft_adapter(directory, model)
+        session_id = f"session-{uuid.uuid4().hex[:12]}"
+        adapter = validation.lora_adapter(session_id, model, lora)
+        state = AdapterState(spec=adapter, step=0, weights=weights)  # no moments: the backend starts them at zero
+        return self._open_session(_Session(session_id, model, adapter, 0), state=state)
 
     def _open_session(self, session: _Session, state: AdapterState | None) -> TrainingInfo:
         self.scheduler.call(lambda: self.backend.create_adapter(session.adapter, state)).result()
@@ -194,7 +225,7 @@ class Engine:
 
             def save() -> StateResult:
                 state = self.backend.export_state(session.adapter.adapter_id)
-                record = self.store.save(state, session.session_id, kind, checked_name, checked_meta)
+                record = self.store.save(state, session.session_id, kind, checked_name, checked_meta, session.model)
                 if kind == "sampler":
                     self._freeze(record, state)
                 return record

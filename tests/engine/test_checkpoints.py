@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 
 from bios.backend import AdapterSpec, AdapterState
+from bios.catalog import BUILTIN_MODELS
 from bios.engine import checkpoints
 from bios.engine.checkpoints import CheckpointStore, checkpoint_path, parse_path
+from bios.engine.peft import read_peft_adapter
 from bios.errors import InvalidRequestError, NotFoundError
+from bios.weights import lora_shapes
 
 SPEC = AdapterSpec("adapter-1", "bios/tiny", rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"), dropout=0.25, seed=7)
 SHAPES = {"layers.0.q_proj.A": (64, 2), "layers.0.q_proj.B": (2, 64), "layers.0.v_proj.A": (64, 2), "layers.0.v_proj.B": (2, 32)}
+TINY = BUILTIN_MODELS["bios/tiny"]
+TINY_SHAPES = lora_shapes(TINY, SPEC.target_modules, SPEC.rank)
+"""A sampler snapshot is also exported for PEFT, which needs real factor names of a real model."""
 
 
 def make_state(seed: int, step: int, *, moments: bool = True, shapes: dict[str, tuple[int, int]] = SHAPES) -> AdapterState:
@@ -102,12 +108,29 @@ def test_save_then_record_and_load_round_trip_exactly(tmp_path: Path) -> None:
 
 def test_sampler_checkpoints_keep_weights_only(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
-    state = make_state(2, step=3)
-    record = store.save(state, "sess", "sampler", "snap", {})
+    state = make_state(2, step=3, shapes=TINY_SHAPES)
+    record = store.save(state, "sess", "sampler", "snap", {}, TINY)
     assert record.path == "bios://sess/sampler_weights/snap" and record.kind == "sampler"
     loaded = store.load(record.path, "x")
     assert_same_tensors(loaded.weights, state.weights)
     assert loaded.adam_m == {} and loaded.adam_v == {}
+    peft_dir = store.peft_directory(record.path)
+    assert peft_dir == tmp_path / "sess" / "sampler_weights" / "snap" / "peft"
+    lora, weights = read_peft_adapter(peft_dir, TINY)  # the PEFT export holds the same weights, as float32
+    assert (lora.rank, lora.alpha, lora.target_modules, lora.dropout) == (2, 4.0, ("q_proj", "v_proj"), 0.25)
+    assert all(np.array_equal(weights[k], v.astype(np.float32)) for k, v in state.weights.items())
+
+
+def test_sampler_checkpoints_need_the_model_and_training_states_have_no_peft_export(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(ValueError, match="ModelSpec"):
+        store.save(make_state(2, step=3, shapes=TINY_SHAPES), "sess", "sampler", "snap", {})
+    assert store.list() == [] and hidden_entries(store) == []
+    record = store.save(make_state(2, step=3), "sess", "state", "full", {})
+    assert not (tmp_path / "sess" / "weights" / "full" / "peft").exists()
+    with pytest.raises(NotFoundError) as info:
+        store.peft_directory(record.path)
+    assert info.value.field == "path"
 
 
 def test_unknown_checkpoint_is_not_found(tmp_path: Path) -> None:
@@ -207,8 +230,8 @@ def test_list_is_oldest_first_and_filters_by_session(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     assert store.list() == []
     a = store.save(make_state(10, 1), "s1", "state", "a", {})
-    b = store.save(make_state(11, 2), "s2", "sampler", "b", {})
-    c = store.save(make_state(12, 3), "s1", "sampler", "c", {})
+    b = store.save(make_state(11, 2, shapes=TINY_SHAPES), "s2", "sampler", "b", {}, TINY)
+    c = store.save(make_state(12, 3, shapes=TINY_SHAPES), "s1", "sampler", "c", {}, TINY)
     assert [r.path for r in store.list()] == [a.path, b.path, c.path]
     assert [r.path for r in store.list("s1")] == [a.path, c.path]
     assert store.list("nobody") == []
