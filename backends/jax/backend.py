@@ -51,6 +51,8 @@ class _Served:
     decoder: Decoder
     base: dict[str, jax.Array]
     slots: SlotTable
+    tokens_per_call: int
+    """Micro-batch budget: padded rows x tokens per compiled call."""
     tokenizer: Tokenizer | None = None
 
 
@@ -58,7 +60,8 @@ class JaxBackend:
     """Options (`BackendConfig.options`): `dtype` (float32 | bfloat16; default float32 on CPU,
     bfloat16 elsewhere), `devices` (how many of `jax.devices()` to use, default all),
     `model_parallel` (devices per tensor-parallel group, default 1),
-    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens),
+    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens; by
+    default derived from the devices' free memory once the model is loaded),
     `weights_init` ("weights": the seed or the model's files; "device": random weights drawn on
     the devices, for benchmarking large configurations)."""
 
@@ -72,7 +75,7 @@ class JaxBackend:
         platform = jax.devices()[0].platform
         self.dtype = jnp.dtype(options.get("dtype", "float32" if platform == "cpu" else "bfloat16"))
         self.initial_slots = int(options.get("slots", DEFAULT_SLOTS))
-        self.tokens_per_call = int(options.get("tokens_per_call", DEFAULT_TOKENS_PER_CALL))
+        self.tokens_per_call = int(options["tokens_per_call"]) if "tokens_per_call" in options else None
         self.weights_init = options.get("weights_init", "weights")
         self._served: dict[str, _Served] = {}
         self._owner: dict[str, str] = {}
@@ -84,7 +87,8 @@ class JaxBackend:
             spec = self.catalog.get(name)
             decoder = Decoder(spec, load_base(spec, self.mesh, self.dtype, self.weights_init))
             slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
-            self._served[name] = _Served(spec, decoder, decoder.arrays(), slots)
+            budget = self.tokens_per_call or token_budget(spec, self.dtype, self.mesh.shape["data"])
+            self._served[name] = _Served(spec, decoder, decoder.arrays(), slots, budget)
         return self._served[name]
 
     def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
@@ -144,7 +148,7 @@ class JaxBackend:
         rows = sorted(((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0])
         logprobs: dict[tuple[int, int], np.ndarray] = {}
         elementwise: dict[tuple[int, int], np.ndarray] = {}
-        for chunk in self._micro_batches(rows, items):
+        for chunk in self._micro_batches(rows, items, served.tokens_per_call):
             batch, lengths = self._batch(served.spec, loss_fn, items, chunk)
             if backward:
                 served.slots.accumulator, lp, el = compiled.forward_backward(
@@ -163,14 +167,14 @@ class JaxBackend:
             outputs.append(ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}))
         return outputs
 
-    def _micro_batches(self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]]) -> list[list[tuple[int, int, int]]]:
+    def _micro_batches(self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]], budget: int) -> list[list[tuple[int, int, int]]]:
         """Consecutive runs of `rows` whose padded size stays within the token budget."""
         chunks: list[list[tuple[int, int, int]]] = [[]]
         longest = 0
         for row in rows:
             length = len(items[row[1]][0].tokens[row[2]])
             candidate = max(longest, length)
-            if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > self.tokens_per_call:
+            if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > budget:
                 chunks.append([])
                 candidate = length
             chunks[-1].append(row)
@@ -265,6 +269,24 @@ class JaxBackend:
     def close(self) -> None:
         self._served.clear()
         self._owner.clear()
+
+
+def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
+    """Tokens per forward_backward call that fit in half the free memory of a device.
+
+    Per token and device, the scanned, rematerialised decoder keeps each layer's input
+    (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
+    hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
+    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
+    """
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_TOKENS_PER_CALL
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
+    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
+    budget = int(0.5 * free / per_token) * data_parallel
+    return max(1024, 1 << (budget.bit_length() - 1))
 
 
 def compilation_cache(directory: str | None = None) -> None:

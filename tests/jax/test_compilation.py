@@ -23,3 +23,16 @@ def test_a_varied_training_loop_compiles_few_programs():
     # rows bucket to {4, 8} and tokens to {16, 32, 64}: at most 6 shapes; hyperparameters never recompile
     assert 1 <= grown["forward_backward"] <= 6, grown
     assert grown["optim_step"] <= 1, grown
+
+
+def test_a_batch_over_the_token_budget_runs_in_micro_batches_with_the_same_result():
+    small = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "128"}).create_lora_training_client("bios/tiny", rank=4, seed=5)
+    large = bios.ServiceClient(backend="jax").create_lora_training_client("bios/tiny", rank=4, seed=5)
+    rng = np.random.default_rng(1)
+    batch = [make_datum(rng.integers(4, 4096, 30).tolist()) for _ in range(10)]
+    calls = small._transport.backend._served  # populated on first use
+    results = [client.forward_backward(batch).result() for client in (small, large)]
+    steps = [client.optim_step(types.AdamParams(learning_rate=1e-2)).result() for client in (small, large)]
+    assert calls["bios/tiny"].tokens_per_call == 128
+    assert np.isclose(results[0].loss, results[1].loss, rtol=1e-6)
+    assert np.isclose(steps[0].metrics["grad_norm"], steps[1].metrics["grad_norm"], rtol=1e-5)
