@@ -14,7 +14,7 @@ Contract layer: imports numpy and `bios.catalog`/`bios.errors` only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -152,6 +152,9 @@ class SampleOutput:
     """[T] log p(prompt[t] | prompt[:t]); entry 0 is NaN (nothing predicts the first token)."""
 
 
+ResultCallback = Callable[[int, "SampleOutput | BiosError"], None]
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Compute for the engine. Methods are called from one engine thread at a time."""
@@ -176,7 +179,10 @@ class Backend(Protocol):
     def optim_step(self, work: Sequence[OptimStepWork]) -> list[OptimStepOutput | BiosError]:
         ...
 
-    def sample(self, work: Sequence[SampleWork]) -> list[SampleOutput | BiosError]:
+    def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
+        """Completions of every item. A backend that finishes items at different times (continuous
+        batching) calls `on_result(index, output)` for each as soon as it is complete, so its
+        caller can answer at once; every item is also in the returned list."""
         ...
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bios.backend import (
+    ResultCallback,
     AdapterSpec,
     AdapterState,
     BackendConfig,
@@ -211,8 +212,13 @@ class EmulatorBackend:
 
     # --- sampling ------------------------------------------------------------------------
 
-    def sample(self, work: Sequence[SampleWork]) -> list[SampleOutput | BiosError]:
-        return _each(work, self._sample)
+    def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
+        results = []
+        for index, item in enumerate(work):
+            results.append(_each([item], self._sample)[0])
+            if on_result is not None:
+                on_result(index, results[-1])
+        return results
 
     def _sample(self, item: SampleWork) -> SampleOutput:
         """S1–S3 for each of `item.num_samples` completions; sample j draws from `default_rng([seed, j])`."""

@@ -23,6 +23,7 @@ from backends.jax.sharding import batch_sharding, make_mesh, rows_multiple
 from backends.jax.weights import load_base
 from backends.jax.slots import SlotTable
 from bios.backend import (
+    ResultCallback,
     AdapterSpec,
     AdapterState,
     BackendConfig,
@@ -62,7 +63,7 @@ class JaxBackend:
     `model_parallel` (devices per tensor-parallel group, default 1),
     `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens; by
     default derived from the devices' free memory once the model is loaded),
-    `weights_init` ("weights": the seed or the model's files; "device": random weights drawn on
+    `decode_rows` (rows of the continuous-batching decode pool), `weights_init` ("weights": the seed or the model's files; "device": random weights drawn on
     the devices, for benchmarking large configurations)."""
 
     name = "jax"
@@ -77,6 +78,7 @@ class JaxBackend:
         self.initial_slots = int(options.get("slots", DEFAULT_SLOTS))
         self.tokens_per_call = int(options["tokens_per_call"]) if "tokens_per_call" in options else None
         self.weights_init = options.get("weights_init", "weights")
+        self.decode_rows = int(options.get("decode_rows", sampler.MAX_ROWS))
         self._served: dict[str, _Served] = {}
         self._owner: dict[str, str] = {}
 
@@ -244,7 +246,7 @@ class JaxBackend:
 
     # ---- sampling ------------------------------------------------------------------------------
 
-    def sample(self, work: Sequence[SampleWork]) -> list[SampleOutput | BiosError]:
+    def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
         results: list[SampleOutput | BiosError | None] = [None] * len(work)
         groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
@@ -253,10 +255,17 @@ class JaxBackend:
                 groups[item.base_model].append((index, self._slot(item.adapter_id, item.base_model)))
             except BiosError as error:
                 results[index] = error
+                if on_result is not None:
+                    on_result(index, error)
         for base_model, members in groups.items():
             served = self._served[base_model]
+
+            def report(position: int, output: SampleOutput, members: list[tuple[int, int]] = members) -> None:
+                if on_result is not None:
+                    on_result(members[position][0], output)
+
             outputs = sampler.sample(served.spec, served.base, served.slots.lora, [(work[i], slot) for i, slot in members],
-                                     lambda served=served: self._tokenizer(served), self.dtype)  # fmt: skip
+                                     lambda served=served: self._tokenizer(served), self.dtype, report, self.decode_rows)  # fmt: skip
             for (index, _), output in zip(members, outputs, strict=True):
                 results[index] = output
         return results  # type: ignore[return-value]

@@ -51,10 +51,12 @@ class Batch:
 jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot"], meta_fields=[])
 
 
-def routing(token_slot: jax.Array, scale: jax.Array) -> Routing:
-    """Routing of slot-sorted tokens [N] given each slot's alpha/rank [S]."""
+def routing(token_slot: jax.Array, scale: jax.Array, *, sort: bool = False) -> Routing:
+    """Routing of tokens [N] given each slot's alpha/rank [S]; `sort` when they are not
+    already ordered by slot (decode rows come and go in any order)."""
     counts = jnp.sum(jax.nn.one_hot(token_slot, scale.shape[0], dtype=jnp.int32), axis=0)
-    return Routing(group_sizes=counts, token_scale=scale[token_slot])
+    order = jnp.argsort(token_slot, stable=True) if sort else None
+    return Routing(group_sizes=counts, token_scale=scale[token_slot], order=order)
 
 
 def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -100,13 +102,20 @@ def optim_step(lora: dict, opt_state: object, accumulator: dict, hyper: dict[str
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def extend(spec: ModelSpec, base: dict, lora: dict, tokens: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array], token_slot: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Feed tokens [B, T] at per-row positions start [B]; (logits [B, T, V] float32, new KV cache)."""
-    return model.extend(spec, base, lora, tokens, start, cache, routing(token_slot, lora["scale"]), token_slot)
+    """Feed tokens [B, T] at per-row positions start [B]; (logits [B, T, V] float32, new KV cache).
+    Rows may use their adapters in any order (token_slot [B*T] need not be sorted)."""
+    return model.extend(spec, base, lora, tokens, start, cache, routing(token_slot, lora["scale"], sort=True), token_slot)
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def copy_rows(cache: tuple[jax.Array, jax.Array], source: tuple[jax.Array, jax.Array], to: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cache rows `to` [n] (in place) ← rows `rows` [n] of `source`; both caches [L, B, C, K, E]."""
+    return tuple(c.at[:, to].set(s[:, rows]) for c, s in zip(cache, source, strict=True))
 
 
 def compile_counts() -> dict[str, int]:
     """How many programs each compiled function holds (for tests and benchmarks)."""
-    return {f.__name__: f._cache_size() for f in (forward, forward_backward, optim_step, extend)}
+    return {f.__name__: f._cache_size() for f in (forward, forward_backward, optim_step, extend, copy_rows)}
 
 
 def host(array: jax.Array) -> np.ndarray:

@@ -54,24 +54,30 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which adapter each flattened token uses. Rows are sorted by slot, so the tokens of one
-    slot are contiguous: group_sizes [S] counts them; token_scale [N] is alpha/rank of each
-    token's slot (0 for padding)."""
+    """Which adapter each flattened token uses: group_sizes [S] counts the tokens of each slot;
+    token_scale [N] is alpha/rank of each token's slot (0 for padding). When the tokens are not
+    already sorted by slot, `order` [N] is the permutation that sorts them (else None)."""
 
     group_sizes: jax.Array
     token_scale: jax.Array
+    order: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Routing, data_fields=["group_sizes", "token_scale"], meta_fields=[])
+jax.tree_util.register_dataclass(Routing, data_fields=["group_sizes", "token_scale", "order"], meta_fields=[])
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> jax.Array:
     """M1 for a batch mixing adapters: `scale · (x A_s) B_s` per token, by grouped matmul.
 
-    x: [N, in]; a: [S, in, R]; b: [S, R, out]. Returns [N, out] float32.
+    x: [N, in]; a: [S, in, R]; b: [S, R, out]. Returns [N, out] float32. The grouped matmul
+    needs each slot's tokens contiguous; unsorted tokens are permuted by `routing.order` and back.
     """
+    scale = routing.token_scale
+    if routing.order is not None:
+        x, scale = x[routing.order], scale[routing.order]
     xa = jax.lax.ragged_dot(x.astype(jnp.float32), a, routing.group_sizes)  # [N, R]
-    return jax.lax.ragged_dot(xa * routing.token_scale[:, None], b, routing.group_sizes)
+    y = jax.lax.ragged_dot(xa * scale[:, None], b, routing.group_sizes)  # [N, out]
+    return y if routing.order is None else y[jnp.argsort(routing.order)]
 
 
 def project(x: jax.Array, w: jax.Array, bias: jax.Array | None, lora: tuple[jax.Array, jax.Array] | None, routing: Routing) -> jax.Array:

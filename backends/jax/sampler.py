@@ -1,11 +1,13 @@
-"""Sampling of docs/losses.md S1–S3 on the JAX backend: a batched prefill, then one token per step.
+"""Sampling of docs/losses.md S1–S3 on the JAX backend, continuously batched.
 
-All rows of a call decode together. Each item's prompt is prefilled once (one row per item),
-its KV cache rows are copied to the item's `num_samples` sample rows, and every step feeds
-the last chosen token of every row through `compiled.extend`. The choice of the next token
-(S1) and its logprob (S2) run on device in `choose`; stops (S3) are checked on the host.
-Rows are ordered by adapter slot (stable) so their `token_slot` is sorted; row counts and
-lengths are bucketed so few programs compile.
+A fixed pool of decode rows shares one KV cache. Waiting requests are admitted (first come,
+first served) whenever enough rows are free: their prompts are prefilled together, once per
+request, and the prefilled cache row is copied into each of the request's `num_samples` rows.
+Every step then feeds the last token of every row through `compiled.extend`, chooses the next
+tokens on device (`choose`: S1, S2) and checks stops on the host (S3). A request whose rows
+have all stopped is reported at once (`on_result`) and its rows go to the next waiting one.
+Rows may serve different adapters in any order. Row counts and lengths are bucketed so few
+programs compile.
 
 Shapes: B rows, T tokens, V vocab, C cache capacity, L layers, K kv heads, E head dim.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+from collections import deque
 from typing import Callable, Sequence
 
 import jax
@@ -27,6 +30,8 @@ from bios.tokenizer import Tokenizer
 
 MIN_PROMPT = 16
 """Smallest prompt-length bucket of the prefill."""
+MAX_ROWS = 64
+"""Decode rows of the pool at most (more requests wait for free rows)."""
 
 
 @jax.jit
@@ -36,7 +41,8 @@ def choose(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
 
     logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
     the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
-    item's key [B] folded with its sample index [B] and then with `step` (a scalar).
+    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
+    has generated), so a seed gives the same tokens however requests are batched.
     """
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1)
@@ -48,7 +54,7 @@ def choose(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
     probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
     kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
-    row_keys = jax.vmap(lambda key, j: jax.random.fold_in(jax.random.fold_in(key, j), step))(keys, index)
+    row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
     pick = jax.vmap(jax.random.categorical)(row_keys, jnp.where(kept, sorted_z, -jnp.inf))
     drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
     token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
@@ -64,11 +70,6 @@ def _item_key(seed: int | None) -> jax.Array:
     for shift in range(32, seed.bit_length(), 32):
         key = jax.random.fold_in(key, (seed >> shift) & 0xFFFFFFFF)
     return key
-
-
-def _pad(values: np.ndarray, rows: int) -> np.ndarray:
-    """values [n, ...] padded to [rows, ...] by repeating the last entry (keeps slots sorted)."""
-    return np.pad(values, [(0, rows - len(values))] + [(0, 0)] * (values.ndim - 1), mode="edge")
 
 
 def _stop_reason(work: SampleWork, generated: list[int], limit: int, decode: Callable[[list[int]], str]) -> str | None:
@@ -87,78 +88,104 @@ def _prompt_logprobs(logits: jax.Array, prompts: np.ndarray) -> np.ndarray:
 
 
 def sample(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], items: Sequence[tuple[SampleWork, int]],
-           tokenizer: Callable[[], Tokenizer], dtype: jnp.dtype) -> list[SampleOutput]:
-    """S1–S3 for every (work, adapter slot) of `items`, decoded as one batch; results in item order.
+           tokenizer: Callable[[], Tokenizer], dtype: jnp.dtype,
+           on_result: Callable[[int, SampleOutput], None] | None = None, max_rows: int = MAX_ROWS) -> list[SampleOutput]:
+    """S1–S3 for every (work, adapter slot) of `items`; results in item order, and each also
+    passed to `on_result(index, output)` as soon as it is complete.
 
-    Sample j of a work item with a seed draws step s with `key(seed)` folded with j, then s.
-    `tokenizer` is called (once) only when a stop string must be checked; `dtype` is the KV
-    cache's. Returned tokens are int64 [N], logprobs float32 [N] and
-    `prompt_logprobs` float32 [T] (NaN at 0) when requested.
+    Sample j of a work item with a seed draws its s-th token with `key(seed)` folded with j,
+    then s. `tokenizer` is called (once) only when a stop string must be checked; `dtype` is
+    the KV cache's. Returned tokens are int64 [N], logprobs float32 [N] and `prompt_logprobs`
+    float32 [T] (NaN at 0) when requested.
     """
-    order = sorted(range(len(items)), key=lambda i: items[i][1])
-    works = [items[i][0] for i in order]
-    slots = np.array([items[i][1] for i in order], np.int32)
+    works = [w for w, _ in items]
     lengths = np.array([len(w.prompt) for w in works])
     limits = np.minimum([w.max_tokens for w in works], spec.max_seq_len - lengths)  # tokens each row may generate
+    needs = [w.num_samples for w in works]
     loaded = functools.cache(tokenizer)
+    rows = compiled.bucket(max(max(needs), min(sum(needs), max_rows)))
+    capacity = compiled.bucket(int((lengths + limits).max()), minimum=MIN_PROMPT, cap=spec.max_seq_len)
+    shape = (spec.n_layers, rows, capacity, spec.n_kv_heads, spec.head_dim)
+    cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    z = jnp.zeros((rows, spec.vocab_size), jnp.float32)  # next-token logits of every row
+    item_of = np.full(rows, -1)  # -1: a free row
+    sample_of, slot_of, position, step = (np.zeros(rows, np.int32) for _ in range(4))
+    temperature, top_p, top_k = np.zeros(rows, np.float32), np.ones(rows, np.float32), np.ones(rows, np.int32)
+    keys = jnp.stack([_item_key(0)] * rows)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
+    finished: dict[int, list[tuple[list[int], list[float], str, int]]] = {i: [] for i in range(len(works))}
+    prompt_lp: dict[int, np.ndarray] = {}
+    outputs: list[SampleOutput | None] = [None] * len(works)
+    waiting = deque(range(len(works)))
 
-    def decode(ids: list[int]) -> str:
-        return loaded().decode(ids)
+    def admit() -> None:
+        """Prefill the waiting items that fit in the free rows and start their rows."""
+        nonlocal cache, z, keys
+        free = list(np.flatnonzero(item_of < 0))
+        admitted = []
+        while waiting and needs[waiting[0]] <= len(free) - sum(needs[i] for i in admitted):
+            admitted.append(waiting.popleft())
+        if not admitted:
+            return
+        width = compiled.bucket(int(lengths[admitted].max()), minimum=MIN_PROMPT, cap=capacity)
+        count = compiled.bucket(len(admitted))
+        prompts = np.zeros((count, width), np.int32)
+        slots = np.zeros(count, np.int32)
+        for p, i in enumerate(admitted):
+            prompts[p, : lengths[i]], slots[p] = works[i].prompt, items[i][1]
+        fresh = tuple(jnp.zeros((spec.n_layers, count, capacity, spec.n_kv_heads, spec.head_dim), dtype) for _ in range(2))
+        logits, fresh = compiled.extend(spec, base, lora, prompts, np.zeros(count, np.int32), fresh, np.repeat(slots, width))
+        to, source = [], []
+        for p, i in enumerate(admitted):
+            if works[i].prompt_logprobs:
+                prompt_lp[i] = _prompt_logprobs(logits[p : p + 1, : lengths[i]], prompts[p : p + 1, : lengths[i]])[0]
+            for j in range(needs[i]):
+                r = free.pop(0)
+                to.append(r)
+                source.append(p)
+                item_of[r], sample_of[r], slot_of[r], position[r], step[r] = i, j, items[i][1], lengths[i], 0
+                temperature[r], top_p[r] = works[i].temperature, works[i].top_p
+                top_k[r] = spec.vocab_size if works[i].top_k == -1 else min(works[i].top_k, spec.vocab_size)
+                tokens[r], logprobs[r] = [], []
+        padded = compiled.bucket(len(to))
+        to_rows = np.array(to + [to[-1]] * (padded - len(to)), np.int32)
+        from_rows = np.array(source + [source[-1]] * (padded - len(source)), np.int32)
+        cache = compiled.copy_rows(cache, fresh, to_rows, from_rows)
+        z = z.at[to_rows].set(logits[from_rows, lengths[[admitted[p] for p in from_rows]] - 1])
+        keys = keys.at[to_rows].set(jnp.stack([_item_key(works[admitted[p]].seed) for p in from_rows]))
 
-    # Prefill: one row per item, prompts right-padded to T.
-    width = compiled.bucket(int(lengths.max()), minimum=MIN_PROMPT, cap=spec.max_seq_len)
-    capacity = compiled.bucket(int((lengths + limits).max()), minimum=width, cap=spec.max_seq_len)
-    prompts = np.zeros((len(works), width), np.int32)
-    for i, w in enumerate(works):
-        prompts[i, : lengths[i]] = w.prompt
-    prompts = _pad(prompts, compiled.bucket(len(works)))
-    shape = (spec.n_layers, len(prompts), capacity, spec.n_kv_heads, spec.head_dim)
-    logits, cache = compiled.extend(spec, base, lora, prompts, np.zeros(len(prompts), np.int32),
-                                    (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), np.repeat(_pad(slots, len(prompts)), width))
-    first = logits[jnp.arange(len(prompts)), jnp.asarray(_pad(lengths, len(prompts)) - 1)]  # [P, V]
-    prompt_lp = _prompt_logprobs(logits, prompts) if any(w.prompt_logprobs for w in works) else None
-    del logits
+    def record(chosen: np.ndarray, chosen_lp: np.ndarray) -> None:
+        """Append each active row's token; finish rows (S3) and report completed items."""
+        for r in np.flatnonzero(item_of >= 0):
+            i = item_of[r]
+            tokens[r].append(int(chosen[r]))
+            logprobs[r].append(float(chosen_lp[r]))
+            step[r] += 1
+            reason = _stop_reason(works[i], tokens[r], int(limits[i]), lambda ids: loaded().decode(ids))
+            if reason is None:
+                continue
+            finished[i].append((tokens[r], logprobs[r], reason, sample_of[r]))
+            item_of[r] = -1
+            if len(finished[i]) == needs[i]:
+                sequences = tuple(SampledOutput(np.asarray(t, np.int64), np.asarray(lp, np.float32), why)
+                                  for t, lp, why, _ in sorted(finished[i], key=lambda f: f[3]))  # fmt: skip
+                lp = None if i not in prompt_lp else np.concatenate([[np.nan], prompt_lp[i]]).astype(np.float32)
+                outputs[i] = SampleOutput(sequences, lp)
+                if on_result is not None:
+                    on_result(i, outputs[i])
 
-    # Sample rows: each item's rows copy its prefill row; B is bucketed.
-    item_of_row = np.repeat(np.arange(len(works)), [w.num_samples for w in works])
-    n_rows = len(item_of_row)
-    source = _pad(item_of_row, compiled.bucket(n_rows))
-    cache = tuple(c[:, source] for c in cache)
-    z = first[source]
-    temperature = np.array([w.temperature for w in works], np.float32)[source]
-    top_k = np.array([spec.vocab_size if w.top_k == -1 else min(w.top_k, spec.vocab_size) for w in works], np.int32)[source]
-    top_p = np.array([w.top_p for w in works], np.float32)[source]
-    keys = jnp.stack([_item_key(w.seed) for w in works])[source]
-    index = _pad(np.concatenate([np.arange(w.num_samples) for w in works]), len(source)).astype(np.int32)
-    row_slot = slots[source]
-
-    tokens: list[list[int]] = [[] for _ in range(n_rows)]
-    logprobs: list[list[float]] = [[] for _ in range(n_rows)]
-    reasons: list[str | None] = [None] * n_rows
-    step = 0
     while True:
-        chosen, chosen_lp = choose(z, temperature, top_k, top_p, keys, index, np.int32(step))
-        host_tokens, host_lp = compiled.host(chosen), compiled.host(chosen_lp)
-        for r in range(n_rows):
-            if reasons[r] is None:
-                i = item_of_row[r]
-                tokens[r].append(int(host_tokens[r]))
-                logprobs[r].append(float(host_lp[r]))
-                reasons[r] = _stop_reason(works[i], tokens[r], int(limits[i]), decode)
-        if all(reasons):
+        admit()
+        if not (item_of >= 0).any():
             break
-        start = np.minimum(lengths[source] + step, capacity - 1).astype(np.int32)  # finished rows stay in range
-        logits, cache = compiled.extend(spec, base, lora, chosen[:, None], start, cache, row_slot)
+        chosen, chosen_lp = choose(z, temperature, top_k, top_p, keys, sample_of, step)
+        record(compiled.host(chosen), compiled.host(chosen_lp))
+        active = item_of >= 0
+        if not active.any() and not waiting:
+            break
+        fed = np.where(active, compiled.host(chosen), 0).astype(np.int32)[:, None]
+        start = np.where(active, np.minimum(position + step - 1, capacity - 1), 0).astype(np.int32)
+        logits, cache = compiled.extend(spec, base, lora, fed, start, cache, np.where(active, slot_of, 0).astype(np.int32))
         z = logits[:, 0]
-        step += 1
-
-    outputs: list[SampleOutput | None] = [None] * len(items)
-    for i, w in enumerate(works):
-        rows = np.flatnonzero(item_of_row == i)
-        sequences = tuple(SampledOutput(np.asarray(tokens[r], np.int64), np.asarray(logprobs[r], np.float32), reasons[r])
-                          for r in rows)  # fmt: skip
-        lp = None
-        if w.prompt_logprobs:
-            lp = np.concatenate([[np.nan], prompt_lp[i, : lengths[i] - 1]]).astype(np.float32)
-        outputs[order[i]] = SampleOutput(sequences, lp)
-    return outputs
+    return outputs  # type: ignore[return-value]

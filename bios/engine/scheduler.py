@@ -154,14 +154,25 @@ class Scheduler:
                 self._resolve(job, lambda job=job: job.work())  # type: ignore[operator]
         for (kind, _model), group in groups.items():
             self.backend_calls += 1
+            answered: set[int] = set()
+
+            def answer_early(index: int, output: object, group: list[Job] = group, answered: set[int] = answered) -> None:
+                """A sampling backend reports each request as soon as it is complete."""
+                if index not in answered:
+                    answered.add(index)
+                    self._resolve(group[index], lambda: output)
+
             try:
-                outputs = list(getattr(self.backend, kind)([job.work for job in group]))
+                call = getattr(self.backend, kind)
+                works = [job.work for job in group]
+                outputs = list(call(works, answer_early) if kind == "sample" else call(works))
                 if len(outputs) != len(group):
                     raise BackendError(f"backend {kind} returned {len(outputs)} results for {len(group)} requests")
             except Exception as exc:  # a backend bug must fail its requests, not the worker
                 outputs = [_as_backend_error(exc)] * len(group)
-            for job, output in zip(group, outputs, strict=True):
-                self._resolve(job, lambda output=output: output)
+            for index, (job, output) in enumerate(zip(group, outputs, strict=True)):
+                if index not in answered:
+                    self._resolve(job, lambda output=output: output)
 
     def _resolve(self, job: Job, produce: Callable[[], object]) -> None:
         self.jobs_run += 1

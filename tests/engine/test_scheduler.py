@@ -37,6 +37,9 @@ class FakeBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
         self.short = False
+        self.answer_early: int | None = None
+        self.observe = lambda: None
+        self.early_seen_done: object = None
 
     def _batch(self, kind: str, work: list[str]) -> list[object]:
         self.calls.append((kind, list(work)))
@@ -58,8 +61,12 @@ class FakeBackend:
     def optim_step(self, work: list[str]) -> list[object]:
         return self._batch("optim_step", work)
 
-    def sample(self, work: list[str]) -> list[object]:
-        return self._batch("sample", work)
+    def sample(self, work: list[str], on_result=None) -> list[object]:
+        results = self._batch("sample", work)
+        if on_result is not None and self.answer_early is not None:
+            on_result(self.answer_early, results[self.answer_early])
+            self.early_seen_done = self.observe()
+        return results
 
     def close(self) -> None: ...
 
@@ -290,3 +297,17 @@ def test_concurrent_sessions_share_backend_calls_on_the_emulator(service: bios.S
         assert alone.loss == result.loss
         assert [o["logprobs"].data for o in alone.loss_fn_outputs] == [o["logprobs"].data for o in result.loss_fn_outputs]
     assert len({r.loss for r in batched}) == 4  # the four requests really were different
+
+
+def test_a_sample_answered_early_resolves_before_the_backend_call_returns(sched, backend):
+    first, second = Job("sample", "m", "first"), Job("sample", "m", "second")
+    backend.answer_early = 1
+    backend.observe = lambda: (first.future.done(), second.future.done())
+    gate = hold(sched)  # both jobs queue up, so they share one backend call
+    sched.submit(None, None, first)
+    sched.submit(None, None, second)
+    gate.set()
+    assert second.future.result(timeout=10) == ("sample", "second")
+    assert first.future.result(timeout=10) == ("sample", "first")
+    assert [kind for kind, _ in backend.calls] == ["sample"]
+    assert backend.early_seen_done == (False, True)  # the second was answered while the call still ran

@@ -136,7 +136,7 @@ def test_choose_breaks_ties_by_lower_id():
         seen = set()
         for step in range(16):
             tokens, lp = choose(logits, temperature * rows, (top_k * rows).astype(np.int32), top_p * rows, keys,
-                                np.arange(8, dtype=np.int32), np.int32(step))  # fmt: skip
+                                np.arange(8, dtype=np.int32), np.full(8, step, np.int32))  # fmt: skip
             np.testing.assert_allclose(lp, jax.nn.log_softmax(logits[0])[tokens], rtol=1e-6)
             seen |= set(np.asarray(tokens).tolist())
         return seen
@@ -183,6 +183,23 @@ def test_mixed_batch_equals_each_alone(model):
     assert together[0].prompt_logprobs is None and together[1].prompt_logprobs is not None
 
 
+def test_continuous_batching_through_a_small_row_pool(model):
+    """Five requests through a pool of 2 rows: requests wait for free rows, each is reported
+    as soon as it completes (short ones first), and every result equals the request run alone."""
+    base, lora, _, _ = model
+    items = [(work(max_tokens=n, temperature=t, seed=s), slot) for n, t, s, slot in
+             [(12, 0.0, 0, 1), (2, 1.0, 3, 0), (9, 0.7, 5, 2), (1, 0.0, 0, 1), (6, 1.3, 8, 0)]]  # fmt: skip
+    reported: list[int] = []
+    pooled = sample(SPEC, base, lora, items, LetterTokenizer, jnp.float32, lambda i, _: reported.append(i), max_rows=2)
+    # Rows go first come, first served: 0 and 1 start; 1 ends after 2 tokens and 2 takes its row;
+    # 2 (9 tokens from step 2) ends before 0 (12 tokens); then 3 and 4 share the freed rows.
+    assert reported == [1, 2, 0, 3, 4]
+    for item, got in zip(items, pooled, strict=True):
+        (alone,) = run(model, item)
+        assert got.sequences[0].tokens.tolist() == alone.sequences[0].tokens.tolist()
+        np.testing.assert_allclose(got.sequences[0].logprobs, alone.sequences[0].logprobs, rtol=1e-5)
+
+
 def test_prompt_logprobs_match_the_reference(model):
     (out,) = run(model, (work(max_tokens=10, prompt_logprobs=True), 1))
     lp = out.prompt_logprobs
@@ -193,4 +210,4 @@ def test_prompt_logprobs_match_the_reference(model):
 
 def test_few_programs():
     counts = compiled.compile_counts()
-    assert counts["extend"] <= 8 and choose._cache_size() <= 4, (counts, choose._cache_size())
+    assert counts["extend"] <= 12 and choose._cache_size() <= 5, (counts, choose._cache_size())
