@@ -157,7 +157,11 @@ ResultCallback = Callable[[int, "SampleOutput | BiosError"], None]
 
 @runtime_checkable
 class Backend(Protocol):
-    """Compute for the engine. Methods are called from one engine thread at a time."""
+    """Compute for the engine. Methods are called from one engine thread at a time.
+
+    A backend may also set `checkpoint_format` ("safetensors", the default, or "orbax") to choose
+    how the engine writes its checkpoints' tensors; every format loads on every backend.
+    """
 
     name: str
 

@@ -67,6 +67,7 @@ class JaxBackend:
     the devices, for benchmarking large configurations)."""
 
     name = "jax"
+    checkpoint_format = "orbax"
 
     def __init__(self, config: BackendConfig) -> None:
         options = config.options

@@ -2,7 +2,8 @@
 
 `bios://SESSION/weights/NAME` holds a training state (weights + Adam moments + step);
 `bios://SESSION/sampler_weights/NAME` a frozen sampler snapshot (weights only). Each is a
-directory with `adapter.safetensors` and `checkpoint.json` (a sampler snapshot also `peft/`, the
+directory with the tensors (`adapter.safetensors`, or `orbax/` when the backend asks for Orbax:
+see tensor_files.py) and `checkpoint.json` (a sampler snapshot also `peft/`, the
 same weights as a Hugging Face PEFT LoRA adapter that PEFT and vLLM load), written to a
 temporary directory and renamed into place, so a reader never sees half a checkpoint.
 """
@@ -20,11 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
 from bios.engine.peft import CONFIG_FILE, write_peft_adapter
+from bios.engine.tensor_files import read_tensors, write_tensors
 from bios.errors import InvalidRequestError, NotFoundError
 from bios.types import StateResult
 
@@ -57,8 +58,11 @@ def checkpoint_path(session_id: str, kind: str, name: str) -> str:
 class CheckpointStore:
     """Reads and writes adapter states. Safe to use from several threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tensor_format: str = "safetensors") -> None:
+        """root: the checkpoints directory; tensor_format: how tensors are written ("safetensors"
+        or "orbax"); any format is read."""
         self.root = Path(root)
+        self.tensor_format = tensor_format
 
     def _directory(self, session_id: str, kind: str, name: str) -> Path:
         return self.root / session_id / KIND_DIRS[kind] / name
@@ -89,7 +93,7 @@ class CheckpointStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}."))
         try:
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "adapter.safetensors"))
+            write_tensors(staging, tensors, self.tensor_format)
             (staging / "checkpoint.json").write_text(json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1))
             if kind == "sampler":
                 write_peft_adapter(state, model, staging / PEFT_DIR)  # type: ignore[arg-type]
@@ -114,7 +118,7 @@ class CheckpointStore:
         """The state stored at `path`, as an adapter named `adapter_id`."""
         with _LOCK:
             meta = self._read_json(path)
-            tensors = load_file(str(self._directory(*parse_path(path)) / "adapter.safetensors"))
+            tensors = read_tensors(self._directory(*parse_path(path)))
         groups: dict[str, dict[str, np.ndarray]] = {"weights": {}, "adam_m": {}, "adam_v": {}}
         for key, value in tensors.items():
             group, _, tensor = key.partition("/")

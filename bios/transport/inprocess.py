@@ -24,8 +24,9 @@ def shared_engine(backend: str, home: Path, options: tuple[tuple[str, str], ...]
     with _lock:
         if key not in _engines:
             catalog = Catalog()
-            config = BackendConfig(catalog=catalog, options=dict(options))
-            _engines[key] = Engine(create_backend(backend, config), catalog, CheckpointStore(key[1] / "checkpoints"))
+            compute = create_backend(backend, BackendConfig(catalog=catalog, options=dict(options)))
+            store = CheckpointStore(key[1] / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
+            _engines[key] = Engine(compute, catalog, store)
         return _engines[key]
 
 

@@ -168,7 +168,7 @@ def test_a_failed_write_leaves_the_old_checkpoint_untouched(tmp_path: Path, monk
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoints, "save_file", disk_full)
+    monkeypatch.setattr(checkpoints, "write_tensors", disk_full)
     with pytest.raises(OSError, match="No space"):
         store.save(make_state(7, step=9), "sess", "state", "keep", {"v": "new"})
     assert store.record(record.path) == record
@@ -252,3 +252,19 @@ def test_delete_removes_exactly_one_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError):
         store.delete("bios://s/weights/../keep")
     assert store.record(keep.path) == keep
+
+
+def test_an_orbax_store_round_trips_exactly_and_any_store_reads_it(tmp_path):
+    spec = AdapterSpec("a", "bios/tiny", rank=2, alpha=4.0, target_modules=("q_proj",))
+    weights = {"model.layers.0.self_attn.q_proj.lora_A": np.random.default_rng(0).standard_normal((64, 2)),
+               "model.layers.0.self_attn.q_proj.lora_B": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}  # fmt: skip
+    state = AdapterState(spec=spec, step=7, weights=weights, adam_m={k: v * 2 for k, v in weights.items()}, adam_v={k: v * v for k, v in weights.items()})
+    record = CheckpointStore(tmp_path, "orbax").save(state, "sess", "state", "orb", {"k": 1})
+    assert (tmp_path / "sess" / "weights" / "orb" / "orbax").is_dir()
+    assert not (tmp_path / "sess" / "weights" / "orb" / "adapter.safetensors").exists()
+    loaded = CheckpointStore(tmp_path).load(record.path, "b")  # a default (safetensors) store reads it too
+    assert loaded.step == 7 and loaded.spec.adapter_id == "b"
+    for group in ("weights", "adam_m", "adam_v"):
+        for name, value in getattr(state, group).items():
+            assert getattr(loaded, group)[name].dtype == value.dtype
+            assert np.array_equal(getattr(loaded, group)[name], value)

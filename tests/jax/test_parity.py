@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -130,6 +133,8 @@ def test_state_saved_on_one_backend_loads_on_the_other(pair):
     for _ in range(3):
         origin.train(batch, learning_rate=1e-2)
     path = origin.save_state("portable").result().path
+    session, _, name = path.removeprefix("bios://").split("/")
+    assert (Path(os.environ["BIOS_HOME"]) / "checkpoints" / session / "weights" / name / "orbax").is_dir()
     on_emulator = emulator.create_training_client_from_state(path)
     assert on_emulator.get_info().step == 3
     continued_jax, continued_emulator = origin.train(batch, learning_rate=1e-2), on_emulator.train(batch, learning_rate=1e-2)

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from bios import types
+from bios.engine import CheckpointStore
 
 MODEL = "bios/tiny"
 
@@ -28,7 +28,6 @@ def random_batch(seed: int, size: int = 4, length: int = 12, vocab: int = 4096) 
 
 
 def saved_weights(path: str) -> dict[str, np.ndarray]:
-    """The LoRA weights stored at checkpoint `path` (float64, exactly as the emulator holds them)."""
-    session, kind, name = path.removeprefix("bios://").split("/")
-    tensors = load_file(str(Path(os.environ["BIOS_HOME"]) / "checkpoints" / session / kind / name / "adapter.safetensors"))
-    return {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+    """The LoRA weights stored at checkpoint `path`, exactly as the backend held them."""
+    store = CheckpointStore(Path(os.environ["BIOS_HOME"]) / "checkpoints")
+    return store.load(path, "inspected").weights

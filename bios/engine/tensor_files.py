@@ -1,0 +1,56 @@
+"""The tensor files of a checkpoint: safetensors (the default, readable anywhere) or Orbax
+(the jax backend's format, read and written with `orbax-checkpoint`).
+
+Tensors are a flat dict of `group/name` → array; reading detects the format from the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from bios.errors import UnsupportedError
+
+FORMATS = ("safetensors", "orbax")
+SAFETENSORS_FILE = "adapter.safetensors"
+ORBAX_DIR = "orbax"
+
+
+def write_tensors(directory: Path, tensors: dict[str, np.ndarray], tensor_format: str) -> None:
+    """Write `tensors` into `directory` (which must exist) in `tensor_format`."""
+    if tensor_format == "orbax":
+        checkpointer = _orbax().StandardCheckpointer()
+        try:
+            checkpointer.save(str(directory.resolve() / ORBAX_DIR), {k: np.ascontiguousarray(v) for k, v in tensors.items()})
+            checkpointer.wait_until_finished()
+        finally:
+            checkpointer.close()
+    elif tensor_format == "safetensors":
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / SAFETENSORS_FILE))
+    else:
+        raise ValueError(f"unknown tensor format {tensor_format!r}; expected one of {FORMATS}")
+
+
+def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """The tensors stored in `directory`, whichever format they were written in (host arrays)."""
+    if (directory / SAFETENSORS_FILE).exists():
+        return load_file(str(directory / SAFETENSORS_FILE))
+    checkpointer = _orbax().StandardCheckpointer()
+    try:
+        restored = checkpointer.restore(str(directory.resolve() / ORBAX_DIR))
+    finally:
+        checkpointer.close()
+    return {k: np.asarray(v) for k, v in restored.items()}
+
+
+def _orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise UnsupportedError(
+            "this checkpoint is stored with Orbax (the jax backend's format); install 'bios[jax]' to read or write it",
+            field="path",
+        ) from None
+    return ocp
