@@ -8,6 +8,8 @@ adapter slot and each token is routed to its own adapter by a grouped matmul (op
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,7 +37,7 @@ from bios.backend import (
     SampleWork,
 )
 from bios.catalog import ModelSpec
-from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
+from bios.errors import BiosError, InvalidRequestError, NotFoundError
 from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
 from bios.weights import init_lora_weights
@@ -95,8 +97,6 @@ class JaxBackend:
         return self._served[name]
 
     def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
-        if spec.dropout > 0:
-            raise UnsupportedError("lora_config.dropout > 0 is not supported by the jax backend; use 0", field="lora_config.dropout")
         served = self._model(spec.base_model)
         if spec.rank > served.slots.rank:
             raise InvalidRequestError(f"rank {spec.rank} exceeds {served.slots.rank} for {spec.base_model}", field="rank")
@@ -152,7 +152,7 @@ class JaxBackend:
         logprobs: dict[tuple[int, int], np.ndarray] = {}
         elementwise: dict[tuple[int, int], np.ndarray] = {}
         for chunk in self._micro_batches(rows, items, served.tokens_per_call):
-            batch, lengths = self._batch(served.spec, loss_fn, items, chunk)
+            batch, lengths = self._batch(served, loss_fn, items, chunk, dropout=backward)
             if backward:
                 served.slots.accumulator, lp, el = compiled.forward_backward(
                     served.spec, served.base, served.slots.lora, served.slots.accumulator, batch, loss_fn
@@ -184,8 +184,11 @@ class JaxBackend:
             longest = candidate
         return chunks
 
-    def _batch(self, spec: ModelSpec, loss_fn: str, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]]) -> tuple[Batch, list[int]]:
-        """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length."""
+    def _batch(self, served: _Served, loss_fn: str, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]],
+               dropout: bool) -> tuple[Batch, list[int]]:
+        """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length.
+        With `dropout`, rows of adapters with a dropout rate get their rate and mask seed."""
+        spec = served.spec
         lengths = [len(items[i][0].tokens[d]) for _, i, d in rows]
         b = bucket(len(rows), minimum=MIN_ROWS, multiple=rows_multiple(self.mesh))
         t = bucket(max(lengths), MIN_TOKENS, cap=spec.max_seq_len)
@@ -204,9 +207,23 @@ class JaxBackend:
             for key in config:
                 config[key][row] = item.loss_config[key]
         put = lambda a: jax.device_put(a, batch_sharding(a.shape, self.mesh))  # noqa: E731
+        seeds, rates = self._dropout(served, items, rows, b) if dropout else (None, None)
         batch = Batch(put(tokens), put(targets), put(mask), {k: put(v) for k, v in inputs.items()},
-                      {k: put(v) for k, v in config.items()}, jnp.asarray(np.repeat(slots, t)))  # fmt: skip
+                      {k: put(v) for k, v in config.items()}, jnp.asarray(np.repeat(slots, t)),
+                      None if seeds is None else put(seeds), None if rates is None else put(rates))  # fmt: skip
         return batch, lengths
+
+    @staticmethod
+    def _dropout(served: _Served, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]], padded: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per-row mask seeds [B] uint32 (from adapter seed, step and datum) and rates [B], or
+        (None, None) when no row's adapter uses dropout."""
+        seeds, rates = np.zeros(padded, np.uint32), np.zeros(padded, np.float32)
+        for row, (_, i, d) in enumerate(rows):
+            adapter_id = items[i][0].adapter_id
+            spec = served.slots.adapters[adapter_id][1]
+            rates[row] = spec.dropout
+            seeds[row] = zlib.crc32(struct.pack("<qqq", spec.seed, served.slots.steps[adapter_id], d))
+        return (seeds, rates) if rates.any() else (None, None)
 
     # ---- optimizer -----------------------------------------------------------------------------
 
@@ -242,7 +259,8 @@ class JaxBackend:
             slots.lora, slots.opt_state, slots.accumulator, {k: jnp.asarray(v) for k, v in hyper.items()}, jnp.asarray(active)
         )
         norms, steps = host(norms), host(steps)
-        for _, index, slot in round_:
+        for item, index, slot in round_:
+            slots.steps[item.adapter_id] = int(steps[slot])
             results[index] = OptimStepOutput(step=int(steps[slot]), grad_norm=float(norms[slot]))
 
     # ---- sampling ------------------------------------------------------------------------------

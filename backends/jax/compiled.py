@@ -38,6 +38,8 @@ class Batch:
 
     tokens, targets: [B, T] int32; mask: [B, T] float32 (0 on padding); inputs: the loss's
     per-token inputs [B, T]; config: the loss's settings, each [B, 1]; token_slot: [N] int32.
+    With LoRA dropout, dropout_seed [B] uint32 seeds each row's masks and dropout_rate [B] is
+    its adapter's rate (both None when no row of the batch uses dropout).
     """
 
     tokens: jax.Array
@@ -46,9 +48,13 @@ class Batch:
     inputs: dict[str, jax.Array]
     config: dict[str, jax.Array]
     token_slot: jax.Array
+    dropout_seed: jax.Array | None = None
+    dropout_rate: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    Batch, data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"], meta_fields=[]
+)
 
 
 def routing(token_slot: jax.Array, scale: jax.Array, *, sort: bool = False) -> Routing:
@@ -63,8 +69,11 @@ def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in lora.items() if k != "scale"}
 
 
-def _per_token(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _per_token(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str, dropout: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     route = routing(batch.token_slot, lora["scale"])
+    if dropout and batch.dropout_seed is not None:
+        keys = jax.vmap(jax.random.key)(batch.dropout_seed)
+        route = Routing(route.group_sizes, route.token_scale, route.order, keys, batch.dropout_rate)
     hidden = model.hidden_states(spec, base, lora, batch.tokens, route)
     lp = model.token_logprobs(base, lora, hidden, batch.targets, route, batch.token_slot)
     elementwise = LOSS_FUNCTIONS[loss_fn](lp, batch.inputs, batch.config) * batch.mask
@@ -73,8 +82,8 @@ def _per_token(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: s
 
 @partial(jax.jit, static_argnames=("spec", "loss_fn"))
 def forward(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str) -> tuple[jax.Array, jax.Array]:
-    """(logprobs [B, T], elementwise loss [B, T]) under the current adapters; no gradient."""
-    return _per_token(spec, base, lora, batch, loss_fn)[1]
+    """(logprobs [B, T], elementwise loss [B, T]) under the current adapters; no gradient, no dropout."""
+    return _per_token(spec, base, lora, batch, loss_fn, dropout=False)[1]
 
 
 @partial(jax.jit, static_argnames=("spec", "loss_fn"), donate_argnames=("accumulator",))
@@ -83,7 +92,7 @@ def forward_backward(spec: ModelSpec, base: dict, lora: dict, accumulator: dict,
     trainable = _trainable(lora)
 
     def total(params: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        return _per_token(spec, base, {**params, "scale": lora["scale"]}, batch, loss_fn)
+        return _per_token(spec, base, {**params, "scale": lora["scale"]}, batch, loss_fn, dropout=True)
 
     grads, (lp, elementwise) = jax.grad(total, has_aux=True)(trainable)
     return jax.tree.map(jnp.add, accumulator, grads), lp, elementwise

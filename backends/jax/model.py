@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.jax.ops import Routing, apply_rope, attention, lora_delta, project, rms_norm, rope_inv_freq, rope_tables
+from backends.jax.ops import Routing, apply_rope, attention, lora_delta, lora_input, project, rms_norm, rope_inv_freq, rope_tables
 from bios.catalog import ModelSpec
 
 LOGPROB_CHUNK = 256
 """Tokens per chunk of the unembedding + log-softmax."""
+SITES = {name: index for index, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"))}
+"""A number per adaptable module, folded into its dropout masks."""
 
 
 class Decoder(nnx.Module):
@@ -51,7 +53,7 @@ def _attention_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, cos: jax.
         short = name[0]
         bias = p.get(f"{short}_bias") if name in ("q_proj", "k_proj", "v_proj") else None
         pair = (lo[f"lora.{name}.a"], lo[f"lora.{name}.b"])
-        return project(h, p[name], bias, pair, routing).reshape(b, t, width, spec.head_dim)
+        return project(h, p[name], bias, pair, routing, SITES[name]).reshape(b, t, width, spec.head_dim)
 
     q, k, v = proj("q_proj", spec.n_heads), proj("k_proj", spec.n_kv_heads), proj("v_proj", spec.n_kv_heads)
     if spec.qk_norm:
@@ -59,16 +61,16 @@ def _attention_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, cos: jax.
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values, mask = kv_update(k, v)
     out = attention(q, keys, values, mask).reshape(b, t, spec.n_heads * spec.head_dim)
-    o = project(out, p["o_proj"], None, (lo["lora.o_proj.a"], lo["lora.o_proj.b"]), routing)
+    o = project(out, p["o_proj"], None, (lo["lora.o_proj.a"], lo["lora.o_proj.b"]), routing, SITES["o_proj"])
     return x + o, (keys, values)
 
 
 def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routing) -> jax.Array:
     h = rms_norm(x, p["post_norm"], spec.rms_eps)
-    gate = project(h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing)
-    up = project(h, p["up_proj"], None, (lo["lora.up_proj.a"], lo["lora.up_proj.b"]), routing)
+    gate = project(h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing, SITES["gate_proj"])
+    up = project(h, p["up_proj"], None, (lo["lora.up_proj.a"], lo["lora.up_proj.b"]), routing, SITES["up_proj"])
     hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
-    return x + project(hidden, p["down_proj"], None, (lo["lora.down_proj.a"], lo["lora.down_proj.b"]), routing)
+    return x + project(hidden, p["down_proj"], None, (lo["lora.down_proj.a"], lo["lora.down_proj.b"]), routing, SITES["down_proj"])
 
 
 def hidden_states(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, routing: Routing) -> jax.Array:
@@ -78,12 +80,13 @@ def hidden_states(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, j
     x = base["embed"][tokens]
 
     @jax.checkpoint
-    def layer(x: jax.Array, params: tuple[dict, dict]) -> tuple[jax.Array, None]:
-        p, lo = params
-        x, _ = _attention_block(spec, p, lo, x, cos, sin, routing, lambda k, v: (k, v, None))
-        return _mlp_block(spec, p, lo, x, routing), None
+    def layer(x: jax.Array, params: tuple[dict, dict, jax.Array]) -> tuple[jax.Array, None]:
+        p, lo, index = params
+        route = routing.at_layer(index)
+        x, _ = _attention_block(spec, p, lo, x, cos, sin, route, lambda k, v: (k, v, None))
+        return _mlp_block(spec, p, lo, x, route), None
 
-    x, _ = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora)))
+    x, _ = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers)))
     return rms_norm(x, base["final_norm"], spec.rms_eps)
 
 
@@ -105,7 +108,8 @@ def token_logprobs(base: dict[str, jax.Array], lora: dict[str, jax.Array], hidde
     flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     flat_y = jnp.pad(targets.reshape(n), (0, pad))
     slots = jnp.pad(token_slot, (0, pad), constant_values=token_slot[-1])
-    u = jax.lax.ragged_dot(flat_h.astype(jnp.float32), lora["lora.lm_head.a"], _counts(slots, lora["scale"].shape[0]))
+    flat_in = jnp.pad(lora_input(hidden, routing, SITES["lm_head"]).reshape(n, d), ((0, pad), (0, 0)))  # not in a layer: no layer fold
+    u = jax.lax.ragged_dot(flat_in.astype(jnp.float32), lora["lora.lm_head.a"], _counts(slots, lora["scale"].shape[0]))
     u = u * jnp.pad(routing.token_scale, (0, pad))[:, None]  # [N, R]
     w = _unembedding(base)
     n_slots = lora["scale"].shape[0]

@@ -56,14 +56,38 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 class Routing:
     """Which adapter each flattened token uses: group_sizes [S] counts the tokens of each slot;
     token_scale [N] is alpha/rank of each token's slot (0 for padding). When the tokens are not
-    already sorted by slot, `order` [N] is the permutation that sorts them (else None)."""
+    already sorted by slot, `order` [N] is the permutation that sorts them (else None).
+    With LoRA dropout (M1, forward_backward only), `dropout_keys` [B] and `dropout_rate` [B]
+    give each row's random key (already folded with the layer) and its adapter's rate."""
 
     group_sizes: jax.Array
     token_scale: jax.Array
     order: jax.Array | None = None
+    dropout_keys: jax.Array | None = None
+    dropout_rate: jax.Array | None = None
+
+    def at_layer(self, layer: jax.Array) -> "Routing":
+        """The routing of one layer: dropout keys folded with the layer index."""
+        if self.dropout_keys is None:
+            return self
+        keys = jax.vmap(lambda key: jax.random.fold_in(key, layer))(self.dropout_keys)
+        return Routing(self.group_sizes, self.token_scale, self.order, keys, self.dropout_rate)
 
 
-jax.tree_util.register_dataclass(Routing, data_fields=["group_sizes", "token_scale", "order"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    Routing, data_fields=["group_sizes", "token_scale", "order", "dropout_keys", "dropout_rate"], meta_fields=[]
+)
+
+
+def lora_input(x: jax.Array, routing: Routing, site: int) -> jax.Array:
+    """M1 `drop(x)` for x [B, T, in]: inverted dropout with each row's rate, the mask drawn from
+    the row's key folded with `site` (the module); x itself when dropout is off. The masks are
+    deterministic in (adapter seed, step, datum, layer, module) but are not the emulator's."""
+    if routing.dropout_keys is None:
+        return x
+    keys = jax.vmap(lambda key: jax.random.fold_in(key, site))(routing.dropout_keys)
+    keep = jax.vmap(lambda key, rate: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys, routing.dropout_rate)
+    return jnp.where(keep, x / (1.0 - routing.dropout_rate)[:, None, None].astype(x.dtype), jnp.zeros_like(x))
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> jax.Array:
@@ -80,14 +104,17 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> ja
     return y if routing.order is None else y[jnp.argsort(routing.order)]
 
 
-def project(x: jax.Array, w: jax.Array, bias: jax.Array | None, lora: tuple[jax.Array, jax.Array] | None, routing: Routing) -> jax.Array:
-    """M1 linear: x [B, T, in] @ w [in, out] (+ bias) + LoRA → [B, T, out] in x.dtype."""
+def project(x: jax.Array, w: jax.Array, bias: jax.Array | None, lora: tuple[jax.Array, jax.Array] | None, routing: Routing,
+            site: int = 0) -> jax.Array:
+    """M1 linear: x [B, T, in] @ w [in, out] (+ bias) + LoRA of drop(x) → [B, T, out] in x.dtype.
+    `site` numbers the module for its dropout masks."""
     y = jnp.einsum("bti,io->bto", x, w.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(x.dtype)
     if lora is not None:
         b_, t_, n_in = x.shape
-        y = y + lora_delta(x.reshape(b_ * t_, n_in), *lora, routing).reshape(b_, t_, -1).astype(x.dtype)
+        dropped = lora_input(x, routing, site).reshape(b_ * t_, n_in)
+        y = y + lora_delta(dropped, *lora, routing).reshape(b_, t_, -1).astype(x.dtype)
     return y
 
 

@@ -35,6 +35,8 @@ class SlotTable:
     accumulator: dict[str, jax.Array] = field(init=False)
     opt_state: object = field(init=False)
     adapters: dict[str, tuple[int, AdapterSpec]] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    """Optimizer steps taken by each adapter, on the host (seeds its dropout masks)."""
 
     def __post_init__(self) -> None:
         shapes = lora_shapes(self.spec, self.capacity, self.rank)
@@ -66,12 +68,14 @@ class SlotTable:
             free = self.capacity // 2
         self._write(free, weights, moments, step, spec.alpha / spec.rank)
         self.adapters[spec.adapter_id] = (free, spec)
+        self.steps[spec.adapter_id] = step
         return free
 
     def remove(self, adapter_id: str) -> None:
         """Free the adapter's slot (zeroing it, so nothing of it can leak into a later tenant)."""
         if adapter_id in self.adapters:
             slot, _ = self.adapters.pop(adapter_id)
+            self.steps.pop(adapter_id, None)
             self._write(slot, {}, None, 0, 0.0)
 
     def export(self, adapter_id: str) -> AdapterState:
