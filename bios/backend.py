@@ -152,14 +152,17 @@ class SampleOutput:
     """[T] log p(prompt[t] | prompt[:t]); entry 0 is NaN (nothing predicts the first token)."""
 
 
-ResultCallback = Callable[[int, "SampleOutput | BiosError"], None]
+ResultCallback = Callable[[int, object], None]
+"""`(index of the item in the work list, its output or BiosError)`."""
 
 
 @runtime_checkable
 class Backend(Protocol):
     """Compute for the engine. Methods are called from one engine thread at a time.
 
-    A backend may also set `checkpoint_format` ("safetensors", the default, or "orbax") to choose
+    Each batched method may call `on_result(index, output)` for an item as soon as its result
+    is on the host, so that its request is answered before the rest of the batch; every item
+    is also in the returned list. A backend may also set `checkpoint_format` ("safetensors", the default, or "orbax") to choose
     how the engine writes its checkpoints' tensors; every format loads on every backend.
     """
 
@@ -177,16 +180,15 @@ class Backend(Protocol):
         """A copy of the adapter's weights, Adam moments and step (not its pending gradient)."""
         ...
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork]) -> list[ForwardBackwardOutput | BiosError]:
+    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[ForwardBackwardOutput | BiosError]:
+        """Losses and logprobs of every item, and gradients accumulated for those with `backward`."""
         ...
 
-    def optim_step(self, work: Sequence[OptimStepWork]) -> list[OptimStepOutput | BiosError]:
+    def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[OptimStepOutput | BiosError]:
         ...
 
     def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
-        """Completions of every item. A backend that finishes items at different times (continuous
-        batching) calls `on_result(index, output)` for each as soon as it is complete, so its
-        caller can answer at once; every item is also in the returned list."""
+        """Completions of every item (continuously batched where the backend can)."""
         ...
 
     def close(self) -> None:

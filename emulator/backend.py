@@ -153,8 +153,8 @@ class EmulatorBackend:
 
     # --- training ------------------------------------------------------------------------
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork]) -> list[ForwardBackwardOutput | BiosError]:
-        return _each(work, self._forward_backward)
+    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[ForwardBackwardOutput | BiosError]:
+        return _each(work, self._forward_backward, on_result)
 
     def _dropout(self, adapter: _Adapter, datum: int) -> Callable[[str, tuple[int, ...]], np.ndarray]:
         """M1 dropout masks of datum `datum` at the adapter's current step, per module path and input shape."""
@@ -194,8 +194,8 @@ class EmulatorBackend:
         total = float(sum(np.sum(loss) for loss in losses))
         return ForwardBackwardOutput(total, tuple(logprobs), tuple(losses), {"loss:sum": total})
 
-    def optim_step(self, work: Sequence[OptimStepWork]) -> list[OptimStepOutput | BiosError]:
-        return _each(work, self._optim_step)
+    def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[OptimStepOutput | BiosError]:
+        return _each(work, self._optim_step, on_result)
 
     def _optim_step(self, item: OptimStepWork) -> OptimStepOutput:
         """O1–O5 on the accumulated gradient, then the accumulator is zeroed (L8) and step += 1."""
@@ -213,12 +213,7 @@ class EmulatorBackend:
     # --- sampling ------------------------------------------------------------------------
 
     def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
-        results = []
-        for index, item in enumerate(work):
-            results.append(_each([item], self._sample)[0])
-            if on_result is not None:
-                on_result(index, results[-1])
-        return results
+        return _each(work, self._sample, on_result)
 
     def _sample(self, item: SampleWork) -> SampleOutput:
         """S1–S3 for each of `item.num_samples` completions; sample j draws from `default_rng([seed, j])`."""
@@ -260,12 +255,15 @@ class EmulatorBackend:
         self._tokenizers.clear()
 
 
-def _each(work: Sequence[Any], run: Callable[[Any], Any]) -> list[Any]:
-    """`run` on every item; an item's `BiosError` becomes its result and does not stop the others."""
+def _each(work: Sequence[Any], run: Callable[[Any], Any], on_result: ResultCallback | None) -> list[Any]:
+    """`run` on every item, reporting each to `on_result` as it completes; an item's `BiosError`
+    becomes its result and does not stop the others."""
     results = []
-    for item in work:
+    for index, item in enumerate(work):
         try:
             results.append(run(item))
         except BiosError as error:
             results.append(error)
+        if on_result is not None:
+            on_result(index, results[-1])
     return results

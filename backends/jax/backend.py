@@ -12,7 +12,7 @@ import struct
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +130,9 @@ class JaxBackend:
 
     # ---- forward / backward ------------------------------------------------------------------
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork]) -> list[ForwardBackwardOutput | BiosError]:
+    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[ForwardBackwardOutput | BiosError]:
         results: list[ForwardBackwardOutput | BiosError | None] = [None] * len(work)
+        report = _Reporter(results, on_result)
         groups: dict[tuple[str, str, bool], list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
@@ -140,17 +141,19 @@ class JaxBackend:
                 self._model(item.base_model)
                 groups[(item.base_model, item.loss_fn, item.backward)].append((index, self._slot(item.adapter_id, item.base_model)))
             except BiosError as error:
-                results[index] = error
+                report(index, error)
         for (base_model, loss_fn, backward), members in groups.items():
-            outputs = self._run_losses(self._served[base_model], loss_fn, backward, [(work[i], slot) for i, slot in members])
-            for (index, _), output in zip(members, outputs, strict=True):
-                results[index] = output
+            self._run_losses(self._served[base_model], loss_fn, backward, [(work[i], slot) for i, slot in members],
+                             lambda local, output, members=members: report(members[local][0], output))  # fmt: skip
         return results  # type: ignore[return-value]
 
-    def _run_losses(self, served: _Served, loss_fn: str, backward: bool, items: list[tuple[ForwardBackwardWork, int]]) -> list[ForwardBackwardOutput]:
+    def _run_losses(self, served: _Served, loss_fn: str, backward: bool, items: list[tuple[ForwardBackwardWork, int]],
+                    report: Callable[[int, ForwardBackwardOutput], None]) -> None:
+        """Run `items` in token-budgeted micro-batches; report each item once all its rows ran."""
         rows = sorted(((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0])
         logprobs: dict[tuple[int, int], np.ndarray] = {}
         elementwise: dict[tuple[int, int], np.ndarray] = {}
+        remaining = [len(item.tokens) for item, _ in items]
         for chunk in self._micro_batches(rows, items, served.tokens_per_call):
             batch, lengths = self._batch(served, loss_fn, items, chunk, dropout=backward)
             if backward:
@@ -162,13 +165,13 @@ class JaxBackend:
             lp, el = host(lp), host(el)
             for row, ((_, i, d), n) in enumerate(zip(chunk, lengths, strict=True)):
                 logprobs[(i, d)], elementwise[(i, d)] = lp[row, :n], el[row, :n]
-        outputs = []
-        for i, (item, _) in enumerate(items):
-            lps = tuple(logprobs[(i, d)] for d in range(len(item.tokens)))
-            els = tuple(elementwise[(i, d)] for d in range(len(item.tokens)))
-            loss = float(sum(e.astype(np.float64).sum() for e in els))
-            outputs.append(ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}))
-        return outputs
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    count = len(items[i][0].tokens)
+                    lps = tuple(logprobs.pop((i, k)) for k in range(count))
+                    els = tuple(elementwise.pop((i, k)) for k in range(count))
+                    loss = float(sum(e.astype(np.float64).sum() for e in els))
+                    report(i, ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}))
 
     def _micro_batches(self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]], budget: int) -> list[list[tuple[int, int, int]]]:
         """Consecutive runs of `rows` whose padded size stays within the token budget."""
@@ -227,12 +230,13 @@ class JaxBackend:
 
     # ---- optimizer -----------------------------------------------------------------------------
 
-    def optim_step(self, work: Sequence[OptimStepWork]) -> list[OptimStepOutput | BiosError]:
+    def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[OptimStepOutput | BiosError]:
         results: list[OptimStepOutput | BiosError | None] = [None] * len(work)
+        report = _Reporter(results, on_result)
         pending: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             if item.adapter_id not in self._owner:
-                results[index] = NotFoundError(f"adapter {item.adapter_id!r} does not exist", field="adapter_id")
+                report(index, NotFoundError(f"adapter {item.adapter_id!r} does not exist", field="adapter_id"))
                 continue
             base_model = self._owner[item.adapter_id]
             pending[base_model].append((index, self._served[base_model].slots.slot(item.adapter_id)))
@@ -244,10 +248,10 @@ class JaxBackend:
                     (rest if slot in seen else round_).append((index, slot))
                     seen.add(slot)
                 members = rest
-                self._optim_round(slots, [(work[i], i, slot) for i, slot in round_], results)
+                self._optim_round(slots, [(work[i], i, slot) for i, slot in round_], report)
         return results  # type: ignore[return-value]
 
-    def _optim_round(self, slots: SlotTable, round_: list[tuple[OptimStepWork, int, int]], results: list) -> None:
+    def _optim_round(self, slots: SlotTable, round_: list[tuple[OptimStepWork, int, int]], report: Callable[[int, OptimStepOutput], None]) -> None:
         capacity = slots.capacity
         hyper = {name: np.zeros(capacity, np.float32) for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")}
         active = np.zeros(capacity, bool)
@@ -261,32 +265,25 @@ class JaxBackend:
         norms, steps = host(norms), host(steps)
         for item, index, slot in round_:
             slots.steps[item.adapter_id] = int(steps[slot])
-            results[index] = OptimStepOutput(step=int(steps[slot]), grad_norm=float(norms[slot]))
+            report(index, OptimStepOutput(step=int(steps[slot]), grad_norm=float(norms[slot])))
 
     # ---- sampling ------------------------------------------------------------------------------
 
     def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
         results: list[SampleOutput | BiosError | None] = [None] * len(work)
+        report = _Reporter(results, on_result)
         groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
                 self._model(item.base_model)
                 groups[item.base_model].append((index, self._slot(item.adapter_id, item.base_model)))
             except BiosError as error:
-                results[index] = error
-                if on_result is not None:
-                    on_result(index, error)
+                report(index, error)
         for base_model, members in groups.items():
             served = self._served[base_model]
-
-            def report(position: int, output: SampleOutput, members: list[tuple[int, int]] = members) -> None:
-                if on_result is not None:
-                    on_result(members[position][0], output)
-
-            outputs = sampler.sample(served.spec, served.base, served.slots.lora, [(work[i], slot) for i, slot in members],
-                                     lambda served=served: self._tokenizer(served), self.dtype, report, self.decode_rows)  # fmt: skip
-            for (index, _), output in zip(members, outputs, strict=True):
-                results[index] = output
+            sampler.sample(served.spec, served.base, served.slots.lora, [(work[i], slot) for i, slot in members],
+                           lambda served=served: self._tokenizer(served), self.dtype,
+                           lambda local, output, members=members: report(members[local][0], output), self.decode_rows)  # fmt: skip
         return results  # type: ignore[return-value]
 
     def _tokenizer(self, served: _Served) -> Tokenizer:
@@ -297,6 +294,18 @@ class JaxBackend:
     def close(self) -> None:
         self._served.clear()
         self._owner.clear()
+
+
+class _Reporter:
+    """Stores each item's result at its index and passes it on to the caller's `on_result`."""
+
+    def __init__(self, results: list, on_result: ResultCallback | None) -> None:
+        self.results, self.on_result = results, on_result
+
+    def __call__(self, index: int, output: object) -> None:
+        self.results[index] = output
+        if self.on_result is not None:
+            self.on_result(index, output)
 
 
 def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:

@@ -157,7 +157,7 @@ class Scheduler:
             answered: set[int] = set()
 
             def answer_early(index: int, output: object, group: list[Job] = group, answered: set[int] = answered) -> None:
-                """A sampling backend reports each request as soon as it is complete."""
+                """The backend reports a request as soon as its result is on the host."""
                 if index not in answered:
                     answered.add(index)
                     self._resolve(group[index], lambda: output)
@@ -165,7 +165,7 @@ class Scheduler:
             try:
                 call = getattr(self.backend, kind)
                 works = [job.work for job in group]
-                outputs = list(call(works, answer_early) if kind == "sample" else call(works))
+                outputs = list(call(works, answer_early))
                 if len(outputs) != len(group):
                     raise BackendError(f"backend {kind} returned {len(outputs)} results for {len(group)} requests")
             except Exception as exc:  # a backend bug must fail its requests, not the worker

@@ -55,10 +55,10 @@ class FakeBackend:
     def export_state(self, adapter_id: str) -> object:
         raise NotImplementedError
 
-    def forward_backward(self, work: list[str]) -> list[object]:
+    def forward_backward(self, work: list[str], on_result=None) -> list[object]:
         return self._batch("forward_backward", work)
 
-    def optim_step(self, work: list[str]) -> list[object]:
+    def optim_step(self, work: list[str], on_result=None) -> list[object]:
         return self._batch("optim_step", work)
 
     def sample(self, work: list[str], on_result=None) -> list[object]:

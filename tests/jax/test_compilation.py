@@ -7,6 +7,7 @@ import numpy as np
 import bios
 from backends.jax import compiled
 from bios import types
+from bios.engine import validation
 from helpers import make_datum
 
 
@@ -36,3 +37,19 @@ def test_a_batch_over_the_token_budget_runs_in_micro_batches_with_the_same_resul
     assert calls["bios/tiny"].tokens_per_call == 128
     assert np.isclose(results[0].loss, results[1].loss, rtol=1e-6)
     assert np.isclose(steps[0].metrics["grad_norm"], steps[1].metrics["grad_norm"], rtol=1e-5)
+
+
+def test_each_request_is_reported_once_its_micro_batches_ran():
+    service = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "64"})
+    first, second = (service.create_lora_training_client("bios/tiny", rank=4, seed=s) for s in (1, 2))
+    spec = service._transport.catalog.get("bios/tiny")
+    rng = np.random.default_rng(2)
+    items = [  # submitted out of slot order; 64 tokens per call = 2 rows of 32 per micro-batch
+        validation.forward_work(client.session_id, spec, [make_datum(rng.integers(4, 4096, 20).tolist()) for _ in range(3)],
+                                "cross_entropy", None, backward=False)
+        for client in (second, first)
+    ]  # fmt: skip
+    reports: list[int] = []
+    results = service._transport.backend.forward_backward(items, lambda index, output: reports.append(index))
+    assert reports == [1, 0]  # `first` has the lower slot, so its rows run (and it is reported) first
+    assert all(isinstance(r.loss, float) for r in results)
