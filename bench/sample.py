@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 import bios
-from accounting import PRESETS, decode_bytes, device_peaks
+from accounting import decode_bytes, device_peaks
+from presets import PRESETS, open_model
 from backends.jax import compiled
 from bios import types
 
@@ -39,12 +40,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args()
 
-    options = {"weights_init": "device"} if args.model in PRESETS else {}
-    if args.dtype:
-        options["dtype"] = args.dtype
-    service = bios.ServiceClient(backend="jax", backend_options=options)
-    spec = PRESETS[args.model] if args.model in PRESETS else service._transport.catalog.get(args.model)
-    service._transport.catalog.register(spec)
+    service, spec = open_model(args.model, args.dtype)
     sampler = service.create_lora_training_client(spec.name, rank=8).save_weights_and_get_sampling_client("bench")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, spec.vocab_size, args.prompt_length).tolist() for _ in range(args.prompts)]

@@ -14,8 +14,8 @@ import time
 import jax
 import numpy as np
 
-import bios
-from accounting import PRESETS, device_peaks, lora_step_flops
+from accounting import device_peaks, lora_step_flops
+from presets import PRESETS, open_model
 from backends.jax import compiled
 from bios import types
 
@@ -32,12 +32,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the backend's)")
     args = parser.parse_args()
 
-    options = {"weights_init": "device"} if args.model in PRESETS else {}
-    if args.dtype:
-        options["dtype"] = args.dtype
-    service = bios.ServiceClient(backend="jax", backend_options=options)
-    spec = PRESETS[args.model] if args.model in PRESETS else service._transport.catalog.get(args.model)
-    service._transport.catalog.register(spec)
+    service, spec = open_model(args.model, args.dtype)
     client = service.create_lora_training_client(spec.name, rank=args.rank)
     rng = np.random.default_rng(0)
     batch = [

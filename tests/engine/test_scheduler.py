@@ -53,7 +53,7 @@ class FakeBackend:
     def delete_adapter(self, adapter_id: str) -> None: ...
 
     def export_state(self, adapter_id: str) -> object:
-        raise NotImplementedError
+        raise NotFoundError(f"the fake backend keeps no adapters ({adapter_id})", field="adapter_id")
 
     def forward_backward(self, work: list[str], on_result=None) -> list[object]:
         return self._batch("forward_backward", work)
