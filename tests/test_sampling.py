@@ -107,3 +107,36 @@ def test_sampler_snapshots_are_immutable(service, training):
 
 def frozen_path(training, name: str) -> str:
     return f"bios://{training.session_id}/sampler_weights/{name}"
+
+
+def test_snapshots_are_freed_when_no_sampling_client_uses_them(service):
+    import gc
+
+    engine = service._transport
+    training = service.create_lora_training_client(MODEL, rank=4, seed=12)
+    batch = random_batch(seed=13)
+    live_before = engine.snapshots.live()
+    sampler = None
+    for step in range(12):  # an RL loop: new weights, a new sampling client, the old one dropped
+        training.train(batch, learning_rate=1e-2)
+        sampler = training.save_weights_and_get_sampling_client(f"rl-{step}")
+        gc.collect()
+        sampler.sample(_prompt(), GREEDY).result()
+        assert engine.snapshots.live() - live_before <= 2
+    first = sampler.sample(_prompt(), GREEDY).result().sequences[0].tokens
+    twin = service.create_sampling_client(model_path=frozen_path(training, "rl-11"))  # shares the live adapter
+    assert engine.snapshots.live() - live_before == 1
+    del sampler, twin
+    gc.collect()
+    engine.scheduler.call(lambda: None).result()  # the release runs on the worker
+    assert engine.snapshots.live() == live_before
+    reloaded = service.create_sampling_client(model_path=frozen_path(training, "rl-11"))  # from disk again
+    assert reloaded.sample(_prompt(), GREEDY).result().sequences[0].tokens == first
+
+
+def test_a_temporary_sampling_client_lives_until_its_requests_are_done(service, training):
+    import gc
+
+    future = training.save_weights_and_get_sampling_client("temporary").sample(_prompt(), GREEDY)  # client dropped at once
+    gc.collect()
+    assert len(future.result().sequences[0].tokens) == 12

@@ -13,7 +13,7 @@ import concurrent.futures
 import os
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,7 +25,8 @@ from bios.engine import validation
 from bios.engine.checkpoints import SCHEME, CheckpointStore, parse_path
 from bios.engine.peft import is_local_directory, read_peft_adapter
 from bios.engine.scheduler import Job, Scheduler
-from bios.errors import InvalidRequestError, NotFoundError
+from bios.engine.snapshots import SnapshotPool
+from bios.errors import BackendError, InvalidRequestError, NotFoundError
 from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
 from bios.types import (
@@ -56,11 +57,13 @@ class _Session:
 
 @dataclass(frozen=True, slots=True)
 class SamplerHandle:
-    """A sampling target: a frozen adapter (`adapter_id`) or the bare base model (None)."""
+    """A sampling target: a frozen adapter (`adapter_id`, made from checkpoint `checkpoint_id`)
+    or the bare base model (both None)."""
 
     sampler_id: str
     base_model: str
     adapter_id: str | None
+    checkpoint_id: str | None = None
 
 
 class Engine:
@@ -73,7 +76,7 @@ class Engine:
         self.scheduler = Scheduler(backend)
         self._sessions: dict[str, _Session] = {}
         self._samplers: dict[str, SamplerHandle] = {}
-        self._snapshots: dict[str, str] = {}  # checkpoint id -> adapter id
+        self.snapshots = SnapshotPool(backend, store)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._lock = threading.Lock()
 
@@ -227,7 +230,7 @@ class Engine:
                 state = self.backend.export_state(session.adapter.adapter_id)
                 record = self.store.save(state, session.session_id, kind, checked_name, checked_meta, session.model)
                 if kind == "sampler":
-                    self._freeze(record, state)
+                    self.snapshots.remember(record, state)
                 return record
 
             return Job("call", session.model.name, save)
@@ -268,11 +271,22 @@ class Engine:
         else:
             record = self.store.record(model_path)  # type: ignore[arg-type]
             self.catalog.get(record.base_model)
-            adapter_id = self.scheduler.call(lambda: self._snapshot_adapter(record)).result()
-            handle = SamplerHandle(f"sampler-{uuid.uuid4().hex[:12]}", record.base_model, adapter_id)
+            adapter_id = self.scheduler.call(lambda: self.snapshots.acquire(record)).result()
+            handle = SamplerHandle(f"sampler-{uuid.uuid4().hex[:12]}", record.base_model, adapter_id, record.id)
         with self._lock:
             self._samplers[handle.sampler_id] = handle
         return handle
+
+    def release_sampler(self, sampler_id: str) -> None:
+        """Forget a sampling client; its snapshot adapter is freed when no other client uses it.
+        Does not wait; unknown ids and a shut-down engine are ignored."""
+        with self._lock:
+            handle = self._samplers.pop(sampler_id, None)
+        if handle is not None and handle.checkpoint_id is not None:
+            try:
+                self.scheduler.call(lambda: self.snapshots.release(handle.checkpoint_id))
+            except BackendError:
+                pass
 
     def sampler_sample(
         self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int = 1, *, prompt_logprobs: bool = False
@@ -304,21 +318,6 @@ class Engine:
             return self._samplers[sampler_id]
         except KeyError:
             raise NotFoundError(f"sampler_id: no sampling client {sampler_id!r}", field="sampler_id") from None
-
-    def _freeze(self, record: StateResult, state: AdapterState) -> str:
-        """Worker thread: a read-only copy of `state`'s weights as its own adapter."""
-        adapter_id = f"snapshot-{record.id}"
-        frozen = AdapterState(spec=replace(state.spec, adapter_id=adapter_id), step=state.step, weights=state.weights)
-        self.backend.create_adapter(frozen.spec, frozen)
-        self._snapshots[record.id] = adapter_id
-        return adapter_id
-
-    def _snapshot_adapter(self, record: StateResult) -> str:
-        """Worker thread: the adapter frozen from checkpoint `record`, loading it if needed."""
-        if record.id in self._snapshots:
-            return self._snapshots[record.id]
-        state = self.store.load(record.path, f"snapshot-{record.id}")
-        return self._freeze(record, AdapterState(spec=state.spec, step=state.step, weights=state.weights))
 
     # ---- checkpoints ------------------------------------------------------------------------
 
