@@ -28,8 +28,11 @@ demo: $(VENV)/.core
 lint: $(VENV)/.dev
 	$(BIN)/lint-imports
 
+# The tests, then the conformance suite's ci profile against the JAX backend (its compiled
+# programs are in the cache the tests just filled).
 test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest
+	$(BIN)/python -m conformance --backend jax --profile ci
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

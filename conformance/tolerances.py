@@ -35,23 +35,30 @@ GRAD_NORM_RTOL = 1e-4
 """grad_norm is a sum of squares over ~1e5 float32 coordinates; float32 accumulation of that
 many terms is good to ~1e-5 relative. A wrong reduction (mean vs sum) changes it by >2x."""
 
-WEIGHT_REL_FROB = 1e-5
-"""Relative Frobenius error of each LoRA tensor after k Adam steps: Adam normalises the
-gradient, so a coordinate's update is ~lr regardless of gradient scale and float32 gradient
-noise of ~1e-6 relative perturbs each update by about that much."""
+WEIGHT_ATOL_PER_LR = 1e-2
+"""Error of a saved LoRA coordinate after k Adam steps, in units of lr·k (the most k steps
+move a coordinate), met by all but WEIGHT_OUTLIER_FRACTION of each tensor's coordinates. The
+faults this check exists for move most coordinates of some tensor by a large fraction of lr:
+a missing bias correction rescales the first step by (1 - beta1)/sqrt(1 - beta2) (0.3x to
+30x), weight decay folded into the gradient turns lora_A's zero first-step gradient into a
+full lr step, an uncleared gradient changes the second step's direction. Typical float32
+coordinates are off by 1e-5 of lr or less."""
 
-WEIGHT_ATOL_PER_LR = 1e-3
-"""Elementwise weight error, in units of the learning rate, per LoRA tensor after k Adam
-steps. Adam's update m̂/(sqrt(v̂)+eps) does not depend on the gradient's scale, so a
-coordinate whose gradient is nearly zero (an lm_head column of a token never targeted, a sum
-of terms that cancel) still moves by O(lr), in a direction set by float32 rounding of that
-tiny gradient: its relative gradient error can reach 1e-3, so its update error can reach
-1e-3·lr. The Frobenius check above bounds the tensor as a whole."""
+WEIGHT_OUTLIER_FRACTION = 1e-3
+"""Share of a tensor's coordinates allowed past WEIGHT_ATOL_PER_LR. Adam's update
+m̂/(sqrt(v̂)+eps) does not depend on the gradient's scale, and it is most sensitive where
+|g| ≈ eps: there a gradient error δg moves the update by up to δg/(4·eps) of lr. float32
+gradients are accurate relative to the largest terms summed into them, so a coordinate whose
+terms cancel (an lm_head column of a rare token under importance weights up to 1e4) has an
+absolute error far above eps and may step anywhere in [-lr, lr]; on the JAX backend one such
+lm_head coordinate stepped 1.8e-2 of lr off the reference (60 drawn examples). Such
+coordinates are a sliver of a tensor, so a fraction bounds them without hiding a fault; their
+effect on the model is checked through the logprobs after the steps."""
 
 LOGPROB_AFTER_STEP_ATOL = 1e-4
 """Logprobs after k <= 3 optimizer steps at learning rates up to 1e-2: weight errors bounded
-by WEIGHT_ATOL_PER_LR·lr·k ≈ 3e-5 per coordinate move logits by at most ~1e-5 through
-d_model 64 rank <= 16 products; 1e-4 keeps a margin and still catches a missing bias
+of ~1e-5·lr·k per coordinate (and a sliver of coordinates up to lr·k) move logits by at
+most ~1e-5 through d_model 64 rank <= 16 products; 1e-4 keeps a margin and still catches a missing bias
 correction (a ~3x larger first step) or a wrong learning-rate scale."""
 
 LOSS_AFTER_STEP_RTOL = 1e-4
