@@ -19,7 +19,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 # torch first, pinned: 2.13.0 is the CPU build on local disk; a looser pin would fetch a CUDA build.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,jax,hf]"
+	$(BIN)/pip install --quiet -e ".[dev,jax,hf,server]"
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
@@ -28,10 +28,11 @@ demo: $(VENV)/.core
 lint: $(VENV)/.dev
 	$(BIN)/lint-imports
 
-# The tests, then the conformance suite's ci profile against the JAX backend (its compiled
-# programs are in the cache the tests just filled).
+# The tests; the API tests again through a live `bios serve`; then the conformance suite's ci
+# profile against the JAX backend (its compiled programs are in the cache the tests filled).
 test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --remote -m "api and not inprocess"
 	$(BIN)/python -m conformance --backend jax --profile ci
 
 clean:

@@ -19,6 +19,7 @@ from bios.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
+    RequestTooLargeError,
     UnsupportedError,
 )
 from bios.futures import BiosFuture
@@ -40,6 +41,7 @@ __all__ = [
     "ConflictError",
     "InvalidRequestError",
     "NotFoundError",
+    "RequestTooLargeError",
     "SamplingClient",
     "ServiceClient",
     "Tokenizer",

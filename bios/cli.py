@@ -1,9 +1,13 @@
-"""The `bios` command line: `bios demo`, `bios models`, `bios checkpoints list|delete`."""
+"""The `bios` command line: `bios demo`, `bios models`, `bios serve`, `bios keys create`,
+`bios sessions list`, `bios checkpoints list|delete|export`."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
+from pathlib import Path
 
 from bios.errors import BiosError
 
@@ -21,13 +25,46 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models this installation serves")
     models.add_argument("--backend", default=None)
 
-    checkpoints = commands.add_parser("checkpoints", help="list or delete saved checkpoints")
+    checkpoints = commands.add_parser("checkpoints", help="list, delete or export saved checkpoints")
     checkpoint_commands = checkpoints.add_subparsers(dest="action", required=True)
     listing = checkpoint_commands.add_parser("list")
     listing.add_argument("--session", default=None)
     delete = checkpoint_commands.add_parser("delete")
     delete.add_argument("path")
+    export = checkpoint_commands.add_parser("export", help="copy a sampler checkpoint's PEFT adapter to a directory")
+    export.add_argument("path")
+    export.add_argument("destination")
+
+    serve = commands.add_parser("serve", help="serve the API over HTTP to API-key holders")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND, jax if installed)")
+    serve.add_argument("--backend-options", default="", help="key=value,... for the backend")
+    serve.add_argument("--models", type=Path, default=None, help="TOML catalog of served models (default: the built-in ones)")
+    serve.add_argument("--no-auth", action="store_true", help="accept requests without a key (loopback only)")
+    serve.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite under BIOS_HOME/server)")
+    serve.add_argument("--keys-file", type=Path, default=None, help="API key hashes (default: BIOS_HOME/server/keys)")
+
+    keys = commands.add_parser("keys", help="manage the API keys of `bios serve`")
+    key_commands = keys.add_subparsers(dest="action", required=True)
+    create = key_commands.add_parser("create", help="make a key, store its hash, print it once")
+    create.add_argument("name")
+    create.add_argument("--keys-file", type=Path, default=None)
+
+    sessions = commands.add_parser("sessions", help="training sessions known to `bios serve`")
+    session_commands = sessions.add_subparsers(dest="action", required=True)
+    session_list = session_commands.add_parser("list")
+    session_list.add_argument("--database-url", default=None)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from bios.config import ClientConfig, parse_options
+    from bios.server import ServerOptions, serve
+
+    config = ClientConfig.resolve(backend=args.backend, backend_options=parse_options(args.backend_options) if args.backend_options else None)
+    serve(ServerOptions(host=args.host, port=args.port, backend=config.backend, backend_options=config.backend_options,
+                        models=args.models, no_auth=args.no_auth, database_url=args.database_url, keys_file=args.keys_file))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +89,27 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "list":
                 for record in store.list(args.session):
                     print(f"{record.path}  step={record.step}  {record.base_model}")
-            else:
+            elif args.action == "delete":
                 store.delete(args.path)
                 print(f"deleted {args.path}")
+            else:
+                shutil.copytree(store.peft_directory(args.path), args.destination, dirs_exist_ok=True)
+                print(f"exported {args.path} to {args.destination}")
+        elif args.command == "serve":
+            _serve(args)
+        elif args.command == "keys":
+            from bios.config import bios_home
+            from bios.server.auth import add_key
+
+            keys_file = args.keys_file or bios_home() / "server" / "keys"
+            print(add_key(keys_file, args.name))
+            print(f"(stored the hash of this key for {args.name!r} in {keys_file}; the key itself is not kept)", file=sys.stderr)
+        elif args.command == "sessions":
+            from bios.config import bios_home
+            from bios.server.db import Records, connect, default_url
+
+            for session_id, owner, base_model, created in Records(connect(args.database_url or default_url(bios_home()))).sessions_of(None):
+                print(f"{session_id}  owner={owner}  {base_model}  created={time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created))}")
     except BiosError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ class ClientConfig:
         backend_options: dict[str, str] | None = None,
     ) -> "ClientConfig":
         env = os.environ
-        options = backend_options if backend_options is not None else _parse_options(env.get("BIOS_BACKEND_OPTIONS", ""))
+        options = backend_options if backend_options is not None else parse_options(env.get("BIOS_BACKEND_OPTIONS", ""))
         return cls(
             api_key=api_key or env.get("BIOS_API_KEY") or None,
             base_url=base_url or env.get("BIOS_BASE_URL") or None,
@@ -47,7 +47,7 @@ class ClientConfig:
         )
 
 
-def _parse_options(text: str) -> dict[str, str]:
+def parse_options(text: str) -> dict[str, str]:
     """`key=value,key=value` → dict; InvalidRequestError naming BIOS_BACKEND_OPTIONS if malformed."""
     options = {}
     for part in filter(None, (p.strip() for p in text.split(","))):

@@ -88,6 +88,13 @@ class UnsupportedError(InvalidRequestError):
     code = "unsupported"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body exceeds the server's size limit (413); send it in smaller parts."""
+
+    code = "request_too_large"
+    status = 413
+
+
 class APIConnectionError(BiosError):
     """The service could not be reached. Retryable."""
 
@@ -114,6 +121,7 @@ _BY_CODE: dict[str, type[BiosError]] = {
         ConflictError,
         BackendError,
         UnsupportedError,
+        RequestTooLargeError,
         APIConnectionError,
         APITimeoutError,
     )

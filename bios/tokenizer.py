@@ -183,8 +183,18 @@ class Tokenizer:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
+    def to_wire(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer elsewhere, as JSON data (see `from_wire`)."""
+        return {"tokenizer_json": self._tokenizer.to_str(), "config": self._config, "name_or_path": self._name_or_path,
+                "chat_template": self._chat_template}  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, payload: Mapping[str, Any]) -> Tokenizer:
+        """The tokenizer `to_wire` described."""
+        return cls(payload["tokenizer_json"], payload.get("config"), payload.get("name_or_path", ""), payload.get("chat_template"))
+
     def __reduce__(self):
-        return (type(self), (self._tokenizer.to_str(), self._config, self._name_or_path, self._chat_template))
+        return (type(self).from_wire, (self.to_wire(),))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name_or_path={self._name_or_path!r}, vocab_size={self.vocab_size})"

@@ -28,6 +28,8 @@ from bios.futures import BiosFuture
 
 from helpers import MODEL, make_datum, random_batch
 
+pytestmark = pytest.mark.api
+
 VOCAB, MAX_SEQ, MAX_RANK = 4096, 256, 32  # facts of bios/tiny
 GOOD = random_batch(7, size=3)
 PROBE = random_batch(8, size=2)

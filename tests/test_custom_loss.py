@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bios import types
 from helpers import MODEL, saved_weights
+
+pytestmark = pytest.mark.api
 
 TOKENS = [[0, 11, 250, 37, 900, 41, 5], [0, 77, 78, 79, 80]]
 

@@ -20,6 +20,8 @@ from bios.transport.inprocess import shared_engine
 
 from helpers import random_batch
 
+pytestmark = pytest.mark.api
+
 
 def pending(method: str = "forward_backward") -> tuple[concurrent.futures.Future, BiosFuture]:
     inner: concurrent.futures.Future = concurrent.futures.Future()

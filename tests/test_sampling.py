@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bios import types
 from helpers import MODEL, random_batch
+
+pytestmark = pytest.mark.api
 
 GREEDY = types.SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -109,6 +112,7 @@ def frozen_path(training, name: str) -> str:
     return f"bios://{training.session_id}/sampler_weights/{name}"
 
 
+@pytest.mark.inprocess
 def test_snapshots_are_freed_when_no_sampling_client_uses_them(service):
     import gc
 

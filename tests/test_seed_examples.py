@@ -8,9 +8,12 @@ same page, or the `train()` result itself.
 from __future__ import annotations
 
 import asyncio
+import pytest
 
 import bios
 from bios import types
+
+pytestmark = pytest.mark.api
 
 
 def _finance_client(service: bios.ServiceClient) -> bios.TrainingClient:

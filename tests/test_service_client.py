@@ -14,6 +14,8 @@ from bios.catalog import BUILTIN_MODELS, spec_from_hf_directory
 from bios.weights import generate_base_weights
 from helpers import random_batch
 
+pytestmark = pytest.mark.api
+
 
 def test_configuration_reads_the_environment_and_arguments_win(monkeypatch):
     monkeypatch.setenv("BIOS_BACKEND", "emulator")
@@ -22,15 +24,7 @@ def test_configuration_reads_the_environment_and_arguments_win(monkeypatch):
     assert bios.ServiceClient(api_key="arg-key").config.api_key == "arg-key"
 
 
-def test_a_base_url_gives_a_clear_error(monkeypatch):
-    with pytest.raises(bios.UnsupportedError) as err:
-        bios.ServiceClient(base_url="http://127.0.0.1:9")
-    assert err.value.field == "base_url" and "in-process" in err.value.message
-    monkeypatch.setenv("BIOS_BASE_URL", "http://127.0.0.1:9")
-    with pytest.raises(bios.UnsupportedError):
-        bios.ServiceClient()
-
-
+@pytest.mark.inprocess
 def test_backends_by_entry_point_or_module_factory():
     by_name = bios.ServiceClient(backend="emulator").create_lora_training_client("bios/tiny", rank=4, seed=2)
     by_factory = bios.ServiceClient(backend="emulator:create_backend").create_lora_training_client("bios/tiny", rank=4, seed=2)
@@ -57,6 +51,7 @@ TINY_CONFIG = {
 }  # fmt: skip
 
 
+@pytest.mark.inprocess
 def test_an_hf_directory_serves_the_same_model_as_its_seed(tmp_path, service):
     directory = _hf_directory(tmp_path, TINY_CONFIG)
     save_file(generate_base_weights(BUILTIN_MODELS["bios/tiny"]), f"{directory}/model.safetensors")

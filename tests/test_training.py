@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import bios
 from bios import types
@@ -15,6 +16,8 @@ from bios.transport.inprocess import shared_engine
 from emulator.model import Lora, forward, token_logprobs
 
 from helpers import MODEL, make_datum, random_batch, saved_weights
+
+pytestmark = pytest.mark.api
 
 MICRO = ModelSpec(
     name="test/micro", vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -41,6 +44,7 @@ def _micro_loss(weights: dict[str, np.ndarray], base: dict[str, np.ndarray], dat
     return total
 
 
+@pytest.mark.inprocess
 def test_grad_norm_matches_finite_differences(service):
     engine = shared_engine("emulator", Path(os.environ["BIOS_HOME"]))
     engine.catalog.register(MICRO)

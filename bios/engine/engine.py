@@ -100,8 +100,7 @@ class Engine:
 
     def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
         """A new training session with a freshly initialised adapter."""
-        if not isinstance(lora, LoraConfig):
-            raise InvalidRequestError(f"lora_config must be a LoraConfig, got {type(lora).__name__}", field="lora_config")
+        validation.instance(lora, LoraConfig, "lora_config")
         model = self.catalog.get(base_model)
         session_id = f"session-{uuid.uuid4().hex[:12]}"
         adapter = validation.lora_adapter(session_id, model, lora)
@@ -300,8 +299,7 @@ class Engine:
         """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
         handle = self._sampler(sampler_id)
         model = self.catalog.get(handle.base_model)
-        if not isinstance(prompt, ModelInput):
-            raise InvalidRequestError(f"prompt must be a bios.types.ModelInput, got {type(prompt).__name__}", field="prompt")
+        validation.instance(prompt, ModelInput, "prompt")
         ids = validation.check_tokens(prompt.to_ints(), model, "prompt")
         if ids.size == 1:
             return _done([None])

@@ -46,6 +46,41 @@ def check_tokens(tokens: Sequence[int], model: ModelSpec, field: str, *, allow_e
     return array
 
 
+def instance(value: object, cls: type, field: str) -> object:
+    """`value` if it is a `cls` (a bios.types model); InvalidRequestError naming `field` otherwise."""
+    if not isinstance(value, cls):
+        raise InvalidRequestError(f"{field} must be a bios.types.{cls.__name__}, got {type(value).__name__}", field=field)
+    return value
+
+
+def datum_list(data: object) -> list[Datum]:
+    """`data` as a non-empty list of `Datum`s; InvalidRequestError naming `data` or `data[i]`."""
+    if not isinstance(data, (list, tuple)):
+        raise InvalidRequestError(f"data must be a list of bios.types.Datum, got {type(data).__name__}", field="data")
+    if not data:
+        raise InvalidRequestError("data is empty; give at least one Datum", field="data")
+    for i, datum in enumerate(data):
+        instance(datum, Datum, f"data[{i}]")
+    return list(data)
+
+
+def sample_count(num_samples: object) -> int:
+    """`num_samples` if it is an integer in [1, 128]."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= 128:
+        raise InvalidRequestError(f"num_samples must be an integer in [1, 128], got {num_samples!r}", field="num_samples")
+    return num_samples
+
+
+def config_dict(loss_fn_config: object) -> dict | None:
+    """`loss_fn_config` if it is a dict or None (its entries are checked by the loss's spec)."""
+    if loss_fn_config is not None and not isinstance(loss_fn_config, dict):
+        raise InvalidRequestError(
+            f"loss_fn_config must be a dict of setting -> number (or None), got {type(loss_fn_config).__name__}",
+            field="loss_fn_config",
+        )
+    return loss_fn_config
+
+
 def lora_adapter(adapter_id: str, model: ModelSpec, lora: LoraConfig) -> AdapterSpec:
     """The adapter a new session gets; rank must not exceed the model's `max_lora_rank`."""
     if lora.rank > model.max_lora_rank:
@@ -103,21 +138,11 @@ def forward_work(
     backward: bool,
 ) -> ForwardBackwardWork:
     """A checked `forward`/`forward_backward` request for the backend."""
-    if not isinstance(data, (list, tuple)):
-        raise InvalidRequestError(f"data must be a list of bios.types.Datum, got {type(data).__name__}", field="data")
-    if not data:
-        raise InvalidRequestError("data is empty; give at least one Datum", field="data")
+    data = datum_list(data)
     spec = loss_spec(loss_fn)
-    if loss_fn_config is not None and not isinstance(loss_fn_config, dict):
-        raise InvalidRequestError(
-            f"loss_fn_config must be a dict of setting -> number (or None), got {type(loss_fn_config).__name__}",
-            field="loss_fn_config",
-        )
-    config = spec.resolve_config(loss_fn_config)
+    config = spec.resolve_config(config_dict(loss_fn_config))
     tokens, inputs = [], []
     for i, datum in enumerate(data):
-        if not isinstance(datum, Datum):
-            raise InvalidRequestError(f"data[{i}] must be a bios.types.Datum, got {type(datum).__name__}", field=f"data[{i}]")
         ids = check_tokens(datum.model_input.to_ints(), model, f"data[{i}].model_input")
         item = _datum_inputs(datum, i, spec.required, spec.optional, len(ids))
         check_tokens(item["target_tokens"], model, f"data[{i}].loss_fn_inputs.target_tokens")
@@ -136,8 +161,7 @@ def forward_work(
 
 def optim_work(adapter_id: str, adam: AdamParams) -> OptimStepWork:
     """A checked `optim_step` request (AdamParams already range-checked by its model)."""
-    if not isinstance(adam, AdamParams):
-        raise InvalidRequestError(f"adam_params must be a bios.types.AdamParams, got {type(adam).__name__}", field="adam_params")
+    instance(adam, AdamParams, "adam_params")
     return OptimStepWork(adapter_id=adapter_id, **adam.model_dump())
 
 
@@ -151,14 +175,9 @@ def sample_work(
     prompt_logprobs: bool = False,
 ) -> SampleWork:
     """A checked `sample` request; the prompt must leave room for one generated token."""
-    if not isinstance(prompt, ModelInput):
-        raise InvalidRequestError(f"prompt must be a bios.types.ModelInput, got {type(prompt).__name__}", field="prompt")
-    if not isinstance(params, SamplingParams):
-        raise InvalidRequestError(
-            f"sampling_params must be a bios.types.SamplingParams, got {type(params).__name__}", field="sampling_params"
-        )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= 128:
-        raise InvalidRequestError(f"num_samples must be an integer in [1, 128], got {num_samples!r}", field="num_samples")
+    instance(prompt, ModelInput, "prompt")
+    instance(params, SamplingParams, "sampling_params")
+    sample_count(num_samples)
     ids = check_tokens(prompt.to_ints(), model, "prompt")
     if ids.size >= model.max_seq_len:
         raise InvalidRequestError(

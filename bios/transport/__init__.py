@@ -1,4 +1,4 @@
-"""Transports carry the clients' calls to an engine: in this process, or (later) over HTTP.
+"""Transports carry the clients' calls to an engine: in this process, or over HTTP to `bios serve`.
 
 A transport exposes the `Engine` methods the clients use; `connect` picks one from the
 resolved client configuration.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from bios.config import ClientConfig
 from bios.engine import Engine
-from bios.errors import UnsupportedError
 from bios.transport.inprocess import shared_engine
 
 Transport = Engine
@@ -16,13 +15,11 @@ Transport = Engine
 
 
 def connect(config: ClientConfig) -> Transport:
-    """The transport for `config`: the shared in-process engine when there is no base URL."""
+    """The transport for `config`: HTTP to `config.base_url`, else the shared in-process engine."""
     if config.base_url is not None:
-        raise UnsupportedError(
-            f"base_url: remote servers are not supported by this version of bios (got {config.base_url!r}); "
-            "unset BIOS_BASE_URL / base_url to run in-process",
-            field="base_url",
-        )
+        from bios.transport.http import HttpTransport  # needs the `server` extra (httpx)
+
+        return HttpTransport(config.base_url, config.api_key)  # type: ignore[return-value]
     return shared_engine(config.backend, config.home, config.backend_options)
 
 

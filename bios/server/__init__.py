@@ -1,0 +1,107 @@
+"""`bios serve`: the engine behind a multi-tenant HTTP API (FastAPI + uvicorn).
+
+`build(options)` assembles catalog, backend, engine, database, keys and the FastAPI app;
+`serve(options)` runs it with uvicorn. Needs the `server` extra.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from bios.backend import BackendConfig
+from bios.catalog import BUILTIN_MODELS, Catalog
+from bios.config import bios_home
+from bios.engine import CheckpointStore, Engine, create_backend
+from bios.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What `bios serve` is told. `models`: a TOML catalog (None serves the built-in models);
+    `database_url`: SQLAlchemy URL (None: SQLite under home); `keys_file`: default home/server/keys."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "emulator"
+    backend_options: tuple[tuple[str, str], ...] = ()
+    models: Path | None = None
+    no_auth: bool = False
+    home: Path | None = None
+    database_url: str | None = None
+    keys_file: Path | None = None
+    max_body_bytes: int = 64 << 20
+    retention_s: float = 3600.0
+
+
+def load_catalog(path: Path | None) -> Catalog:
+    """The models of a TOML catalog: `[[model]]` tables with `name` (a built-in model) and
+    optionally `path` (a Hugging Face model directory served under that name)."""
+    if path is None:
+        return Catalog()
+    try:
+        entries = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("model", [])
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidRequestError(f"models: cannot read the catalog {path}: {exc}", field="models") from None
+    catalog = Catalog({})
+    for i, entry in enumerate(entries):
+        name = entry.get("name")
+        if not isinstance(name, str):
+            raise InvalidRequestError(f"models: [[model]] number {i + 1} in {path} has no name", field="models")
+        if "path" in entry:
+            catalog.register_hf_directory(name, Path(path).parent / entry["path"])
+        elif name in BUILTIN_MODELS:
+            catalog.register(BUILTIN_MODELS[name])
+        else:
+            raise InvalidRequestError(
+                f"models: {name!r} is not a built-in model ({', '.join(sorted(BUILTIN_MODELS))}); give its directory as path = \"...\"",
+                field="models",
+            )
+    return catalog
+
+
+def check_bind(host: str, no_auth: bool) -> None:
+    """--no-auth is refused unless `host` is a loopback address."""
+    if not no_auth:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InvalidRequestError(f"host: --no-auth serves only on a loopback address (127.0.0.1, ::1), not {host!r}", field="host")
+
+
+def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Service)
+    """The FastAPI app and its `Service` for `options`."""
+    from bios.server.app import create_app
+    from bios.server.auth import KeyRing
+    from bios.server.db import Records, connect, default_url
+    from bios.server.service import Service
+
+    check_bind(options.host, options.no_auth)
+    home = (options.home or bios_home()).resolve()
+    catalog = load_catalog(options.models)
+    compute = create_backend(options.backend, BackendConfig(catalog=catalog, options=dict(options.backend_options)))
+    store = CheckpointStore(home / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
+    records = Records(connect(options.database_url or default_url(home)))
+    keys = KeyRing(options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth)
+    if keys.enabled and not len(keys):
+        raise InvalidRequestError("api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys")
+    service = Service(Engine(compute, catalog, store), records, retention_s=options.retention_s)
+    return create_app(service, keys, max_body_bytes=options.max_body_bytes), service
+
+
+def serve(options: ServerOptions) -> None:
+    """Build the server and run it until interrupted."""
+    import uvicorn
+
+    app, service = build(options)
+    try:
+        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_keep_alive=75)
+    finally:
+        service.close()
+        service.engine.close()

@@ -1,0 +1,191 @@
+"""The server's records in a SQL database: sessions, requests with their answers, checkpoints.
+
+SQLite under `BIOS_HOME/server/bios.db` by default; any SQLAlchemy URL (PostgreSQL:
+`postgresql+psycopg://...`) works unchanged, since every statement is SQLAlchemy Core. Tensors
+never live here: checkpoints and session states are files of the checkpoint store, and this
+database holds who owns them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine as SqlEngine
+
+metadata = MetaData()
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False, index=True),
+    Column("base_model", String(256), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("session_id", String(64), nullable=True),
+    Column("seq", Integer, nullable=True),
+    Column("idempotency_key", String(256), nullable=True),
+    Column("body_hash", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | done | error
+    Column("answer", LargeBinary, nullable=True),  # the envelope, exactly as served
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+    UniqueConstraint("owner", "idempotency_key", name="one_request_per_key"),
+    Index("requests_by_finish", "status", "finished_at"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("path", String(512), primary_key=True),
+    Column("owner", String(64), nullable=False, index=True),
+    Column("session_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    request_id: str
+    owner: str
+    kind: str
+    session_id: str | None
+    seq: int | None
+    idempotency_key: str | None
+    body_hash: str
+    status: str
+    answer: bytes | None
+
+
+def default_url(home: Path) -> str:
+    """SQLite in `home/server/bios.db`."""
+    directory = Path(home) / "server"
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{directory / 'bios.db'}"
+
+
+def connect(url: str) -> SqlEngine:
+    """An engine on `url` with the tables created; SQLite gets WAL journaling and synchronous=FULL
+    so that a committed row survives `kill -9` of the server."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection, _record) -> None:  # noqa: ANN001 - DBAPI connection
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.close()
+
+    metadata.create_all(engine)
+    return engine
+
+
+class Records:
+    """Reads and writes of the three tables; every method is one transaction."""
+
+    def __init__(self, engine: SqlEngine) -> None:
+        self.engine = engine
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def add_session(self, session_id: str, owner: str, base_model: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(insert(sessions).values(session_id=session_id, owner=owner, base_model=base_model, created_at=time.time()))
+
+    def session_owner(self, session_id: str) -> str | None:
+        with self.engine.connect() as db:
+            return db.execute(select(sessions.c.owner).where(sessions.c.session_id == session_id)).scalar()
+
+    def sessions_of(self, owner: str | None) -> list[tuple[str, str, str, float]]:
+        """(session_id, owner, base_model, created_at) of `owner`'s sessions (everyone's for None)."""
+        query = select(sessions.c.session_id, sessions.c.owner, sessions.c.base_model, sessions.c.created_at).order_by(sessions.c.created_at)
+        if owner is not None:
+            query = query.where(sessions.c.owner == owner)
+        with self.engine.connect() as db:
+            return [tuple(row) for row in db.execute(query)]
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, row: RequestRow) -> None:
+        with self.engine.begin() as db:
+            db.execute(insert(requests).values(
+                request_id=row.request_id, owner=row.owner, kind=row.kind, session_id=row.session_id, seq=row.seq,
+                idempotency_key=row.idempotency_key, body_hash=row.body_hash, status=row.status, answer=row.answer,
+                created_at=time.time(), finished_at=None if row.status == "pending" else time.time(),
+            ))  # fmt: skip
+
+    def finish_requests(self, answers: Iterable[tuple[str, str, bytes]]) -> None:
+        """Store (request_id, status, answer) for each finished request, in one transaction."""
+        now = time.time()
+        with self.engine.begin() as db:
+            for request_id, status, answer in answers:
+                db.execute(update(requests).where(requests.c.request_id == request_id).values(status=status, answer=answer, finished_at=now))
+
+    def request_by_key(self, owner: str, key: str) -> RequestRow | None:
+        with self.engine.connect() as db:
+            row = db.execute(select(requests).where(requests.c.owner == owner, requests.c.idempotency_key == key)).first()
+        return _request_row(row)
+
+    def request(self, request_id: str) -> RequestRow | None:
+        with self.engine.connect() as db:
+            return _request_row(db.execute(select(requests).where(requests.c.request_id == request_id)).first())
+
+    def prune_requests(self, finished_before: float) -> int:
+        """Forget finished requests older than `finished_before` (epoch seconds); returns how many."""
+        with self.engine.begin() as db:
+            result = db.execute(delete(requests).where(requests.c.status != "pending", requests.c.finished_at < finished_before))
+        return result.rowcount or 0
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def add_checkpoint(self, path: str, owner: str, session_id: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(delete(checkpoints).where(checkpoints.c.path == path))
+            db.execute(insert(checkpoints).values(path=path, owner=owner, session_id=session_id, created_at=time.time()))
+
+    def checkpoint_owner(self, path: str) -> str | None:
+        with self.engine.connect() as db:
+            return db.execute(select(checkpoints.c.owner).where(checkpoints.c.path == path)).scalar()
+
+    def checkpoints_of(self, owner: str) -> set[str]:
+        with self.engine.connect() as db:
+            return set(db.execute(select(checkpoints.c.path).where(checkpoints.c.owner == owner)).scalars())
+
+    def remove_checkpoint(self, path: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(delete(checkpoints).where(checkpoints.c.path == path))
+
+
+def _request_row(row: object) -> RequestRow | None:
+    if row is None:
+        return None
+    m = row._mapping  # type: ignore[attr-defined]
+    return RequestRow(m["request_id"], m["owner"], m["kind"], m["session_id"], m["seq"], m["idempotency_key"], m["body_hash"], m["status"], m["answer"])

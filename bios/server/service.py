@@ -1,0 +1,256 @@
+"""The server's control plane: who owns what, requests and their answers, long-polls.
+
+`Service` sits between the HTTP routes and the engine. It files every session, sampler,
+request and checkpoint under the API key (owner) that made it, and answers anything of another
+owner as not found. Work handed to the engine becomes a request: its engine future, once done,
+is turned into its answer envelope by ONE writer thread, which commits finished answers to the
+database in batches, keeps them in memory pre-serialised, and then wakes the long-polls
+waiting for them on the event loop (no poll ever queries the database while a request runs).
+A retry carrying the same idempotency key gets the first request back; finished answers are
+forgotten after `retention_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import sqlalchemy.exc
+
+from bios.engine import Engine
+from bios.engine.checkpoints import parse_path
+from bios.errors import BiosError, ConflictError, NotFoundError
+from bios.server.auth import NO_AUTH_OWNER
+from bios.server.db import Records, RequestRow
+
+Recorder = Callable[[object], None]
+"""Called by the writer thread with a request's result before its answer is published."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    owner: str
+    record: Recorder | None
+
+
+def encode_result(result: object) -> bytes:
+    """The `done` envelope of `result` (a bios.types result model, or plain JSON data)."""
+    payload = result.model_dump_json().encode() if hasattr(result, "model_dump_json") else json.dumps(result).encode()
+    return b'{"status":"done","result":' + payload + b"}"
+
+
+def encode_error(error: BaseException) -> bytes:
+    """The `error` envelope of `error` (anything not a BiosError is reported as an internal error)."""
+    if not isinstance(error, BiosError):
+        from bios.errors import BackendError
+
+        error = BackendError(f"internal error: {type(error).__name__}: {error}")
+    return json.dumps({"status": "error", "error": error.to_dict()}).encode()
+
+
+class Service:
+    """Ownership, requests and answers on top of one engine. Thread-safe; `attach(loop)` once
+    the event loop serving long-polls runs."""
+
+    def __init__(self, engine: Engine, records: Records, *, retention_s: float = 3600.0) -> None:
+        self.engine = engine
+        self.records = records
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._session_owner: dict[str, str] = {}
+        self._sampler_owner: dict[str, str] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
+        self._waiting: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_answers, name="bios-answers", daemon=True)
+        self._writer.start()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake long-polls on `loop` from now on."""
+        self._loop = loop
+
+    def close(self) -> None:
+        self._finished.put(None)
+        self._writer.join(timeout=10)
+
+    # ---- ownership ------------------------------------------------------------------------------
+
+    def add_session(self, session_id: str, owner: str, base_model: str) -> None:
+        self.records.add_session(session_id, owner, base_model)
+        with self._lock:
+            self._session_owner[session_id] = owner
+
+    def check_session(self, owner: str, session_id: object) -> str:
+        """`session_id` if `owner` owns it; NotFoundError otherwise (also for another owner's)."""
+        with self._lock:
+            known = self._session_owner.get(session_id) if isinstance(session_id, str) else None
+        if known is None and isinstance(session_id, str):
+            known = self.records.session_owner(session_id)
+        if known != owner:
+            raise NotFoundError(f"session_id: no training session {session_id!r}", field="session_id")
+        return session_id  # type: ignore[return-value]
+
+    def add_sampler(self, sampler_id: str, owner: str) -> None:
+        with self._lock:
+            self._sampler_owner[sampler_id] = owner
+
+    def check_sampler(self, owner: str, sampler_id: str) -> str:
+        with self._lock:
+            if self._sampler_owner.get(sampler_id) != owner:
+                raise NotFoundError(f"sampler_id: no sampling client {sampler_id!r}", field="sampler_id")
+        return sampler_id
+
+    def drop_sampler(self, owner: str, sampler_id: str) -> None:
+        self.check_sampler(owner, sampler_id)
+        with self._lock:
+            del self._sampler_owner[sampler_id]
+        self.engine.release_sampler(sampler_id)
+
+    def check_checkpoint(self, owner: str, path: object) -> str:
+        """`path` if it is a checkpoint path `owner` owns; NotFoundError otherwise. Checkpoints
+        that no key saved (written in-process into the same home) belong to the no-auth owner."""
+        session_id, _, _ = parse_path(path)
+        recorded = self.records.checkpoint_owner(path)  # type: ignore[arg-type]
+        if (recorded or (NO_AUTH_OWNER if self.records.session_owner(session_id) is None else None)) != owner:
+            raise NotFoundError(f"path: no checkpoint at {path}", field="path")
+        return path  # type: ignore[return-value]
+
+    def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder:
+        """Files the checkpoint a save_state result names under `owner`."""
+        return lambda result: self.records.add_checkpoint(result.path, owner, session_id)  # type: ignore[attr-defined]
+
+    def owned_checkpoints(self, owner: str, records: list) -> list:
+        """The `records` (StateResults) whose path `owner` may see."""
+        mine = self.records.checkpoints_of(owner)
+        if owner == NO_AUTH_OWNER:
+            return [r for r in records if r.path in mine or self.records.checkpoint_owner(r.path) is None]
+        return [r for r in records if r.path in mine]
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def submit(self, owner: str, kind: str, body: bytes, key: str | None, start: Callable[[], concurrent.futures.Future],
+               *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None) -> str:  # fmt: skip
+        """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
+        seen before (same kind and body), the first request's id instead. A request the engine
+        rejects at once raises that error, and so does every retry of it."""
+        body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
+        if key is not None:
+            earlier = self._earlier(owner, key, body_hash)
+            if earlier is not None:
+                return earlier
+        request_id = f"req-{uuid.uuid4().hex}"
+        try:
+            self.records.add_request(RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None))
+        except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
+            earlier = self._earlier(owner, key, body_hash)  # type: ignore[arg-type]
+            if earlier is None:
+                raise
+            return earlier
+        try:
+            future = start()
+        except BiosError as exc:
+            self.records.finish_requests([(request_id, "rejected", encode_error(exc))])
+            raise
+        with self._lock:
+            self._pending[request_id] = _Pending(owner, record)
+        future.add_done_callback(lambda done: self._finished.put((request_id, done)))
+        return request_id
+
+    def _earlier(self, owner: str, key: str, body_hash: str) -> str | None:
+        """The id of `owner`'s request with idempotency `key`; re-raises its rejection;
+        ConflictError if that key was used for a different request."""
+        row = self.records.request_by_key(owner, key)
+        if row is None:
+            return None
+        if row.body_hash != body_hash:
+            raise ConflictError(
+                f"Idempotency-Key {key!r} was already used for a different request; use a new key for a new request",
+                field="Idempotency-Key",
+            )
+        if row.status == "rejected":
+            raise BiosError.from_dict(json.loads(row.answer)["error"])  # type: ignore[arg-type]
+        return row.request_id
+
+    def answer(self, owner: str, request_id: str) -> bytes | None:
+        """The answer envelope of `owner`'s request, None while it runs; NotFoundError if unknown."""
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is not None:
+                if pending.owner != owner:
+                    raise NotFoundError(f"request_id: no request {request_id!r}", field="request_id")
+                return None
+            done = self._answers.get(request_id)
+        if done is None:
+            row = self.records.request(request_id)
+            if row is not None and row.status in ("done", "error"):
+                done = (row.owner, row.answer, time.time())
+        if done is None or done[0] != owner:
+            raise NotFoundError(f"request_id: no request {request_id!r}", field="request_id")
+        return done[1]
+
+    async def wait(self, owner: str, request_id: str, timeout: float) -> bytes | None:
+        """`answer`, waiting up to `timeout` seconds for it on the event loop."""
+        found = self.answer(owner, request_id)
+        if found is not None or timeout <= 0:
+            return found
+        event = self._waiting.setdefault(request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self.answer(owner, request_id)
+
+    def _write_answers(self) -> None:
+        """The writer thread: finished engine futures → envelopes → database → memory → wake-ups."""
+        while True:
+            batch = [self._finished.get()]
+            while not self._finished.empty() and len(batch) < 256:
+                batch.append(self._finished.get())
+            stop = None in batch
+            answers = []
+            for request_id, done in filter(None, batch):
+                with self._lock:
+                    pending = self._pending[request_id]
+                error = done.exception()
+                if error is None and pending.record is not None:
+                    try:
+                        pending.record(done.result())
+                    except Exception as exc:  # noqa: BLE001 - the request fails with it
+                        error = exc
+                envelope = encode_error(error) if error is not None else encode_result(done.result())
+                answers.append((request_id, "error" if error is not None else "done", envelope, pending.owner))
+            if answers:
+                self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])
+                now = time.time()
+                with self._lock:
+                    for rid, _, envelope, owner in answers:
+                        self._answers[rid] = (owner, envelope, now)
+                        del self._pending[rid]
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._wake, [rid for rid, *_ in answers])
+            if stop:
+                return
+
+    def _wake(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            event = self._waiting.pop(request_id, None)
+            if event is not None:
+                event.set()
+
+    def prune(self, now: float | None = None) -> int:
+        """Forget answers finished more than `retention_s` ago (memory and database)."""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        with self._lock:
+            for request_id in [rid for rid, (_, _, at) in self._answers.items() if at < cutoff]:
+                del self._answers[request_id]
+        return self.records.prune_requests(cutoff)

@@ -1,0 +1,107 @@
+"""The HTTP protocol between `bios.transport.http` and `bios serve`: paths, bodies, envelopes.
+
+Bodies are JSON of the `bios.types` models. Work that runs on the engine (everything ordered by
+a session's sequence number, and sampling) is answered at once with a `Submitted` request id;
+its outcome is fetched with `GET /v1/requests/{id}?wait=SECONDS`, which answers 408 while the
+work is still running and otherwise the stored envelope `{"status": "done", "result": ...}` or
+`{"status": "error", "error": BiosError.to_dict()}`. Errors of synchronous calls are answered
+with the error's HTTP status and the same `{"error": ...}` body. Every mutating request carries
+an `Idempotency-Key` header: a retry with the same key and body gets the first answer, the same
+key with a different body is a 409.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
+
+API_KEY_HEADER = "Authorization"
+"""Carries `Bearer <api key>`."""
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_WAIT_S = 30.0
+"""The longest a long-poll is held before the server answers 408 (not done yet)."""
+
+
+class Body(BaseModel):
+    """Base of the request bodies: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateSession(Body):
+    base_model: str
+    lora_config: LoraConfig
+
+
+class SessionFromState(Body):
+    path: str
+    base_model: str | None = None
+
+
+class Ordered(Body):
+    """A request that runs at sequence number `seq` of its session."""
+
+    seq: int
+
+
+class ForwardBackward(Ordered):
+    data: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, float] | None = None
+    backward: bool = True
+
+
+class OptimStep(Ordered):
+    adam_params: AdamParams
+
+
+class SessionSample(Ordered):
+    prompt: ModelInput
+    sampling_params: SamplingParams
+    num_samples: int = 1
+
+
+class SaveState(Ordered):
+    name: str
+    metadata: dict[str, Any] | None = None
+    kind: Literal["state", "sampler"] = "state"
+
+
+class LoadState(Ordered):
+    path: str
+
+
+class CreateSampler(Body):
+    model_path: str | None = None
+    base_model: str | None = None
+
+
+class SamplerSample(Body):
+    prompt: ModelInput
+    sampling_params: SamplingParams
+    num_samples: int = 1
+    prompt_logprobs: bool = False
+
+
+class SamplerLogprobs(Body):
+    prompt: ModelInput
+
+
+class Submitted(BaseModel):
+    """The immediate answer to work that runs on the engine."""
+
+    request_id: str
+
+
+class Sampler(BaseModel):
+    """A sampling client's handle on the server."""
+
+    sampler_id: str
+    base_model: str
+
+
+class NextSeq(BaseModel):
+    next_seq: int

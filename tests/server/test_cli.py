@@ -1,0 +1,36 @@
+"""`bios keys create`, `bios serve` as a process, and `bios sessions list`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import bios
+from helpers import MODEL, random_batch
+from server_process import ServerProcess
+
+
+def _bios(*args: str, home) -> subprocess.CompletedProcess:  # noqa: ANN001
+    return subprocess.run([sys.executable, "-m", "bios", *args], capture_output=True, text=True, env={"BIOS_HOME": str(home), "PATH": ""}, check=False)
+
+
+def test_a_created_key_opens_the_server_and_its_sessions_are_listed(tmp_path):
+    made = _bios("keys", "create", "alice", home=tmp_path)
+    key = made.stdout.strip()
+    assert made.returncode == 0 and key.startswith("tml-") and key not in (tmp_path / "server" / "keys").read_text()
+    with ServerProcess(tmp_path, "--backend", "emulator") as server:
+        with pytest.raises(bios.AuthenticationError):
+            bios.ServiceClient(base_url=server.url, api_key="tml-wrong").get_server_capabilities()
+        training = bios.ServiceClient(base_url=server.url, api_key=key).create_lora_training_client(MODEL, rank=4)
+        assert training.train(random_batch(seed=1), learning_rate=1e-2).step == 1
+    listed = _bios("sessions", "list", home=tmp_path)
+    assert training.session_id in listed.stdout and MODEL in listed.stdout
+
+
+def test_serve_refuses_no_auth_off_loopback_and_a_server_without_keys(tmp_path):
+    off_loopback = _bios("serve", "--no-auth", "--host", "0.0.0.0", "--backend", "emulator", home=tmp_path)
+    assert off_loopback.returncode == 2 and "loopback" in off_loopback.stderr
+    keyless = _bios("serve", "--backend", "emulator", home=tmp_path)
+    assert keyless.returncode == 2 and "bios keys create" in keyless.stderr
