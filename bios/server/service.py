@@ -39,6 +39,8 @@ Recorder = Callable[[object], None]
 class _Pending:
     owner: str
     record: Recorder | None
+    encode: Callable[[object], bytes]
+    encode_failure: Callable[[BaseException], bytes]
 
 
 def encode_result(result: object) -> bytes:
@@ -139,10 +141,13 @@ class Service:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, owner: str, kind: str, body: bytes, key: str | None, start: Callable[[], concurrent.futures.Future],
-               *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None) -> str:  # fmt: skip
+               *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None,
+               encode: Callable[[object], bytes] = encode_result, encode_failure: Callable[[BaseException], bytes] = encode_error) -> str:  # fmt: skip
         """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
         seen before (same kind and body), the first request's id instead. A request the engine
-        rejects at once raises that error, and so does every retry of it."""
+        rejects at once raises that error, and so does every retry of it. The answer stored and
+        served verbatim is `encode(result)` or `encode_failure(error)` (by default the JSON
+        envelopes of `bios.wire`; another protocol passes its own)."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
         if key is not None:
             earlier = self._earlier(owner, key, body_hash)
@@ -162,7 +167,7 @@ class Service:
             self.records.finish_requests([(request_id, "rejected", encode_error(exc))])
             raise
         with self._lock:
-            self._pending[request_id] = _Pending(owner, record)
+            self._pending[request_id] = _Pending(owner, record, encode, encode_failure)
         future.add_done_callback(lambda done: self._finished.put((request_id, done)))
         return request_id
 
@@ -227,7 +232,7 @@ class Service:
                         pending.record(done.result())
                     except Exception as exc:  # noqa: BLE001 - the request fails with it
                         error = exc
-                envelope = encode_error(error) if error is not None else encode_result(done.result())
+                envelope = pending.encode_failure(error) if error is not None else pending.encode(done.result())
                 answers.append((request_id, "error" if error is not None else "done", envelope, pending.owner))
             if answers:
                 self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])
