@@ -149,6 +149,23 @@ class Engine:
         self.scheduler.open_lane(session.session_id)
         return self.session_info(session.session_id)
 
+    def reopen_session(self, state: AdapterState, next_seq: int) -> TrainingInfo:
+        """Serve again a session that existed before a restart: adapter `state` (whose
+        `spec.adapter_id` is the session id), its requests numbered from `next_seq` on."""
+        session_id = state.spec.adapter_id
+        model = self.catalog.get(state.spec.base_model)
+        self.scheduler.call(lambda: self.backend.create_adapter(state.spec, state)).result()
+        with self._lock:
+            self._sessions[session_id] = _Session(session_id, model, state.spec, state.step)
+        self.scheduler.open_lane(session_id, next_seq)
+        return self.session_info(session_id)
+
+    def export_state(self, session_id: str) -> concurrent.futures.Future:
+        """Future[AdapterState] of the session as of the requests queued so far (run outside its lane:
+        call it only while none of its requests is queued, e.g. right after creating it)."""
+        session = self._session(session_id)
+        return self.scheduler.call(lambda: self.backend.export_state(session.adapter.adapter_id))
+
     def session_info(self, session_id: str) -> TrainingInfo:
         session = self._session(session_id)
         spec = session.adapter
@@ -198,13 +215,16 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
-        """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared."""
+    def optim_step(self, session_id: str, seq: int, adam: AdamParams, *, export_state: bool = False) -> concurrent.futures.Future:
+        """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared.
+        With `export_state`, Future[(OptimStepResult, AdapterState)]: the state right after the
+        step, taken before any later request of the session runs."""
         session = self._session(session_id)
 
-        def finish(output: OptimStepOutput) -> OptimStepResult:
+        def finish(output: OptimStepOutput) -> OptimStepResult | tuple[OptimStepResult, AdapterState]:
             session.step = output.step
-            return OptimStepResult(step=output.step, metrics={"grad_norm": output.grad_norm, "learning_rate": adam.learning_rate})
+            result = OptimStepResult(step=output.step, metrics={"grad_norm": output.grad_norm, "learning_rate": adam.learning_rate})
+            return (result, self.backend.export_state(session.adapter.adapter_id)) if export_state else result
 
         return self._ordered(session, seq, lambda: Job("optim_step", session.model.name, validation.optim_work(session.adapter.adapter_id, adam), finish))
 
@@ -236,8 +256,9 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
-        """Future[TrainingInfo]: replace the session's adapter, moments and step with `path`'s."""
+    def load_state(self, session_id: str, seq: int, path: str, *, export_state: bool = False) -> concurrent.futures.Future:
+        """Future[TrainingInfo]: replace the session's adapter, moments and step with `path`'s
+        (with `export_state`, Future[(TrainingInfo, AdapterState)] as in `optim_step`)."""
         session = self._session(session_id)
 
         def build() -> Job:
@@ -253,7 +274,7 @@ class Engine:
                 self.backend.delete_adapter(session.adapter.adapter_id)
                 self.backend.create_adapter(state.spec, state)
                 session.adapter, session.step = state.spec, state.step
-                return self.session_info(session.session_id)
+                return (self.session_info(session.session_id), state) if export_state else self.session_info(session.session_id)
 
             return Job("call", session.model.name, load)
 

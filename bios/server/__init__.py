@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
     from bios.server.app import create_app
     from bios.server.auth import KeyRing
     from bios.server.db import Records, connect, default_url
+    from bios.server.journal import Journal
+    from bios.server.recovery import recover
     from bios.server.service import Service
 
     check_bind(options.host, options.no_auth)
@@ -91,7 +94,10 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
     keys = KeyRing(options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth)
     if keys.enabled and not len(keys):
         raise InvalidRequestError("api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys")
-    service = Service(Engine(compute, catalog, store), records, retention_s=options.retention_s)
+    service = Service(Engine(compute, catalog, store), records, Journal(home / "server" / "journal"), retention_s=options.retention_s)
+    recovered = recover(service)
+    if recovered.sessions:
+        logging.getLogger("bios.server").warning("restored %s", recovered)
     return create_app(service, keys, max_body_bytes=options.max_body_bytes), service
 
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from bios import wire
 from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError
 from bios.server.auth import KeyRing, bearer
-from bios.server.service import Service
+from bios.server.service import Service, encode_result
 from bios.types import StateResult, TrainingInfo
 
 JSON = "application/json"
@@ -126,19 +126,25 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         engine.skip(service.check_session(who, session_id), body.seq)
         return {}
 
-    def ordered(who: str, idem: str | None, kind: str, session_id: str, body: wire.Ordered, start: Callable, record=None) -> wire.Submitted:  # noqa: ANN001
+    def ordered(who: str, idem: str | None, kind: str, session_id: str, body: wire.Ordered, start: Callable, **durability) -> wire.Submitted:  # noqa: ANN003
         service.check_session(who, session_id)
         raw = body.model_dump_json().encode()
-        return submitted(service.submit(who, kind, raw, idem, start, session_id=session_id, seq=body.seq, record=record))
+        return submitted(service.submit(who, kind, raw, idem, start, session_id=session_id, seq=body.seq, **durability))
+
+    def durable(session_id: str, seq: int) -> dict:
+        """Submit options of a request that changes the adapter and returns (result, state)."""
+        return {"record": service.durable_recorder(session_id, seq), "encode": lambda pair: encode_result(pair[0])}
 
     @app.post("/v1/sessions/{session_id}/forward_backward")
     def forward_backward(session_id: str, body: wire.ForwardBackward, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
         return ordered(who, idem, "forward_backward", session_id, body, lambda: engine.forward_backward(
-            session_id, body.seq, body.data, body.loss_fn, body.loss_fn_config, backward=body.backward))  # fmt: skip
+            session_id, body.seq, body.data, body.loss_fn, body.loss_fn_config, backward=body.backward),
+            replay=body.model_dump_json().encode() if body.backward else None)  # fmt: skip
 
     @app.post("/v1/sessions/{session_id}/optim_step")
     def optim_step(session_id: str, body: wire.OptimStep, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
-        return ordered(who, idem, "optim_step", session_id, body, lambda: engine.optim_step(session_id, body.seq, body.adam_params))
+        return ordered(who, idem, "optim_step", session_id, body,
+                       lambda: engine.optim_step(session_id, body.seq, body.adam_params, export_state=True), **durable(session_id, body.seq))  # fmt: skip
 
     @app.post("/v1/sessions/{session_id}/sample")
     def session_sample(session_id: str, body: wire.SessionSample, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
@@ -155,7 +161,8 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     def load_state(session_id: str, body: wire.LoadState, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
         service.check_session(who, session_id)
         service.check_checkpoint(who, body.path)
-        return ordered(who, idem, "load_state", session_id, body, lambda: engine.load_state(session_id, body.seq, body.path))
+        return ordered(who, idem, "load_state", session_id, body,
+                       lambda: engine.load_state(session_id, body.seq, body.path, export_state=True), **durable(session_id, body.seq))  # fmt: skip
 
     # ---- sampling clients ---------------------------------------------------------------------
 

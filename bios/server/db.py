@@ -55,6 +55,7 @@ requests = Table(
     Column("body_hash", String(64), nullable=False),
     Column("status", String(16), nullable=False),  # pending | done | error
     Column("answer", LargeBinary, nullable=True),  # the envelope, exactly as served
+    Column("replay", LargeBinary, nullable=True),  # what re-applies an acknowledged gradient after a restart
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
     UniqueConstraint("owner", "idempotency_key", name="one_request_per_key"),
@@ -82,6 +83,7 @@ class RequestRow:
     body_hash: str
     status: str
     answer: bytes | None
+    replay: bytes | None = None
 
 
 def default_url(home: Path) -> str:
@@ -138,7 +140,7 @@ class Records:
         with self.engine.begin() as db:
             db.execute(insert(requests).values(
                 request_id=row.request_id, owner=row.owner, kind=row.kind, session_id=row.session_id, seq=row.seq,
-                idempotency_key=row.idempotency_key, body_hash=row.body_hash, status=row.status, answer=row.answer,
+                idempotency_key=row.idempotency_key, body_hash=row.body_hash, status=row.status, answer=row.answer, replay=row.replay,
                 created_at=time.time(), finished_at=None if row.status == "pending" else time.time(),
             ))  # fmt: skip
 
@@ -158,11 +160,25 @@ class Records:
         with self.engine.connect() as db:
             return _request_row(db.execute(select(requests).where(requests.c.request_id == request_id)).first())
 
+    def session_requests(self, session_id: str) -> list[RequestRow]:
+        """Every remembered request of one session, by sequence number."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(requests).where(requests.c.session_id == session_id).order_by(requests.c.seq))
+            return [_request_row(row) for row in rows]  # type: ignore[misc]
+
     def prune_requests(self, finished_before: float) -> int:
         """Forget finished requests older than `finished_before` (epoch seconds); returns how many."""
         with self.engine.begin() as db:
-            result = db.execute(delete(requests).where(requests.c.status != "pending", requests.c.finished_at < finished_before))
+            result = db.execute(delete(requests).where(requests.c.status != "pending", requests.c.replay.is_(None),
+                                                       requests.c.finished_at < finished_before))  # fmt: skip
         return result.rowcount or 0
+
+    def forget_replays(self, session_id: str, up_to_seq: int) -> None:
+        """Drop the replay data of `session_id`'s requests numbered below `up_to_seq` (a durable
+        state now includes them)."""
+        with self.engine.begin() as db:
+            db.execute(update(requests).where(requests.c.session_id == session_id, requests.c.seq < up_to_seq,
+                                              requests.c.replay.is_not(None)).values(replay=None))  # fmt: skip
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -188,4 +204,5 @@ def _request_row(row: object) -> RequestRow | None:
     if row is None:
         return None
     m = row._mapping  # type: ignore[attr-defined]
-    return RequestRow(m["request_id"], m["owner"], m["kind"], m["session_id"], m["seq"], m["idempotency_key"], m["body_hash"], m["status"], m["answer"])
+    return RequestRow(m["request_id"], m["owner"], m["kind"], m["session_id"], m["seq"], m["idempotency_key"], m["body_hash"],
+                      m["status"], m["answer"], m["replay"])  # fmt: skip

@@ -30,9 +30,11 @@ from bios.engine.checkpoints import parse_path
 from bios.errors import BiosError, ConflictError, NotFoundError
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
+from bios.server.journal import Journal
 
-Recorder = Callable[[object], None]
-"""Called by the writer thread with a request's result before its answer is published."""
+Recorder = Callable[[str, object, bytes], None]
+"""Called by the writer thread with (request id, result, answer envelope) before the answer is
+committed and published; if it raises, the request fails with that error instead."""
 
 
 @dataclass(slots=True)
@@ -62,9 +64,10 @@ class Service:
     """Ownership, requests and answers on top of one engine. Thread-safe; `attach(loop)` once
     the event loop serving long-polls runs."""
 
-    def __init__(self, engine: Engine, records: Records, *, retention_s: float = 3600.0) -> None:
+    def __init__(self, engine: Engine, records: Records, journal: Journal, *, retention_s: float = 3600.0) -> None:
         self.engine = engine
         self.records = records
+        self.journal = journal
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._session_owner: dict[str, str] = {}
@@ -88,7 +91,13 @@ class Service:
     # ---- ownership ------------------------------------------------------------------------------
 
     def add_session(self, session_id: str, owner: str, base_model: str) -> None:
+        """Record a new session of `owner` and make its initial state durable."""
         self.records.add_session(session_id, owner, base_model)
+        self.journal.write(session_id, self.engine.export_state(session_id).result(), -1)
+        self.adopt_session(session_id, owner)
+
+    def adopt_session(self, session_id: str, owner: str) -> None:
+        """Serve an already recorded session of `owner` (after a restart)."""
         with self._lock:
             self._session_owner[session_id] = owner
 
@@ -129,7 +138,17 @@ class Service:
 
     def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder:
         """Files the checkpoint a save_state result names under `owner`."""
-        return lambda result: self.records.add_checkpoint(result.path, owner, session_id)  # type: ignore[attr-defined]
+        return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)  # type: ignore[attr-defined]
+
+    def durable_recorder(self, session_id: str, seq: int) -> Recorder:
+        """Writes the state of a (result, AdapterState) answer — an optim_step or load_state run
+        with `export_state` — to the journal, with the request and its answer."""
+
+        def record(request_id: str, result: object, answer: bytes) -> None:
+            self.journal.write(session_id, result[1], seq, request_id, answer)  # type: ignore[index]
+            self.records.forget_replays(session_id, seq)
+
+        return record
 
     def owned_checkpoints(self, owner: str, records: list) -> list:
         """The `records` (StateResults) whose path `owner` may see."""
@@ -141,13 +160,14 @@ class Service:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, owner: str, kind: str, body: bytes, key: str | None, start: Callable[[], concurrent.futures.Future],
-               *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None,
+               *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None, replay: bytes | None = None,
                encode: Callable[[object], bytes] = encode_result, encode_failure: Callable[[BaseException], bytes] = encode_error) -> str:  # fmt: skip
         """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
         seen before (same kind and body), the first request's id instead. A request the engine
         rejects at once raises that error, and so does every retry of it. The answer stored and
         served verbatim is `encode(result)` or `encode_failure(error)` (by default the JSON
-        envelopes of `bios.wire`; another protocol passes its own)."""
+        envelopes of `bios.wire`; another protocol passes its own). `replay`: for a request that
+        adds a gradient, a `bios.wire.ForwardBackward` body that re-applies it after a restart."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
         if key is not None:
             earlier = self._earlier(owner, key, body_hash)
@@ -155,7 +175,7 @@ class Service:
                 return earlier
         request_id = f"req-{uuid.uuid4().hex}"
         try:
-            self.records.add_request(RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None))
+            self.records.add_request(RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay))
         except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
             earlier = self._earlier(owner, key, body_hash)  # type: ignore[arg-type]
             if earlier is None:
@@ -227,12 +247,13 @@ class Service:
                 with self._lock:
                     pending = self._pending[request_id]
                 error = done.exception()
+                envelope = pending.encode_failure(error) if error is not None else pending.encode(done.result())
                 if error is None and pending.record is not None:
                     try:
-                        pending.record(done.result())
+                        pending.record(request_id, done.result(), envelope)
                     except Exception as exc:  # noqa: BLE001 - the request fails with it
                         error = exc
-                envelope = pending.encode_failure(error) if error is not None else pending.encode(done.result())
+                        envelope = pending.encode_failure(exc)
                 answers.append((request_id, "error" if error is not None else "done", envelope, pending.owner))
             if answers:
                 self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])

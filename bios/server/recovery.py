@@ -1,0 +1,65 @@
+"""Bringing a restarted `bios serve` back to what it last acknowledged.
+
+For every session in the database: its adapter is restored from the journal (the state of its
+last acknowledged change); a change written to the journal whose answer was not yet committed
+is acknowledged now with the answer written beside it; the gradients of acknowledged
+`forward_backward` requests made after that state are applied again in their order; every
+other request that was still running is answered with a retryable error, having changed
+nothing. The session then takes requests numbered after the last one it had seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bios import wire
+from bios.errors import APIConnectionError
+from bios.server.service import Service, encode_error
+
+RESTARTED = "the server restarted before this request finished; nothing of it was applied, so submit it again"
+
+
+@dataclass
+class Recovered:
+    """What `recover` did: sessions restored, answers completed from the journal, gradients
+    re-applied, and requests failed as interrupted."""
+
+    sessions: int = 0
+    completed: int = 0
+    replayed: int = 0
+    interrupted: int = 0
+
+
+def recover(service: Service) -> Recovered:
+    """Restore every session of `service.records` on `service.engine` (see the module doc)."""
+    done = Recovered()
+    interrupted = encode_error(APIConnectionError(RESTARTED))
+    for session_id, owner, _base_model, _created in service.records.sessions_of(None):
+        entry = service.journal.read(session_id)
+        if entry is None:  # the server died while creating it: it was never acknowledged
+            continue
+        rows = service.records.session_requests(session_id)
+        finished = []
+        for row in rows:
+            if row.status != "pending":
+                continue
+            if row.request_id == entry.request_id:
+                finished.append((row.request_id, "done", entry.answer))
+                done.completed += 1
+            else:
+                finished.append((row.request_id, "error", interrupted))
+                done.interrupted += 1
+        service.records.finish_requests(finished)
+        service.engine.reopen_session(entry.state, next_seq=entry.seq + 1)
+        service.adopt_session(session_id, owner)
+        replays = {row.seq: row.replay for row in rows if row.replay is not None and row.status == "done" and row.seq > entry.seq}
+        last_seq = max((row.seq for row in rows if row.seq is not None), default=entry.seq)
+        for seq in range(entry.seq + 1, last_seq + 1):
+            if seq in replays:
+                body = wire.ForwardBackward.model_validate_json(replays[seq])
+                service.engine.forward_backward(session_id, seq, body.data, body.loss_fn, body.loss_fn_config, backward=True)
+                done.replayed += 1
+            else:
+                service.engine.skip(session_id, seq)
+        done.sessions += 1
+    return done

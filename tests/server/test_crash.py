@@ -1,0 +1,108 @@
+"""kill -9 of bios serve mid-run: after a restart every session resumes at its last acknowledged
+step with bit-identical weights, acknowledged gradients are kept, nothing is applied twice, and
+requests that were running fail with a retryable error."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import bios
+from bios import types
+from bios.engine import CheckpointStore
+from helpers import MODEL, random_batch
+from server_process import ServerProcess
+
+KEY = "tml-crash-test-key-0000"
+ADAM = types.AdamParams(learning_rate=1e-2, weight_decay=0.01)
+
+
+def _weights(home, path: str) -> dict[str, np.ndarray]:
+    """The LoRA weights of checkpoint `path` under BIOS_HOME `home`."""
+    return CheckpointStore(home / "checkpoints").load(path, "inspected").weights
+
+
+def _twin_weights(seed: int, steps: int, extra_gradient: bool = False) -> dict[str, np.ndarray]:
+    """The weights an in-process emulator session reaches after the same acknowledged work."""
+    twin = bios.ServiceClient(backend="emulator").create_lora_training_client(MODEL, rank=4, seed=seed)
+    for step in range(steps):
+        twin.forward_backward(random_batch(seed=100 * seed + step)).result()
+        twin.optim_step(ADAM).result()
+    if extra_gradient:
+        twin.forward_backward(random_batch(seed=100 * seed + steps)).result()
+        twin.optim_step(ADAM).result()
+    return _weights_of(twin)
+
+
+def _weights_of(client: bios.TrainingClient) -> dict[str, np.ndarray]:
+    return _weights(Path(os.environ["BIOS_HOME"]), client.save_state(f"w-{time.monotonic_ns()}").result().path)
+
+
+def _train_until_stopped(client: bios.TrainingClient, seed: int, stop: threading.Event, acknowledged: list[int], errors: list) -> None:
+    step = 0
+    while not stop.is_set() and step < 40:
+        try:
+            client.forward_backward(random_batch(seed=100 * seed + step)).result()
+            acknowledged.append(client.optim_step(ADAM).result().step)
+        except bios.BiosError as exc:
+            errors.append(exc)
+            return
+        step += 1
+
+
+def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path):
+    home = tmp_path / "server-home"
+    home.mkdir()
+    server = ServerProcess(home, "--backend", "emulator", env={"BIOS_API_KEYS": KEY}).start()
+    try:
+        service = bios.ServiceClient(base_url=server.url, api_key=KEY)
+        seeds = [1, 2, 3]
+        sessions = {seed: service.create_lora_training_client(MODEL, rank=4, seed=seed) for seed in seeds}
+        # a gradient acknowledged before the crash but not yet applied must survive it
+        pending = service.create_lora_training_client(MODEL, rank=4, seed=9)
+        for step in range(2):
+            pending.forward_backward(random_batch(seed=900 + step)).result()
+            pending.optim_step(ADAM).result()
+        pending.forward_backward(random_batch(seed=902)).result()
+
+        stop = threading.Event()
+        acknowledged = {seed: [] for seed in seeds}
+        errors = {seed: [] for seed in seeds}
+        threads = [threading.Thread(target=_train_until_stopped, args=(sessions[s], s, stop, acknowledged[s], errors[s])) for s in seeds]
+        for thread in threads:
+            thread.start()
+        while min(len(a) for a in acknowledged.values()) < 3:
+            time.sleep(0.01)
+        server.kill()  # SIGKILL while requests are in flight
+        server.start()
+        time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+        print("steps acknowledged and errors per session:", {s: (len(acknowledged[s]), [type(e).__name__ for e in errors[s]]) for s in seeds})
+        for seed, client in sessions.items():
+            steps = acknowledged[seed]
+            assert steps == list(range(1, len(steps) + 1)), f"session {seed}: steps acknowledged {steps}"
+            for error in errors[seed]:
+                assert isinstance(error, bios.APIConnectionError) and error.retryable, error
+            info = client.get_info()
+            assert info.step == len(steps), f"session {seed} resumed at {info.step}, last acknowledged {len(steps)}"
+            got = _weights(home, client.save_state("after-crash").result().path)
+            expected = _twin_weights(seed, len(steps))
+            assert got.keys() == expected.keys()
+            for name in got:
+                np.testing.assert_array_equal(got[name], expected[name], err_msg=f"session {seed}: {name}")
+
+        assert pending.get_info().step == 2
+        pending.optim_step(ADAM).result()
+        got = _weights(home, pending.save_state("replayed").result().path)
+        expected = _twin_weights(9, 2, extra_gradient=True)
+        for name in got:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=f"replayed gradient: {name}")
+    finally:
+        server.stop()
