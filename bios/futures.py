@@ -15,6 +15,13 @@ from bios.errors import APITimeoutError, BlockingCallError
 T = TypeVar("T")
 
 
+def pinned(future: concurrent.futures.Future, owner: object) -> concurrent.futures.Future:
+    """`future`, holding a reference to `owner` until it is done (so a client whose garbage
+    collection ends its session or snapshot outlives its requests)."""
+    future.add_done_callback(lambda _done, owner=owner: None)
+    return future
+
+
 class BiosFuture(Generic[T]):
     """The eventual result of one request.
 

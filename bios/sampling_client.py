@@ -5,11 +5,10 @@ A snapshot never changes: later training of the session it came from does not re
 
 from __future__ import annotations
 
-import concurrent.futures
 import weakref
 
 from bios.engine import SamplerHandle
-from bios.futures import BiosFuture
+from bios.futures import BiosFuture, pinned
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import ModelInput, SampleResult, SamplingParams
@@ -32,22 +31,17 @@ class SamplingClient:
         With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]).
         """
         future = self._transport.sampler_sample(self._handle.sampler_id, prompt, sampling_params, num_samples, prompt_logprobs=include_prompt_logprobs)
-        return BiosFuture(self._pin(future), "sample")
+        return BiosFuture(pinned(future, self), "sample")
 
     async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1, include_prompt_logprobs: bool = False) -> SampleResult:
         return await self.sample(prompt, sampling_params, num_samples, include_prompt_logprobs)
 
     def compute_logprobs(self, prompt: ModelInput) -> BiosFuture[list[float | None]]:
         """log p(prompt[t] | prompt[:t]) for every t; None for t = 0. Equals `forward`'s logprobs."""
-        return BiosFuture(self._pin(self._transport.sampler_logprobs(self._handle.sampler_id, prompt)), "compute_logprobs")
+        return BiosFuture(pinned(self._transport.sampler_logprobs(self._handle.sampler_id, prompt), self), "compute_logprobs")
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self.compute_logprobs(prompt)
-
-    def _pin(self, future: concurrent.futures.Future) -> concurrent.futures.Future:
-        """Keep this client (and so its snapshot) alive until `future` is done."""
-        future.add_done_callback(lambda _done, client=self: None)
-        return future
 
     def get_tokenizer(self) -> Tokenizer:
         """The base model's tokenizer."""

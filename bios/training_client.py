@@ -13,11 +13,12 @@ import asyncio
 import concurrent.futures
 import math
 import threading
+import weakref
 from typing import TYPE_CHECKING, Sequence
 
 from bios import custom_loss
 from bios.errors import InvalidRequestError
-from bios.futures import BiosFuture
+from bios.futures import BiosFuture, pinned
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import (
@@ -58,6 +59,8 @@ class TrainingClient:
         self.base_model = info.base_model
         self._seq = transport.next_seq(info.session_id)
         self._seq_lock = threading.Lock()
+        # When this client is garbage (and its requests are done), the service ends its session.
+        weakref.finalize(self, transport.close_session, info.session_id)
 
     def _reserve(self, count: int = 1) -> int:
         with self._seq_lock:
@@ -69,7 +72,7 @@ class TrainingClient:
     def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
         """Loss and per-token logprobs under the current weights; accumulates no gradient."""
         future = self._transport.forward_backward(self.session_id, self._reserve(), data, loss_fn, loss_fn_config, backward=False)
-        return BiosFuture(future, "forward")
+        return BiosFuture(pinned(future, self), "forward")
 
     async def forward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
         return self.forward(data, loss_fn, loss_fn_config)
@@ -82,7 +85,7 @@ class TrainingClient:
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
         future = self._transport.forward_backward(self.session_id, self._reserve(), data, loss_fn, loss_fn_config, backward=True)
-        return BiosFuture(future, "forward_backward")
+        return BiosFuture(pinned(future, self), "forward_backward")
 
     async def forward_backward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
         return self.forward_backward(data, loss_fn, loss_fn_config)
@@ -119,7 +122,7 @@ class TrainingClient:
                 outer.set_exception(exc)
 
         forward.add_done_callback(lambda done: _custom_loss_pool.submit(backward, done))
-        return BiosFuture(outer, "forward_backward_custom")
+        return BiosFuture(pinned(outer, self), "forward_backward_custom")
 
     async def forward_backward_custom_async(self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn) -> BiosFuture[ForwardBackwardResult]:
         return self.forward_backward_custom(data, loss_fn)
@@ -129,7 +132,7 @@ class TrainingClient:
     def optim_step(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
         """Apply the accumulated gradient with Adam(W) (docs/losses.md O1–O5) and clear it."""
         adam = AdamParams() if adam_params is None else adam_params
-        return BiosFuture(self._transport.optim_step(self.session_id, self._reserve(), adam), "optim_step")
+        return BiosFuture(pinned(self._transport.optim_step(self.session_id, self._reserve(), adam), self), "optim_step")
 
     async def optim_step_async(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
         return self.optim_step(adam_params)
@@ -174,13 +177,13 @@ class TrainingClient:
             step.add_done_callback(lambda opt: _combine_train(outer, done.result(), opt))
 
         fwd.add_done_callback(after_forward)
-        return BiosFuture(outer, "train")
+        return BiosFuture(pinned(outer, self), "train")
 
     # ---- sampling -----------------------------------------------------------------------------
 
     def sample(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> BiosFuture[SampleResult]:
         """Completions from the session's current weights, in order with its training calls."""
-        return BiosFuture(self._transport.sample(self.session_id, self._reserve(), prompt, sampling_params, num_samples), "sample")
+        return BiosFuture(pinned(self._transport.sample(self.session_id, self._reserve(), prompt, sampling_params, num_samples), self), "sample")
 
     async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> SampleResult:
         return await self.sample(prompt, sampling_params, num_samples)
@@ -189,7 +192,7 @@ class TrainingClient:
 
     def save_state(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`."""
-        return BiosFuture(self._transport.save_state(self.session_id, self._reserve(), name, metadata, "state"), "save_state")
+        return BiosFuture(pinned(self._transport.save_state(self.session_id, self._reserve(), name, metadata, "state"), self), "save_state")
 
     async def save_state_async(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         return self.save_state(name, metadata)
@@ -208,7 +211,7 @@ class TrainingClient:
 
     def save_weights_for_sampler(self, name: str) -> BiosFuture[StateResult]:
         """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training never changes it."""
-        return BiosFuture(self._transport.save_state(self.session_id, self._reserve(), name, None, "sampler"), "save_weights_for_sampler")
+        return BiosFuture(pinned(self._transport.save_state(self.session_id, self._reserve(), name, None, "sampler"), self), "save_weights_for_sampler")
 
     async def save_weights_for_sampler_async(self, name: str) -> BiosFuture[StateResult]:
         return self.save_weights_for_sampler(name)

@@ -176,3 +176,23 @@ def test_policy_losses_run_and_report_logprobs(training):
         assert np.isclose(result.loss, value, rtol=1e-5), loss_fn
     wider = training.forward([datum], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
     assert np.isclose(wider.loss, -(ratio * advantages).sum(), rtol=1e-5)
+
+
+@pytest.mark.inprocess
+def test_a_dropped_training_client_ends_its_session_once_its_requests_are_done(service):
+    import gc
+
+    engine = service._transport
+    client = service.create_lora_training_client(MODEL, rank=4, seed=31)
+    session_id = client.session_id
+    pending = client.forward_backward(random_batch(seed=31))
+    del client
+    gc.collect()
+    assert pending.result().loss > 0  # the request kept its client, and so its session, alive
+    del pending
+    gc.collect()
+    engine.scheduler.call(lambda: None).result()  # the adapter is freed on the worker
+    with pytest.raises(bios.NotFoundError):
+        engine.session_info(session_id)
+    with pytest.raises(bios.NotFoundError):
+        engine.backend.export_state(session_id)

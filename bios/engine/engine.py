@@ -160,6 +160,19 @@ class Engine:
         self.scheduler.open_lane(session_id, next_seq)
         return self.session_info(session_id)
 
+    def close_session(self, session_id: str) -> None:
+        """End a session: its adapter is freed once the requests already running are done.
+        Does not wait; unknown sessions and a shut-down engine are ignored."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        self.scheduler.close_lane(session_id)
+        try:
+            self.scheduler.call(lambda: self.backend.delete_adapter(session.adapter.adapter_id))
+        except BackendError:
+            pass
+
     def export_state(self, session_id: str) -> concurrent.futures.Future:
         """Future[AdapterState] of the session as of the requests queued so far (run outside its lane:
         call it only while none of its requests is queued, e.g. right after creating it)."""

@@ -88,6 +88,14 @@ class Scheduler:
                 lane.pending[seq] = None
                 self._cond.notify()
 
+    def close_lane(self, lane_id: str) -> None:
+        """Forget a lane; jobs still queued in it fail with NotFoundError. Unknown lanes are ignored."""
+        with self._cond:
+            lane = self._lanes.pop(lane_id, None)
+        for job in (lane.pending.values() if lane else ()):
+            if job is not None and not job.future.done():
+                job.future.set_exception(NotFoundError(f"session {lane_id!r} was closed before this request ran", field="session_id"))
+
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run `fn` on the worker thread, outside any lane (e.g. creating an adapter)."""
         return self.submit(None, None, Job("call", "", fn))

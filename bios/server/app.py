@@ -68,10 +68,12 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
             return JSONResponse({"error": error.to_dict()}, status_code=413)
         return await call_next(request)
 
-    def owner(authorization: str | None = Header(None)) -> str:
+    # Dependencies and trivial routes are coroutines: they run on the event loop, never waiting
+    # for a worker thread behind slow synchronous routes.
+    async def owner(authorization: str | None = Header(None)) -> str:
         return keys.authenticate(bearer(authorization))
 
-    def key(idempotency_key: str | None = Header(None)) -> str | None:
+    async def key(idempotency_key: str | None = Header(None)) -> str | None:
         return idempotency_key
 
     def submitted(request_id: str) -> wire.Submitted:
@@ -80,8 +82,13 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     # ---- discovery ----------------------------------------------------------------------------
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.get("/v1/stats")
+    def stats(who: str = Depends(owner)) -> dict:
+        """Engine counters: backend calls made and jobs (requests) they ran, since start."""
+        return {"backend_calls": engine.scheduler.backend_calls, "jobs_run": engine.scheduler.jobs_run}
 
     @app.get("/v1/capabilities")
     def capabilities(who: str = Depends(owner)):  # noqa: ANN202 - the model is the schema
@@ -116,6 +123,11 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     @app.get("/v1/sessions/{session_id}", response_model=TrainingInfo)
     def session_info(session_id: str, who: str = Depends(owner)) -> TrainingInfo:
         return engine.session_info(service.check_session(who, session_id))
+
+    @app.delete("/v1/sessions/{session_id}")
+    def close_session(session_id: str, who: str = Depends(owner)) -> dict:
+        service.close_session(who, session_id)
+        return {}
 
     @app.get("/v1/sessions/{session_id}/next_seq")
     def next_seq(session_id: str, who: str = Depends(owner)) -> wire.NextSeq:

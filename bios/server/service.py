@@ -111,6 +111,13 @@ class Service:
             raise NotFoundError(f"session_id: no training session {session_id!r}", field="session_id")
         return session_id  # type: ignore[return-value]
 
+    def close_session(self, owner: str, session_id: str) -> None:
+        """End `owner`'s session: freed in the engine and no longer restored after a restart
+        (its checkpoints stay)."""
+        self.check_session(owner, session_id)
+        self.engine.close_session(session_id)
+        self.journal.delete(session_id)
+
     def add_sampler(self, sampler_id: str, owner: str) -> None:
         with self._lock:
             self._sampler_owner[sampler_id] = owner

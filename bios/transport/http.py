@@ -154,6 +154,10 @@ class HttpTransport:
     def session_info(self, session_id: str) -> TrainingInfo:
         return TrainingInfo.model_validate(self._get(f"/v1/sessions/{session_id}"))
 
+    def close_session(self, session_id: str) -> None:
+        """End the session on the server, in the background; a server that is gone is ignored."""
+        self._in_background(f"/v1/sessions/{session_id}")
+
     def next_seq(self, session_id: str) -> int:
         return wire.NextSeq.model_validate(self._get(f"/v1/sessions/{session_id}/next_seq")).next_seq
 
@@ -204,15 +208,20 @@ class HttpTransport:
 
     def release_sampler(self, sampler_id: str) -> None:
         """Tell the server in the background; a server that is gone is ignored."""
-        try:
-            self._pollers.submit(self._release, sampler_id)
-        except RuntimeError:  # the transport is shutting down
-            pass
+        self._in_background(f"/v1/samplers/{sampler_id}")
 
-    def _release(self, sampler_id: str) -> None:
+    def _in_background(self, path: str) -> None:
+        """DELETE `path` on a poller thread, ignoring every failure (used from finalizers)."""
+
+        def delete() -> None:
+            try:
+                self._http.delete(path, timeout=5.0)
+            except httpx.HTTPError:
+                pass
+
         try:
-            self._http.delete(f"/v1/samplers/{sampler_id}", timeout=5.0)
-        except httpx.HTTPError:
+            self._pollers.submit(delete)
+        except RuntimeError:  # the transport is shutting down
             pass
 
     def sampler_sample(self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int = 1, *,

@@ -3,7 +3,9 @@ and batching of concurrent tenants into shared backend calls."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import httpx
 import pytest
@@ -163,3 +165,56 @@ def test_no_auth_binds_only_to_loopback_and_catalogs_are_checked(tmp_path):
     with pytest.raises(bios.InvalidRequestError) as err:
         load_catalog(catalog)
     assert err.value.field == "models" and "path" in err.value.message
+
+
+def test_a_dropped_remote_training_client_ends_its_server_session(server):
+    training = _client(server, KEY_A).create_lora_training_client(MODEL, rank=4, seed=6)
+    session_id = training.session_id
+    training.train(random_batch(seed=6), learning_rate=1e-2)
+    journal = server.service.journal
+    assert journal.read(session_id).state.step == 1
+    del training
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while journal.read(session_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.read(session_id) is None  # not restored after a restart either
+    with pytest.raises(bios.NotFoundError):
+        server.service.engine.session_info(session_id)
+
+
+def test_many_long_polls_on_one_request_hold_no_thread_and_all_get_its_answer(server):
+    import asyncio
+
+    engine = server.service.engine
+    training = _client(server, KEY_A).create_lora_training_client(MODEL, rank=4, seed=7)
+    gate = threading.Event()
+    blocker = engine.scheduler.call(gate.wait)
+    http = _http(server, KEY_A)
+    body = {"seq": training._reserve(), "data": [d.model_dump(mode="json") for d in random_batch(seed=7)], "backward": False}
+    request_id = http.post(f"/v1/sessions/{training.session_id}/forward_backward", json=body).json()["request_id"]
+
+    async def poll_all(count: int) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count + 5)  # room for the health check beside the polls
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY_A}"}, limits=limits, timeout=60) as client:
+            polls = [asyncio.create_task(client.get(f"/v1/requests/{request_id}", params={"wait": 30})) for _ in range(count)]
+            await asyncio.sleep(1.0)  # every poll is now waiting on the server
+            health = await client.get("/healthz")  # the server still answers at once
+            assert health.status_code == 200 and not any(p.done() for p in polls)
+            gate.set()
+            return await asyncio.gather(*polls)
+
+    answers = asyncio.run(poll_all(500))
+    blocker.result()
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1 and answers[0].json()["status"] == "done"
+
+
+def test_answers_are_forgotten_after_the_retention_period(server):
+    training = _client(server, KEY_A).create_lora_training_client(MODEL, rank=4, seed=8)
+    http = _http(server, KEY_A)
+    body = {"seq": training._reserve(), "data": [d.model_dump(mode="json") for d in random_batch(seed=8)], "backward": False}
+    request_id = http.post(f"/v1/sessions/{training.session_id}/forward_backward", json=body).json()["request_id"]
+    assert http.get(f"/v1/requests/{request_id}", params={"wait": 10}).status_code == 200
+    assert server.service.prune(now=time.time() + server.service.retention_s + 1) >= 1
+    assert http.get(f"/v1/requests/{request_id}").status_code == 404
