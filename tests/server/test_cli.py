@@ -34,3 +34,15 @@ def test_serve_refuses_no_auth_off_loopback_and_a_server_without_keys(tmp_path):
     assert off_loopback.returncode == 2 and "loopback" in off_loopback.stderr
     keyless = _bios("serve", "--backend", "emulator", home=tmp_path)
     assert keyless.returncode == 2 and "bios keys create" in keyless.stderr
+
+
+def test_checkpoints_export_copies_a_sampler_checkpoints_peft_adapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOS_HOME", str(tmp_path))  # the in-process service below writes here
+    training = bios.ServiceClient(backend="emulator").create_lora_training_client(MODEL, rank=4, seed=3)
+    training.train(random_batch(seed=3), learning_rate=1e-2)
+    path = training.save_weights_for_sampler("export-me").result().path
+    exported = _bios("checkpoints", "export", path, str(tmp_path / "out"), home=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    state = _bios("checkpoints", "export", path.replace("sampler_weights", "weights"), str(tmp_path / "x"), home=tmp_path)
+    assert state.returncode == 2 and "no checkpoint" in state.stderr
