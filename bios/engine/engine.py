@@ -106,10 +106,11 @@ class Engine:
         adapter = validation.lora_adapter(session_id, model, lora)
         return self._open_session(_Session(session_id, model, adapter), state=None)
 
-    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
+    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True) -> TrainingInfo:
         """A new session resuming the training state saved at `path` (a `bios://SESSION/weights/NAME`
-        path: weights, optimizer moments and step), or starting from the Hugging Face PEFT LoRA adapter
-        in local directory `path` (`adapter_config.json` + `adapter_model.safetensors`) on `base_model`,
+        path: weights, optimizer moments and step; with `optimizer` False the weights only, at
+        step 0 with zero moments), or starting from the Hugging Face PEFT LoRA adapter in local
+        directory `path` (`adapter_config.json` + `adapter_model.safetensors`) on `base_model`,
         at step 0 with zero Adam moments. `base_model` is required for a PEFT directory; for a
         `bios://` path it may be given only as the checkpoint's own base model."""
         if is_local_directory(path):
@@ -124,7 +125,7 @@ class Engine:
         if base_model is not None and base_model != record.base_model:
             raise InvalidRequestError(f"base_model: {path} holds an adapter for {record.base_model}, not {base_model!r}", field="base_model")
         session_id = f"session-{uuid.uuid4().hex[:12]}"
-        state = self.store.load(path, session_id)
+        state = _weights_only(self.store.load(path, session_id), optimizer)
         model = self.catalog.get(state.spec.base_model)
         return self._open_session(_Session(session_id, model, state.spec, state.step), state=state)
 
@@ -269,9 +270,10 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def load_state(self, session_id: str, seq: int, path: str, *, export_state: bool = False) -> concurrent.futures.Future:
+    def load_state(self, session_id: str, seq: int, path: str, *, export_state: bool = False, optimizer: bool = True) -> concurrent.futures.Future:
         """Future[TrainingInfo]: replace the session's adapter, moments and step with `path`'s
-        (with `export_state`, Future[(TrainingInfo, AdapterState)] as in `optim_step`)."""
+        (with `optimizer` False: its weights, at step 0 with zero moments; with `export_state`,
+        Future[(TrainingInfo, AdapterState)] as in `optim_step`)."""
         session = self._session(session_id)
 
         def build() -> Job:
@@ -283,7 +285,7 @@ class Engine:
                 )
 
             def load() -> TrainingInfo:
-                state = self.store.load(path, session.adapter.adapter_id)
+                state = _weights_only(self.store.load(path, session.adapter.adapter_id), optimizer)
                 self.backend.delete_adapter(session.adapter.adapter_id)
                 self.backend.create_adapter(state.spec, state)
                 session.adapter, session.step = state.spec, state.step
@@ -374,6 +376,12 @@ def _training_state(record: StateResult) -> StateResult:
             field="path",
         )
     return record
+
+
+def _weights_only(state: AdapterState, optimizer: bool) -> AdapterState:
+    """`state` itself, or (without `optimizer`) its weights at step 0 with no moments, which a
+    backend starts at zero."""
+    return state if optimizer else AdapterState(spec=state.spec, step=0, weights=state.weights)
 
 
 def _done(value: object) -> concurrent.futures.Future:

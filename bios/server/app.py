@@ -17,9 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from bios import wire
-from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError
+from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from bios.server.auth import KeyRing, bearer
 from bios.server.service import Service, encode_result
+from bios.server.tinker import tinker_router
 from bios.types import StateResult, TrainingInfo
 
 JSON = "application/json"
@@ -209,6 +210,8 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     async def request_answer(request_id: str, wait: float = Query(0.0, ge=0.0), who: str = Depends(owner)) -> Response:
         """The request's answer envelope; 408 while it is still running after `wait` seconds."""
         found = await service.wait(who, request_id, min(wait, wire.MAX_WAIT_S))
+        if found is not None and not found.startswith(b"{"):  # a request of the Tinker protocol, answered there
+            raise NotFoundError(f"request_id: no request {request_id!r}", field="request_id")
         if found is None:
             return JSONResponse({"status": "pending", "request_id": request_id}, status_code=408)
         return Response(found, media_type=JSON)
@@ -227,5 +230,6 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         service.records.remove_checkpoint(path)
         return {}
 
+    app.include_router(tinker_router(service, keys))  # the official Tinker SDK's /api/v1 protocol
     return app
 

@@ -1,0 +1,70 @@
+"""Sampling sessions and `asample`.
+
+A sampling session is a Bios sampler on a saved checkpoint or a bare base model. `/asample`
+answers at once with the request id and one sequence id per sample (the SDK asserts both);
+the result is a protobuf `SampleResponse`. `(sampling_session_id, seq_id)` is the request's
+idempotency key. Prompt logprobs are supported (also only the last N); top-k logprobs,
+target-token logprobs and alternative prompt tokens are not.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from bios.errors import InvalidRequestError, UnsupportedError
+from bios.server.tinker import codec
+from bios.server.tinker.answers import proto_answer
+from bios.server.tinker.bodies import CreateSampler, Sample, model_input, sampling_params
+from bios.server.tinker.context import Tinker
+from bios.server.tinker.sessions import Sampler
+
+
+def unsupported_sampling(body: Sample) -> None:
+    """UnsupportedError naming the first requested sampling feature Bios lacks."""
+    for name, wanted in (("topk_prompt_logprobs", body.topk_prompt_logprobs > 0), ("topk_sample_logprobs", body.topk_sample_logprobs > 0),
+                         ("target_prompt_logprobs", body.target_prompt_logprobs is not None), ("prompt_alt_tokens_k", body.prompt_alt_tokens_k > 0)):  # fmt: skip
+        if wanted:
+            raise UnsupportedError(f"{name}: not supported by Bios; ask for prompt_logprobs instead", field=name)
+    if body.prompt_logprobs_last_n is not None and (not body.prompt_logprobs or body.prompt_logprobs_last_n < 1):
+        raise InvalidRequestError("prompt_logprobs_last_n: must be >= 1 and needs prompt_logprobs", field="prompt_logprobs_last_n")
+
+
+def add_sampling_routes(router: APIRouter, tinker: Tinker) -> None:
+    owner = Depends(tinker.owner)
+    service, engine, runs = tinker.service, tinker.engine, tinker.runs
+
+    @router.post("/create_sampling_session")
+    def create_sampling_session(body: CreateSampler, who: str = owner) -> dict:
+        """A sampler on `model_path` (a caller's tinker:// checkpoint) or on `base_model`; the
+        same (session, sampling_session_seq_id) gets the same sampler."""
+        sampler_id = tinker.sessions.sampler_of(who, body.session_id, body.sampling_session_seq_id)
+        if sampler_id is None:
+            if body.model_path is not None:
+                handle = engine.create_sampler(model_path=service.check_checkpoint(who, runs.bios_path(who, body.model_path)))
+            else:
+                handle = engine.create_sampler(base_model=body.base_model)
+            service.add_sampler(handle.sampler_id, who)
+            sampler = Sampler(handle.sampler_id, who, body.session_id, handle.base_model, body.model_path)
+            sampler_id = tinker.sessions.add_sampler(sampler, body.sampling_session_seq_id)
+            if sampler_id != handle.sampler_id:  # a concurrent retry created one first
+                service.drop_sampler(who, handle.sampler_id)
+        return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+    @router.get("/samplers/{sampler_id}")
+    def get_sampler(sampler_id: str, who: str = owner) -> dict:
+        sampler = tinker.sessions.sampler(who, sampler_id)
+        return {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+
+    @router.post("/asample")
+    def asample(body: Sample, who: str = owner) -> dict:
+        if body.sampling_session_id is None:
+            raise InvalidRequestError("sampling_session_id: sample through a sampling session", field="sampling_session_id")
+        sampler = tinker.sessions.sampler(who, body.sampling_session_id)
+        unsupported_sampling(body)
+        eos = engine.tokenizer(sampler.base_model).eos_token_id
+        prompt, params = model_input(body.prompt), sampling_params(body.sampling_params, eos)
+        start = lambda: engine.sampler_sample(sampler.sampler_id, prompt, params, body.num_samples, prompt_logprobs=bool(body.prompt_logprobs))  # noqa: E731
+        encode = proto_answer(lambda result: codec.sample_response(result, body.prompt_logprobs_last_n))
+        key = None if body.seq_id is None else f"tinker/{sampler.sampler_id}/{body.seq_id}"
+        request_id = tinker.submit(who, "sample", body.model_dump_json().encode(), key, start, encode)
+        return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}

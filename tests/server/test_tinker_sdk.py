@@ -1,0 +1,375 @@
+"""The official Tinker SDK against `bios serve`, end to end, for two pinned SDK releases.
+
+Each release is installed once with `pip install --no-deps --target .cache/tinker-sdk/VERSION`
+(its dependencies are in the dev environment; BIOS_TINKER_WHEELS names a wheel directory for
+offline installs) and runs unmodified in a child process: this file is also that child's script
+(the "SDK side" functions at the end). The child drives the SDK against a `ThreadedServer` on the
+emulator, which advertises small forward_backward chunks and zstd bodies so that chunking, the
+first chunk arriving last, and decompression are all exercised. The child reports what it saw
+as JSON and every assertion is made here.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SDK_RELEASES = ("0.38.0", "0.33.1")
+MODEL = "bios/tiny"
+KEY_A, KEY_B = "tml-tinker-alice-0123456789", "tml-tinker-bob-0123456789"
+TEXTS = ("the cat sat on the mat", "a quick brown fox jumps over the lazy dog", "tinker speaks to bios",
+         "one two three four five six", "hello world, this is a test")  # fmt: skip
+PROMPT_TEXT = "the quick brown fox"
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- the SDK releases -------------------------------------------------------------------------
+
+
+def sdk_directory(version: str) -> Path:
+    """A directory holding the `tinker` package of `version`, installed on first use."""
+    root = Path(os.environ.get("BIOS_TINKER_SDK_CACHE", REPO / ".cache" / "tinker-sdk"))
+    target = root / version
+    if (target / "tinker" / "__init__.py").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=root, prefix=f".{version}.")
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target", staging, f"tinker=={version}"]
+    if os.environ.get("BIOS_TINKER_WHEELS"):
+        command += ["--no-index", "--find-links", os.environ["BIOS_TINKER_WHEELS"]]
+    subprocess.run(command, check=True, timeout=600)
+    try:
+        os.rename(staging, target)
+    except OSError:  # installed meanwhile by a concurrent run
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def run_sdk(version: str, scenario: str, **arguments: object) -> dict:
+    """Run `scenario` (a function at the end of this file) with SDK `version` in a child process."""
+    env = {**os.environ, "PYTHONPATH": str(sdk_directory(version)), "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, __file__, scenario, json.dumps(arguments)], env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, f"the SDK {version} child failed:\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}"
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from bios.server import ServerOptions
+    from bios.server.tinker import session_routes
+    from server_process import ThreadedServer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B}")
+        patch.setitem(session_routes.CLIENT_CONFIG, "fwdbwd_max_chunk_len", 2)
+        patch.setitem(session_routes.CLIENT_CONFIG, "proto_compress_fwdbwd", True)
+        with ThreadedServer(ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("tinker-home"))) as running:
+            yield running
+
+
+@pytest.fixture(scope="module", params=SDK_RELEASES)
+def trained(request, server) -> tuple[str, dict]:
+    """(SDK version, what the training scenario observed) for each pinned release."""
+    return request.param, run_sdk(request.param, "training", url=server.url, key=KEY_A, text=TEXTS, prompt=PROMPT_TEXT)
+
+
+# ---- the protobuf schema -------------------------------------------------------------------------
+
+
+def sdk_descriptor(version: str):  # noqa: ANN201 - a FileDescriptorProto
+    """The FileDescriptorProto serialised in the release's generated `tinker_public_pb2.py`."""
+    from google.protobuf import descriptor_pb2
+
+    source = (sdk_directory(version) / "tinker" / "proto" / "tinker_public_pb2.py").read_text()
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile"]
+    return descriptor_pb2.FileDescriptorProto.FromString(calls[0].args[0].value)
+
+
+@pytest.mark.parametrize("version", SDK_RELEASES)
+def test_the_protobuf_schema_equals_the_sdks(version):
+    from google.protobuf import descriptor_pool, message_factory
+
+    from bios.server.tinker import proto
+
+    theirs = sdk_descriptor(version)
+    ours = proto.file_descriptor()
+    assert (ours.name, ours.package, ours.syntax) == (theirs.name, theirs.package, theirs.syntax)
+    their_messages = {m.name: m for m in theirs.message_type}
+    assert {m.name: m for m in ours.message_type} == {name: their_messages[name] for name in proto.MESSAGES}
+    assert set(their_messages) - set(proto.MESSAGES) == {"SamplingParams", "StopStrings", "StopTokens"}
+    assert list(ours.enum_type) == list(theirs.enum_type)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(theirs)
+    sdk_request = message_factory.GetMessageClass(pool.FindMessageTypeByName("tinker_public.ForwardBackwardRequest"))
+    request = sdk_request(model_id="s:train:0", seq_id=3, loss_fn="ppo", forward_only=True)
+    datum = request.data.add()
+    datum.model_input.add().encoded_text.tokens = b"\x01\x00\x00\x00"
+    datum.loss_fn_inputs["weights"].dense = b"\x00\x00\x80\x3f"
+    request.loss_fn_config_v2["clip_low_threshold"].number = 0.5
+    wire = request.SerializeToString()
+    assert proto.ForwardBackwardRequest.FromString(wire).SerializeToString() == wire
+
+
+# ---- the SDK drives a whole training run ----------------------------------------------------------
+
+
+def test_the_handshake_and_the_tokenizer_are_served(trained, server):
+    from bios.tokenizer import Tokenizer
+
+    _, seen = trained
+    assert MODEL in seen["models"]
+    info = seen["info"]
+    assert info["model_name"] == MODEL and info["lora_rank"] == 8 and info["model_id"] == seen["run"]
+    assert Path(info["tokenizer_id"]).is_dir() and Path(info["tokenizer_id"]).is_relative_to(Path(server.options.home).resolve())
+    builtin = Tokenizer.builtin()
+    assert seen["tokenizer"]["ids"] == [builtin.encode(text) for text in TEXTS]
+    assert seen["tokenizer"]["eos_token_id"] == builtin.eos_token_id
+
+
+def test_sft_steps_lower_the_loss_with_chunked_compressed_requests(trained):
+    _, seen = trained
+    losses = seen["losses"]
+    assert len(losses) == 6 and all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0]
+    lengths = [len(ids) - 1 for ids in seen["tokenizer"]["ids"]]
+    assert seen["output_shapes"] == [[n] for n in lengths], "one logprob per target token, datums in order across 3 chunks"
+    assert seen["forward_loss"] == pytest.approx(sum(-x for lp in seen["forward_logprobs"] for x in lp), rel=1e-5)
+    assert seen["custom"]["loss"] == pytest.approx(seen["custom"]["forward_loss"], rel=1e-5)
+    assert seen["custom"]["surrogate"] == pytest.approx(seen["custom"]["forward_loss"], rel=1e-5)
+    assert seen["custom"]["metric"] == len(TEXTS)
+    assert seen["custom"]["step"] == 7
+
+
+def test_sampling_from_saved_weights_with_prompt_logprobs(trained):
+    _, seen = trained
+    ephemeral, named = seen["samples"]["ephemeral"], seen["samples"]["named"]
+    assert len(ephemeral["sequences"]) == 2 and len(set(ephemeral["sequence_ids"])) == 2
+    assert ephemeral["sequences"] == named["sequences"], "greedy samples of the same weights agree"
+    for sequence in ephemeral["sequences"]:
+        assert 1 <= len(sequence["tokens"]) <= 6 and len(sequence["logprobs"]) == len(sequence["tokens"])
+        assert sequence["stop_reason"] == ("length" if len(sequence["tokens"]) == 6 else "stop")
+    prompt_logprobs = ephemeral["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(seen["samples"]["prompt"])
+    assert prompt_logprobs[1:] == pytest.approx(seen["samples"]["forward_logprobs"], rel=1e-4, abs=1e-5)
+    computed = seen["samples"]["computed"]
+    assert computed[0] is None and computed[1:] == pytest.approx(prompt_logprobs[1:], rel=1e-6)
+    assert named["base_model"] == MODEL
+
+
+def test_save_and_load_state_with_and_without_the_optimizer(trained):
+    _, seen = trained
+    state = seen["state"]
+    assert state["path"] == f"tinker://{seen['run']}/weights/ckpt" and state["sampler_path"] == f"tinker://{seen['run']}/sampler_weights/sampler"
+    assert state["resumed_loss"] == pytest.approx(state["saved_loss"], rel=1e-9)
+    assert state["weights_only_loss"] == pytest.approx(state["saved_loss"], rel=1e-9)
+    after = state["after_one_step"]
+    assert after["with_optimizer"] == pytest.approx(after["original"], rel=1e-9), "resumed Adam moments continue the run exactly"
+    assert after["weights_only"] != pytest.approx(after["original"], rel=1e-6), "a fresh optimizer steps differently"
+    assert state["reloaded_loss"] == pytest.approx([state["saved_loss"]] * 2, rel=1e-9)
+    assert state["reloaded_step"] == pytest.approx([after["weights_only"], after["with_optimizer"]], rel=1e-9)
+
+
+def test_runs_and_checkpoints_are_listed(trained):
+    _, seen = trained
+    listing = seen["listing"]
+    assert {seen["run"], *seen["resumed_runs"]} <= set(listing["runs"])
+    assert listing["checkpoints"] == [["weights/ckpt", "training", seen["state"]["path"]], ["sampler_weights/sampler", "sampler", seen["state"]["sampler_path"]]]
+    assert listing["last_checkpoint"] == "weights/ckpt" and listing["last_sampler_checkpoint"] == "sampler_weights/sampler"
+    assert {seen["state"]["path"], seen["state"]["sampler_path"]} <= set(listing["user_checkpoints"])
+    assert seen["weights_info"] == [MODEL, 8, True, True, True]
+
+
+def test_unsupported_features_are_refused_without_stalling_the_run(trained):
+    _, seen = trained
+    assert seen["unsupported"]["save_weights_external"] == "BadRequestError"
+    assert seen["unsupported"]["forward_after"] == pytest.approx(seen["unsupported"]["forward_before"], rel=1e-9)
+
+
+def test_checkpoint_archives_download_as_peft_adapters(trained, server):
+    from bios.server.auth import owner_of
+    from bios.server.tinker.ids import Runs
+
+    version, seen = trained
+    if version == "0.38.0":
+        assert seen["archives"] is None, "0.38 has no archive call (its CLI downloads through save_weights_external)"
+        return
+    archives = seen["archives"]
+    for archive in archives.values():
+        assert archive["members"] == ["adapter_config.json", "adapter_model.safetensors", "checkpoint_complete"]
+    sampler = Runs(server.service.records.engine).bios_path(owner_of(KEY_A), seen["state"]["sampler_path"])
+    exported = (server.service.engine.store.peft_directory(sampler) / "adapter_model.safetensors").read_bytes()
+    assert archives["sampler"]["adapter_sha256"] == hashlib.sha256(exported).hexdigest()
+    assert archives["state"]["adapter_sha256"] == archives["sampler"]["adapter_sha256"], "both were saved from the same weights"
+
+
+def test_a_key_sees_none_of_another_keys_runs_or_checkpoints(trained, server):
+    version, seen = trained
+    bob = run_sdk(version, "intruder", url=server.url, key=KEY_B, run=seen["run"], state=seen["state"]["path"], sampler=seen["state"]["sampler_path"])
+    assert seen["run"] not in bob["runs"] and bob["own_run"] in bob["runs"]
+    assert set(bob["user_checkpoints"]).isdisjoint({seen["state"]["path"], seen["state"]["sampler_path"]})
+    assert bob["own_checkpoints"] == [], "bob deleted his only checkpoint"
+    assert bob["refused"] == {
+        "delete_checkpoint": "NotFoundError", "get_training_run": "NotFoundError", "list_checkpoints": "NotFoundError", "weights_info": "NotFoundError",
+        "create_training_client_from_state": "NotFoundError", "create_sampling_client": "NotFoundError",
+    }  # fmt: skip
+
+
+# ---- the SDK side: run as `python test_tinker_sdk.py SCENARIO JSON` with one release on the path ----
+
+
+def _value(x):  # noqa: ANN001, ANN202 - an SDK future or a value
+    """The value of an SDK future (the SDKs return futures or values depending on the release)."""
+    return x.result() if hasattr(x, "result") else x
+
+
+def _failure(call) -> str:  # noqa: ANN001
+    """The name of the exception `call()` raises (the SDK's error classes)."""
+    try:
+        _value(call())
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return type(exc).__name__
+    return "no error"
+
+
+def training(url: str, key: str, text: list[str], prompt: str) -> dict:
+    """One training run through the SDK: SFT steps, custom loss, save, sample, resume, list."""
+    import tinker
+    from tinker import types
+
+    seen: dict = {}
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    seen["models"] = [m.model_name for m in _value(service.get_server_capabilities()).supported_models]
+    client = _value(service.create_lora_training_client(MODEL, rank=8, seed=3))
+    seen["run"] = client.model_id
+    info = client.get_info()
+    seen["info"] = {"model_id": info.model_id, "model_name": info.model_data.model_name, "tokenizer_id": info.model_data.tokenizer_id, "lora_rank": info.lora_rank}
+    tokenizer = client.get_tokenizer()
+    ids = [tokenizer.encode(t) for t in text]
+    seen["tokenizer"] = {"ids": ids, "eos_token_id": tokenizer.eos_token_id}
+    data = [types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:], "weights": [1.0] * (len(t) - 1)}) for t in ids]
+    adam = types.AdamParams(learning_rate=1e-2)
+
+    def forward(on) -> float:  # noqa: ANN001
+        return on.forward(data, "cross_entropy").result().metrics["loss:sum"]
+
+    def step(on) -> float:  # noqa: ANN001
+        on.forward_backward(data, "cross_entropy").result()
+        on.optim_step(adam).result()
+        return forward(on)
+
+    seen["losses"] = []
+    for _ in range(6):
+        backward = client.forward_backward(data, "cross_entropy")
+        client.optim_step(adam).result()
+        output = backward.result()
+        seen["losses"].append(output.metrics["loss:sum"])
+    seen["output_shapes"] = [out["logprobs"].shape for out in output.loss_fn_outputs]
+    out = client.forward(data, "cross_entropy").result()
+    seen["forward_loss"], seen["forward_logprobs"] = out.metrics["loss:sum"], [o["logprobs"].data for o in out.loss_fn_outputs]
+
+    def custom_loss(batch, logprobs):  # noqa: ANN001, ANN202
+        return sum((-lp).sum() for lp in logprobs), {"datums:sum": float(len(batch))}
+
+    custom = client.forward_backward_custom(data, custom_loss)
+    stepped = client.optim_step(adam)  # submitted before the custom loss's backward pass
+    metrics = _value(custom).metrics
+    seen["custom"] = {"loss": metrics["loss:sum"], "surrogate": metrics["surrogate_loss:sum"], "metric": metrics["datums:sum"],
+                      "forward_loss": seen["forward_loss"], "step": stepped.result().metrics["step"]}  # fmt: skip
+
+    state = {"path": client.save_state("ckpt").result().path, "sampler_path": client.save_weights_for_sampler("sampler").result().path}
+    state["saved_loss"] = forward(client)
+    prompt_ids = tokenizer.encode(prompt)
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+
+    def sampled(sampler) -> dict:  # noqa: ANN001
+        response = sampler.sample(types.ModelInput.from_ints(prompt_ids), 2, greedy, include_prompt_logprobs=True).result()
+        return {"sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason} for s in response.sequences],
+                "sequence_ids": [s.sequence_id for s in response.sequences], "prompt_logprobs": response.prompt_logprobs}  # fmt: skip
+
+    ephemeral = _value(client.save_weights_and_get_sampling_client())
+    named = _value(service.create_sampling_client(model_path=state["sampler_path"]))
+    prompt_datum = types.Datum(model_input=types.ModelInput.from_ints(prompt_ids[:-1]), loss_fn_inputs={"target_tokens": prompt_ids[1:]})
+    seen["samples"] = {
+        "prompt": prompt_ids, "ephemeral": sampled(ephemeral), "named": {**sampled(named), "base_model": named.get_base_model()},
+        "computed": ephemeral.compute_logprobs(types.ModelInput.from_ints(prompt_ids)).result(),
+        "forward_logprobs": client.forward([prompt_datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data,
+    }  # fmt: skip
+
+    resumed = _value(service.create_training_client_from_state_with_optimizer(state["path"]))
+    fresh = _value(service.create_training_client_from_state(state["path"]))
+    seen["resumed_runs"] = [resumed.model_id, fresh.model_id]
+    state["resumed_loss"], state["weights_only_loss"] = forward(resumed), forward(fresh)
+    state["after_one_step"] = {"original": step(client), "with_optimizer": step(resumed), "weights_only": step(fresh)}
+    client.load_state(state["path"]).result()
+    resumed.load_state_with_optimizer(state["path"]).result()
+    state["reloaded_loss"] = [forward(client), forward(resumed)]
+    state["reloaded_step"] = [step(client), step(resumed)]
+    seen["state"] = state
+
+    seen["unsupported"] = {"forward_before": forward(client), "save_weights_external": _failure(lambda: client.save_weights_external("hf"))}
+    seen["unsupported"]["forward_after"] = forward(client)
+
+    rest = service.create_rest_client()
+    run = _value(rest.get_training_run(seen["run"]))
+    seen["listing"] = {
+        "runs": [r.training_run_id for r in _value(rest.list_training_runs(limit=100)).training_runs],
+        "checkpoints": [[c.checkpoint_id, c.checkpoint_type, c.tinker_path] for c in _value(rest.list_checkpoints(seen["run"])).checkpoints],
+        "user_checkpoints": [c.tinker_path for c in _value(rest.list_user_checkpoints()).checkpoints],
+        "last_checkpoint": run.last_checkpoint.checkpoint_id, "last_sampler_checkpoint": run.last_sampler_checkpoint.checkpoint_id,
+    }  # fmt: skip
+    info = _value(rest.get_weights_info_by_tinker_path(state["path"]))
+    seen["weights_info"] = [info.base_model, info.lora_rank, info.train_attn, info.train_mlp, info.train_unembed]
+    seen["archives"] = None
+    if hasattr(rest, "get_checkpoint_archive_url_from_tinker_path"):
+        seen["archives"] = {kind: _archive(_value(rest.get_checkpoint_archive_url_from_tinker_path(state[key])).url)
+                            for kind, key in (("state", "path"), ("sampler", "sampler_path"))}  # fmt: skip
+    return seen
+
+
+def _archive(url: str) -> dict:
+    """Download a checkpoint archive as the SDK's CLI does (plain GET, no key) and summarise it."""
+    import io
+    import tarfile
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as response:
+        with tarfile.open(fileobj=io.BytesIO(response.read())) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return {"members": sorted(members), "adapter_sha256": hashlib.sha256(members["adapter_model.safetensors"]).hexdigest()}
+
+
+def intruder(url: str, key: str, run: str, state: str, sampler: str) -> dict:
+    """Another key's view: what it lists, and how it is refused another key's objects."""
+    import tinker
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    own = _value(service.create_lora_training_client(MODEL, rank=4))
+    doomed = own.save_state("doomed").result().path
+    rest = service.create_rest_client()
+    _value(rest.delete_checkpoint_from_tinker_path(doomed))
+    refused = {
+        "delete_checkpoint": _failure(lambda: rest.delete_checkpoint_from_tinker_path(state)),
+        "get_training_run": _failure(lambda: rest.get_training_run(run)),
+        "list_checkpoints": _failure(lambda: rest.list_checkpoints(run)),
+        "weights_info": _failure(lambda: rest.get_weights_info_by_tinker_path(state)),
+        "create_training_client_from_state": _failure(lambda: service.create_training_client_from_state(state)),
+        "create_sampling_client": _failure(lambda: service.create_sampling_client(model_path=sampler)),
+    }
+    return {
+        "own_run": own.model_id, "refused": refused, "own_checkpoints": [c.tinker_path for c in _value(rest.list_checkpoints(own.model_id)).checkpoints],
+        "runs": [r.training_run_id for r in _value(rest.list_training_runs(limit=100)).training_runs],
+        "user_checkpoints": [c.tinker_path for c in _value(rest.list_user_checkpoints()).checkpoints],
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
+    print(json.dumps({"training": training, "intruder": intruder}[scenario](**arguments)))
