@@ -4,7 +4,7 @@
     python bench/sample.py --model llama-8b --prompts 32 --prompt-length 512 --max-tokens 256   # on a GPU
 
 Decode time is the difference between a run to `max_tokens` and a run to one token (prefill
-only); bandwidth utilisation counts weights plus KV cache read per step (bench/accounting.py).
+only); bandwidth utilisation counts weights plus KV cache read per step (bios/accounting.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 import bios
-from accounting import decode_bytes, device_peaks
-from presets import PRESETS, open_model
 from backends.jax import compiled
 from bios import types
+from bios.accounting import decode_bytes, device_peaks
+from presets import PRESETS, open_model
 
 
 def _timed(sampler: bios.SamplingClient, prompts: list[list[int]], max_tokens: int) -> float:

@@ -3,7 +3,7 @@
     python bench/train_step.py --model bios/tiny --batch 8 --length 128 --steps 10
     python bench/train_step.py --model llama-8b --batch 8 --length 2048   # on a GPU
 
-Prints compile time, tokens/s and, on a known GPU, model FLOP utilisation (bench/accounting.py).
+Prints compile time, tokens/s and, on a known GPU, model FLOP utilisation (bios/accounting.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import time
 import jax
 import numpy as np
 
-from accounting import device_peaks, lora_step_flops
-from presets import PRESETS, open_model
 from backends.jax import compiled
 from bios import types
+from bios.accounting import device_peaks, lora_step_flops
+from presets import PRESETS, open_model
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,4 +1,5 @@
-"""FLOP and byte accounting for LoRA training and decoding, and device peak figures.
+"""FLOP and byte accounting for LoRA training and decoding, and device peak figures (what
+`bench/` reports utilisation against).
 
 LoRA step FLOPs for T tokens through a model with N base parameters (matmul weights only):
   forward                       2·N·T
