@@ -206,7 +206,8 @@ class Service:
             return None
         if row.body_hash != body_hash:
             raise ConflictError(
-                f"Idempotency-Key {key!r} was already used for a different request; use a new key for a new request",
+                f"idempotency key {key!r} was already used for a different request; a new request needs a new key "
+                "(Idempotency-Key header, or with the Tinker protocol a new seq_id)",
                 field="Idempotency-Key",
             )
         if row.status == "rejected":
