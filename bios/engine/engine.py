@@ -297,17 +297,19 @@ class Engine:
 
     # ---- sampling clients -----------------------------------------------------------------
 
-    def create_sampler(self, model_path: str | None = None, base_model: str | None = None) -> SamplerHandle:
-        """A sampling target for a saved checkpoint (`model_path`) or a bare `base_model`."""
+    def create_sampler(self, model_path: str | None = None, base_model: str | None = None, *, sampler_id: str | None = None) -> SamplerHandle:
+        """A sampling target for a saved checkpoint (`model_path`) or a bare `base_model`
+        (named `sampler_id` when given, e.g. to serve a sampler again after a restart)."""
         if (model_path is None) == (base_model is None):
             raise InvalidRequestError("give exactly one of model_path and base_model", field="model_path")
+        sampler_id = sampler_id or f"sampler-{uuid.uuid4().hex[:12]}"
         if base_model is not None:
-            handle = SamplerHandle(f"sampler-{uuid.uuid4().hex[:12]}", self.catalog.get(base_model).name, None)
+            handle = SamplerHandle(sampler_id, self.catalog.get(base_model).name, None)
         else:
             record = self.store.record(model_path)  # type: ignore[arg-type]
             self.catalog.get(record.base_model)
             adapter_id = self.scheduler.call(lambda: self.snapshots.acquire(record)).result()
-            handle = SamplerHandle(f"sampler-{uuid.uuid4().hex[:12]}", record.base_model, adapter_id, record.id)
+            handle = SamplerHandle(sampler_id, record.base_model, adapter_id, record.id)
         with self._lock:
             self._samplers[handle.sampler_id] = handle
         return handle

@@ -96,7 +96,7 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
         raise InvalidRequestError("api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys")
     service = Service(Engine(compute, catalog, store), records, Journal(home / "server" / "journal"), retention_s=options.retention_s)
     recovered = recover(service)
-    if recovered.sessions:
+    if recovered.sessions or recovered.samplers:
         logging.getLogger("bios.server").warning("restored %s", recovered)
     return create_app(service, keys, max_body_bytes=options.max_body_bytes), service
 

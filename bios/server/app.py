@@ -184,7 +184,7 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         if body.model_path is not None:
             service.check_checkpoint(who, body.model_path)
         handle = engine.create_sampler(model_path=body.model_path, base_model=body.base_model)
-        service.add_sampler(handle.sampler_id, who)
+        service.add_sampler(handle.sampler_id, who, base_model=None if body.model_path else handle.base_model, model_path=body.model_path)
         return wire.Sampler(sampler_id=handle.sampler_id, base_model=handle.base_model)
 
     @app.delete("/v1/samplers/{sampler_id}")

@@ -1,4 +1,4 @@
-"""The server's records in a SQL database: sessions, requests with their answers, checkpoints.
+"""The server's records in a SQL database: sessions, requests with their answers, samplers, checkpoints.
 
 SQLite under `BIOS_HOME/server/bios.db` by default; any SQLAlchemy URL (PostgreSQL:
 `postgresql+psycopg://...`) works unchanged, since every statement is SQLAlchemy Core. Tensors
@@ -69,6 +69,16 @@ checkpoints = Table(
     Column("owner", String(64), nullable=False, index=True),
     Column("session_id", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+
+samplers = Table(
+    "samplers",
+    metadata,
+    Column("sampler_id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("base_model", String(256), nullable=True),  # exactly one of base_model and model_path
+    Column("model_path", String(512), nullable=True),
 )
 
 
@@ -179,6 +189,21 @@ class Records:
         with self.engine.begin() as db:
             db.execute(update(requests).where(requests.c.session_id == session_id, requests.c.seq < up_to_seq,
                                               requests.c.replay.is_not(None)).values(replay=None))  # fmt: skip
+
+    # ---- samplers ---------------------------------------------------------------------------
+
+    def add_sampler(self, sampler_id: str, owner: str, base_model: str | None, model_path: str | None) -> None:
+        with self.engine.begin() as db:
+            db.execute(insert(samplers).values(sampler_id=sampler_id, owner=owner, base_model=base_model, model_path=model_path))
+
+    def remove_sampler(self, sampler_id: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(delete(samplers).where(samplers.c.sampler_id == sampler_id))
+
+    def all_samplers(self) -> list[tuple[str, str, str | None, str | None]]:
+        """(sampler_id, owner, base_model, model_path) of every recorded sampler."""
+        with self.engine.connect() as db:
+            return [tuple(row) for row in db.execute(select(samplers.c.sampler_id, samplers.c.owner, samplers.c.base_model, samplers.c.model_path))]
 
     # ---- checkpoints ------------------------------------------------------------------------
 

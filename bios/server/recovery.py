@@ -5,7 +5,8 @@ last acknowledged change); a change written to the journal whose answer was not 
 is acknowledged now with the answer written beside it; the gradients of acknowledged
 `forward_backward` requests made after that state are applied again in their order; every
 other request that was still running is answered with a retryable error, having changed
-nothing. The session then takes requests numbered after the last one it had seen.
+nothing. The session then takes requests numbered after the last one it had seen. Sampling
+clients of the native API are served again under their ids.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bios import wire
-from bios.errors import APIConnectionError
+from bios.errors import APIConnectionError, BiosError
 from bios.server.service import Service, encode_error
 
 RESTARTED = "the server restarted before this request finished; nothing of it was applied, so submit it again"
@@ -21,10 +22,11 @@ RESTARTED = "the server restarted before this request finished; nothing of it wa
 
 @dataclass
 class Recovered:
-    """What `recover` did: sessions restored, answers completed from the journal, gradients
-    re-applied, and requests failed as interrupted."""
+    """What `recover` did: sessions and samplers restored, answers completed from the journal,
+    gradients re-applied, and requests failed as interrupted."""
 
     sessions: int = 0
+    samplers: int = 0
     completed: int = 0
     replayed: int = 0
     interrupted: int = 0
@@ -62,4 +64,12 @@ def recover(service: Service) -> Recovered:
             else:
                 service.engine.skip(session_id, seq)
         done.sessions += 1
+    for sampler_id, owner, base_model, model_path in service.records.all_samplers():
+        try:
+            service.engine.create_sampler(model_path=model_path, base_model=None if model_path else base_model, sampler_id=sampler_id)
+        except BiosError:  # its checkpoint or model is gone: so is the sampler
+            service.records.remove_sampler(sampler_id)
+            continue
+        service.add_sampler(sampler_id, owner)
+        done.samplers += 1
     return done

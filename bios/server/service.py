@@ -118,7 +118,11 @@ class Service:
         self.engine.close_session(session_id)
         self.journal.delete(session_id)
 
-    def add_sampler(self, sampler_id: str, owner: str) -> None:
+    def add_sampler(self, sampler_id: str, owner: str, *, base_model: str | None = None, model_path: str | None = None) -> None:
+        """File a sampler under `owner`; given what it samples from (`base_model` or
+        `model_path`), it is also recorded and served again after a restart."""
+        if base_model is not None or model_path is not None:
+            self.records.add_sampler(sampler_id, owner, base_model, model_path)
         with self._lock:
             self._sampler_owner[sampler_id] = owner
 
@@ -132,6 +136,7 @@ class Service:
         self.check_sampler(owner, sampler_id)
         with self._lock:
             del self._sampler_owner[sampler_id]
+        self.records.remove_sampler(sampler_id)
         self.engine.release_sampler(sampler_id)
 
     def check_checkpoint(self, owner: str, path: object) -> str:

@@ -106,3 +106,21 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
             np.testing.assert_array_equal(got[name], expected[name], err_msg=f"replayed gradient: {name}")
     finally:
         server.stop()
+
+
+def test_sampling_clients_are_served_again_after_a_restart(tmp_path):
+    server = ServerProcess(tmp_path, "--backend", "emulator", env={"BIOS_API_KEYS": KEY}).start()
+    try:
+        service = bios.ServiceClient(base_url=server.url, api_key=KEY)
+        training = service.create_lora_training_client(MODEL, rank=4, seed=5)
+        training.train(random_batch(seed=5), learning_rate=1e-2)
+        tuned = training.save_weights_and_get_sampling_client("for-sampling")
+        base = service.create_sampling_client(base_model=MODEL)
+        prompt, greedy = types.ModelInput.from_ints([7, 300, 41]), types.SamplingParams(max_tokens=6, temperature=0.0)
+        before = [client.sample(prompt, greedy).result().sequences[0].tokens for client in (tuned, base)]
+        server.kill()
+        server.start()
+        after = [client.sample(prompt, greedy).result().sequences[0].tokens for client in (tuned, base)]
+        assert after == before and before[0] != before[1]
+    finally:
+        server.stop()
