@@ -19,12 +19,16 @@ from bios.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
+    RateLimitError,
     RequestTooLargeError,
+    ServiceUnavailableError,
+    SessionExpiredError,
     UnsupportedError,
 )
 from bios.futures import BiosFuture
 from bios.sampling_client import SamplingClient
 from bios.service_client import ServiceClient
+from bios.simulation import SimulationConfig
 from bios.tokenizer import Tokenizer
 from bios.training_client import TrainingClient
 
@@ -41,9 +45,13 @@ __all__ = [
     "ConflictError",
     "InvalidRequestError",
     "NotFoundError",
+    "RateLimitError",
     "RequestTooLargeError",
     "SamplingClient",
     "ServiceClient",
+    "ServiceUnavailableError",
+    "SessionExpiredError",
+    "SimulationConfig",
     "Tokenizer",
     "TrainingClient",
     "UnsupportedError",

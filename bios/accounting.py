@@ -18,7 +18,7 @@ from bios.catalog import ModelSpec
 PEAKS = {  # dense bf16 FLOP/s and HBM bytes/s, from the vendors' data sheets
     "H100": (989e12, 3.35e12),
     "H200": (989e12, 4.8e12),
-    "A100": (312e12, 2.0e12),
+    "A100": (312e12, 2.039e12),
     "L40S": (362e12, 0.864e12),
 }
 

@@ -44,6 +44,8 @@ class BiosError(Exception):
     def from_dict(payload: dict) -> "BiosError":
         """Rebuild the error class named by `payload["code"]` (unknown codes give `BiosError`)."""
         cls = _BY_CODE.get(str(payload.get("code")), BiosError)
+        if cls is RateLimitError:
+            return RateLimitError(str(payload.get("message", "")), field=payload.get("field"), retry_after=float(payload.get("retry_after") or 1.0))
         return cls(str(payload.get("message", "")), field=payload.get("field"))
 
 
@@ -104,11 +106,44 @@ class APIConnectionError(BiosError):
 
 
 class APITimeoutError(BiosError, TimeoutError):
-    """The request or the wait for its result timed out. Retryable."""
+    """The request or the wait for its result timed out. Retryable: a retry of a training
+    request at the same sequence number gets the original answer if it did run."""
 
     code = "timeout"
     status = 408
     retryable = True
+
+
+class ServiceUnavailableError(BiosError):
+    """The service failed transiently while running the request, which changed nothing (503). Retryable."""
+
+    code = "unavailable"
+    status = 503
+    retryable = True
+
+
+class SessionExpiredError(BiosError):
+    """The session missed its heartbeats and was evicted; the request changed nothing (503).
+    Retryable: the next request restores the session from its last acknowledged state."""
+
+    code = "session_expired"
+    status = 503
+    retryable = True
+
+
+class RateLimitError(BiosError):
+    """Too many requests (429); nothing was changed. Retry after `retry_after` seconds."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = float(retry_after)
+
+    def to_dict(self) -> dict[str, str | int | bool | None]:
+        return {**super().to_dict(), "retry_after": self.retry_after}
 
 
 _BY_CODE: dict[str, type[BiosError]] = {
@@ -124,6 +159,9 @@ _BY_CODE: dict[str, type[BiosError]] = {
         RequestTooLargeError,
         APIConnectionError,
         APITimeoutError,
+        ServiceUnavailableError,
+        SessionExpiredError,
+        RateLimitError,
     )
 }
 

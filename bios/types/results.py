@@ -11,6 +11,17 @@ from bios.types.params import LoraConfig
 from bios.types.tensors import TensorData
 
 
+class RequestTiming(ResultModel):
+    """When the service queued, started and answered a request, in seconds on its clock (the
+    simulated clock under the service simulator), and how many attempts the client made: a
+    retried request was queued with its first attempt and started and answered with its last."""
+
+    enqueued_at: float
+    started_at: float
+    finished_at: float
+    attempts: int = 1
+
+
 class ForwardBackwardResult(ResultModel):
     """Result of `forward` or `forward_backward` on a batch.
 
@@ -23,6 +34,7 @@ class ForwardBackwardResult(ResultModel):
     loss_fn_output_type: str = "TensorData"
     loss_fn_outputs: list[dict[str, TensorData]] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
+    timing: RequestTiming | None = None
 
 
 ForwardBackwardOutput = ForwardBackwardResult
@@ -33,6 +45,7 @@ class OptimStepResult(ResultModel):
 
     step: int
     metrics: dict[str, float] = Field(default_factory=dict)
+    timing: RequestTiming | None = None
 
 
 class TrainingResult(ResultModel):
@@ -42,6 +55,8 @@ class TrainingResult(ResultModel):
     step: int
     metrics: dict[str, float] = Field(default_factory=dict)
     loss_fn_outputs: list[dict[str, TensorData]] = Field(default_factory=list)
+    timing: RequestTiming | None = None
+    """The optim_step's timing (the forward_backward's comes first)."""
 
 
 StopReason = Literal["stop", "length"]
@@ -61,6 +76,7 @@ class SampleResult(ResultModel):
 
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
+    timing: RequestTiming | None = None
 
 
 SampleResponse = SampleResult
