@@ -1,7 +1,9 @@
 """Client configuration, resolved once: explicit argument, then `BIOS_*` variable, then default.
 
 Variables: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND`, `BIOS_BACKEND_OPTIONS`
-(`key=value,key=value`), `BIOS_HOME`.
+(`key=value,key=value`), `BIOS_HOME`, `BIOS_SIMULATION` (a simulation profile's TOML path),
+`BIOS_SIMULATION_TRACE` (where the simulator writes its trace file, overriding the profile's
+`trace`; only with `BIOS_SIMULATION`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bios.errors import InvalidRequestError
+from bios.simulation import SimulationConfig
 
 
 
@@ -27,6 +30,8 @@ class ClientConfig:
     home: Path
     backend_options: tuple[tuple[str, str], ...] = ()
     """Backend settings as sorted (key, value) pairs, e.g. (("devices", "8"),)."""
+    simulation: SimulationConfig | None = None
+    """Run the in-process backend under the service simulator (bios.simulation)."""
 
     @classmethod
     def resolve(
@@ -35,15 +40,27 @@ class ClientConfig:
         base_url: str | None = None,
         backend: str | None = None,
         backend_options: dict[str, str] | None = None,
+        simulation: SimulationConfig | None = None,
     ) -> "ClientConfig":
         env = os.environ
         options = backend_options if backend_options is not None else parse_options(env.get("BIOS_BACKEND_OPTIONS", ""))
+        if simulation is not None and not isinstance(simulation, SimulationConfig):
+            raise InvalidRequestError(f"simulation must be a bios.SimulationConfig, got {type(simulation).__name__}", field="simulation")
+        simulation = simulation if simulation is not None else SimulationConfig.from_env()
+        remote = base_url or env.get("BIOS_BASE_URL") or None
+        if simulation is not None and remote is not None:
+            raise InvalidRequestError(
+                "simulation: a ServiceClient with a base_url talks to a server, which simulates only if started with "
+                "`bios serve --simulation PROFILE.toml`; drop base_url (or BIOS_BASE_URL) to simulate in this process",
+                field="simulation",
+            )
         return cls(
             api_key=api_key or env.get("BIOS_API_KEY") or None,
             base_url=base_url or env.get("BIOS_BASE_URL") or None,
             backend=backend or env.get("BIOS_BACKEND") or default_backend(),
             home=bios_home(),
             backend_options=tuple(sorted((str(k), str(v)) for k, v in options.items())),
+            simulation=simulation,
         )
 
 

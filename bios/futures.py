@@ -22,10 +22,29 @@ def pinned(future: concurrent.futures.Future, owner: object) -> concurrent.futur
     return future
 
 
+class TimedFuture(concurrent.futures.Future):
+    """A future that also says when its request was queued, started and answered (`timing`, a
+    `bios.types.RequestTiming` set before it resolves) on `clock`, a `bios.clock.Clock`."""
+
+    def __init__(self, clock: object) -> None:
+        super().__init__()
+        self.clock = clock
+        self.timing: object = None
+
+
+def settle_clock(future: concurrent.futures.Future) -> None:
+    """A client has waited for `future`: under the service simulator, its simulated clock moves
+    to the time the answer arrived (futures without timing leave every clock alone)."""
+    timing, clock = getattr(future, "timing", None), getattr(future, "clock", None)
+    if timing is not None and clock is not None:
+        clock.advance_to(timing.finished_at)
+
+
 class BiosFuture(Generic[T]):
     """The eventual result of one request.
 
     `method` names the call that made it, so that a misuse can point at its `*_async` twin.
+    Waiting for it (`result`, `exception`, `await`) is what moves a simulated clock forward.
     """
 
     def __init__(self, inner: concurrent.futures.Future, method: str = "this call") -> None:
@@ -50,6 +69,9 @@ class BiosFuture(Generic[T]):
             return self._inner.result(timeout)
         except concurrent.futures.TimeoutError:
             raise APITimeoutError(f"{self._method}: no result within {timeout} s") from None
+        finally:
+            if self._inner.done():
+                settle_clock(self._inner)
 
     async def result_async(self, timeout: float | None = None) -> T:
         """Await the result (at most `timeout` seconds).
@@ -73,6 +95,9 @@ class BiosFuture(Generic[T]):
             return self._inner.exception(timeout)
         except concurrent.futures.TimeoutError:
             raise APITimeoutError(f"{self._method}: no result within {timeout} s") from None
+        finally:
+            if self._inner.done():
+                settle_clock(self._inner)
 
     def _refuse_to_block_a_running_loop(self) -> None:
         """BlockingCallError if this thread runs an event loop and the result is not ready."""
@@ -105,6 +130,7 @@ class BiosFuture(Generic[T]):
         def copy_state() -> None:
             if waiter.done():
                 return
+            settle_clock(self._inner)
             if self._inner.cancelled():
                 waiter.cancel()
             elif self._inner.exception() is not None:

@@ -9,6 +9,7 @@ import weakref
 
 from bios.engine import SamplerHandle
 from bios.futures import BiosFuture, pinned
+from bios.retry import retrying
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import ModelInput, SampleResult, SamplingParams
@@ -30,7 +31,8 @@ class SamplingClient:
 
         With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]).
         """
-        future = self._transport.sampler_sample(self._handle.sampler_id, prompt, sampling_params, num_samples, prompt_logprobs=include_prompt_logprobs)
+        sampler_id = self._handle.sampler_id
+        future = retrying(lambda: self._transport.sampler_sample(sampler_id, prompt, sampling_params, num_samples, prompt_logprobs=include_prompt_logprobs), self._transport.clock, "sample")
         return BiosFuture(pinned(future, self), "sample")
 
     async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1, include_prompt_logprobs: bool = False) -> SampleResult:
@@ -38,7 +40,9 @@ class SamplingClient:
 
     def compute_logprobs(self, prompt: ModelInput) -> BiosFuture[list[float | None]]:
         """log p(prompt[t] | prompt[:t]) for every t; None for t = 0. Equals `forward`'s logprobs."""
-        return BiosFuture(pinned(self._transport.sampler_logprobs(self._handle.sampler_id, prompt), self), "compute_logprobs")
+        sampler_id = self._handle.sampler_id
+        future = retrying(lambda: self._transport.sampler_logprobs(sampler_id, prompt), self._transport.clock, "compute_logprobs")
+        return BiosFuture(pinned(future, self), "compute_logprobs")
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self.compute_logprobs(prompt)

@@ -8,6 +8,7 @@ import os
 from bios.config import ClientConfig
 from bios.errors import InvalidRequestError
 from bios.sampling_client import SamplingClient
+from bios.simulation import SimulationConfig, SimulationReport
 from bios.training_client import TrainingClient
 from bios.transport import connect
 from bios.types import LoraConfig, ServerCapabilities
@@ -19,7 +20,10 @@ class ServiceClient:
     Configuration is resolved once, here: explicit argument, then environment, then default.
     Environment: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND` (default "jax" when JAX is
     installed, else "emulator"), `BIOS_BACKEND_OPTIONS` (`key=value,...`, e.g. the jax
-    backend's `devices`, `model_parallel`, `dtype`), and `BIOS_HOME` (checkpoints; default ~/.bios).
+    backend's `devices`, `model_parallel`, `dtype`), `BIOS_HOME` (checkpoints; default ~/.bios),
+    `BIOS_SIMULATION` (a TOML profile: run the backend under the service simulator, as
+    `simulation=SimulationConfig(...)` does; see docs/simulator.md) and `BIOS_SIMULATION_TRACE`
+    (where that simulation writes its trace, overriding the profile's `trace`).
     """
 
     def __init__(
@@ -28,9 +32,17 @@ class ServiceClient:
         base_url: str | None = None,
         backend: str | None = None,
         backend_options: dict[str, str] | None = None,
+        simulation: SimulationConfig | None = None,
     ) -> None:
-        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options)
+        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options, simulation=simulation)
         self._transport = connect(self.config)
+
+    def simulation_report(self) -> SimulationReport | None:
+        """Under the service simulator: the run so far — requests, retries and faults by kind,
+        simulated wall time, device-busy fraction and projected cost (printing it gives the
+        text); the trace file, if the simulation names one, is written too. None otherwise."""
+        report = getattr(self._transport, "simulation_report", None)
+        return report() if report is not None else None
 
     def get_server_capabilities(self) -> ServerCapabilities:
         """The models this deployment serves, with their architecture facts."""

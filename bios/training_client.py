@@ -14,11 +14,12 @@ import concurrent.futures
 import math
 import threading
 import weakref
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from bios import custom_loss
 from bios.errors import InvalidRequestError
-from bios.futures import BiosFuture, pinned
+from bios.futures import BiosFuture, TimedFuture, pinned
+from bios.retry import retrying
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import (
@@ -42,12 +43,15 @@ _ADAM_KWARGS = {"weight_decay": "weight_decay", "grad_clip": "grad_clip_norm", "
 _custom_loss_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-custom-loss")
 
 
-def _combine_train(outer: concurrent.futures.Future, fb: ForwardBackwardResult, opt: concurrent.futures.Future) -> None:
+def _combine_train(outer: TimedFuture, fb: ForwardBackwardResult, opt: concurrent.futures.Future) -> None:
+    outer.timing = getattr(opt, "timing", None)
     if opt.exception() is not None:
         outer.set_exception(opt.exception())
         return
     step: OptimStepResult = opt.result()
-    outer.set_result(TrainingResult(loss=fb.loss, step=step.step, metrics={**fb.metrics, **step.metrics}, loss_fn_outputs=fb.loss_fn_outputs))
+    retries = fb.metrics.get("retries", 0.0) + step.metrics.get("retries", 0.0)
+    metrics = {**fb.metrics, **step.metrics, **({"retries": retries} if retries else {})}
+    outer.set_result(TrainingResult(loss=fb.loss, step=step.step, metrics=metrics, loss_fn_outputs=fb.loss_fn_outputs, timing=step.timing))
 
 
 class TrainingClient:
@@ -67,11 +71,17 @@ class TrainingClient:
             first, self._seq = self._seq, self._seq + count
             return first
 
+    def _send(self, seq: int, label: str, submit: Callable[[], concurrent.futures.Future]) -> concurrent.futures.Future:
+        """`submit()` (the request at `seq`), retried per the retry contract (bios.retry); a
+        request that keeps failing releases `seq` so the session's later requests can run."""
+        return retrying(submit, self._transport.clock, label, give_up=lambda: self._transport.skip(self.session_id, seq))
+
     # ---- forward / backward -----------------------------------------------------------------
 
     def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
         """Loss and per-token logprobs under the current weights; accumulates no gradient."""
-        future = self._transport.forward_backward(self.session_id, self._reserve(), data, loss_fn, loss_fn_config, backward=False)
+        seq = self._reserve()
+        future = self._send(seq, "forward", lambda: self._transport.forward_backward(self.session_id, seq, data, loss_fn, loss_fn_config, backward=False))
         return BiosFuture(pinned(future, self), "forward")
 
     async def forward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
@@ -84,7 +94,8 @@ class TrainingClient:
         """
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
-        future = self._transport.forward_backward(self.session_id, self._reserve(), data, loss_fn, loss_fn_config, backward=True)
+        seq = self._reserve()
+        future = self._send(seq, "forward_backward", lambda: self._transport.forward_backward(self.session_id, seq, data, loss_fn, loss_fn_config, backward=True))
         return BiosFuture(pinned(future, self), "forward_backward")
 
     async def forward_backward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
@@ -103,7 +114,7 @@ class TrainingClient:
         reduced = custom_loss.logprob_data(data)
         seq = self._reserve(2)
         try:
-            forward = self._transport.forward_backward(self.session_id, seq, reduced, "cross_entropy", None, backward=False)
+            forward = self._send(seq, "forward_backward_custom", lambda: self._transport.forward_backward(self.session_id, seq, reduced, "cross_entropy", None, backward=False))
         except Exception:
             self._transport.skip(self.session_id, seq + 1)
             raise
@@ -115,7 +126,7 @@ class TrainingClient:
                 logprobs = [out["logprobs"].to_numpy() for out in result.loss_fn_outputs]
                 loss, metrics, grads = custom_loss.evaluate(loss_fn, data, logprobs)
                 surrogate = custom_loss.surrogate_data(reduced, grads)
-                self._transport.forward_backward(self.session_id, seq + 1, surrogate, "cross_entropy", None, backward=True).result()
+                self._send(seq + 1, "forward_backward_custom", lambda: self._transport.forward_backward(self.session_id, seq + 1, surrogate, "cross_entropy", None, backward=True)).result()
                 outer.set_result(ForwardBackwardResult(loss=loss, loss_fn_outputs=result.loss_fn_outputs, metrics={**metrics, "loss:sum": loss}))
             except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller's future
                 self._transport.skip(self.session_id, seq + 1)
@@ -132,7 +143,8 @@ class TrainingClient:
     def optim_step(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
         """Apply the accumulated gradient with Adam(W) (docs/losses.md O1–O5) and clear it."""
         adam = AdamParams() if adam_params is None else adam_params
-        return BiosFuture(pinned(self._transport.optim_step(self.session_id, self._reserve(), adam), self), "optim_step")
+        seq = self._reserve()
+        return BiosFuture(pinned(self._send(seq, "optim_step", lambda: self._transport.optim_step(self.session_id, seq, adam)), self), "optim_step")
 
     async def optim_step_async(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
         return self.optim_step(adam_params)
@@ -162,7 +174,7 @@ class TrainingClient:
             raise InvalidRequestError("loss_fn_config applies to built-in losses only", field="loss_fn_config")
         fwd = self.forward_backward(data, loss_fn, config)  # type: ignore[arg-type]
         step_seq = self._reserve()
-        outer: concurrent.futures.Future = concurrent.futures.Future()
+        outer = TimedFuture(self._transport.clock)
 
         def after_forward(done: BiosFuture[ForwardBackwardResult]) -> None:
             if done.exception() is not None:
@@ -170,7 +182,7 @@ class TrainingClient:
                 outer.set_exception(done.exception())  # type: ignore[arg-type]
                 return
             try:
-                step = self._transport.optim_step(self.session_id, step_seq, adam)
+                step = self._send(step_seq, "optim_step", lambda: self._transport.optim_step(self.session_id, step_seq, adam))
             except Exception as exc:  # noqa: BLE001 - reported through the train future
                 outer.set_exception(exc)
                 return
@@ -183,7 +195,9 @@ class TrainingClient:
 
     def sample(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> BiosFuture[SampleResult]:
         """Completions from the session's current weights, in order with its training calls."""
-        return BiosFuture(pinned(self._transport.sample(self.session_id, self._reserve(), prompt, sampling_params, num_samples), self), "sample")
+        seq = self._reserve()
+        future = self._send(seq, "sample", lambda: self._transport.sample(self.session_id, seq, prompt, sampling_params, num_samples))
+        return BiosFuture(pinned(future, self), "sample")
 
     async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> SampleResult:
         return await self.sample(prompt, sampling_params, num_samples)
@@ -192,7 +206,9 @@ class TrainingClient:
 
     def save_state(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`."""
-        return BiosFuture(pinned(self._transport.save_state(self.session_id, self._reserve(), name, metadata, "state"), self), "save_state")
+        seq = self._reserve()
+        future = self._send(seq, "save_state", lambda: self._transport.save_state(self.session_id, seq, name, metadata, "state"))
+        return BiosFuture(pinned(future, self), "save_state")
 
     async def save_state_async(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         return self.save_state(name, metadata)
@@ -202,16 +218,22 @@ class TrainingClient:
 
         Pending gradients are discarded. The checkpoint must be of the same base model.
         """
-        self._transport.load_state(self.session_id, self._reserve(), path).result()
+        self._load(path).result()
         return self
 
     async def load_state_async(self, path: str) -> "TrainingClient":
-        await asyncio.wrap_future(self._transport.load_state(self.session_id, self._reserve(), path))
+        await self._load(path)
         return self
+
+    def _load(self, path: str) -> BiosFuture[TrainingInfo]:
+        seq = self._reserve()
+        return BiosFuture(pinned(self._send(seq, "load_state", lambda: self._transport.load_state(self.session_id, seq, path)), self), "load_state")
 
     def save_weights_for_sampler(self, name: str) -> BiosFuture[StateResult]:
         """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training never changes it."""
-        return BiosFuture(pinned(self._transport.save_state(self.session_id, self._reserve(), name, None, "sampler"), self), "save_weights_for_sampler")
+        seq = self._reserve()
+        future = self._send(seq, "save_weights_for_sampler", lambda: self._transport.save_state(self.session_id, seq, name, None, "sampler"))
+        return BiosFuture(pinned(future, self), "save_weights_for_sampler")
 
     async def save_weights_for_sampler_async(self, name: str) -> BiosFuture[StateResult]:
         return self.save_weights_for_sampler(name)

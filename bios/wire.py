@@ -21,6 +21,9 @@ from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
 API_KEY_HEADER = "Authorization"
 """Carries `Bearer <api key>`."""
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+ATTEMPT_HEADER = "Bios-Attempt"
+"""Which try of a request this is (1, 2, ...): a client's retries of one request share its
+sequence number but not its idempotency key, and the server submits them as that attempt."""
 MAX_WAIT_S = 30.0
 """The longest a long-poll is held before the server answers 408 (not done yet)."""
 

@@ -19,12 +19,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardOutput, OptimStepOutput, SampleOutput
+from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardOutput, OptimStepOutput, SampleOutput, SimulatingBackend, Ticket
 from bios.catalog import Catalog, ModelSpec
+from bios.clock import REAL_CLOCK, current_attempt
 from bios.engine import validation
 from bios.engine.checkpoints import SCHEME, CheckpointStore, parse_path
 from bios.engine.peft import is_local_directory, read_peft_adapter
 from bios.engine.scheduler import Job, Scheduler
+from bios.futures import TimedFuture
 from bios.engine.snapshots import SnapshotPool
 from bios.errors import BackendError, InvalidRequestError, NotFoundError
 from bios.losses import LOSSES
@@ -67,13 +69,22 @@ class SamplerHandle:
 
 
 class Engine:
-    """Owns sessions, sampler snapshots and the checkpoint store on top of one backend."""
+    """Owns sessions, sampler snapshots and the checkpoint store on top of one backend.
 
-    def __init__(self, backend: Backend, catalog: Catalog, store: CheckpointStore) -> None:
+    On a simulating backend (the service simulator) every queued request is first admitted by
+    the backend with a `Ticket`, its future is a `TimedFuture` on the backend's clock, and —
+    unless `inline` is False (a server, whose event loop must never run backend calls) or the
+    backend is not deterministic — requests run inline in submission order.
+    """
+
+    def __init__(self, backend: Backend, catalog: Catalog, store: CheckpointStore, *, inline: bool | None = None) -> None:
         self.backend = backend
         self.catalog = catalog
         self.store = store
-        self.scheduler = Scheduler(backend)
+        self.simulating = isinstance(backend, SimulatingBackend)
+        self.clock = backend.clock if self.simulating else REAL_CLOCK  # type: ignore[attr-defined]
+        deterministic = self.simulating and bool(backend.deterministic)  # type: ignore[attr-defined]
+        self.scheduler = Scheduler(backend, inline=deterministic if inline is None else inline and deterministic)
         self._sessions: dict[str, _Session] = {}
         self._samplers: dict[str, SamplerHandle] = {}
         self.snapshots = SnapshotPool(backend, store)
@@ -202,11 +213,21 @@ class Engine:
     def _ordered(self, session: _Session, seq: int, build: Callable[[], Job]) -> concurrent.futures.Future:
         """Validate with `build` and queue at `seq`; a rejected request still uses up `seq`."""
         try:
-            job = build()
+            job = self._admitted(build(), session.session_id, seq)
         except Exception:
             self.scheduler.skip(session.session_id, seq)
             raise
         return self.scheduler.submit(session.session_id, seq, job)
+
+    def _admitted(self, job: Job, lane: str, seq: int | None) -> Job:
+        """`job`, admitted by a simulating backend with its ticket (which may refuse it)."""
+        if self.simulating and job.kind != "call":
+            attempt = current_attempt()
+            sent_at = self.clock.now() if attempt.sent_at is None else attempt.sent_at
+            job.ticket = Ticket(lane=lane, seq=seq, kind=job.kind, enqueued_at=sent_at, attempt=attempt.number)
+            self.backend.admit(job.work, job.ticket)  # type: ignore[attr-defined]
+            job.future = TimedFuture(self.clock)
+        return job
 
     # ---- training --------------------------------------------------------------------------
 
@@ -331,7 +352,7 @@ class Engine:
         """Future[SampleResult] from a frozen snapshot or base model."""
         handle = self._sampler(sampler_id)
         work = validation.sample_work(handle.adapter_id, self.catalog.get(handle.base_model), prompt, params, num_samples, prompt_logprobs=prompt_logprobs)
-        return self.scheduler.submit(None, None, Job("sample", handle.base_model, work, _sample_result))
+        return self.scheduler.submit(None, None, self._admitted(Job("sample", handle.base_model, work, _sample_result), sampler_id, None))
 
     def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
         """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
@@ -347,7 +368,7 @@ class Engine:
         def finish(output: ForwardBackwardOutput) -> list[float | None]:
             return [None, *(float(x) for x in output.logprobs[0])]
 
-        return self.scheduler.submit(None, None, Job("forward_backward", model.name, work, finish))
+        return self.scheduler.submit(None, None, self._admitted(Job("forward_backward", model.name, work, finish), sampler_id, None))
 
     def _sampler(self, sampler_id: str) -> SamplerHandle:
         try:
@@ -363,6 +384,11 @@ class Engine:
     def delete_checkpoint(self, path: str) -> None:
         parse_path(path)
         self.store.delete(path)
+
+    def simulation_report(self) -> object | None:
+        """The simulator's report so far (a `bios.simulation.SimulationReport`; it also writes
+        the trace file when the simulation names one), or None when not simulating."""
+        return self.backend.report() if self.simulating else None  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.scheduler.close()

@@ -7,7 +7,14 @@ lane (sampling from frozen snapshots) have no order.
 
 Each round the worker takes the head of every ready lane and every unordered job, groups
 them by (kind, base model) and makes ONE backend call per group, so concurrent sessions on
-the same base model share device calls. Only the worker thread touches the backend.
+the same base model share device calls. Only the worker thread touches the backend. In
+`inline` mode (the simulator's deterministic replay) there is no worker: the submitting
+thread runs every ready round itself, so jobs run in submission order.
+
+Retries: a lane job that fails with a retryable error that changed nothing leaves its
+sequence number open (the lane waits for it to be submitted again, or skipped). A job that ran
+but whose answer was lost (`LostAnswer`) uses its number up, and submitting that number again
+gets the stored answer instead of running twice.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bios.backend import Backend
+from bios.backend import Backend, LostAnswer, Ticket, Timed, Timing
 from bios.errors import BackendError, BiosError, ConflictError, NotFoundError
+from bios.futures import TimedFuture
+from bios.types import RequestTiming
 
 BATCHED_KINDS = ("forward_backward", "optim_step", "sample")
 
@@ -34,27 +43,37 @@ class Job:
     work: object
     finish: Callable[[object], object] = lambda output: output
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    ticket: Ticket | None = None
+    """Set for a simulating backend: the job's future is then a `TimedFuture`."""
+    lane: str | None = None
+    seq: int | None = None
 
 
 @dataclass(slots=True)
 class _Lane:
     next_seq: int = 0
     pending: dict[int, Job | None] = field(default_factory=dict)
+    lost: dict[int, tuple[str, object]] = field(default_factory=dict)
+    """seq → (kind, result) of jobs that ran but whose answer was lost."""
 
 
 class Scheduler:
     """Queues jobs and runs them on the backend from a single worker thread."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, inline: bool = False) -> None:
         self.backend = backend
         self.backend_calls = 0
         self.jobs_run = 0
+        self.inline = inline
         self._lanes: dict[str, _Lane] = {}
         self._unordered: list[Job] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="bios-engine", daemon=True)
-        self._worker.start()
+        self._draining = False
+        self._worker: threading.Thread | None = None
+        if not inline:
+            self._worker = threading.Thread(target=self._run, name="bios-engine", daemon=True)
+            self._worker.start()
 
     def open_lane(self, lane_id: str, next_seq: int = 0) -> None:
         with self._cond:
@@ -70,15 +89,30 @@ class Scheduler:
             return seq
 
     def submit(self, lane_id: str | None, seq: int | None, job: Job) -> concurrent.futures.Future:
-        """Queue `job` at position `seq` of `lane_id` (or unordered when lane_id is None)."""
+        """Queue `job` at position `seq` of `lane_id` (or unordered when lane_id is None). A
+        `seq` whose job ran but lost its answer gets that answer again (same kind only)."""
         with self._cond:
             self._check_open()
             if lane_id is None:
                 self._unordered.append(job)
             else:
+                lost = self._lane(lane_id).lost.get(seq)  # type: ignore[arg-type]
+                if lost is not None and lost[0] == job.kind:
+                    self._answer_again(job, lost[1])
+                    return job.future
                 self._reserve(lane_id, seq)[seq] = job  # type: ignore[index]
+                job.lane, job.seq = lane_id, seq
             self._cond.notify()
+        self._run_inline()
         return job.future
+
+    def _answer_again(self, job: Job, result: object) -> None:
+        """Resolve `job` with the stored `result` of its sequence number, answered at once."""
+        if job.ticket is not None:
+            at = job.ticket.enqueued_at
+            self._stamp(job, Timing(at, at, at))
+            result = _with_timing(result, job.future.timing)
+        job.future.set_result(result)
 
     def skip(self, lane_id: str, seq: int) -> None:
         """Mark `seq` as used by nothing, so later jobs of the lane may run."""
@@ -105,7 +139,8 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._worker.join(timeout=60)
+        if self._worker is not None:
+            self._worker.join(timeout=60)
         closed = BackendError("the engine was shut down before this request ran")
         for job in self._unordered + [j for lane in self._lanes.values() for j in lane.pending.values() if j]:
             if not job.future.done():
@@ -141,6 +176,28 @@ class Scheduler:
                 jobs.append(lane.pending.pop(lane.next_seq))  # type: ignore[arg-type]
                 lane.next_seq += 1
         return jobs
+
+    def _run_inline(self) -> None:
+        """Inline mode: run every ready round now, in this thread, unless a thread (maybe this
+        one, from a callback) is already doing so — it will pick up what was just queued."""
+        if not self.inline:
+            return
+        with self._cond:
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            while True:
+                with self._cond:
+                    jobs = self._take_round()
+                    if not jobs:
+                        self._draining = False
+                        return
+                self._run_round(jobs)
+        except BaseException:
+            with self._cond:
+                self._draining = False
+            raise
 
     def _run(self) -> None:
         while True:
@@ -185,13 +242,23 @@ class Scheduler:
     def _resolve(self, job: Job, produce: Callable[[], object]) -> None:
         self.jobs_run += 1
         error: BiosError | None = None
+        changed_nothing = True
         try:
             output = produce()
+            if isinstance(output, Timed):
+                self._stamp(job, output.timing)
+                output = output.value
+            if isinstance(output, LostAnswer):
+                changed_nothing = False
+                self._remember_lost(job, job.finish(output.output))
+                raise output.error
             if isinstance(output, BaseException):
                 raise output
-            result = job.finish(output)
+            result = _with_timing(job.finish(output), getattr(job.future, "timing", None))
         except Exception as exc:
             error = _as_backend_error(exc)
+            if error.retryable and changed_nothing:
+                self._reopen(job)
         try:
             if error is not None:
                 job.future.set_exception(error)
@@ -199,6 +266,36 @@ class Scheduler:
                 job.future.set_result(result)
         except concurrent.futures.InvalidStateError:
             pass  # the caller cancelled its future; the job ran anyway, in order, and nobody waits
+
+    def _stamp(self, job: Job, timing: Timing) -> None:
+        if isinstance(job.future, TimedFuture):
+            attempt = job.ticket.attempt if job.ticket is not None else 1
+            job.future.timing = RequestTiming(enqueued_at=timing.enqueued_at, started_at=timing.started_at, finished_at=timing.finished_at, attempts=attempt)
+
+    def _remember_lost(self, job: Job, result: object) -> None:
+        """Keep the answer of a lane job that ran but whose answer was lost, for its retry."""
+        if job.lane is None:
+            return
+        with self._cond:
+            lane = self._lanes.get(job.lane)
+            if lane is not None:
+                lane.lost[job.seq] = (job.kind, result)  # type: ignore[index]
+
+    def _reopen(self, job: Job) -> None:
+        """A lane job failed retryably without changing anything: its number waits for a retry."""
+        if job.lane is None:
+            return
+        with self._cond:
+            lane = self._lanes.get(job.lane)
+            if lane is not None and lane.next_seq == job.seq + 1:  # type: ignore[operator]
+                lane.next_seq = job.seq  # type: ignore[assignment]
+
+
+def _with_timing(result: object, timing: RequestTiming | None) -> object:
+    """`result` carrying `timing`, when it is a result type with a `timing` field."""
+    if timing is None or "timing" not in getattr(type(result), "model_fields", {}):
+        return result
+    return result.model_copy(update={"timing": timing})  # type: ignore[attr-defined]
 
 
 def _as_backend_error(exc: Exception) -> BiosError:

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from bios import wire
+from bios.clock import attempt
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from bios.server.auth import KeyRing, bearer
 from bios.server.service import Service, encode_result
@@ -45,11 +46,14 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
             pruner.cancel()
 
     app = FastAPI(title="Bios", version="1", lifespan=lifespan)
+    app.add_middleware(AttemptNumbers)
     engine = service.engine
 
     @app.exception_handler(BiosError)
     async def bios_error(_request: Request, exc: BiosError) -> JSONResponse:
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,7 +93,8 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     @app.get("/v1/stats")
     def stats(who: str = Depends(owner)) -> dict:
         """Engine counters: backend calls made and jobs (requests) they ran, since start."""
-        return {"backend_calls": engine.scheduler.backend_calls, "jobs_run": engine.scheduler.jobs_run}
+        return {"backend_calls": engine.scheduler.backend_calls, "jobs_run": engine.scheduler.jobs_run,
+                "retried_attempts_by_status": {str(k): v for k, v in sorted(service.notices_served.items())}}  # fmt: skip
 
     @app.get("/v1/capabilities")
     def capabilities(who: str = Depends(owner)):  # noqa: ANN202 - the model is the schema
@@ -233,3 +238,22 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     app.include_router(tinker_router(service, keys))  # the official Tinker SDK's /api/v1 protocol
     return app
 
+
+
+class AttemptNumbers:
+    """ASGI middleware: a request carrying `Bios-Attempt: n` (a client's n-th try of one request)
+    submits its work as attempt n (`bios.clock.attempt`), so that a simulating backend draws
+    that try's faults, not the first try's again."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001 - an ASGI app
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - the ASGI interface
+        header = wire.ATTEMPT_HEADER.lower().encode()
+        raw = dict(scope.get("headers") or ()).get(header) if scope["type"] == "http" else None
+        number = int(raw) if raw is not None and raw.isdigit() and int(raw) >= 1 else None
+        if number is None:
+            await self.app(scope, receive, send)
+            return
+        with attempt(number, None):
+            await self.app(scope, receive, send)

@@ -5,8 +5,10 @@ last acknowledged change); a change written to the journal whose answer was not 
 is acknowledged now with the answer written beside it; the gradients of acknowledged
 `forward_backward` requests made after that state are applied again in their order; every
 other request that was still running is answered with a retryable error, having changed
-nothing. The session then takes requests numbered after the last one it had seen. Sampling
-clients of the native API are served again under their ids.
+nothing. The session then takes requests numbered after the last one it had seen, except
+that the numbers of interrupted native requests stay open for the clients' retries (a Tinker
+client never resubmits a failed request, so its numbers are released). Sampling clients of
+the native API are served again under their ids.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def recover(service: Service) -> Recovered:
         if entry is None:  # the server died while creating it: it was never acknowledged
             continue
         rows = service.records.session_requests(session_id)
-        finished = []
+        finished, resubmittable = [], set()
         for row in rows:
             if row.status != "pending":
                 continue
@@ -51,6 +53,8 @@ def recover(service: Service) -> Recovered:
             else:
                 finished.append((row.request_id, "error", interrupted))
                 done.interrupted += 1
+                if not row.kind.startswith("tinker."):  # bios clients retry it at the same number
+                    resubmittable.add(row.seq)
         service.records.finish_requests(finished)
         service.engine.reopen_session(entry.state, next_seq=entry.seq + 1)
         service.adopt_session(session_id, owner)
@@ -61,7 +65,7 @@ def recover(service: Service) -> Recovered:
                 body = wire.ForwardBackward.model_validate_json(replays[seq])
                 service.engine.forward_backward(session_id, seq, body.data, body.loss_fn, body.loss_fn_config, backward=True)
                 done.replayed += 1
-            else:
+            elif seq not in resubmittable:  # an interrupted request's number waits for its retry
                 service.engine.skip(session_id, seq)
         done.sessions += 1
     for sampler_id, owner, base_model, model_path in service.records.all_samplers():

@@ -7,7 +7,9 @@ is turned into its answer envelope by ONE writer thread, which commits finished 
 database in batches, keeps them in memory pre-serialised, and then wakes the long-polls
 waiting for them on the event loop (no poll ever queries the database while a request runs).
 A retry carrying the same idempotency key gets the first request back; finished answers are
-forgotten after `retention_s`.
+forgotten after `retention_s`. For a protocol whose clients never resubmit a failed request
+(Tinker's), the service itself retries a request that failed retryably (bios.retry, same
+sequence number), and the next poll hears of that failure as its HTTP status (503, 408 or 429).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import sqlalchemy.exc
 from bios.engine import Engine
 from bios.engine.checkpoints import parse_path
 from bios.errors import BiosError, ConflictError, NotFoundError
+from bios.futures import settle_clock
+from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
@@ -75,6 +79,8 @@ class Service:
         self._pending: dict[str, _Pending] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
         self._waiting: dict[str, asyncio.Event] = {}
+        self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
+        self.notices_served: dict[int, int] = {}  # HTTP status → polls answered with a failed attempt
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_answers, name="bios-answers", daemon=True)
@@ -173,13 +179,15 @@ class Service:
 
     def submit(self, owner: str, kind: str, body: bytes, key: str | None, start: Callable[[], concurrent.futures.Future],
                *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None, replay: bytes | None = None,
-               encode: Callable[[object], bytes] = encode_result, encode_failure: Callable[[BaseException], bytes] = encode_error) -> str:  # fmt: skip
+               encode: Callable[[object], bytes] = encode_result, encode_failure: Callable[[BaseException], bytes] = encode_error,
+               retry_transient: bool = False) -> str:  # fmt: skip
         """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
         seen before (same kind and body), the first request's id instead. A request the engine
         rejects at once raises that error, and so does every retry of it. The answer stored and
         served verbatim is `encode(result)` or `encode_failure(error)` (by default the JSON
         envelopes of `bios.wire`; another protocol passes its own). `replay`: for a request that
-        adds a gradient, a `bios.wire.ForwardBackward` body that re-applies it after a restart."""
+        adds a gradient, a `bios.wire.ForwardBackward` body that re-applies it after a restart.
+        `retry_transient`: retry a retryable failure here (see the module docstring)."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
         if key is not None:
             earlier = self._earlier(owner, key, body_hash)
@@ -194,7 +202,7 @@ class Service:
                 raise
             return earlier
         try:
-            future = start()
+            future = self._retried(request_id, kind, start, session_id, seq) if retry_transient else start()
         except BiosError as exc:
             self.records.finish_requests([(request_id, "rejected", encode_error(exc))])
             raise
@@ -202,6 +210,21 @@ class Service:
             self._pending[request_id] = _Pending(owner, record, encode, encode_failure)
         future.add_done_callback(lambda done: self._finished.put((request_id, done)))
         return request_id
+
+    def _retried(self, request_id: str, kind: str, start: Callable[[], concurrent.futures.Future], session_id: str | None, seq: int | None) -> concurrent.futures.Future:
+        """`start()`, retried on retryable failures; each failure becomes a notice for the next poll."""
+
+        def give_up() -> None:
+            if session_id is not None and seq is not None:
+                self.engine.skip(session_id, seq)
+
+        return retrying(start, self.engine.clock, kind, give_up=give_up, on_retry=lambda error: self._notice(request_id, error))
+
+    def _notice(self, request_id: str, error: BiosError) -> None:
+        with self._lock:
+            self._notices.setdefault(request_id, []).append(error)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake, [request_id])
 
     def _earlier(self, owner: str, key: str, body_hash: str) -> str | None:
         """The id of `owner`'s request with idempotency `key`; re-raises its rejection;
@@ -237,8 +260,10 @@ class Service:
         return done[1]
 
     async def wait(self, owner: str, request_id: str, timeout: float) -> bytes | None:
-        """`answer`, waiting up to `timeout` seconds for it on the event loop."""
+        """`answer`, waiting up to `timeout` seconds for it on the event loop. A request the
+        service retried (`retry_transient`): each failed attempt is raised to one poll first."""
         found = self.answer(owner, request_id)
+        self._raise_notice(request_id)
         if found is not None or timeout <= 0:
             return found
         event = self._waiting.setdefault(request_id, asyncio.Event())
@@ -246,7 +271,20 @@ class Service:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             pass
-        return self.answer(owner, request_id)
+        found = self.answer(owner, request_id)
+        self._raise_notice(request_id)
+        return found
+
+    def _raise_notice(self, request_id: str) -> None:
+        with self._lock:
+            waiting = self._notices.get(request_id)
+            notice = waiting.pop(0) if waiting else None
+            if waiting is not None and not waiting:
+                del self._notices[request_id]
+            if notice is not None:
+                self.notices_served[notice.status] = self.notices_served.get(notice.status, 0) + 1
+        if notice is not None:
+            raise notice
 
     def _write_answers(self) -> None:
         """The writer thread: finished engine futures → envelopes → database → memory → wake-ups."""
@@ -259,6 +297,7 @@ class Service:
             for request_id, done in filter(None, batch):
                 with self._lock:
                     pending = self._pending[request_id]
+                settle_clock(done)  # a simulated clock moves on as answers are given
                 error = done.exception()
                 envelope = pending.encode_failure(error) if error is not None else pending.encode(done.result())
                 if error is None and pending.record is not None:
@@ -292,4 +331,5 @@ class Service:
         with self._lock:
             for request_id in [rid for rid, (_, _, at) in self._answers.items() if at < cutoff]:
                 del self._answers[request_id]
+                self._notices.pop(request_id, None)
         return self.records.prune_requests(cutoff)

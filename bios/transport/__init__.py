@@ -20,7 +20,7 @@ def connect(config: ClientConfig) -> Transport:
         from bios.transport.http import HttpTransport  # needs the `server` extra (httpx)
 
         return HttpTransport(config.base_url, config.api_key)  # type: ignore[return-value]
-    return shared_engine(config.backend, config.home, config.backend_options)
+    return shared_engine(config.backend, config.home, config.backend_options, config.simulation)
 
 
 __all__ = ["Transport", "connect"]

@@ -22,6 +22,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from bios import wire
+from bios.clock import REAL_CLOCK, current_attempt
 from bios.engine import validation
 from bios.engine.checkpoints import parse_path
 from bios.engine.engine import SamplerHandle
@@ -63,13 +64,15 @@ class HttpTransport:
         self._pollers = concurrent.futures.ThreadPoolExecutor(max_workers=pollers, thread_name_prefix="bios-poll")
         self._tokenizers: dict[str, Tokenizer] = {}
         self._lock = threading.Lock()
+        self.clock = REAL_CLOCK
+        """Client retries back off in real time (a simulating server keeps its own clock)."""
 
     # ---- the wire -------------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, body: BaseModel | None = None, params: dict | None = None, *, mutating: bool = False) -> httpx.Response:
         """One logical request, retried on connection failures and 429/502/503/504; raises the
         server's BiosError for any other status >= 400 except a long-poll's 408."""
-        headers = {wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex} if mutating else {}
+        headers = {wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex, wire.ATTEMPT_HEADER: str(current_attempt().number)} if mutating else {}
         content = body.model_dump_json().encode() if body is not None else None
         if content is not None:
             headers["Content-Type"] = "application/json"

@@ -1,6 +1,7 @@
 """kill -9 of bios serve mid-run: after a restart every session resumes at its last acknowledged
 step with bit-identical weights, acknowledged gradients are kept, nothing is applied twice, and
-requests that were running fail with a retryable error."""
+requests that were running fail with a retryable error, which the clients retry at the same
+sequence numbers, so their training loops carry on."""
 
 from __future__ import annotations
 
@@ -88,8 +89,7 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
         for seed, client in sessions.items():
             steps = acknowledged[seed]
             assert steps == list(range(1, len(steps) + 1)), f"session {seed}: steps acknowledged {steps}"
-            for error in errors[seed]:
-                assert isinstance(error, bios.APIConnectionError) and error.retryable, error
+            assert errors[seed] == [], "the clients retry interrupted requests at their sequence numbers"
             info = client.get_info()
             assert info.step == len(steps), f"session {seed} resumed at {info.step}, last acknowledged {len(steps)}"
             got = _weights(home, client.save_state("after-crash").result().path)

@@ -76,6 +76,19 @@ def server(tmp_path_factory):
             yield running
 
 
+@pytest.fixture(scope="module")
+def simulated_server(tmp_path_factory):
+    """The same server under the service simulator's fault profile (examples/profiles/faults.toml)."""
+    from bios.server import ServerOptions
+    from server_process import ThreadedServer
+
+    profile = REPO / "examples" / "profiles" / "faults.toml"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B}")
+        with ThreadedServer(ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("faulty-home"), simulation=profile)) as running:
+            yield running
+
+
 @pytest.fixture(scope="module", params=SDK_RELEASES)
 def trained(request, server) -> tuple[str, dict]:
     """(SDK version, what the training scenario observed) for each pinned release."""
@@ -220,6 +233,24 @@ def test_a_key_sees_none_of_another_keys_runs_or_checkpoints(trained, server):
         "delete_checkpoint": "NotFoundError", "get_training_run": "NotFoundError", "list_checkpoints": "NotFoundError", "weights_info": "NotFoundError",
         "create_training_client_from_state": "NotFoundError", "create_sampling_client": "NotFoundError",
     }  # fmt: skip
+
+
+def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simulated_server):
+    """5xx, 408 and 429 answers (and a restart) from a simulating server: the SDK carries on and
+    its losses are exactly those of a server without faults."""
+    import httpx
+
+    version = SDK_RELEASES[0]
+    clean = run_sdk(version, "sft_steps", url=server.url, key=KEY_A, text=TEXTS, steps=16)
+    faulty = run_sdk(version, "sft_steps", url=simulated_server.url, key=KEY_A, text=TEXTS, steps=16)
+    assert faulty["losses"] == clean["losses"]
+    assert faulty["losses"][-1] < 0.8 * faulty["losses"][0]
+    stats = httpx.get(f"{simulated_server.url}/v1/stats", headers={"Authorization": f"Bearer {KEY_A}"}).json()
+    heard = stats["retried_attempts_by_status"]
+    assert {"408", "429", "503"} <= set(heard), heard  # the SDK's polls were answered with each
+    report = simulated_server.service.engine.simulation_report()
+    assert report.faults["restart"] == 1 and min(report.faults[k] for k in ("transient", "timeout", "rate_limit", "session_expiry")) >= 1
+    assert sum(report.retries.values()) >= sum(heard.values())
 
 
 # ---- the SDK side: run as `python test_tinker_sdk.py SCENARIO JSON` with one release on the path ----
@@ -370,6 +401,22 @@ def intruder(url: str, key: str, run: str, state: str, sampler: str) -> dict:
     }  # fmt: skip
 
 
+def sft_steps(url: str, key: str, text: list[str], steps: int) -> dict:
+    """`steps` SFT steps (forward_backward, then optim_step) on a fresh seeded run: the losses."""
+    import tinker
+    from tinker import types
+
+    client = _value(tinker.ServiceClient(base_url=url, api_key=key).create_lora_training_client(MODEL, rank=8, seed=3))
+    tokenizer = client.get_tokenizer()
+    data = [types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]}) for ids in map(tokenizer.encode, text)]
+    losses = []
+    for _ in range(steps):
+        backward = client.forward_backward(data, "cross_entropy")
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        losses.append(backward.result().metrics["loss:sum"])
+    return {"losses": losses}
+
+
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"training": training, "intruder": intruder}[scenario](**arguments)))
+    print(json.dumps({"training": training, "intruder": intruder, "sft_steps": sft_steps}[scenario](**arguments)))

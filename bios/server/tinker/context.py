@@ -43,10 +43,11 @@ class Tinker:
         """`Service.submit` of a Tinker request: answers stored in the Tinker encoding, the
         idempotency `key` (a retry with the same key and body gets the first request, another
         body a 409), filed under `run`'s Bios session at engine sequence number `seq`, with the
-        service's `record` and `replay` hooks that keep a session's training across a restart."""
+        service's `record` and `replay` hooks that keep a session's training across a restart.
+        The SDK never resubmits a failed request, so the service retries retryable failures."""
         return self.service.submit(
             who, f"tinker.{kind}", body, key, start, session_id=run.session_id if run else None, seq=seq,
-            record=record, replay=replay, encode=encode, encode_failure=answers.failure,
+            record=record, replay=replay, encode=encode, encode_failure=answers.failure, retry_transient=True,
         )  # fmt: skip
 
     def ordered(self, run: Run, seq: int, prepare: Callable[[], T]) -> T:
