@@ -1,9 +1,10 @@
-"""The `bios` command line: `bios demo`, `bios models`, `bios serve`, `bios keys create`,
-`bios sessions list`, `bios checkpoints list|delete|export`."""
+"""The `bios` command line: `bios demo`, `bios models`, `bios simulate`, `bios serve`,
+`bios keys create`, `bios sessions list`, `bios checkpoints list|delete|export`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -35,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     export.add_argument("destination")
 
+    simulate = commands.add_parser(
+        "simulate",
+        help="run a training script in this process under the service simulator and print its report",
+        description="Run SCRIPT, unmodified, in this process with its ServiceClients on the service simulator "
+        "(BIOS_SIMULATION=PROFILE); then print the simulated time, faults and projected cost. Arguments after "
+        "SCRIPT are the script's own. Exit status: the script's.",
+    )
+    simulate.add_argument("--profile", type=Path, required=True, help="simulation profile, TOML (see examples/profiles/)")
+    simulate.add_argument("--trace", type=Path, default=None, help="write the Chrome trace here (overrides the profile's trace)")
+    simulate.add_argument("script", type=Path, help="the training script (run as __main__)")
+    simulate.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+
     serve = commands.add_parser("serve", help="serve the API over HTTP to API-key holders")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -44,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-auth", action="store_true", help="accept requests without a key (loopback only)")
     serve.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite under BIOS_HOME/server)")
     serve.add_argument("--keys-file", type=Path, default=None, help="API key hashes (default: BIOS_HOME/server/keys)")
+    serve.add_argument("--simulation", type=Path, default=None, help="run the backend under the service simulator with this TOML profile")
 
     keys = commands.add_parser("keys", help="manage the API keys of `bios serve`")
     key_commands = keys.add_subparsers(dest="action", required=True)
@@ -59,12 +73,83 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from bios.config import ClientConfig, parse_options
+    from bios.config import default_backend, parse_options
     from bios.server import ServerOptions, serve
 
-    config = ClientConfig.resolve(backend=args.backend, backend_options=parse_options(args.backend_options) if args.backend_options else None)
-    serve(ServerOptions(host=args.host, port=args.port, backend=config.backend, backend_options=config.backend_options,
-                        models=args.models, no_auth=args.no_auth, database_url=args.database_url, keys_file=args.keys_file))  # fmt: skip
+    backend = args.backend or os.environ.get("BIOS_BACKEND") or default_backend()
+    options = parse_options(args.backend_options or os.environ.get("BIOS_BACKEND_OPTIONS", ""))
+    serve(ServerOptions(host=args.host, port=args.port, backend=backend, backend_options=tuple(sorted(options.items())),
+                        models=args.models, no_auth=args.no_auth, database_url=args.database_url, keys_file=args.keys_file,
+                        simulation=args.simulation))  # fmt: skip
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """`bios simulate`: validate the profile, run the script under it, print every report.
+
+    Returns the script's exit status; 2 (running nothing) for a bad profile or a missing
+    script; 1 when the script returned normally but never created a simulated client.
+    """
+    import os
+
+    from bios.errors import InvalidRequestError
+    from bios.simulation import SimulationConfig
+    from bios.transport.inprocess import simulation_reports
+
+    script: Path = args.script
+    if not script.is_file():
+        raise InvalidRequestError(f"script: {script} is not a file; give the path of a Python training script", field="script")
+    try:
+        SimulationConfig.from_toml(args.profile)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"simulation profile {args.profile}: {exc}", field=exc.field) from None
+    if os.environ.get("BIOS_BASE_URL"):
+        raise InvalidRequestError(
+            "BIOS_BASE_URL is set, but `bios simulate` runs the service in this process; unset it "
+            "(or start the server with `bios serve --simulation PROFILE.toml`)",
+            field="base_url",
+        )
+    os.environ["BIOS_SIMULATION"] = str(args.profile.resolve())
+    if args.trace is not None:
+        os.environ["BIOS_SIMULATION_TRACE"] = str(args.trace.resolve())
+    if not os.environ.get("BIOS_BACKEND"):
+        os.environ["BIOS_BACKEND"] = "emulator"
+    trace = SimulationConfig.from_env().trace  # type: ignore[union-attr]
+    code = _run_script(script, args.script_args)
+    sys.stdout.flush()
+    reports = simulation_reports()
+    if not reports:
+        print(f"bios simulate: {script} created no ServiceClient in this process, so nothing was simulated", file=sys.stderr)
+        return code or 1
+    for report in reports:
+        print(f"\n{report}")
+    if trace is not None and Path(trace).is_file():
+        print(f"trace: {trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    return code
+
+
+def _run_script(script: Path, script_args: list[str]) -> int:
+    """Run `script` as `__main__` with `sys.argv = [script, *script_args]` and its directory
+    first on `sys.path`, as `python SCRIPT ARGS` would; returns its exit status (an uncaught
+    exception is printed and gives 1). Restores `sys.argv` and `sys.path`."""
+    import runpy
+    import traceback
+
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *script_args]
+    sys.path.insert(0, str(script.resolve().parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - the script's own failure: report it as python would, then the simulation
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.copytree(store.peft_directory(args.path), args.destination, dirs_exist_ok=True)
                 print(f"exported {args.path} to {args.destination}")
+        elif args.command == "simulate":
+            return _simulate(args)
         elif args.command == "serve":
             _serve(args)
         elif args.command == "keys":

@@ -1,6 +1,7 @@
 """`bios serve`: the engine behind a multi-tenant HTTP API (FastAPI + uvicorn).
 
-`build(options)` assembles catalog, backend, engine, database, keys and the FastAPI app;
+`build(options)` assembles catalog, backend (under the service simulator when
+`options.simulation` names a profile), engine, database, keys and the FastAPI app;
 `serve(options)` runs it with uvicorn. Needs the `server` extra.
 """
 
@@ -17,13 +18,17 @@ from bios.backend import BackendConfig
 from bios.catalog import BUILTIN_MODELS, Catalog
 from bios.config import bios_home
 from bios.engine import CheckpointStore, Engine, create_backend
+from bios.engine.registry import simulated
 from bios.errors import InvalidRequestError
+from bios.simulation import SimulationConfig
 
 
 @dataclass(frozen=True)
 class ServerOptions:
     """What `bios serve` is told. `models`: a TOML catalog (None serves the built-in models);
-    `database_url`: SQLAlchemy URL (None: SQLite under home); `keys_file`: default home/server/keys."""
+    `database_url`: SQLAlchemy URL (None: SQLite under home); `keys_file`: default home/server/keys;
+    `simulation`: a TOML simulation profile (bios.simulation) to run the backend under the
+    service simulator, None for none."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -36,6 +41,7 @@ class ServerOptions:
     keys_file: Path | None = None
     max_body_bytes: int = 64 << 20
     retention_s: float = 3600.0
+    simulation: Path | None = None
 
 
 def load_catalog(path: Path | None) -> Catalog:
@@ -77,7 +83,9 @@ def check_bind(host: str, no_auth: bool) -> None:
 
 
 def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Service)
-    """The FastAPI app and its `Service` for `options`."""
+    """The FastAPI app and its `Service` for `options`; InvalidRequestError (before anything is
+    built) for a bad simulation profile. The engine never runs backend calls inline: they
+    would run on the event loop's thread."""
     from bios.server.app import create_app
     from bios.server.auth import KeyRing
     from bios.server.db import Records, connect, default_url
@@ -87,14 +95,17 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
 
     check_bind(options.host, options.no_auth)
     home = (options.home or bios_home()).resolve()
+    simulation = SimulationConfig.from_toml(options.simulation) if options.simulation is not None else None
     catalog = load_catalog(options.models)
     compute = create_backend(options.backend, BackendConfig(catalog=catalog, options=dict(options.backend_options)))
+    if simulation is not None:
+        compute = simulated(compute, simulation, catalog)
     store = CheckpointStore(home / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
     records = Records(connect(options.database_url or default_url(home)))
     keys = KeyRing(options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth)
     if keys.enabled and not len(keys):
         raise InvalidRequestError("api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys")
-    service = Service(Engine(compute, catalog, store), records, Journal(home / "server" / "journal"), retention_s=options.retention_s)
+    service = Service(Engine(compute, catalog, store, inline=False), records, Journal(home / "server" / "journal"), retention_s=options.retention_s)
     recovered = recover(service)
     if recovered.sessions or recovered.samplers:
         logging.getLogger("bios.server").warning("restored %s", recovered)
@@ -102,12 +113,30 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
 
 
 def serve(options: ServerOptions) -> None:
-    """Build the server and run it until interrupted."""
+    """Build the server and run it until interrupted (Ctrl-C or SIGTERM); under the simulator,
+    print its report (and write its trace file, if the profile names one) on the way out."""
+    import signal
+    import sys
+    import threading
+
     import uvicorn
 
     app, service = build(options)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down gracefully on SIGTERM, then raises it again; without a handler that
+        # would kill the process before the cleanup below. Exit with the shell's status for it.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_keep_alive=75)
     finally:
         service.close()
-        service.engine.close()
+        try:
+            report = service.engine.simulation_report()
+            if report is not None:
+                print(report, file=sys.stderr)
+        finally:
+            service.engine.close()
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
