@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import weakref
 from typing import Callable, Generator, Generic, TypeVar
 
 from bios.errors import APITimeoutError, BlockingCallError
@@ -112,8 +113,12 @@ class BiosFuture(Generic[T]):
             )
 
     def add_done_callback(self, fn: Callable[["BiosFuture[T]"], object]) -> None:
-        """Call `fn(self)` once the future is done (at once if it already is)."""
-        self._inner.add_done_callback(lambda _inner: fn(self))
+        """Call `fn(self)` once the future is done (at once if it already is). The callback holds
+        this future weakly (a strong hold would make a reference cycle that keeps a client and
+        its session alive until the garbage collector runs); if it is gone by then, `fn` gets a
+        new future of the same request."""
+        this, method = weakref.ref(self), self._method
+        self._inner.add_done_callback(lambda inner: fn(this() or BiosFuture(inner, method)))
 
     def __await__(self) -> Generator[object, None, T]:
         return self._shielded().__await__()

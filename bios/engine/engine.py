@@ -99,6 +99,7 @@ class Engine:
             supported_models=[_model_info(spec) for spec in models],
             backend=self.backend.name,
             loss_fns=list(LOSSES),
+            simulated_time_scale=self.clock.time_scale if self.simulating else None,  # type: ignore[attr-defined]
         )
 
     def tokenizer(self, base_model: str) -> Tokenizer:

@@ -31,6 +31,8 @@ from bios.futures import TimedFuture
 from bios.types import RequestTiming
 
 BATCHED_KINDS = ("forward_backward", "optim_step", "sample")
+LOST_KEPT = 1024
+"""How many sequence numbers back a lost answer is kept for a retry."""
 
 
 @dataclass(slots=True)
@@ -54,7 +56,7 @@ class _Lane:
     next_seq: int = 0
     pending: dict[int, Job | None] = field(default_factory=dict)
     lost: dict[int, tuple[str, object]] = field(default_factory=dict)
-    """seq → (kind, result) of jobs that ran but whose answer was lost."""
+    """seq → (kind, result) of jobs that ran but whose answer was lost (the last LOST_KEPT numbers)."""
 
 
 class Scheduler:
@@ -280,6 +282,8 @@ class Scheduler:
             lane = self._lanes.get(job.lane)
             if lane is not None:
                 lane.lost[job.seq] = (job.kind, result)  # type: ignore[index]
+                for old in [seq for seq in lane.lost if seq < job.seq - LOST_KEPT]:  # type: ignore[operator]
+                    del lane.lost[old]
 
     def _reopen(self, job: Job) -> None:
         """A lane job failed retryably without changing anything: its number waits for a retry."""

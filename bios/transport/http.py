@@ -22,7 +22,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from bios import wire
-from bios.clock import REAL_CLOCK, current_attempt
+from bios.clock import REAL_CLOCK, Clock, VirtualClock, current_attempt
 from bios.engine import validation
 from bios.engine.checkpoints import parse_path
 from bios.engine.engine import SamplerHandle
@@ -64,8 +64,7 @@ class HttpTransport:
         self._pollers = concurrent.futures.ThreadPoolExecutor(max_workers=pollers, thread_name_prefix="bios-poll")
         self._tokenizers: dict[str, Tokenizer] = {}
         self._lock = threading.Lock()
-        self.clock = REAL_CLOCK
-        """Client retries back off in real time (a simulating server keeps its own clock)."""
+        self._clock: Clock | None = None
 
     # ---- the wire -------------------------------------------------------------------------------
 
@@ -134,6 +133,15 @@ class HttpTransport:
 
     def capabilities(self) -> ServerCapabilities:
         return ServerCapabilities.model_validate(self._get("/v1/capabilities"))
+
+    @property
+    def clock(self) -> Clock:
+        """What client retries back off on: real time, or a simulating server's simulated time
+        (at its time scale; with scale 0 a retry goes out at once)."""
+        if self._clock is None:
+            scale = self.capabilities().simulated_time_scale
+            self._clock = REAL_CLOCK if scale is None else VirtualClock(scale)
+        return self._clock
 
     def tokenizer(self, base_model: str) -> Tokenizer:
         with self._lock:

@@ -120,6 +120,9 @@ class ServerCapabilities(ResultModel):
     supported_models: list[ModelInfo]
     backend: str = ""
     loss_fns: list[str] = Field(default_factory=list)
+    simulated_time_scale: float | None = None
+    """Set when the deployment runs under the service simulator: real seconds per simulated
+    second (0: simulated time jumps). Its clients back off on simulated time too."""
 
 
 class TrainingInfo(ResultModel):

@@ -70,7 +70,12 @@ def significant(value: float, figures: int) -> str:
 
 
 def duration(seconds: float) -> str:
-    """A duration for reading: "41.2 s" under 120 s, "12.5 min" under 2 h, else "3.25 h"."""
+    """A duration for reading: "19.7 µs" / "110 ms" under a second, "41.2 s" under 120 s,
+    "12.5 min" under 2 h, else "3.25 h"."""
+    if 0 < seconds < 1e-3:
+        return f"{significant(seconds * 1e6, 3)} µs"
+    if 0 < seconds < 1:
+        return f"{significant(seconds * 1e3, 3)} ms"
     if seconds < 120:
         return f"{significant(seconds, 3)} s"
     if seconds < 7200:
@@ -103,10 +108,19 @@ def summary_text(report: SimulationReport) -> str:
         "  " + count_line("retries", report.retries),
         "  " + count_line("faults", report.faults, _ordered(report.faults), injected),
         f"  simulated wall time: {duration(report.wall_s)}; device busy {duration(report.device_busy_s)}",
-        f"this loop: {significant(report.wall_s / 3600, 2)} h on {fleet} "
-        f"({significant(report.device_hours, 2)} device-hours), {round(100 * report.busy_fraction)} % busy",
+        cost_line(report, fleet),
     ]
     return "\n".join(lines)
+
+
+def cost_line(report: SimulationReport, fleet: str) -> str:
+    """ "this loop: 3.2 h on 8×H100 (26 device-hours), 61 % busy" — in hours (2 significant
+    figures) from 0.01 h on; a shorter run is given as a duration and in device-seconds."""
+    if report.wall_s >= 36:
+        return (f"this loop: {significant(report.wall_s / 3600, 2)} h on {fleet} "
+                f"({significant(report.device_hours, 2)} device-hours), {round(100 * report.busy_fraction)} % busy")  # fmt: skip
+    device_seconds = significant(report.wall_s * report.devices, 2)
+    return f"this loop: {duration(report.wall_s)} on {fleet} ({device_seconds} device-seconds), {round(100 * report.busy_fraction)} % busy"
 
 
 def build_report(

@@ -4,6 +4,8 @@ does and trains on; every PEFT setting Bios cannot honour is refused, naming it,
 
 from __future__ import annotations
 
+import gc
+
 import json
 import uuid
 from pathlib import Path
@@ -66,7 +68,11 @@ def tiny_state(rank: int = 4, modules: tuple[str, ...] = ("q_proj", "v_proj", "d
 
 
 def bios_state_of(service) -> tuple[int, int, list[str]]:
+    """(sessions, adapters, checkpoint paths) of the engine, after collecting garbage: a client
+    an earlier test dropped must not end its session in the middle of a comparison."""
+    gc.collect()
     engine = service._transport
+    engine.scheduler.call(lambda: None).result()  # sessions ended by that collection are freed
     return len(engine._sessions), len(engine.backend._adapters), [r.path for r in engine.store.list()]
 
 

@@ -18,9 +18,9 @@ from typing import Iterator
 import pytest
 
 import bios
-from bios.backend import Backend
+from bios.backend import Backend, LostAnswer
 from bios.engine.scheduler import Job, Scheduler
-from bios.errors import BackendError, ConflictError, InvalidRequestError, NotFoundError
+from bios.errors import APITimeoutError, BackendError, ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from bios.transport.inprocess import shared_engine
 
 from helpers import MODEL, random_batch
@@ -45,8 +45,20 @@ class FakeBackend:
         self.calls.append((kind, list(work)))
         if "raise" in work:
             raise RuntimeError("device fell over")
-        out: list[object] = [InvalidRequestError(f"bad item {w}", field="w") if w == "reject" else (kind, w) for w in work]
+        out: list[object] = [self._answer(kind, w) for w in work]
         return out[:-1] if self.short else out
+
+    @staticmethod
+    def _answer(kind: str, w: str) -> object:
+        """(kind, w), or: "reject" fails, "flaky" fails retryably changing nothing, "lost" runs
+        but loses its answer."""
+        if w == "reject":
+            return InvalidRequestError(f"bad item {w}", field="w")
+        if w == "flaky":
+            return ServiceUnavailableError("try again")
+        if w == "lost":
+            return LostAnswer((kind, w), APITimeoutError("the answer was lost"))
+        return (kind, w)
 
     def create_adapter(self, spec: object, state: object = None) -> None: ...
 
@@ -311,3 +323,27 @@ def test_a_sample_answered_early_resolves_before_the_backend_call_returns(sched,
     assert first.future.result(timeout=10) == ("sample", "first")
     assert [kind for kind, _ in backend.calls] == ["sample"]
     assert backend.early_seen_done == (False, True)  # the second was answered while the call still ran
+
+
+def test_a_retryable_failure_that_changed_nothing_keeps_its_number_open(sched: Scheduler, backend: FakeBackend) -> None:
+    failed = sched.submit("a", 0, job("forward_backward", "flaky"))
+    later = sched.submit("a", 1, job("optim_step", "w1"))
+    with pytest.raises(ServiceUnavailableError):
+        failed.result(timeout=30)
+    drain(sched)
+    assert not later.done()  # the lane waits for the retry of 0
+    assert sched.next_seq("a") == 0
+    retried = sched.submit("a", 0, job("forward_backward", "w0"))
+    assert retried.result(timeout=30) == ("forward_backward", "w0") and later.result(timeout=30) == ("optim_step", "w1")
+
+
+def test_a_lost_answer_uses_its_number_and_a_retry_gets_it_without_running_again(sched: Scheduler, backend: FakeBackend) -> None:
+    with pytest.raises(APITimeoutError):
+        sched.submit("a", 0, job("optim_step", "lost")).result(timeout=30)
+    assert sched.next_seq("a") == 1
+    calls = len(backend.calls)
+    assert sched.submit("a", 0, job("optim_step", "anything")).result(timeout=30) == ("optim_step", "lost")
+    assert len(backend.calls) == calls  # answered from the record
+    with pytest.raises(ConflictError):  # another kind of request at that number is a conflict
+        sched.submit("a", 0, job("forward_backward", "w"))
+    assert sched.submit("a", 1, job("forward_backward", "w1")).result(timeout=30) == ("forward_backward", "w1")

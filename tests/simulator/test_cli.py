@@ -156,7 +156,11 @@ def test_a_simulated_server_answers_exactly_what_an_unsimulated_run_computes(tmp
     options = ServerOptions(backend="emulator", no_auth=True, home=tmp_path, simulation=FAULTS)
     with ThreadedServer(options) as server:
         assert server.service.engine.simulating
-        got = sft_losses(bios.ServiceClient(base_url=server.url))
+        client = bios.ServiceClient(base_url=server.url)
+        assert client.get_server_capabilities().simulated_time_scale == 0.0
+        assert client._transport.clock.jumps  # the client's retries back off on simulated time: no real waits
+        got = sft_losses(client)
         report = server.service.engine.simulation_report()
     assert got == expected
     assert report.requests["forward_backward"] >= 5 and report.requests["optim_step"] >= 5
+    assert sum(report.retries.values()) >= 1 and report.faults

@@ -154,7 +154,7 @@ def test_empty_report() -> None:
     assert (report.wall_s, report.device_busy_s, report.busy_fraction, report.device_hours) == (0, 0, 0, 0)
     assert report.requests == report.retries == report.faults == {}
     assert report.text.splitlines()[1:4] == ["  requests: none", "  retries: none", "  faults: none"]
-    assert report.text.splitlines()[-1] == "this loop: 0 h on 2×H100 (0 device-hours), 0 % busy"
+    assert report.text.splitlines()[-1] == "this loop: 0 s on 2×H100 (0 device-seconds), 0 % busy"
 
 
 def test_report_text() -> None:
@@ -165,7 +165,7 @@ def test_report_text() -> None:
         "  retries: 2 (optim_step 1, sample 1)",
         "  faults: 3 (rate_limit 1, restart 1, lost_in_restart 1, straggler 1)",
         "  simulated wall time: 11.0 s; device busy 2.50 s",
-        "this loop: 0.0031 h on 8×H100 (0.024 device-hours), 23 % busy",
+        "this loop: 11.0 s on 8×H100 (88 device-seconds), 23 % busy",
     ])
 
 
@@ -185,6 +185,6 @@ def test_last_line_with_known_numbers() -> None:
 
 def test_number_formats() -> None:
     assert [significant(x, 2) for x in (0.011444, 3.2, 0.0996, 150.4, 0.0)] == ["0.011", "3.2", "0.10", "150", "0"]
-    assert [duration(s) for s in (0.01234, 41.23, 119.0, 750.0, 7199.0, 11700.0)] == [
-        "0.0123 s", "41.2 s", "119 s", "12.5 min", "120.0 min", "3.25 h"
+    assert [duration(s) for s in (0.0000197, 0.01234, 41.23, 119.0, 750.0, 7199.0, 11700.0)] == [
+        "19.7 µs", "12.3 ms", "41.2 s", "119 s", "12.5 min", "120.0 min", "3.25 h"
     ]
