@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
-from safetensors import safe_open
+from safetensors.numpy import load, save_file
 
 from bios.backend import AdapterSpec, AdapterState
 
@@ -61,13 +60,15 @@ class Journal:
         os.replace(staging, self._file(session_id))
 
     def read(self, session_id: str) -> Entry | None:
-        """The durable state of `session_id`, None if it has none."""
-        path = self._file(session_id)
-        if not path.exists():
+        """The durable state of `session_id`, None if it has none (also when the session ends
+        while it is being read: the file is read whole, once)."""
+        try:
+            data = self._file(session_id).read_bytes()
+        except FileNotFoundError:
             return None
-        with safe_open(str(path), framework="numpy") as handle:
-            meta = handle.metadata()
-        tensors = load_file(str(path))
+        header_size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_size])["__metadata__"]
+        tensors = load(data)
         groups: dict[str, dict[str, np.ndarray]] = {group: {} for group in _GROUPS}
         for key, array in tensors.items():
             group, _, name = key.partition("/")
