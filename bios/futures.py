@@ -41,6 +41,12 @@ def settle_clock(future: concurrent.futures.Future) -> None:
         clock.advance_to(timing.finished_at)
 
 
+def unsettled(future: "BiosFuture[T]") -> concurrent.futures.Future:
+    """The request's own future under `future`, for chaining inside the client: waiting on it
+    does not move a simulated clock (only a user's wait on a `BiosFuture` does)."""
+    return future._inner
+
+
 class BiosFuture(Generic[T]):
     """The eventual result of one request.
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from bios import custom_loss
 from bios.errors import InvalidRequestError
-from bios.futures import BiosFuture, TimedFuture, pinned
+from bios.futures import BiosFuture, TimedFuture, pinned, unsettled
 from bios.retry import retrying
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
@@ -176,7 +176,7 @@ class TrainingClient:
         step_seq = self._reserve()
         outer = TimedFuture(self._transport.clock)
 
-        def after_forward(done: BiosFuture[ForwardBackwardResult]) -> None:
+        def after_forward(done: concurrent.futures.Future) -> None:
             if done.exception() is not None:
                 self._transport.skip(self.session_id, step_seq)
                 outer.set_exception(done.exception())  # type: ignore[arg-type]
@@ -188,7 +188,7 @@ class TrainingClient:
                 return
             step.add_done_callback(lambda opt: _combine_train(outer, done.result(), opt))
 
-        fwd.add_done_callback(after_forward)
+        unsettled(fwd).add_done_callback(after_forward)  # the user has not waited: the clock stays
         return BiosFuture(pinned(outer, self), "train")
 
     # ---- sampling -----------------------------------------------------------------------------

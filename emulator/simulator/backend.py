@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardWork, OptimStepWork, ResultCallback, SampleOutput, SampleWork, Ticket, Timed, Timing
+from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardWork, LostAnswer, OptimStepWork, ResultCallback, SampleOutput, SampleWork, Ticket, Timed, Timing
 from bios.catalog import Catalog
 from bios.clock import VirtualClock
 from bios.errors import APIConnectionError, APITimeoutError, BiosError, InvalidRequestError, RateLimitError, ServiceUnavailableError, SessionExpiredError
@@ -336,6 +336,4 @@ def _refusal(failure: str, config: SimulationConfig) -> BiosError:
 
 def _lost(output: object, error: BiosError) -> object:
     """A timed-out item's answer: lost if it was computed, else the backend's own error."""
-    from bios.backend import LostAnswer
-
     return error if isinstance(output, BiosError) else LostAnswer(output, error)

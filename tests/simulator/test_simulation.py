@@ -6,6 +6,8 @@ Everything runs on the virtual clock: nothing here sleeps, and no test looks at 
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -186,6 +188,22 @@ def test_time_scale_replays_answers_in_simulated_order(bios_home):
     first, second = training.forward_backward([datum]), training.optim_step()
     timings = [first.result().timing, second.result().timing]
     assert timings[0].finished_at <= timings[1].started_at
+
+
+def test_train_async_moves_the_clock_only_when_awaited(bios_home):
+    config = SimulationConfig(hardware="H100", devices=8, model="meta-llama/Llama-3.1-8B", max_batch_tokens=64)
+    service = bios.ServiceClient(backend="emulator", simulation=config)
+    first, second = (service.create_lora_training_client(MODEL, rank=4, seed=i) for i in range(2))
+    datum = types.Datum(model_input=types.ModelInput.from_ints([3, 4, 5]), loss_fn_inputs={"target_tokens": [4, 5, 6]})
+
+    async def both() -> tuple[types.TrainingResult, types.ForwardBackwardResult]:
+        # train's work runs inline, to its end, before the other task submits at t = 0
+        trained, other = await asyncio.gather(first.train_async([datum], learning_rate=1e-2), second.forward_backward_async([datum]))
+        return trained, await other
+
+    trained, other = asyncio.run(both())
+    assert other.timing.enqueued_at == 0.0
+    assert other.timing.started_at >= trained.timing.finished_at > 0.0  # one pass at a time: it waited its turn
 
 
 def test_bad_simulation_settings_are_typed_errors_naming_the_field(bios_home, tmp_path):
