@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND, jax if installed)")
     serve.add_argument("--backend-options", default="", help="key=value,... for the backend")
-    serve.add_argument("--models", type=Path, default=None, help="TOML catalog of served models (default: the built-in ones)")
+    serve.add_argument("--models", type=Path, default=None, help="TOML catalog listing exactly the served models (default: the built-in ones and those installed in BIOS_HOME/models)")
     serve.add_argument("--no-auth", action="store_true", help="accept requests without a key (loopback only)")
     serve.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite under BIOS_HOME/server)")
     serve.add_argument("--keys-file", type=Path, default=None, help="API key hashes (default: BIOS_HOME/server/keys)")

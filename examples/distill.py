@@ -1,13 +1,18 @@
 """Context distillation: bake a system prompt's instruction into a LoRA.
 
-The teacher is the frozen base model given a long system prompt whose instruction can be
-checked ("answer in exactly three words"); the student is a LoRA on the same base that never
-sees that prompt. The teacher answers each training question `--samples` times; the answers
-that follow the instruction (the checker filters) become the student's SFT data (plain
-`cross_entropy` on the assistant tokens, questions without the system prompt). Reports how
-often the student's greedy answers follow the instruction without the prompt, before and after,
-next to the teacher's own rate with it. Questions 17-24 are held out; on a random-weight model
-(bios/tiny), which cannot generalise, the evaluation uses the training questions and says so.
+The teacher is the frozen base model given a system prompt whose instruction can be checked;
+the student is a LoRA on the same base that never sees that prompt. The teacher answers each
+training question `--samples` times; the answers that follow the instruction (a checker
+filters) become the student's SFT data (plain `cross_entropy` on the assistant tokens,
+questions without the system prompt). Reports how often the student's greedy answers follow
+the instruction without the prompt, before and after, next to the teacher's own rate with it.
+
+Two instructions (`--instruction`): "french" (a French system prompt: always answer in French;
+checked by counting French and English function words) for a pretrained chat model, and
+"three-words" (answer in exactly three words) for a random-weight model, whose random tokens
+pass that checker now and then but never speak French. Questions 17-24 are held out; on a
+random-weight model (bios/tiny), which cannot generalise, the evaluation uses the training
+questions and says so.
 
     python examples/distill.py                               # bios/tiny, seconds
     python examples/distill.py --model HuggingFaceTB/SmolLM2-135M-Instruct --backend jax
@@ -15,18 +20,45 @@ next to the teacher's own rate with it. Questions 17-24 are held out; on a rando
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from common import Defaults, Metrics, Progress, generate, parse_args, setup, stop_tokens
 
 from bios import chat, types
 
-SYSTEM = ("You are a terse assistant for a wall display that has room for three words only. "
-          "Whatever the user asks, answer in exactly three words: no more, no fewer. Do not add "
-          "greetings, explanations, lists or follow-up questions; never apologise; never repeat "
-          "the question. A complete sentence is welcome if it has exactly three words, such as "
-          "'Paris is lovely.' or 'Drink more water.'")
+FRENCH_WORDS = frozenset("le la les un une des du de et est sont que qui pour pas avec dans sur vous je il elle nous ce cette au aux en".split())
+ENGLISH_WORDS = frozenset("the a an is are and of to in for that with it you this be on as by".split())
+
+
+def in_french(text: str) -> bool:
+    """At least two French function words, and more of them than English ones."""
+    words = re.findall(r"[a-zàâçéèêëîïôûùüÿœ']+", text.lower())
+    french, english = sum(w in FRENCH_WORDS for w in words), sum(w in ENGLISH_WORDS for w in words)
+    return french >= 2 and french > english
+
+
+def in_three_words(text: str) -> bool:
+    """Exactly three whitespace-separated words."""
+    return len(text.split()) == 3
+
+
+@dataclass(frozen=True)
+class Instruction:
+    system: str
+    follows: Callable[[str], bool]
+
+
+INSTRUCTIONS = {
+    "french": Instruction(
+        "Tu es un assistant francophone. Réponds toujours en français, jamais en anglais, "
+        "quelle que soit la langue de la question.", in_french),
+    "three-words": Instruction(
+        "You are a terse assistant for a wall display that has room for three words only. "
+        "Whatever the user asks, answer in exactly three words: no more, no fewer.", in_three_words),
+}
 
 QUESTIONS = [
     "What is the capital of France?", "How do I make tea?", "Why is the sky blue?", "What should I eat for breakfast?",
@@ -39,28 +71,31 @@ QUESTIONS = [
 HELD_OUT = 8
 
 
-def follows(text: str) -> bool:
-    """The instruction's checker: exactly three whitespace-separated words."""
-    return len(text.split()) == 3
-
-
-def rate(texts: list[str]) -> float:
-    return sum(map(follows, texts)) / max(len(texts), 1)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     def add_args(parser) -> None:
+        parser.add_argument("--instruction", choices=sorted(INSTRUCTIONS), default=None,
+                            help="the system prompt to distil (default: three-words on a random-weight model, french otherwise)")
         parser.add_argument("--samples", type=int, default=8, help="teacher samples per question (default: %(default)s)")
+        parser.add_argument("--temperature", type=float, default=None,
+                            help="teacher sampling temperature (default: 1.0 on a random-weight model, 0.7 otherwise)")
         parser.add_argument("--keep", type=int, default=None,
-                            help="passing teacher answers kept per question (default: 1 on bios/tiny, all otherwise)")
+                            help="passing teacher answers kept per question (default: 1 on a random-weight model, 2 otherwise)")
         parser.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default: 6 on bios/tiny, 24 otherwise)")
 
-    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=40, tiny_lr=2e-2, real_lr=1e-3), "distill", add_args)
+    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=8, tiny_lr=2e-2, real_lr=1e-3), "distill", add_args)
     env = setup(args)
+    instruction = INSTRUCTIONS[args.instruction or ("three-words" if env.random_weights else "french")]
+
+    def rate(texts: list[str]) -> float:
+        return sum(map(instruction.follows, texts)) / max(len(texts), 1)
+
     # Random weights never stop on their own: short answers give the checker a chance to pass.
     max_tokens = args.max_tokens or (6 if env.random_weights else 24)
-    # One target per question is memorisable for random weights; a real model gains from variety.
-    keep = args.keep or (1 if env.random_weights else args.samples)
+    # One target per question is memorisable for random weights; a real model gains from variety,
+    # and every kept answer is in every step's batch (on a CPU, a few per question keep steps short).
+    keep = args.keep or (1 if env.random_weights else 2)
+    # A small real model strays at temperature 1; a cooler teacher follows its prompt more often.
+    temperature = args.temperature if args.temperature is not None else (1.0 if env.random_weights else 0.7)
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()
     train_qs = QUESTIONS[:-HELD_OUT]
@@ -71,16 +106,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return [{"role": "user", "content": q}]
 
     def with_system(q: str) -> list[dict[str, str]]:
-        return [{"role": "system", "content": SYSTEM}, *user(q)]
+        return [{"role": "system", "content": instruction.system}, *user(q)]
 
     teacher = env.service.create_sampling_client(base_model=args.model)  # the base model is the teacher
     teacher_rate = rate(generate(teacher, tokenizer, [chat.prompt_tokens(tokenizer, with_system(q)) for q in eval_qs], max_tokens))
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=args.seed, stop=stop_tokens(tokenizer))
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=args.seed, stop=stop_tokens(tokenizer))
     futures = [teacher.sample(types.ModelInput.from_ints(chat.prompt_tokens(tokenizer, with_system(q))), params, args.samples) for q in train_qs]
     data, passed, sampled, covered = [], 0, 0, 0
     for q, future in zip(train_qs, futures):
         answers = [tokenizer.decode(seq.tokens, skip_special_tokens=True).strip() for seq in future.result().sequences]
-        good = [a for a in answers if follows(a)]  # keep only answers that follow the instruction
+        good = [a for a in answers if instruction.follows(a)]  # keep only answers that follow the instruction
         sampled, passed, covered = sampled + len(answers), passed + len(good), covered + bool(good)
         data += [chat.conversation_datum(tokenizer, user(q) + [{"role": "assistant", "content": a}]) for a in good[:keep]]
     print(f"teacher: {passed}/{sampled} samples follow the instruction, covering {covered}/{len(train_qs)} questions; "
@@ -110,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics.log(step, **row)
         progress.update(**row)
     after, after_answers = evaluate("after")
-    print(f"{eval_qs[0]!r}: before {before_answers[0]!r}, after {after_answers[0]!r}", file=sys.stderr)
+    for question, was, now in list(zip(eval_qs, before_answers, after_answers))[:3]:
+        print(f"{question!r}: before {was!r}, after {now!r}", file=sys.stderr)
     metrics.plot(f"Context distillation on {args.model}")
     metrics.summary({"student_follows": before}, {"student_follows": after},
                     note=f"{note}; the teacher, with the system prompt, follows it {teacher_rate:.2f}", teacher_follows=teacher_rate)

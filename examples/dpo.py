@@ -9,7 +9,7 @@ The reference logprobs come once, before training, from the frozen base model th
 (π, ref: summed logprobs of the answer tokens under the policy and the reference) is written in
 jax.numpy and its exact gradient goes back through the service (docs/losses.md, L7). Reports
 preference accuracy (how often the implied reward prefers the chosen answer) and the mean
-reward margin β·(...), before and after. Pairs 13-16 are held out; on a random-weight model
+reward margin β·(...), before and after. Pairs 13-20 are held out; on a random-weight model
 (bios/tiny), which cannot generalise, the evaluation uses the training pairs and says so.
 
     python examples/dpo.py                                   # bios/tiny, seconds
@@ -45,8 +45,12 @@ PAIRS = [
     ("How many sides does a hexagon have?", "A hexagon has six sides.", "A hexagon has eight sides."),
     ("What do bees make?", "Bees make honey.", "Bees make milk."),
     ("What is frozen water called?", "Frozen water is called ice.", "Frozen water is called steam."),
+    ("How many hours are in a day?", "A day has 24 hours.", "A day has 20 hours."),
+    ("What colour is a ripe banana?", "A ripe banana is yellow.", "A ripe banana is blue."),
+    ("What is the opposite of hot?", "The opposite of hot is cold.", "The opposite of hot is loud."),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels.", "A bicycle has four wheels."),
 ]
-HELD_OUT = 4
+HELD_OUT = 8
 
 
 def pair_data(tokenizer, pairs) -> list[types.Datum]:
@@ -88,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def add_args(parser) -> None:
         parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (default: %(default)s)")
 
-    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=40, tiny_lr=1e-2, real_lr=5e-4), "dpo", add_args)
+    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=12, tiny_lr=1e-2, real_lr=5e-4), "dpo", add_args)
     env = setup(args)
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()

@@ -1,15 +1,19 @@
-"""GRPO-style RL on two-digit addition, with a checker as the reward.
+"""GRPO-style RL on addition, with a checker as the reward.
 
-Each iteration: snapshot the weights for sampling (`save_weights_and_get_sampling_client`),
-sample `--group-size` completions for each of `--prompts` fresh problems, score them with the
-checker, centre the rewards within each problem's group (the advantage is the reward minus
-its group's mean; groups whose completions all score the same teach nothing and are dropped),
-and take one `importance_sampling` step with the sampler's logprobs as `logprobs`.
+Each problem asks "What is a + b?" and starts the assistant's reply with "a + b =" (a response
+prefix), so the model's completion is the sum. Each iteration: snapshot the weights for sampling
+(`save_weights_and_get_sampling_client`), sample `--group-size` completions for each of
+`--prompts` fresh problems, score them with the checker, centre the rewards within each
+problem's group (the advantage is the reward minus its group's mean; groups whose completions
+all score the same teach nothing and are dropped), and take one `importance_sampling` step with
+the sampler's logprobs as `logprobs`.
 
-Reward: 1.0 for the right sum at the start of the reply, 0.2 for a wrong number there
-(the format), 0 otherwise. A random-weight model (bios/tiny) never adds correctly; on it the rising reward
-is the format being learned, and it samples with top-k 8 (its next-token distribution is nearly
-uniform, so without it no reward repeats). A pretrained chat model learns the arithmetic too.
+Reward: 1.0 for the right sum at the start of the completion, 0.2 for a wrong number there
+(the format), 0 otherwise. Operands are drawn from 10-30, where SmolLM2-135M-Instruct is right
+about a quarter of the time at temperature 1: enough right answers in most groups to learn from.
+A random-weight model (bios/tiny) never adds correctly; on it the rising reward is the format
+being learned, and it samples with top-k 8 (its next-token distribution is nearly uniform, so
+without it no reward repeats).
 
     python examples/rl.py                                    # bios/tiny, seconds
     python examples/rl.py --model HuggingFaceTB/SmolLM2-135M-Instruct --backend jax
@@ -31,15 +35,17 @@ LEADING_NUMBER = re.compile(r"\s*(-?\d+)")
 
 
 def problem(rng: random.Random) -> tuple[int, int]:
-    return rng.randint(10, 99), rng.randint(10, 99)
+    return rng.randint(10, 30), rng.randint(10, 30)
 
 
-def messages(a: int, b: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"What is {a} + {b}? Reply with only the number."}]
+def prompt_tokens(tokenizer, a: int, b: int) -> list[int]:
+    """The question in the chat template, then the start of the assistant's reply."""
+    question = chat.prompt_tokens(tokenizer, [{"role": "user", "content": f"What is {a} + {b}?"}])
+    return question + tokenizer.encode(f"{a} + {b} =", add_special_tokens=False)
 
 
 def reward(completion: str, answer: int) -> float:
-    """1.0 if the reply starts with `answer`, 0.2 if it starts with another number, else 0."""
+    """1.0 if the completion starts with `answer`, 0.2 if it starts with another number, else 0."""
     match = LEADING_NUMBER.match(completion)
     if match is None:
         return 0.0
@@ -47,22 +53,22 @@ def reward(completion: str, answer: int) -> float:
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--prompts", type=int, default=None, help="problems per iteration (default: 4 on bios/tiny, 16 otherwise)")
+    parser.add_argument("--prompts", type=int, default=None, help="problems per iteration (default: 4 on bios/tiny, 8 otherwise)")
     parser.add_argument("--group-size", type=int, default=8, help="completions per problem (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=6, help="tokens per completion (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens per completion (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample from the k likeliest tokens only (default: 8 on a random-weight model, off otherwise)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__, Defaults(tiny_steps=12, real_steps=40, tiny_lr=2e-2, real_lr=5e-4), "rl", add_args)
+    args = parse_args(argv, __doc__, Defaults(tiny_steps=12, real_steps=10, tiny_lr=2e-2, real_lr=1e-3), "rl", add_args)
     env = setup(args)
-    n_prompts = args.prompts or (4 if env.random_weights else 16)
+    n_prompts = args.prompts or (4 if env.random_weights else 8)
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()
     rng = random.Random(args.seed)
     test_set = sorted({problem(random.Random(10_000 + i)) for i in range(32)})
-    test_prompts = [chat.prompt_tokens(tokenizer, messages(a, b)) for a, b in test_set]
+    test_prompts = [prompt_tokens(tokenizer, a, b) for a, b in test_set]
 
     def evaluate(tag: str) -> dict[str, float]:
         sampler = training.save_weights_and_get_sampling_client(f"rl-{tag}")
@@ -84,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         problems = [problem(rng) for _ in range(n_prompts)]
         while any((a, b) in test_set for a, b in problems):
             problems = [problem(rng) for _ in range(n_prompts)]
-        prompts = [chat.prompt_tokens(tokenizer, messages(a, b)) for a, b in problems]
+        prompts = [prompt_tokens(tokenizer, a, b) for a, b in problems]
         futures = [sampler.sample(types.ModelInput.from_ints(p), params.model_copy(update={"seed": args.seed * 100_000 + it * 100 + i}), args.group_size)
                    for i, p in enumerate(prompts)]  # all groups in flight at once
         data, rewards = [], []

@@ -3,31 +3,17 @@ each checked for its improvement in the metrics it writes (metrics.jsonl, summar
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from recipes import run_recipe
+
 BASE = ["--model", "bios/tiny", "--backend", "emulator", "--seed", "0"]
 
 
 def _run(name: str, out: Path, *argv: str) -> tuple[list[dict], dict]:
-    """Run examples/NAME.py's main(argv) in this process; return its metrics rows and summary."""
-    sys.path.insert(0, str(EXAMPLES))  # the recipes import their shared `common` module
-    try:
-        spec = importlib.util.spec_from_file_location(f"bios_recipe_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main([*BASE, "--out", str(out), *argv])
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((out / "summary.json").read_text())
-    assert (out / "curves.png").stat().st_size > 0 or importlib.util.find_spec("matplotlib") is None
-    return rows, summary
+    return run_recipe(name, out, *BASE, *argv)
 
 
 @pytest.fixture(autouse=True)
