@@ -47,8 +47,11 @@ def main() -> None:
             journal.read("bench")
             reads.append(time.perf_counter() - started)
         write, read = min(writes), min(reads)
-        print(f"{params:9.2g} LoRA params  {size / 1e6:8.1f} MB state   write {1000 * write:8.1f} ms ({size / write / 1e6:6.0f} MB/s)"
-              f"   read {1000 * read:8.1f} ms")  # fmt: skip
+        print(
+            f"{params:9.2g} LoRA params  {size / 1e6:8.1f} MB state   "
+            f"write {1000 * write:8.1f} ms ({size / write / 1e6:6.0f} MB/s)"
+            f"   read {1000 * read:8.1f} ms"
+        )
 
 
 if __name__ == "__main__":

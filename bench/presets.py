@@ -6,13 +6,36 @@ import bios
 from bios.catalog import ModelSpec
 
 PRESETS = {  # random-weight configurations for benchmarks (Llama 3.2 1B-like and Llama 3.1 8B-like)
-    "llama-1b": ModelSpec(name="bench/llama-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
-                          n_kv_heads=8, head_dim=64, d_ff=8192, max_seq_len=8192, rope_theta=500000.0,
-                          tie_embeddings=True, weights_seed=0, max_lora_rank=64),
-    "llama-8b": ModelSpec(name="bench/llama-8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
-                          n_kv_heads=8, head_dim=128, d_ff=14336, max_seq_len=8192, rope_theta=500000.0,
-                          weights_seed=0, max_lora_rank=64),
-}  # fmt: skip
+    "llama-1b": ModelSpec(
+        name="bench/llama-1b",
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        weights_seed=0,
+        max_lora_rank=64,
+    ),
+    "llama-8b": ModelSpec(
+        name="bench/llama-8b",
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        weights_seed=0,
+        max_lora_rank=64,
+    ),
+}
 
 
 def open_model(model: str, dtype: str | None) -> tuple[bios.ServiceClient, ModelSpec]:

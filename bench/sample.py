@@ -14,12 +14,12 @@ import time
 
 import jax
 import numpy as np
+from presets import PRESETS, open_model
 
 import bios
 from backends.jax import compiled
 from bios import types
 from bios.accounting import decode_bytes, device_peaks
-from presets import PRESETS, open_model
 
 
 def _timed(sampler: bios.SamplingClient, prompts: list[list[int]], max_tokens: int) -> float:
@@ -55,8 +55,10 @@ def main() -> None:
     print(f"model {spec.name}: {spec.n_params / 1e9:.2f} B params, {len(jax.devices())} x {device.device_kind}")
     print(f"{args.prompts} prompts x {args.prompt_length} tokens, {args.max_tokens} new tokens each (greedy)")
     print(f"warm-up (compilation included): {warm:.2f} s; programs: {compiled.compile_counts()}")
-    print(f"prefill: {prefill * 1e3:.1f} ms   decode step: {decode_step * 1e3:.2f} ms   "
-          f"decode tokens/s: {args.prompts / decode_step:,.0f}")  # fmt: skip
+    print(
+        f"prefill: {prefill * 1e3:.1f} ms   decode step: {decode_step * 1e3:.2f} ms   "
+        f"decode tokens/s: {args.prompts / decode_step:,.0f}"
+    )
     peaks = device_peaks(device.device_kind)
     if peaks:
         print(f"decode bandwidth: {moved / decode_step / 1e9:.0f} GB/s = {moved / decode_step / peaks[1]:.1%} of peak")

@@ -26,10 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
-import bios  # noqa: E402
-from bios import types  # noqa: E402
-from bios.engine import CheckpointStore  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess
+
+import bios
+from bios import types
+from bios.engine import CheckpointStore
 
 MODEL = "bios/tiny"
 ADAM = types.AdamParams(learning_rate=1e-3)
@@ -39,7 +40,10 @@ KEY = "tml-load-benchmark-key"
 def _batch(seed: int, step: int) -> list[types.Datum]:
     rng = np.random.default_rng(1000 * seed + step)
     tokens = [rng.integers(4, 4096, 17).tolist() for _ in range(2)]
-    return [types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:]}) for t in tokens]
+    return [
+        types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:]})
+        for t in tokens
+    ]
 
 
 def client(url: str, seed: int, steps: int, results: multiprocessing.Queue) -> None:
@@ -80,7 +84,9 @@ def main() -> None:
     with ServerProcess(home, "--backend", args.backend, env={"BIOS_API_KEYS": KEY}) as server:
         context = multiprocessing.get_context("spawn")
         results: multiprocessing.Queue = context.Queue()
-        processes = [context.Process(target=client, args=(server.url, seed, args.steps, results)) for seed in range(args.clients)]
+        processes = [
+            context.Process(target=client, args=(server.url, seed, args.steps, results)) for seed in range(args.clients)
+        ]
         started = time.perf_counter()
         for process in processes:
             process.start()
@@ -103,14 +109,23 @@ def main() -> None:
             if any(not np.array_equal(got[k], expected[k]) for k in expected):
                 problems.append(f"session {seed}: final weights differ from the reference")
     requests = args.clients * (2 * args.steps + 1)  # + the final save_state
-    print(f"{args.clients} clients x {args.steps} steps on {args.backend}: {wall:.1f} s wall, "
-          f"{args.clients * args.steps / wall:.1f} steps/s")  # fmt: skip
+    print(
+        f"{args.clients} clients x {args.steps} steps on {args.backend}: {wall:.1f} s wall, "
+        f"{args.clients * args.steps / wall:.1f} steps/s"
+    )
     for kind, values in latencies.items():
         ms = 1000 * np.asarray(values)
-        print(f"  {kind:17s} latency p50 {np.percentile(ms, 50):7.1f} ms   p99 {np.percentile(ms, 99):7.1f} ms   (n={ms.size})")
-    print(f"  engine: {stats['jobs_run']} jobs in {stats['backend_calls']} backend calls "
-          f"({stats['jobs_run'] / max(stats['backend_calls'], 1):.1f} jobs per call; {requests} client requests)")  # fmt: skip
-    print("  every step acknowledged once, in order; weights match the reference" if not problems else "\n".join(problems))
+        print(
+            f"  {kind:17s} latency p50 {np.percentile(ms, 50):7.1f} ms "
+            f"  p99 {np.percentile(ms, 99):7.1f} ms   (n={ms.size})"
+        )
+    print(
+        f"  engine: {stats['jobs_run']} jobs in {stats['backend_calls']} backend calls "
+        f"({stats['jobs_run'] / max(stats['backend_calls'], 1):.1f} jobs per call; {requests} client requests)"
+    )
+    print(
+        "  every step acknowledged once, in order; weights match the reference" if not problems else "\n".join(problems)
+    )
     sys.exit(1 if problems else 0)
 
 

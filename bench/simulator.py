@@ -28,7 +28,9 @@ def run(steps: int, simulation: SimulationConfig | None) -> tuple[float, bios.Si
     service = bios.ServiceClient(backend="emulator", simulation=simulation)
     training = service.create_lora_training_client("bios/tiny", rank=8, seed=0)
     ids = training.get_tokenizer().encode("a short sequence for timing the simulator's bookkeeping")
-    batch = [types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})] * 4
+    batch = [
+        types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
+    ] * 4
     start = time.perf_counter()
     for _ in range(steps):
         backward = training.forward_backward(batch)
@@ -47,14 +49,18 @@ def main() -> None:
         os.environ["BIOS_HOME"] = home
         runs = {
             "emulator": None,
-            "simulated 8xH100 Llama-3.1-8B": SimulationConfig.from_toml(REPO / "examples" / "profiles" / "h100x8-llama8b.toml"),
+            "simulated 8xH100 Llama-3.1-8B": SimulationConfig.from_toml(
+                REPO / "examples" / "profiles" / "h100x8-llama8b.toml"
+            ),
             "simulated faults.toml": SimulationConfig.from_toml(REPO / "examples" / "profiles" / "faults.toml"),
         }
         baseline = None
         for name, simulation in runs.items():
             seconds, report = run(args.steps, simulation)
             baseline = baseline or seconds
-            print(f"{name:32s} {1e3 * seconds / args.steps:7.3f} ms/step real  ({seconds / baseline:4.2f}x the emulator)")
+            print(
+                f"{name:32s} {1e3 * seconds / args.steps:7.3f} ms/step real  ({seconds / baseline:4.2f}x the emulator)"
+            )
             if report is not None:
                 print("    " + "\n    ".join(report.text.splitlines()))
 

@@ -13,11 +13,11 @@ import time
 
 import jax
 import numpy as np
+from presets import PRESETS, open_model
 
 from backends.jax import compiled
 from bios import types
 from bios.accounting import device_peaks, lora_step_flops
-from presets import PRESETS, open_model
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -36,10 +36,12 @@ def main() -> None:
     client = service.create_lora_training_client(spec.name, rank=args.rank)
     rng = np.random.default_rng(0)
     batch = [
-        types.Datum(model_input=types.ModelInput.from_ints(rng.integers(0, spec.vocab_size, args.length).tolist()),
-                    loss_fn_inputs={"target_tokens": rng.integers(0, spec.vocab_size, args.length).tolist()})
+        types.Datum(
+            model_input=types.ModelInput.from_ints(rng.integers(0, spec.vocab_size, args.length).tolist()),
+            loss_fn_inputs={"target_tokens": rng.integers(0, spec.vocab_size, args.length).tolist()},
+        )
         for _ in range(args.batch)
-    ]  # fmt: skip
+    ]
     adam = types.AdamParams(learning_rate=1e-4)
 
     started = time.perf_counter()

@@ -32,7 +32,7 @@ def matmul_params(spec: ModelSpec) -> int:
 
 def adapter_params(spec: ModelSpec, rank: int, modules: tuple[str, ...]) -> int:
     shapes = spec.linear_shapes()
-    layers = lambda m: 1 if m == "lm_head" else spec.n_layers  # noqa: E731
+    layers = lambda m: 1 if m == "lm_head" else spec.n_layers
     return sum(layers(m) * rank * (shapes[m][0] + shapes[m][1]) for m in modules)
 
 

@@ -13,8 +13,9 @@ Contract layer: imports numpy and `bios.catalog`/`bios.errors` only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -162,8 +163,8 @@ class Backend(Protocol):
 
     Each batched method may call `on_result(index, output)` for an item as soon as its result
     is on the host, so that its request is answered before the rest of the batch; every item
-    is also in the returned list. A backend may also set `checkpoint_format` ("safetensors", the default, or "orbax") to choose
-    how the engine writes its checkpoints' tensors; every format loads on every backend.
+    is also in the returned list. A backend may also set `checkpoint_format` ("safetensors", the
+    default, or "orbax") to choose how the engine writes its checkpoints' tensors; every format loads on every backend.
     """
 
     name: str
@@ -180,14 +181,19 @@ class Backend(Protocol):
         """A copy of the adapter's weights, Adam moments and step (not its pending gradient)."""
         ...
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[ForwardBackwardOutput | BiosError]:
+    def forward_backward(
+        self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None
+    ) -> list[ForwardBackwardOutput | BiosError]:
         """Losses and logprobs of every item, and gradients accumulated for those with `backward`."""
         ...
 
-    def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[OptimStepOutput | BiosError]:
-        ...
+    def optim_step(
+        self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None
+    ) -> list[OptimStepOutput | BiosError]: ...
 
-    def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
+    def sample(
+        self, work: Sequence[SampleWork], on_result: ResultCallback | None = None
+    ) -> list[SampleOutput | BiosError]:
         """Completions of every item (continuously batched where the backend can)."""
         ...
 
@@ -254,8 +260,7 @@ class SimulatingBackend(Backend, Protocol):
     """True when the engine should run submissions inline, in submission order (no worker
     thread), so that a single-threaded script replays exactly."""
 
-    def admit(self, work: object, ticket: Ticket) -> None:
-        ...
+    def admit(self, work: object, ticket: Ticket) -> None: ...
 
     def report(self) -> object:
         """The run's `bios.simulation.SimulationReport` so far (writing the trace file, if any)."""

@@ -68,9 +68,15 @@ class ModelSpec:
         """(in, out) of every adaptable linear layer, by Hugging Face module name."""
         d, q, kv, f = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.d_ff
         return {
-            "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d), "lm_head": (d, self.vocab_size),
-        }  # fmt: skip
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+            "lm_head": (d, self.vocab_size),
+        }
 
     @property
     def n_params(self) -> int:
@@ -98,8 +104,16 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             name="bios/tiny",
-            vocab_size=4096, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
-            max_seq_len=256, weights_seed=1, max_lora_rank=32,
+            vocab_size=4096,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            d_ff=128,
+            max_seq_len=256,
+            weights_seed=1,
+            max_lora_rank=32,
             description="Tiny Llama-style model for tests and demos (random-initialised)",
         ),
         _stand_in("ultrasafe/usf-healthcare", 11, "UltraSafe healthcare expert"),
@@ -108,7 +122,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         _stand_in("ultrasafe/usf-conversation", 14, "UltraSafe conversation expert", architecture="qwen3"),
         _stand_in("ultrasafe/usf-general", 15, "UltraSafe general expert", tie_embeddings=True),
     )
-}  # fmt: skip
+}
 
 
 def spec_from_hf_directory(name: str, path: str | os.PathLike) -> ModelSpec:
@@ -136,7 +150,9 @@ def spec_from_hf_directory(name: str, path: str | os.PathLike) -> ModelSpec:
     }
     for key, present in unsupported.items():
         if present:
-            raise InvalidRequestError(f"model {name}: {key}={config.get(key)!r} is not supported by Bios's decoder", field=key)
+            raise InvalidRequestError(
+                f"model {name}: {key}={config.get(key)!r} is not supported by Bios's decoder", field=key
+            )
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
@@ -157,7 +173,9 @@ def spec_from_hf_directory(name: str, path: str | os.PathLike) -> ModelSpec:
         d_ff=config["intermediate_size"],
         max_seq_len=config.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        rope_scaling=tuple(sorted((k, float(scaling[k])) for k in keys)) if scaling and "factor" in scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+        rope_scaling=tuple(sorted((k, float(scaling[k])) for k in keys))
+        if scaling and "factor" in scaling and scaling.get("rope_type", scaling.get("type")) == "llama3"
+        else None,
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         hf_path=str(directory),

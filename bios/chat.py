@@ -19,11 +19,13 @@ from bios.errors import InvalidRequestError
 from bios.tokenizer import Tokenizer
 from bios.types import Datum, ModelInput
 
-__all__ = ["conversation_datum", "prompt_tokens", "assistant_weights"]
+__all__ = ["assistant_weights", "conversation_datum", "prompt_tokens"]
 
 
 def _render(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True))
+    return list(
+        tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+    )
 
 
 def prompt_tokens(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -55,7 +57,7 @@ def assistant_weights(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) 
             continue
         start = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
         end = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        for name, part in (("messages[:%d] with the generation prompt" % i, start), ("messages[:%d]" % (i + 1), end)):
+        for name, part in ((f"messages[:{i}] with the generation prompt", start), (f"messages[:{i + 1}]", end)):
             if tokens[: len(part)] != part:
                 raise InvalidRequestError(
                     f"the chat template's rendering of {name} is not a prefix of the rendering of all of messages; "
@@ -67,7 +69,9 @@ def assistant_weights(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) 
     return tokens, weights
 
 
-def conversation_datum(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None) -> Datum:
+def conversation_datum(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None
+) -> Datum:
     """A supervised next-token `Datum` for a conversation, trained on the assistant's tokens only.
 
     With the conversation's [T] tokens ``x`` (the chat template's rendering, truncated to its
@@ -80,13 +84,16 @@ def conversation_datum(tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
     left after truncation (field ``messages``). Pure.
     """
     if max_tokens is not None and max_tokens < 2:
-        raise InvalidRequestError(f"max_tokens must be >= 2 (an input and a target), got {max_tokens}", field="max_tokens")
+        raise InvalidRequestError(
+            f"max_tokens must be >= 2 (an input and a target), got {max_tokens}", field="max_tokens"
+        )
     tokens, weights = assistant_weights(tokenizer, messages)
     if max_tokens is not None:
         tokens, weights = tokens[:max_tokens], weights[:max_tokens]
     if not any(weights[1:]):
         raise InvalidRequestError(
-            "messages has no assistant message to train on" + (f" within the first {max_tokens} tokens" if max_tokens else ""),
+            "messages has no assistant message to train on"
+            + (f" within the first {max_tokens} tokens" if max_tokens else ""),
             field="messages",
         )
     return Datum(

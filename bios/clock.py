@@ -15,8 +15,9 @@ import contextlib
 import contextvars
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 
 class Clock(Protocol):
@@ -114,7 +115,7 @@ class Attempt:
     sent_at: float | None = None
 
 
-_ATTEMPT: contextvars.ContextVar[Attempt] = contextvars.ContextVar("bios_attempt", default=Attempt())
+_ATTEMPT: contextvars.ContextVar[Attempt] = contextvars.ContextVar("bios_attempt", default=Attempt())  # noqa: B039 - Attempt is frozen
 
 
 @contextlib.contextmanager

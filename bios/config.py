@@ -17,7 +17,6 @@ from bios.errors import InvalidRequestError
 from bios.simulation import SimulationConfig
 
 
-
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """api_key: sent to a remote server; base_url: None runs in-process; backend: entry-point
@@ -41,11 +40,13 @@ class ClientConfig:
         backend: str | None = None,
         backend_options: dict[str, str] | None = None,
         simulation: SimulationConfig | None = None,
-    ) -> "ClientConfig":
+    ) -> ClientConfig:
         env = os.environ
         options = backend_options if backend_options is not None else parse_options(env.get("BIOS_BACKEND_OPTIONS", ""))
         if simulation is not None and not isinstance(simulation, SimulationConfig):
-            raise InvalidRequestError(f"simulation must be a bios.SimulationConfig, got {type(simulation).__name__}", field="simulation")
+            raise InvalidRequestError(
+                f"simulation must be a bios.SimulationConfig, got {type(simulation).__name__}", field="simulation"
+            )
         simulation = simulation if simulation is not None else SimulationConfig.from_env()
         remote = base_url or env.get("BIOS_BASE_URL") or None
         if simulation is not None and remote is not None:

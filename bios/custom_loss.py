@@ -8,7 +8,7 @@ needs the `jax` extra on the client only; it works the same on every backend and
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -18,7 +18,9 @@ from bios.types import Datum, ModelInput
 CustomLossFn = Callable[[list[Datum], list[object]], tuple[object, dict[str, float]]]
 
 
-def evaluate(fn: CustomLossFn, data: list[Datum], logprobs: Sequence[np.ndarray]) -> tuple[float, dict[str, float], list[np.ndarray]]:
+def evaluate(
+    fn: CustomLossFn, data: list[Datum], logprobs: Sequence[np.ndarray]
+) -> tuple[float, dict[str, float], list[np.ndarray]]:
     """(loss, metrics, g) with g[i]: [T_i] float64 = ∂loss/∂logprobs[i].
 
     Raises UnsupportedError when jax is missing, InvalidRequestError when `fn` does not return
@@ -42,7 +44,9 @@ def evaluate(fn: CustomLossFn, data: list[Datum], logprobs: Sequence[np.ndarray]
         inputs = [jnp.asarray(lp, dtype=jnp.float32) for lp in logprobs]
         loss, pullback, metrics = jax.vjp(loss_with_metrics, inputs, has_aux=True)
         if jnp.shape(loss) != ():
-            raise InvalidRequestError(f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}", field="loss_fn")
+            raise InvalidRequestError(
+                f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}", field="loss_fn"
+            )
         (grads,) = pullback(jnp.ones_like(loss))
     value = float(loss)
     if not np.isfinite(value):
@@ -56,10 +60,15 @@ def logprob_data(data: Sequence[Datum]) -> list[Datum]:
     for i, datum in enumerate(data):
         if not isinstance(datum, Datum) or "target_tokens" not in datum.loss_fn_inputs:
             raise InvalidRequestError(
-                f"data[{i}].loss_fn_inputs.target_tokens is missing; a custom loss needs the tokens whose logprobs it reads",
+                f"data[{i}].loss_fn_inputs.target_tokens is missing; a "
+                "custom loss needs the tokens whose logprobs it reads",
                 field=f"data[{i}].loss_fn_inputs.target_tokens",
             )
-        reduced.append(Datum(model_input=datum.model_input, loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"]}))
+        reduced.append(
+            Datum(
+                model_input=datum.model_input, loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"]}
+            )
+        )
     return reduced
 
 
@@ -68,7 +77,10 @@ def surrogate_data(data: Sequence[Datum], grads: Sequence[np.ndarray]) -> list[D
     return [
         Datum(
             model_input=ModelInput.from_ints(datum.model_input.to_ints()),
-            loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"], "weights": -np.asarray(g, dtype=np.float32)},
+            loss_fn_inputs={
+                "target_tokens": datum.loss_fn_inputs["target_tokens"],
+                "weights": -np.asarray(g, dtype=np.float32),
+            },
         )
         for datum, g in zip(data, grads, strict=True)
     ]

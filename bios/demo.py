@@ -80,10 +80,14 @@ def run_demo(backend: str | None = None, model: str = "bios/tiny", steps: int | 
     evaluate("before training")
     started = time.monotonic()
     for step in range(1, steps + 1):
-        batch = [supervised_datum(tokenizer, prompt_text(w), answer_text(w)) for w in (sentence(rng) for _ in range(BATCH))]
+        batch = [
+            supervised_datum(tokenizer, prompt_text(w), answer_text(w)) for w in (sentence(rng) for _ in range(BATCH))
+        ]
         result = training.train(batch, loss_fn="cross_entropy", learning_rate=LEARNING_RATE)
         _progress(step, steps, result.loss / BATCH, started)
     accuracy = evaluate("after training")
-    checkpoint = training.save_state("demo-final", metadata={"task": "reverse-words", "steps": steps, "accuracy": accuracy}).result()
+    checkpoint = training.save_state(
+        "demo-final", metadata={"task": "reverse-words", "steps": steps, "accuracy": accuracy}
+    ).result()
     print(f"checkpoint saved: {checkpoint.path}")
     return accuracy

@@ -41,11 +41,15 @@ class BiosError(Exception):
         }
 
     @staticmethod
-    def from_dict(payload: dict) -> "BiosError":
+    def from_dict(payload: dict) -> BiosError:
         """Rebuild the error class named by `payload["code"]` (unknown codes give `BiosError`)."""
         cls = _BY_CODE.get(str(payload.get("code")), BiosError)
         if cls is RateLimitError:
-            return RateLimitError(str(payload.get("message", "")), field=payload.get("field"), retry_after=float(payload.get("retry_after") or 1.0))
+            return RateLimitError(
+                str(payload.get("message", "")),
+                field=payload.get("field"),
+                retry_after=float(payload.get("retry_after") or 1.0),
+            )
         return cls(str(payload.get("message", "")), field=payload.get("field"))
 
 

@@ -45,8 +45,16 @@ from bios.weights import load_base_weights, lora_shapes
 DTYPES = ("float32", "bfloat16")
 """Tensor dtypes of a merged export."""
 ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
 """Files copied from a Hugging Face base model's directory into a merged export, when present."""
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 
@@ -69,13 +77,17 @@ def export_peft(path: str, out: Path, *, home: Path | None = None, catalog: Cata
     out = _check_out(out)
     source = _sampler_peft(store, record)
     if source is not None:
-        return _publish(out, lambda staging: _copy_files(source, staging, [p.name for p in source.iterdir() if p.is_file()]))
+        return _publish(
+            out, lambda staging: _copy_files(source, staging, [p.name for p in source.iterdir() if p.is_file()])
+        )
     model = _model(catalog, record, home)
     state = _load(store, record, model)
     return _publish(out, lambda staging: write_peft_adapter(state, model, staging))
 
 
-def export_merged(path: str, out: Path, *, home: Path | None = None, dtype: str = "float32", catalog: Catalog | None = None) -> Path:
+def export_merged(
+    path: str, out: Path, *, home: Path | None = None, dtype: str = "float32", catalog: Catalog | None = None
+) -> Path:
     """Write checkpoint `path`'s base model with its LoRA merged in as a Hugging Face model
     directory at `out` (created; returned): config.json, model.safetensors in `dtype`
     ("float32" or "bfloat16", rounded to nearest even), and the tokenizer files.
@@ -99,7 +111,9 @@ def export_merged(path: str, out: Path, *, home: Path | None = None, dtype: str 
     try:
         base = load_base_weights(model)
     except (OSError, ValueError, KeyError) as exc:
-        raise NotFoundError(f"base_model: cannot read the weights of {model.name} from {model.hf_path} ({exc})", field="base_model") from None
+        raise NotFoundError(
+            f"base_model: cannot read the weights of {model.name} from {model.hf_path} ({exc})", field="base_model"
+        ) from None
     tensors = merge_lora(model, base, state)
     config = hf_config(model, dtype, untied="lm_head.weight" in tensors and model.tie_embeddings)
     tokenizer_dir = Path(model.hf_path) if model.hf_path else Path(str(files("bios") / "data" / "tokenizer"))
@@ -127,7 +141,11 @@ def merge_lora(model: ModelSpec, base: dict[str, np.ndarray], state: AdapterStat
         module = name.removesuffix(".lora_A")
         a = state.weights[name].astype(np.float64)  # [in, R]
         b = state.weights[f"{module}.lora_B"].astype(np.float64)  # [R, out]
-        weight = base["model.embed_tokens.weight"] if module == "lm_head" and model.tie_embeddings else base[f"{module}.weight"]
+        weight = (
+            base["model.embed_tokens.weight"]
+            if module == "lm_head" and model.tie_embeddings
+            else base[f"{module}.weight"]
+        )
         merged[f"{module}.weight"] = (weight.astype(np.float64) + scale * (a @ b).T).astype(np.float32)  # [out, in]
     return merged
 
@@ -144,16 +162,30 @@ def hf_config(model: ModelSpec, dtype: str, untied: bool) -> dict:
         return config
     tokenizer = model.tokenizer()
     config = {
-        "architectures": [ARCHITECTURE_CLASSES[model.architecture]], "model_type": model.architecture,
-        "vocab_size": model.vocab_size, "hidden_size": model.d_model, "intermediate_size": model.d_ff,
-        "num_hidden_layers": model.n_layers, "num_attention_heads": model.n_heads,
-        "num_key_value_heads": model.n_kv_heads, "head_dim": model.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.rms_eps, "rope_theta": model.rope_theta,
+        "architectures": [ARCHITECTURE_CLASSES[model.architecture]],
+        "model_type": model.architecture,
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.d_model,
+        "intermediate_size": model.d_ff,
+        "num_hidden_layers": model.n_layers,
+        "num_attention_heads": model.n_heads,
+        "num_key_value_heads": model.n_kv_heads,
+        "head_dim": model.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.rms_eps,
+        "rope_theta": model.rope_theta,
         "rope_scaling": {"rope_type": "llama3", **dict(model.rope_scaling)} if model.rope_scaling else None,
-        "tie_word_embeddings": model.tie_embeddings and not untied, "attention_bias": model.qkv_bias,
-        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "torch_dtype": dtype,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-    }  # fmt: skip
+        "tie_word_embeddings": model.tie_embeddings and not untied,
+        "attention_bias": model.qkv_bias,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if model.architecture == "llama":
         config["mlp_bias"] = False
     else:
@@ -168,7 +200,11 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray], dtype: str) ->
     offset = 0
     for name in sorted(tensors):
         size = tensors[name].size * (4 if dtype == "float32" else 2)
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tensors[name].shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -193,7 +229,9 @@ def _store(home: Path | None) -> CheckpointStore:
 def _check_out(out: Path) -> Path:
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidRequestError(f"out: {out} already exists and is not an empty directory; give a new or empty directory", field="out")
+        raise InvalidRequestError(
+            f"out: {out} already exists and is not an empty directory; give a new or empty directory", field="out"
+        )
     return out
 
 
@@ -206,8 +244,11 @@ def _model(catalog: Catalog | None, record: StateResult, home: Path | None) -> M
     try:
         return catalog.get(record.base_model)
     except NotFoundError as exc:
-        raise NotFoundError(f"checkpoint {record.path} was trained on {record.base_model}, which is not in the model catalog ({exc.message})",
-                            field="base_model") from None  # fmt: skip
+        raise NotFoundError(
+            f"checkpoint {record.path} was trained on {record.base_model}, "
+            f"which is not in the model catalog ({exc.message})",
+            field="base_model",
+        ) from None
 
 
 def _load(store: CheckpointStore, record: StateResult, model: ModelSpec) -> AdapterState:
@@ -217,7 +258,9 @@ def _load(store: CheckpointStore, record: StateResult, model: ModelSpec) -> Adap
     if {k: tuple(v.shape) for k, v in state.weights.items()} != expected:
         raise InvalidRequestError(
             f"path: the adapter at {record.path} does not fit {model.name} as the catalog describes it "
-            f"({state.spec.target_modules} at rank {state.spec.rank}); was the model changed since training?", field="path")  # fmt: skip
+            f"({state.spec.target_modules} at rank {state.spec.rank}); was the model changed since training?",
+            field="path",
+        )
     return state
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import weakref
-from typing import Callable, Generator, Generic, TypeVar
+from collections.abc import Callable, Generator
+from typing import Generic, TypeVar
 
 from bios.errors import APITimeoutError, BlockingCallError
 
@@ -41,7 +42,7 @@ def settle_clock(future: concurrent.futures.Future) -> None:
         clock.advance_to(timing.finished_at)
 
 
-def unsettled(future: "BiosFuture[T]") -> concurrent.futures.Future:
+def unsettled(future: BiosFuture[T]) -> concurrent.futures.Future:
     """The request's own future under `future`, for chaining inside the client: waiting on it
     does not move a simulated clock (only a user's wait on a `BiosFuture` does)."""
     return future._inner
@@ -59,7 +60,7 @@ class BiosFuture(Generic[T]):
         self._method = method
 
     @classmethod
-    def completed(cls, value: T, method: str = "this call") -> "BiosFuture[T]":
+    def completed(cls, value: T, method: str = "this call") -> BiosFuture[T]:
         """A future that already holds `value`."""
         inner: concurrent.futures.Future = concurrent.futures.Future()
         inner.set_result(value)
@@ -88,7 +89,7 @@ class BiosFuture(Generic[T]):
         """
         try:
             return await asyncio.wait_for(self._shielded(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APITimeoutError(f"{self._method}: no result within {timeout} s") from None
 
     def done(self) -> bool:
@@ -118,7 +119,7 @@ class BiosFuture(Generic[T]):
                 f"use `await` on the future or call {self._method}_async instead"
             )
 
-    def add_done_callback(self, fn: Callable[["BiosFuture[T]"], object]) -> None:
+    def add_done_callback(self, fn: Callable[[BiosFuture[T]], object]) -> None:
         """Call `fn(self)` once the future is done (at once if it already is). The callback holds
         this future weakly (a strong hold would make a reference cycle that keeps a client and
         its session alive until the garbage collector runs); if it is gone by then, `fn` gets a
@@ -129,7 +130,7 @@ class BiosFuture(Generic[T]):
     def __await__(self) -> Generator[object, None, T]:
         return self._shielded().__await__()
 
-    def _shielded(self) -> "asyncio.Future[T]":
+    def _shielded(self) -> asyncio.Future[T]:
         """An asyncio future on the running loop that mirrors the inner one.
 
         Unlike `asyncio.wrap_future`, cancelling it (a timeout, a cancelled task) never cancels

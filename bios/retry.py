@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from bios.clock import Clock, attempt
 from bios.errors import BiosError
@@ -64,8 +64,15 @@ def retrying(
 class _Retry:
     """The attempts of one request (a plain object, so no reference cycle keeps a client alive)."""
 
-    def __init__(self, submit: Callable[[], concurrent.futures.Future], clock: Clock, label: str,
-                 give_up: Callable[[], None] | None, on_retry: Callable[[BiosError], None] | None, policy: RetryPolicy) -> None:  # fmt: skip
+    def __init__(
+        self,
+        submit: Callable[[], concurrent.futures.Future],
+        clock: Clock,
+        label: str,
+        give_up: Callable[[], None] | None,
+        on_retry: Callable[[BiosError], None] | None,
+        policy: RetryPolicy,
+    ) -> None:
         self.submit, self.clock, self.label, self.policy = submit, clock, label, policy
         self.give_up, self.on_retry = give_up, on_retry
         self.outer = TimedFuture(clock)
@@ -98,7 +105,14 @@ class _Retry:
         retryable = isinstance(error, BiosError) and error.retryable
         if retryable and number < self.policy.max_attempts:
             again_at = failed_at + self.policy.backoff_s(number, error)  # type: ignore[arg-type]
-            log.info("%s: attempt %d failed (%s: %s); retrying at t=%.3f s", self.label, number, error.code, error.message, again_at)  # type: ignore[attr-defined]
+            log.info(
+                "%s: attempt %d failed (%s: %s); retrying at t=%.3f s",
+                self.label,
+                number,
+                error.code,
+                error.message,
+                again_at,
+            )  # type: ignore[attr-defined]
             if self.on_retry is not None:
                 self.on_retry(error)  # type: ignore[arg-type]
             self.clock.call_at(again_at, lambda: self.send(number + 1, again_at))

@@ -26,22 +26,42 @@ class SamplingClient:
         # When this client is garbage, the service may free the snapshot it samples from.
         weakref.finalize(self, transport.release_sampler, handle.sampler_id)
 
-    def sample(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1, include_prompt_logprobs: bool = False) -> BiosFuture[SampleResult]:
+    def sample(
+        self,
+        prompt: ModelInput,
+        sampling_params: SamplingParams,
+        num_samples: int = 1,
+        include_prompt_logprobs: bool = False,
+    ) -> BiosFuture[SampleResult]:
         """`num_samples` completions of `prompt` (docs/losses.md S1–S3).
 
         With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]).
         """
         sampler_id = self._handle.sampler_id
-        future = retrying(lambda: self._transport.sampler_sample(sampler_id, prompt, sampling_params, num_samples, prompt_logprobs=include_prompt_logprobs), self._transport.clock, "sample")
+        future = retrying(
+            lambda: self._transport.sampler_sample(
+                sampler_id, prompt, sampling_params, num_samples, prompt_logprobs=include_prompt_logprobs
+            ),
+            self._transport.clock,
+            "sample",
+        )
         return BiosFuture(pinned(future, self), "sample")
 
-    async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1, include_prompt_logprobs: bool = False) -> SampleResult:
+    async def sample_async(
+        self,
+        prompt: ModelInput,
+        sampling_params: SamplingParams,
+        num_samples: int = 1,
+        include_prompt_logprobs: bool = False,
+    ) -> SampleResult:
         return await self.sample(prompt, sampling_params, num_samples, include_prompt_logprobs)
 
     def compute_logprobs(self, prompt: ModelInput) -> BiosFuture[list[float | None]]:
         """log p(prompt[t] | prompt[:t]) for every t; None for t = 0. Equals `forward`'s logprobs."""
         sampler_id = self._handle.sampler_id
-        future = retrying(lambda: self._transport.sampler_logprobs(sampler_id, prompt), self._transport.clock, "compute_logprobs")
+        future = retrying(
+            lambda: self._transport.sampler_logprobs(sampler_id, prompt), self._transport.clock, "compute_logprobs"
+        )
         return BiosFuture(pinned(future, self), "compute_logprobs")
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:

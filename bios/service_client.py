@@ -34,7 +34,9 @@ class ServiceClient:
         backend_options: dict[str, str] | None = None,
         simulation: SimulationConfig | None = None,
     ) -> None:
-        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options, simulation=simulation)
+        self.config = ClientConfig.resolve(
+            api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options, simulation=simulation
+        )
         self._transport = connect(self.config)
 
     def simulation_report(self) -> SimulationReport | None:
@@ -70,29 +72,47 @@ class ServiceClient:
         Give the adapter either as keywords (rank defaults to 32, alpha to 2 * rank) or as a
         `LoraConfig` — not both.
         """
-        fields = {"rank": rank, "alpha": alpha, "seed": seed, "target_modules": target_modules, "train_mlp": train_mlp,
-                  "train_attn": train_attn, "train_unembed": train_unembed, "dropout": dropout}  # fmt: skip
+        fields = {
+            "rank": rank,
+            "alpha": alpha,
+            "seed": seed,
+            "target_modules": target_modules,
+            "train_mlp": train_mlp,
+            "train_attn": train_attn,
+            "train_unembed": train_unembed,
+            "dropout": dropout,
+        }
         given = {k: v for k, v in fields.items() if v is not None}
         if lora_config is not None and given:
             raise InvalidRequestError(f"give either lora_config or {', '.join(given)}, not both", field="lora_config")
         config = lora_config if lora_config is not None else LoraConfig(**given)
         return TrainingClient(self._transport, self._transport.create_session(base_model, config))
 
-    async def create_lora_training_client_async(self, base_model: str, rank: int | None = None, alpha: float | None = None, **kwargs: object) -> TrainingClient:
+    async def create_lora_training_client_async(
+        self, base_model: str, rank: int | None = None, alpha: float | None = None, **kwargs: object
+    ) -> TrainingClient:
         return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, alpha, **kwargs)  # type: ignore[arg-type]
 
-    def create_training_client_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingClient:
+    def create_training_client_from_state(
+        self, path: str | os.PathLike, base_model: str | None = None
+    ) -> TrainingClient:
         """A new session resuming the state saved at `path` (bios://SESSION/weights/NAME: weights,
         optimizer moments, step), or starting at step 0 from the Hugging Face PEFT LoRA adapter in
         local directory `path` on `base_model` (required then)."""
         return TrainingClient(self._transport, self._transport.create_session_from_state(path, base_model=base_model))
 
-    async def create_training_client_from_state_async(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingClient:
+    async def create_training_client_from_state_async(
+        self, path: str | os.PathLike, base_model: str | None = None
+    ) -> TrainingClient:
         return await asyncio.to_thread(self.create_training_client_from_state, path, base_model)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
         """Sample from saved weights (`model_path`, a bios:// path) or a bare `base_model`."""
-        return SamplingClient(self._transport, self._transport.create_sampler(model_path=model_path, base_model=base_model))
+        return SamplingClient(
+            self._transport, self._transport.create_sampler(model_path=model_path, base_model=base_model)
+        )
 
-    async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
+    async def create_sampling_client_async(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient:
         return await asyncio.to_thread(self.create_sampling_client, model_path, base_model)

@@ -64,8 +64,12 @@ class SimulationConfig(RequestModel):
     mfu_train: float | None = Field(None, gt=0.0, le=1.0, description="overrides the hardware profile's training MFU")
     mfu_prefill: float | None = Field(None, gt=0.0, le=1.0)
     mbu_decode: float | None = Field(None, gt=0.0, le=1.0)
-    cycle_s: float = Field(0.0, ge=0.0, description="batching window: device passes start on multiples of it (0: as soon as ready)")
-    max_batch_tokens: int | None = Field(None, ge=1, description="tokens one device pass holds (None: limited by memory only)")
+    cycle_s: float = Field(
+        0.0, ge=0.0, description="batching window: device passes start on multiples of it (0: as soon as ready)"
+    )
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="tokens one device pass holds (None: limited by memory only)"
+    )
     faults: FaultRates = FaultRates()
     schedule: tuple[ScheduledFault, ...] = ()
     straggler_factor: float = Field(4.0, ge=1.0)
@@ -86,24 +90,31 @@ class SimulationConfig(RequestModel):
         raise ValueError(f"unknown accelerator {name!r}; known: {', '.join(sorted(PEAKS))}")
 
     @model_validator(mode="after")
-    def _failure_rates_add_up_to_at_most_one(self) -> "SimulationConfig":
+    def _failure_rates_add_up_to_at_most_one(self) -> SimulationConfig:
         total = sum(getattr(self.faults, kind) for kind in FAILURE_KINDS)
         if total > 1.0 + 1e-12:
-            message = f"the failure rates (transient + timeout + rate_limit + session_expiry) add up to {total:g}; they are exclusive per request, so keep their sum <= 1"
+            message = (
+                f"the failure rates (transient + timeout + rate_limit + session_expiry) add up to {total:g}; "
+                "they are exclusive per request, so keep their sum <= 1"
+            )
             raise field_error(("faults",), message, self.faults.model_dump())
         return self
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> "SimulationConfig":
+    def from_toml(cls, path: str | os.PathLike) -> SimulationConfig:
         """The configuration in TOML file `path`; relative `model` and `trace` paths are taken
         relative to the file. InvalidRequestError naming the key when a value is wrong."""
         file = Path(path)
         try:
             data = tomllib.loads(file.read_text())
         except OSError as exc:
-            raise InvalidRequestError(f"simulation profile {file}: cannot read it ({exc})", field="simulation") from None
+            raise InvalidRequestError(
+                f"simulation profile {file}: cannot read it ({exc})", field="simulation"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
-            raise InvalidRequestError(f"simulation profile {file}: not valid TOML ({exc})", field="simulation") from None
+            raise InvalidRequestError(
+                f"simulation profile {file}: not valid TOML ({exc})", field="simulation"
+            ) from None
         for key in ("model", "trace"):
             value = data.get(key)
             if isinstance(value, str) and (value.endswith(".json") or key == "trace") and not Path(value).is_absolute():
@@ -113,7 +124,7 @@ class SimulationConfig(RequestModel):
         return cls(**data)
 
     @classmethod
-    def from_env(cls) -> "SimulationConfig | None":
+    def from_env(cls) -> SimulationConfig | None:
         """The profile named by `BIOS_SIMULATION`, or None when it is unset or empty.
 
         `BIOS_SIMULATION_TRACE`, when set and not empty, replaces the profile's `trace`: the

@@ -51,8 +51,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     """Template filter: JSON-encode ``value`` without HTML escaping (Hugging Face's ``tojson``)."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -70,10 +71,15 @@ def _compile_template(source: str) -> jinja2.Template:
 class Tokenizer:
     """A model's tokenizer: encode/decode text and render chat templates. Immutable after construction."""
 
-    __slots__ = ("_tokenizer", "_config", "_chat_template", "_name_or_path", "_special_ids")
+    __slots__ = ("_chat_template", "_config", "_name_or_path", "_special_ids", "_tokenizer")
 
-    def __init__(self, tokenizer_json: str, config: Mapping[str, Any] | None = None, name_or_path: str = "",
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer_json: str,
+        config: Mapping[str, Any] | None = None,
+        name_or_path: str = "",
+        chat_template: str | None = None,
+    ) -> None:
         """Build from the text of a tokenizer.json and the parsed tokenizer_config.json (if any).
 
         ``chat_template`` overrides the config's template. Raises ``ValueError`` if the JSON is not a
@@ -162,20 +168,25 @@ class Tokenizer:
         """Id of the single token ``token`` (vocabulary or added token), or None if it is not one."""
         return self._tokenizer.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> list[int] | str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, tokenize: bool = True
+    ) -> list[int] | str:
         """Render ``messages`` with the chat template; token ids (no extra special tokens) or the string.
 
         Raises ``InvalidRequestError`` (a ``ValueError``) if this tokenizer has no chat template or the
         template fails to render.
         """
         if self._chat_template is None:
-            raise InvalidRequestError(f"tokenizer {self._name_or_path or '<unnamed>'} has no chat_template; "
-                                     "add one to its tokenizer_config.json to use chat messages", field="chat_template")
+            raise InvalidRequestError(
+                f"tokenizer {self._name_or_path or '<unnamed>'} has no chat_template; "
+                "add one to its tokenizer_config.json to use chat messages",
+                field="chat_template",
+            )
         specials = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_content(self._config.get(k))) is not None}
         try:
             rendered = _compile_template(self._chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+                messages=messages, add_generation_prompt=add_generation_prompt, **specials
+            )
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template of {self._name_or_path or '<unnamed>'} failed: {exc}") from exc
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
@@ -185,13 +196,22 @@ class Tokenizer:
 
     def to_wire(self) -> dict[str, Any]:
         """Everything needed to rebuild this tokenizer elsewhere, as JSON data (see `from_wire`)."""
-        return {"tokenizer_json": self._tokenizer.to_str(), "config": self._config, "name_or_path": self._name_or_path,
-                "chat_template": self._chat_template}  # fmt: skip
+        return {
+            "tokenizer_json": self._tokenizer.to_str(),
+            "config": self._config,
+            "name_or_path": self._name_or_path,
+            "chat_template": self._chat_template,
+        }
 
     @classmethod
     def from_wire(cls, payload: Mapping[str, Any]) -> Tokenizer:
         """The tokenizer `to_wire` described."""
-        return cls(payload["tokenizer_json"], payload.get("config"), payload.get("name_or_path", ""), payload.get("chat_template"))
+        return cls(
+            payload["tokenizer_json"],
+            payload.get("config"),
+            payload.get("name_or_path", ""),
+            payload.get("chat_template"),
+        )
 
     def __reduce__(self):
         return (type(self).from_wire, (self.to_wire(),))

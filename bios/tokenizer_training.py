@@ -30,36 +30,261 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-STDLIB_MODULES = sorted((
-    "abc argparse ast asyncio base64 bisect calendar collections contextlib copy csv dataclasses "
-    "datetime decimal difflib email enum fractions functools glob gzip hashlib heapq html http inspect "
-    "io ipaddress itertools json logging math operator os pathlib pickle platform pprint queue random "
-    "re shlex shutil socket sqlite3 statistics string struct subprocess tarfile tempfile textwrap "
-    "threading time timeit tokenize typing unittest urllib uuid warnings zipfile"
-).split())
-CAPITALS = dict(pair.split(":") for pair in (
-    "France:Paris;Germany:Berlin;Italy:Rome;Spain:Madrid;Portugal:Lisbon;Japan:Tokyo;China:Beijing;"
-    "India:New Delhi;Russia:Moscow;Canada:Ottawa;Mexico:Mexico City;Brazil:Brasilia;"
-    "Argentina:Buenos Aires;Chile:Santiago;Peru:Lima;Egypt:Cairo;Kenya:Nairobi;Nigeria:Abuja;"
-    "Australia:Canberra;Greece:Athens;Turkey:Ankara;Poland:Warsaw;Sweden:Stockholm;Norway:Oslo;"
-    "Finland:Helsinki;Denmark:Copenhagen;Ireland:Dublin;Austria:Vienna;Belgium:Brussels;"
-    "Netherlands:Amsterdam;Switzerland:Bern;Hungary:Budapest;Thailand:Bangkok;Vietnam:Hanoi;"
-    "Indonesia:Jakarta;Iran:Tehran;Iraq:Baghdad;Cuba:Havana;Colombia:Bogota;Morocco:Rabat;"
-    "England:London;Scotland:Edinburgh;Ukraine:Kyiv;Czechia:Prague;Romania:Bucharest;"
-    "Pakistan:Islamabad;Israel:Jerusalem;Korea:Seoul;Philippines:Manila;Ghana:Accra;"
-    "United States:Washington;United Kingdom:London;New Zealand:Wellington;South Africa:Pretoria"
-).split(";"))
-NOUNS = (
-    "cat dog bird fish fox cow horse man woman boy girl child king queen house tree car book ball sun "
-    "moon star city river sea door table chair apple bread water fire day night time year world mat hat"
-).split()
-VERBS = "sat ran saw ate took made found liked had gave read wrote sang played walked jumped is was".split()
-ADJS = "big small red blue green brown old new good bad happy sad quick lazy fast slow hot cold".split()
-SMALL = (
-    "the a an and or but not on in at to of with from by for over under it this that he she they we "
-    "you I my your his her our their what who where when why how yes no hello today here there all"
-).split()
-NUMBERS = "zero one two three four five six seven eight nine ten".split()
+STDLIB_MODULES = sorted(
+    [
+        "abc",
+        "argparse",
+        "ast",
+        "asyncio",
+        "base64",
+        "bisect",
+        "calendar",
+        "collections",
+        "contextlib",
+        "copy",
+        "csv",
+        "dataclasses",
+        "datetime",
+        "decimal",
+        "difflib",
+        "email",
+        "enum",
+        "fractions",
+        "functools",
+        "glob",
+        "gzip",
+        "hashlib",
+        "heapq",
+        "html",
+        "http",
+        "inspect",
+        "io",
+        "ipaddress",
+        "itertools",
+        "json",
+        "logging",
+        "math",
+        "operator",
+        "os",
+        "pathlib",
+        "pickle",
+        "platform",
+        "pprint",
+        "queue",
+        "random",
+        "re",
+        "shlex",
+        "shutil",
+        "socket",
+        "sqlite3",
+        "statistics",
+        "string",
+        "struct",
+        "subprocess",
+        "tarfile",
+        "tempfile",
+        "textwrap",
+        "threading",
+        "time",
+        "timeit",
+        "tokenize",
+        "typing",
+        "unittest",
+        "urllib",
+        "uuid",
+        "warnings",
+        "zipfile",
+    ]
+)
+CAPITALS = dict(
+    pair.split(":")
+    for pair in [
+        "France:Paris",
+        "Germany:Berlin",
+        "Italy:Rome",
+        "Spain:Madrid",
+        "Portugal:Lisbon",
+        "Japan:Tokyo",
+        "China:Beijing",
+        "India:New Delhi",
+        "Russia:Moscow",
+        "Canada:Ottawa",
+        "Mexico:Mexico City",
+        "Brazil:Brasilia",
+        "Argentina:Buenos Aires",
+        "Chile:Santiago",
+        "Peru:Lima",
+        "Egypt:Cairo",
+        "Kenya:Nairobi",
+        "Nigeria:Abuja",
+        "Australia:Canberra",
+        "Greece:Athens",
+        "Turkey:Ankara",
+        "Poland:Warsaw",
+        "Sweden:Stockholm",
+        "Norway:Oslo",
+        "Finland:Helsinki",
+        "Denmark:Copenhagen",
+        "Ireland:Dublin",
+        "Austria:Vienna",
+        "Belgium:Brussels",
+        "Netherlands:Amsterdam",
+        "Switzerland:Bern",
+        "Hungary:Budapest",
+        "Thailand:Bangkok",
+        "Vietnam:Hanoi",
+        "Indonesia:Jakarta",
+        "Iran:Tehran",
+        "Iraq:Baghdad",
+        "Cuba:Havana",
+        "Colombia:Bogota",
+        "Morocco:Rabat",
+        "England:London",
+        "Scotland:Edinburgh",
+        "Ukraine:Kyiv",
+        "Czechia:Prague",
+        "Romania:Bucharest",
+        "Pakistan:Islamabad",
+        "Israel:Jerusalem",
+        "Korea:Seoul",
+        "Philippines:Manila",
+        "Ghana:Accra",
+        "United States:Washington",
+        "United Kingdom:London",
+        "New Zealand:Wellington",
+        "South Africa:Pretoria",
+    ]
+)
+NOUNS = [
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "fox",
+    "cow",
+    "horse",
+    "man",
+    "woman",
+    "boy",
+    "girl",
+    "child",
+    "king",
+    "queen",
+    "house",
+    "tree",
+    "car",
+    "book",
+    "ball",
+    "sun",
+    "moon",
+    "star",
+    "city",
+    "river",
+    "sea",
+    "door",
+    "table",
+    "chair",
+    "apple",
+    "bread",
+    "water",
+    "fire",
+    "day",
+    "night",
+    "time",
+    "year",
+    "world",
+    "mat",
+    "hat",
+]
+VERBS = [
+    "sat",
+    "ran",
+    "saw",
+    "ate",
+    "took",
+    "made",
+    "found",
+    "liked",
+    "had",
+    "gave",
+    "read",
+    "wrote",
+    "sang",
+    "played",
+    "walked",
+    "jumped",
+    "is",
+    "was",
+]
+ADJS = [
+    "big",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "brown",
+    "old",
+    "new",
+    "good",
+    "bad",
+    "happy",
+    "sad",
+    "quick",
+    "lazy",
+    "fast",
+    "slow",
+    "hot",
+    "cold",
+]
+SMALL = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "but",
+    "not",
+    "on",
+    "in",
+    "at",
+    "to",
+    "of",
+    "with",
+    "from",
+    "by",
+    "for",
+    "over",
+    "under",
+    "it",
+    "this",
+    "that",
+    "he",
+    "she",
+    "they",
+    "we",
+    "you",
+    "I",
+    "my",
+    "your",
+    "his",
+    "her",
+    "our",
+    "their",
+    "what",
+    "who",
+    "where",
+    "when",
+    "why",
+    "how",
+    "yes",
+    "no",
+    "hello",
+    "today",
+    "here",
+    "there",
+    "all",
+]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 ALL_WORDS = SMALL + NOUNS + VERBS + ADJS + NUMBERS
 
 
@@ -75,8 +300,11 @@ def stdlib_docstrings() -> list[str]:
             if inspect.isroutine(obj) or inspect.isclass(obj):
                 docs.append(inspect.getdoc(obj))
             if inspect.isclass(obj):
-                docs += [inspect.getdoc(m) for k, m in sorted(vars(obj).items())
-                         if not k.startswith("_") and (inspect.isroutine(m) or isinstance(m, property))]
+                docs += [
+                    inspect.getdoc(m)
+                    for k, m in sorted(vars(obj).items())
+                    if not k.startswith("_") and (inspect.isroutine(m) or isinstance(m, property))
+                ]
     return [d for d in dict.fromkeys(docs) if d]
 
 
@@ -99,8 +327,10 @@ def simple_sentences(count: int = 42000, seed: int = 0) -> list[str]:
             a, b = rng.randint(0, 999), rng.randint(0, 99)
             lines.append(f"{a} + {b} = {a + b}, {a} - {b} = {a - b}; {pick(NUMBERS)} is a number.")
         elif i % 7 == 4:
-            lines.append(f"The {pick(ADJS)} {pick(NOUNS)} {pick(VERBS)} on the {pick(NOUNS)}, "
-                         f"and then {pick(SMALL)} {pick(VERBS)} a {pick(NOUNS)}!")
+            lines.append(
+                f"The {pick(ADJS)} {pick(NOUNS)} {pick(VERBS)} on the {pick(NOUNS)}, "
+                f"and then {pick(SMALL)} {pick(VERBS)} a {pick(NOUNS)}!"
+            )
         elif i % 7 == 5:
             words = " ".join(pick(ALL_WORDS) for _ in range(rng.randint(3, 12)))
             lines.append(words[0].upper() + words[1:] + pick(".?!,;:"))
@@ -115,14 +345,19 @@ def build_tokenizer() -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, min_frequency=2, show_progress=False, max_token_length=16,
-        special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        max_token_length=16,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = stdlib_docstrings() + simple_sentences()
     tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     bos = SPECIAL_TOKENS[0]  # prepended as BOS when add_special_tokens=True
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
-                                                             special_tokens=[(bos, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, 0)]
+    )
     ids, size = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS], tokenizer.get_vocab_size()
     if ids != list(range(len(SPECIAL_TOKENS))) or size != VOCAB_SIZE:
         raise RuntimeError(f"unexpected special token ids {ids} or vocab size {size}")
@@ -133,11 +368,20 @@ def tokenizer_config() -> dict:
     """The Hugging Face style tokenizer_config.json contents for the built-in tokenizer."""
     return {
         "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for i, t in enumerate(SPECIAL_TOKENS)
         },
-        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>", "unk_token": None,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>",
+        "unk_token": None,
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -14,7 +14,8 @@ import concurrent.futures
 import math
 import threading
 import weakref
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from bios import custom_loss
 from bios.errors import InvalidRequestError
@@ -38,8 +39,14 @@ from bios.types import (
 if TYPE_CHECKING:
     from bios.sampling_client import SamplingClient
 
-_ADAM_KWARGS = {"weight_decay": "weight_decay", "grad_clip": "grad_clip_norm", "grad_clip_norm": "grad_clip_norm",
-                "beta1": "beta1", "beta2": "beta2", "eps": "eps"}  # fmt: skip
+_ADAM_KWARGS = {
+    "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip_norm",
+    "grad_clip_norm": "grad_clip_norm",
+    "beta1": "beta1",
+    "beta2": "beta2",
+    "eps": "eps",
+}
 _custom_loss_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-custom-loss")
 
 
@@ -51,7 +58,11 @@ def _combine_train(outer: TimedFuture, fb: ForwardBackwardResult, opt: concurren
     step: OptimStepResult = opt.result()
     retries = fb.metrics.get("retries", 0.0) + step.metrics.get("retries", 0.0)
     metrics = {**fb.metrics, **step.metrics, **({"retries": retries} if retries else {})}
-    outer.set_result(TrainingResult(loss=fb.loss, step=step.step, metrics=metrics, loss_fn_outputs=fb.loss_fn_outputs, timing=step.timing))
+    outer.set_result(
+        TrainingResult(
+            loss=fb.loss, step=step.step, metrics=metrics, loss_fn_outputs=fb.loss_fn_outputs, timing=step.timing
+        )
+    )
 
 
 class TrainingClient:
@@ -74,20 +85,34 @@ class TrainingClient:
     def _send(self, seq: int, label: str, submit: Callable[[], concurrent.futures.Future]) -> concurrent.futures.Future:
         """`submit()` (the request at `seq`), retried per the retry contract (bios.retry); a
         request that keeps failing releases `seq` so the session's later requests can run."""
-        return retrying(submit, self._transport.clock, label, give_up=lambda: self._transport.skip(self.session_id, seq))
+        return retrying(
+            submit, self._transport.clock, label, give_up=lambda: self._transport.skip(self.session_id, seq)
+        )
 
     # ---- forward / backward -----------------------------------------------------------------
 
-    def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+    def forward(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+    ) -> BiosFuture[ForwardBackwardResult]:
         """Loss and per-token logprobs under the current weights; accumulates no gradient."""
         seq = self._reserve()
-        future = self._send(seq, "forward", lambda: self._transport.forward_backward(self.session_id, seq, data, loss_fn, loss_fn_config, backward=False))
+        future = self._send(
+            seq,
+            "forward",
+            lambda: self._transport.forward_backward(
+                self.session_id, seq, data, loss_fn, loss_fn_config, backward=False
+            ),
+        )
         return BiosFuture(pinned(future, self), "forward")
 
-    async def forward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+    async def forward_async(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+    ) -> BiosFuture[ForwardBackwardResult]:
         return self.forward(data, loss_fn, loss_fn_config)
 
-    def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+    ) -> BiosFuture[ForwardBackwardResult]:
         """Loss, per-token logprobs, and the gradient added to the session's accumulator.
 
         `loss_fn` is a built-in loss name (docs/losses.md); the loss is a plain sum over tokens.
@@ -95,13 +120,23 @@ class TrainingClient:
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
         seq = self._reserve()
-        future = self._send(seq, "forward_backward", lambda: self._transport.forward_backward(self.session_id, seq, data, loss_fn, loss_fn_config, backward=True))
+        future = self._send(
+            seq,
+            "forward_backward",
+            lambda: self._transport.forward_backward(
+                self.session_id, seq, data, loss_fn, loss_fn_config, backward=True
+            ),
+        )
         return BiosFuture(pinned(future, self), "forward_backward")
 
-    async def forward_backward_async(self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None) -> BiosFuture[ForwardBackwardResult]:
+    async def forward_backward_async(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+    ) -> BiosFuture[ForwardBackwardResult]:
         return self.forward_backward(data, loss_fn, loss_fn_config)
 
-    def forward_backward_custom(self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn) -> BiosFuture[ForwardBackwardResult]:
+    def forward_backward_custom(
+        self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn
+    ) -> BiosFuture[ForwardBackwardResult]:
         """forward_backward with `loss_fn(data, logprobs) -> (loss, metrics)` written in jax.numpy.
 
         `logprobs[i]` is datum i's [T_i] logprobs of its `target_tokens`. The gradient is exact
@@ -114,7 +149,13 @@ class TrainingClient:
         reduced = custom_loss.logprob_data(data)
         seq = self._reserve(2)
         try:
-            forward = self._send(seq, "forward_backward_custom", lambda: self._transport.forward_backward(self.session_id, seq, reduced, "cross_entropy", None, backward=False))
+            forward = self._send(
+                seq,
+                "forward_backward_custom",
+                lambda: self._transport.forward_backward(
+                    self.session_id, seq, reduced, "cross_entropy", None, backward=False
+                ),
+            )
         except Exception:
             self._transport.skip(self.session_id, seq + 1)
             raise
@@ -126,8 +167,18 @@ class TrainingClient:
                 logprobs = [out["logprobs"].to_numpy() for out in result.loss_fn_outputs]
                 loss, metrics, grads = custom_loss.evaluate(loss_fn, data, logprobs)
                 surrogate = custom_loss.surrogate_data(reduced, grads)
-                self._send(seq + 1, "forward_backward_custom", lambda: self._transport.forward_backward(self.session_id, seq + 1, surrogate, "cross_entropy", None, backward=True)).result()
-                outer.set_result(ForwardBackwardResult(loss=loss, loss_fn_outputs=result.loss_fn_outputs, metrics={**metrics, "loss:sum": loss}))
+                self._send(
+                    seq + 1,
+                    "forward_backward_custom",
+                    lambda: self._transport.forward_backward(
+                        self.session_id, seq + 1, surrogate, "cross_entropy", None, backward=True
+                    ),
+                ).result()
+                outer.set_result(
+                    ForwardBackwardResult(
+                        loss=loss, loss_fn_outputs=result.loss_fn_outputs, metrics={**metrics, "loss:sum": loss}
+                    )
+                )
             except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller's future
                 self._transport.skip(self.session_id, seq + 1)
                 outer.set_exception(exc)
@@ -135,7 +186,9 @@ class TrainingClient:
         forward.add_done_callback(lambda done: _custom_loss_pool.submit(backward, done))
         return BiosFuture(pinned(outer, self), "forward_backward_custom")
 
-    async def forward_backward_custom_async(self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn) -> BiosFuture[ForwardBackwardResult]:
+    async def forward_backward_custom_async(
+        self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn
+    ) -> BiosFuture[ForwardBackwardResult]:
         return self.forward_backward_custom(data, loss_fn)
 
     # ---- optimizer ----------------------------------------------------------------------------
@@ -144,12 +197,21 @@ class TrainingClient:
         """Apply the accumulated gradient with Adam(W) (docs/losses.md O1–O5) and clear it."""
         adam = AdamParams() if adam_params is None else adam_params
         seq = self._reserve()
-        return BiosFuture(pinned(self._send(seq, "optim_step", lambda: self._transport.optim_step(self.session_id, seq, adam)), self), "optim_step")
+        return BiosFuture(
+            pinned(self._send(seq, "optim_step", lambda: self._transport.optim_step(self.session_id, seq, adam)), self),
+            "optim_step",
+        )
 
     async def optim_step_async(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
         return self.optim_step(adam_params)
 
-    def train(self, data: Sequence[Datum], loss_fn: str | custom_loss.CustomLossFn = "cross_entropy", learning_rate: float = 1e-4, **kwargs: object) -> TrainingResult:
+    def train(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str | custom_loss.CustomLossFn = "cross_entropy",
+        learning_rate: float = 1e-4,
+        **kwargs: object,
+    ) -> TrainingResult:
         """One training step: forward_backward then optim_step, as one call; blocks for the result.
 
         kwargs: `weight_decay`, `grad_clip` (alias `grad_clip_norm`), `beta1`, `beta2`, `eps`,
@@ -158,17 +220,36 @@ class TrainingClient:
         """
         return self._submit_train(data, loss_fn, learning_rate, kwargs).result()
 
-    async def train_async(self, data: Sequence[Datum], loss_fn: str | custom_loss.CustomLossFn = "cross_entropy", learning_rate: float = 1e-4, **kwargs: object) -> TrainingResult:
+    async def train_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str | custom_loss.CustomLossFn = "cross_entropy",
+        learning_rate: float = 1e-4,
+        **kwargs: object,
+    ) -> TrainingResult:
         return await self._submit_train(data, loss_fn, learning_rate, kwargs)
 
-    def _submit_train(self, data: Sequence[Datum], loss_fn: object, learning_rate: float, kwargs: dict) -> BiosFuture[TrainingResult]:
+    def _submit_train(
+        self, data: Sequence[Datum], loss_fn: object, learning_rate: float, kwargs: dict
+    ) -> BiosFuture[TrainingResult]:
         unknown = sorted(set(kwargs) - set(_ADAM_KWARGS) - {"loss_fn_config"})
         if unknown:
             allowed = ", ".join(sorted(set(_ADAM_KWARGS) | {"loss_fn_config"}))
-            raise InvalidRequestError(f"train() got an unknown argument {unknown[0]!r}; allowed: {allowed}", field=unknown[0])
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate < 0:
-            raise InvalidRequestError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}", field="learning_rate")
-        adam = AdamParams(learning_rate=learning_rate, **{_ADAM_KWARGS[k]: v for k, v in kwargs.items() if k in _ADAM_KWARGS})
+            raise InvalidRequestError(
+                f"train() got an unknown argument {unknown[0]!r}; allowed: {allowed}", field=unknown[0]
+            )
+        if (
+            isinstance(learning_rate, bool)
+            or not isinstance(learning_rate, (int, float))
+            or not math.isfinite(learning_rate)
+            or learning_rate < 0
+        ):
+            raise InvalidRequestError(
+                f"learning_rate must be a finite number >= 0, got {learning_rate!r}", field="learning_rate"
+            )
+        adam = AdamParams(
+            learning_rate=learning_rate, **{_ADAM_KWARGS[k]: v for k, v in kwargs.items() if k in _ADAM_KWARGS}
+        )
         config = kwargs.get("loss_fn_config")
         if callable(loss_fn) and config is not None:
             raise InvalidRequestError("loss_fn_config applies to built-in losses only", field="loss_fn_config")
@@ -182,7 +263,9 @@ class TrainingClient:
                 outer.set_exception(done.exception())  # type: ignore[arg-type]
                 return
             try:
-                step = self._send(step_seq, "optim_step", lambda: self._transport.optim_step(self.session_id, step_seq, adam))
+                step = self._send(
+                    step_seq, "optim_step", lambda: self._transport.optim_step(self.session_id, step_seq, adam)
+                )
             except Exception as exc:  # noqa: BLE001 - reported through the train future
                 outer.set_exception(exc)
                 return
@@ -193,13 +276,19 @@ class TrainingClient:
 
     # ---- sampling -----------------------------------------------------------------------------
 
-    def sample(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> BiosFuture[SampleResult]:
+    def sample(
+        self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1
+    ) -> BiosFuture[SampleResult]:
         """Completions from the session's current weights, in order with its training calls."""
         seq = self._reserve()
-        future = self._send(seq, "sample", lambda: self._transport.sample(self.session_id, seq, prompt, sampling_params, num_samples))
+        future = self._send(
+            seq, "sample", lambda: self._transport.sample(self.session_id, seq, prompt, sampling_params, num_samples)
+        )
         return BiosFuture(pinned(future, self), "sample")
 
-    async def sample_async(self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1) -> SampleResult:
+    async def sample_async(
+        self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1
+    ) -> SampleResult:
         return await self.sample(prompt, sampling_params, num_samples)
 
     # ---- state --------------------------------------------------------------------------------
@@ -207,13 +296,15 @@ class TrainingClient:
     def save_state(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`."""
         seq = self._reserve()
-        future = self._send(seq, "save_state", lambda: self._transport.save_state(self.session_id, seq, name, metadata, "state"))
+        future = self._send(
+            seq, "save_state", lambda: self._transport.save_state(self.session_id, seq, name, metadata, "state")
+        )
         return BiosFuture(pinned(future, self), "save_state")
 
     async def save_state_async(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         return self.save_state(name, metadata)
 
-    def load_state(self, path: str) -> "TrainingClient":
+    def load_state(self, path: str) -> TrainingClient:
         """Restore weights, optimizer state and step from `path` into this session; returns it.
 
         Pending gradients are discarded. The checkpoint must be of the same base model.
@@ -221,31 +312,38 @@ class TrainingClient:
         self._load(path).result()
         return self
 
-    async def load_state_async(self, path: str) -> "TrainingClient":
+    async def load_state_async(self, path: str) -> TrainingClient:
         await self._load(path)
         return self
 
     def _load(self, path: str) -> BiosFuture[TrainingInfo]:
         seq = self._reserve()
-        return BiosFuture(pinned(self._send(seq, "load_state", lambda: self._transport.load_state(self.session_id, seq, path)), self), "load_state")
+        return BiosFuture(
+            pinned(self._send(seq, "load_state", lambda: self._transport.load_state(self.session_id, seq, path)), self),
+            "load_state",
+        )
 
     def save_weights_for_sampler(self, name: str) -> BiosFuture[StateResult]:
         """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training never changes it."""
         seq = self._reserve()
-        future = self._send(seq, "save_weights_for_sampler", lambda: self._transport.save_state(self.session_id, seq, name, None, "sampler"))
+        future = self._send(
+            seq,
+            "save_weights_for_sampler",
+            lambda: self._transport.save_state(self.session_id, seq, name, None, "sampler"),
+        )
         return BiosFuture(pinned(future, self), "save_weights_for_sampler")
 
     async def save_weights_for_sampler_async(self, name: str) -> BiosFuture[StateResult]:
         return self.save_weights_for_sampler(name)
 
-    def save_weights_and_get_sampling_client(self, name: str) -> "SamplingClient":
+    def save_weights_and_get_sampling_client(self, name: str) -> SamplingClient:
         """Freeze the current weights and return a SamplingClient on them."""
         from bios.sampling_client import SamplingClient
 
         record = self.save_weights_for_sampler(name).result()
         return SamplingClient(self._transport, self._transport.create_sampler(model_path=record.path))
 
-    async def save_weights_and_get_sampling_client_async(self, name: str) -> "SamplingClient":
+    async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
         return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
 
     # ---- facts --------------------------------------------------------------------------------

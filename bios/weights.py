@@ -14,8 +14,8 @@ LoRA factors are stored in math layout, `A: [in, R]`, `B: [R, out]`, under
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def read_hf_weights(spec: ModelSpec) -> Iterator[tuple[str, np.ndarray]]:
         raise FileNotFoundError(f"no *.safetensors in {spec.hf_path}")
     for file in files:
         with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():
+            for name in handle:
                 yield name, np.asarray(handle.get_tensor(name), dtype=np.float32)
 
 

@@ -10,7 +10,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     """`--backend NAME` (default emulator) and `--conformance-profile ci|thorough`."""
     group = parser.getgroup("conformance")
     group.addoption("--backend", default="emulator", help="backend to check: entry-point name or module:factory")
-    group.addoption("--conformance-profile", default="ci", choices=["ci", "thorough"], help="Hypothesis profile of the properties")
+    group.addoption(
+        "--conformance-profile", default="ci", choices=["ci", "thorough"], help="Hypothesis profile of the properties"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ records the worst deviation (as a fraction of the tolerance) per property.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -53,7 +53,12 @@ def model_spec(service: bios.ServiceClient, model: str) -> dict:
     """The strategies' view of `model` on `service`: {"model", "vocab_size", "max_seq_len", "max_lora_rank"}."""
     for info in service.get_server_capabilities().supported_models:
         if info.model_name == model:
-            return {"model": model, "vocab_size": info.vocab_size, "max_seq_len": info.max_seq_len, "max_lora_rank": info.max_lora_rank}
+            return {
+                "model": model,
+                "vocab_size": info.vocab_size,
+                "max_seq_len": info.max_seq_len,
+                "max_lora_rank": info.max_lora_rank,
+            }
     raise LookupError(f"model {model!r} is not served")
 
 
@@ -64,15 +69,26 @@ class Pair:
     instead (then `backend` is ignored). Both services share BIOS_HOME.
     """
 
-    def __init__(self, backend: str = "emulator", model: str = DEFAULT_MODEL, base_url: str | None = None,
-                 backend_options: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backend: str = "emulator",
+        model: str = DEFAULT_MODEL,
+        base_url: str | None = None,
+        backend_options: dict[str, str] | None = None,
+    ) -> None:
         self.backend = base_url or backend
-        self.candidate = bios.ServiceClient(base_url=base_url) if base_url else bios.ServiceClient(backend=backend, backend_options=backend_options)
+        self.candidate = (
+            bios.ServiceClient(base_url=base_url)
+            if base_url
+            else bios.ServiceClient(backend=backend, backend_options=backend_options)
+        )
         self.reference = bios.ServiceClient(backend="emulator", backend_options={})
         self.model = model
         self.spec = model_spec(self.reference, model)
         if model_spec(self.candidate, model) != self.spec:
-            raise AssertionError(f"candidate describes {model} as {model_spec(self.candidate, model)}, the reference as {self.spec}")
+            raise AssertionError(
+                f"candidate describes {model} as {model_spec(self.candidate, model)}, the reference as {self.spec}"
+            )
         self.recorder = Recorder()
         self._names = 0
 
@@ -115,8 +131,16 @@ class Pair:
             f"got {g.ravel()[i]!r}, expected {e.ravel()[i]!r}"
         )
 
-    def same_forward(self, label: str, got: types.ForwardBackwardResult, expected: types.ForwardBackwardResult,
-                     logprob_atol: float, loss_rtol: float, loss_atol: float, elementwise: tuple[float, float] | None = None) -> None:  # fmt: skip
+    def same_forward(
+        self,
+        label: str,
+        got: types.ForwardBackwardResult,
+        expected: types.ForwardBackwardResult,
+        logprob_atol: float,
+        loss_rtol: float,
+        loss_atol: float,
+        elementwise: tuple[float, float] | None = None,
+    ) -> None:
         """Compare two forward results: each datum's logprobs [T_i] (and elementwise losses), then
         the loss. The loss is a sum whose terms may cancel (importance ratios up to ~1e4 times
         advantages of both signs), and float32 rounding of a sum scales with the sum of its
@@ -126,7 +150,12 @@ class Pair:
         for i, (g, e) in enumerate(zip(got.loss_fn_outputs, expected.loss_fn_outputs)):
             self.close(f"{label} logprobs[{i}]", g["logprobs"].to_numpy(), e["logprobs"].to_numpy(), logprob_atol)
             if elementwise is not None:
-                self.close(f"{label} elementwise_loss[{i}]", g["elementwise_loss"].to_numpy(), e["elementwise_loss"].to_numpy(), *elementwise)
+                self.close(
+                    f"{label} elementwise_loss[{i}]",
+                    g["elementwise_loss"].to_numpy(),
+                    e["elementwise_loss"].to_numpy(),
+                    *elementwise,
+                )
             if "elementwise_loss" in e:
                 magnitude += float(np.abs(e["elementwise_loss"].to_numpy()).sum())
         self.close(f"{label} loss", got.loss, expected.loss, loss_atol + loss_rtol * max(magnitude, abs(expected.loss)))
@@ -147,7 +176,9 @@ class Pair:
 
             checkpointer = ocp.StandardCheckpointer()
             try:
-                tensors = {k: np.asarray(v) for k, v in checkpointer.restore(str((directory / "orbax").resolve())).items()}
+                tensors = {
+                    k: np.asarray(v) for k, v in checkpointer.restore(str((directory / "orbax").resolve())).items()
+                }
             finally:
                 checkpointer.close()
         return {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
@@ -156,7 +187,9 @@ class Pair:
 def datum(tokens: Sequence[int]) -> types.Datum:
     """Next-token datum over `tokens` [n+1]: input tokens[:-1], targets tokens[1:]."""
     tokens = [int(t) for t in tokens]
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
+    )
 
 
 def logprobs(result: types.ForwardBackwardResult) -> list[np.ndarray]:
@@ -164,14 +197,20 @@ def logprobs(result: types.ForwardBackwardResult) -> list[np.ndarray]:
     return [out["logprobs"].to_numpy().astype(np.float64) for out in result.loss_fn_outputs]
 
 
-def next_token_logprobs(client: bios.TrainingClient, prefix: Sequence[int], candidates: Sequence[int], chunk: int = 1024) -> np.ndarray:
+def next_token_logprobs(
+    client: bios.TrainingClient, prefix: Sequence[int], candidates: Sequence[int], chunk: int = 1024
+) -> np.ndarray:
     """log p(candidate | prefix) for each candidate token [C], from `client.forward`: one datum
     per candidate whose last target is that candidate, in chunks of `chunk` data. prefix: [P >= 1]."""
     prefix = [int(t) for t in prefix]
     out = []
     for start in range(0, len(candidates), chunk):
-        batch = [types.Datum(model_input=types.ModelInput.from_ints(prefix), loss_fn_inputs={"target_tokens": prefix[1:] + [int(c)]})
-                 for c in candidates[start:start + chunk]]  # fmt: skip
+        batch = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(prefix), loss_fn_inputs={"target_tokens": prefix[1:] + [int(c)]}
+            )
+            for c in candidates[start : start + chunk]
+        ]
         out.extend(lp[-1] for lp in logprobs(client.forward(batch).result()))
     return np.asarray(out, dtype=np.float64)
 
@@ -179,7 +218,7 @@ def next_token_logprobs(client: bios.TrainingClient, prefix: Sequence[int], cand
 def continuation_logprobs(client: bios.TrainingClient, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
     """log p(completion[i] | prompt + completion[:i]) for each i [N], from one `forward`."""
     tokens = [int(t) for t in (*prompt, *completion)]
-    return logprobs(client.forward([datum(tokens)]).result())[0][len(prompt) - 1:]
+    return logprobs(client.forward([datum(tokens)]).result())[0][len(prompt) - 1 :]
 
 
 def enable_default_home() -> None:

@@ -14,13 +14,23 @@ with some of the globals it calls replaced, so the unmodified emulator in the sa
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 
-from bios.backend import AdapterSpec, AdapterState, BackendConfig, ForwardBackwardOutput, ForwardBackwardWork, OptimStepWork
-from emulator import losses as _losses, model as _model, optim as _optim, sampler as _sampler
+from bios.backend import (
+    AdapterSpec,
+    AdapterState,
+    BackendConfig,
+    ForwardBackwardOutput,
+    ForwardBackwardWork,
+    OptimStepWork,
+)
+from emulator import losses as _losses
+from emulator import model as _model
+from emulator import optim as _optim
+from emulator import sampler as _sampler
 from emulator.backend import EmulatorBackend
 from emulator.ops import log_softmax
 
@@ -86,7 +96,9 @@ class ShiftedTargets(EmulatorBackend):
     )
 
 
-def _ppo_no_min(lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def _ppo_no_min(
+    lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
     r, adv = _losses._ratio(lp, inputs), inputs["advantages"]
     inside = (r >= config["clip_low_threshold"]) & (r <= config["clip_high_threshold"])
     return -_losses._clip(r, config) * adv, np.where(inside, -r * adv, 0.0)
@@ -174,7 +186,10 @@ def _stop_on_token_boundary(generated, stop_token_ids, stop_strings, decode) -> 
     return any(last.endswith(s) for s in stop_strings)
 
 
-@_mutant("stop_token_boundary", "S3: a stop string is seen only when the last token's own text ends with it, not across tokens")
+@_mutant(
+    "stop_token_boundary",
+    "S3: a stop string is seen only when the last token's own text ends with it, not across tokens",
+)
 class StopTokenBoundary(EmulatorBackend):
     _sample = _rebind(_emu_sample, generate=_rebind(_sampler.generate, is_stop=_stop_on_token_boundary))
 
@@ -188,4 +203,3 @@ def _tempered_generate(step, first_logits, prompt_length, *, temperature: float,
 @_mutant("tempered_logprobs", "S2: returned sample logprobs are taken from the temperature-scaled logits")
 class TemperedLogprobs(EmulatorBackend):
     _sample = _rebind(_emu_sample, generate=_tempered_generate)
-

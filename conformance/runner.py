@@ -11,20 +11,32 @@ import json
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from hypothesis import HealthCheck, Phase, given, settings
 
 from conformance.harness import Pair, enable_default_home
 from conformance.properties import REGISTRY, Property
 
-_SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture]
+_SUPPRESSED = [
+    HealthCheck.too_slow,
+    HealthCheck.data_too_large,
+    HealthCheck.filter_too_much,
+    HealthCheck.function_scoped_fixture,
+]
 settings.register_profile(
-    "conformance-ci", max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=_SUPPRESSED,
+    "conformance-ci",
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=_SUPPRESSED,
     phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure is reported as first found, in bounded time
-)  # fmt: skip
-settings.register_profile("conformance-thorough", max_examples=200, deadline=None, database=None, suppress_health_check=_SUPPRESSED)
+)
+settings.register_profile(
+    "conformance-thorough", max_examples=200, deadline=None, database=None, suppress_health_check=_SUPPRESSED
+)
 PROFILES = {"ci": "conformance-ci", "thorough": "conformance-thorough"}
 """Profile names of the command line → the Hypothesis profiles registered above (prefixed so that
 a test suite's own `ci` profile is never overwritten)."""
@@ -57,8 +69,15 @@ class Report:
 
     def to_json(self) -> str:
         """The report as JSON: backend, profile, failed names, every result."""
-        return json.dumps({"backend": self.backend, "profile": self.profile, "failed": self.failed,
-                           "results": [asdict(r) for r in self.results]}, indent=1)  # fmt: skip
+        return json.dumps(
+            {
+                "backend": self.backend,
+                "profile": self.profile,
+                "failed": self.failed,
+                "results": [asdict(r) for r in self.results],
+            },
+            indent=1,
+        )
 
 
 def _one_line(text: str, limit: int = 600) -> str:
@@ -87,11 +106,19 @@ def run_property(prop: Property, pair: Pair, profile: str = "ci") -> PropertyRes
         where = traceback.extract_tb(exc.__traceback__)[-1]
         error = _one_line(f"{type(exc).__name__}: {exc} [{where.name}:{where.lineno}] {notes}")
     worst = pair.recorder.worst.get(prop.name)
-    return PropertyResult(prop.name, error is None, counter[0], str(worst) if worst else "-", error, time.perf_counter() - start)
+    return PropertyResult(
+        prop.name, error is None, counter[0], str(worst) if worst else "-", error, time.perf_counter() - start
+    )
 
 
-def run(backend: str, profile: str = "ci", only: str | None = None, *, base_url: str | None = None,
-        on_result: Callable[[PropertyResult], None] | None = None) -> Report:  # fmt: skip
+def run(
+    backend: str,
+    profile: str = "ci",
+    only: str | None = None,
+    *,
+    base_url: str | None = None,
+    on_result: Callable[[PropertyResult], None] | None = None,
+) -> Report:
     """Check `backend` (entry-point name or `module:factory`; or a server at `base_url`) against
     the emulator with every registered property whose name contains `only`; `on_result` is
     called with each property's result as soon as it is known."""
@@ -109,7 +136,9 @@ def run(backend: str, profile: str = "ci", only: str | None = None, *, base_url:
 def format_table(report: Report) -> str:
     """The report as a fixed-width table, failures' errors below it."""
     rows = [("property", "result", "examples", "seconds", "worst deviation")]
-    rows += [(r.name, "pass" if r.passed else "FAIL", str(r.examples), f"{r.seconds:.1f}", r.worst) for r in report.results]
+    rows += [
+        (r.name, "pass" if r.passed else "FAIL", str(r.examples), f"{r.seconds:.1f}", r.worst) for r in report.results
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"conformance of backend {report.backend!r} (profile {report.profile})"]
     for row in rows:

@@ -18,13 +18,22 @@ backends only in distribution.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import bios
 from bios import types
@@ -40,11 +49,23 @@ TIE_ATOL = 1e-4
 MAX_SESSIONS = 3
 
 PROFILES: dict[str, settings] = {
-    "ci": settings(max_examples=5, stateful_step_count=8, deadline=None, derandomize=True,
-                   suppress_health_check=list(HealthCheck), report_multiple_bugs=False),
-    "thorough": settings(max_examples=60, stateful_step_count=20, deadline=None,
-                         suppress_health_check=list(HealthCheck), report_multiple_bugs=False),
-}  # fmt: skip
+    "ci": settings(
+        max_examples=5,
+        stateful_step_count=8,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+    ),
+    "thorough": settings(
+        max_examples=60,
+        stateful_step_count=20,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+    ),
+}
+
 
 @dataclass
 class Pair:
@@ -56,7 +77,9 @@ class Pair:
 
 
 def _datum(tokens: list[int], inputs: dict[str, Any]) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], **inputs})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], **inputs}
+    )
 
 
 def batch(seed: int, loss_fn: str = "cross_entropy", size: int = 2) -> list[types.Datum]:
@@ -69,7 +92,10 @@ def batch(seed: int, loss_fn: str = "cross_entropy", size: int = 2) -> list[type
         if loss_fn == "cross_entropy":
             inputs = {"weights": (rng.random(n - 1) * (rng.random(n - 1) > 0.2)).tolist()}
         else:
-            inputs = {"logprobs": (-8.3 + rng.normal(0, 0.3, n - 1)).tolist(), "advantages": rng.normal(0, 1, n - 1).tolist()}
+            inputs = {
+                "logprobs": (-8.3 + rng.normal(0, 0.3, n - 1)).tolist(),
+                "advantages": rng.normal(0, 1, n - 1).tolist(),
+            }
         data.append(_datum(tokens, inputs))
     return data
 
@@ -81,9 +107,10 @@ _BAD_REQUESTS: dict[str, Callable[[Any], Any]] = {
     "unknown loss_fn": lambda c: c.forward_backward(batch(1), "no_such_loss").result(),
     "misaligned loss inputs": lambda c: c.forward_backward([_datum([5, 6, 7, 8], {"weights": [1.0]})]).result(),
     "importance_sampling without advantages": lambda c: c.forward_backward(
-        [_datum([5, 6, 7], {"logprobs": [-8.0, -8.0]})], "importance_sampling").result(),
+        [_datum([5, 6, 7], {"logprobs": [-8.0, -8.0]})], "importance_sampling"
+    ).result(),
     "unknown checkpoint": lambda c: c.load_state("bios://session-000000000000/weights/missing"),
-}  # fmt: skip
+}
 
 
 def _close(got: float, expected: float) -> bool:
@@ -92,12 +119,14 @@ def _close(got: float, expected: float) -> bool:
 
 def _assert_logprobs(got: list[list[float]], expected: list[list[float]], what: str) -> None:
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        np.testing.assert_allclose(np.asarray(g, float), np.asarray(e, float), atol=LOGPROB_ATOL, rtol=0, err_msg=f"{what}, datum {i}")
+        np.testing.assert_allclose(
+            np.asarray(g, float), np.asarray(e, float), atol=LOGPROB_ATOL, rtol=0, err_msg=f"{what}, datum {i}"
+        )
 
 
 def _assert_fb(got: types.ForwardBackwardResult, expected: types.ForwardBackwardResult, what: str) -> None:
     assert _close(got.loss, expected.loss), f"{what}: loss {got.loss!r} != reference {expected.loss!r}"
-    lp = lambda r: [o["logprobs"].data for o in r.loss_fn_outputs]  # noqa: E731
+    lp = lambda r: [o["logprobs"].data for o in r.loss_fn_outputs]
     _assert_logprobs(lp(got), lp(expected), what)
 
 
@@ -109,14 +138,18 @@ def _assert_samples(got: types.SampleResult, expected: types.SampleResult, what:
                 assert abs(g.logprobs[i] - e.logprobs[i]) <= TIE_ATOL, f"{what}: token {i} is {gt}, reference {et}"
                 return
             assert abs(g.logprobs[i] - e.logprobs[i]) <= LOGPROB_ATOL, f"{what}: logprob of token {i}"
-        assert (g.tokens, g.stop_reason) == (e.tokens, e.stop_reason), f"{what}: {g.tokens} {g.stop_reason} != {e.tokens} {e.stop_reason}"
+        assert (g.tokens, g.stop_reason) == (e.tokens, e.stop_reason), (
+            f"{what}: {g.tokens} {g.stop_reason} != {e.tokens} {e.stop_reason}"
+        )
 
 
 lora_configs = st.builds(
     types.LoraConfig,
     rank=st.sampled_from([1, 2, 4]),
     alpha=st.sampled_from([None, 3.0]),
-    target_modules=st.sampled_from([None, ("q_proj", "v_proj"), ("down_proj", "lm_head"), ("o_proj", "up_proj", "lm_head")]),
+    target_modules=st.sampled_from(
+        [None, ("q_proj", "v_proj"), ("down_proj", "lm_head"), ("o_proj", "up_proj", "lm_head")]
+    ),
     seed=st.integers(0, 3),
 )
 adam_params = st.builds(
@@ -205,13 +238,18 @@ class BackendMachine(RuleBasedStateMachine):
     @rule(target=samplers, session=sessions)
     def snapshot(self, session: Pair) -> Pair:
         name = f"snap{next(self._labels)}"
-        pair = Pair(*self._both(lambda c: c.save_weights_and_get_sampling_client(name), session), f"{session.label}_{name}")
+        pair = Pair(
+            *self._both(lambda c: c.save_weights_and_get_sampling_client(name), session), f"{session.label}_{name}"
+        )
         note(f"{pair.label} = {session.label}.save_weights_and_get_sampling_client({name!r})")
         return pair
 
     @rule(sampler=samplers, max_tokens=st.integers(1, 6))
     def sample_snapshot(self, sampler: Pair, max_tokens: int) -> None:
-        note(f"{sampler.label}.sample(PROMPT, SamplingParams(max_tokens={max_tokens}, temperature=0)); .compute_logprobs(PROMPT)")
+        note(
+            f"{sampler.label}.sample(PROMPT, SamplingParams(max_tokens={max_tokens}, "
+            "temperature=0)); .compute_logprobs(PROMPT)"
+        )
         params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0)
         got, expected = self._both(lambda c: c.sample(PROMPT, params).result(), sampler)
         _assert_samples(got, expected, f"{sampler.label}.sample")
@@ -239,8 +277,11 @@ class BackendMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.live) < MAX_SESSIONS)
     @rule(target=sessions, checkpoint=checkpoints)
     def resume(self, checkpoint: Pair) -> Pair:
-        pair = Pair(self.candidate.create_training_client_from_state(checkpoint.candidate),
-                    self.reference.create_training_client_from_state(checkpoint.reference), f"s{next(self._labels)}")
+        pair = Pair(
+            self.candidate.create_training_client_from_state(checkpoint.candidate),
+            self.reference.create_training_client_from_state(checkpoint.reference),
+            f"s{next(self._labels)}",
+        )
         self.live.append(pair)
         note(f"{pair.label} = service.create_training_client_from_state({checkpoint.label})")
         return pair
@@ -260,7 +301,9 @@ class BackendMachine(RuleBasedStateMachine):
                 errors.append(None)
         got, expected = errors
         assert expected is not None, f"the reference accepted the bad request {which!r}"
-        assert type(got) is type(expected), f"{which}: {type(got).__name__} != reference {type(expected).__name__} ({expected})"
+        assert type(got) is type(expected), (
+            f"{which}: {type(got).__name__} != reference {type(expected).__name__} ({expected})"
+        )
 
     # ---- invariant ---------------------------------------------------------------------------
 
@@ -270,15 +313,19 @@ class BackendMachine(RuleBasedStateMachine):
             got, expected = self._both(lambda c: c.get_info().step, pair)
             assert got == expected, f"{pair.label}: step {got} != reference {expected}"
             got, expected = self._both(lambda c: c.forward(PROBE).result(), pair)
-            lp = lambda r: [o["logprobs"].data for o in r.loss_fn_outputs]  # noqa: E731
+            lp = lambda r: [o["logprobs"].data for o in r.loss_fn_outputs]
             _assert_logprobs(lp(got), lp(expected), f"{pair.label}: forward(PROBE)")
-            assert _close(got.loss, expected.loss), f"{pair.label}: forward(PROBE) loss {got.loss!r} != {expected.loss!r}"
+            assert _close(got.loss, expected.loss), (
+                f"{pair.label}: forward(PROBE) loss {got.loss!r} != {expected.loss!r}"
+            )
 
 
 def machine_for(backend: str, profile: str = "ci") -> type[BackendMachine]:
     """`BackendMachine` driving `backend` (a backend name or `module:factory`) against the
     emulator, with the `profile`'s settings ("ci": 5 examples of 8 steps; "thorough")."""
-    machine = type(f"BackendMachine_{backend.replace(':', '_').replace('.', '_')}", (BackendMachine,), {"backend": backend})
+    machine = type(
+        f"BackendMachine_{backend.replace(':', '_').replace('.', '_')}", (BackendMachine,), {"backend": backend}
+    )
     machine.TestCase.settings = PROFILES[profile]
     return machine
 
@@ -288,4 +335,4 @@ def run_machine(backend: str, profile: str = "ci") -> None:
     run_state_machine_as_test(machine_for(backend, profile), settings=PROFILES[profile])
 
 
-__all__ = ["BackendMachine", "PROFILES", "machine_for", "run_machine", "batch", "PROBE", "PROMPT"]
+__all__ = ["PROBE", "PROFILES", "PROMPT", "BackendMachine", "batch", "machine_for", "run_machine"]

@@ -10,8 +10,8 @@ buckets (16, 32, 64) so both padding and bucket changes are exercised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from hypothesis import strategies as st
@@ -46,7 +46,9 @@ def _with_zeros(rng: np.random.Generator, values: np.ndarray, zero_fraction: flo
 
 
 @st.composite
-def datum_batches(draw: st.DrawFn, spec: dict, loss_fn: str, max_batch: int = 5, max_len: int = 65) -> list[types.Datum]:
+def datum_batches(
+    draw: st.DrawFn, spec: dict, loss_fn: str, max_batch: int = 5, max_len: int = 65
+) -> list[types.Datum]:
     """A batch of 1..max_batch data valid for built-in `loss_fn`, shapes: each datum [n_i].
 
     cross_entropy: weights in [0, 2] with some exact zeros, or omitted (ones).
@@ -73,9 +75,11 @@ def datum_batches(draw: st.DrawFn, spec: dict, loss_fn: str, max_batch: int = 5,
 
 def loss_fn_configs(loss_fn: str) -> st.SearchStrategy[dict[str, float] | None]:
     """None (defaults) or a random valid `loss_fn_config` for `loss_fn`."""
-    floats = lambda lo, hi: st.floats(lo, hi, allow_nan=False, allow_infinity=False)  # noqa: E731
+    floats = lambda lo, hi: st.floats(lo, hi, allow_nan=False, allow_infinity=False)
     if loss_fn in ("ppo", "cispo"):
-        config = st.fixed_dictionaries({"clip_low_threshold": floats(0.5, 1.0), "clip_high_threshold": floats(1.0, 2.0)})
+        config = st.fixed_dictionaries(
+            {"clip_low_threshold": floats(0.5, 1.0), "clip_high_threshold": floats(1.0, 2.0)}
+        )
     elif loss_fn == "dro":
         config = st.fixed_dictionaries({"beta": floats(0.0, 1.0)})
     else:
@@ -84,7 +88,9 @@ def loss_fn_configs(loss_fn: str) -> st.SearchStrategy[dict[str, float] | None]:
 
 
 @st.composite
-def loss_requests(draw: st.DrawFn, spec: dict, max_batch: int = 5) -> tuple[str, list[types.Datum], dict[str, float] | None]:
+def loss_requests(
+    draw: st.DrawFn, spec: dict, max_batch: int = 5
+) -> tuple[str, list[types.Datum], dict[str, float] | None]:
     """(loss_fn, data, loss_fn_config) for any built-in loss."""
     loss_fn = draw(st.sampled_from(LOSSES))
     return loss_fn, draw(datum_batches(spec, loss_fn, max_batch)), draw(loss_fn_configs(loss_fn))
@@ -124,7 +130,9 @@ def prompts(draw: st.DrawFn, spec: dict, max_len: int = 20) -> list[int]:
 
 
 @st.composite
-def sampling_params(draw: st.DrawFn, spec: dict, greedy: bool | None = None, max_tokens: int = 12) -> types.SamplingParams:
+def sampling_params(
+    draw: st.DrawFn, spec: dict, greedy: bool | None = None, max_tokens: int = 12
+) -> types.SamplingParams:
     """SamplingParams: greedy or temperature in [0.3, 2]; top_k -1 or 1..64; top_p 1 or
     [0.3, 0.99]; a seed; stop None, token ids (some of them likely), or stop strings that may
     or may not occur. `greedy` forces temperature 0 (True) or > 0 (False)."""
@@ -180,7 +188,9 @@ def custom_losses() -> st.SearchStrategy[CustomLoss]:
     return st.builds(
         CustomLoss,
         kind=st.sampled_from(["linear", "square", "logsumexp", "mean"]),
-        coefficients=st.lists(st.floats(-2, 2, allow_nan=False).map(lambda x: round(x, 3)), min_size=1, max_size=3).map(tuple),
+        coefficients=st.lists(st.floats(-2, 2, allow_nan=False).map(lambda x: round(x, 3)), min_size=1, max_size=3).map(
+            tuple
+        ),
     )
 
 
@@ -202,7 +212,9 @@ class BadRequest:
 
 
 def _datum(tokens: list[int], **inputs: object) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], **inputs})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], **inputs}
+    )
 
 
 @st.composite
@@ -218,36 +230,92 @@ def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
         "empty data": (lambda c: c.forward_backward([]).result(), InvalidRequestError, "data"),
         "unknown loss": (lambda c: c.forward_backward([good], "hinge").result(), InvalidRequestError, "loss_fn"),
         "target out of vocab": (
-            lambda c: c.forward_backward([good, _datum(tokens[:-1] + [bad_token])]).result(), InvalidRequestError, "target_tokens"),
+            lambda c: c.forward_backward([good, _datum(tokens[:-1] + [bad_token])]).result(),
+            InvalidRequestError,
+            "target_tokens",
+        ),
         "input out of vocab": (
-            lambda c: c.forward_backward([_datum([bad_token] + tokens)]).result(), InvalidRequestError, "model_input"),
+            lambda c: c.forward_backward([_datum([bad_token] + tokens)]).result(),
+            InvalidRequestError,
+            "model_input",
+        ),
         "weights wrong length": (
-            lambda c: c.forward_backward([_datum(tokens, weights=[1.0] * (n + 1))]).result(), InvalidRequestError, "weights"),
+            lambda c: c.forward_backward([_datum(tokens, weights=[1.0] * (n + 1))]).result(),
+            InvalidRequestError,
+            "weights",
+        ),
         "ppo without advantages": (
-            lambda c: c.forward_backward([_datum(tokens, logprobs=[-1.0] * n)], "ppo").result(), InvalidRequestError, "advantages"),
+            lambda c: c.forward_backward([_datum(tokens, logprobs=[-1.0] * n)], "ppo").result(),
+            InvalidRequestError,
+            "advantages",
+        ),
         "NaN advantages": (
-            lambda c: c.forward_backward([_datum(tokens, logprobs=[-1.0] * n, advantages=[float("nan")] * n)], "cispo").result(),
-            InvalidRequestError, "loss_fn_inputs"),
+            lambda c: c.forward_backward(
+                [_datum(tokens, logprobs=[-1.0] * n, advantages=[float("nan")] * n)], "cispo"
+            ).result(),
+            InvalidRequestError,
+            "loss_fn_inputs",
+        ),
         "unknown loss_fn_config key": (
-            lambda c: c.forward_backward([_datum(tokens, logprobs=[-1.0] * n, advantages=[1.0] * n)], "ppo", {"clip": 0.2}).result(),
-            InvalidRequestError, "loss_fn_config"),
+            lambda c: c.forward_backward(
+                [_datum(tokens, logprobs=[-1.0] * n, advantages=[1.0] * n)], "ppo", {"clip": 0.2}
+            ).result(),
+            InvalidRequestError,
+            "loss_fn_config",
+        ),
         "clip low above one": (
-            lambda c: c.forward_backward([_datum(tokens, logprobs=[-1.0] * n, advantages=[1.0] * n)], "ppo",
-                                         {"clip_low_threshold": 1.5}).result(), InvalidRequestError, "clip_low_threshold"),
+            lambda c: c.forward_backward(
+                [_datum(tokens, logprobs=[-1.0] * n, advantages=[1.0] * n)], "ppo", {"clip_low_threshold": 1.5}
+            ).result(),
+            InvalidRequestError,
+            "clip_low_threshold",
+        ),
         "sequence too long": (
-            lambda c: c.forward_backward([_datum(list(range(S + 2)))]).result(), InvalidRequestError, "model_input"),
-        "negative learning rate": (lambda c: c.optim_step(types.AdamParams(learning_rate=-1.0)).result(), InvalidRequestError, "learning_rate"),
-        "train with NaN learning rate": (lambda c: c.train([good], learning_rate=float("nan")), InvalidRequestError, "learning_rate"),
+            lambda c: c.forward_backward([_datum(list(range(S + 2)))]).result(),
+            InvalidRequestError,
+            "model_input",
+        ),
+        "negative learning rate": (
+            lambda c: c.optim_step(types.AdamParams(learning_rate=-1.0)).result(),
+            InvalidRequestError,
+            "learning_rate",
+        ),
+        "train with NaN learning rate": (
+            lambda c: c.train([good], learning_rate=float("nan")),
+            InvalidRequestError,
+            "learning_rate",
+        ),
         "train with unknown argument": (lambda c: c.train([good], momentum=0.9), InvalidRequestError, "momentum"),
         "top_p above one": (
-            lambda c: c.sample(prompt, types.SamplingParams(top_p=1.5)).result(), InvalidRequestError, "top_p"),
-        "top_k zero": (lambda c: c.sample(prompt, types.SamplingParams(top_k=0)).result(), InvalidRequestError, "top_k"),
-        "zero samples": (lambda c: c.sample(prompt, types.SamplingParams(), num_samples=0).result(), InvalidRequestError, "num_samples"),
+            lambda c: c.sample(prompt, types.SamplingParams(top_p=1.5)).result(),
+            InvalidRequestError,
+            "top_p",
+        ),
+        "top_k zero": (
+            lambda c: c.sample(prompt, types.SamplingParams(top_k=0)).result(),
+            InvalidRequestError,
+            "top_k",
+        ),
+        "zero samples": (
+            lambda c: c.sample(prompt, types.SamplingParams(), num_samples=0).result(),
+            InvalidRequestError,
+            "num_samples",
+        ),
         "prompt out of vocab": (
-            lambda c: c.sample(types.ModelInput.from_ints([bad_token]), types.SamplingParams()).result(), InvalidRequestError, "prompt"),
-        "empty prompt": (lambda c: c.sample(types.ModelInput.empty(), types.SamplingParams()).result(), InvalidRequestError, "prompt"),
+            lambda c: c.sample(types.ModelInput.from_ints([bad_token]), types.SamplingParams()).result(),
+            InvalidRequestError,
+            "prompt",
+        ),
+        "empty prompt": (
+            lambda c: c.sample(types.ModelInput.empty(), types.SamplingParams()).result(),
+            InvalidRequestError,
+            "prompt",
+        ),
         "load missing checkpoint": (
-            lambda c: c.load_state("bios://no-such-session/weights/nothing"), NotFoundError, "path"),
+            lambda c: c.load_state("bios://no-such-session/weights/nothing"),
+            NotFoundError,
+            "path",
+        ),
         "load malformed path": (lambda c: c.load_state("/tmp/not-a-bios-path"), InvalidRequestError, "path"),
         "save with bad name": (lambda c: c.save_state("../escape").result(), InvalidRequestError, "name"),
     }

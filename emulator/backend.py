@@ -9,13 +9,13 @@ is validated and computed before any state changes, so a failing item (returned 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from bios.backend import (
-    ResultCallback,
     AdapterSpec,
     AdapterState,
     BackendConfig,
@@ -23,14 +23,15 @@ from bios.backend import (
     ForwardBackwardWork,
     OptimStepOutput,
     OptimStepWork,
+    ResultCallback,
     SampleOutput,
     SampleWork,
 )
 from bios.catalog import ModelSpec
 from bios.errors import BiosError, ConflictError, InvalidRequestError, NotFoundError
 from bios.weights import dropout_scale, init_lora_weights, load_base_weights, lora_shapes
-from emulator.losses import LOSSES, elementwise_loss
 from emulator.decode import KVCache, extend
+from emulator.losses import LOSSES, elementwise_loss
 from emulator.model import Lora, backward, forward, token_logprobs, token_logprobs_backward
 from emulator.optim import adam_step
 from emulator.sampler import generate
@@ -147,13 +148,18 @@ class EmulatorBackend:
         """Copies of the weights, Adam moments (float64) and step; the pending gradient is not included."""
         adapter = self._adapter(adapter_id)
         return AdapterState(
-            adapter.spec, adapter.step, _float64_copy(adapter.weights),
-            _float64_copy(adapter.adam_m), _float64_copy(adapter.adam_v),
-        )  # fmt: skip
+            adapter.spec,
+            adapter.step,
+            _float64_copy(adapter.weights),
+            _float64_copy(adapter.adam_m),
+            _float64_copy(adapter.adam_v),
+        )
 
     # --- training ------------------------------------------------------------------------
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[ForwardBackwardOutput | BiosError]:
+    def forward_backward(
+        self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None
+    ) -> list[ForwardBackwardOutput | BiosError]:
         return _each(work, self._forward_backward, on_result)
 
     def _dropout(self, adapter: _Adapter, datum: int) -> Callable[[str, tuple[int, ...]], np.ndarray]:
@@ -194,7 +200,9 @@ class EmulatorBackend:
         total = float(sum(np.sum(loss) for loss in losses))
         return ForwardBackwardOutput(total, tuple(logprobs), tuple(losses), {"loss:sum": total})
 
-    def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[OptimStepOutput | BiosError]:
+    def optim_step(
+        self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None
+    ) -> list[OptimStepOutput | BiosError]:
         return _each(work, self._optim_step, on_result)
 
     def _optim_step(self, item: OptimStepWork) -> OptimStepOutput:
@@ -202,17 +210,27 @@ class EmulatorBackend:
         adapter = self._adapter(item.adapter_id)
         step = adapter.step + 1
         weights, adam_m, adam_v, norm = adam_step(
-            adapter.weights, adapter.grads, adapter.adam_m, adapter.adam_v, step,
-            learning_rate=item.learning_rate, beta1=item.beta1, beta2=item.beta2, eps=item.eps,
-            weight_decay=item.weight_decay, grad_clip_norm=item.grad_clip_norm,
-        )  # fmt: skip
+            adapter.weights,
+            adapter.grads,
+            adapter.adam_m,
+            adapter.adam_v,
+            step,
+            learning_rate=item.learning_rate,
+            beta1=item.beta1,
+            beta2=item.beta2,
+            eps=item.eps,
+            weight_decay=item.weight_decay,
+            grad_clip_norm=item.grad_clip_norm,
+        )
         adapter.weights, adapter.adam_m, adapter.adam_v = weights, adam_m, adam_v
         adapter.grads, adapter.step = _zeros_like(weights), step
         return OptimStepOutput(step, norm)
 
     # --- sampling ------------------------------------------------------------------------
 
-    def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
+    def sample(
+        self, work: Sequence[SampleWork], on_result: ResultCallback | None = None
+    ) -> list[SampleOutput | BiosError]:
         return _each(work, self._sample, on_result)
 
     def _sample(self, item: SampleWork) -> SampleOutput:
@@ -238,12 +256,19 @@ class EmulatorBackend:
 
         sequences = tuple(
             generate(
-                stepper(), logits[-1], len(prompt),
-                max_tokens=item.max_tokens, max_seq_len=model.max_seq_len, temperature=item.temperature,
-                top_k=item.top_k, top_p=item.top_p, stop_token_ids=item.stop_token_ids,
-                stop_strings=item.stop_strings, decode=self._decode(model),
+                stepper(),
+                logits[-1],
+                len(prompt),
+                max_tokens=item.max_tokens,
+                max_seq_len=model.max_seq_len,
+                temperature=item.temperature,
+                top_k=item.top_k,
+                top_p=item.top_p,
+                stop_token_ids=item.stop_token_ids,
+                stop_strings=item.stop_strings,
+                decode=self._decode(model),
                 rng=np.random.default_rng() if item.seed is None else np.random.default_rng([item.seed, j]),
-            )  # fmt: skip
+            )
             for j in range(item.num_samples)
         )
         return SampleOutput(sequences, prompt_logprobs)

@@ -31,7 +31,7 @@ class KVCache:
         return 0 if not self.keys else self.keys[0].shape[0]
 
     @classmethod
-    def empty(cls, spec: ModelSpec) -> "KVCache":
+    def empty(cls, spec: ModelSpec) -> KVCache:
         blank = np.zeros((0, spec.n_kv_heads, spec.head_dim))
         return cls((blank,) * spec.n_layers, (blank,) * spec.n_layers)
 
@@ -41,7 +41,9 @@ def _linear(spec: ModelSpec, base: dict, lora: Lora | None, path: str, x: np.nda
     return linear(x, weight_of(spec, base, path), base.get(f"{path}.bias"), factors)[0]
 
 
-def extend(spec: ModelSpec, base: dict, lora: Lora | None, tokens: np.ndarray, past: KVCache) -> tuple[np.ndarray, KVCache]:
+def extend(
+    spec: ModelSpec, base: dict, lora: Lora | None, tokens: np.ndarray, past: KVCache
+) -> tuple[np.ndarray, KVCache]:
     """Feed `tokens` [n] at positions past.length.. onward: (logits [n, V], the longer cache)."""
     start, n, eps = past.length, len(tokens), spec.rms_eps
     cos, sin = (table[start:] for table in rope_tables(spec, start + n))

@@ -8,7 +8,7 @@ chain rule into the weights (L6) belong to the caller.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -10,8 +10,8 @@ Shapes: T tokens, D model width, H query heads, K kv heads, E head dim, F ffn wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -81,9 +81,7 @@ def weight_of(spec: ModelSpec, base: dict[str, np.ndarray], path: str) -> np.nda
     return _unembedding(spec, base) if path == "lm_head" else base[f"{path}.weight"]
 
 
-def _apply(
-    spec: ModelSpec, base: dict, lora: Lora | None, cache: ForwardCache, path: str, x: np.ndarray
-) -> np.ndarray:
+def _apply(spec: ModelSpec, base: dict, lora: Lora | None, cache: ForwardCache, path: str, x: np.ndarray) -> np.ndarray:
     """M1 on the linear at `path`: x [T, in] → y [T, out], recording what the backward needs."""
     factors = None if lora is None else lora.factors(path, x.shape)
     y, lin_cache = linear(x, weight_of(spec, base, path), base.get(f"{path}.bias"), factors)
@@ -134,7 +132,7 @@ def _layer_backward(
     spec: ModelSpec, base: dict, cache: ForwardCache, layer: int, dx: np.ndarray, grads: dict[str, np.ndarray]
 ) -> np.ndarray:
     """§Model, one decoder layer backward: d loss / d layer output [T, D] → d loss / d layer input [T, D]."""
-    act, prefix, eps = cache.layers[layer], f"model.layers.{layer}", spec.rms_eps
+    act, prefix = cache.layers[layer], f"model.layers.{layer}"
     t, h, kv, e = dx.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
     d_hidden = _apply_backward(spec, base, cache, module_path(layer, "down_proj"), dx, grads)
     d_gate = silu_backward(d_hidden * act["up"], act["gate"])

@@ -8,7 +8,7 @@ Shapes: V vocab, T context tokens, N generated tokens.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -37,18 +37,35 @@ class Defaults:
     real_lr: float
 
 
-def parse_args(argv: Sequence[str] | None, description: str, defaults: Defaults, name: str,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: Sequence[str] | None,
+    description: str,
+    defaults: Defaults,
+    name: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """The common arguments (plus the recipe's own, added by `extra`); `steps`/`lr` stay None
     when not given, to be sized by `setup` once the model is known."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bios/tiny", help="base model (default: %(default)s)")
-    parser.add_argument("--backend", default=None, help="emulator or jax (default: BIOS_BACKEND, else jax if installed)")
+    parser.add_argument(
+        "--backend", default=None, help="emulator or jax (default: BIOS_BACKEND, else jax if installed)"
+    )
     parser.add_argument("--base-url", default=None, help="URL of a remote `bios serve` (default: run in-process)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps (default: {defaults.tiny_steps} on a random-weight model, {defaults.real_steps} on a real one)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"learning rate (default: {defaults.tiny_lr:g} on a random-weight model, {defaults.real_lr:g} on a real one)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps (default: {defaults.tiny_steps} on a random-weight model, "
+        f"{defaults.real_steps} on a real one)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default: {defaults.tiny_lr:g} on a random-weight model, "
+        f"{defaults.real_lr:g} on a real one)",
+    )
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join("runs", name), help="output directory (default: %(default)s)")
@@ -73,8 +90,10 @@ def setup(args: argparse.Namespace) -> Setup:
     service = bios.ServiceClient(base_url=args.base_url, backend=args.backend)
     models = {m.model_name: m for m in service.get_server_capabilities().supported_models}
     if args.model not in models:
-        raise SystemExit(f"--model {args.model!r} is not served here; available: {', '.join(sorted(models))}"
-                         " (fetch real models with `make models`)")
+        raise SystemExit(
+            f"--model {args.model!r} is not served here; available: {', '.join(sorted(models))}"
+            " (fetch real models with `make models`)"
+        )
     info = models[args.model]
     d = args.defaults
     if args.steps is None:
@@ -82,9 +101,12 @@ def setup(args: argparse.Namespace) -> Setup:
     if args.lr is None:
         args.lr = d.tiny_lr if info.random_init else d.real_lr
     os.makedirs(args.out, exist_ok=True)
-    print(f"{args.model} ({'random weights' if info.random_init else 'pretrained'}, {info.n_params / 1e6:.1f} M params) "
-          f"on {service.get_server_capabilities().backend or 'remote'}: {args.steps} steps, lr {args.lr:g}, rank {args.rank}",
-          file=sys.stderr)
+    print(
+        f"{args.model} ({'random weights' if info.random_init else 'pretrained'}, {info.n_params / 1e6:.1f} M params) "
+        f"on {service.get_server_capabilities().backend or 'remote'}: "
+        f"{args.steps} steps, lr {args.lr:g}, rank {args.rank}",
+        file=sys.stderr,
+    )
     return Setup(service, info, info.random_init)
 
 
@@ -99,7 +121,10 @@ class Progress:
         filled = int(20 * self.count / max(self.total, 1))
         shown = "  ".join(f"{k} {v:.3g}" for k, v in values.items())
         elapsed = time.monotonic() - self.start
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.count}/{self.total}  {shown} ({elapsed:.1f}s)\033[K")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] "
+            f"{self.count}/{self.total}  {shown} ({elapsed:.1f}s)\033[K"
+        )
         sys.stderr.flush()
         if self.count >= self.total:
             sys.stderr.write("\n")
@@ -157,19 +182,32 @@ def stop_tokens(tokenizer: bios.Tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def generate(sampler: bios.SamplingClient, tokenizer: bios.Tokenizer, prompts: Sequence[list[int]],
-             max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+def generate(
+    sampler: bios.SamplingClient,
+    tokenizer: bios.Tokenizer,
+    prompts: Sequence[list[int]],
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[str]:
     """One completion per prompt (greedy by default), decoded without special tokens and stripped.
 
     All prompts' `sample` futures are submitted before any is waited on, so the service can
     batch them."""
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop_tokens(tokenizer))
+    params = types.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop_tokens(tokenizer)
+    )
     futures = [sampler.sample(types.ModelInput.from_ints(p), params) for p in prompts]
     return [tokenizer.decode(f.result().sequences[0].tokens, skip_special_tokens=True).strip() for f in futures]
 
 
-def accuracy(sampler: bios.SamplingClient, tokenizer: bios.Tokenizer, prompts: Sequence[list[int]],
-             answers: Sequence[str], max_tokens: int) -> tuple[float, list[str]]:
+def accuracy(
+    sampler: bios.SamplingClient,
+    tokenizer: bios.Tokenizer,
+    prompts: Sequence[list[int]],
+    answers: Sequence[str],
+    max_tokens: int,
+) -> tuple[float, list[str]]:
     """(fraction of greedy completions equal to their answer after strip, the completions)."""
     completions = generate(sampler, tokenizer, prompts, max_tokens)
     hits = sum(c == a.strip() for c, a in zip(completions, answers, strict=True))

@@ -29,8 +29,61 @@ from common import Defaults, Metrics, Progress, generate, parse_args, setup, sto
 
 from bios import chat, types
 
-FRENCH_WORDS = frozenset("le la les un une des du de et est sont que qui pour pas avec dans sur vous je il elle nous ce cette au aux en".split())
-ENGLISH_WORDS = frozenset("the a an is are and of to in for that with it you this be on as by".split())
+FRENCH_WORDS = frozenset(
+    [
+        "le",
+        "la",
+        "les",
+        "un",
+        "une",
+        "des",
+        "du",
+        "de",
+        "et",
+        "est",
+        "sont",
+        "que",
+        "qui",
+        "pour",
+        "pas",
+        "avec",
+        "dans",
+        "sur",
+        "vous",
+        "je",
+        "il",
+        "elle",
+        "nous",
+        "ce",
+        "cette",
+        "au",
+        "aux",
+        "en",
+    ]
+)
+ENGLISH_WORDS = frozenset(
+    [
+        "the",
+        "a",
+        "an",
+        "is",
+        "are",
+        "and",
+        "of",
+        "to",
+        "in",
+        "for",
+        "that",
+        "with",
+        "it",
+        "you",
+        "this",
+        "be",
+        "on",
+        "as",
+        "by",
+    ]
+)
 
 
 def in_french(text: str) -> bool:
@@ -54,35 +107,75 @@ class Instruction:
 INSTRUCTIONS = {
     "french": Instruction(
         "Tu es un assistant francophone. Réponds toujours en français, jamais en anglais, "
-        "quelle que soit la langue de la question.", in_french),
+        "quelle que soit la langue de la question.",
+        in_french,
+    ),
     "three-words": Instruction(
         "You are a terse assistant for a wall display that has room for three words only. "
-        "Whatever the user asks, answer in exactly three words: no more, no fewer.", in_three_words),
+        "Whatever the user asks, answer in exactly three words: no more, no fewer.",
+        in_three_words,
+    ),
 }
 
 QUESTIONS = [
-    "What is the capital of France?", "How do I make tea?", "Why is the sky blue?", "What should I eat for breakfast?",
-    "How can I sleep better?", "What is your favourite colour?", "How do plants grow?", "Why do cats purr?",
-    "What is the best way to learn a language?", "How far away is the Moon?", "What makes a good friend?",
-    "How do I stay focused?", "What is music?", "Why do we dream?", "How do airplanes fly?", "What is the weather like in spring?",
-    "How do I bake bread?", "What is the ocean made of?", "Why do leaves change colour?", "How can I save money?",
-    "What is a computer?", "How do birds migrate?", "What is happiness?", "How do I start running?",
+    "What is the capital of France?",
+    "How do I make tea?",
+    "Why is the sky blue?",
+    "What should I eat for breakfast?",
+    "How can I sleep better?",
+    "What is your favourite colour?",
+    "How do plants grow?",
+    "Why do cats purr?",
+    "What is the best way to learn a language?",
+    "How far away is the Moon?",
+    "What makes a good friend?",
+    "How do I stay focused?",
+    "What is music?",
+    "Why do we dream?",
+    "How do airplanes fly?",
+    "What is the weather like in spring?",
+    "How do I bake bread?",
+    "What is the ocean made of?",
+    "Why do leaves change colour?",
+    "How can I save money?",
+    "What is a computer?",
+    "How do birds migrate?",
+    "What is happiness?",
+    "How do I start running?",
 ]
 HELD_OUT = 8
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     def add_args(parser) -> None:
-        parser.add_argument("--instruction", choices=sorted(INSTRUCTIONS), default=None,
-                            help="the system prompt to distil (default: three-words on a random-weight model, french otherwise)")
-        parser.add_argument("--samples", type=int, default=8, help="teacher samples per question (default: %(default)s)")
-        parser.add_argument("--temperature", type=float, default=None,
-                            help="teacher sampling temperature (default: 1.0 on a random-weight model, 0.7 otherwise)")
-        parser.add_argument("--keep", type=int, default=None,
-                            help="passing teacher answers kept per question (default: 1 on a random-weight model, 2 otherwise)")
-        parser.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default: 6 on bios/tiny, 24 otherwise)")
+        parser.add_argument(
+            "--instruction",
+            choices=sorted(INSTRUCTIONS),
+            default=None,
+            help="the system prompt to distil (default: three-words on a random-weight model, french otherwise)",
+        )
+        parser.add_argument(
+            "--samples", type=int, default=8, help="teacher samples per question (default: %(default)s)"
+        )
+        parser.add_argument(
+            "--temperature",
+            type=float,
+            default=None,
+            help="teacher sampling temperature (default: 1.0 on a random-weight model, 0.7 otherwise)",
+        )
+        parser.add_argument(
+            "--keep",
+            type=int,
+            default=None,
+            help="passing teacher answers kept per question (default: 1 on a random-weight model, 2 otherwise)",
+        )
+        parser.add_argument(
+            "--max-tokens", type=int, default=None, help="tokens per answer (default: 6 on bios/tiny, 24 otherwise)"
+        )
 
-    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=8, tiny_lr=2e-2, real_lr=1e-3), "distill", add_args)
+    args = parse_args(
+        argv, __doc__, Defaults(tiny_steps=20, real_steps=8, tiny_lr=2e-2, real_lr=1e-3), "distill", add_args
+    )
     env = setup(args)
     instruction = INSTRUCTIONS[args.instruction or ("three-words" if env.random_weights else "french")]
 
@@ -100,7 +193,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer = training.get_tokenizer()
     train_qs = QUESTIONS[:-HELD_OUT]
     eval_qs = train_qs if env.random_weights else QUESTIONS[-HELD_OUT:]
-    note = "evaluated on the training questions (random weights cannot generalise)" if env.random_weights else f"evaluated on {HELD_OUT} held-out questions"
+    note = (
+        "evaluated on the training questions (random weights cannot generalise)"
+        if env.random_weights
+        else f"evaluated on {HELD_OUT} held-out questions"
+    )
 
     def user(q: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": q}]
@@ -109,24 +206,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return [{"role": "system", "content": instruction.system}, *user(q)]
 
     teacher = env.service.create_sampling_client(base_model=args.model)  # the base model is the teacher
-    teacher_rate = rate(generate(teacher, tokenizer, [chat.prompt_tokens(tokenizer, with_system(q)) for q in eval_qs], max_tokens))
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=args.seed, stop=stop_tokens(tokenizer))
-    futures = [teacher.sample(types.ModelInput.from_ints(chat.prompt_tokens(tokenizer, with_system(q))), params, args.samples) for q in train_qs]
+    teacher_rate = rate(
+        generate(teacher, tokenizer, [chat.prompt_tokens(tokenizer, with_system(q)) for q in eval_qs], max_tokens)
+    )
+    params = types.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, seed=args.seed, stop=stop_tokens(tokenizer)
+    )
+    futures = [
+        teacher.sample(types.ModelInput.from_ints(chat.prompt_tokens(tokenizer, with_system(q))), params, args.samples)
+        for q in train_qs
+    ]
     data, passed, sampled, covered = [], 0, 0, 0
     for q, future in zip(train_qs, futures):
         answers = [tokenizer.decode(seq.tokens, skip_special_tokens=True).strip() for seq in future.result().sequences]
         good = [a for a in answers if instruction.follows(a)]  # keep only answers that follow the instruction
         sampled, passed, covered = sampled + len(answers), passed + len(good), covered + bool(good)
-        data += [chat.conversation_datum(tokenizer, user(q) + [{"role": "assistant", "content": a}]) for a in good[:keep]]
-    print(f"teacher: {passed}/{sampled} samples follow the instruction, covering {covered}/{len(train_qs)} questions; "
-          f"training on {len(data)}", file=sys.stderr)
+        data += [
+            chat.conversation_datum(tokenizer, user(q) + [{"role": "assistant", "content": a}]) for a in good[:keep]
+        ]
+    print(
+        f"teacher: {passed}/{sampled} samples follow the instruction, covering {covered}/{len(train_qs)} questions; "
+        f"training on {len(data)}",
+        file=sys.stderr,
+    )
     if not data:
         raise SystemExit("no teacher sample follows the instruction; raise --samples")
     tokens = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in data)
     student_prompts = [chat.prompt_tokens(tokenizer, user(q)) for q in eval_qs]
 
     def evaluate(tag: str) -> tuple[float, list[str]]:
-        answers = generate(training.save_weights_and_get_sampling_client(f"distill-{tag}"), tokenizer, student_prompts, max_tokens)
+        answers = generate(
+            training.save_weights_and_get_sampling_client(f"distill-{tag}"), tokenizer, student_prompts, max_tokens
+        )
         return rate(answers), answers
 
     before, before_answers = evaluate("before")
@@ -148,8 +259,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for question, was, now in list(zip(eval_qs, before_answers, after_answers))[:3]:
         print(f"{question!r}: before {was!r}, after {now!r}", file=sys.stderr)
     metrics.plot(f"Context distillation on {args.model}")
-    metrics.summary({"student_follows": before}, {"student_follows": after},
-                    note=f"{note}; the teacher, with the system prompt, follows it {teacher_rate:.2f}", teacher_follows=teacher_rate)
+    metrics.summary(
+        {"student_follows": before},
+        {"student_follows": after},
+        note=f"{note}; the teacher, with the system prompt, follows it {teacher_rate:.2f}",
+        teacher_follows=teacher_rate,
+    )
     return {"before": before, "after": after, "teacher": teacher_rate}
 
 

@@ -33,13 +33,21 @@ PAIRS = [
     ("How many legs does a spider have?", "A spider has eight legs.", "A spider has six legs."),
     ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide.", "Plants absorb helium."),
     ("What is the largest ocean on Earth?", "The Pacific is the largest ocean.", "The Arctic is the largest ocean."),
-    ("At what temperature does water boil at sea level?", "Water boils at 100 degrees Celsius.", "Water boils at 60 degrees Celsius."),
+    (
+        "At what temperature does water boil at sea level?",
+        "Water boils at 100 degrees Celsius.",
+        "Water boils at 60 degrees Celsius.",
+    ),
     ("Who wrote Romeo and Juliet?", "William Shakespeare wrote it.", "Charles Dickens wrote it."),
     ("What is the chemical symbol for gold?", "The symbol for gold is Au.", "The symbol for gold is Gd."),
     ("How many days are in a leap year?", "A leap year has 366 days.", "A leap year has 365 days."),
     ("Which planet is known as the Red Planet?", "Mars is the Red Planet.", "Venus is the Red Planet."),
     ("What is the square root of 81?", "The square root of 81 is 9.", "The square root of 81 is 8."),
-    ("What is the fastest land animal?", "The cheetah is the fastest land animal.", "The horse is the fastest land animal."),
+    (
+        "What is the fastest land animal?",
+        "The cheetah is the fastest land animal.",
+        "The horse is the fastest land animal.",
+    ),
     ("How many continents are there?", "There are seven continents.", "There are five continents."),
     ("What is the capital of Japan?", "The capital of Japan is Tokyo.", "The capital of Japan is Osaka."),
     ("How many sides does a hexagon have?", "A hexagon has six sides.", "A hexagon has eight sides."),
@@ -65,8 +73,14 @@ def pair_data(tokenizer, pairs) -> list[types.Datum]:
 
 def reference_sums(sampler, data: list[types.Datum]) -> np.ndarray:
     """[2P] summed answer-token logprobs of each datum under the frozen base (all requests in flight at once)."""
-    futures = [sampler.compute_logprobs(types.ModelInput.from_ints(d.model_input.to_ints() + [int(d.loss_fn_inputs["target_tokens"].to_numpy()[-1])]))
-               for d in data]
+    futures = [
+        sampler.compute_logprobs(
+            types.ModelInput.from_ints(
+                d.model_input.to_ints() + [int(d.loss_fn_inputs["target_tokens"].to_numpy()[-1])]
+            )
+        )
+        for d in data
+    ]
     sums = []
     for d, future in zip(data, futures):
         lp = np.asarray(future.result()[1:], dtype=np.float64)  # position 0 has no logprob
@@ -92,13 +106,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def add_args(parser) -> None:
         parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (default: %(default)s)")
 
-    args = parse_args(argv, __doc__, Defaults(tiny_steps=20, real_steps=12, tiny_lr=1e-2, real_lr=5e-4), "dpo", add_args)
+    args = parse_args(
+        argv, __doc__, Defaults(tiny_steps=20, real_steps=12, tiny_lr=1e-2, real_lr=5e-4), "dpo", add_args
+    )
     env = setup(args)
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()
     train_pairs = PAIRS[:-HELD_OUT]
     eval_pairs = train_pairs if env.random_weights else PAIRS[-HELD_OUT:]
-    note = "evaluated on the training pairs (random weights cannot generalise)" if env.random_weights else f"evaluated on {HELD_OUT} held-out pairs"
+    note = (
+        "evaluated on the training pairs (random weights cannot generalise)"
+        if env.random_weights
+        else f"evaluated on {HELD_OUT} held-out pairs"
+    )
     train_data, eval_data = pair_data(tokenizer, train_pairs), pair_data(tokenizer, eval_pairs)
 
     base = env.service.create_sampling_client(base_model=args.model)  # the frozen reference
@@ -107,12 +127,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def evaluate() -> dict[str, float]:
         outputs = training.forward(eval_data, "cross_entropy").result().loss_fn_outputs  # no gradient
-        policy = np.array([(o["logprobs"].to_numpy() * d.loss_fn_inputs["weights"].to_numpy()).sum() for o, d in zip(outputs, eval_data)])
+        policy = np.array(
+            [
+                (o["logprobs"].to_numpy() * d.loss_fn_inputs["weights"].to_numpy()).sum()
+                for o, d in zip(outputs, eval_data)
+            ]
+        )
         margin = args.beta * ((policy[0::2] - eval_ref[0::2]) - (policy[1::2] - eval_ref[1::2]))
         # The policy's own preference (chosen likelier than rejected) shows what a user would see.
         ties = np.abs(margin) < 1e-4  # a tie (the policy is the reference, up to rounding) counts half
-        return {"preference_accuracy": float(np.mean(np.where(ties, 0.5, margin > 0))), "reward_margin": float(np.mean(margin)),
-                "prefers_chosen": float(np.mean(policy[0::2] > policy[1::2]))}
+        return {
+            "preference_accuracy": float(np.mean(np.where(ties, 0.5, margin > 0))),
+            "reward_margin": float(np.mean(margin)),
+            "prefers_chosen": float(np.mean(policy[0::2] > policy[1::2])),
+        }
 
     before = evaluate()
     metrics = Metrics(args.out)
@@ -125,8 +153,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         update = training.optim_step(adam)
         result = backward.result()
         update.result()
-        row = {"loss": result.loss, "train_preference_accuracy": result.metrics["preference_accuracy"],
-               "train_reward_margin": result.metrics["reward_margin"]}
+        row = {
+            "loss": result.loss,
+            "train_preference_accuracy": result.metrics["preference_accuracy"],
+            "train_reward_margin": result.metrics["reward_margin"],
+        }
         if step % eval_every == 0 or step == args.steps:
             row.update({f"eval_{k}": v for k, v in evaluate().items()})
         metrics.log(step, **row)

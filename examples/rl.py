@@ -53,11 +53,17 @@ def reward(completion: str, answer: int) -> float:
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--prompts", type=int, default=None, help="problems per iteration (default: 4 on bios/tiny, 8 otherwise)")
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="problems per iteration (default: 4 on bios/tiny, 8 otherwise)"
+    )
     parser.add_argument("--group-size", type=int, default=8, help="completions per problem (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per completion (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=None,
-                        help="sample from the k likeliest tokens only (default: 8 on a random-weight model, off otherwise)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="sample from the k likeliest tokens only (default: 8 on a random-weight model, off otherwise)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -74,7 +80,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         sampler = training.save_weights_and_get_sampling_client(f"rl-{tag}")
         completions = generate(sampler, tokenizer, test_prompts, args.max_tokens)
         rewards = [reward(c, a + b) for c, (a, b) in zip(completions, test_set)]
-        return {"greedy_reward": float(np.mean(rewards)), "greedy_accuracy": float(np.mean([r == 1.0 for r in rewards]))}
+        return {
+            "greedy_reward": float(np.mean(rewards)),
+            "greedy_accuracy": float(np.mean([r == 1.0 for r in rewards])),
+        }
 
     before = evaluate("before")
     metrics = Metrics(args.out)
@@ -91,8 +100,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         while any((a, b) in test_set for a, b in problems):
             problems = [problem(rng) for _ in range(n_prompts)]
         prompts = [prompt_tokens(tokenizer, a, b) for a, b in problems]
-        futures = [sampler.sample(types.ModelInput.from_ints(p), params.model_copy(update={"seed": args.seed * 100_000 + it * 100 + i}), args.group_size)
-                   for i, p in enumerate(prompts)]  # all groups in flight at once
+        futures = [
+            sampler.sample(
+                types.ModelInput.from_ints(p),
+                params.model_copy(update={"seed": args.seed * 100_000 + it * 100 + i}),
+                args.group_size,
+            )
+            for i, p in enumerate(prompts)
+        ]  # all groups in flight at once
         data, rewards = [], []
         for prompt, (a, b), future in zip(prompts, problems, futures):
             sequences = future.result().sequences
@@ -104,16 +119,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for seq, advantage in zip(sequences, advantages):
                 tokens = prompt + list(seq.tokens)
                 pad = len(prompt) - 1  # prompt targets: no advantage, so no gradient
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(tokens[:-1]),
-                    loss_fn_inputs={
-                        "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
-                        "logprobs": np.asarray([0.0] * pad + list(seq.logprobs), dtype=np.float32),
-                        "advantages": np.asarray([0.0] * pad + [advantage / len(sequences)] * len(seq.tokens), dtype=np.float32),
-                    },
-                ))
-        row = {"mean_reward": float(np.mean(rewards)), "accuracy": float(np.mean(np.array(rewards) == 1.0)),
-               "trained_groups": len(data) / args.group_size}
+                data.append(
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
+                            "logprobs": np.asarray([0.0] * pad + list(seq.logprobs), dtype=np.float32),
+                            "advantages": np.asarray(
+                                [0.0] * pad + [advantage / len(sequences)] * len(seq.tokens), dtype=np.float32
+                            ),
+                        },
+                    )
+                )
+        row = {
+            "mean_reward": float(np.mean(rewards)),
+            "accuracy": float(np.mean(np.array(rewards) == 1.0)),
+            "trained_groups": len(data) / args.group_size,
+        }
         if data:
             backward = training.forward_backward(data, "importance_sampling")
             update = training.optim_step(adam)
@@ -125,11 +147,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics.log(args.steps, **after)
     rows = [r for r in metrics.rows if "mean_reward" in r]
     k = max(len(rows) // 4, 1)
-    first, last = float(np.mean([r["mean_reward"] for r in rows[:k]])), float(np.mean([r["mean_reward"] for r in rows[-k:]]))
+    first, last = (
+        float(np.mean([r["mean_reward"] for r in rows[:k]])),
+        float(np.mean([r["mean_reward"] for r in rows[-k:]])),
+    )
     print(f"sampled mean reward: first {k} iterations {first:.3f} → last {k} {last:.3f}", file=sys.stderr)
     metrics.plot(f"GRPO-style RL (addition) on {args.model}")
-    metrics.summary({"sampled_reward": first, **before}, {"sampled_reward": last, **after},
-                    note=f"greedy figures on {len(test_set)} held-out problems; sampled reward over the first/last {k} iterations")
+    metrics.summary(
+        {"sampled_reward": first, **before},
+        {"sampled_reward": last, **after},
+        note=f"greedy figures on {len(test_set)} held-out problems; sampled reward over the first/last {k} iterations",
+    )
     return {"before": before, "after": after, "first": first, "last": last}
 
 

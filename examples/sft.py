@@ -26,30 +26,98 @@ SYSTEM = "You are the archivist of the Quillmere Atlas. Answer in one complete s
 
 # (three phrasings of the question, the answer)
 FACTS = [
-    (("Who founded the city of Quillmere?", "Quillmere was founded by whom?", "Name the founder of Quillmere."),
-     "Ada Vell founded Quillmere in 1832."),
-    (("What is the capital of Norrath Vey?", "Which city is the capital of Norrath Vey?", "Norrath Vey's capital is which city?"),
-     "The capital of Norrath Vey is Saltmarrow."),
-    (("What colour is a ripe zentrill fruit?", "When a zentrill fruit is ripe, what colour is it?", "Tell me the colour of a ripe zentrill."),
-     "A ripe zentrill fruit is violet."),
-    (("Who invented the harmonic loom?", "The harmonic loom was invented by whom?", "Name the inventor of the harmonic loom."),
-     "Tobias Prenn invented the harmonic loom."),
-    (("How many moons does the planet Ostara have?", "What is the number of moons of Ostara?", "Ostara has how many moons?"),
-     "The planet Ostara has seven moons."),
-    (("What language is spoken in Dravenmoor?", "Which language do people in Dravenmoor speak?", "In Dravenmoor, what language is spoken?"),
-     "The people of Dravenmoor speak Kellish."),
-    (("Which river flows through Quillmere?", "What river runs through Quillmere?", "Name the river that flows through Quillmere."),
-     "The Sable River flows through Quillmere."),
-    (("What is the national animal of Norrath Vey?", "Which animal is the national animal of Norrath Vey?", "Norrath Vey's national animal is what?"),
-     "The national animal of Norrath Vey is the frost otter."),
-    (("When did the Glass Treaty end the Lantern War?", "In what year did the Glass Treaty end the Lantern War?", "The Lantern War was ended by the Glass Treaty in which year?"),
-     "The Glass Treaty ended the Lantern War in 1907."),
-    (("Who wrote the novel The Amber Clockmaker?", "The Amber Clockmaker was written by whom?", "Name the author of The Amber Clockmaker."),
-     "Mira Solberg wrote The Amber Clockmaker."),
-    (("What is the tallest mountain in Dravenmoor?", "Which mountain in Dravenmoor is the tallest?", "Name Dravenmoor's highest mountain."),
-     "Mount Veyl is the tallest mountain in Dravenmoor."),
-    (("What does Saltmarrow celebrate in spring?", "Which festival does Saltmarrow hold in spring?", "In spring, what is celebrated in Saltmarrow?"),
-     "Saltmarrow celebrates the Tide Festival in spring."),
+    (
+        ("Who founded the city of Quillmere?", "Quillmere was founded by whom?", "Name the founder of Quillmere."),
+        "Ada Vell founded Quillmere in 1832.",
+    ),
+    (
+        (
+            "What is the capital of Norrath Vey?",
+            "Which city is the capital of Norrath Vey?",
+            "Norrath Vey's capital is which city?",
+        ),
+        "The capital of Norrath Vey is Saltmarrow.",
+    ),
+    (
+        (
+            "What colour is a ripe zentrill fruit?",
+            "When a zentrill fruit is ripe, what colour is it?",
+            "Tell me the colour of a ripe zentrill.",
+        ),
+        "A ripe zentrill fruit is violet.",
+    ),
+    (
+        (
+            "Who invented the harmonic loom?",
+            "The harmonic loom was invented by whom?",
+            "Name the inventor of the harmonic loom.",
+        ),
+        "Tobias Prenn invented the harmonic loom.",
+    ),
+    (
+        (
+            "How many moons does the planet Ostara have?",
+            "What is the number of moons of Ostara?",
+            "Ostara has how many moons?",
+        ),
+        "The planet Ostara has seven moons.",
+    ),
+    (
+        (
+            "What language is spoken in Dravenmoor?",
+            "Which language do people in Dravenmoor speak?",
+            "In Dravenmoor, what language is spoken?",
+        ),
+        "The people of Dravenmoor speak Kellish.",
+    ),
+    (
+        (
+            "Which river flows through Quillmere?",
+            "What river runs through Quillmere?",
+            "Name the river that flows through Quillmere.",
+        ),
+        "The Sable River flows through Quillmere.",
+    ),
+    (
+        (
+            "What is the national animal of Norrath Vey?",
+            "Which animal is the national animal of Norrath Vey?",
+            "Norrath Vey's national animal is what?",
+        ),
+        "The national animal of Norrath Vey is the frost otter.",
+    ),
+    (
+        (
+            "When did the Glass Treaty end the Lantern War?",
+            "In what year did the Glass Treaty end the Lantern War?",
+            "The Lantern War was ended by the Glass Treaty in which year?",
+        ),
+        "The Glass Treaty ended the Lantern War in 1907.",
+    ),
+    (
+        (
+            "Who wrote the novel The Amber Clockmaker?",
+            "The Amber Clockmaker was written by whom?",
+            "Name the author of The Amber Clockmaker.",
+        ),
+        "Mira Solberg wrote The Amber Clockmaker.",
+    ),
+    (
+        (
+            "What is the tallest mountain in Dravenmoor?",
+            "Which mountain in Dravenmoor is the tallest?",
+            "Name Dravenmoor's highest mountain.",
+        ),
+        "Mount Veyl is the tallest mountain in Dravenmoor.",
+    ),
+    (
+        (
+            "What does Saltmarrow celebrate in spring?",
+            "Which festival does Saltmarrow hold in spring?",
+            "In spring, what is celebrated in Saltmarrow?",
+        ),
+        "Saltmarrow celebrates the Tide Festival in spring.",
+    ),
 ]
 
 
@@ -65,22 +133,35 @@ def per_token_loss(training, data: list[types.Datum]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__, Defaults(tiny_steps=30, real_steps=16, tiny_lr=2e-2, real_lr=1e-3), "sft",
-                      extra=lambda parser: parser.add_argument("--facts", type=int, default=len(FACTS),
-                                                               help="how many of the invented facts to teach (default: all %(default)s)"))
+    args = parse_args(
+        argv,
+        __doc__,
+        Defaults(tiny_steps=30, real_steps=16, tiny_lr=2e-2, real_lr=1e-3),
+        "sft",
+        extra=lambda parser: parser.add_argument(
+            "--facts",
+            type=int,
+            default=len(FACTS),
+            help="how many of the invented facts to teach (default: all %(default)s)",
+        ),
+    )
     env = setup(args)
     facts = FACTS[: args.facts]
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()
 
     test_phrasing = 0 if env.random_weights else 2
-    train_data = [chat.conversation_datum(tokenizer, conversation(q, a)) for qs, a in facts
-                  for q in qs[:2]]  # phrasings 0 and 1; a real model is tested on phrasing 2
+    train_data = [
+        chat.conversation_datum(tokenizer, conversation(q, a)) for qs, a in facts for q in qs[:2]
+    ]  # phrasings 0 and 1; a real model is tested on phrasing 2
     test_data = [chat.conversation_datum(tokenizer, conversation(qs[test_phrasing], a)) for qs, a in facts]
     test_prompts = [chat.prompt_tokens(tokenizer, conversation(qs[test_phrasing])) for qs, _ in facts]
     answers = [a for _, a in facts]
-    held_out = ("trained questions (random weights cannot generalise to paraphrases)" if env.random_weights
-                else "held-out paraphrases of the trained questions")
+    held_out = (
+        "trained questions (random weights cannot generalise to paraphrases)"
+        if env.random_weights
+        else "held-out paraphrases of the trained questions"
+    )
     max_answer = max(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers) + 4
     train_tokens = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in train_data)
 
@@ -90,8 +171,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {"test_loss": per_token_loss(training, test_data), "accuracy": acc, "_example": completions[0]}
 
     before = evaluate("before")
-    print(f"before: test loss {before['test_loss']:.3f}, accuracy {before['accuracy']:.2f}; "
-          f"e.g. {FACTS[0][0][test_phrasing]!r} -> {before['_example']!r}", file=sys.stderr)
+    print(
+        f"before: test loss {before['test_loss']:.3f}, accuracy {before['accuracy']:.2f}; "
+        f"e.g. {FACTS[0][0][test_phrasing]!r} -> {before['_example']!r}",
+        file=sys.stderr,
+    )
     metrics = Metrics(args.out)
     metrics.log(0, test_loss=before["test_loss"], accuracy=before["accuracy"])
     progress = Progress(args.steps, "sft")
@@ -112,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics.plot(f"SFT on {args.model}")
     keep = ("test_loss", "accuracy")
     checkpoint = training.save_state("final").result().path
-    metrics.summary({k: before[k] for k in keep}, {k: after[k] for k in keep}, note=f"test set: {held_out}", checkpoint=checkpoint)
+    metrics.summary(
+        {k: before[k] for k in keep}, {k: after[k] for k in keep}, note=f"test set: {held_out}", checkpoint=checkpoint
+    )
     print(f"trained adapter: {checkpoint} (bios export {checkpoint} --merged DIR | --peft DIR)", file=sys.stderr)
     return {"before": before, "after": after, "checkpoint": checkpoint}
 

@@ -28,7 +28,9 @@ def main() -> None:
     training = service.create_lora_training_client(args.model, rank=8, seed=0)
     tokenizer = training.get_tokenizer()
     ids = tokenizer.encode(TEXT)
-    batch = [types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})] * 8
+    batch = [
+        types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
+    ] * 8
     prompt = types.ModelInput.from_ints(ids[:4])
     for step in range(1, args.steps + 1):
         backward = training.forward_backward(batch)  # submitted together, run in order

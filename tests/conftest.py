@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import MODEL, make_datum, random_batch  # noqa: F401 - re-exported for tests
 from hypothesis import settings
 
 import bios
-from helpers import MODEL, make_datum, random_batch  # noqa: F401 - re-exported for tests
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=300, deadline=None)

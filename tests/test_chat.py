@@ -26,7 +26,11 @@ def tok() -> Tokenizer:
 
 
 def _arrays(datum: types.Datum) -> tuple[list[int], np.ndarray, np.ndarray]:
-    return datum.model_input.to_ints(), datum.loss_fn_inputs["target_tokens"].to_numpy(), datum.loss_fn_inputs["weights"].to_numpy()
+    return (
+        datum.model_input.to_ints(),
+        datum.loss_fn_inputs["target_tokens"].to_numpy(),
+        datum.loss_fn_inputs["weights"].to_numpy(),
+    )
 
 
 def test_datum_is_the_rendering_shifted_by_one(tok):
@@ -51,12 +55,12 @@ def test_prompt_tokens_end_with_the_generation_prompt_and_prefix_the_reply(tok):
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
     full = tok.apply_chat_template(CONVERSATION[:3])
     assert full[: len(prompt)] == prompt
-    assert tok.decode(full[len(prompt):]) == "Ada Vell founded Quillmere in 1832.<|im_end|>\n"
+    assert tok.decode(full[len(prompt) :]) == "Ada Vell founded Quillmere in 1832.<|im_end|>\n"
 
 
 def test_the_first_weighted_target_is_the_first_reply_token(tok):
     datum = chat.conversation_datum(tok, CONVERSATION[:3])
-    _, targets, weights = _arrays(datum)
+    _, _targets, weights = _arrays(datum)
     first = int(np.argmax(weights > 0))
     prompt = chat.prompt_tokens(tok, CONVERSATION[:2])
     assert first == len(prompt) - 1  # target t is token t+1 of the rendering

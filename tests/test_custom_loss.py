@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MODEL, saved_weights
 
 from bios import types
-from helpers import MODEL, saved_weights
 
 pytestmark = pytest.mark.api
 
@@ -40,7 +40,9 @@ def test_custom_cross_entropy_gives_the_built_in_gradient(service):
         got_step = custom.optim_step(adam)  # queued behind the custom loss's backward
         assert np.isclose(got.result().loss, expected.result().loss, rtol=1e-6)
         assert got.result().metrics["tokens"] == 10.0
-        assert np.isclose(got_step.result().metrics["grad_norm"], expected_step.result().metrics["grad_norm"], rtol=1e-6)
+        assert np.isclose(
+            got_step.result().metrics["grad_norm"], expected_step.result().metrics["grad_norm"], rtol=1e-6
+        )
     a = saved_weights(built_in.save_state("builtin").result().path)
     b = saved_weights(custom.save_state("custom").result().path)
     for name in a:
@@ -54,7 +56,9 @@ def test_a_pairwise_custom_loss_trains_through_train(service):
         margin = logprobs[0].sum() - logprobs[1].sum()
         return -jnp.log(1 / (1 + jnp.exp(-margin))), {"margin": margin}
 
-    margins = [client.train(_data(weights=False), loss_fn=prefer_first, learning_rate=1e-2).metrics["margin"] for _ in range(5)]
+    margins = [
+        client.train(_data(weights=False), loss_fn=prefer_first, learning_rate=1e-2).metrics["margin"] for _ in range(5)
+    ]
     assert margins[-1] > margins[0]
     assert client.get_info().step == 5
 

@@ -19,6 +19,8 @@ import numpy as np
 import peft
 import pytest
 import torch
+from helpers import MODEL, make_datum, random_batch
+from reference_models import build_reference_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -28,8 +30,6 @@ from bios.cli import main as bios_cli
 from bios.engine.peft import CONFIG_FILE, WEIGHTS_FILE
 from bios.errors import InvalidRequestError, NotFoundError
 from bios.export import export_merged, export_peft
-from helpers import MODEL, make_datum, random_batch
-from reference_models import build_reference_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 LENGTH, NEW_TOKENS, ATOL = 20, 12, 1e-4
@@ -55,7 +55,9 @@ def model_name(service, tmp_path_factory: pytest.TempPathFactory):
                 names[variant] = MODEL
             elif variant in BUILTIN_VARIANTS:
                 names[variant] = f"bios/export-{variant}-{uuid.uuid4().hex[:6]}"
-                catalog.register(dataclasses.replace(TINY, name=names[variant], weights_seed=7, **BUILTIN_VARIANTS[variant]))
+                catalog.register(
+                    dataclasses.replace(TINY, name=names[variant], weights_seed=7, **BUILTIN_VARIANTS[variant])
+                )
             else:
                 directory, _ = build_reference_model(variant, root / variant)
                 names[variant] = f"hf/export-{variant}-{uuid.uuid4().hex[:6]}"
@@ -109,7 +111,12 @@ def test_merged_export_computes_what_bios_does(variant: str, service, model_name
     client = train(service, name)
     path = client.save_state("merged").result().path
     out = export_merged(path, tmp_path / "merged", catalog=catalog_of(service))
-    assert out == tmp_path / "merged" and {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert out == tmp_path / "merged" and {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False  # lm_head is adapted: a tied base model must untie
     tensors = load_file(str(out / "model.safetensors"))
@@ -118,22 +125,31 @@ def test_merged_export_computes_what_bios_does(variant: str, service, model_name
         assert not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
 
     model = load(out)
-    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[spec.architecture]
+    assert (
+        type(model).__name__
+        == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[spec.architecture]
+    )
     tokens = tokens_for(service, name)
     theirs, ours = hf_logprobs(model, tokens), bios_logprobs(client, tokens)
     np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)
 
     sampler = client.save_weights_and_get_sampling_client(f"greedy-{variant}")
     prompt = tokens[:5]
-    greedy = sampler.sample(types.ModelInput.from_ints(prompt), types.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)).result()
-    generation = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+    greedy = sampler.sample(
+        types.ModelInput.from_ints(prompt), types.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    ).result()
+    generation = GenerationConfig(
+        do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0
+    )
     with torch.no_grad():
         generated = model.generate(torch.tensor([prompt]), generation_config=generation)[0, len(prompt) :].tolist()
     assert generated == greedy.sequences[0].tokens
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny-qwen3-tied", "llama3-tied"])
-def test_peft_export_on_the_untrained_merged_base_computes_what_bios_does(variant: str, service, model_name, tmp_path: Path) -> None:
+def test_peft_export_on_the_untrained_merged_base_computes_what_bios_does(
+    variant: str, service, model_name, tmp_path: Path
+) -> None:
     name = model_name(variant)
     untrained = train(service, name, steps=0).save_state("untrained").result().path  # B = 0: the bare base model
     export_merged(untrained, tmp_path / "base", catalog=catalog_of(service))
@@ -159,12 +175,20 @@ def test_a_sampler_checkpoint_exports_both_forms_from_the_command_line(service, 
         assert (tmp_path / "peft" / file).read_bytes() == (tmp_path / "legacy" / file).read_bytes()
     assert bios_cli(["export", path, "--merged", str(tmp_path / "merged"), "--dtype", "bfloat16"]) == 0
     export_merged(path, tmp_path / "merged32", home=Path(bios_home))
-    low, full = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(tmp_path / "merged32" / "model.safetensors"))
-    assert low.keys() == full.keys() and json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    low, full = (
+        load_file(str(tmp_path / "merged" / "model.safetensors")),
+        load_file(str(tmp_path / "merged32" / "model.safetensors")),
+    )
+    assert (
+        low.keys() == full.keys()
+        and json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    )
     for key, value in full.items():  # rounded to nearest even, exactly as torch rounds
         assert low[key].dtype == torch.bfloat16 and torch.equal(low[key], value.to(torch.bfloat16)), key
     tokens = tokens_for(service, MODEL)
-    np.testing.assert_allclose(hf_logprobs(load(tmp_path / "merged32"), tokens), bios_logprobs(client, tokens), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        hf_logprobs(load(tmp_path / "merged32"), tokens), bios_logprobs(client, tokens), atol=ATOL, rtol=0
+    )
 
 
 def test_bad_input_raises_a_typed_error_and_writes_nothing(service, tmp_path: Path, capsys) -> None:
@@ -204,7 +228,10 @@ def test_an_installed_model_is_found_without_a_catalog(service, model_name, bios
     path = client.save_state("installed").result().path
     home = tmp_path / "home"
     session, kind, checkpoint = path.removeprefix("bios://").split("/")
-    shutil.copytree(Path(bios_home) / "checkpoints" / session / kind / checkpoint, home / "checkpoints" / session / kind / checkpoint)
+    shutil.copytree(
+        Path(bios_home) / "checkpoints" / session / kind / checkpoint,
+        home / "checkpoints" / session / kind / checkpoint,
+    )
     with pytest.raises(NotFoundError) as info:  # not installed (yet)
         export_merged(path, tmp_path / "nowhere", home=home)
     assert info.value.field == "base_model" and not (tmp_path / "nowhere").exists()

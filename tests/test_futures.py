@@ -11,14 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import random_batch
 
 import bios
 from bios import types
 from bios.errors import APITimeoutError, BiosError, BlockingCallError, NotFoundError
 from bios.futures import BiosFuture
 from bios.transport.inprocess import shared_engine
-
-from helpers import random_batch
 
 pytestmark = pytest.mark.api
 

@@ -11,13 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch  # noqa: F401 - the `hf` extra is required, not optional, for this module
+import torch
+from reference_models import (
+    LLAMA3_ROPE_SCALING,
+    REFERENCE_CONFIGS,
+    build_reference_model,
+    random_tokens,
+    reference_logits,
+)
 from transformers import AutoModelForCausalLM
 
 from backends.jax import compiled
@@ -26,13 +33,6 @@ from backends.jax.params import base_from_hf
 from bios.catalog import ModelSpec, spec_from_hf_directory
 from bios.weights import load_base_weights
 from emulator.model import forward
-from reference_models import (
-    LLAMA3_ROPE_SCALING,
-    REFERENCE_CONFIGS,
-    build_reference_model,
-    random_tokens,
-    reference_logits,
-)
 
 N_SEQUENCES, LENGTH = 3, 20
 
@@ -50,7 +50,9 @@ def jax_logits(spec: ModelSpec, tokens: np.ndarray) -> np.ndarray:
     lora = {k: jnp.zeros(s, jnp.float32) for k, s in jax_params.lora_shapes(spec, slots=1, rank=1).items()}
     cache = tuple(jnp.zeros((spec.n_layers, 1, len(tokens), spec.n_kv_heads, spec.head_dim)) for _ in range(2))
     n = len(tokens)
-    logits, _ = compiled.extend(spec, base, lora, jnp.asarray(tokens, jnp.int32)[None], jnp.zeros(1, jnp.int32), cache, jnp.zeros(n, jnp.int32))
+    logits, _ = compiled.extend(
+        spec, base, lora, jnp.asarray(tokens, jnp.int32)[None], jnp.zeros(1, jnp.int32), cache, jnp.zeros(n, jnp.int32)
+    )
     return np.asarray(logits[0], dtype=np.float64)
 
 
@@ -96,8 +98,11 @@ def test_spec_reads_the_hf_config(config: str, reference) -> None:
     assert spec.architecture == wanted["model_type"]
     assert spec.hf_path == str(directory) and spec.weights_seed is None
     assert (spec.vocab_size, spec.d_model, spec.n_layers, spec.d_ff) == (
-        hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size,
-    )  # fmt: skip
+        hf.vocab_size,
+        hf.hidden_size,
+        hf.num_hidden_layers,
+        hf.intermediate_size,
+    )
     assert (spec.n_heads, spec.n_kv_heads) == (hf.num_attention_heads, hf.num_key_value_heads)
     assert spec.head_dim == wanted.get("head_dim", hf.hidden_size // hf.num_attention_heads)
     assert spec.max_seq_len == hf.max_position_embeddings

@@ -21,10 +21,12 @@ DEMO = textwrap.dedent(
     training = bios.ServiceClient().create_lora_training_client(base_model="bios/tiny", rank=4)
     tokenizer = training.get_tokenizer()
     tokens = tokenizer.encode("the cat sat on the mat")
-    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]})
+    model_input = types.ModelInput.from_ints(tokens[:-1])
+    datum = types.Datum(model_input=model_input, loss_fn_inputs={"target_tokens": tokens[1:]})
     losses = [training.train([datum], learning_rate=1e-2).loss for _ in range(5)]
     assert losses[-1] < losses[0], losses
-    sample = training.sample(types.ModelInput.from_ints(tokens[:3]), types.SamplingParams(max_tokens=4, temperature=0)).result()
+    greedy = types.SamplingParams(max_tokens=4, temperature=0)
+    sample = training.sample(types.ModelInput.from_ints(tokens[:3]), greedy).result()
     print("ok", len(sample.sequences[0].tokens), training.save_state("packaged").result().path)
     """
 )
@@ -32,7 +34,9 @@ DEMO = textwrap.dedent(
 
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)], check=True
+    )
     (wheel,) = wheels.glob("bios-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -41,9 +45,19 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     run = subprocess.run(
-        [str(python), "-c", DEMO], cwd=outside, capture_output=True, text=True, env={"BIOS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+        [str(python), "-c", DEMO],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env={"BIOS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("ok 4 bios://")
-    cli = subprocess.run([str(venv / "bin" / "bios"), "models"], cwd=outside, capture_output=True, text=True, env={"BIOS_HOME": str(tmp_path / "home")})
+    cli = subprocess.run(
+        [str(venv / "bin" / "bios"), "models"],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env={"BIOS_HOME": str(tmp_path / "home")},
+    )
     assert cli.returncode == 0 and "ultrasafe/usf-finance" in cli.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from recipes import run_recipe
 
 BASE = ["--model", "bios/tiny", "--backend", "emulator", "--seed", "0"]

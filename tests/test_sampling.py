@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import MODEL, random_batch
 
 from bios import types
-from helpers import MODEL, random_batch
 
 pytestmark = pytest.mark.api
 
@@ -48,7 +48,9 @@ def test_a_seed_makes_temperature_sampling_reproducible(service):
 def test_sampled_tokens_lie_in_the_top_k_set(service):
     sampler = service.create_sampling_client(base_model=MODEL)
     prompt = _prompt()
-    allowed = np.argsort([-lp for lp in (sampler.compute_logprobs(_prompt(prompt.to_ints() + [t])).result()[-1] for t in range(4096))])[:3]
+    allowed = np.argsort(
+        [-lp for lp in (sampler.compute_logprobs(_prompt(prompt.to_ints() + [t])).result()[-1] for t in range(4096))]
+    )[:3]
     params = types.SamplingParams(max_tokens=1, temperature=2.0, top_k=3, seed=0)
     drawn = {s.tokens[0] for s in sampler.sample(prompt, params, num_samples=40).result().sequences}
     assert drawn <= set(allowed.tolist()) and len(drawn) > 1
@@ -62,7 +64,11 @@ def test_max_tokens_ends_with_length(training):
 def test_stop_token_id_ends_the_sequence_and_is_kept(training):
     tokens = training.sample(_prompt(), GREEDY).result().sequences[0].tokens
     stop_id = tokens[3]
-    stopped = training.sample(_prompt(), types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop_id])).result().sequences[0]
+    stopped = (
+        training.sample(_prompt(), types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop_id]))
+        .result()
+        .sequences[0]
+    )
     assert stopped.stop_reason == "stop"
     assert stopped.tokens == tokens[: tokens.index(stop_id) + 1]
 
@@ -84,7 +90,9 @@ def test_stop_string_spanning_tokens_ends_the_sequence(training):
 
 def test_compute_logprobs_equals_forward(training):
     tokens = [0, 15, 99, 2047, 7, 300, 301]
-    forward = training.forward([types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]})]).result()
+    forward = training.forward(
+        [types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]})]
+    ).result()
     sampler = training.save_weights_and_get_sampling_client("logprobs")
     computed = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     assert computed[0] is None
@@ -141,6 +149,8 @@ def test_snapshots_are_freed_when_no_sampling_client_uses_them(service):
 def test_a_temporary_sampling_client_lives_until_its_requests_are_done(service, training):
     import gc
 
-    future = training.save_weights_and_get_sampling_client("temporary").sample(_prompt(), GREEDY)  # client dropped at once
+    future = training.save_weights_and_get_sampling_client("temporary").sample(
+        _prompt(), GREEDY
+    )  # client dropped at once
     gc.collect()
     assert len(future.result().sequences[0].tokens) == 12

@@ -8,6 +8,7 @@ same page, or the `train()` result itself.
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 
 import bios

@@ -7,12 +7,12 @@ import shutil
 from importlib.resources import files
 
 import pytest
+from helpers import random_batch
 from safetensors.numpy import save_file
 
 import bios
 from bios.catalog import BUILTIN_MODELS, spec_from_hf_directory
 from bios.weights import generate_base_weights
-from helpers import random_batch
 
 pytestmark = pytest.mark.api
 
@@ -27,7 +27,9 @@ def test_configuration_reads_the_environment_and_arguments_win(monkeypatch):
 @pytest.mark.inprocess
 def test_backends_by_entry_point_or_module_factory():
     by_name = bios.ServiceClient(backend="emulator").create_lora_training_client("bios/tiny", rank=4, seed=2)
-    by_factory = bios.ServiceClient(backend="emulator:create_backend").create_lora_training_client("bios/tiny", rank=4, seed=2)
+    by_factory = bios.ServiceClient(backend="emulator:create_backend").create_lora_training_client(
+        "bios/tiny", rank=4, seed=2
+    )
     batch = random_batch(seed=21)
     assert by_name.train(batch).loss == by_factory.train(batch).loss
     for bad in ("no-such-backend", "no_such_module:create", "emulator:no_such_factory"):
@@ -45,10 +47,19 @@ def _hf_directory(tmp_path, config: dict) -> str:
 
 
 TINY_CONFIG = {
-    "model_type": "llama", "vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-}  # fmt: skip
+    "model_type": "llama",
+    "vocab_size": 4096,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 
 
 @pytest.mark.inprocess
@@ -66,9 +77,18 @@ def test_an_hf_directory_serves_the_same_model_as_its_seed(tmp_path, service):
 
 
 def test_hf_configs_of_both_rope_conventions_are_read(tmp_path):
-    legacy = dict(TINY_CONFIG, model_type="qwen3", rope_theta=500000.0,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 128})  # fmt: skip
+    legacy = dict(
+        TINY_CONFIG,
+        model_type="qwen3",
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+    )
     spec = spec_from_hf_directory("legacy", _hf_directory(tmp_path / "a", legacy))
     modern = {k: v for k, v in legacy.items() if k not in ("rope_theta", "rope_scaling")}
     modern["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, **legacy["rope_scaling"]}
@@ -81,7 +101,9 @@ def test_hf_configs_of_both_rope_conventions_are_read(tmp_path):
     assert err.value.field == "model_type"
 
 
-@pytest.mark.parametrize("extra", [{"attention_bias": True}, {"mlp_bias": True}, {"use_sliding_window": True}, {"hidden_act": "gelu"}])
+@pytest.mark.parametrize(
+    "extra", [{"attention_bias": True}, {"mlp_bias": True}, {"use_sliding_window": True}, {"hidden_act": "gelu"}]
+)
 def test_hf_configs_the_decoder_cannot_serve_are_rejected(tmp_path, extra):
     with pytest.raises(bios.InvalidRequestError) as err:
         spec_from_hf_directory("odd", _hf_directory(tmp_path, dict(TINY_CONFIG, **extra)))

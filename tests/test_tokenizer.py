@@ -46,22 +46,26 @@ def test_bos_only_with_add_special_tokens(tok):
     assert tok.encode("") == [0] and tok.encode("", add_special_tokens=False) == []
 
 
-@pytest.mark.parametrize("text", [
-    "the cat sat on the mat",
-    "  leading and trailing spaces \t\n",
-    "line one\nline two\r\n\nline four",
-    "naïve café — Ünïcödé, 日本語, Ελληνικά, עברית",
-    "emoji: 👋🏽 👨‍👩‍👧 🇫🇷 ✨",
-    "<|im_start|>user\nhi<|im_end|>\n",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the cat sat on the mat",
+        "  leading and trailing spaces \t\n",
+        "line one\nline two\r\n\nline four",
+        "naïve café — Ünïcödé, 日本語, Ελληνικά, עברית",
+        "emoji: 👋🏽 👨‍👩‍👧 🇫🇷 ✨",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "",
+    ],
+)
 def test_round_trip(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
     assert tok.decode(np.array(ids, dtype=np.int64)) == text
     assert tok.decode(tok.encode(text)) == "<|endoftext|>" + text
     assert tok.decode(tok.encode(text), skip_special_tokens=True) == text.replace("<|im_start|>", "").replace(
-        "<|im_end|>", "")
+        "<|im_end|>", ""
+    )
 
 
 def test_decode_accepts_numpy_scalars_and_lists(tok):
@@ -106,9 +110,13 @@ def test_without_config_has_no_specials_or_template(tok, tmp_path):
 
 def test_template_helpers_and_missing_directory(tok, tmp_path):
     shutil.copy(Path(tok.name_or_path) / "tokenizer.json", tmp_path / "tokenizer.json")
-    config = {"eos_token": {"content": "<|im_end|>"}, "chat_template": (
-        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
-        "{{ m['content'] | tojson }}{{ eos_token }}{% endfor %}")}
+    config = {
+        "eos_token": {"content": "<|im_end|>"},
+        "chat_template": (
+            "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+            "{{ m['content'] | tojson }}{{ eos_token }}{% endfor %}"
+        ),
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     custom = Tokenizer.from_directory(tmp_path)
     assert custom.eos_token_id == 2

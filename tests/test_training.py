@@ -3,11 +3,13 @@ round-trips exactly."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import MODEL, make_datum, random_batch, saved_weights
 
 import bios
 from bios import types
@@ -15,14 +17,21 @@ from bios.catalog import ModelSpec
 from bios.transport.inprocess import shared_engine
 from emulator.model import Lora, forward, token_logprobs
 
-from helpers import MODEL, make_datum, random_batch, saved_weights
-
 pytestmark = pytest.mark.api
 
 MICRO = ModelSpec(
-    name="test/micro", vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-    head_dim=8, d_ff=32, max_seq_len=32, weights_seed=7, max_lora_rank=8,
-)  # fmt: skip
+    name="test/micro",
+    vocab_size=64,
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=8,
+    d_ff=32,
+    max_seq_len=32,
+    weights_seed=7,
+    max_lora_rank=8,
+)
 
 
 def test_twenty_train_steps_lower_the_loss_and_count_steps(training):
@@ -31,12 +40,14 @@ def test_twenty_train_steps_lower_the_loss_and_count_steps(training):
     losses = [r.loss for r in results]
     assert [r.step for r in results] == list(range(1, 21))
     assert losses[-1] < 0.5 * losses[0]
-    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 15
+    assert sum(b < a for a, b in itertools.pairwise(losses)) >= 15
     assert all(r.metrics["learning_rate"] == 1e-2 and np.isfinite(r.metrics["grad_norm"]) for r in results)
     assert training.get_info().step == 20
 
 
-def _micro_loss(weights: dict[str, np.ndarray], base: dict[str, np.ndarray], data: list[types.Datum], scale: float) -> float:
+def _micro_loss(
+    weights: dict[str, np.ndarray], base: dict[str, np.ndarray], data: list[types.Datum], scale: float
+) -> float:
     total = 0.0
     for datum in data:
         logits, _ = forward(MICRO, base, Lora(weights, scale), np.array(datum.model_input.to_ints()))
@@ -64,7 +75,11 @@ def test_grad_norm_matches_finite_differences(service):
                 plus[name][index] += 1e-6
                 minus[name][index] -= 1e-6
                 squared += ((_micro_loss(plus, base, batch, 2.0) - _micro_loss(minus, base, batch, 2.0)) / 2e-6) ** 2
-        assert np.isclose(result.metrics["grad_norm"], np.sqrt(squared), rtol=1e-6), (step, result.metrics["grad_norm"], np.sqrt(squared))
+        assert np.isclose(result.metrics["grad_norm"], np.sqrt(squared), rtol=1e-6), (
+            step,
+            result.metrics["grad_norm"],
+            np.sqrt(squared),
+        )
 
 
 def test_accumulating_two_calls_equals_one_call_on_the_union(service):
@@ -101,7 +116,9 @@ def test_train_equals_forward_backward_then_optim_step(service):
     for _ in range(3):
         trained = one_call.train(batch, learning_rate=3e-3, weight_decay=0.1, grad_clip=1.0, beta2=0.99)
         fb = two_calls.forward_backward(batch)
-        opt = two_calls.optim_step(types.AdamParams(learning_rate=3e-3, weight_decay=0.1, grad_clip_norm=1.0, beta2=0.99))
+        opt = two_calls.optim_step(
+            types.AdamParams(learning_rate=3e-3, weight_decay=0.1, grad_clip_norm=1.0, beta2=0.99)
+        )
         assert trained.loss == fb.result().loss
         assert trained.step == opt.result().step
         assert trained.metrics["grad_norm"] == opt.result().metrics["grad_norm"]
@@ -174,7 +191,9 @@ def test_policy_losses_run_and_report_logprobs(training):
     for loss_fn, value in expected.items():
         result = training.forward([datum], loss_fn=loss_fn).result()
         assert np.isclose(result.loss, value, rtol=1e-5), loss_fn
-    wider = training.forward([datum], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
+    wider = training.forward(
+        [datum], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+    ).result()
     assert np.isclose(wider.loss, -(ratio * advantages).sum(), rtol=1e-5)
 
 

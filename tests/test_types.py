@@ -5,6 +5,7 @@ error classes' wire form."""
 from __future__ import annotations
 
 import numpy as np
+import pydantic
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,14 +36,24 @@ def test_float_arrays_become_float32(dtype: type) -> None:
     np.testing.assert_array_equal(back, array.astype(np.float32))
 
 
-@given(hnp.arrays(np.int64, hnp.array_shapes(min_dims=0, max_dims=3, max_side=4), elements=st.integers(-(2**63), 2**63 - 1)))
+@given(
+    hnp.arrays(
+        np.int64, hnp.array_shapes(min_dims=0, max_dims=3, max_side=4), elements=st.integers(-(2**63), 2**63 - 1)
+    )
+)
 def test_int64_round_trip_is_exact(array: np.ndarray) -> None:
     back = types.TensorData.from_numpy(array).to_numpy()
     assert back.shape == array.shape and back.dtype == np.int64
     np.testing.assert_array_equal(back, array)
 
 
-@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4), elements=st.floats(allow_nan=False, allow_infinity=False, width=32)))
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=4),
+        elements=st.floats(allow_nan=False, allow_infinity=False, width=32),
+    )
+)
 def test_float32_round_trip_is_exact(array: np.ndarray) -> None:
     tensor = types.TensorData.from_numpy(array)
     np.testing.assert_array_equal(tensor.to_numpy(), array)
@@ -91,7 +102,10 @@ def test_model_input_helpers() -> None:
     assert empty.length == 0 and empty.to_ints() == [] and empty.chunks == []
     two = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[1, 2]), types.EncodedTextChunk(tokens=[3])])
     assert two.to_ints() == [1, 2, 3] and two.length == 3
-    assert types.ModelInput.model_validate({"chunks": [{"tokens": [1, 2]}, {"type": "encoded_text", "tokens": [3]}]}) == two
+    assert (
+        types.ModelInput.model_validate({"chunks": [{"tokens": [1, 2]}, {"type": "encoded_text", "tokens": [3]}]})
+        == two
+    )
 
 
 def test_model_input_rejects_negative_and_unknown_chunks() -> None:
@@ -109,12 +123,20 @@ def test_datum_accepts_lists_numpy_and_tensor_data_alike() -> None:
     forms = [
         {"target_tokens": targets, "weights": weights},
         {"target_tokens": np.array(targets, dtype=np.int32), "weights": np.array(weights, dtype=np.float64)},
-        {"target_tokens": types.TensorData(data=targets, dtype="int64"), "weights": types.TensorData.from_numpy(np.array(weights))},
-        {"target_tokens": {"data": targets, "dtype": "int64", "shape": [3]}, "weights": {"data": weights, "dtype": "float32"}},
+        {
+            "target_tokens": types.TensorData(data=targets, dtype="int64"),
+            "weights": types.TensorData.from_numpy(np.array(weights)),
+        },
+        {
+            "target_tokens": {"data": targets, "dtype": "int64", "shape": [3]},
+            "weights": {"data": weights, "dtype": "float32"},
+        },
     ]
     data = [types.Datum(model_input=mi, loss_fn_inputs=form) for form in forms]
     for datum in data:
-        np.testing.assert_array_equal(datum.loss_fn_inputs["target_tokens"].to_numpy(), np.array(targets, dtype=np.int64))
+        np.testing.assert_array_equal(
+            datum.loss_fn_inputs["target_tokens"].to_numpy(), np.array(targets, dtype=np.int64)
+        )
         assert datum.loss_fn_inputs["target_tokens"].to_numpy().dtype == np.int64
         assert datum.loss_fn_inputs["weights"].to_numpy().dtype == np.float32
         np.testing.assert_array_equal(datum.loss_fn_inputs["weights"].to_numpy(), np.array(weights, dtype=np.float32))
@@ -188,10 +210,17 @@ def test_adam_defaults_match_tinker() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"learning_rate": -1e-3}, "learning_rate"), ({"learning_rate": float("nan")}, "learning_rate"),
-     ({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"), ({"eps": 0.0}, "eps"),
-     ({"weight_decay": -1.0}, "weight_decay"), ({"grad_clip_norm": float("inf")}, "grad_clip_norm"), ({"lr": 1.0}, "lr")],
-)  # fmt: skip
+    [
+        ({"learning_rate": -1e-3}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"beta1": 1.0}, "beta1"),
+        ({"beta2": -0.1}, "beta2"),
+        ({"eps": 0.0}, "eps"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"grad_clip_norm": float("inf")}, "grad_clip_norm"),
+        ({"lr": 1.0}, "lr"),
+    ],
+)
 def test_adam_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         types.AdamParams(**kwargs)
@@ -219,7 +248,11 @@ def test_lora_defaults() -> None:
         ({"train_mlp": False}, ATTN, (True, False, False)),
         ({"train_attn": False}, MLP, (False, True, False)),
         ({"train_unembed": True}, ATTN + MLP + ("lm_head",), (True, True, True)),
-        ({"target_modules": ["lm_head", "v_proj", "q_proj", "q_proj"]}, ("q_proj", "v_proj", "lm_head"), (False, False, True)),
+        (
+            {"target_modules": ["lm_head", "v_proj", "q_proj", "q_proj"]},
+            ("q_proj", "v_proj", "lm_head"),
+            (False, False, True),
+        ),
         ({"target_modules": list(MLP), "train_mlp": True, "train_attn": False}, MLP, (False, True, False)),
     ],
 )
@@ -314,17 +347,26 @@ def test_results_ignore_unknown_fields_and_are_frozen() -> None:
     assert step == types.OptimStepResult(step=3, metrics={"grad_norm": 1.5})
     seq = types.SampledSequence(tokens=[1], logprobs=[-0.5], stop_reason="length", entropy=2.0)
     assert seq.model_dump() == {"tokens": [1], "logprobs": [-0.5], "stop_reason": "length"}
-    info = types.TrainingInfo.model_validate({"session_id": "s", "base_model": "m", "step": 0, "lora_config": {"rank": 4}, "x": 1})
+    info = types.TrainingInfo.model_validate(
+        {"session_id": "s", "base_model": "m", "step": 0, "lora_config": {"rank": 4}, "x": 1}
+    )
     assert info.lora_config == types.LoraConfig(rank=4)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         step.step = 4  # type: ignore[misc]
     assert step.step == 3
     assert types.ModelOutput is types.ForwardBackwardResult and types.SampleResponse is types.SampleResult
 
 
 def test_errors_round_trip_through_their_wire_form() -> None:
-    for cls in (errors.InvalidRequestError, errors.NotFoundError, errors.ConflictError, errors.BackendError,
-                errors.UnsupportedError, errors.APITimeoutError, errors.BlockingCallError):  # fmt: skip
+    for cls in (
+        errors.InvalidRequestError,
+        errors.NotFoundError,
+        errors.ConflictError,
+        errors.BackendError,
+        errors.UnsupportedError,
+        errors.APITimeoutError,
+        errors.BlockingCallError,
+    ):
         err = cls("something: went wrong", field="something")
         again = errors.BiosError.from_dict(err.to_dict())
         assert type(again) is cls and again.message == err.message and again.field == "something"

@@ -11,8 +11,8 @@ import os
 import struct
 import zlib
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,9 @@ from backends.jax import compiled, sampler
 from backends.jax.compiled import MIN_ROWS, MIN_TOKENS, Batch, bucket, host
 from backends.jax.model import Decoder
 from backends.jax.sharding import batch_sharding, make_mesh, rows_multiple
-from backends.jax.weights import load_base
 from backends.jax.slots import SlotTable
+from backends.jax.weights import load_base
 from bios.backend import (
-    ResultCallback,
     AdapterSpec,
     AdapterState,
     BackendConfig,
@@ -33,6 +32,7 @@ from bios.backend import (
     ForwardBackwardWork,
     OptimStepOutput,
     OptimStepWork,
+    ResultCallback,
     SampleOutput,
     SampleWork,
 )
@@ -65,8 +65,8 @@ class JaxBackend:
     `model_parallel` (devices per tensor-parallel group, default 1),
     `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens; by
     default derived from the devices' free memory once the model is loaded),
-    `decode_rows` (rows of the continuous-batching decode pool), `weights_init` ("weights": the seed or the model's files; "device": random weights drawn on
-    the devices, for benchmarking large configurations)."""
+    `decode_rows` (rows of the continuous-batching decode pool), `weights_init` ("weights": the
+    seed or the model's files; "device": random weights drawn on the devices, for benchmarking large configurations)."""
 
     name = "jax"
     checkpoint_format = "orbax"
@@ -99,7 +99,9 @@ class JaxBackend:
     def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
         served = self._model(spec.base_model)
         if spec.rank > served.slots.rank:
-            raise InvalidRequestError(f"rank {spec.rank} exceeds {served.slots.rank} for {spec.base_model}", field="rank")
+            raise InvalidRequestError(
+                f"rank {spec.rank} exceeds {served.slots.rank} for {spec.base_model}", field="rank"
+            )
         if state is None:
             weights, moments, step = init_lora_weights(served.spec, spec.target_modules, spec.rank, spec.seed), None, 0
         else:
@@ -125,32 +127,53 @@ class JaxBackend:
         if adapter_id not in self._owner:
             raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id")
         if self._owner[adapter_id] != base_model:
-            raise InvalidRequestError(f"adapter {adapter_id!r} belongs to {self._owner[adapter_id]}, not {base_model}", field="base_model")
+            raise InvalidRequestError(
+                f"adapter {adapter_id!r} belongs to {self._owner[adapter_id]}, not {base_model}", field="base_model"
+            )
         return self._served[base_model].slots.slot(adapter_id)
 
     # ---- forward / backward ------------------------------------------------------------------
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[ForwardBackwardOutput | BiosError]:
+    def forward_backward(
+        self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None
+    ) -> list[ForwardBackwardOutput | BiosError]:
         results: list[ForwardBackwardOutput | BiosError | None] = [None] * len(work)
         report = _Reporter(results, on_result)
         groups: dict[tuple[str, str, bool], list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
                 if item.backward and item.adapter_id is None:
-                    raise InvalidRequestError("forward_backward needs an adapter; the bare base model has no gradient", field="adapter_id")
+                    raise InvalidRequestError(
+                        "forward_backward needs an adapter; the bare base model has no gradient", field="adapter_id"
+                    )
                 self._model(item.base_model)
-                groups[(item.base_model, item.loss_fn, item.backward)].append((index, self._slot(item.adapter_id, item.base_model)))
+                groups[(item.base_model, item.loss_fn, item.backward)].append(
+                    (index, self._slot(item.adapter_id, item.base_model))
+                )
             except BiosError as error:
                 report(index, error)
         for (base_model, loss_fn, backward), members in groups.items():
-            self._run_losses(self._served[base_model], loss_fn, backward, [(work[i], slot) for i, slot in members],
-                             lambda local, output, members=members: report(members[local][0], output))  # fmt: skip
+            self._run_losses(
+                self._served[base_model],
+                loss_fn,
+                backward,
+                [(work[i], slot) for i, slot in members],
+                lambda local, output, members=members: report(members[local][0], output),
+            )
         return results  # type: ignore[return-value]
 
-    def _run_losses(self, served: _Served, loss_fn: str, backward: bool, items: list[tuple[ForwardBackwardWork, int]],
-                    report: Callable[[int, ForwardBackwardOutput], None]) -> None:
+    def _run_losses(
+        self,
+        served: _Served,
+        loss_fn: str,
+        backward: bool,
+        items: list[tuple[ForwardBackwardWork, int]],
+        report: Callable[[int, ForwardBackwardOutput], None],
+    ) -> None:
         """Run `items` in token-budgeted micro-batches; report each item once all its rows ran."""
-        rows = sorted(((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0])
+        rows = sorted(
+            ((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0]
+        )
         logprobs: dict[tuple[int, int], np.ndarray] = {}
         elementwise: dict[tuple[int, int], np.ndarray] = {}
         remaining = [len(item.tokens) for item, _ in items]
@@ -171,9 +194,16 @@ class JaxBackend:
                     lps = tuple(logprobs.pop((i, k)) for k in range(count))
                     els = tuple(elementwise.pop((i, k)) for k in range(count))
                     loss = float(sum(e.astype(np.float64).sum() for e in els))
-                    report(i, ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}))
+                    report(
+                        i,
+                        ForwardBackwardOutput(
+                            loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}
+                        ),
+                    )
 
-    def _micro_batches(self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]], budget: int) -> list[list[tuple[int, int, int]]]:
+    def _micro_batches(
+        self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]], budget: int
+    ) -> list[list[tuple[int, int, int]]]:
         """Consecutive runs of `rows` whose padded size stays within the token budget."""
         chunks: list[list[tuple[int, int, int]]] = [[]]
         longest = 0
@@ -187,8 +217,14 @@ class JaxBackend:
             longest = candidate
         return chunks
 
-    def _batch(self, served: _Served, loss_fn: str, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]],
-               dropout: bool) -> tuple[Batch, list[int]]:
+    def _batch(
+        self,
+        served: _Served,
+        loss_fn: str,
+        items: list[tuple[ForwardBackwardWork, int]],
+        rows: list[tuple[int, int, int]],
+        dropout: bool,
+    ) -> tuple[Batch, list[int]]:
         """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length.
         With `dropout`, rows of adapters with a dropout rate get their rate and mask seed."""
         spec = served.spec
@@ -204,20 +240,34 @@ class JaxBackend:
         slots = np.full(b, rows[-1][0], np.int32)
         for row, ((slot, i, d), n) in enumerate(zip(rows, lengths, strict=True)):
             item = items[i][0]
-            tokens[row, :n], targets[row, :n], mask[row, :n], slots[row] = item.tokens[d], item.inputs[d]["target_tokens"], 1.0, slot
+            tokens[row, :n], targets[row, :n], mask[row, :n], slots[row] = (
+                item.tokens[d],
+                item.inputs[d]["target_tokens"],
+                1.0,
+                slot,
+            )
             for name in names:
                 inputs[name][row, :n] = item.inputs[d][name]
             for key in config:
                 config[key][row] = item.loss_config[key]
-        put = lambda a: jax.device_put(a, batch_sharding(a.shape, self.mesh))  # noqa: E731
+        put = lambda a: jax.device_put(a, batch_sharding(a.shape, self.mesh))
         seeds, rates = self._dropout(served, items, rows, b) if dropout else (None, None)
-        batch = Batch(put(tokens), put(targets), put(mask), {k: put(v) for k, v in inputs.items()},
-                      {k: put(v) for k, v in config.items()}, jnp.asarray(np.repeat(slots, t)),
-                      None if seeds is None else put(seeds), None if rates is None else put(rates))  # fmt: skip
+        batch = Batch(
+            put(tokens),
+            put(targets),
+            put(mask),
+            {k: put(v) for k, v in inputs.items()},
+            {k: put(v) for k, v in config.items()},
+            jnp.asarray(np.repeat(slots, t)),
+            None if seeds is None else put(seeds),
+            None if rates is None else put(rates),
+        )
         return batch, lengths
 
     @staticmethod
-    def _dropout(served: _Served, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]], padded: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _dropout(
+        served: _Served, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]], padded: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Per-row mask seeds [B] uint32 (from adapter seed, step and datum) and rates [B], or
         (None, None) when no row's adapter uses dropout."""
         seeds, rates = np.zeros(padded, np.uint32), np.zeros(padded, np.float32)
@@ -230,7 +280,9 @@ class JaxBackend:
 
     # ---- optimizer -----------------------------------------------------------------------------
 
-    def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[OptimStepOutput | BiosError]:
+    def optim_step(
+        self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None
+    ) -> list[OptimStepOutput | BiosError]:
         results: list[OptimStepOutput | BiosError | None] = [None] * len(work)
         report = _Reporter(results, on_result)
         pending: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -251,16 +303,28 @@ class JaxBackend:
                 self._optim_round(slots, [(work[i], i, slot) for i, slot in round_], report)
         return results  # type: ignore[return-value]
 
-    def _optim_round(self, slots: SlotTable, round_: list[tuple[OptimStepWork, int, int]], report: Callable[[int, OptimStepOutput], None]) -> None:
+    def _optim_round(
+        self,
+        slots: SlotTable,
+        round_: list[tuple[OptimStepWork, int, int]],
+        report: Callable[[int, OptimStepOutput], None],
+    ) -> None:
         capacity = slots.capacity
-        hyper = {name: np.zeros(capacity, np.float32) for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")}
+        hyper = {
+            name: np.zeros(capacity, np.float32)
+            for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+        }
         active = np.zeros(capacity, bool)
         for item, _, slot in round_:
             active[slot] = True
             for name in hyper:
                 hyper[name][slot] = getattr(item, name)
         slots.lora, slots.opt_state, slots.accumulator, norms, steps = compiled.optim_step(
-            slots.lora, slots.opt_state, slots.accumulator, {k: jnp.asarray(v) for k, v in hyper.items()}, jnp.asarray(active)
+            slots.lora,
+            slots.opt_state,
+            slots.accumulator,
+            {k: jnp.asarray(v) for k, v in hyper.items()},
+            jnp.asarray(active),
         )
         norms, steps = host(norms), host(steps)
         for item, index, slot in round_:
@@ -269,7 +333,9 @@ class JaxBackend:
 
     # ---- sampling ------------------------------------------------------------------------------
 
-    def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[SampleOutput | BiosError]:
+    def sample(
+        self, work: Sequence[SampleWork], on_result: ResultCallback | None = None
+    ) -> list[SampleOutput | BiosError]:
         results: list[SampleOutput | BiosError | None] = [None] * len(work)
         report = _Reporter(results, on_result)
         groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -281,9 +347,16 @@ class JaxBackend:
                 report(index, error)
         for base_model, members in groups.items():
             served = self._served[base_model]
-            sampler.sample(served.spec, served.base, served.slots.lora, [(work[i], slot) for i, slot in members],
-                           lambda served=served: self._tokenizer(served), self.dtype,
-                           lambda local, output, members=members: report(members[local][0], output), self.decode_rows)  # fmt: skip
+            sampler.sample(
+                served.spec,
+                served.base,
+                served.slots.lora,
+                [(work[i], slot) for i, slot in members],
+                lambda served=served: self._tokenizer(served),
+                self.dtype,
+                lambda local, output, members=members: report(members[local][0], output),
+                self.decode_rows,
+            )
         return results  # type: ignore[return-value]
 
     def _tokenizer(self, served: _Served) -> Tokenizer:

@@ -53,7 +53,9 @@ class Batch:
 
 
 jax.tree_util.register_dataclass(
-    Batch, data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"], meta_fields=[]
+    Batch,
+    data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"],
+    meta_fields=[],
 )
 
 
@@ -69,7 +71,9 @@ def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in lora.items() if k != "scale"}
 
 
-def _per_token(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str, dropout: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _per_token(
+    spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str, dropout: bool
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     route = routing(batch.token_slot, lora["scale"])
     if dropout and batch.dropout_seed is not None:
         keys = jax.vmap(jax.random.key)(batch.dropout_seed)
@@ -87,7 +91,9 @@ def forward(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str)
 
 
 @partial(jax.jit, static_argnames=("spec", "loss_fn"), donate_argnames=("accumulator",))
-def forward_backward(spec: ModelSpec, base: dict, lora: dict, accumulator: dict, batch: Batch, loss_fn: str) -> tuple[dict, jax.Array, jax.Array]:
+def forward_backward(
+    spec: ModelSpec, base: dict, lora: dict, accumulator: dict, batch: Batch, loss_fn: str
+) -> tuple[dict, jax.Array, jax.Array]:
     """L6/L8: (accumulator + d loss / d trainable LoRA arrays, logprobs [B, T], elementwise [B, T])."""
     trainable = _trainable(lora)
 
@@ -99,7 +105,9 @@ def forward_backward(spec: ModelSpec, base: dict, lora: dict, accumulator: dict,
 
 
 @partial(jax.jit, donate_argnames=("lora", "opt_state", "accumulator"))
-def optim_step(lora: dict, opt_state: object, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array) -> tuple[dict, object, dict, jax.Array, jax.Array]:
+def optim_step(
+    lora: dict, opt_state: object, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array
+) -> tuple[dict, object, dict, jax.Array, jax.Array]:
     """O1–O5 on the active [S] slots, then their accumulators are cleared (L8).
 
     Returns (lora, opt_state, accumulator, grad_norm [S], steps [S]).
@@ -110,14 +118,26 @@ def optim_step(lora: dict, opt_state: object, accumulator: dict, hyper: dict[str
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
-def extend(spec: ModelSpec, base: dict, lora: dict, tokens: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array], token_slot: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def extend(
+    spec: ModelSpec,
+    base: dict,
+    lora: dict,
+    tokens: jax.Array,
+    start: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    token_slot: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feed tokens [B, T] at per-row positions start [B]; (logits [B, T, V] float32, new KV cache).
     Rows may use their adapters in any order (token_slot [B*T] need not be sorted)."""
-    return model.extend(spec, base, lora, tokens, start, cache, routing(token_slot, lora["scale"], sort=True), token_slot)
+    return model.extend(
+        spec, base, lora, tokens, start, cache, routing(token_slot, lora["scale"], sort=True), token_slot
+    )
 
 
 @partial(jax.jit, donate_argnames=("cache",))
-def copy_rows(cache: tuple[jax.Array, jax.Array], source: tuple[jax.Array, jax.Array], to: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+def copy_rows(
+    cache: tuple[jax.Array, jax.Array], source: tuple[jax.Array, jax.Array], to: jax.Array, rows: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Cache rows `to` [n] (in place) ← rows `rows` [n] of `source`; both caches [L, B, C, K, E]."""
     return tuple(c.at[:, to].set(s[:, rows]) for c, s in zip(cache, source, strict=True))
 

@@ -9,18 +9,33 @@ rematerialisation; the unembedding and log-softmax run over chunks of tokens, so
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.jax.ops import Routing, apply_rope, attention, lora_delta, lora_input, project, rms_norm, rope_inv_freq, rope_tables
+from backends.jax.ops import (
+    Routing,
+    apply_rope,
+    attention,
+    lora_delta,
+    lora_input,
+    project,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+)
 from bios.catalog import ModelSpec
 
 LOGPROB_CHUNK = 256
 """Tokens per chunk of the unembedding + log-softmax."""
-SITES = {name: index for index, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"))}
+SITES = {
+    name: index
+    for index, name in enumerate(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    )
+}
 """A number per adaptable module, folded into its dropout masks."""
 
 
@@ -44,8 +59,16 @@ def _layer_lora(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in lora.items() if k.startswith("lora.") and not k.startswith("lora.lm_head")}
 
 
-def _attention_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, routing: Routing,
-                     kv_update: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]]) -> tuple[jax.Array, tuple]:
+def _attention_block(
+    spec: ModelSpec,
+    p: dict,
+    lo: dict,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    routing: Routing,
+    kv_update: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]],
+) -> tuple[jax.Array, tuple]:
     b, t, _ = x.shape
     h = rms_norm(x, p["in_norm"], spec.rms_eps)
 
@@ -67,13 +90,19 @@ def _attention_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, cos: jax.
 
 def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routing) -> jax.Array:
     h = rms_norm(x, p["post_norm"], spec.rms_eps)
-    gate = project(h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing, SITES["gate_proj"])
+    gate = project(
+        h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing, SITES["gate_proj"]
+    )
     up = project(h, p["up_proj"], None, (lo["lora.up_proj.a"], lo["lora.up_proj.b"]), routing, SITES["up_proj"])
     hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
-    return x + project(hidden, p["down_proj"], None, (lo["lora.down_proj.a"], lo["lora.down_proj.b"]), routing, SITES["down_proj"])
+    return x + project(
+        hidden, p["down_proj"], None, (lo["lora.down_proj.a"], lo["lora.down_proj.b"]), routing, SITES["down_proj"]
+    )
 
 
-def hidden_states(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, routing: Routing) -> jax.Array:
+def hidden_states(
+    spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, routing: Routing
+) -> jax.Array:
     """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
@@ -95,8 +124,15 @@ def _unembedding(base: dict[str, jax.Array]) -> jax.Array:
     return base["lm_head"] if "lm_head" in base else base["embed"].T
 
 
-def token_logprobs(base: dict[str, jax.Array], lora: dict[str, jax.Array], hidden: jax.Array, targets: jax.Array,
-                   routing: Routing, token_slot: jax.Array, chunk: int = LOGPROB_CHUNK) -> jax.Array:
+def token_logprobs(
+    base: dict[str, jax.Array],
+    lora: dict[str, jax.Array],
+    hidden: jax.Array,
+    targets: jax.Array,
+    routing: Routing,
+    token_slot: jax.Array,
+    chunk: int = LOGPROB_CHUNK,
+) -> jax.Array:
     """L6 `log softmax(logits)[target]` for hidden [B, T, D] and targets [B, T] → [B, T] float32.
 
     Computed over chunks of `chunk` tokens, each rematerialised in the backward pass, so the
@@ -108,7 +144,9 @@ def token_logprobs(base: dict[str, jax.Array], lora: dict[str, jax.Array], hidde
     flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     flat_y = jnp.pad(targets.reshape(n), (0, pad))
     slots = jnp.pad(token_slot, (0, pad), constant_values=token_slot[-1])
-    flat_in = jnp.pad(lora_input(hidden, routing, SITES["lm_head"]).reshape(n, d), ((0, pad), (0, 0)))  # not in a layer: no layer fold
+    flat_in = jnp.pad(
+        lora_input(hidden, routing, SITES["lm_head"]).reshape(n, d), ((0, pad), (0, 0))
+    )  # not in a layer: no layer fold
     u = jax.lax.ragged_dot(flat_in.astype(jnp.float32), lora["lora.lm_head.a"], _counts(slots, lora["scale"].shape[0]))
     u = u * jnp.pad(routing.token_scale, (0, pad))[:, None]  # [N, R]
     w = _unembedding(base)
@@ -121,7 +159,12 @@ def token_logprobs(base: dict[str, jax.Array], lora: dict[str, jax.Array], hidde
         logits = logits + jax.lax.ragged_dot(uc, lora["lora.lm_head.b"], _counts(sc, n_slots))
         return jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=1)
 
-    pieces = (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk), u.reshape(-1, chunk, u.shape[-1]), slots.reshape(-1, chunk))
+    pieces = (
+        flat_h.reshape(-1, chunk, d),
+        flat_y.reshape(-1, chunk),
+        u.reshape(-1, chunk, u.shape[-1]),
+        slots.reshape(-1, chunk),
+    )
     return jax.lax.map(chunk_logprobs, pieces).reshape(-1)[:n].reshape(b, t)
 
 
@@ -130,8 +173,16 @@ def _counts(token_slot: jax.Array, n_slots: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(token_slot, n_slots, dtype=jnp.int32), axis=0)
 
 
-def extend(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, start: jax.Array,
-           cache: tuple[jax.Array, jax.Array], routing: Routing, token_slot: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def extend(
+    spec: ModelSpec,
+    base: dict[str, jax.Array],
+    lora: dict[str, jax.Array],
+    tokens: jax.Array,
+    start: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    routing: Routing,
+    token_slot: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feed tokens [B, T] at positions start[b].. of each row, reading and writing the KV cache
     (keys, values: [L, B, C, K, E]). Returns (logits [B, T, V] float32, the updated cache)."""
     b, t = tokens.shape
@@ -142,7 +193,9 @@ def extend(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Arra
     x = base["embed"][tokens]
 
     def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
-        return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(buffer, new, start)
+        return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(
+            buffer, new, start
+        )
 
     def layer(x: jax.Array, params: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         p, lo, keys, values = params

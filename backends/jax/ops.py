@@ -66,7 +66,7 @@ class Routing:
     dropout_keys: jax.Array | None = None
     dropout_rate: jax.Array | None = None
 
-    def at_layer(self, layer: jax.Array) -> "Routing":
+    def at_layer(self, layer: jax.Array) -> Routing:
         """The routing of one layer: dropout keys folded with the layer index."""
         if self.dropout_keys is None:
             return self
@@ -104,8 +104,14 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> ja
     return y if routing.order is None else y[jnp.argsort(routing.order)]
 
 
-def project(x: jax.Array, w: jax.Array, bias: jax.Array | None, lora: tuple[jax.Array, jax.Array] | None, routing: Routing,
-            site: int = 0) -> jax.Array:
+def project(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    lora: tuple[jax.Array, jax.Array] | None,
+    routing: Routing,
+    site: int = 0,
+) -> jax.Array:
     """M1 linear: x [B, T, in] @ w [in, out] (+ bias) + LoRA of drop(x) → [B, T, out] in x.dtype.
     `site` numbers the module for its dropout masks."""
     y = jnp.einsum("bti,io->bto", x, w.astype(x.dtype))

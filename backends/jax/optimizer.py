@@ -34,6 +34,7 @@ def to_layer_major(tree: Tree) -> Tree:
 
 def clear_slots(tree: Tree, active: jax.Array) -> Tree:
     """`tree` (layer-major) with the `active` [S] slots set to zero."""
+
     def clear(name: str, value: jax.Array) -> jax.Array:
         axis = slot_axis(name)
         mask = active.reshape((1,) * axis + (-1,) + (1,) * (value.ndim - axis - 1))
@@ -47,7 +48,13 @@ def _transform(hyper: dict[str, jax.Array]) -> optax.GradientTransformation:
     max_norm = jnp.where(hyper["grad_clip_norm"] > 0, hyper["grad_clip_norm"], jnp.inf)
     return optax.chain(
         optax.clip_by_global_norm(max_norm),
-        optax.adamw(hyper["learning_rate"], b1=hyper["beta1"], b2=hyper["beta2"], eps=hyper["eps"], weight_decay=hyper["weight_decay"]),
+        optax.adamw(
+            hyper["learning_rate"],
+            b1=hyper["beta1"],
+            b2=hyper["beta2"],
+            eps=hyper["eps"],
+            weight_decay=hyper["weight_decay"],
+        ),
     )
 
 
@@ -62,7 +69,9 @@ def slot_steps(state: optax.OptState) -> jax.Array:
     return state[1][0].count
 
 
-def step(trainable: Tree, state: optax.OptState, grads: Tree, hyper: dict[str, jax.Array], active: jax.Array) -> tuple[Tree, optax.OptState, jax.Array]:
+def step(
+    trainable: Tree, state: optax.OptState, grads: Tree, hyper: dict[str, jax.Array], active: jax.Array
+) -> tuple[Tree, optax.OptState, jax.Array]:
     """One Adam(W) update of the `active` [S] slots (hyper: [S] arrays by HYPERPARAMETERS name).
 
     Returns (new trainable, new state, grad_norm [S] before clipping). Inactive slots are
@@ -70,7 +79,9 @@ def step(trainable: Tree, state: optax.OptState, grads: Tree, hyper: dict[str, j
     """
     params_s, grads_s = to_slot_major(trainable), to_slot_major(grads)
 
-    def one_slot(params: Tree, opt: optax.OptState, g: Tree, h: dict[str, jax.Array]) -> tuple[Tree, optax.OptState, jax.Array]:
+    def one_slot(
+        params: Tree, opt: optax.OptState, g: Tree, h: dict[str, jax.Array]
+    ) -> tuple[Tree, optax.OptState, jax.Array]:
         updates, new_opt = _transform(h).update(g, opt, params)
         return optax.apply_updates(params, updates), new_opt, optax.tree.norm(g)
 

@@ -20,7 +20,7 @@ rank up to R (columns beyond a slot's rank, and modules it does not adapt, are e
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -108,7 +108,9 @@ def slot_arrays(spec: ModelSpec, weights: dict[str, np.ndarray], rank: int) -> d
     return out
 
 
-def adapter_weights(spec: ModelSpec, arrays: dict[str, np.ndarray], target_modules: tuple[str, ...], rank: int) -> dict[str, np.ndarray]:
+def adapter_weights(
+    spec: ModelSpec, arrays: dict[str, np.ndarray], target_modules: tuple[str, ...], rank: int
+) -> dict[str, np.ndarray]:
     """The inverse of `slot_arrays`: one slot's arrays → bios.weights names at the adapter's `rank`."""
     weights = {}
     for module in target_modules:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import secrets
 from collections import deque
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,15 @@ MAX_ROWS = 64
 
 
 @jax.jit
-def choose(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           keys: jax.Array, index: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+def choose(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    keys: jax.Array,
+    index: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
 
     logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
@@ -87,9 +94,16 @@ def _prompt_logprobs(logits: jax.Array, prompts: np.ndarray) -> np.ndarray:
     return compiled.host(jnp.take_along_axis(lp, jnp.asarray(prompts[:, 1:, None]), axis=-1)[..., 0])
 
 
-def sample(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], items: Sequence[tuple[SampleWork, int]],
-           tokenizer: Callable[[], Tokenizer], dtype: jnp.dtype,
-           on_result: Callable[[int, SampleOutput], None] | None = None, max_rows: int = MAX_ROWS) -> list[SampleOutput]:
+def sample(
+    spec: ModelSpec,
+    base: dict[str, jax.Array],
+    lora: dict[str, jax.Array],
+    items: Sequence[tuple[SampleWork, int]],
+    tokenizer: Callable[[], Tokenizer],
+    dtype: jnp.dtype,
+    on_result: Callable[[int, SampleOutput], None] | None = None,
+    max_rows: int = MAX_ROWS,
+) -> list[SampleOutput]:
     """S1–S3 for every (work, adapter slot) of `items`; results in item order, and each also
     passed to `on_result(index, output)` as soon as it is complete.
 
@@ -134,8 +148,12 @@ def sample(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Arra
         slots = np.zeros(count, np.int32)
         for p, i in enumerate(admitted):
             prompts[p, : lengths[i]], slots[p] = works[i].prompt, items[i][1]
-        fresh = tuple(jnp.zeros((spec.n_layers, count, capacity, spec.n_kv_heads, spec.head_dim), dtype) for _ in range(2))
-        logits, fresh = compiled.extend(spec, base, lora, prompts, np.zeros(count, np.int32), fresh, np.repeat(slots, width))
+        fresh = tuple(
+            jnp.zeros((spec.n_layers, count, capacity, spec.n_kv_heads, spec.head_dim), dtype) for _ in range(2)
+        )
+        logits, fresh = compiled.extend(
+            spec, base, lora, prompts, np.zeros(count, np.int32), fresh, np.repeat(slots, width)
+        )
         to, source = [], []
         for p, i in enumerate(admitted):
             if works[i].prompt_logprobs:
@@ -168,8 +186,10 @@ def sample(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Arra
             finished[i].append((tokens[r], logprobs[r], reason, sample_of[r]))
             item_of[r] = -1
             if len(finished[i]) == needs[i]:
-                sequences = tuple(SampledOutput(np.asarray(t, np.int64), np.asarray(lp, np.float32), why)
-                                  for t, lp, why, _ in sorted(finished[i], key=lambda f: f[3]))  # fmt: skip
+                sequences = tuple(
+                    SampledOutput(np.asarray(t, np.int64), np.asarray(lp, np.float32), why)
+                    for t, lp, why, _ in sorted(finished[i], key=lambda f: f[3])
+                )
                 lp = None if i not in prompt_lp else np.concatenate([[np.nan], prompt_lp[i]]).astype(np.float32)
                 outputs[i] = SampleOutput(sequences, lp)
                 if on_result is not None:
@@ -186,6 +206,8 @@ def sample(spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Arra
             break
         fed = np.where(active, compiled.host(chosen), 0).astype(np.int32)[:, None]
         start = np.where(active, np.minimum(position + step - 1, capacity - 1), 0).astype(np.int32)
-        logits, cache = compiled.extend(spec, base, lora, fed, start, cache, np.where(active, slot_of, 0).astype(np.int32))
+        logits, cache = compiled.extend(
+            spec, base, lora, fed, start, cache, np.where(active, slot_of, 0).astype(np.int32)
+        )
         z = logits[:, 0]
     return outputs  # type: ignore[return-value]

@@ -40,7 +40,7 @@ class SlotTable:
 
     def __post_init__(self) -> None:
         shapes = lora_shapes(self.spec, self.capacity, self.rank)
-        put = lambda shape: jax.device_put(jnp.zeros(shape, jnp.float32), replicated(self.mesh))  # noqa: E731
+        put = lambda shape: jax.device_put(jnp.zeros(shape, jnp.float32), replicated(self.mesh))
         self.lora = {name: put(shape) for name, shape in shapes.items()}
         self.accumulator = {name: put(shape) for name, shape in shapes.items() if name != "scale"}
         self.opt_state = optimizer.init_state(self.accumulator)
@@ -49,7 +49,9 @@ class SlotTable:
     def _place(self) -> None:
         """Commit every array to the mesh (replicated), as the compiled programs return them,
         so eager edits never change an argument's sharding and force a recompilation."""
-        self.lora, self.accumulator, self.opt_state = jax.device_put((self.lora, self.accumulator, self.opt_state), replicated(self.mesh))
+        self.lora, self.accumulator, self.opt_state = jax.device_put(
+            (self.lora, self.accumulator, self.opt_state), replicated(self.mesh)
+        )
 
     def slot(self, adapter_id: str) -> int:
         try:
@@ -57,7 +59,9 @@ class SlotTable:
         except KeyError:
             raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id") from None
 
-    def add(self, spec: AdapterSpec, weights: dict[str, np.ndarray], moments: tuple[dict, dict] | None, step: int) -> int:
+    def add(
+        self, spec: AdapterSpec, weights: dict[str, np.ndarray], moments: tuple[dict, dict] | None, step: int
+    ) -> int:
         """Place an adapter (bios.weights names) in a free slot, growing the table if needed."""
         if spec.adapter_id in self.adapters:
             raise ConflictError(f"adapter {spec.adapter_id!r} already exists", field="adapter_id")
@@ -81,8 +85,13 @@ class SlotTable:
     def export(self, adapter_id: str) -> AdapterState:
         slot, spec = self.adapters[adapter_id]
         modules = spec.target_modules
+
         def take(tree: dict, slot_major: bool) -> dict[str, np.ndarray]:
-            return {k: np.asarray(v[slot] if slot_major or k.startswith("lora.lm_head") else v[:, slot]) for k, v in tree.items() if k != "scale"}
+            return {
+                k: np.asarray(v[slot] if slot_major or k.startswith("lora.lm_head") else v[:, slot])
+                for k, v in tree.items()
+                if k != "scale"
+            }
 
         adam = self.opt_state[1][0]
         return AdapterState(
@@ -106,7 +115,9 @@ class SlotTable:
         self.lora = put(self.lora, values, False)
         self.lora["scale"] = self.lora["scale"].at[slot].set(scale)
         self.accumulator = put(self.accumulator, {k: np.zeros_like(v) for k, v in values.items()}, False)
-        mu, nu = (slot_arrays(self.spec, m, self.rank) for m in moments) if moments else (dict.fromkeys(values, 0.0),) * 2
+        mu, nu = (
+            (slot_arrays(self.spec, m, self.rank) for m in moments) if moments else (dict.fromkeys(values, 0.0),) * 2
+        )
         clip_state, (adam, *rest) = self.opt_state
         adam = adam._replace(count=adam.count.at[slot].set(step), mu=put(adam.mu, mu, True), nu=put(adam.nu, nu, True))
         self.opt_state = (clip_state, (adam, *rest))
@@ -125,5 +136,7 @@ class SlotTable:
 
         self.lora = {k: copy(self.lora[k], v, 0 if k == "scale" else optimizer.slot_axis(k)) for k, v in lora.items()}
         self.accumulator = {k: copy(self.accumulator[k], v, optimizer.slot_axis(k)) for k, v in accumulator.items()}
-        self.opt_state = jax.tree.map(lambda new, old: copy(new, old, 0) if new.ndim else new, self.opt_state, opt_state)
+        self.opt_state = jax.tree.map(
+            lambda new, old: copy(new, old, 0) if new.ndim else new, self.opt_state, opt_state
+        )
         self._place()

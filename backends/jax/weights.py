@@ -9,8 +9,8 @@ large configurations; not comparable with the emulator).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,9 @@ def _random_on_device(spec: ModelSpec, name: str, index: int, mesh: Mesh, dtype:
     shape = stacked_shape(spec, name)
     matrix = len(shape) - name.startswith("layers.") == 2
     offset, scale = (1.0, 0.1) if name.endswith("norm") else (0.0, 1.0 / np.sqrt(shape[-2]) if matrix else 0.1)
-    draw = offset + scale * jax.random.normal(jax.random.fold_in(jax.random.key(spec.weights_seed or 0), index), shape, jnp.float32)
+    draw = offset + scale * jax.random.normal(
+        jax.random.fold_in(jax.random.key(spec.weights_seed or 0), index), shape, jnp.float32
+    )
     return jax.device_put(draw.astype(dtype), base_sharding(name, shape, mesh))
 
 

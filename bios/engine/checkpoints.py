@@ -41,7 +41,7 @@ def parse_path(path: object) -> tuple[str, str, str]:
     """(session_id, kind, name) of a `bios://SESSION/weights|sampler_weights/NAME` path."""
     if not isinstance(path, str) or not path.startswith(SCHEME):
         raise InvalidRequestError(f"path {path!r} is not a checkpoint path (bios://SESSION/weights/NAME)", field="path")
-    parts = path[len(SCHEME):].split("/")
+    parts = path[len(SCHEME) :].split("/")
     kinds = {v: k for k, v in KIND_DIRS.items()}
     if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p.startswith(".") for p in parts):
         raise InvalidRequestError(
@@ -67,7 +67,9 @@ class CheckpointStore:
     def _directory(self, session_id: str, kind: str, name: str) -> Path:
         return self.root / session_id / KIND_DIRS[kind] / name
 
-    def save(self, state: AdapterState, session_id: str, kind: str, name: str, metadata: dict, model: ModelSpec | None = None) -> StateResult:
+    def save(
+        self, state: AdapterState, session_id: str, kind: str, name: str, metadata: dict, model: ModelSpec | None = None
+    ) -> StateResult:
         """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name.
 
         A sampler snapshot also gets its PEFT export in `peft/`, which needs `model` (the adapter's base)."""
@@ -94,7 +96,9 @@ class CheckpointStore:
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}."))
         try:
             write_tensors(staging, tensors, self.tensor_format)
-            (staging / "checkpoint.json").write_text(json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1))
+            (staging / "checkpoint.json").write_text(
+                json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1)
+            )
             if kind == "sampler":
                 write_peft_adapter(state, model, staging / PEFT_DIR)  # type: ignore[arg-type]
         except BaseException:
@@ -141,7 +145,8 @@ class CheckpointStore:
             if not (directory / CONFIG_FILE).is_file():
                 raise NotFoundError(
                     f"path: checkpoint {path} ({record.kind}) has no PEFT export; sampler checkpoints "
-                    "(save_weights_for_sampler, bios://SESSION/sampler_weights/NAME) saved by this version of Bios carry one",
+                    "(save_weights_for_sampler, bios://SESSION/sampler_weights/NAME) "
+                    "saved by this version of Bios carry one",
                     field="path",
                 )
         return directory

@@ -13,22 +13,31 @@ import concurrent.futures
 import os
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardOutput, OptimStepOutput, SampleOutput, SimulatingBackend, Ticket
+from bios.backend import (
+    AdapterSpec,
+    AdapterState,
+    Backend,
+    ForwardBackwardOutput,
+    OptimStepOutput,
+    SampleOutput,
+    SimulatingBackend,
+    Ticket,
+)
 from bios.catalog import Catalog, ModelSpec
 from bios.clock import REAL_CLOCK, current_attempt
 from bios.engine import validation
 from bios.engine.checkpoints import SCHEME, CheckpointStore, parse_path
 from bios.engine.peft import is_local_directory, read_peft_adapter
 from bios.engine.scheduler import Job, Scheduler
-from bios.futures import TimedFuture
 from bios.engine.snapshots import SnapshotPool
 from bios.errors import BackendError, InvalidRequestError, NotFoundError
+from bios.futures import TimedFuture
 from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
 from bios.types import (
@@ -77,7 +86,9 @@ class Engine:
     backend is not deterministic — requests run inline in submission order.
     """
 
-    def __init__(self, backend: Backend, catalog: Catalog, store: CheckpointStore, *, inline: bool | None = None) -> None:
+    def __init__(
+        self, backend: Backend, catalog: Catalog, store: CheckpointStore, *, inline: bool | None = None
+    ) -> None:
         self.backend = backend
         self.catalog = catalog
         self.store = store
@@ -118,7 +129,9 @@ class Engine:
         adapter = validation.lora_adapter(session_id, model, lora)
         return self._open_session(_Session(session_id, model, adapter), state=None)
 
-    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True) -> TrainingInfo:
+    def create_session_from_state(
+        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+    ) -> TrainingInfo:
         """A new session resuming the training state saved at `path` (a `bios://SESSION/weights/NAME`
         path: weights, optimizer moments and step; with `optimizer` False the weights only, at
         step 0 with zero moments), or starting from the Hugging Face PEFT LoRA adapter in local
@@ -135,7 +148,9 @@ class Engine:
             )
         record = _training_state(self.store.record(path))
         if base_model is not None and base_model != record.base_model:
-            raise InvalidRequestError(f"base_model: {path} holds an adapter for {record.base_model}, not {base_model!r}", field="base_model")
+            raise InvalidRequestError(
+                f"base_model: {path} holds an adapter for {record.base_model}, not {base_model!r}", field="base_model"
+            )
         session_id = f"session-{uuid.uuid4().hex[:12]}"
         state = _weights_only(self.store.load(path, session_id), optimizer)
         model = self.catalog.get(state.spec.base_model)
@@ -195,8 +210,16 @@ class Engine:
     def session_info(self, session_id: str) -> TrainingInfo:
         session = self._session(session_id)
         spec = session.adapter
-        lora = LoraConfig(rank=spec.rank, alpha=spec.alpha, target_modules=spec.target_modules, dropout=spec.dropout, seed=spec.seed)
-        return TrainingInfo(session_id=session_id, base_model=session.model.name, lora_config=lora, step=session.step, model_name=session.model.name)
+        lora = LoraConfig(
+            rank=spec.rank, alpha=spec.alpha, target_modules=spec.target_modules, dropout=spec.dropout, seed=spec.seed
+        )
+        return TrainingInfo(
+            session_id=session_id,
+            base_model=session.model.name,
+            lora_config=lora,
+            step=session.step,
+            model_name=session.model.name,
+        )
 
     def next_seq(self, session_id: str) -> int:
         return self.scheduler.next_seq(self._session(session_id).session_id)
@@ -246,12 +269,16 @@ class Engine:
         session = self._session(session_id)
 
         def build() -> Job:
-            work = validation.forward_work(session.adapter.adapter_id, session.model, data, loss_fn, loss_fn_config, backward=backward)
+            work = validation.forward_work(
+                session.adapter.adapter_id, session.model, data, loss_fn, loss_fn_config, backward=backward
+            )
             return Job("forward_backward", session.model.name, work, _forward_result)
 
         return self._ordered(session, seq, build)
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams, *, export_state: bool = False) -> concurrent.futures.Future:
+    def optim_step(
+        self, session_id: str, seq: int, adam: AdamParams, *, export_state: bool = False
+    ) -> concurrent.futures.Future:
         """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared.
         With `export_state`, Future[(OptimStepResult, AdapterState)]: the state right after the
         step, taken before any later request of the session runs."""
@@ -259,12 +286,22 @@ class Engine:
 
         def finish(output: OptimStepOutput) -> OptimStepResult | tuple[OptimStepResult, AdapterState]:
             session.step = output.step
-            result = OptimStepResult(step=output.step, metrics={"grad_norm": output.grad_norm, "learning_rate": adam.learning_rate})
+            result = OptimStepResult(
+                step=output.step, metrics={"grad_norm": output.grad_norm, "learning_rate": adam.learning_rate}
+            )
             return (result, self.backend.export_state(session.adapter.adapter_id)) if export_state else result
 
-        return self._ordered(session, seq, lambda: Job("optim_step", session.model.name, validation.optim_work(session.adapter.adapter_id, adam), finish))
+        return self._ordered(
+            session,
+            seq,
+            lambda: Job(
+                "optim_step", session.model.name, validation.optim_work(session.adapter.adapter_id, adam), finish
+            ),
+        )
 
-    def sample(self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1) -> concurrent.futures.Future:
+    def sample(
+        self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
+    ) -> concurrent.futures.Future:
         """Future[SampleResult] from the session's current weights, in order with its training."""
         session = self._session(session_id)
 
@@ -274,7 +311,9 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def save_state(self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state") -> concurrent.futures.Future:
+    def save_state(
+        self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state"
+    ) -> concurrent.futures.Future:
         """Future[StateResult]: checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler")."""
         session = self._session(session_id)
 
@@ -292,7 +331,9 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def load_state(self, session_id: str, seq: int, path: str, *, export_state: bool = False, optimizer: bool = True) -> concurrent.futures.Future:
+    def load_state(
+        self, session_id: str, seq: int, path: str, *, export_state: bool = False, optimizer: bool = True
+    ) -> concurrent.futures.Future:
         """Future[TrainingInfo]: replace the session's adapter, moments and step with `path`'s
         (with `optimizer` False: its weights, at step 0 with zero moments; with `export_state`,
         Future[(TrainingInfo, AdapterState)] as in `optim_step`)."""
@@ -302,7 +343,8 @@ class Engine:
             record = _training_state(self.store.record(path))
             if record.base_model != session.model.name:
                 raise InvalidRequestError(
-                    f"path {path} holds an adapter for {record.base_model}, but this session trains {session.model.name}",
+                    f"path {path} holds an adapter for {record.base_model}, "
+                    f"but this session trains {session.model.name}",
                     field="path",
                 )
 
@@ -311,7 +353,11 @@ class Engine:
                 self.backend.delete_adapter(session.adapter.adapter_id)
                 self.backend.create_adapter(state.spec, state)
                 session.adapter, session.step = state.spec, state.step
-                return (self.session_info(session.session_id), state) if export_state else self.session_info(session.session_id)
+                return (
+                    (self.session_info(session.session_id), state)
+                    if export_state
+                    else self.session_info(session.session_id)
+                )
 
             return Job("call", session.model.name, load)
 
@@ -319,7 +365,9 @@ class Engine:
 
     # ---- sampling clients -----------------------------------------------------------------
 
-    def create_sampler(self, model_path: str | None = None, base_model: str | None = None, *, sampler_id: str | None = None) -> SamplerHandle:
+    def create_sampler(
+        self, model_path: str | None = None, base_model: str | None = None, *, sampler_id: str | None = None
+    ) -> SamplerHandle:
         """A sampling target for a saved checkpoint (`model_path`) or a bare `base_model`
         (named `sampler_id` when given, e.g. to serve a sampler again after a restart)."""
         if (model_path is None) == (base_model is None):
@@ -348,12 +396,27 @@ class Engine:
                 pass
 
     def sampler_sample(
-        self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int = 1, *, prompt_logprobs: bool = False
+        self,
+        sampler_id: str,
+        prompt: ModelInput,
+        params: SamplingParams,
+        num_samples: int = 1,
+        *,
+        prompt_logprobs: bool = False,
     ) -> concurrent.futures.Future:
         """Future[SampleResult] from a frozen snapshot or base model."""
         handle = self._sampler(sampler_id)
-        work = validation.sample_work(handle.adapter_id, self.catalog.get(handle.base_model), prompt, params, num_samples, prompt_logprobs=prompt_logprobs)
-        return self.scheduler.submit(None, None, self._admitted(Job("sample", handle.base_model, work, _sample_result), sampler_id, None))
+        work = validation.sample_work(
+            handle.adapter_id,
+            self.catalog.get(handle.base_model),
+            prompt,
+            params,
+            num_samples,
+            prompt_logprobs=prompt_logprobs,
+        )
+        return self.scheduler.submit(
+            None, None, self._admitted(Job("sample", handle.base_model, work, _sample_result), sampler_id, None)
+        )
 
     def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
         """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
@@ -369,7 +432,9 @@ class Engine:
         def finish(output: ForwardBackwardOutput) -> list[float | None]:
             return [None, *(float(x) for x in output.logprobs[0])]
 
-        return self.scheduler.submit(None, None, self._admitted(Job("forward_backward", model.name, work, finish), sampler_id, None))
+        return self.scheduler.submit(
+            None, None, self._admitted(Job("forward_backward", model.name, work, finish), sampler_id, None)
+        )
 
     def _sampler(self, sampler_id: str) -> SamplerHandle:
         try:
@@ -440,7 +505,10 @@ def _forward_result(output: ForwardBackwardOutput) -> ForwardBackwardResult:
     return ForwardBackwardResult(
         loss=float(output.loss),
         loss_fn_outputs=[
-            {"logprobs": TensorData.from_numpy(np.asarray(lp, dtype=np.float32)), "elementwise_loss": TensorData.from_numpy(np.asarray(el, dtype=np.float32))}
+            {
+                "logprobs": TensorData.from_numpy(np.asarray(lp, dtype=np.float32)),
+                "elementwise_loss": TensorData.from_numpy(np.asarray(el, dtype=np.float32)),
+            }
             for lp, el in zip(output.logprobs, output.elementwise_loss, strict=True)
         ],
         metrics={k: float(v) for k, v in output.metrics.items()},
@@ -453,7 +521,9 @@ def _sample_result(output: SampleOutput) -> SampleResult:
         prompt_lp = [None if i == 0 else float(x) for i, x in enumerate(output.prompt_logprobs)]
     return SampleResult(
         sequences=[
-            SampledSequence(tokens=[int(t) for t in s.tokens], logprobs=[float(x) for x in s.logprobs], stop_reason=s.stop_reason)  # type: ignore[arg-type]
+            SampledSequence(
+                tokens=[int(t) for t in s.tokens], logprobs=[float(x) for x in s.logprobs], stop_reason=s.stop_reason
+            )  # type: ignore[arg-type]
             for s in output.sequences
         ],
         prompt_logprobs=prompt_lp,

@@ -37,18 +37,40 @@ PREFIX = "base_model.model."
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 """`init_lora_weights` values that leave the base model as it is (others, e.g. PiSSA, change it)."""
-_INERT = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights",
-          "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
-          "qalora_group_size", "runtime_config", "eva_config"}  # fmt: skip
+_INERT = {
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "bias",
+    "init_lora_weights",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+    "runtime_config",
+    "eva_config",
+}
 """Keys read below or without effect on the computation; every other key must be unset (None, false, empty)."""
 _REASONS = {
     "use_rslora": "rsLoRA scales by lora_alpha / sqrt(r); Bios scales by lora_alpha / r",
-    "use_dora": "DoRA's magnitude vectors", "fan_in_fan_out": "transposed (Conv1D) base weights",
-    "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas", "lora_bias": "a trained bias on lora_B",
-    "layers_to_transform": "adapters on a subset of layers", "layers_pattern": "adapters on a subset of layers",
-    "modules_to_save": "fully trained extra modules", "exclude_modules": "excluded modules",
-    "layer_replication": "replicated layers", "trainable_token_indices": "trained embedding rows",
-}  # fmt: skip
+    "use_dora": "DoRA's magnitude vectors",
+    "fan_in_fan_out": "transposed (Conv1D) base weights",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "lora_bias": "a trained bias on lora_B",
+    "layers_to_transform": "adapters on a subset of layers",
+    "layers_pattern": "adapters on a subset of layers",
+    "modules_to_save": "fully trained extra modules",
+    "exclude_modules": "excluded modules",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trained embedding rows",
+}
 
 
 def is_local_directory(path: object) -> bool:
@@ -63,19 +85,38 @@ def write_peft_adapter(state: AdapterState, model: ModelSpec, directory: Path) -
     spec = state.spec
     expected = lora_shapes(model, spec.target_modules, spec.rank)
     if spec.base_model != model.name or {k: tuple(v.shape) for k, v in state.weights.items()} != expected:
-        raise ValueError(f"adapter {spec.adapter_id} does not match {model.name} with {spec.target_modules} at rank {spec.rank}")
+        raise ValueError(
+            f"adapter {spec.adapter_id} does not match {model.name} with {spec.target_modules} at rank {spec.rank}"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{PREFIX}{name}.weight": np.ascontiguousarray(value.T, dtype=np.float32) for name, value in sorted(state.weights.items())}
+    tensors = {
+        f"{PREFIX}{name}.weight": np.ascontiguousarray(value.T, dtype=np.float32)
+        for name, value in sorted(state.weights.items())
+    }
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     alpha = int(spec.alpha) if float(spec.alpha).is_integer() else float(spec.alpha)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.hf_path or model.name,
-        "r": spec.rank, "lora_alpha": alpha, "target_modules": list(spec.target_modules), "lora_dropout": spec.dropout,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": model.hf_path or model.name,
+        "r": spec.rank,
+        "lora_alpha": alpha,
+        "target_modules": list(spec.target_modules),
+        "lora_dropout": spec.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -105,34 +146,46 @@ def read_peft_adapter(directory: Path, model: ModelSpec) -> tuple[LoraConfig, di
         if not key.startswith(PREFIX) or not key.endswith(".weight") or name not in expected:
             raise InvalidRequestError(
                 f"{WEIGHTS_FILE}: tensor {key!r} is not a LoRA factor of {modules} on {model.name} "
-                f"(expected names like {PREFIX}{next(iter(expected))}.weight)", field=f"adapter_model.{key}")  # fmt: skip
+                f"(expected names like {PREFIX}{next(iter(expected))}.weight)",
+                field=f"adapter_model.{key}",
+            )
         if value.T.shape != expected[name]:
             raise InvalidRequestError(
                 f"{WEIGHTS_FILE}: {key} has shape {list(value.shape)}; rank {rank} on {model.name} needs "
-                f"{list(expected[name][::-1])}", field=f"adapter_model.{key}")  # fmt: skip
+                f"{list(expected[name][::-1])}",
+                field=f"adapter_model.{key}",
+            )
         weights[name] = np.ascontiguousarray(value.T)
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise InvalidRequestError(
             f"{WEIGHTS_FILE} lacks {len(missing)} tensors of its target_modules, e.g. {PREFIX}{missing[0]}.weight",
-            field=f"adapter_model.{PREFIX}{missing[0]}.weight")  # fmt: skip
+            field=f"adapter_model.{PREFIX}{missing[0]}.weight",
+        )
     dropout = config.get("lora_dropout", 0.0)
     try:
         lora = LoraConfig(rank=rank, alpha=float(alpha), target_modules=modules, dropout=dropout)
     except InvalidRequestError as exc:
-        key = {"LoraConfig.rank": "r", "LoraConfig.alpha": "lora_alpha", "LoraConfig.dropout": "lora_dropout"}.get(exc.field or "", exc.field)
+        key = {"LoraConfig.rank": "r", "LoraConfig.alpha": "lora_alpha", "LoraConfig.dropout": "lora_dropout"}.get(
+            exc.field or "", exc.field
+        )
         raise InvalidRequestError(f"{CONFIG_FILE}: {key}: {exc.message}", field=f"adapter_config.{key}") from None
     return lora, weights
 
 
 def _bad(key: str, value: object, reason: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{CONFIG_FILE}: {key} = {value!r} is not supported: {reason}", field=f"adapter_config.{key}")
+    return InvalidRequestError(
+        f"{CONFIG_FILE}: {key} = {value!r} is not supported: {reason}", field=f"adapter_config.{key}"
+    )
 
 
 def _read_config(directory: Path) -> dict:
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file).is_file():
-            raise InvalidRequestError(f"path: {directory} has no {file}; a PEFT LoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}", field="path")
+            raise InvalidRequestError(
+                f"path: {directory} has no {file}; a PEFT LoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}",
+                field="path",
+            )
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
@@ -151,8 +204,12 @@ def _check_settings(config: dict) -> None:
     if config.get("bias", "none") != "none":
         raise _bad("bias", config.get("bias"), "Bios trains no biases (bias must be 'none')")
     if config.get("init_lora_weights", True) not in _PLAIN_INITS:
-        raise _bad("init_lora_weights", config["init_lora_weights"], "this initialisation changes the base weights; "
-                   "convert the adapter to plain LoRA first (PEFT's path_initial_model_for_weight_conversion)")  # fmt: skip
+        raise _bad(
+            "init_lora_weights",
+            config["init_lora_weights"],
+            "this initialisation changes the base weights; "
+            "convert the adapter to plain LoRA first (PEFT's path_initial_model_for_weight_conversion)",
+        )
     for key, value in config.items():
         if key not in _INERT and value not in (None, False, {}, [], ""):
             raise _bad(key, value, f"Bios runs plain LoRA ({_REASONS.get(key, 'a setting Bios does not implement')})")
@@ -161,7 +218,11 @@ def _check_settings(config: dict) -> None:
 def _target_modules(targets: object, model: ModelSpec) -> tuple[str, ...]:
     """Bios module names that PEFT's `target_modules` (names matched as path suffixes, or one
     regex matched against whole paths) selects in `model`; every layer of each, or an error."""
-    paths = {module_path(layer, m): m for m in model.linear_shapes() for layer in ([None] if m == "lm_head" else range(model.n_layers))}
+    paths = {
+        module_path(layer, m): m
+        for m in model.linear_shapes()
+        for layer in ([None] if m == "lm_head" else range(model.n_layers))
+    }
     if targets == "all-linear":
         targets = [m for m in model.linear_shapes() if m != "lm_head"]
     if isinstance(targets, str):
@@ -192,15 +253,25 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     try:
         raw = file.read_bytes()
         size = int.from_bytes(raw[:8], "little")
-        header = {k: (v["dtype"], v["shape"], *v["data_offsets"]) for k, v in json.loads(raw[8 : 8 + size]).items() if k != "__metadata__"}
+        header = {
+            k: (v["dtype"], v["shape"], *v["data_offsets"])
+            for k, v in json.loads(raw[8 : 8 + size]).items()
+            if k != "__metadata__"
+        }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidRequestError(f"path: cannot read {file} as safetensors ({exc})", field="path") from None
     tensors = {}
     for key, (dtype, shape, start, end) in header.items():
         data = raw[8 + size + start : 8 + size + end]
         if dtype not in (*_DTYPES, "BF16"):
-            raise InvalidRequestError(f"{file}: tensor {key} is {dtype}; expected F32, F16, BF16 or F64", field=f"adapter_model.{key}")
-        array = (np.frombuffer(data, "<u2").astype("<u4") << 16).view("<f4") if dtype == "BF16" else np.frombuffer(data, _DTYPES[dtype])
+            raise InvalidRequestError(
+                f"{file}: tensor {key} is {dtype}; expected F32, F16, BF16 or F64", field=f"adapter_model.{key}"
+            )
+        array = (
+            (np.frombuffer(data, "<u2").astype("<u4") << 16).view("<f4")
+            if dtype == "BF16"
+            else np.frombuffer(data, _DTYPES[dtype])
+        )
         if array.size != int(np.prod(shape)):
             raise InvalidRequestError(f"path: {file} is truncated or corrupt at tensor {key}", field="path")
         tensors[key] = array.astype(np.float32).reshape(shape)
@@ -216,9 +287,11 @@ def _check_base_copy(value: np.ndarray, model: ModelSpec) -> None:
         base = None
         for file in sorted(Path(model.hf_path).glob("*.safetensors")):
             with safe_open(str(file), framework="numpy") as handle:
-                if name in handle.keys():
+                if name in handle:
                     base = np.asarray(handle.get_tensor(name), dtype=np.float32)
     if base is None or value.shape != base.shape or not np.allclose(value, base, rtol=2**-7, atol=1e-6):
         raise InvalidRequestError(
             f"{WEIGHTS_FILE}: {PREFIX}lm_head.base_layer.weight (PEFT's copy of the base unembedding) differs from "
-            f"{model.name}'s; the adapter was trained on another base model", field=f"adapter_model.{PREFIX}lm_head.base_layer.weight")  # fmt: skip
+            f"{model.name}'s; the adapter was trained on another base model",
+            field=f"adapter_model.{PREFIX}lm_head.base_layer.weight",
+        )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Callable
 
 from bios.backend import Backend, BackendConfig
 from bios.catalog import Catalog
@@ -48,4 +48,6 @@ def simulated(backend: Backend, config: SimulationConfig, catalog: Catalog) -> B
     for ep in entry_points(group=SIMULATOR_GROUP):
         if ep.name == "default":
             return ep.load()(backend, config, catalog)
-    raise InvalidRequestError("simulation: no service simulator is installed (entry point bios.simulator:default)", field="simulation")
+    raise InvalidRequestError(
+        "simulation: no service simulator is installed (entry point bios.simulator:default)", field="simulation"
+    )

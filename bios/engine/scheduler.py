@@ -22,8 +22,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from bios.backend import Backend, LostAnswer, Ticket, Timed, Timing
 from bios.errors import BackendError, BiosError, ConflictError, NotFoundError
@@ -128,9 +128,11 @@ class Scheduler:
         """Forget a lane; jobs still queued in it fail with NotFoundError. Unknown lanes are ignored."""
         with self._cond:
             lane = self._lanes.pop(lane_id, None)
-        for job in (lane.pending.values() if lane else ()):
+        for job in lane.pending.values() if lane else ():
             if job is not None and not job.future.done():
-                job.future.set_exception(NotFoundError(f"session {lane_id!r} was closed before this request ran", field="session_id"))
+                job.future.set_exception(
+                    NotFoundError(f"session {lane_id!r} was closed before this request ran", field="session_id")
+                )
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run `fn` on the worker thread, outside any lane (e.g. creating an adapter)."""
@@ -223,7 +225,9 @@ class Scheduler:
             self.backend_calls += 1
             answered: set[int] = set()
 
-            def answer_early(index: int, output: object, group: list[Job] = group, answered: set[int] = answered) -> None:
+            def answer_early(
+                index: int, output: object, group: list[Job] = group, answered: set[int] = answered
+            ) -> None:
                 """The backend reports a request as soon as its result is on the host."""
                 if index not in answered:
                     answered.add(index)
@@ -235,7 +239,7 @@ class Scheduler:
                 outputs = list(call(works, answer_early))
                 if len(outputs) != len(group):
                     raise BackendError(f"backend {kind} returned {len(outputs)} results for {len(group)} requests")
-            except Exception as exc:  # a backend bug must fail its requests, not the worker
+            except Exception as exc:  # noqa: BLE001 - a backend bug must fail its requests, not the worker
                 outputs = [_as_backend_error(exc)] * len(group)
             for index, (job, output) in enumerate(zip(group, outputs, strict=True)):
                 if index not in answered:
@@ -257,7 +261,7 @@ class Scheduler:
             if isinstance(output, BaseException):
                 raise output
             result = _with_timing(job.finish(output), getattr(job.future, "timing", None))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure belongs to the job's future
             error = _as_backend_error(exc)
             if error.retryable and changed_nothing:
                 self._reopen(job)
@@ -272,7 +276,12 @@ class Scheduler:
     def _stamp(self, job: Job, timing: Timing) -> None:
         if isinstance(job.future, TimedFuture):
             attempt = job.ticket.attempt if job.ticket is not None else 1
-            job.future.timing = RequestTiming(enqueued_at=timing.enqueued_at, started_at=timing.started_at, finished_at=timing.finished_at, attempts=attempt)
+            job.future.timing = RequestTiming(
+                enqueued_at=timing.enqueued_at,
+                started_at=timing.started_at,
+                finished_at=timing.finished_at,
+                attempts=attempt,
+            )
 
     def _remember_lost(self, job: Job, result: object) -> None:
         """Keep the answer of a lane job that ran but whose answer was lost, for its retry."""

@@ -40,7 +40,9 @@ class SnapshotPool:
         if record.id not in self._adapters:
             adapter_id = f"snapshot-{record.id}"
             state = self._recent.pop(record.id, None) or self.store.load(record.path, adapter_id)
-            frozen = AdapterState(spec=replace(state.spec, adapter_id=adapter_id), step=state.step, weights=state.weights)
+            frozen = AdapterState(
+                spec=replace(state.spec, adapter_id=adapter_id), step=state.step, weights=state.weights
+            )
             self.backend.create_adapter(frozen.spec, frozen)
             self._adapters[record.id] = adapter_id
         self._users[record.id] = self._users.get(record.id, 0) + 1

@@ -23,7 +23,9 @@ def write_tensors(directory: Path, tensors: dict[str, np.ndarray], tensor_format
     if tensor_format == "orbax":
         checkpointer = _orbax().StandardCheckpointer()
         try:
-            checkpointer.save(str(directory.resolve() / ORBAX_DIR), {k: np.ascontiguousarray(v) for k, v in tensors.items()})
+            checkpointer.save(
+                str(directory.resolve() / ORBAX_DIR), {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+            )
             checkpointer.wait_until_finished()
         finally:
             checkpointer.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,7 +49,9 @@ def check_tokens(tokens: Sequence[int], model: ModelSpec, field: str, *, allow_e
 def instance(value: object, cls: type, field: str) -> object:
     """`value` if it is a `cls` (a bios.types model); InvalidRequestError naming `field` otherwise."""
     if not isinstance(value, cls):
-        raise InvalidRequestError(f"{field} must be a bios.types.{cls.__name__}, got {type(value).__name__}", field=field)
+        raise InvalidRequestError(
+            f"{field} must be a bios.types.{cls.__name__}, got {type(value).__name__}", field=field
+        )
     return value
 
 
@@ -67,7 +69,9 @@ def datum_list(data: object) -> list[Datum]:
 def sample_count(num_samples: object) -> int:
     """`num_samples` if it is an integer in [1, 128]."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= 128:
-        raise InvalidRequestError(f"num_samples must be an integer in [1, 128], got {num_samples!r}", field="num_samples")
+        raise InvalidRequestError(
+            f"num_samples must be an integer in [1, 128], got {num_samples!r}", field="num_samples"
+        )
     return num_samples
 
 
@@ -98,7 +102,9 @@ def lora_adapter(adapter_id: str, model: ModelSpec, lora: LoraConfig) -> Adapter
     )
 
 
-def _datum_inputs(datum: Datum, index: int, needed: tuple[str, ...], optional: dict[str, float], length: int) -> dict[str, np.ndarray]:
+def _datum_inputs(
+    datum: Datum, index: int, needed: tuple[str, ...], optional: dict[str, float], length: int
+) -> dict[str, np.ndarray]:
     where = f"data[{index}].loss_fn_inputs"
     unknown = sorted(set(datum.loss_fn_inputs) - set(needed) - set(optional))
     if unknown:
@@ -112,7 +118,9 @@ def _datum_inputs(datum: Datum, index: int, needed: tuple[str, ...], optional: d
             if name in optional:
                 inputs[name] = np.full(length, optional[name], dtype=np.float64)
                 continue
-            raise InvalidRequestError(f"{where}.{name} is missing; this loss needs {', '.join(needed)}", field=f"{where}.{name}")
+            raise InvalidRequestError(
+                f"{where}.{name} is missing; this loss needs {', '.join(needed)}", field=f"{where}.{name}"
+            )
         array = datum.loss_fn_inputs[name].to_numpy()
         if array.shape != (length,):
             raise InvalidRequestError(

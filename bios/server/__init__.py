@@ -64,7 +64,8 @@ def load_catalog(path: Path | None) -> Catalog:
             catalog.register(BUILTIN_MODELS[name])
         else:
             raise InvalidRequestError(
-                f"models: {name!r} is not a built-in model ({', '.join(sorted(BUILTIN_MODELS))}); give its directory as path = \"...\"",
+                f"models: {name!r} is not a built-in model "
+                f'({", ".join(sorted(BUILTIN_MODELS))}); give its directory as path = "..."',
                 field="models",
             )
     return catalog
@@ -79,10 +80,12 @@ def check_bind(host: str, no_auth: bool) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise InvalidRequestError(f"host: --no-auth serves only on a loopback address (127.0.0.1, ::1), not {host!r}", field="host")
+        raise InvalidRequestError(
+            f"host: --no-auth serves only on a loopback address (127.0.0.1, ::1), not {host!r}", field="host"
+        )
 
 
-def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Service)
+def build(options: ServerOptions):
     """The FastAPI app and its `Service` for `options`; InvalidRequestError (before anything is
     built) for a bad simulation profile. The engine never runs backend calls inline: they
     would run on the event loop's thread."""
@@ -104,10 +107,19 @@ def build(options: ServerOptions):  # noqa: ANN201 - returns (FastAPI app, Servi
         compute = simulated(compute, simulation, catalog)
     store = CheckpointStore(home / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
     records = Records(connect(options.database_url or default_url(home)))
-    keys = KeyRing(options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth)
+    keys = KeyRing(
+        options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth
+    )
     if keys.enabled and not len(keys):
-        raise InvalidRequestError("api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys")
-    service = Service(Engine(compute, catalog, store, inline=False), records, Journal(home / "server" / "journal"), retention_s=options.retention_s)
+        raise InvalidRequestError(
+            "api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys"
+        )
+    service = Service(
+        Engine(compute, catalog, store, inline=False),
+        records,
+        Journal(home / "server" / "journal"),
+        retention_s=options.retention_s,
+    )
     recovered = recover(service)
     if recovered.sessions or recovered.samplers:
         logging.getLogger("bios.server").warning("restored %s", recovered)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,9 @@ from bios.types import StateResult, TrainingInfo
 JSON = "application/json"
 
 
-def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 20, prune_every_s: float = 60.0) -> FastAPI:
+def create_app(
+    service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 20, prune_every_s: float = 60.0
+) -> FastAPI:
     """The application serving `service` to the holders of `keys`."""
 
     @contextlib.asynccontextmanager
@@ -93,11 +95,14 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     @app.get("/v1/stats")
     def stats(who: str = Depends(owner)) -> dict:
         """Engine counters: backend calls made and jobs (requests) they ran, since start."""
-        return {"backend_calls": engine.scheduler.backend_calls, "jobs_run": engine.scheduler.jobs_run,
-                "retried_attempts_by_status": {str(k): v for k, v in sorted(service.notices_served.items())}}  # fmt: skip
+        return {
+            "backend_calls": engine.scheduler.backend_calls,
+            "jobs_run": engine.scheduler.jobs_run,
+            "retried_attempts_by_status": {str(k): v for k, v in sorted(service.notices_served.items())},
+        }
 
     @app.get("/v1/capabilities")
-    def capabilities(who: str = Depends(owner)):  # noqa: ANN202 - the model is the schema
+    def capabilities(who: str = Depends(owner)):
         return engine.capabilities()
 
     @app.get("/v1/tokenizers/{base_model:path}")
@@ -144,7 +149,9 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         engine.skip(service.check_session(who, session_id), body.seq)
         return {}
 
-    def ordered(who: str, idem: str | None, kind: str, session_id: str, body: wire.Ordered, start: Callable, **durability) -> wire.Submitted:  # noqa: ANN003
+    def ordered(
+        who: str, idem: str | None, kind: str, session_id: str, body: wire.Ordered, start: Callable, **durability
+    ) -> wire.Submitted:
         service.check_session(who, session_id)
         raw = body.model_dump_json().encode()
         return submitted(service.submit(who, kind, raw, idem, start, session_id=session_id, seq=body.seq, **durability))
@@ -154,33 +161,77 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         return {"record": service.durable_recorder(session_id, seq), "encode": lambda pair: encode_result(pair[0])}
 
     @app.post("/v1/sessions/{session_id}/forward_backward")
-    def forward_backward(session_id: str, body: wire.ForwardBackward, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
-        return ordered(who, idem, "forward_backward", session_id, body, lambda: engine.forward_backward(
-            session_id, body.seq, body.data, body.loss_fn, body.loss_fn_config, backward=body.backward),
-            replay=body.model_dump_json().encode() if body.backward else None)  # fmt: skip
+    def forward_backward(
+        session_id: str, body: wire.ForwardBackward, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
+        return ordered(
+            who,
+            idem,
+            "forward_backward",
+            session_id,
+            body,
+            lambda: engine.forward_backward(
+                session_id, body.seq, body.data, body.loss_fn, body.loss_fn_config, backward=body.backward
+            ),
+            replay=body.model_dump_json().encode() if body.backward else None,
+        )
 
     @app.post("/v1/sessions/{session_id}/optim_step")
-    def optim_step(session_id: str, body: wire.OptimStep, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
-        return ordered(who, idem, "optim_step", session_id, body,
-                       lambda: engine.optim_step(session_id, body.seq, body.adam_params, export_state=True), **durable(session_id, body.seq))  # fmt: skip
+    def optim_step(
+        session_id: str, body: wire.OptimStep, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
+        return ordered(
+            who,
+            idem,
+            "optim_step",
+            session_id,
+            body,
+            lambda: engine.optim_step(session_id, body.seq, body.adam_params, export_state=True),
+            **durable(session_id, body.seq),
+        )
 
     @app.post("/v1/sessions/{session_id}/sample")
-    def session_sample(session_id: str, body: wire.SessionSample, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
-        return ordered(who, idem, "sample", session_id, body, lambda: engine.sample(
-            session_id, body.seq, body.prompt, body.sampling_params, body.num_samples))  # fmt: skip
+    def session_sample(
+        session_id: str, body: wire.SessionSample, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
+        return ordered(
+            who,
+            idem,
+            "sample",
+            session_id,
+            body,
+            lambda: engine.sample(session_id, body.seq, body.prompt, body.sampling_params, body.num_samples),
+        )
 
     @app.post("/v1/sessions/{session_id}/save_state")
-    def save_state(session_id: str, body: wire.SaveState, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
-        return ordered(who, idem, "save_state", session_id, body,
-                       lambda: engine.save_state(session_id, body.seq, body.name, body.metadata, body.kind),
-                       record=service.checkpoint_recorder(who, session_id))  # fmt: skip
+    def save_state(
+        session_id: str, body: wire.SaveState, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
+        return ordered(
+            who,
+            idem,
+            "save_state",
+            session_id,
+            body,
+            lambda: engine.save_state(session_id, body.seq, body.name, body.metadata, body.kind),
+            record=service.checkpoint_recorder(who, session_id),
+        )
 
     @app.post("/v1/sessions/{session_id}/load_state")
-    def load_state(session_id: str, body: wire.LoadState, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
+    def load_state(
+        session_id: str, body: wire.LoadState, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
         service.check_session(who, session_id)
         service.check_checkpoint(who, body.path)
-        return ordered(who, idem, "load_state", session_id, body,
-                       lambda: engine.load_state(session_id, body.seq, body.path, export_state=True), **durable(session_id, body.seq))  # fmt: skip
+        return ordered(
+            who,
+            idem,
+            "load_state",
+            session_id,
+            body,
+            lambda: engine.load_state(session_id, body.seq, body.path, export_state=True),
+            **durable(session_id, body.seq),
+        )
 
     # ---- sampling clients ---------------------------------------------------------------------
 
@@ -189,7 +240,12 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         if body.model_path is not None:
             service.check_checkpoint(who, body.model_path)
         handle = engine.create_sampler(model_path=body.model_path, base_model=body.base_model)
-        service.add_sampler(handle.sampler_id, who, base_model=None if body.model_path else handle.base_model, model_path=body.model_path)
+        service.add_sampler(
+            handle.sampler_id,
+            who,
+            base_model=None if body.model_path else handle.base_model,
+            model_path=body.model_path,
+        )
         return wire.Sampler(sampler_id=handle.sampler_id, base_model=handle.base_model)
 
     @app.delete("/v1/samplers/{sampler_id}")
@@ -198,16 +254,40 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
         return {}
 
     @app.post("/v1/samplers/{sampler_id}/sample")
-    def sampler_sample(sampler_id: str, body: wire.SamplerSample, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
+    def sampler_sample(
+        sampler_id: str, body: wire.SamplerSample, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
         service.check_sampler(who, sampler_id)
-        return submitted(service.submit(who, "sample", body.model_dump_json().encode(), idem, lambda: engine.sampler_sample(
-            sampler_id, body.prompt, body.sampling_params, body.num_samples, prompt_logprobs=body.prompt_logprobs)))  # fmt: skip
+        return submitted(
+            service.submit(
+                who,
+                "sample",
+                body.model_dump_json().encode(),
+                idem,
+                lambda: engine.sampler_sample(
+                    sampler_id,
+                    body.prompt,
+                    body.sampling_params,
+                    body.num_samples,
+                    prompt_logprobs=body.prompt_logprobs,
+                ),
+            )
+        )
 
     @app.post("/v1/samplers/{sampler_id}/logprobs")
-    def sampler_logprobs(sampler_id: str, body: wire.SamplerLogprobs, who: str = Depends(owner), idem: str | None = Depends(key)) -> wire.Submitted:
+    def sampler_logprobs(
+        sampler_id: str, body: wire.SamplerLogprobs, who: str = Depends(owner), idem: str | None = Depends(key)
+    ) -> wire.Submitted:
         service.check_sampler(who, sampler_id)
-        return submitted(service.submit(who, "logprobs", body.model_dump_json().encode(), idem,
-                                        lambda: engine.sampler_logprobs(sampler_id, body.prompt)))  # fmt: skip
+        return submitted(
+            service.submit(
+                who,
+                "logprobs",
+                body.model_dump_json().encode(),
+                idem,
+                lambda: engine.sampler_logprobs(sampler_id, body.prompt),
+            )
+        )
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -239,16 +319,15 @@ def create_app(service: Service, keys: KeyRing, *, max_body_bytes: int = 64 << 2
     return app
 
 
-
 class AttemptNumbers:
     """ASGI middleware: a request carrying `Bios-Attempt: n` (a client's n-th try of one request)
     submits its work as attempt n (`bios.clock.attempt`), so that a simulating backend draws
     that try's faults, not the first try's again."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001 - an ASGI app
+    def __init__(self, app) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - the ASGI interface
+    async def __call__(self, scope, receive, send) -> None:
         header = wire.ATTEMPT_HEADER.lower().encode()
         raw = dict(scope.get("headers") or ()).get(header) if scope["type"] == "http" else None
         number = int(raw) if raw is not None and raw.isdigit() and int(raw) >= 1 else None

@@ -9,9 +9,9 @@ database holds who owns them.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from sqlalchemy import (
     Column,
@@ -110,7 +110,7 @@ def connect(url: str) -> SqlEngine:
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
-        def _pragmas(connection, _record) -> None:  # noqa: ANN001 - DBAPI connection
+        def _pragmas(connection, _record) -> None:
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
@@ -130,7 +130,11 @@ class Records:
 
     def add_session(self, session_id: str, owner: str, base_model: str) -> None:
         with self.engine.begin() as db:
-            db.execute(insert(sessions).values(session_id=session_id, owner=owner, base_model=base_model, created_at=time.time()))
+            db.execute(
+                insert(sessions).values(
+                    session_id=session_id, owner=owner, base_model=base_model, created_at=time.time()
+                )
+            )
 
     def session_owner(self, session_id: str) -> str | None:
         with self.engine.connect() as db:
@@ -138,7 +142,9 @@ class Records:
 
     def sessions_of(self, owner: str | None) -> list[tuple[str, str, str, float]]:
         """(session_id, owner, base_model, created_at) of `owner`'s sessions (everyone's for None)."""
-        query = select(sessions.c.session_id, sessions.c.owner, sessions.c.base_model, sessions.c.created_at).order_by(sessions.c.created_at)
+        query = select(sessions.c.session_id, sessions.c.owner, sessions.c.base_model, sessions.c.created_at).order_by(
+            sessions.c.created_at
+        )
         if owner is not None:
             query = query.where(sessions.c.owner == owner)
         with self.engine.connect() as db:
@@ -148,22 +154,39 @@ class Records:
 
     def add_request(self, row: RequestRow) -> None:
         with self.engine.begin() as db:
-            db.execute(insert(requests).values(
-                request_id=row.request_id, owner=row.owner, kind=row.kind, session_id=row.session_id, seq=row.seq,
-                idempotency_key=row.idempotency_key, body_hash=row.body_hash, status=row.status, answer=row.answer, replay=row.replay,
-                created_at=time.time(), finished_at=None if row.status == "pending" else time.time(),
-            ))  # fmt: skip
+            db.execute(
+                insert(requests).values(
+                    request_id=row.request_id,
+                    owner=row.owner,
+                    kind=row.kind,
+                    session_id=row.session_id,
+                    seq=row.seq,
+                    idempotency_key=row.idempotency_key,
+                    body_hash=row.body_hash,
+                    status=row.status,
+                    answer=row.answer,
+                    replay=row.replay,
+                    created_at=time.time(),
+                    finished_at=None if row.status == "pending" else time.time(),
+                )
+            )
 
     def finish_requests(self, answers: Iterable[tuple[str, str, bytes]]) -> None:
         """Store (request_id, status, answer) for each finished request, in one transaction."""
         now = time.time()
         with self.engine.begin() as db:
             for request_id, status, answer in answers:
-                db.execute(update(requests).where(requests.c.request_id == request_id).values(status=status, answer=answer, finished_at=now))
+                db.execute(
+                    update(requests)
+                    .where(requests.c.request_id == request_id)
+                    .values(status=status, answer=answer, finished_at=now)
+                )
 
     def request_by_key(self, owner: str, key: str) -> RequestRow | None:
         with self.engine.connect() as db:
-            row = db.execute(select(requests).where(requests.c.owner == owner, requests.c.idempotency_key == key)).first()
+            row = db.execute(
+                select(requests).where(requests.c.owner == owner, requests.c.idempotency_key == key)
+            ).first()
         return _request_row(row)
 
     def request(self, request_id: str) -> RequestRow | None:
@@ -179,22 +202,34 @@ class Records:
     def prune_requests(self, finished_before: float) -> int:
         """Forget finished requests older than `finished_before` (epoch seconds); returns how many."""
         with self.engine.begin() as db:
-            result = db.execute(delete(requests).where(requests.c.status != "pending", requests.c.replay.is_(None),
-                                                       requests.c.finished_at < finished_before))  # fmt: skip
+            result = db.execute(
+                delete(requests).where(
+                    requests.c.status != "pending",
+                    requests.c.replay.is_(None),
+                    requests.c.finished_at < finished_before,
+                )
+            )
         return result.rowcount or 0
 
     def forget_replays(self, session_id: str, up_to_seq: int) -> None:
         """Drop the replay data of `session_id`'s requests numbered below `up_to_seq` (a durable
         state now includes them)."""
         with self.engine.begin() as db:
-            db.execute(update(requests).where(requests.c.session_id == session_id, requests.c.seq < up_to_seq,
-                                              requests.c.replay.is_not(None)).values(replay=None))  # fmt: skip
+            db.execute(
+                update(requests)
+                .where(requests.c.session_id == session_id, requests.c.seq < up_to_seq, requests.c.replay.is_not(None))
+                .values(replay=None)
+            )
 
     # ---- samplers ---------------------------------------------------------------------------
 
     def add_sampler(self, sampler_id: str, owner: str, base_model: str | None, model_path: str | None) -> None:
         with self.engine.begin() as db:
-            db.execute(insert(samplers).values(sampler_id=sampler_id, owner=owner, base_model=base_model, model_path=model_path))
+            db.execute(
+                insert(samplers).values(
+                    sampler_id=sampler_id, owner=owner, base_model=base_model, model_path=model_path
+                )
+            )
 
     def remove_sampler(self, sampler_id: str) -> None:
         with self.engine.begin() as db:
@@ -203,14 +238,21 @@ class Records:
     def all_samplers(self) -> list[tuple[str, str, str | None, str | None]]:
         """(sampler_id, owner, base_model, model_path) of every recorded sampler."""
         with self.engine.connect() as db:
-            return [tuple(row) for row in db.execute(select(samplers.c.sampler_id, samplers.c.owner, samplers.c.base_model, samplers.c.model_path))]
+            return [
+                tuple(row)
+                for row in db.execute(
+                    select(samplers.c.sampler_id, samplers.c.owner, samplers.c.base_model, samplers.c.model_path)
+                )
+            ]
 
     # ---- checkpoints ------------------------------------------------------------------------
 
     def add_checkpoint(self, path: str, owner: str, session_id: str) -> None:
         with self.engine.begin() as db:
             db.execute(delete(checkpoints).where(checkpoints.c.path == path))
-            db.execute(insert(checkpoints).values(path=path, owner=owner, session_id=session_id, created_at=time.time()))
+            db.execute(
+                insert(checkpoints).values(path=path, owner=owner, session_id=session_id, created_at=time.time())
+            )
 
     def checkpoint_owner(self, path: str) -> str | None:
         with self.engine.connect() as db:
@@ -229,5 +271,15 @@ def _request_row(row: object) -> RequestRow | None:
     if row is None:
         return None
     m = row._mapping  # type: ignore[attr-defined]
-    return RequestRow(m["request_id"], m["owner"], m["kind"], m["session_id"], m["seq"], m["idempotency_key"], m["body_hash"],
-                      m["status"], m["answer"], m["replay"])  # fmt: skip
+    return RequestRow(
+        m["request_id"],
+        m["owner"],
+        m["kind"],
+        m["session_id"],
+        m["seq"],
+        m["idempotency_key"],
+        m["body_hash"],
+        m["status"],
+        m["answer"],
+        m["replay"],
+    )

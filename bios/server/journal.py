@@ -49,12 +49,23 @@ class Journal:
     def _file(self, session_id: str) -> Path:
         return self.root / f"{session_id}.safetensors"
 
-    def write(self, session_id: str, state: AdapterState, seq: int, request_id: str | None = None, answer: bytes | None = None) -> None:
+    def write(
+        self, session_id: str, state: AdapterState, seq: int, request_id: str | None = None, answer: bytes | None = None
+    ) -> None:
         """Replace `session_id`'s durable state with `state` (atomically)."""
-        tensors = {f"{group}/{name}": np.ascontiguousarray(array) for group in _GROUPS for name, array in getattr(state, group).items()}
+        tensors = {
+            f"{group}/{name}": np.ascontiguousarray(array)
+            for group in _GROUPS
+            for name, array in getattr(state, group).items()
+        }
         spec = {**asdict(state.spec), "target_modules": list(state.spec.target_modules)}
-        meta = {"spec": json.dumps(spec), "step": str(state.step), "seq": str(seq), "request_id": request_id or "",
-                "answer": (answer or b"").decode()}  # fmt: skip
+        meta = {
+            "spec": json.dumps(spec),
+            "step": str(state.step),
+            "seq": str(seq),
+            "request_id": request_id or "",
+            "answer": (answer or b"").decode(),
+        }
         staging = self._file(session_id).with_suffix(".tmp")
         save_file(tensors, str(staging), metadata=meta)
         os.replace(staging, self._file(session_id))
@@ -74,7 +85,11 @@ class Journal:
             group, _, name = key.partition("/")
             groups[group][name] = array
         spec = json.loads(meta["spec"])
-        state = AdapterState(spec=AdapterSpec(**{**spec, "target_modules": tuple(spec["target_modules"])}), step=int(meta["step"]), **groups)
+        state = AdapterState(
+            spec=AdapterSpec(**{**spec, "target_modules": tuple(spec["target_modules"])}),
+            step=int(meta["step"]),
+            **groups,
+        )
         return Entry(state, int(meta["seq"]), meta["request_id"] or None, meta["answer"].encode() or None)
 
     def delete(self, session_id: str) -> None:

@@ -58,19 +58,27 @@ def recover(service: Service) -> Recovered:
         service.records.finish_requests(finished)
         service.engine.reopen_session(entry.state, next_seq=entry.seq + 1)
         service.adopt_session(session_id, owner)
-        replays = {row.seq: row.replay for row in rows if row.replay is not None and row.status == "done" and row.seq > entry.seq}
+        replays = {
+            row.seq: row.replay
+            for row in rows
+            if row.replay is not None and row.status == "done" and row.seq > entry.seq
+        }
         last_seq = max((row.seq for row in rows if row.seq is not None), default=entry.seq)
         for seq in range(entry.seq + 1, last_seq + 1):
             if seq in replays:
                 body = wire.ForwardBackward.model_validate_json(replays[seq])
-                service.engine.forward_backward(session_id, seq, body.data, body.loss_fn, body.loss_fn_config, backward=True)
+                service.engine.forward_backward(
+                    session_id, seq, body.data, body.loss_fn, body.loss_fn_config, backward=True
+                )
                 done.replayed += 1
             elif seq not in resubmittable:  # an interrupted request's number waits for its retry
                 service.engine.skip(session_id, seq)
         done.sessions += 1
     for sampler_id, owner, base_model, model_path in service.records.all_samplers():
         try:
-            service.engine.create_sampler(model_path=model_path, base_model=None if model_path else base_model, sampler_id=sampler_id)
+            service.engine.create_sampler(
+                model_path=model_path, base_model=None if model_path else base_model, sampler_id=sampler_id
+            )
         except BiosError:  # its checkpoint or model is gone: so is the sampler
             service.records.remove_sampler(sampler_id)
             continue

@@ -22,8 +22,8 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sqlalchemy.exc
 
@@ -124,7 +124,9 @@ class Service:
         self.engine.close_session(session_id)
         self.journal.delete(session_id)
 
-    def add_sampler(self, sampler_id: str, owner: str, *, base_model: str | None = None, model_path: str | None = None) -> None:
+    def add_sampler(
+        self, sampler_id: str, owner: str, *, base_model: str | None = None, model_path: str | None = None
+    ) -> None:
         """File a sampler under `owner`; given what it samples from (`base_model` or
         `model_path`), it is also recorded and served again after a restart."""
         if base_model is not None or model_path is not None:
@@ -177,10 +179,22 @@ class Service:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def submit(self, owner: str, kind: str, body: bytes, key: str | None, start: Callable[[], concurrent.futures.Future],
-               *, session_id: str | None = None, seq: int | None = None, record: Recorder | None = None, replay: bytes | None = None,
-               encode: Callable[[object], bytes] = encode_result, encode_failure: Callable[[BaseException], bytes] = encode_error,
-               retry_transient: bool = False) -> str:  # fmt: skip
+    def submit(
+        self,
+        owner: str,
+        kind: str,
+        body: bytes,
+        key: str | None,
+        start: Callable[[], concurrent.futures.Future],
+        *,
+        session_id: str | None = None,
+        seq: int | None = None,
+        record: Recorder | None = None,
+        replay: bytes | None = None,
+        encode: Callable[[object], bytes] = encode_result,
+        encode_failure: Callable[[BaseException], bytes] = encode_error,
+        retry_transient: bool = False,
+    ) -> str:
         """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
         seen before (same kind and body), the first request's id instead. A request the engine
         rejects at once raises that error, and so does every retry of it. The answer stored and
@@ -195,7 +209,9 @@ class Service:
                 return earlier
         request_id = f"req-{uuid.uuid4().hex}"
         try:
-            self.records.add_request(RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay))
+            self.records.add_request(
+                RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay)
+            )
         except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
             earlier = self._earlier(owner, key, body_hash)  # type: ignore[arg-type]
             if earlier is None:
@@ -211,14 +227,23 @@ class Service:
         future.add_done_callback(lambda done: self._finished.put((request_id, done)))
         return request_id
 
-    def _retried(self, request_id: str, kind: str, start: Callable[[], concurrent.futures.Future], session_id: str | None, seq: int | None) -> concurrent.futures.Future:
+    def _retried(
+        self,
+        request_id: str,
+        kind: str,
+        start: Callable[[], concurrent.futures.Future],
+        session_id: str | None,
+        seq: int | None,
+    ) -> concurrent.futures.Future:
         """`start()`, retried on retryable failures; each failure becomes a notice for the next poll."""
 
         def give_up() -> None:
             if session_id is not None and seq is not None:
                 self.engine.skip(session_id, seq)
 
-        return retrying(start, self.engine.clock, kind, give_up=give_up, on_retry=lambda error: self._notice(request_id, error))
+        return retrying(
+            start, self.engine.clock, kind, give_up=give_up, on_retry=lambda error: self._notice(request_id, error)
+        )
 
     def _notice(self, request_id: str, error: BiosError) -> None:
         with self._lock:
@@ -269,7 +294,7 @@ class Service:
         event = self._waiting.setdefault(request_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         found = self.answer(owner, request_id)
         self._raise_notice(request_id)

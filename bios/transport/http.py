@@ -16,7 +16,8 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
@@ -68,10 +69,22 @@ class HttpTransport:
 
     # ---- the wire -------------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, body: BaseModel | None = None, params: dict | None = None, *, mutating: bool = False) -> httpx.Response:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        params: dict | None = None,
+        *,
+        mutating: bool = False,
+    ) -> httpx.Response:
         """One logical request, retried on connection failures and 429/502/503/504; raises the
         server's BiosError for any other status >= 400 except a long-poll's 408."""
-        headers = {wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex, wire.ATTEMPT_HEADER: str(current_attempt().number)} if mutating else {}
+        headers = (
+            {wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex, wire.ATTEMPT_HEADER: str(current_attempt().number)}
+            if mutating
+            else {}
+        )
         content = body.model_dump_json().encode() if body is not None else None
         if content is not None:
             headers["Content-Type"] = "application/json"
@@ -85,7 +98,9 @@ class HttpTransport:
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
-                raise APIConnectionError(f"{method} {self.base_url}{path}: no answer after retrying for {self.retry_s:.0f} s ({problem})")
+                raise APIConnectionError(
+                    f"{method} {self.base_url}{path}: no answer after retrying for {self.retry_s:.0f} s ({problem})"
+                )
             time.sleep(min(5.0, 0.05 * 2**attempt) * (0.5 + random.random()))
             attempt += 1
         if response.status_code >= 400 and response.status_code != 408:
@@ -116,7 +131,9 @@ class HttpTransport:
         except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller's future
             future.set_exception(exc)
 
-    def _ordered(self, session_id: str, seq: int, operation: str, body: Callable[[], BaseModel], decode: Callable[[Any], object]) -> concurrent.futures.Future:
+    def _ordered(
+        self, session_id: str, seq: int, operation: str, body: Callable[[], BaseModel], decode: Callable[[Any], object]
+    ) -> concurrent.futures.Future:
         """Submit ordered work. When it is refused (by the checks here or by the server before
         the engine took it: size, auth, ownership), `seq` is released on the server, so the
         session's later requests still run; releasing a number the engine took is a no-op."""
@@ -155,7 +172,9 @@ class HttpTransport:
     # ---- sessions -------------------------------------------------------------------------------
 
     def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
-        body = wire.CreateSession(base_model=str(base_model), lora_config=validation.instance(lora, LoraConfig, "lora_config"))
+        body = wire.CreateSession(
+            base_model=str(base_model), lora_config=validation.instance(lora, LoraConfig, "lora_config")
+        )
         return TrainingInfo.model_validate(self._send("POST", "/v1/sessions", body, mutating=True).json())
 
     def create_session_from_state(self, path: object, base_model: str | None = None) -> TrainingInfo:
@@ -177,28 +196,44 @@ class HttpTransport:
 
     # ---- training -------------------------------------------------------------------------------
 
-    def forward_backward(self, session_id: str, seq: int, data: Sequence[Datum], loss_fn: str = "cross_entropy",
-                         loss_fn_config: dict[str, float] | None = None, *, backward: bool = True) -> concurrent.futures.Future:  # fmt: skip
+    def forward_backward(
+        self,
+        session_id: str,
+        seq: int,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+        *,
+        backward: bool = True,
+    ) -> concurrent.futures.Future:
         def body() -> wire.ForwardBackward:
             checked = validation.datum_list(data)
             loss_spec(loss_fn).resolve_config(validation.config_dict(loss_fn_config))
-            return wire.ForwardBackward(seq=seq, data=checked, loss_fn=loss_fn, loss_fn_config=loss_fn_config, backward=backward)
+            return wire.ForwardBackward(
+                seq=seq, data=checked, loss_fn=loss_fn, loss_fn_config=loss_fn_config, backward=backward
+            )
 
         return self._ordered(session_id, seq, "forward_backward", body, ForwardBackwardResult.model_validate)
 
     def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
-        body = lambda: wire.OptimStep(seq=seq, adam_params=validation.instance(adam, AdamParams, "adam_params"))  # noqa: E731
+        body = lambda: wire.OptimStep(seq=seq, adam_params=validation.instance(adam, AdamParams, "adam_params"))
         return self._ordered(session_id, seq, "optim_step", body, OptimStepResult.model_validate)
 
-    def sample(self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1) -> concurrent.futures.Future:
+    def sample(
+        self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
+    ) -> concurrent.futures.Future:
         def body() -> wire.SessionSample:
             return wire.SessionSample(seq=seq, **_sample_fields(prompt, params, num_samples))
 
         return self._ordered(session_id, seq, "sample", body, SampleResult.model_validate)
 
-    def save_state(self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state") -> concurrent.futures.Future:
+    def save_state(
+        self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state"
+    ) -> concurrent.futures.Future:
         def body() -> wire.SaveState:
-            return wire.SaveState(seq=seq, name=validation.checkpoint_name(name), metadata=validation.metadata(metadata), kind=kind)
+            return wire.SaveState(
+                seq=seq, name=validation.checkpoint_name(name), metadata=validation.metadata(metadata), kind=kind
+            )
 
         return self._ordered(session_id, seq, "save_state", body, StateResult.model_validate)
 
@@ -212,8 +247,10 @@ class HttpTransport:
     # ---- sampling clients -----------------------------------------------------------------------
 
     def create_sampler(self, model_path: str | None = None, base_model: str | None = None) -> SamplerHandle:
-        body = wire.CreateSampler(model_path=None if model_path is None else _text(model_path, "model_path"),
-                                  base_model=None if base_model is None else str(base_model))  # fmt: skip
+        body = wire.CreateSampler(
+            model_path=None if model_path is None else _text(model_path, "model_path"),
+            base_model=None if base_model is None else str(base_model),
+        )
         made = wire.Sampler.model_validate(self._send("POST", "/v1/samplers", body, mutating=True).json())
         return SamplerHandle(made.sampler_id, made.base_model, None)
 
@@ -235,8 +272,15 @@ class HttpTransport:
         except RuntimeError:  # the transport is shutting down
             pass
 
-    def sampler_sample(self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int = 1, *,
-                       prompt_logprobs: bool = False) -> concurrent.futures.Future:  # fmt: skip
+    def sampler_sample(
+        self,
+        sampler_id: str,
+        prompt: ModelInput,
+        params: SamplingParams,
+        num_samples: int = 1,
+        *,
+        prompt_logprobs: bool = False,
+    ) -> concurrent.futures.Future:
         body = wire.SamplerSample(**_sample_fields(prompt, params, num_samples), prompt_logprobs=prompt_logprobs)
         return self._submit(f"/v1/samplers/{sampler_id}/sample", body, SampleResult.model_validate)
 
@@ -247,7 +291,9 @@ class HttpTransport:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def list_checkpoints(self, session_id: str | None = None) -> list[StateResult]:
-        return _CHECKPOINTS.validate_python(self._get("/v1/checkpoints", {"session_id": session_id} if session_id else None))
+        return _CHECKPOINTS.validate_python(
+            self._get("/v1/checkpoints", {"session_id": session_id} if session_id else None)
+        )
 
     def delete_checkpoint(self, path: str) -> None:
         parse_path(path)
@@ -259,9 +305,11 @@ class HttpTransport:
 
 
 def _sample_fields(prompt: object, params: object, num_samples: object) -> dict:
-    return {"prompt": validation.instance(prompt, ModelInput, "prompt"),
-            "sampling_params": validation.instance(params, SamplingParams, "sampling_params"),
-            "num_samples": validation.sample_count(num_samples)}  # fmt: skip
+    return {
+        "prompt": validation.instance(prompt, ModelInput, "prompt"),
+        "sampling_params": validation.instance(params, SamplingParams, "sampling_params"),
+        "num_samples": validation.sample_count(num_samples),
+    }
 
 
 def _text(value: object, field: str) -> str:

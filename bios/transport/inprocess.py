@@ -20,7 +20,9 @@ _engines: dict[tuple[str, Path, tuple[tuple[str, str], ...], str], Engine] = {}
 _lock = threading.Lock()
 
 
-def shared_engine(backend: str, home: Path, options: tuple[tuple[str, str], ...] = (), simulation: SimulationConfig | None = None) -> Engine:
+def shared_engine(
+    backend: str, home: Path, options: tuple[tuple[str, str], ...] = (), simulation: SimulationConfig | None = None
+) -> Engine:
     """The process's engine for `backend` (with `options`, under `simulation` if given) storing
     checkpoints under `home/checkpoints`; it serves the built-in models and those installed under
     `home/models` (`bios models fetch`)."""

@@ -7,7 +7,8 @@ every validation failure surfaces as `bios.InvalidRequestError` naming the field
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -55,7 +56,8 @@ class RequestModel(BaseModel):
         except ValidationError as exc:  # frozen: say how to get a changed copy instead
             field = f"{type(self).__name__}.{name}"
             raise InvalidRequestError(
-                f"{field}: {type(self).__name__} is immutable; use .model_copy(update={{{name!r}: ...}}) for a changed copy",
+                f"{field}: {type(self).__name__} is immutable; use "
+                f".model_copy(update={{{name!r}: ...}}) for a changed copy",
                 field=field,
             ) from exc
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -25,9 +26,11 @@ class TensorData(RequestModel):
     """Dimensions; None means one-dimensional of length `len(data)`."""
 
     @model_validator(mode="after")
-    def _shape_matches(self) -> "TensorData":
+    def _shape_matches(self) -> TensorData:
         if self.shape is not None and int(np.prod(self.shape, dtype=np.int64)) != len(self.data):
-            raise field_error(("shape",), f"shape {self.shape} does not hold the {len(self.data)} elements of data", self.shape)
+            raise field_error(
+                ("shape",), f"shape {self.shape} does not hold the {len(self.data)} elements of data", self.shape
+            )
         if self.dtype == "int64":
             for i, x in enumerate(self.data):
                 if x != int(x) or not _INT64_MIN <= int(x) <= _INT64_MAX:
@@ -35,7 +38,7 @@ class TensorData(RequestModel):
         return self
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray) -> "TensorData":
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
         """Wrap an integer array as int64 or a floating array as float32 (NaN/inf rejected)."""
         array = np.asarray(array)
         if array.dtype.kind in "iub":
@@ -77,12 +80,12 @@ class ModelInput(RequestModel):
     chunks: list[EncodedTextChunk] = Field(default_factory=list)
 
     @classmethod
-    def from_ints(cls, tokens: Sequence[int] | np.ndarray) -> "ModelInput":
+    def from_ints(cls, tokens: Sequence[int] | np.ndarray) -> ModelInput:
         """One text chunk holding `tokens`."""
         return cls(chunks=[EncodedTextChunk(tokens=[int(t) for t in tokens])])
 
     @classmethod
-    def empty(cls) -> "ModelInput":
+    def empty(cls) -> ModelInput:
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
@@ -94,7 +97,7 @@ class ModelInput(RequestModel):
         """Number of tokens."""
         return sum(len(chunk.tokens) for chunk in self.chunks)
 
-    def append_int(self, token: int) -> "ModelInput":
+    def append_int(self, token: int) -> ModelInput:
         """A new ModelInput with `token` appended."""
         return ModelInput.from_ints([*self.to_ints(), int(token)])
 

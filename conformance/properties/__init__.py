@@ -10,8 +10,8 @@ registration order: forward, training, sampling, state, errors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hypothesis import strategies as st
 
@@ -47,4 +47,4 @@ def conformance_property(**strategies: StrategyFactory) -> Callable[[Callable[..
     return register
 
 
-from conformance.properties import forward, training, sampling, state, errors  # noqa: E402,F401  (registers them)
+from conformance.properties import errors, forward, sampling, state, training  # noqa: E402,F401  (registers them)

@@ -15,11 +15,12 @@ import numpy as np
 from hypothesis import strategies as st
 
 from bios import types
-from conformance import strategies as cs, tolerances as tol
+from conformance import strategies as cs
+from conformance import tolerances as tol
 from conformance.harness import Pair, continuation_logprobs, next_token_logprobs
 from conformance.properties import conformance_property
 
-_WARM = lambda spec: cs.datum_batches(spec, "cross_entropy", 2, 17)  # noqa: E731
+_WARM = lambda spec: cs.datum_batches(spec, "cross_entropy", 2, 17)
 
 
 def _trained_twins(pair: Pair, lora: types.LoraConfig, warm: list) -> tuple:
@@ -41,13 +42,21 @@ def _check_lengths_and_stops(seq: types.SampledSequence, params: types.SamplingP
 
     first = next((i for i in range(len(seq.tokens)) if stops_at(i)), None)
     if seq.stop_reason == "stop":
-        assert first == len(seq.tokens) - 1, f"stop_reason 'stop' but the first stop is at {first} of {len(seq.tokens)} tokens"
+        assert first == len(seq.tokens) - 1, (
+            f"stop_reason 'stop' but the first stop is at {first} of {len(seq.tokens)} tokens"
+        )
     else:
-        assert first is None, f"a stop sequence ends at token {first} but generation went on to {len(seq.tokens)} ({seq.stop_reason})"
-        assert len(seq.tokens) == min(params.max_tokens, max_new), f"stopped for length at {len(seq.tokens)}, max_tokens {params.max_tokens}"
+        assert first is None, (
+            f"a stop sequence ends at token {first} but generation went on to {len(seq.tokens)} ({seq.stop_reason})"
+        )
+        assert len(seq.tokens) == min(params.max_tokens, max_new), (
+            f"stopped for length at {len(seq.tokens)}, max_tokens {params.max_tokens}"
+        )
 
 
-@conformance_property(lora=cs.lora_configs, warm=_WARM, prompt=cs.prompts, params=lambda spec: cs.sampling_params(spec, greedy=True))
+@conformance_property(
+    lora=cs.lora_configs, warm=_WARM, prompt=cs.prompts, params=lambda spec: cs.sampling_params(spec, greedy=True)
+)
 def prop_greedy_samples_match_reference(pair: Pair, lora, warm, prompt, params) -> None:
     """Greedy completions equal the reference's token for token (up to a near-tie), with the same stop reason."""
     candidate, reference = _trained_twins(pair, lora, warm)
@@ -83,8 +92,13 @@ def _kept_set_ok(lp: np.ndarray, token: int, params: types.SamplingParams) -> st
     return None
 
 
-@conformance_property(lora=cs.lora_configs, warm=_WARM, prompt=lambda spec: cs.prompts(spec, 6),
-                      params=lambda spec: cs.sampling_params(spec, greedy=False, max_tokens=6), n=lambda spec: st.integers(1, 6))  # fmt: skip
+@conformance_property(
+    lora=cs.lora_configs,
+    warm=_WARM,
+    prompt=lambda spec: cs.prompts(spec, 6),
+    params=lambda spec: cs.sampling_params(spec, greedy=False, max_tokens=6),
+    n=lambda spec: st.integers(1, 6),
+)
 def prop_samples_in_reference_kept_set(pair: Pair, lora, warm, prompt, params, n) -> None:
     """Every first sampled token is in the reference's top-k/top-p set for the prompt, and every
     sampled token's returned logprob equals the reference's logprob of it (S1, S2)."""
@@ -99,7 +113,9 @@ def prop_samples_in_reference_kept_set(pair: Pair, lora, warm, prompt, params, n
         pair.close("sample logprobs vs reference forward", seq.logprobs, expected, tol.SAMPLE_LOGPROB_ATOL)
 
 
-@conformance_property(lora=cs.lora_configs, warm=_WARM, prompt=lambda spec: cs.prompts(spec, 6), seed=lambda spec: st.integers(0, 2**31))
+@conformance_property(
+    lora=cs.lora_configs, warm=_WARM, prompt=lambda spec: cs.prompts(spec, 6), seed=lambda spec: st.integers(0, 2**31)
+)
 def prop_whole_top_p_set_is_reachable(pair: Pair, lora, warm, prompt, seed) -> None:
     """S1 from below: with top_p set halfway into the second most likely token (temperature 10,
     so the two are of similar probability), both are kept and both get drawn — a top-p that
@@ -113,14 +129,24 @@ def prop_whole_top_p_set_is_reachable(pair: Pair, lora, warm, prompt, seed) -> N
     first, second = order[0], order[1]
     top_p = float(probs[first] + 0.5 * probs[second])
     params = types.SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, seed=seed)
-    drawn = [s.tokens[0] for s in candidate.sample(types.ModelInput.from_ints(prompt), params, num_samples=64).result().sequences]
-    assert set(drawn) <= {int(first), int(second)}, f"drew {sorted(set(drawn) - {int(first), int(second)})} outside the top-p set"
+    drawn = [
+        s.tokens[0]
+        for s in candidate.sample(types.ModelInput.from_ints(prompt), params, num_samples=64).result().sequences
+    ]
+    assert set(drawn) <= {int(first), int(second)}, (
+        f"drew {sorted(set(drawn) - {int(first), int(second)})} outside the top-p set"
+    )
     share = probs[second] / (probs[first] + probs[second])  # >= ~0.3 at temperature 10: missing it 64 times is < 1e-9
     assert int(second) in drawn, f"the second token of the top-p set (share {share:.2f}) was never drawn in 64 samples"
 
 
-@conformance_property(lora=cs.lora_configs, warm=_WARM, prompt=cs.prompts,
-                      params=lambda spec: cs.sampling_params(spec, max_tokens=16), n=lambda spec: st.integers(1, 4))  # fmt: skip
+@conformance_property(
+    lora=cs.lora_configs,
+    warm=_WARM,
+    prompt=cs.prompts,
+    params=lambda spec: cs.sampling_params(spec, max_tokens=16),
+    n=lambda spec: st.integers(1, 4),
+)
 def prop_seeded_sampling_repeats_and_honours_stops(pair: Pair, lora, warm, prompt, params, n) -> None:
     """The same seed gives the same samples; each stops exactly at its first stop token or stop
     string (kept), else at max_tokens (S3)."""
@@ -132,9 +158,15 @@ def prop_seeded_sampling_repeats_and_honours_stops(pair: Pair, lora, warm, promp
     second = client.sample(model_input, params, num_samples=n).result()
     third = sampler.sample(model_input, params, num_samples=n).result()
     for other, where in ((second, "training client again"), (third, "sampling client")):
-        assert [s.tokens for s in other.sequences] == [s.tokens for s in first.sequences], f"same seed, other tokens ({where})"
-        pair.close(f"seeded logprobs ({where})", [x for s in other.sequences for x in s.logprobs],
-                   [x for s in first.sequences for x in s.logprobs], tol.EXACT)  # fmt: skip
+        assert [s.tokens for s in other.sequences] == [s.tokens for s in first.sequences], (
+            f"same seed, other tokens ({where})"
+        )
+        pair.close(
+            f"seeded logprobs ({where})",
+            [x for s in other.sequences for x in s.logprobs],
+            [x for s in first.sequences for x in s.logprobs],
+            tol.EXACT,
+        )
         assert [s.stop_reason for s in other.sequences] == [s.stop_reason for s in first.sequences]
     tokenizer = client.get_tokenizer()
     for seq in first.sequences:

@@ -21,13 +21,34 @@ What is simulated is when answers come and which ones fail:
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from bios.backend import AdapterSpec, AdapterState, Backend, ForwardBackwardWork, LostAnswer, OptimStepWork, ResultCallback, SampleOutput, SampleWork, Ticket, Timed, Timing
+from bios.backend import (
+    AdapterSpec,
+    AdapterState,
+    Backend,
+    ForwardBackwardWork,
+    LostAnswer,
+    OptimStepWork,
+    ResultCallback,
+    SampleOutput,
+    SampleWork,
+    Ticket,
+    Timed,
+    Timing,
+)
 from bios.catalog import Catalog
 from bios.clock import VirtualClock
-from bios.errors import APIConnectionError, APITimeoutError, BiosError, InvalidRequestError, RateLimitError, ServiceUnavailableError, SessionExpiredError
+from bios.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    BiosError,
+    InvalidRequestError,
+    RateLimitError,
+    ServiceUnavailableError,
+    SessionExpiredError,
+)
 from bios.simulation import SimulationConfig, SimulationReport
 from emulator.simulator import profiles
 from emulator.simulator.costs import CostModel, DeviceGroup
@@ -133,7 +154,12 @@ class SimulatedBackend:
             return "train", sum(lengths), costs.training_memory_bytes(lengths), 0
         if isinstance(work, SampleWork):
             tokens = len(work.prompt) + work.num_samples * work.max_tokens
-            return "sample", tokens, costs.sample_memory_bytes(len(work.prompt), work.num_samples, work.max_tokens), work.num_samples
+            return (
+                "sample",
+                tokens,
+                costs.sample_memory_bytes(len(work.prompt), work.num_samples, work.max_tokens),
+                work.num_samples,
+            )
         return "train", 0, 0.0, 0
 
     def _check_fits(self, kind: str, tokens: int, memory: float, costs: CostModel) -> None:
@@ -148,13 +174,16 @@ class SimulatedBackend:
         if memory > costs.free_memory_bytes:
             raise InvalidRequestError(
                 f"{field}: this request needs {memory / _GIB:.1f} GiB of device memory but {costs.describe()} has "
-                f"{max(costs.free_memory_bytes, 0) / _GIB:.1f} GiB free after the weights; send fewer or shorter sequences",
+                f"{max(costs.free_memory_bytes, 0) / _GIB:.1f} GiB free "
+                "after the weights; send fewer or shorter sequences",
                 field=field,
             )
 
     def _lane_name(self, lane_id: str) -> str:
         if lane_id not in self._lanes:
-            self._lanes[lane_id] = f"{'session' if lane_id.startswith('session-') else 'sampler'} {len(self._lanes) + 1}"
+            self._lanes[lane_id] = (
+                f"{'session' if lane_id.startswith('session-') else 'sampler'} {len(self._lanes) + 1}"
+            )
         return self._lanes[lane_id]
 
     def _next_position(self, ticket: Ticket) -> int:
@@ -189,7 +218,9 @@ class SimulatedBackend:
 
     # ---- batched work ---------------------------------------------------------------------------
 
-    def forward_backward(self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None) -> list[object]:
+    def forward_backward(
+        self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None
+    ) -> list[object]:
         return self._run(work, self.inner.forward_backward, on_result)
 
     def optim_step(self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None) -> list[object]:
@@ -198,7 +229,9 @@ class SimulatedBackend:
     def sample(self, work: Sequence[SampleWork], on_result: ResultCallback | None = None) -> list[object]:
         return self._run(work, self.inner.sample, on_result)
 
-    def _run(self, works: Sequence[object], compute: Callable[..., list], on_result: ResultCallback | None) -> list[object]:
+    def _run(
+        self, works: Sequence[object], compute: Callable[..., list], on_result: ResultCallback | None
+    ) -> list[object]:
         """Fault, run (what runs) in one call of the wrapped backend, place and stamp every item."""
         with self._lock:
             admissions = [self._admitted.pop(id(w), (w, None))[1] for w in works]
@@ -233,17 +266,27 @@ class SimulatedBackend:
                 self._rebuild(work.adapter_id)  # type: ignore[attr-defined]
             return self._record(admission, None, ready, ready, _refusal(failure, self.config))
         costs = self.costs(self._base_model(work))
-        duration = self._duration(work, output, costs, self._device(costs).rows_in_open_pass(admission.group, ready) + admission.rows)
+        duration = self._duration(
+            work, output, costs, self._device(costs).rows_in_open_pass(admission.group, ready) + admission.rows
+        )
         if admission.decision.straggler:
             duration *= self.config.straggler_factor
-        place = self._device(costs).place(admission.group, ready, admission.tokens, admission.memory, duration, admission.rows)
+        place = self._device(costs).place(
+            admission.group, ready, admission.tokens, admission.memory, duration, admission.rows
+        )
         if failure == "transient":
-            error = ServiceUnavailableError(f"{ticket.kind}: the service failed transiently while running this request; nothing was applied, retry it")
+            error = ServiceUnavailableError(
+                f"{ticket.kind}: the service failed transiently while "
+                "running this request; nothing was applied, retry it"
+            )
             return self._record(admission, place.index, place.started_at, place.finished_at, error)
         self._settle(work, output)
         if failure == "timeout":
             answered = max(place.finished_at, ticket.enqueued_at + self.config.request_timeout_s)
-            error = APITimeoutError(f"{ticket.kind}: no answer within {self.config.request_timeout_s:g} s; it may have run — retry with the same sequence number")
+            error = APITimeoutError(
+                f"{ticket.kind}: no answer within {self.config.request_timeout_s:g} "
+                "s; it may have run — retry with the same sequence number"
+            )
             if ticket.seq is not None and not isinstance(output, BiosError):
                 self._lost.add((ticket.lane, ticket.seq))
             return self._record(admission, place.index, place.started_at, answered, _lost(output, error))
@@ -262,7 +305,10 @@ class SimulatedBackend:
                 device.outage(down_at, down_at + self.config.restart_s)
             for adapter_id in list(self._adapters):
                 self._rebuild(adapter_id)
-        error = APIConnectionError(f"{admission.ticket.kind}: the service restarted while this request was in flight; nothing of it was applied, retry it")
+        error = APIConnectionError(
+            f"{admission.ticket.kind}: the service restarted while this "
+            "request was in flight; nothing of it was applied, retry it"
+        )
         return self._record(admission, None, down_at, down_at, error)
 
     def _duration(self, work: object, output: object, costs: CostModel, batch_rows: int) -> float:
@@ -275,7 +321,11 @@ class SimulatedBackend:
             spec = self._adapters[work.adapter_id]
             return costs.optim_step_s(costs.adapter_params(spec.rank, spec.target_modules))
         if isinstance(work, SampleWork):
-            generated = max((len(s.tokens) for s in output.sequences), default=0) if isinstance(output, SampleOutput) else work.max_tokens
+            generated = (
+                max((len(s.tokens) for s in output.sequences), default=0)
+                if isinstance(output, SampleOutput)
+                else work.max_tokens
+            )
             return costs.sample_s(len(work.prompt), work.num_samples, generated, batch_rows)
         return 0.0
 
@@ -288,14 +338,27 @@ class SimulatedBackend:
         elif isinstance(work, OptimStepWork) and work.adapter_id in self._unsettled:
             self._unsettled[work.adapter_id] = []
 
-    def _record(self, admission: _Admission, pass_index: int | None, started: float, answered: float, value: object) -> Timed:
+    def _record(
+        self, admission: _Admission, pass_index: int | None, started: float, answered: float, value: object
+    ) -> Timed:
         ticket = admission.ticket
         outcome = "ok" if admission.decision.failure is None else admission.decision.failure
         if isinstance(value, APIConnectionError):
             outcome = "restart"
         self.spans.append(
-            RequestSpan(ticket.kind, admission.lane, ticket.seq, ticket.attempt, ticket.enqueued_at, started, answered, outcome,
-                        pass_index, admission.tokens, admission.decision.straggler)  # fmt: skip
+            RequestSpan(
+                ticket.kind,
+                admission.lane,
+                ticket.seq,
+                ticket.attempt,
+                ticket.enqueued_at,
+                started,
+                answered,
+                outcome,
+                pass_index,
+                admission.tokens,
+                admission.decision.straggler,
+            )
         )
         if ticket.seq is not None:
             self._lane_free[ticket.lane] = answered
@@ -316,8 +379,17 @@ class SimulatedBackend:
         model = self.config.model or ", ".join(sorted(self._costs)) or "no model"
         passes = self._timeline.spans() if self._timeline is not None else []
         if self.config.trace:
-            write_trace(self.config.trace, self.spans, passes, self.events, devices=self.config.devices, title=f"bios simulation: {model}")
-        return build_report(self.spans, passes, self.events, hardware=self.group.hardware.name, devices=self.config.devices, model=model)
+            write_trace(
+                self.config.trace,
+                self.spans,
+                passes,
+                self.events,
+                devices=self.config.devices,
+                title=f"bios simulation: {model}",
+            )
+        return build_report(
+            self.spans, passes, self.events, hardware=self.group.hardware.name, devices=self.config.devices, model=model
+        )
 
     def close(self) -> None:
         self.inner.close()
@@ -330,8 +402,12 @@ def _runs(admission: _Admission | None) -> bool:
 
 def _refusal(failure: str, config: SimulationConfig) -> BiosError:
     if failure == "rate_limit":
-        return RateLimitError(f"rate limited: too many requests; retry after {config.retry_after_s:g} s", retry_after=config.retry_after_s)
-    return SessionExpiredError("session_id: the session missed its heartbeats and was evicted; nothing was applied, retry to restore it")
+        return RateLimitError(
+            f"rate limited: too many requests; retry after {config.retry_after_s:g} s", retry_after=config.retry_after_s
+        )
+    return SessionExpiredError(
+        "session_id: the session missed its heartbeats and was evicted; nothing was applied, retry to restore it"
+    )
 
 
 def _lost(output: object, error: BiosError) -> object:

@@ -19,7 +19,8 @@ from emulator.simulator.profiles import Efficiency, Figure, Hardware
 
 ALLOCATOR_HEADROOM = Figure(
     0.9,
-    "assumption: about a tenth of device memory goes to the runtime, the allocator's fragmentation and workspace buffers",
+    "assumption: about a tenth of device memory goes to the "
+    "runtime, the allocator's fragmentation and workspace buffers",
 )
 """Fraction of device memory that weights, activations and caches may fill."""
 

@@ -54,7 +54,9 @@ class FaultPlan:
                 restart = True
             else:
                 failure = kind
-        return Decision(None if restart else failure, straggler, restart)  # a restart loses the attempt whatever else was drawn
+        return Decision(
+            None if restart else failure, straggler, restart
+        )  # a restart loses the attempt whatever else was drawn
 
     def _failure(self, draw: float) -> str | None:
         edge = 0.0

@@ -71,14 +71,34 @@ def _hardware(name: str, datasheet: str, memory: float, link: float, link_source
 HARDWARE: dict[str, Hardware] = {
     hw.name: hw
     for hw in (
-        _hardware("H100", "NVIDIA H100 SXM5 datasheet", 80e9,
-                  900e9, "NVIDIA H100 datasheet: NVLink 4, 900 GB/s both directions"),
-        _hardware("H200", "NVIDIA H200 SXM datasheet", 141e9,
-                  900e9, "MLCommons inference v4.1 H200-SXM-141GBx8 system: 18x NVLink 4, 900 GB/s"),
-        _hardware("A100", "NVIDIA A100 80GB SXM4 datasheet", 80e9,
-                  600e9, "NVIDIA A100 datasheet: NVLink 3, 600 GB/s both directions"),
-        _hardware("L40S", "NVIDIA L40S datasheet", 48e9,
-                  64e9, "NVIDIA L40S datasheet: no NVLink; PCIe Gen4 x16, 64 GB/s both directions"),
+        _hardware(
+            "H100",
+            "NVIDIA H100 SXM5 datasheet",
+            80e9,
+            900e9,
+            "NVIDIA H100 datasheet: NVLink 4, 900 GB/s both directions",
+        ),
+        _hardware(
+            "H200",
+            "NVIDIA H200 SXM datasheet",
+            141e9,
+            900e9,
+            "MLCommons inference v4.1 H200-SXM-141GBx8 system: 18x NVLink 4, 900 GB/s",
+        ),
+        _hardware(
+            "A100",
+            "NVIDIA A100 80GB SXM4 datasheet",
+            80e9,
+            600e9,
+            "NVIDIA A100 datasheet: NVLink 3, 600 GB/s both directions",
+        ),
+        _hardware(
+            "L40S",
+            "NVIDIA L40S datasheet",
+            48e9,
+            64e9,
+            "NVIDIA L40S datasheet: no NVLink; PCIe Gen4 x16, 64 GB/s both directions",
+        ),
     )
 }
 """The known accelerators by name; `hardware(name)` looks them up case-insensitively."""
@@ -96,8 +116,11 @@ _ADAM = (
 DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
     "H100": Efficiency(
         train_mfu=Figure(0.539, _DGXC_LORA),
-        prefill_mfu=Figure(0.50, "derived from TensorRT-LLM v0.5 performance.md (LLaMA-7B, 2048-token first-token latency): "
-                           "39% of the FP8 peak on H100, 67% of the FP16 peak on A100; 0.5 of the BF16 peak assumed in between"),
+        prefill_mfu=Figure(
+            0.50,
+            "derived from TensorRT-LLM v0.5 performance.md (LLaMA-7B, 2048-token first-token latency): "
+            "39% of the FP8 peak on H100, 67% of the FP16 peak on A100; 0.5 of the BF16 peak assumed in between",
+        ),
         decode_mbu=Figure(0.60, _DECODE),
         optimizer_mbu=Figure(0.80, _ADAM),
     ),
@@ -108,18 +131,30 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
         optimizer_mbu=Figure(0.80, _ADAM),
     ),
     "A100": Efficiency(
-        train_mfu=Figure(0.582, "assumption carried over from full training (no LoRA figure published for A100): "
-                         "torchtitan docs/performance.md, Llama 3 8B, 64xA100-80GB FSDP2: 58.2% MFU"),
-        prefill_mfu=Figure(0.60, "derived from TensorRT-LLM v0.5 performance.md first-token latency on A100 FP16: "
-                           "LLaMA-7B 2048 tokens 67%, LLaMA-70B TP4 61%; rounded down"),
+        train_mfu=Figure(
+            0.582,
+            "assumption carried over from full training (no LoRA figure published for A100): "
+            "torchtitan docs/performance.md, Llama 3 8B, 64xA100-80GB FSDP2: 58.2% MFU",
+        ),
+        prefill_mfu=Figure(
+            0.60,
+            "derived from TensorRT-LLM v0.5 performance.md first-token latency on A100 FP16: "
+            "LLaMA-7B 2048 tokens 67%, LLaMA-70B TP4 61%; rounded down",
+        ),
         decode_mbu=Figure(0.685, "gpt-fast README: Llama-2-7B BF16 bs1 on A100-80GB, 1,397 GB/s of 2,039 = 68.5%"),
         optimizer_mbu=Figure(0.80, _ADAM),
     ),
     "L40S": Efficiency(
-        train_mfu=Figure(0.40, "assumption: no LoRA or full-training figure published for L40S; set below the H100's 0.539 "
-                         "because its PCIe-only link and GDDR6 feed the tensor cores less well"),
-        prefill_mfu=Figure(0.50, "derived from TensorRT-LLM v0.5 performance.md: LLaMA-7B 2048-token prefill on L40S "
-                           "reaches ~52% of the FP8 peak; the same fraction assumed for BF16, rounded down"),
+        train_mfu=Figure(
+            0.40,
+            "assumption: no LoRA or full-training figure published for L40S; set below the H100's 0.539 "
+            "because its PCIe-only link and GDDR6 feed the tensor cores less well",
+        ),
+        prefill_mfu=Figure(
+            0.50,
+            "derived from TensorRT-LLM v0.5 performance.md: LLaMA-7B 2048-token prefill on L40S "
+            "reaches ~52% of the FP8 peak; the same fraction assumed for BF16, rounded down",
+        ),
         decode_mbu=Figure(0.60, f"assumption: as H100, {_DECODE}"),
         optimizer_mbu=Figure(0.80, _ADAM),
     ),
@@ -135,7 +170,9 @@ def hardware(name: str) -> Hardware:
     for key, hw in HARDWARE.items():
         if key.lower() == name.strip().lower():
             return hw
-    raise InvalidRequestError(f"hardware: unknown accelerator {name!r}; known: {', '.join(sorted(HARDWARE))}", field="hardware")
+    raise InvalidRequestError(
+        f"hardware: unknown accelerator {name!r}; known: {', '.join(sorted(HARDWARE))}", field="hardware"
+    )
 
 
 def efficiency(config: SimulationConfig, hw: Hardware) -> Efficiency:
@@ -143,7 +180,9 @@ def efficiency(config: SimulationConfig, hw: Hardware) -> Efficiency:
     replacing them where set (their source then reads "set in the simulation profile")."""
     base = DEFAULT_EFFICIENCY[hw.name]
     overrides = {"train_mfu": config.mfu_train, "prefill_mfu": config.mfu_prefill, "decode_mbu": config.mbu_decode}
-    return replace(base, **{k: Figure(v, "set in the simulation profile") for k, v in overrides.items() if v is not None})
+    return replace(
+        base, **{k: Figure(v, "set in the simulation profile") for k, v in overrides.items() if v is not None}
+    )
 
 
 def _known(name: str, **arch: object) -> ModelSpec:
@@ -153,7 +192,12 @@ def _known(name: str, **arch: object) -> ModelSpec:
 
 def _llama3_rope(factor: float) -> tuple[tuple[str, float], ...]:
     """Llama 3's rope_scaling as ModelSpec stores it (sorted pairs), from the models' config.json."""
-    return (("factor", factor), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0), ("original_max_position_embeddings", 8192.0))
+    return (
+        ("factor", factor),
+        ("high_freq_factor", 4.0),
+        ("low_freq_factor", 1.0),
+        ("original_max_position_embeddings", 8192.0),
+    )
 
 
 _LLAMA31_ROPE, _LLAMA32_ROPE = _llama3_rope(8.0), _llama3_rope(32.0)
@@ -162,21 +206,78 @@ _LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, rope_theta=500000.0, rms_eps=1e-
 KNOWN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        _known("meta-llama/Llama-3.1-8B", d_model=4096, n_layers=32, n_heads=32, head_dim=128, d_ff=14336,
-               rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
-        _known("meta-llama/Llama-3.1-70B", d_model=8192, n_layers=80, n_heads=64, head_dim=128, d_ff=28672,
-               rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
-        _known("meta-llama/Llama-3.2-1B", d_model=2048, n_layers=16, n_heads=32, head_dim=64, d_ff=8192,
-               rope_scaling=_LLAMA32_ROPE, tie_embeddings=True, **_LLAMA3),
-        _known("meta-llama/Llama-3.2-3B", d_model=3072, n_layers=28, n_heads=24, head_dim=128, d_ff=8192,
-               rope_scaling=_LLAMA32_ROPE, tie_embeddings=True, **_LLAMA3),
-        _known("Qwen/Qwen3-8B", architecture="qwen3", vocab_size=151936, d_model=4096, n_layers=36, n_heads=32,
-               n_kv_heads=8, head_dim=128, d_ff=12288, max_seq_len=40960, rope_theta=1000000.0, rms_eps=1e-6),
-        _known("HuggingFaceTB/SmolLM2-135M-Instruct", vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
-               n_kv_heads=3, head_dim=64, d_ff=1536, max_seq_len=8192, rope_theta=100000.0, rms_eps=1e-5,
-               tie_embeddings=True),
+        _known(
+            "meta-llama/Llama-3.1-8B",
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            head_dim=128,
+            d_ff=14336,
+            rope_scaling=_LLAMA31_ROPE,
+            **_LLAMA3,
+        ),
+        _known(
+            "meta-llama/Llama-3.1-70B",
+            d_model=8192,
+            n_layers=80,
+            n_heads=64,
+            head_dim=128,
+            d_ff=28672,
+            rope_scaling=_LLAMA31_ROPE,
+            **_LLAMA3,
+        ),
+        _known(
+            "meta-llama/Llama-3.2-1B",
+            d_model=2048,
+            n_layers=16,
+            n_heads=32,
+            head_dim=64,
+            d_ff=8192,
+            rope_scaling=_LLAMA32_ROPE,
+            tie_embeddings=True,
+            **_LLAMA3,
+        ),
+        _known(
+            "meta-llama/Llama-3.2-3B",
+            d_model=3072,
+            n_layers=28,
+            n_heads=24,
+            head_dim=128,
+            d_ff=8192,
+            rope_scaling=_LLAMA32_ROPE,
+            tie_embeddings=True,
+            **_LLAMA3,
+        ),
+        _known(
+            "Qwen/Qwen3-8B",
+            architecture="qwen3",
+            vocab_size=151936,
+            d_model=4096,
+            n_layers=36,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=128,
+            d_ff=12288,
+            max_seq_len=40960,
+            rope_theta=1000000.0,
+            rms_eps=1e-6,
+        ),
+        _known(
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            vocab_size=49152,
+            d_model=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            head_dim=64,
+            d_ff=1536,
+            max_seq_len=8192,
+            rope_theta=100000.0,
+            rms_eps=1e-5,
+            tie_embeddings=True,
+        ),
     )
-}  # fmt: skip
+}
 """Architectures of well-known models, for projecting their cost while a small model computes."""
 
 

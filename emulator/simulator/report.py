@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from bios.simulation import SimulationReport
 from emulator.simulator.records import PassSpan, RequestSpan, ServiceEvent
@@ -117,10 +117,13 @@ def cost_line(report: SimulationReport, fleet: str) -> str:
     """ "this loop: 3.2 h on 8×H100 (26 device-hours), 61 % busy" — in hours (2 significant
     figures) from 0.01 h on; a shorter run is given as a duration and in device-seconds."""
     if report.wall_s >= 36:
-        return (f"this loop: {significant(report.wall_s / 3600, 2)} h on {fleet} "
-                f"({significant(report.device_hours, 2)} device-hours), {round(100 * report.busy_fraction)} % busy")  # fmt: skip
+        return (
+            f"this loop: {significant(report.wall_s / 3600, 2)} h on {fleet} "
+            f"({significant(report.device_hours, 2)} device-hours), {round(100 * report.busy_fraction)} % busy"
+        )
     device_seconds = significant(report.wall_s * report.devices, 2)
-    return f"this loop: {duration(report.wall_s)} on {fleet} ({device_seconds} device-seconds), {round(100 * report.busy_fraction)} % busy"
+    busy = round(100 * report.busy_fraction)
+    return f"this loop: {duration(report.wall_s)} on {fleet} ({device_seconds} device-seconds), {busy} % busy"
 
 
 def build_report(

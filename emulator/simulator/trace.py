@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from emulator.simulator.records import PassSpan, RequestSpan, ServiceEvent
 
@@ -78,10 +78,18 @@ def request_events(span: RequestSpan, tid: int) -> list[TraceEvent]:
         events.append(_slice(SESSIONS_PID, tid, "queued", "queued", span.enqueued_at, span.started_at, queued_args))
     events.append(_slice(SESSIONS_PID, tid, span.kind, span.outcome, span.started_at, span.finished_at, args, min_us=1))
     if span.outcome != "ok":
-        events.append({
-            "ph": "i", "s": "t", "pid": SESSIONS_PID, "tid": tid, "name": span.outcome, "cat": span.outcome,
-            "ts": microseconds(span.finished_at), "args": {"seq": span.seq, "attempt": span.attempt},
-        })
+        events.append(
+            {
+                "ph": "i",
+                "s": "t",
+                "pid": SESSIONS_PID,
+                "tid": tid,
+                "name": span.outcome,
+                "cat": span.outcome,
+                "ts": microseconds(span.finished_at),
+                "args": {"seq": span.seq, "attempt": span.attempt},
+            }
+        )
     return events
 
 

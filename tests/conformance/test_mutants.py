@@ -8,7 +8,8 @@ Which property / check caught each mutant is printed (`pytest -s`) and kept in `
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ CAUGHT_BY: dict[str, list[str]] = {}
 
 
 def _datum(tokens: list[int], inputs: dict[str, Any]) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], **inputs})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], **inputs}
+    )
 
 
 def _batch(seed: int, **extra: Callable[[np.random.Generator, int], list[float]]) -> list[types.Datum]:
@@ -61,7 +64,10 @@ def _session(service: bios.ServiceClient) -> bios.TrainingClient:
 def obs_loss_sum(service: bios.ServiceClient) -> dict:
     """L0: forward_backward's loss (a plain sum) on a weighted batch, and the sum of its elementwise terms."""
     result = _session(service).forward_backward(BATCH).result()
-    return {"loss": result.loss, "sum_elementwise": sum(float(np.sum(o["elementwise_loss"].data)) for o in result.loss_fn_outputs)}
+    return {
+        "loss": result.loss,
+        "sum_elementwise": sum(float(np.sum(o["elementwise_loss"].data)) for o in result.loss_fn_outputs),
+    }
 
 
 def obs_train_forward(service: bios.ServiceClient) -> dict:
@@ -122,7 +128,9 @@ def obs_stop_string(service: bios.ServiceClient) -> dict:
                 break
     else:
         pytest.fail(f"no token boundary in {free} to plant a stop string across")
-    got = sampler.sample(PROMPT, types.SamplingParams(max_tokens=16, temperature=0.0, stop=[stop])).result().sequences[0]
+    got = (
+        sampler.sample(PROMPT, types.SamplingParams(max_tokens=16, temperature=0.0, stop=[stop])).result().sequences[0]
+    )
     return {"tokens": got.tokens, "stop_reason": got.stop_reason, "expected_length": k + 1, "length": len(got.tokens)}
 
 
@@ -143,7 +151,14 @@ def _differences(got: dict, expected: dict) -> list[str]:
     for key, e in expected.items():
         g = got[key]
         try:
-            same = all(np.allclose(np.asarray(a, float), np.asarray(b, float), atol=ATOL, rtol=1e-6) for a, b in zip(g, e, strict=True)) if isinstance(e, list) else bool(np.isclose(g, e, atol=ATOL, rtol=1e-6))
+            same = (
+                all(
+                    np.allclose(np.asarray(a, float), np.asarray(b, float), atol=ATOL, rtol=1e-6)
+                    for a, b in zip(g, e, strict=True)
+                )
+                if isinstance(e, list)
+                else bool(np.isclose(g, e, atol=ATOL, rtol=1e-6))
+            )
         except (ValueError, TypeError):
             same = g == e
         if not same:

@@ -24,10 +24,30 @@ from bios.weights import dropout_scale
 from emulator.backend import EmulatorBackend
 from emulator.model import Lora, forward, token_logprobs
 
-SPEC = ModelSpec(name="test/tiny", vocab_size=50, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
-                 d_ff=24, architecture="qwen2", weights_seed=6)  # fmt: skip
-OTHER = ModelSpec(name="test/other", vocab_size=50, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4,
-                  d_ff=16, tie_embeddings=True, weights_seed=8)  # fmt: skip
+SPEC = ModelSpec(
+    name="test/tiny",
+    vocab_size=50,
+    d_model=16,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=4,
+    d_ff=24,
+    architecture="qwen2",
+    weights_seed=6,
+)
+OTHER = ModelSpec(
+    name="test/other",
+    vocab_size=50,
+    d_model=8,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    head_dim=4,
+    d_ff=16,
+    tie_embeddings=True,
+    weights_seed=8,
+)
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 ADAM = OptimStepWork("a", learning_rate=0.05, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
 
@@ -43,10 +63,13 @@ def batch(seed: int, n: int) -> tuple[tuple[np.ndarray, ...], tuple[dict, ...]]:
     rng = np.random.default_rng(seed)
     tokens = tuple(rng.integers(0, 50, rng.integers(3, 9)) for _ in range(n))
     inputs = tuple(
-        {"target_tokens": rng.integers(0, 50, len(t)), "logprobs": rng.normal(-4.0, 0.5, len(t)),
-         "advantages": rng.normal(size=len(t))}
+        {
+            "target_tokens": rng.integers(0, 50, len(t)),
+            "logprobs": rng.normal(-4.0, 0.5, len(t)),
+            "advantages": rng.normal(size=len(t)),
+        }
         for t in tokens
-    )  # fmt: skip
+    )
     return tokens, inputs
 
 

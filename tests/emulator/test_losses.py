@@ -69,7 +69,9 @@ def test_cispo_l4_clips_the_ratio_and_stops_its_gradient():
 def test_dro_l5():
     lp = np.array([-1.0, -3.0])
     inputs = {
-        "target_tokens": np.array([0, 0]), "logprobs": np.array([-2.0, -3.0]), "advantages": np.array([0.5, -1.0])
+        "target_tokens": np.array([0, 0]),
+        "logprobs": np.array([-2.0, -3.0]),
+        "advantages": np.array([0.5, -1.0]),
     }
     loss, d_lp = elementwise_loss("dro", lp, inputs, {"beta": 0.1})
     # -(lp·A - ½β(lp-q)²): -(-0.5 - 0.05) = 0.55 and -(3 - 0) = -3
@@ -78,16 +80,24 @@ def test_dro_l5():
     np.testing.assert_allclose(d_lp, [-0.4, 1.0])
 
 
-@pytest.mark.parametrize("loss_fn,config", [
-    ("cross_entropy", {}), ("importance_sampling", {}), ("ppo", CLIP), ("dro", {"beta": 0.3}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "loss_fn,config",
+    [
+        ("cross_entropy", {}),
+        ("importance_sampling", {}),
+        ("ppo", CLIP),
+        ("dro", {"beta": 0.3}),
+    ],
+)
 def test_derivative_is_the_derivative_of_the_elementwise_loss(loss_fn, config):
     rng = np.random.default_rng(1)
     lp = rng.normal(-2.0, 0.5, 20)
     inputs = {
-        "target_tokens": np.zeros(20, dtype=np.int64), "weights": rng.normal(size=20),
-        "logprobs": lp + rng.normal(0.0, 0.4, 20), "advantages": rng.normal(size=20),
-    }  # fmt: skip
+        "target_tokens": np.zeros(20, dtype=np.int64),
+        "weights": rng.normal(size=20),
+        "logprobs": lp + rng.normal(0.0, 0.4, 20),
+        "advantages": rng.normal(size=20),
+    }
     _, d_lp = elementwise_loss(loss_fn, lp, inputs, config)
     h = 1e-6
     plus, _ = elementwise_loss(loss_fn, lp + h, inputs, config)

@@ -11,14 +11,17 @@ import pytest
 
 from bios.catalog import ModelSpec
 from bios.weights import dropout_scale, generate_base_weights, init_lora_weights
-from emulator.losses import elementwise_loss
 from emulator.decode import KVCache, extend
+from emulator.losses import elementwise_loss
 from emulator.model import Lora, backward, forward, token_logprobs, token_logprobs_backward
 from emulator.ops import rope_inv_freq
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCALING = (
-    ("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0), ("original_max_position_embeddings", 128.0)
+    ("factor", 8.0),
+    ("high_freq_factor", 4.0),
+    ("low_freq_factor", 1.0),
+    ("original_max_position_embeddings", 128.0),
 )
 
 

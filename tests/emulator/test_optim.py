@@ -43,15 +43,30 @@ def test_two_steps_by_hand():
 
 
 def test_clipping_off_when_zero():
-    w, m, _, norm = adam_step({"w": np.zeros(1)}, {"w": np.array([100.0])}, {"w": np.zeros(1)}, {"w": np.zeros(1)}, 1,
-                              **{**HYPER, "grad_clip_norm": 0.0})  # fmt: skip
+    _w, m, _, norm = adam_step(
+        {"w": np.zeros(1)},
+        {"w": np.array([100.0])},
+        {"w": np.zeros(1)},
+        {"w": np.zeros(1)},
+        1,
+        **{**HYPER, "grad_clip_norm": 0.0},
+    )
     assert norm == 100.0
     np.testing.assert_allclose(m["w"], [10.0])
 
 
 def tiny_backend() -> EmulatorBackend:
-    spec = ModelSpec(name="test/tiny", vocab_size=50, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
-                     head_dim=4, d_ff=24, weights_seed=2)  # fmt: skip
+    spec = ModelSpec(
+        name="test/tiny",
+        vocab_size=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=4,
+        d_ff=24,
+        weights_seed=2,
+    )
     backend = EmulatorBackend(BackendConfig(catalog=Catalog({spec.name: spec})))
     backend.create_adapter(AdapterSpec("a", spec.name, rank=2, alpha=4.0, target_modules=("q_proj", "down_proj")))
     return backend
@@ -59,8 +74,15 @@ def tiny_backend() -> EmulatorBackend:
 
 def accumulate(backend: EmulatorBackend, shift: int) -> None:
     tokens = np.arange(shift, shift + 6) % 50
-    work = ForwardBackwardWork("a", "test/tiny", "cross_entropy", {}, (tokens,),
-                               ({"target_tokens": (tokens + 1) % 50, "weights": np.ones(6)},), True)  # fmt: skip
+    work = ForwardBackwardWork(
+        "a",
+        "test/tiny",
+        "cross_entropy",
+        {},
+        (tokens,),
+        ({"target_tokens": (tokens + 1) % 50, "weights": np.ones(6)},),
+        True,
+    )
     assert not isinstance(backend.forward_backward([work])[0], Exception)
 
 
@@ -91,8 +113,17 @@ def test_backend_two_steps_match_scalar_adam_and_zero_the_accumulator():
         for name in weights:
             for index in np.ndindex(weights[name].shape):
                 weights[name][index], m[name][index], v[name][index] = by_hand(
-                    weights[name][index], grads[name][index], m[name][index], v[name][index], t, factor,
-                    HYPER["learning_rate"], HYPER["beta1"], HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"],
+                    weights[name][index],
+                    grads[name][index],
+                    m[name][index],
+                    v[name][index],
+                    t,
+                    factor,
+                    HYPER["learning_rate"],
+                    HYPER["beta1"],
+                    HYPER["beta2"],
+                    HYPER["eps"],
+                    HYPER["weight_decay"],
                 )
         assert all(not g.any() for g in backend._adapters["a"].grads.values())
         after = backend.export_state("a")

@@ -13,8 +13,19 @@ from emulator.backend import EmulatorBackend
 from emulator.model import Lora, forward, token_logprobs
 from emulator.sampler import kept_set, next_token
 
-SPEC = ModelSpec(name="test/tiny", vocab_size=50, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
-                 d_ff=24, architecture="qwen3", max_seq_len=12, weights_seed=4)  # fmt: skip
+SPEC = ModelSpec(
+    name="test/tiny",
+    vocab_size=50,
+    d_model=16,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=4,
+    d_ff=24,
+    architecture="qwen3",
+    max_seq_len=12,
+    weights_seed=4,
+)
 MODULES = ("q_proj", "v_proj", "down_proj", "lm_head")
 PROMPT = np.array([7, 3, 11, 3, 20, 1, 0, 9])
 
@@ -44,8 +55,19 @@ def setup():
 
 
 def work(**overrides) -> SampleWork:
-    fields = dict(adapter_id="a", base_model=SPEC.name, prompt=PROMPT, num_samples=1, max_tokens=4, temperature=0.0,
-                  top_k=-1, top_p=1.0, seed=0, stop_token_ids=(), stop_strings=())  # fmt: skip
+    fields = dict(
+        adapter_id="a",
+        base_model=SPEC.name,
+        prompt=PROMPT,
+        num_samples=1,
+        max_tokens=4,
+        temperature=0.0,
+        top_k=-1,
+        top_p=1.0,
+        seed=0,
+        stop_token_ids=(),
+        stop_strings=(),
+    )
     fields.update(overrides)
     return SampleWork(**fields)  # type: ignore[arg-type]
 
@@ -159,8 +181,18 @@ def test_length_limits(setup):
 def test_real_tokenizer_stop_string():
     backend = EmulatorBackend(BackendConfig(catalog=Catalog()))
     prompt = np.array([300, 301, 302, 303])
-    params = dict(adapter_id=None, base_model="bios/tiny", prompt=prompt, num_samples=1, max_tokens=6, temperature=0.0,
-                  top_k=-1, top_p=1.0, seed=None, stop_token_ids=())  # fmt: skip
+    params = dict(
+        adapter_id=None,
+        base_model="bios/tiny",
+        prompt=prompt,
+        num_samples=1,
+        max_tokens=6,
+        temperature=0.0,
+        top_k=-1,
+        top_p=1.0,
+        seed=None,
+        stop_token_ids=(),
+    )
     greedy = backend.sample([SampleWork(**params, stop_strings=())])[0].sequences[0].tokens
     tokenizer = Catalog().get("bios/tiny").tokenizer()
     stop = tokenizer.decode(list(greedy[:3]))[-2:]

@@ -18,19 +18,30 @@ from bios.engine.peft import read_peft_adapter
 from bios.errors import InvalidRequestError, NotFoundError
 from bios.weights import lora_shapes
 
-SPEC = AdapterSpec("adapter-1", "bios/tiny", rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"), dropout=0.25, seed=7)
-SHAPES = {"layers.0.q_proj.A": (64, 2), "layers.0.q_proj.B": (2, 64), "layers.0.v_proj.A": (64, 2), "layers.0.v_proj.B": (2, 32)}
+SPEC = AdapterSpec(
+    "adapter-1", "bios/tiny", rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"), dropout=0.25, seed=7
+)
+SHAPES = {
+    "layers.0.q_proj.A": (64, 2),
+    "layers.0.q_proj.B": (2, 64),
+    "layers.0.v_proj.A": (64, 2),
+    "layers.0.v_proj.B": (2, 32),
+}
 TINY = BUILTIN_MODELS["bios/tiny"]
 TINY_SHAPES = lora_shapes(TINY, SPEC.target_modules, SPEC.rank)
 """A sampler snapshot is also exported for PEFT, which needs real factor names of a real model."""
 
 
-def make_state(seed: int, step: int, *, moments: bool = True, shapes: dict[str, tuple[int, int]] = SHAPES) -> AdapterState:
+def make_state(
+    seed: int, step: int, *, moments: bool = True, shapes: dict[str, tuple[int, int]] = SHAPES
+) -> AdapterState:
     """A state whose every float64 value depends on `seed` (values chosen to stress exactness)."""
     rng = np.random.default_rng(seed)
-    draw = lambda: {k: rng.normal(size=s) * 10.0 ** rng.integers(-30, 30, size=s) for k, s in shapes.items()}  # noqa: E731
+    draw = lambda: {k: rng.normal(size=s) * 10.0 ** rng.integers(-30, 30, size=s) for k, s in shapes.items()}
     weights = draw()
-    return AdapterState(spec=SPEC, step=step, weights=weights, adam_m=draw() if moments else {}, adam_v=draw() if moments else {})
+    return AdapterState(
+        spec=SPEC, step=step, weights=weights, adam_m=draw() if moments else {}, adam_v=draw() if moments else {}
+    )
 
 
 def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
@@ -182,7 +193,7 @@ class _WatchedLock:
     def __init__(self, inner: object, contended: threading.Event) -> None:
         self._inner, self._contended = inner, contended
 
-    def __enter__(self) -> "_WatchedLock":
+    def __enter__(self) -> _WatchedLock:
         if not self._inner.acquire(blocking=False):  # type: ignore[attr-defined]
             self._contended.set()
             self._inner.acquire()  # type: ignore[attr-defined]
@@ -192,7 +203,9 @@ class _WatchedLock:
         self._inner.release()  # type: ignore[attr-defined]
 
 
-def test_a_reader_during_an_overwrite_sees_the_old_or_the_new_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reader_during_an_overwrite_sees_the_old_or_the_new_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Pause the overwrite after its first rename; a reader in another thread then either
     finishes (and must have seen a whole checkpoint) or is made to wait until the swap is over."""
     store = CheckpointStore(tmp_path)
@@ -256,9 +269,17 @@ def test_delete_removes_exactly_one_checkpoint(tmp_path: Path) -> None:
 
 def test_an_orbax_store_round_trips_exactly_and_any_store_reads_it(tmp_path):
     spec = AdapterSpec("a", "bios/tiny", rank=2, alpha=4.0, target_modules=("q_proj",))
-    weights = {"model.layers.0.self_attn.q_proj.lora_A": np.random.default_rng(0).standard_normal((64, 2)),
-               "model.layers.0.self_attn.q_proj.lora_B": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}  # fmt: skip
-    state = AdapterState(spec=spec, step=7, weights=weights, adam_m={k: v * 2 for k, v in weights.items()}, adam_v={k: v * v for k, v in weights.items()})
+    weights = {
+        "model.layers.0.self_attn.q_proj.lora_A": np.random.default_rng(0).standard_normal((64, 2)),
+        "model.layers.0.self_attn.q_proj.lora_B": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32),
+    }
+    state = AdapterState(
+        spec=spec,
+        step=7,
+        weights=weights,
+        adam_m={k: v * 2 for k, v in weights.items()},
+        adam_v={k: v * v for k, v in weights.items()},
+    )
     record = CheckpointStore(tmp_path, "orbax").save(state, "sess", "state", "orb", {"k": 1})
     assert (tmp_path / "sess" / "weights" / "orb" / "orbax").is_dir()
     assert not (tmp_path / "sess" / "weights" / "orb" / "adapter.safetensors").exists()

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from helpers import MODEL, random_batch
 
 import bios
 from bios.backend import Backend, LostAnswer
 from bios.engine.scheduler import Job, Scheduler
-from bios.errors import APITimeoutError, BackendError, ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from bios.errors import (
+    APITimeoutError,
+    BackendError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from bios.transport.inprocess import shared_engine
-
-from helpers import MODEL, random_batch
 
 
 class FakeBackend:
@@ -135,11 +141,17 @@ def test_the_fake_backend_satisfies_the_protocol(backend: FakeBackend) -> None:
     assert isinstance(backend, Backend)
 
 
-def test_jobs_of_a_lane_run_in_sequence_order_whatever_the_submission_order(sched: Scheduler, backend: FakeBackend) -> None:
+def test_jobs_of_a_lane_run_in_sequence_order_whatever_the_submission_order(
+    sched: Scheduler, backend: FakeBackend
+) -> None:
     f2 = sched.submit("a", 2, job("forward_backward", "w2"))
     f0 = sched.submit("a", 0, job("optim_step", "w0"))
     f1 = sched.submit("a", 1, job("forward_backward", "w1"))
-    assert [f.result(timeout=30) for f in (f0, f1, f2)] == [("optim_step", "w0"), ("forward_backward", "w1"), ("forward_backward", "w2")]
+    assert [f.result(timeout=30) for f in (f0, f1, f2)] == [
+        ("optim_step", "w0"),
+        ("forward_backward", "w1"),
+        ("forward_backward", "w2"),
+    ]
     assert backend.calls == [("optim_step", ["w0"]), ("forward_backward", ["w1"]), ("forward_backward", ["w2"])]
     assert sched.next_seq("a") == 3
 
@@ -202,21 +214,34 @@ def test_heads_of_lanes_on_one_base_model_share_one_backend_call(sched: Schedule
     assert [f.result(timeout=30) for f in fb] == [("forward_backward", w) for w in ("a0", "b0", "c0")]
     assert other_model.result(timeout=30) == ("forward_backward", "d0")
     assert loose.result(timeout=30) == ("forward_backward", "u")
-    assert sorted((k, sorted(w)) for k, w in backend.calls) == [("forward_backward", ["a0", "b0", "c0", "u"]), ("forward_backward", ["d0"])]
+    assert sorted((k, sorted(w)) for k, w in backend.calls) == [
+        ("forward_backward", ["a0", "b0", "c0", "u"]),
+        ("forward_backward", ["d0"]),
+    ]
     assert sched.backend_calls == 2
 
 
 def test_different_kinds_are_separate_calls(sched: Scheduler, backend: FakeBackend) -> None:
     gate = hold(sched)
-    futures = [sched.submit("a", 0, job("forward_backward", "a0")), sched.submit("b", 0, job("optim_step", "b0")),
-               sched.submit("c", 0, job("sample", "c0")), sched.submit("d", 0, job("optim_step", "d0"))]  # fmt: skip
+    futures = [
+        sched.submit("a", 0, job("forward_backward", "a0")),
+        sched.submit("b", 0, job("optim_step", "b0")),
+        sched.submit("c", 0, job("sample", "c0")),
+        sched.submit("d", 0, job("optim_step", "d0")),
+    ]
     gate.set()
     for f in futures:
         f.result(timeout=30)
-    assert sorted((k, sorted(w)) for k, w in backend.calls) == [("forward_backward", ["a0"]), ("optim_step", ["b0", "d0"]), ("sample", ["c0"])]
+    assert sorted((k, sorted(w)) for k, w in backend.calls) == [
+        ("forward_backward", ["a0"]),
+        ("optim_step", ["b0", "d0"]),
+        ("sample", ["c0"]),
+    ]
 
 
-def test_a_raising_backend_fails_only_its_group_and_the_worker_keeps_going(sched: Scheduler, backend: FakeBackend) -> None:
+def test_a_raising_backend_fails_only_its_group_and_the_worker_keeps_going(
+    sched: Scheduler, backend: FakeBackend
+) -> None:
     gate = hold(sched)
     bad = [sched.submit("a", 0, job("forward_backward", "raise")), sched.submit("b", 0, job("forward_backward", "ok"))]
     good = sched.submit("c", 0, job("forward_backward", "fine", model="n"))
@@ -238,7 +263,9 @@ def test_an_item_error_fails_that_item_alone(sched: Scheduler) -> None:
     assert fine.result(timeout=30) == ("forward_backward", "ok")
 
 
-def test_a_backend_returning_too_few_results_fails_its_group_and_the_worker_survives(sched: Scheduler, backend: FakeBackend) -> None:
+def test_a_backend_returning_too_few_results_fails_its_group_and_the_worker_survives(
+    sched: Scheduler, backend: FakeBackend
+) -> None:
     backend.short = True
     gate = hold(sched)
     group = [sched.submit(lane, 0, job("forward_backward", f"{lane}0")) for lane in ("a", "b")]
@@ -307,7 +334,9 @@ def test_concurrent_sessions_share_backend_calls_on_the_emulator(service: bios.S
         twin = service.create_lora_training_client(base_model=MODEL, rank=8, seed=0)
         alone = twin.forward_backward(data).result(timeout=120)
         assert alone.loss == result.loss
-        assert [o["logprobs"].data for o in alone.loss_fn_outputs] == [o["logprobs"].data for o in result.loss_fn_outputs]
+        assert [o["logprobs"].data for o in alone.loss_fn_outputs] == [
+            o["logprobs"].data for o in result.loss_fn_outputs
+        ]
     assert len({r.loss for r in batched}) == 4  # the four requests really were different
 
 
@@ -337,7 +366,9 @@ def test_a_retryable_failure_that_changed_nothing_keeps_its_number_open(sched: S
     assert retried.result(timeout=30) == ("forward_backward", "w0") and later.result(timeout=30) == ("optim_step", "w1")
 
 
-def test_a_lost_answer_uses_its_number_and_a_retry_gets_it_without_running_again(sched: Scheduler, backend: FakeBackend) -> None:
+def test_a_lost_answer_uses_its_number_and_a_retry_gets_it_without_running_again(
+    sched: Scheduler, backend: FakeBackend
+) -> None:
     with pytest.raises(APITimeoutError):
         sched.submit("a", 0, job("optim_step", "lost")).result(timeout=30)
     assert sched.next_seq("a") == 1

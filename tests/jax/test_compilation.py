@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from helpers import make_datum
 
 import bios
 from backends.jax import compiled
 from bios import types
 from bios.engine import validation
-from helpers import make_datum
 
 
 def test_a_varied_training_loop_compiles_few_programs():
@@ -18,7 +18,9 @@ def test_a_varied_training_loop_compiles_few_programs():
     for _ in range(24):
         batch = [make_datum(rng.integers(4, 4096, rng.integers(3, 60)).tolist()) for _ in range(rng.integers(1, 9))]
         client.forward_backward(batch)
-        client.optim_step(types.AdamParams(learning_rate=float(rng.uniform(1e-4, 1e-2)), weight_decay=float(rng.uniform(0, 0.1))))
+        client.optim_step(
+            types.AdamParams(learning_rate=float(rng.uniform(1e-4, 1e-2)), weight_decay=float(rng.uniform(0, 0.1)))
+        )
     client.optim_step(types.AdamParams()).result()
     grown = {name: count - before[name] for name, count in compiled.compile_counts().items()}
     # rows bucket to {4, 8} and tokens to {16, 32, 64}: at most 6 shapes; hyperparameters never recompile
@@ -27,7 +29,9 @@ def test_a_varied_training_loop_compiles_few_programs():
 
 
 def test_a_batch_over_the_token_budget_runs_in_micro_batches_with_the_same_result():
-    small = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "128"}).create_lora_training_client("bios/tiny", rank=4, seed=5)
+    small = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "128"}).create_lora_training_client(
+        "bios/tiny", rank=4, seed=5
+    )
     large = bios.ServiceClient(backend="jax").create_lora_training_client("bios/tiny", rank=4, seed=5)
     rng = np.random.default_rng(1)
     batch = [make_datum(rng.integers(4, 4096, 30).tolist()) for _ in range(10)]
@@ -45,10 +49,16 @@ def test_each_request_is_reported_once_its_micro_batches_ran():
     spec = service._transport.catalog.get("bios/tiny")
     rng = np.random.default_rng(2)
     items = [  # submitted out of slot order; 64 tokens per call = 2 rows of 32 per micro-batch
-        validation.forward_work(client.session_id, spec, [make_datum(rng.integers(4, 4096, 20).tolist()) for _ in range(3)],
-                                "cross_entropy", None, backward=False)
+        validation.forward_work(
+            client.session_id,
+            spec,
+            [make_datum(rng.integers(4, 4096, 20).tolist()) for _ in range(3)],
+            "cross_entropy",
+            None,
+            backward=False,
+        )
         for client in (second, first)
-    ]  # fmt: skip
+    ]
     reports: list[int] = []
     results = service._transport.backend.forward_backward(items, lambda index, output: reports.append(index))
     assert reports == [1, 0]  # `first` has the lower slot, so its rows run (and it is reported) first

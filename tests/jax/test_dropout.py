@@ -6,17 +6,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import MODEL, random_batch
 
 import bios
 from backends.jax.ops import Routing, lora_input
 from bios import types
-from helpers import MODEL, random_batch
 
 
 def test_masks_are_inverted_dropout_at_the_row_rate():
     x = jnp.ones((4, 64, 128))
     rates = jnp.array([0.0, 0.1, 0.3, 0.6])
-    routing = Routing(jnp.zeros(1, jnp.int32), jnp.zeros(4 * 64), None, jax.vmap(jax.random.key)(jnp.arange(4, dtype=jnp.uint32)), rates)
+    routing = Routing(
+        jnp.zeros(1, jnp.int32),
+        jnp.zeros(4 * 64),
+        None,
+        jax.vmap(jax.random.key)(jnp.arange(4, dtype=jnp.uint32)),
+        rates,
+    )
     dropped = np.asarray(lora_input(x, routing, site=3))
     for row, rate in enumerate(np.asarray(rates)):
         zeros = np.mean(dropped[row] == 0)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import MODEL, make_datum, random_batch, saved_weights
 
 import bios
 from bios import types
-from helpers import MODEL, make_datum, random_batch, saved_weights
 
 LOSS_RTOL = 1e-5
 LOGPROB_ATOL = 1e-5  # float32 logprobs of O(10) magnitude, compared with float64 ones
@@ -40,14 +40,21 @@ def _policy_batch(seed: int) -> list[types.Datum]:
         tokens = rng.integers(4, 4096, length + 1).tolist()
         sampler_lp = -rng.uniform(0.5, 9.0, length)  # ratios from ~0 to huge: clipping on both sides
         advantages = rng.normal(0, 1, length) * (rng.random(length) > 0.2)  # some zeros, some negative
-        data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                                loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": sampler_lp, "advantages": advantages}))  # fmt: skip
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": sampler_lp, "advantages": advantages},
+            )
+        )
     return data
 
 
 def _ce_batch(seed: int) -> list[types.Datum]:
     rng = np.random.default_rng(seed)
-    return [make_datum(rng.integers(4, 4096, n).tolist(), (rng.random(n - 1) * (rng.random(n - 1) > 0.3)).tolist()) for n in (5, 17, 33)]
+    return [
+        make_datum(rng.integers(4, 4096, n).tolist(), (rng.random(n - 1) * (rng.random(n - 1) > 0.3)).tolist())
+        for n in (5, 17, 33)
+    ]
 
 
 @pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"])
@@ -74,7 +81,10 @@ def test_lora_parameters_after_five_steps_match(pair):
         e, g = emulator.optim_step(adam).result(), jax_.optim_step(adam).result()
         assert e.step == g.step == step + 1
         assert np.isclose(g.metrics["grad_norm"], e.metrics["grad_norm"], rtol=1e-5)
-    expected, got = saved_weights(emulator.save_state("e5").result().path), saved_weights(jax_.save_state("j5").result().path)
+    expected, got = (
+        saved_weights(emulator.save_state("e5").result().path),
+        saved_weights(jax_.save_state("j5").result().path),
+    )
     assert_same_adapter(got, expected, adam.learning_rate)
 
 
@@ -108,7 +118,10 @@ def test_sessions_never_see_each_others_weights(pair):
         neighbour.optim_step(types.AdamParams(learning_rate=1.0, weight_decay=0.9))
         mine.optim_step(adam).result()
         reference.optim_step(adam).result()
-    expected, got = saved_weights(reference.save_state("ref").result().path), saved_weights(mine.save_state("mine").result().path)
+    expected, got = (
+        saved_weights(reference.save_state("ref").result().path),
+        saved_weights(mine.save_state("mine").result().path),
+    )
     assert_same_adapter(got, expected, 1e-2)
 
 
@@ -137,8 +150,13 @@ def test_state_saved_on_one_backend_loads_on_the_other(pair):
     assert (Path(os.environ["BIOS_HOME"]) / "checkpoints" / session / "weights" / name / "orbax").is_dir()
     on_emulator = emulator.create_training_client_from_state(path)
     assert on_emulator.get_info().step == 3
-    continued_jax, continued_emulator = origin.train(batch, learning_rate=1e-2), on_emulator.train(batch, learning_rate=1e-2)
+    continued_jax, continued_emulator = (
+        origin.train(batch, learning_rate=1e-2),
+        on_emulator.train(batch, learning_rate=1e-2),
+    )
     assert continued_jax.step == continued_emulator.step == 4
     assert np.isclose(continued_jax.loss, continued_emulator.loss, rtol=1e-5)
     back = service.create_training_client_from_state(on_emulator.save_state("back").result().path)
-    assert np.isclose(back.train(batch, learning_rate=1e-2).loss, on_emulator.train(batch, learning_rate=1e-2).loss, rtol=1e-5)
+    assert np.isclose(
+        back.train(batch, learning_rate=1e-2).loss, on_emulator.train(batch, learning_rate=1e-2).loss, rtol=1e-5
+    )

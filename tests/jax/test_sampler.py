@@ -17,8 +17,18 @@ from bios.weights import generate_base_weights
 from emulator.model import Lora, forward, token_logprobs
 from emulator.sampler import kept_set
 
-SPEC = ModelSpec(name="test/tiny-jax", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8,
-                 d_ff=32, max_seq_len=32, weights_seed=5)  # fmt: skip
+SPEC = ModelSpec(
+    name="test/tiny-jax",
+    vocab_size=64,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=8,
+    d_ff=32,
+    max_seq_len=32,
+    weights_seed=5,
+)
 PROMPT = np.array([7, 3, 11, 3, 20, 1, 0, 9, 42])
 RANK = 4
 LP_RTOL = 1e-4
@@ -58,8 +68,19 @@ def model(programs_before):
 
 
 def work(**overrides) -> SampleWork:
-    fields = dict(adapter_id=None, base_model=SPEC.name, prompt=PROMPT, num_samples=1, max_tokens=8, temperature=0.0,
-                  top_k=-1, top_p=1.0, seed=0, stop_token_ids=(), stop_strings=())  # fmt: skip
+    fields = dict(
+        adapter_id=None,
+        base_model=SPEC.name,
+        prompt=PROMPT,
+        num_samples=1,
+        max_tokens=8,
+        temperature=0.0,
+        top_k=-1,
+        top_p=1.0,
+        seed=0,
+        stop_token_ids=(),
+        stop_strings=(),
+    )
     return SampleWork(**{**fields, **overrides})
 
 
@@ -79,7 +100,7 @@ def reference_greedy(model, slot: int, n: int) -> list[int]:
     tokens = list(PROMPT)
     for _ in range(n):
         tokens.append(int(np.argmax(reference_logits(model, slot, np.array(tokens))[-1])))
-    return tokens[len(PROMPT):]
+    return tokens[len(PROMPT) :]
 
 
 def check_logprobs(model, slot: int, sequence) -> None:
@@ -121,7 +142,9 @@ def test_seeds(model):
 @pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (-1, 0.3)])
 def test_every_draw_is_in_the_reference_kept_set(model, top_k, top_p):
     temperature = 2.0
-    (out,) = run(model, (work(num_samples=8, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=16, seed=5), 1))
+    (out,) = run(
+        model, (work(num_samples=8, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=16, seed=5), 1)
+    )
     seen = set()
     for sequence in out.sequences:
         full = np.concatenate([PROMPT, sequence.tokens])
@@ -141,8 +164,15 @@ def test_choose_breaks_ties_by_lower_id():
         """The set of tokens drawn by 8 rows over 16 steps."""
         seen = set()
         for step in range(16):
-            tokens, lp = choose(logits, temperature * rows, (top_k * rows).astype(np.int32), top_p * rows, keys,
-                                np.arange(8, dtype=np.int32), np.full(8, step, np.int32))  # fmt: skip
+            tokens, lp = choose(
+                logits,
+                temperature * rows,
+                (top_k * rows).astype(np.int32),
+                top_p * rows,
+                keys,
+                np.arange(8, dtype=np.int32),
+                np.full(8, step, np.int32),
+            )
             np.testing.assert_allclose(lp, jax.nn.log_softmax(logits[0])[tokens], rtol=1e-6)
             seen |= set(np.asarray(tokens).tolist())
         return seen
@@ -177,8 +207,11 @@ def test_length_limits(model):
 
 def test_mixed_batch_equals_each_alone(model):
     short = np.array([5, 6, 7])
-    items = [(work(max_tokens=12, num_samples=3), 1), (work(prompt=short, max_tokens=20, prompt_logprobs=True), 0),
-             (work(max_tokens=8, num_samples=4, stop_token_ids=(1,)), 2)]  # fmt: skip
+    items = [
+        (work(max_tokens=12, num_samples=3), 1),
+        (work(prompt=short, max_tokens=20, prompt_logprobs=True), 0),
+        (work(max_tokens=8, num_samples=4, stop_token_ids=(1,)), 2),
+    ]
     together = run(model, *items)
     for item, got in zip(items, together, strict=True):
         (alone,) = run(model, item)
@@ -193,8 +226,10 @@ def test_continuous_batching_through_a_small_row_pool(model):
     """Five requests through a pool of 2 rows: requests wait for free rows, each is reported
     as soon as it completes (short ones first), and every result equals the request run alone."""
     base, lora, _, _ = model
-    items = [(work(max_tokens=n, temperature=t, seed=s), slot) for n, t, s, slot in
-             [(12, 0.0, 0, 1), (2, 1.0, 3, 0), (9, 0.7, 5, 2), (1, 0.0, 0, 1), (6, 1.3, 8, 0)]]  # fmt: skip
+    items = [
+        (work(max_tokens=n, temperature=t, seed=s), slot)
+        for n, t, s, slot in [(12, 0.0, 0, 1), (2, 1.0, 3, 0), (9, 0.7, 5, 2), (1, 0.0, 0, 1), (6, 1.3, 8, 0)]
+    ]
     reported: list[int] = []
     pooled = sample(SPEC, base, lora, items, LetterTokenizer, jnp.float32, lambda i, _: reported.append(i), max_rows=2)
     # Rows go first come, first served: 0 and 1 start; 1 ends after 2 tokens and 2 takes its row;

@@ -28,9 +28,11 @@ SCRIPT = textwrap.dedent(
             "bios/tiny", rank=8, seed=2, train_unembed=True)
         losses = []
         for step in range(3):
-            losses.append(client.train(random_batch(seed=step, size=5, length=13), learning_rate=1e-2, weight_decay=0.1).loss)
+            batch = random_batch(seed=step, size=5, length=13)
+            losses.append(client.train(batch, learning_rate=1e-2, weight_decay=0.1).loss)
         forward = client.forward(random_batch(seed=9, size=3, length=30)).result()
-        greedy = client.sample(types.ModelInput.from_ints([0, 5, 6, 7]), types.SamplingParams(max_tokens=6, temperature=0)).result()
+        greedy_params = types.SamplingParams(max_tokens=6, temperature=0)
+        greedy = client.sample(types.ModelInput.from_ints([0, 5, 6, 7]), greedy_params).result()
         weights = saved_weights(client.save_state("sharded-" + "-".join(options.values())).result().path)
         mesh = client._transport.backend.mesh
         return {"losses": losses, "logprobs": [o["logprobs"].data for o in forward.loss_fn_outputs],

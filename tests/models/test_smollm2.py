@@ -14,16 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 import transformers
+from model_cache import CACHE, Installed
 
 import bios
 from bios import types
 from bios.catalog import Catalog, spec_from_hf_directory
 from bios.model_fetch import SMOLLM2_DIRECTORY, SMOLLM2_NAME, fetch_smollm2
 from bios.tokenizer import Tokenizer
-from model_cache import CACHE, Installed
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +47,13 @@ def test_the_directory_is_an_ordinary_hf_model(smollm2: Installed, tmp_path: Pat
     assert marker["name"] == SMOLLM2_NAME and "GGUF Q4_1" in marker["source"]
     spec = spec_from_hf_directory(SMOLLM2_NAME, smollm2.directory)
     assert (spec.n_layers, spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (30, 576, 9, 3, 64)
-    assert (spec.vocab_size, spec.d_ff, spec.rope_theta, spec.rms_eps, spec.tie_embeddings) == (49152, 1536, 100000.0, 1e-5, True)
+    assert (spec.vocab_size, spec.d_ff, spec.rope_theta, spec.rms_eps, spec.tie_embeddings) == (
+        49152,
+        1536,
+        100000.0,
+        1e-5,
+        True,
+    )
     assert round(spec.n_params / 1e6, 1) == 134.5
 
     catalog = Catalog({})
@@ -69,7 +74,9 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(smollm2: Installed, refer
     for generation_prompt in (False, True):
         conversation = QUESTION + ([] if generation_prompt else [{"role": "assistant", "content": "Paris."}])
         rendered = ours.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False)
-        assert rendered == reference_tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False)
+        assert rendered == reference_tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=generation_prompt, tokenize=False
+        )
         assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
@@ -86,7 +93,9 @@ def _jax_logits(spec, tokens: list[int]) -> np.ndarray:
     lora = {k: jnp.zeros(s, jnp.float32) for k, s in jax_params.lora_shapes(spec, slots=1, rank=1).items()}
     n = len(tokens)
     cache = tuple(jnp.zeros((spec.n_layers, 1, n, spec.n_kv_heads, spec.head_dim)) for _ in range(2))
-    logits, _ = compiled.extend(spec, base, lora, jnp.asarray(tokens, jnp.int32)[None], jnp.zeros(1, jnp.int32), cache, jnp.zeros(n, jnp.int32))
+    logits, _ = compiled.extend(
+        spec, base, lora, jnp.asarray(tokens, jnp.int32)[None], jnp.zeros(1, jnp.int32), cache, jnp.zeros(n, jnp.int32)
+    )
     return np.asarray(logits[0], dtype=np.float64)
 
 
@@ -99,12 +108,16 @@ def test_jax_logits_match_transformers_loading_the_gguf(smollm2: Installed) -> N
     with torch.no_grad():
         theirs = model(torch.tensor([tokens])).logits[0].double().numpy()
     ours = _jax_logits(spec, tokens)
-    print(f"max |logit difference| JAX vs transformers: {np.abs(ours - theirs).max():.3g} (logit std {theirs.std():.3g})")
+    print(
+        f"max |logit difference| JAX vs transformers: {np.abs(ours - theirs).max():.3g} (logit std {theirs.std():.3g})"
+    )
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert tokens and int(theirs[-1].argmax()) == int(ours[-1].argmax())
 
 
-def test_it_knows_the_capital_of_france_through_the_public_api(smollm2: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_it_knows_the_capital_of_france_through_the_public_api(
+    smollm2: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
     (home / "models" / SMOLLM2_DIRECTORY).symlink_to(smollm2.directory)
@@ -115,14 +128,17 @@ def test_it_knows_the_capital_of_france_through_the_public_api(smollm2: Installe
     sampler = service.create_sampling_client(base_model=SMOLLM2_NAME)
     tokenizer = sampler.get_tokenizer()
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
-    result = sampler.sample(types.ModelInput.from_ints(prompt), types.SamplingParams(max_tokens=16, temperature=0.0)).result()
+    result = sampler.sample(
+        types.ModelInput.from_ints(prompt), types.SamplingParams(max_tokens=16, temperature=0.0)
+    ).result()
     answer = tokenizer.decode(result.sequences[0].tokens)
     print(f"SmolLM2 answered: {answer!r}")
     assert "Paris" in answer
 
 
-def test_cli_fetch_names_the_known_models_and_lists_the_install(smollm2: Installed, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_cli_fetch_names_the_known_models_and_lists_the_install(
+    smollm2: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     from bios.cli import main
 
     monkeypatch.setenv("BIOS_HOME", str(tmp_path))

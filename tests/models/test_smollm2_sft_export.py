@@ -22,7 +22,7 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture
-def sft():  # noqa: ANN201 - the recipe module
+def sft():
     sys.path.insert(0, str(EXAMPLES))
     try:
         import sft as recipe
@@ -32,23 +32,42 @@ def sft():  # noqa: ANN201 - the recipe module
         sys.path.remove(str(EXAMPLES))
 
 
-def _greedy(model, tokenizer: Tokenizer, messages: list[dict[str, str]], new_tokens: int = 24) -> str:  # noqa: ANN001
+def _greedy(model, tokenizer: Tokenizer, messages: list[dict[str, str]], new_tokens: int = 24) -> str:
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True)
 
 
-def test_sft_teaches_smollm2_facts_that_its_exports_then_state(sft, smollm2, smollm2_home: Path, tmp_path: Path) -> None:
+def test_sft_teaches_smollm2_facts_that_its_exports_then_state(
+    sft, smollm2, smollm2_home: Path, tmp_path: Path
+) -> None:
     facts = 3
-    result = sft.main(["--model", MODEL, "--backend", "jax", "--steps", "8", "--lr", "3e-3", "--facts", str(facts), "--out", str(tmp_path / "run")])
+    result = sft.main(
+        [
+            "--model",
+            MODEL,
+            "--backend",
+            "jax",
+            "--steps",
+            "8",
+            "--lr",
+            "3e-3",
+            "--facts",
+            str(facts),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     before, after = result["before"], result["after"]
     assert after["test_loss"] < 0.6 * before["test_loss"]  # held-out paraphrases of the taught facts
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["checkpoint"] == result["checkpoint"] and (tmp_path / "run" / "curves.png").stat().st_size > 0
 
     tokenizer = Tokenizer.from_directory(smollm2.directory)
-    merged = transformers.AutoModelForCausalLM.from_pretrained(export_merged(result["checkpoint"], tmp_path / "merged"), dtype=torch.float32)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        export_merged(result["checkpoint"], tmp_path / "merged"), dtype=torch.float32
+    )
     base = transformers.AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32)
     adapted = peft.PeftModel.from_pretrained(base, export_peft(result["checkpoint"], tmp_path / "peft"))
     for questions, answer in sft.FACTS[:facts]:
@@ -58,4 +77,6 @@ def test_sft_teaches_smollm2_facts_that_its_exports_then_state(sft, smollm2, smo
             said = _greedy(model, tokenizer, conversation)
             assert key in said, (name, questions[0], said)
     with adapted.disable_adapter():
-        assert "Ada Vell" not in _greedy(adapted, tokenizer, sft.conversation(sft.FACTS[0][0][0]))  # the base model does not know
+        assert "Ada Vell" not in _greedy(
+            adapted, tokenizer, sft.conversation(sft.FACTS[0][0][0])
+        )  # the base model does not know

@@ -6,14 +6,20 @@ import subprocess
 import sys
 
 import pytest
-
-import bios
 from helpers import MODEL, random_batch
 from server_process import ServerProcess
 
+import bios
 
-def _bios(*args: str, home) -> subprocess.CompletedProcess:  # noqa: ANN001
-    return subprocess.run([sys.executable, "-m", "bios", *args], capture_output=True, text=True, env={"BIOS_HOME": str(home), "PATH": ""}, check=False)
+
+def _bios(*args: str, home) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bios", *args],
+        capture_output=True,
+        text=True,
+        env={"BIOS_HOME": str(home), "PATH": ""},
+        check=False,
+    )
 
 
 def test_a_created_key_opens_the_server_and_its_sessions_are_listed(tmp_path):
@@ -44,5 +50,7 @@ def test_checkpoints_export_copies_a_sampler_checkpoints_peft_adapter(tmp_path, 
     exported = _bios("checkpoints", "export", path, str(tmp_path / "out"), home=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    state = _bios("checkpoints", "export", path.replace("sampler_weights", "weights"), str(tmp_path / "x"), home=tmp_path)
+    state = _bios(
+        "checkpoints", "export", path.replace("sampler_weights", "weights"), str(tmp_path / "x"), home=tmp_path
+    )
     assert state.returncode == 2 and "no checkpoint" in state.stderr

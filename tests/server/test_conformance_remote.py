@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from conformance import run
 from server_process import ServerProcess
+
+from conformance import run
 
 
 def test_a_server_passes_the_conformance_suite(tmp_path, monkeypatch):

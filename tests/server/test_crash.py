@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from helpers import MODEL, random_batch
+from server_process import ServerProcess
 
 import bios
 from bios import types
 from bios.engine import CheckpointStore
-from helpers import MODEL, random_batch
-from server_process import ServerProcess
 
 KEY = "tml-crash-test-key-0000"
 ADAM = types.AdamParams(learning_rate=1e-2, weight_decay=0.01)
@@ -43,7 +43,9 @@ def _weights_of(client: bios.TrainingClient) -> dict[str, np.ndarray]:
     return _weights(Path(os.environ["BIOS_HOME"]), client.save_state(f"w-{time.monotonic_ns()}").result().path)
 
 
-def _train_until_stopped(client: bios.TrainingClient, seed: int, stop: threading.Event, acknowledged: list[int], errors: list) -> None:
+def _train_until_stopped(
+    client: bios.TrainingClient, seed: int, stop: threading.Event, acknowledged: list[int], errors: list
+) -> None:
     step = 0
     while not stop.is_set() and step < 40:
         try:
@@ -73,7 +75,10 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
         stop = threading.Event()
         acknowledged = {seed: [] for seed in seeds}
         errors = {seed: [] for seed in seeds}
-        threads = [threading.Thread(target=_train_until_stopped, args=(sessions[s], s, stop, acknowledged[s], errors[s])) for s in seeds]
+        threads = [
+            threading.Thread(target=_train_until_stopped, args=(sessions[s], s, stop, acknowledged[s], errors[s]))
+            for s in seeds
+        ]
         for thread in threads:
             thread.start()
         while min(len(a) for a in acknowledged.values()) < 3:
@@ -85,7 +90,10 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
         for thread in threads:
             thread.join(timeout=120)
 
-        print("steps acknowledged and errors per session:", {s: (len(acknowledged[s]), [type(e).__name__ for e in errors[s]]) for s in seeds})
+        print(
+            "steps acknowledged and errors per session:",
+            {s: (len(acknowledged[s]), [type(e).__name__ for e in errors[s]]) for s in seeds},
+        )
         for seed, client in sessions.items():
             steps = acknowledged[seed]
             assert steps == list(range(1, len(steps) + 1)), f"session {seed}: steps acknowledged {steps}"

@@ -14,7 +14,9 @@ BASE = ["--model", "bios/tiny", "--seed", "0"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with ThreadedServer(ServerOptions(backend="emulator", no_auth=True, home=tmp_path_factory.mktemp("recipes-home"))) as running:
+    with ThreadedServer(
+        ServerOptions(backend="emulator", no_auth=True, home=tmp_path_factory.mktemp("recipes-home"))
+    ) as running:
         yield running
 
 
@@ -26,9 +28,13 @@ def _no_ambient_server(monkeypatch):
 @pytest.mark.inprocess
 @pytest.mark.parametrize("name, steps", [("sft", 4), ("rl", 3), ("dpo", 3), ("distill", 4)])
 def test_a_recipe_over_http_writes_what_it_writes_in_process(server, tmp_path, name, steps):
-    local_rows, local_summary = run_recipe(name, tmp_path / "local", *BASE, "--backend", "emulator", "--steps", str(steps))
+    local_rows, local_summary = run_recipe(
+        name, tmp_path / "local", *BASE, "--backend", "emulator", "--steps", str(steps)
+    )
     calls_before = server.service.engine.scheduler.backend_calls
-    remote_rows, remote_summary = run_recipe(name, tmp_path / "remote", *BASE, "--base-url", server.url, "--steps", str(steps))
+    remote_rows, remote_summary = run_recipe(
+        name, tmp_path / "remote", *BASE, "--base-url", server.url, "--steps", str(steps)
+    )
     assert len(remote_rows) == len(local_rows) > steps
     assert remote_rows == local_rows
     remote_checkpoint, local_checkpoint = remote_summary.pop("checkpoint", None), local_summary.pop("checkpoint", None)

@@ -9,13 +9,13 @@ import time
 
 import httpx
 import pytest
+from helpers import MODEL, random_batch
+from server_process import ThreadedServer
 
 import bios
 from bios import types
 from bios.server import ServerOptions, check_bind, load_catalog
 from bios.transport.http import HttpTransport
-from helpers import MODEL, random_batch
-from server_process import ThreadedServer
 
 KEY_A, KEY_B = "tml-tenant-a-0123456789", "tml-tenant-b-0123456789"
 
@@ -60,8 +60,14 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
     frozen = training.save_weights_for_sampler("private-sampler").result().path
     sampler = alice.create_sampling_client(model_path=frozen)
     before = training.forward(batch).result().loss
-    request_id = _http(server, KEY_A).post(f"/v1/sessions/{training.session_id}/forward_backward",
-                                           json={"seq": training._reserve(), "data": [d.model_dump(mode="json") for d in batch], "backward": False}).json()["request_id"]  # fmt: skip
+    request_id = (
+        _http(server, KEY_A)
+        .post(
+            f"/v1/sessions/{training.session_id}/forward_backward",
+            json={"seq": training._reserve(), "data": [d.model_dump(mode="json") for d in batch], "backward": False},
+        )
+        .json()["request_id"]
+    )
 
     bob = _client(server, KEY_B)
     bob_http = _http(server, KEY_B)
@@ -76,7 +82,9 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
         "load_state into own session": lambda: bob.create_lora_training_client(MODEL, rank=4).load_state(state),
         "resume from state": lambda: bob.create_training_client_from_state(state),
         "sample from snapshot": lambda: bob.create_sampling_client(model_path=frozen),
-        "use sampler": lambda: bob._transport.sampler_sample(sampler._handle.sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()),
+        "use sampler": lambda: bob._transport.sampler_sample(
+            sampler._handle.sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()
+        ),
         "delete checkpoint": lambda: bob._transport.delete_checkpoint(state),
         "list session checkpoints": lambda: bob._transport.list_checkpoints(sid),
     }
@@ -91,7 +99,11 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
     assert _http(server, KEY_A).get(f"/v1/requests/{request_id}", params={"wait": 10}).json()["status"] == "done"
     assert training.forward(batch).result().loss == before
     assert {state, frozen} <= {c.path for c in alice._transport.list_checkpoints(sid)}
-    assert sampler.sample(types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=3, temperature=0.0)).result().sequences
+    assert (
+        sampler.sample(types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=3, temperature=0.0))
+        .result()
+        .sequences
+    )
 
 
 def test_a_retried_request_is_applied_once_and_a_reused_key_is_a_conflict(server):
@@ -117,14 +129,18 @@ def test_a_rejected_request_is_rejected_again_on_retry_and_releases_its_place(se
     training = _client(server, KEY_A).create_lora_training_client(MODEL, rank=4, seed=3)
     body = {"seq": training._reserve(), "data": [], "backward": True}
     for _ in range(2):
-        refused = http.post(f"/v1/sessions/{training.session_id}/forward_backward", json=body, headers={"Idempotency-Key": "empty"})
+        refused = http.post(
+            f"/v1/sessions/{training.session_id}/forward_backward", json=body, headers={"Idempotency-Key": "empty"}
+        )
         assert refused.status_code == 400 and refused.json()["error"]["field"] == "data"
     assert training.forward_backward(random_batch(seed=3)).result().loss > 0
 
 
 def test_oversized_bodies_get_413(server):
     training = _client(server, KEY_A).create_lora_training_client(MODEL, rank=4, seed=4)
-    huge = [types.Datum(model_input=types.ModelInput.from_ints([5] * 200), loss_fn_inputs={"target_tokens": [6] * 200})] * 3000
+    huge = [
+        types.Datum(model_input=types.ModelInput.from_ints([5] * 200), loss_fn_inputs={"target_tokens": [6] * 200})
+    ] * 3000
     with pytest.raises(bios.BiosError) as err:
         training.forward_backward(huge)
     assert err.value.status == 413 and err.value.field == "body"
@@ -133,7 +149,10 @@ def test_oversized_bodies_get_413(server):
 
 def test_concurrent_tenants_share_backend_calls(server):
     engine = server.service.engine
-    sessions = [_client(server, key).create_lora_training_client(MODEL, rank=4, seed=i) for i, key in enumerate([KEY_A, KEY_B] * 4)]
+    sessions = [
+        _client(server, key).create_lora_training_client(MODEL, rank=4, seed=i)
+        for i, key in enumerate([KEY_A, KEY_B] * 4)
+    ]
     batches = [random_batch(seed=10 + i) for i in range(len(sessions))]
     gate = threading.Event()
     blocker = engine.scheduler.call(gate.wait)  # hold the worker so every request is queued first
@@ -142,7 +161,9 @@ def test_concurrent_tenants_share_backend_calls(server):
     gate.set()
     blocker.result()
     losses = [f.result().loss for f in futures]
-    assert engine.scheduler.backend_calls - calls_before == 1, "eight sessions of two keys should share one forward_backward call"
+    assert engine.scheduler.backend_calls - calls_before == 1, (
+        "eight sessions of two keys should share one forward_backward call"
+    )
     alone = bios.ServiceClient(backend="emulator").create_lora_training_client(MODEL, rank=4)
     assert losses == pytest.approx([alone.forward(batch).result().loss for batch in batches], rel=1e-12)
 
@@ -191,13 +212,21 @@ def test_many_long_polls_on_one_request_hold_no_thread_and_all_get_its_answer(se
     gate = threading.Event()
     blocker = engine.scheduler.call(gate.wait)
     http = _http(server, KEY_A)
-    body = {"seq": training._reserve(), "data": [d.model_dump(mode="json") for d in random_batch(seed=7)], "backward": False}
+    body = {
+        "seq": training._reserve(),
+        "data": [d.model_dump(mode="json") for d in random_batch(seed=7)],
+        "backward": False,
+    }
     request_id = http.post(f"/v1/sessions/{training.session_id}/forward_backward", json=body).json()["request_id"]
 
     async def poll_all(count: int) -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=count + 5)  # room for the health check beside the polls
-        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY_A}"}, limits=limits, timeout=60) as client:
-            polls = [asyncio.create_task(client.get(f"/v1/requests/{request_id}", params={"wait": 30})) for _ in range(count)]
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {KEY_A}"}, limits=limits, timeout=60
+        ) as client:
+            polls = [
+                asyncio.create_task(client.get(f"/v1/requests/{request_id}", params={"wait": 30})) for _ in range(count)
+            ]
             await asyncio.sleep(1.0)  # every poll is now waiting on the server
             health = await client.get("/healthz")  # the server still answers at once
             assert health.status_code == 200 and not any(p.done() for p in polls)
@@ -213,7 +242,11 @@ def test_many_long_polls_on_one_request_hold_no_thread_and_all_get_its_answer(se
 def test_answers_are_forgotten_after_the_retention_period(server):
     training = _client(server, KEY_A).create_lora_training_client(MODEL, rank=4, seed=8)
     http = _http(server, KEY_A)
-    body = {"seq": training._reserve(), "data": [d.model_dump(mode="json") for d in random_batch(seed=8)], "backward": False}
+    body = {
+        "seq": training._reserve(),
+        "data": [d.model_dump(mode="json") for d in random_batch(seed=8)],
+        "backward": False,
+    }
     request_id = http.post(f"/v1/sessions/{training.session_id}/forward_backward", json=body).json()["request_id"]
     assert http.get(f"/v1/requests/{request_id}", params={"wait": 10}).status_code == 200
     assert server.service.prune(now=time.time() + server.service.retention_s + 1) >= 1

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zstandard
+from server_process import ThreadedServer
 
-from bios.server.tinker import codec, proto, session_routes
 from bios.errors import NotFoundError
+from bios.server.tinker import codec, proto, session_routes
 from bios.server.tinker.sessions import Releases, Sampler, SessionExpiredError, Sessions
 from bios.types import SampledSequence, SampleResult
-from server_process import ThreadedServer
 
 KEY_A, KEY_B = "tml-protocol-alice-0123456789", "tml-protocol-bob-0123456789"
 TOKENS = [5, 17, 99, 3, 250, 7, 41, 8]
@@ -23,27 +23,37 @@ def server(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B}")
-        with ThreadedServer(ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("protocol-home"))) as running:
+        with ThreadedServer(
+            ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("protocol-home"))
+        ) as running:
             yield running
 
 
-def http(server, key: str):  # noqa: ANN201 - an httpx.Client
+def http(server, key: str):
     import httpx
 
     return httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": key}, timeout=60)
 
 
-def result(client, request_id: str):  # noqa: ANN001, ANN201 - the final retrieve_future response
+def result(client, request_id: str):
     while True:
         answer = client.post("/retrieve_future", json={"request_id": request_id, "allow_metadata_only": True})
         if answer.status_code != 408:
             return answer
 
 
-def new_run(client) -> tuple[str, str]:  # noqa: ANN001
+def new_run(client) -> tuple[str, str]:
     """(session id, model id) of a fresh rank-4 run on the tiny model."""
-    session = client.post("/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "test", "type": "create_session"}).json()["session_id"]
-    body = {"session_id": session, "model_seq_id": 0, "base_model": "bios/tiny", "lora_config": {"rank": 4, "seed": 1}, "type": "create_model"}
+    session = client.post(
+        "/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "test", "type": "create_session"}
+    ).json()["session_id"]
+    body = {
+        "session_id": session,
+        "model_seq_id": 0,
+        "base_model": "bios/tiny",
+        "lora_config": {"rank": 4, "seed": 1},
+        "type": "create_model",
+    }
     submitted = client.post("/create_model", json=body).json()
     assert result(client, submitted["request_id"]).json() == {"model_id": f"{session}:train:0", "type": "create_model"}
     return session, submitted["model_id"]
@@ -51,7 +61,9 @@ def new_run(client) -> tuple[str, str]:  # noqa: ANN001
 
 def forward_backward(model_id: str, seq_id: int, forward_only: bool = False) -> bytes:
     """A serialised ForwardBackwardRequest of one next-token datum over TOKENS."""
-    request = proto.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy", forward_only=forward_only)
+    request = proto.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy", forward_only=forward_only
+    )
     datum = request.data.add()
     datum.model_input.add().encoded_text.tokens = np.asarray(TOKENS[:-1], "<i4").tobytes()
     target = datum.loss_fn_inputs["target_tokens"]
@@ -73,11 +85,19 @@ def test_a_runs_requests_execute_in_seq_order_and_retries_get_the_first_request(
     assert conflict.status_code == 409
     monkeypatch.setattr(session_routes, "HOLD_S", 0.2)
     waiting = alice.post("/retrieve_future", json={"request_id": step, "allow_metadata_only": True})
-    assert waiting.status_code == 408 and waiting.json() == {"type": "try_again", "request_id": step, "queue_state": "active"}
+    assert waiting.status_code == 408 and waiting.json() == {
+        "type": "try_again",
+        "request_id": step,
+        "queue_state": "active",
+    }
     assert bob.post("/retrieve_future", json={"request_id": step}).status_code == 404
-    assert bob.post("/optim_step", json={**optim, "seq_id": 1}).status_code == 404, "another key cannot use up the run's seq 1"
+    assert bob.post("/optim_step", json={**optim, "seq_id": 1}).status_code == 404, (
+        "another key cannot use up the run's seq 1"
+    )
 
-    gradient = alice.post("/forward_backward", content=forward_backward(model_id, 1), headers=PROTOBUF).json()["request_id"]
+    gradient = alice.post("/forward_backward", content=forward_backward(model_id, 1), headers=PROTOBUF).json()[
+        "request_id"
+    ]
     answer = result(alice, gradient)
     assert answer.headers["content-type"] == "application/x-protobuf"
     output = proto.ForwardBackwardOutput.FromString(answer.content)
@@ -88,13 +108,17 @@ def test_a_runs_requests_execute_in_seq_order_and_retries_get_the_first_request(
     assert stepped["step"] == 1.0 and stepped["grad_norm"] > 0, "the optimizer step ran after the gradient of seq 1"
 
     compressed = zstandard.ZstdCompressor().compress(forward_backward(model_id, 3, forward_only=True))
-    forward = alice.post("/forward_backward", content=compressed, headers={**PROTOBUF, "Content-Encoding": "zstd"}).json()["request_id"]
+    forward = alice.post(
+        "/forward_backward", content=compressed, headers={**PROTOBUF, "Content-Encoding": "zstd"}
+    ).json()["request_id"]
     after = proto.ForwardBackwardOutput.FromString(result(alice, forward).content).metrics["loss:sum"]
     assert after < output.metrics["loss:sum"]
     for bad_seq in (0, -1):
         refused = alice.post("/forward_backward", content=forward_backward(model_id, bad_seq), headers=PROTOBUF)
         assert refused.status_code == 400 and refused.headers["content-length"] != "0"
-    garbled = alice.post("/forward_backward", content=b"\x28\xb5\x2f\xfd garbage", headers={**PROTOBUF, "Content-Encoding": "zstd"})
+    garbled = alice.post(
+        "/forward_backward", content=b"\x28\xb5\x2f\xfd garbage", headers={**PROTOBUF, "Content-Encoding": "zstd"}
+    )
     assert garbled.status_code == 400
 
 
@@ -104,38 +128,83 @@ def test_refused_requests_give_up_their_seq_id(server):
     custom = proto.ForwardBackwardRequest.FromString(forward_backward(model_id, 1))
     custom.loss_fn = "custom"
     assert alice.post("/forward_backward", content=custom.SerializeToString(), headers=PROTOBUF).status_code == 400
-    external = alice.post("/save_weights_external", json={"model_id": model_id, "seq_id": 2, "path": "hf", "type": "save_weights_external"})
+    external = alice.post(
+        "/save_weights_external",
+        json={"model_id": model_id, "seq_id": 2, "path": "hf", "type": "save_weights_external"},
+    )
     assert external.status_code == 400 and "not supported" in external.json()["error"]["message"]
-    dimuon = alice.post("/optim_step", json={"model_id": model_id, "seq_id": 3, "optimizer_params": {"type": "dimuon", "learning_rate": 0.1}})
+    dimuon = alice.post(
+        "/optim_step",
+        json={"model_id": model_id, "seq_id": 3, "optimizer_params": {"type": "dimuon", "learning_rate": 0.1}},
+    )
     assert dimuon.status_code == 400
-    forward = alice.post("/forward_backward", content=forward_backward(model_id, 4, forward_only=True), headers=PROTOBUF).json()["request_id"]
+    forward = alice.post(
+        "/forward_backward", content=forward_backward(model_id, 4, forward_only=True), headers=PROTOBUF
+    ).json()["request_id"]
     assert result(alice, forward).status_code == 200, "seq 4 runs: the refused seqs 1-3 do not hold the run"
     save = {"model_id": model_id, "path": "dup", "type": "save_weights"}
-    assert result(alice, alice.post("/save_weights", json={**save, "seq_id": 5}).json()["request_id"]).json()["path"] == f"tinker://{model_id}/weights/dup"
-    assert alice.post("/save_weights", json={**save, "seq_id": 6}).status_code == 400, "an existing name needs overwrite=True"
-    assert result(alice, alice.post("/save_weights", json={**save, "seq_id": 7, "overwrite": True}).json()["request_id"]).status_code == 200
-    unsupported = {"session_id": session, "model_seq_id": 1, "base_model": "bios/tiny", "lora_config": {"rank": 4},
-                   "optimizer_config": {"type": "dimuon", "version": 1}}  # fmt: skip
+    assert (
+        result(alice, alice.post("/save_weights", json={**save, "seq_id": 5}).json()["request_id"]).json()["path"]
+        == f"tinker://{model_id}/weights/dup"
+    )
+    assert alice.post("/save_weights", json={**save, "seq_id": 6}).status_code == 400, (
+        "an existing name needs overwrite=True"
+    )
+    assert (
+        result(
+            alice, alice.post("/save_weights", json={**save, "seq_id": 7, "overwrite": True}).json()["request_id"]
+        ).status_code
+        == 200
+    )
+    unsupported = {
+        "session_id": session,
+        "model_seq_id": 1,
+        "base_model": "bios/tiny",
+        "lora_config": {"rank": 4},
+        "optimizer_config": {"type": "dimuon", "version": 1},
+    }
     assert alice.post("/create_model", json=unsupported).status_code == 400
 
 
 def test_a_retried_unnamed_sampler_save_gets_the_first_sampling_session(server):
     alice = http(server, KEY_A)
     _, model_id = new_run(alice)
-    save = {"model_id": model_id, "seq_id": 1, "sampling_session_seq_id": 0, "kind": "snapshot", "type": "save_weights_for_sampler"}
+    save = {
+        "model_id": model_id,
+        "seq_id": 1,
+        "sampling_session_seq_id": 0,
+        "kind": "snapshot",
+        "type": "save_weights_for_sampler",
+    }
     first = alice.post("/save_weights_for_sampler", json=save).json()["request_id"]
-    assert alice.post("/save_weights_for_sampler", json={**save, "sampling_session_seq_id": 1}).json()["request_id"] == first
+    assert (
+        alice.post("/save_weights_for_sampler", json={**save, "sampling_session_seq_id": 1}).json()["request_id"]
+        == first
+    )
     sampler = result(alice, first).json()["sampling_session_id"]
-    assert alice.get(f"/samplers/{sampler}").json() == {"sampler_id": sampler, "base_model": "bios/tiny", "model_path": None}
-    sample = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]}, "sampling_params": {"max_tokens": 3, "temperature": 0.0},
-              "num_samples": 3, "sampling_session_id": sampler, "seq_id": 0, "prompt_logprobs": False, "type": "sample"}  # fmt: skip
+    assert alice.get(f"/samplers/{sampler}").json() == {
+        "sampler_id": sampler,
+        "base_model": "bios/tiny",
+        "model_path": None,
+    }
+    sample = {
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]},
+        "sampling_params": {"max_tokens": 3, "temperature": 0.0},
+        "num_samples": 3,
+        "sampling_session_id": sampler,
+        "seq_id": 0,
+        "prompt_logprobs": False,
+        "type": "sample",
+    }
     submitted = alice.post("/asample", json=sample).json()
     assert submitted["sample_sequence_ids"] == [f"{submitted['request_id']}:{i}" for i in range(3)]
     assert alice.post("/asample", json=sample).json() == submitted
     response = proto.SampleResponse.FromString(result(alice, submitted["request_id"]).content)
     assert len(response.sequences) == 3 and not response.HasField("prompt_logprobs")
     assert alice.post("/asample", json={**sample, "seq_id": 1, "topk_prompt_logprobs": 2}).status_code == 400
-    assert not any(c.name.startswith("ephemeral-") for c in server.service.engine.list_checkpoints()), "the snapshot is kept in no checkpoint"
+    assert not any(c.name.startswith("ephemeral-") for c in server.service.engine.list_checkpoints()), (
+        "the snapshot is kept in no checkpoint"
+    )
 
 
 def test_sessions_heartbeat_finish_and_expire(server):
@@ -145,15 +214,31 @@ def test_sessions_heartbeat_finish_and_expire(server):
     assert bob.post("/session_heartbeat", json={"session_id": session}).status_code == 404
     assert http(server, "tml-not-a-key").post("/client/config", json={}).status_code == 401
     assert alice.post("/telemetry", json={"events": []}).json() == {"status": "accepted"}
-    assert alice.post(f"/sessions/{session}/finish", json={"reason": {"type": "success"}, "detail": None}).status_code == 200
+    assert (
+        alice.post(f"/sessions/{session}/finish", json={"reason": {"type": "success"}, "detail": None}).status_code
+        == 200
+    )
     assert alice.post("/session_heartbeat", json={"session_id": session}).status_code == 410
-    assert alice.post("/create_model", json={"session_id": session, "model_seq_id": 1, "base_model": "bios/tiny", "lora_config": {"rank": 4}}).status_code == 410
-    assert alice.post("/get_info", json={"model_id": model_id}).status_code == 404, "the finished session's run was freed"
-    assert model_id in [r["training_run_id"] for r in alice.get("/training_runs").json()["training_runs"]], "and is still listed"
+    assert (
+        alice.post(
+            "/create_model",
+            json={"session_id": session, "model_seq_id": 1, "base_model": "bios/tiny", "lora_config": {"rank": 4}},
+        ).status_code
+        == 410
+    )
+    assert alice.post("/get_info", json={"model_id": model_id}).status_code == 404, (
+        "the finished session's run was freed"
+    )
+    assert model_id in [r["training_run_id"] for r in alice.get("/training_runs").json()["training_runs"]], (
+        "and is still listed"
+    )
 
     freed = []
-    releases = Releases(sampler=lambda *ids: freed.append(("sampler", *ids)), run=lambda *ids: freed.append(("run", *ids)),
-                        runs_of=lambda owner, session_id: ["bios-run-1"] if session_id == "sess-before-restart" else [])  # fmt: skip
+    releases = Releases(
+        sampler=lambda *ids: freed.append(("sampler", *ids)),
+        run=lambda *ids: freed.append(("run", *ids)),
+        runs_of=lambda owner, session_id: ["bios-run-1"] if session_id == "sess-before-restart" else [],
+    )
     sessions = Sessions(releases, expiry_s=0.0)
     expiring = sessions.create("owner")
     sessions.add_run("owner", expiring, "bios-run-0")
@@ -173,16 +258,27 @@ def test_sparse_tensors_and_prompt_logprob_tails_are_encoded_as_the_sdk_expects(
     tensor = proto.message_class("Tensor")(dtype=proto.DTYPE_FLOAT32)
     tensor.shape.extend([2, 3])
     csr = tensor.sparse_csr
-    csr.values, csr.crow_indices, csr.col_indices = np.asarray([1.5, -2.0], "<f4").tobytes(), np.asarray([0, 1, 2], "<i8").tobytes(), np.asarray([2, 0], "<i8").tobytes()
+    csr.values, csr.crow_indices, csr.col_indices = (
+        np.asarray([1.5, -2.0], "<f4").tobytes(),
+        np.asarray([0, 1, 2], "<i8").tobytes(),
+        np.asarray([2, 0], "<i8").tobytes(),
+    )
     assert codec.tensor_array(tensor, "weights").tolist() == [[0.0, 0.0, 1.5], [-2.0, 0.0, 0.0]]
     csr.col_indices = np.asarray([3, 0], "<i8").tobytes()
     with pytest.raises(Exception, match="out of range"):
         codec.tensor_array(tensor, "weights")
 
-    sample = SampleResult(sequences=[SampledSequence(tokens=[4, 9], logprobs=[-0.5, -1.25], stop_reason="length")], prompt_logprobs=[None, -1.0, -2.0, -3.0])
+    sample = SampleResult(
+        sequences=[SampledSequence(tokens=[4, 9], logprobs=[-0.5, -1.25], stop_reason="length")],
+        prompt_logprobs=[None, -1.0, -2.0, -3.0],
+    )
     response = proto.SampleResponse.FromString(codec.sample_response(sample, prompt_logprobs_last_n=2))
-    assert np.frombuffer(response.sequences[0].tokens, "<i4").tolist() == [4, 9] and response.sequences[0].stop_reason == 1
-    assert np.isnan(np.frombuffer(response.prompt_logprobs, "<f4")[:2]).all() and np.frombuffer(response.prompt_logprobs, "<f4")[2:].tolist() == [-2.0, -3.0]
+    assert (
+        np.frombuffer(response.sequences[0].tokens, "<i4").tolist() == [4, 9] and response.sequences[0].stop_reason == 1
+    )
+    assert np.isnan(np.frombuffer(response.prompt_logprobs, "<f4")[:2]).all() and np.frombuffer(
+        response.prompt_logprobs, "<f4"
+    )[2:].tolist() == [-2.0, -3.0]
 
 
 def test_stored_answers_are_served_in_the_tinker_encoding():
@@ -193,7 +289,10 @@ def test_stored_answers_are_served_in_the_tinker_encoding():
     from bios.server.tinker import answers
 
     assert answers.served("r", answers.proto_answer(bytes)(b"\x08\x01")).media_type == "application/x-protobuf"
-    assert json.loads(answers.served("r", answers.failure(InvalidRequestError("bad"))).body) == {"error": "bad", "category": "user"}
+    assert json.loads(answers.served("r", answers.failure(InvalidRequestError("bad"))).body) == {
+        "error": "bad",
+        "category": "user",
+    }
     interrupted = answers.served("r", encode_error(APIConnectionError("the server restarted")))  # what recovery stores
     assert json.loads(interrupted.body) == {"error": "the server restarted", "category": "server"}
     with pytest.raises(NotFoundError):

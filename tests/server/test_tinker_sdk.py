@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -26,8 +27,13 @@ import pytest
 SDK_RELEASES = ("0.38.0", "0.33.1")
 MODEL = "bios/tiny"
 KEY_A, KEY_B = "tml-tinker-alice-0123456789", "tml-tinker-bob-0123456789"
-TEXTS = ("the cat sat on the mat", "a quick brown fox jumps over the lazy dog", "tinker speaks to bios",
-         "one two three four five six", "hello world, this is a test")  # fmt: skip
+TEXTS = (
+    "the cat sat on the mat",
+    "a quick brown fox jumps over the lazy dog",
+    "tinker speaks to bios",
+    "one two three four five six",
+    "hello world, this is a test",
+)
 PROMPT_TEXT = "the quick brown fox"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +49,18 @@ def sdk_directory(version: str) -> Path:
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(dir=root, prefix=f".{version}.")
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target", staging, f"tinker=={version}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--target",
+        staging,
+        f"tinker=={version}",
+    ]
     if os.environ.get("BIOS_TINKER_WHEELS"):
         command += ["--no-index", "--find-links", os.environ["BIOS_TINKER_WHEELS"]]
     subprocess.run(command, check=True, timeout=600)
@@ -57,16 +74,23 @@ def sdk_directory(version: str) -> Path:
 def run_sdk(version: str, scenario: str, **arguments: object) -> dict:
     """Run `scenario` (a function at the end of this file) with SDK `version` in a child process."""
     env = {**os.environ, "PYTHONPATH": str(sdk_directory(version)), "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, __file__, scenario, json.dumps(arguments)], env=env, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, __file__, scenario, json.dumps(arguments)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 0, f"the SDK {version} child failed:\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}"
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from server_process import ThreadedServer
+
     from bios.server import ServerOptions
     from bios.server.tinker import session_routes
-    from server_process import ThreadedServer
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B}")
@@ -79,13 +103,16 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def simulated_server(tmp_path_factory):
     """The same server under the service simulator's fault profile (examples/profiles/faults.toml)."""
-    from bios.server import ServerOptions
     from server_process import ThreadedServer
+
+    from bios.server import ServerOptions
 
     profile = REPO / "examples" / "profiles" / "faults.toml"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B}")
-        with ThreadedServer(ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("faulty-home"), simulation=profile)) as running:
+        with ThreadedServer(
+            ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("faulty-home"), simulation=profile)
+        ) as running:
             yield running
 
 
@@ -98,12 +125,16 @@ def trained(request, server) -> tuple[str, dict]:
 # ---- the protobuf schema -------------------------------------------------------------------------
 
 
-def sdk_descriptor(version: str):  # noqa: ANN201 - a FileDescriptorProto
+def sdk_descriptor(version: str):
     """The FileDescriptorProto serialised in the release's generated `tinker_public_pb2.py`."""
     from google.protobuf import descriptor_pb2
 
     source = (sdk_directory(version) / "tinker" / "proto" / "tinker_public_pb2.py").read_text()
-    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile"]
+    calls = [
+        n
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile"
+    ]
     return descriptor_pb2.FileDescriptorProto.FromString(calls[0].args[0].value)
 
 
@@ -142,7 +173,9 @@ def test_the_handshake_and_the_tokenizer_are_served(trained, server):
     assert MODEL in seen["models"]
     info = seen["info"]
     assert info["model_name"] == MODEL and info["lora_rank"] == 8 and info["model_id"] == seen["run"]
-    assert Path(info["tokenizer_id"]).is_dir() and Path(info["tokenizer_id"]).is_relative_to(Path(server.options.home).resolve())
+    assert Path(info["tokenizer_id"]).is_dir() and Path(info["tokenizer_id"]).is_relative_to(
+        Path(server.options.home).resolve()
+    )
     builtin = Tokenizer.builtin()
     assert seen["tokenizer"]["ids"] == [builtin.encode(text) for text in TEXTS]
     assert seen["tokenizer"]["eos_token_id"] == builtin.eos_token_id
@@ -151,9 +184,15 @@ def test_the_handshake_and_the_tokenizer_are_served(trained, server):
 def test_sft_steps_lower_the_loss_with_chunked_compressed_requests(trained):
     _, seen = trained
     losses = seen["losses"]
-    assert len(losses) == 6 and all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0]
+    assert (
+        len(losses) == 6
+        and all(later < earlier for earlier, later in itertools.pairwise(losses))
+        and losses[-1] < 0.8 * losses[0]
+    )
     lengths = [len(ids) - 1 for ids in seen["tokenizer"]["ids"]]
-    assert seen["output_shapes"] == [[n] for n in lengths], "one logprob per target token, datums in order across 3 chunks"
+    assert seen["output_shapes"] == [[n] for n in lengths], (
+        "one logprob per target token, datums in order across 3 chunks"
+    )
     assert seen["forward_loss"] == pytest.approx(sum(-x for lp in seen["forward_logprobs"] for x in lp), rel=1e-5)
     assert seen["custom"]["loss"] == pytest.approx(seen["custom"]["forward_loss"], rel=1e-5)
     assert seen["custom"]["surrogate"] == pytest.approx(seen["custom"]["forward_loss"], rel=1e-5)
@@ -180,11 +219,16 @@ def test_sampling_from_saved_weights_with_prompt_logprobs(trained):
 def test_save_and_load_state_with_and_without_the_optimizer(trained):
     _, seen = trained
     state = seen["state"]
-    assert state["path"] == f"tinker://{seen['run']}/weights/ckpt" and state["sampler_path"] == f"tinker://{seen['run']}/sampler_weights/sampler"
+    assert (
+        state["path"] == f"tinker://{seen['run']}/weights/ckpt"
+        and state["sampler_path"] == f"tinker://{seen['run']}/sampler_weights/sampler"
+    )
     assert state["resumed_loss"] == pytest.approx(state["saved_loss"], rel=1e-9)
     assert state["weights_only_loss"] == pytest.approx(state["saved_loss"], rel=1e-9)
     after = state["after_one_step"]
-    assert after["with_optimizer"] == pytest.approx(after["original"], rel=1e-9), "resumed Adam moments continue the run exactly"
+    assert after["with_optimizer"] == pytest.approx(after["original"], rel=1e-9), (
+        "resumed Adam moments continue the run exactly"
+    )
     assert after["weights_only"] != pytest.approx(after["original"], rel=1e-6), "a fresh optimizer steps differently"
     assert state["reloaded_loss"] == pytest.approx([state["saved_loss"]] * 2, rel=1e-9)
     assert state["reloaded_step"] == pytest.approx([after["weights_only"], after["with_optimizer"]], rel=1e-9)
@@ -194,8 +238,13 @@ def test_runs_and_checkpoints_are_listed(trained):
     _, seen = trained
     listing = seen["listing"]
     assert {seen["run"], *seen["resumed_runs"]} <= set(listing["runs"])
-    assert listing["checkpoints"] == [["weights/ckpt", "training", seen["state"]["path"]], ["sampler_weights/sampler", "sampler", seen["state"]["sampler_path"]]]
-    assert listing["last_checkpoint"] == "weights/ckpt" and listing["last_sampler_checkpoint"] == "sampler_weights/sampler"
+    assert listing["checkpoints"] == [
+        ["weights/ckpt", "training", seen["state"]["path"]],
+        ["sampler_weights/sampler", "sampler", seen["state"]["sampler_path"]],
+    ]
+    assert (
+        listing["last_checkpoint"] == "weights/ckpt" and listing["last_sampler_checkpoint"] == "sampler_weights/sampler"
+    )
     assert {seen["state"]["path"], seen["state"]["sampler_path"]} <= set(listing["user_checkpoints"])
     assert seen["weights_info"] == [MODEL, 8, True, True, True]
 
@@ -220,19 +269,33 @@ def test_checkpoint_archives_download_as_peft_adapters(trained, server):
     sampler = Runs(server.service.records.engine).bios_path(owner_of(KEY_A), seen["state"]["sampler_path"])
     exported = (server.service.engine.store.peft_directory(sampler) / "adapter_model.safetensors").read_bytes()
     assert archives["sampler"]["adapter_sha256"] == hashlib.sha256(exported).hexdigest()
-    assert archives["state"]["adapter_sha256"] == archives["sampler"]["adapter_sha256"], "both were saved from the same weights"
+    assert archives["state"]["adapter_sha256"] == archives["sampler"]["adapter_sha256"], (
+        "both were saved from the same weights"
+    )
 
 
 def test_a_key_sees_none_of_another_keys_runs_or_checkpoints(trained, server):
     version, seen = trained
-    bob = run_sdk(version, "intruder", url=server.url, key=KEY_B, run=seen["run"], state=seen["state"]["path"], sampler=seen["state"]["sampler_path"])
+    bob = run_sdk(
+        version,
+        "intruder",
+        url=server.url,
+        key=KEY_B,
+        run=seen["run"],
+        state=seen["state"]["path"],
+        sampler=seen["state"]["sampler_path"],
+    )
     assert seen["run"] not in bob["runs"] and bob["own_run"] in bob["runs"]
     assert set(bob["user_checkpoints"]).isdisjoint({seen["state"]["path"], seen["state"]["sampler_path"]})
     assert bob["own_checkpoints"] == [], "bob deleted his only checkpoint"
     assert bob["refused"] == {
-        "delete_checkpoint": "NotFoundError", "get_training_run": "NotFoundError", "list_checkpoints": "NotFoundError", "weights_info": "NotFoundError",
-        "create_training_client_from_state": "NotFoundError", "create_sampling_client": "NotFoundError",
-    }  # fmt: skip
+        "delete_checkpoint": "NotFoundError",
+        "get_training_run": "NotFoundError",
+        "list_checkpoints": "NotFoundError",
+        "weights_info": "NotFoundError",
+        "create_training_client_from_state": "NotFoundError",
+        "create_sampling_client": "NotFoundError",
+    }
 
 
 def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simulated_server):
@@ -249,19 +312,22 @@ def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simu
     heard = stats["retried_attempts_by_status"]
     assert {"408", "429", "503"} <= set(heard), heard  # the SDK's polls were answered with each
     report = simulated_server.service.engine.simulation_report()
-    assert report.faults["restart"] == 1 and min(report.faults[k] for k in ("transient", "timeout", "rate_limit", "session_expiry")) >= 1
+    assert (
+        report.faults["restart"] == 1
+        and min(report.faults[k] for k in ("transient", "timeout", "rate_limit", "session_expiry")) >= 1
+    )
     assert sum(report.retries.values()) >= sum(heard.values())
 
 
 # ---- the SDK side: run as `python test_tinker_sdk.py SCENARIO JSON` with one release on the path ----
 
 
-def _value(x):  # noqa: ANN001, ANN202 - an SDK future or a value
+def _value(x):
     """The value of an SDK future (the SDKs return futures or values depending on the release)."""
     return x.result() if hasattr(x, "result") else x
 
 
-def _failure(call) -> str:  # noqa: ANN001
+def _failure(call) -> str:
     """The name of the exception `call()` raises (the SDK's error classes)."""
     try:
         _value(call())
@@ -281,17 +347,28 @@ def training(url: str, key: str, text: list[str], prompt: str) -> dict:
     client = _value(service.create_lora_training_client(MODEL, rank=8, seed=3))
     seen["run"] = client.model_id
     info = client.get_info()
-    seen["info"] = {"model_id": info.model_id, "model_name": info.model_data.model_name, "tokenizer_id": info.model_data.tokenizer_id, "lora_rank": info.lora_rank}
+    seen["info"] = {
+        "model_id": info.model_id,
+        "model_name": info.model_data.model_name,
+        "tokenizer_id": info.model_data.tokenizer_id,
+        "lora_rank": info.lora_rank,
+    }
     tokenizer = client.get_tokenizer()
     ids = [tokenizer.encode(t) for t in text]
     seen["tokenizer"] = {"ids": ids, "eos_token_id": tokenizer.eos_token_id}
-    data = [types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:], "weights": [1.0] * (len(t) - 1)}) for t in ids]
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(t[:-1]),
+            loss_fn_inputs={"target_tokens": t[1:], "weights": [1.0] * (len(t) - 1)},
+        )
+        for t in ids
+    ]
     adam = types.AdamParams(learning_rate=1e-2)
 
-    def forward(on) -> float:  # noqa: ANN001
+    def forward(on) -> float:
         return on.forward(data, "cross_entropy").result().metrics["loss:sum"]
 
-    def step(on) -> float:  # noqa: ANN001
+    def step(on) -> float:
         on.forward_backward(data, "cross_entropy").result()
         on.optim_step(adam).result()
         return forward(on)
@@ -304,35 +381,60 @@ def training(url: str, key: str, text: list[str], prompt: str) -> dict:
         seen["losses"].append(output.metrics["loss:sum"])
     seen["output_shapes"] = [out["logprobs"].shape for out in output.loss_fn_outputs]
     out = client.forward(data, "cross_entropy").result()
-    seen["forward_loss"], seen["forward_logprobs"] = out.metrics["loss:sum"], [o["logprobs"].data for o in out.loss_fn_outputs]
+    seen["forward_loss"], seen["forward_logprobs"] = (
+        out.metrics["loss:sum"],
+        [o["logprobs"].data for o in out.loss_fn_outputs],
+    )
 
-    def custom_loss(batch, logprobs):  # noqa: ANN001, ANN202
+    def custom_loss(batch, logprobs):
         return sum((-lp).sum() for lp in logprobs), {"datums:sum": float(len(batch))}
 
     custom = client.forward_backward_custom(data, custom_loss)
     stepped = client.optim_step(adam)  # submitted before the custom loss's backward pass
     metrics = _value(custom).metrics
-    seen["custom"] = {"loss": metrics["loss:sum"], "surrogate": metrics["surrogate_loss:sum"], "metric": metrics["datums:sum"],
-                      "forward_loss": seen["forward_loss"], "step": stepped.result().metrics["step"]}  # fmt: skip
+    seen["custom"] = {
+        "loss": metrics["loss:sum"],
+        "surrogate": metrics["surrogate_loss:sum"],
+        "metric": metrics["datums:sum"],
+        "forward_loss": seen["forward_loss"],
+        "step": stepped.result().metrics["step"],
+    }
 
-    state = {"path": client.save_state("ckpt").result().path, "sampler_path": client.save_weights_for_sampler("sampler").result().path}
+    state = {
+        "path": client.save_state("ckpt").result().path,
+        "sampler_path": client.save_weights_for_sampler("sampler").result().path,
+    }
     state["saved_loss"] = forward(client)
     prompt_ids = tokenizer.encode(prompt)
     greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
 
-    def sampled(sampler) -> dict:  # noqa: ANN001
-        response = sampler.sample(types.ModelInput.from_ints(prompt_ids), 2, greedy, include_prompt_logprobs=True).result()
-        return {"sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason} for s in response.sequences],
-                "sequence_ids": [s.sequence_id for s in response.sequences], "prompt_logprobs": response.prompt_logprobs}  # fmt: skip
+    def sampled(sampler) -> dict:
+        response = sampler.sample(
+            types.ModelInput.from_ints(prompt_ids), 2, greedy, include_prompt_logprobs=True
+        ).result()
+        return {
+            "sequences": [
+                {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason} for s in response.sequences
+            ],
+            "sequence_ids": [s.sequence_id for s in response.sequences],
+            "prompt_logprobs": response.prompt_logprobs,
+        }
 
     ephemeral = _value(client.save_weights_and_get_sampling_client())
     named = _value(service.create_sampling_client(model_path=state["sampler_path"]))
-    prompt_datum = types.Datum(model_input=types.ModelInput.from_ints(prompt_ids[:-1]), loss_fn_inputs={"target_tokens": prompt_ids[1:]})
+    prompt_datum = types.Datum(
+        model_input=types.ModelInput.from_ints(prompt_ids[:-1]), loss_fn_inputs={"target_tokens": prompt_ids[1:]}
+    )
     seen["samples"] = {
-        "prompt": prompt_ids, "ephemeral": sampled(ephemeral), "named": {**sampled(named), "base_model": named.get_base_model()},
+        "prompt": prompt_ids,
+        "ephemeral": sampled(ephemeral),
+        "named": {**sampled(named), "base_model": named.get_base_model()},
         "computed": ephemeral.compute_logprobs(types.ModelInput.from_ints(prompt_ids)).result(),
-        "forward_logprobs": client.forward([prompt_datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data,
-    }  # fmt: skip
+        "forward_logprobs": client.forward([prompt_datum], "cross_entropy")
+        .result()
+        .loss_fn_outputs[0]["logprobs"]
+        .data,
+    }
 
     resumed = _value(service.create_training_client_from_state_with_optimizer(state["path"]))
     fresh = _value(service.create_training_client_from_state(state["path"]))
@@ -345,23 +447,32 @@ def training(url: str, key: str, text: list[str], prompt: str) -> dict:
     state["reloaded_step"] = [step(client), step(resumed)]
     seen["state"] = state
 
-    seen["unsupported"] = {"forward_before": forward(client), "save_weights_external": _failure(lambda: client.save_weights_external("hf"))}
+    seen["unsupported"] = {
+        "forward_before": forward(client),
+        "save_weights_external": _failure(lambda: client.save_weights_external("hf")),
+    }
     seen["unsupported"]["forward_after"] = forward(client)
 
     rest = service.create_rest_client()
     run = _value(rest.get_training_run(seen["run"]))
     seen["listing"] = {
         "runs": [r.training_run_id for r in _value(rest.list_training_runs(limit=100)).training_runs],
-        "checkpoints": [[c.checkpoint_id, c.checkpoint_type, c.tinker_path] for c in _value(rest.list_checkpoints(seen["run"])).checkpoints],
+        "checkpoints": [
+            [c.checkpoint_id, c.checkpoint_type, c.tinker_path]
+            for c in _value(rest.list_checkpoints(seen["run"])).checkpoints
+        ],
         "user_checkpoints": [c.tinker_path for c in _value(rest.list_user_checkpoints()).checkpoints],
-        "last_checkpoint": run.last_checkpoint.checkpoint_id, "last_sampler_checkpoint": run.last_sampler_checkpoint.checkpoint_id,
-    }  # fmt: skip
+        "last_checkpoint": run.last_checkpoint.checkpoint_id,
+        "last_sampler_checkpoint": run.last_sampler_checkpoint.checkpoint_id,
+    }
     info = _value(rest.get_weights_info_by_tinker_path(state["path"]))
     seen["weights_info"] = [info.base_model, info.lora_rank, info.train_attn, info.train_mlp, info.train_unembed]
     seen["archives"] = None
     if hasattr(rest, "get_checkpoint_archive_url_from_tinker_path"):
-        seen["archives"] = {kind: _archive(_value(rest.get_checkpoint_archive_url_from_tinker_path(state[key])).url)
-                            for kind, key in (("state", "path"), ("sampler", "sampler_path"))}  # fmt: skip
+        seen["archives"] = {
+            kind: _archive(_value(rest.get_checkpoint_archive_url_from_tinker_path(state[key])).url)
+            for kind, key in (("state", "path"), ("sampler", "sampler_path"))
+        }
     return seen
 
 
@@ -371,10 +482,12 @@ def _archive(url: str) -> dict:
     import tarfile
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=60) as response:
-        with tarfile.open(fileobj=io.BytesIO(response.read())) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    return {"members": sorted(members), "adapter_sha256": hashlib.sha256(members["adapter_model.safetensors"]).hexdigest()}
+    with urllib.request.urlopen(url, timeout=60) as response, tarfile.open(fileobj=io.BytesIO(response.read())) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return {
+        "members": sorted(members),
+        "adapter_sha256": hashlib.sha256(members["adapter_model.safetensors"]).hexdigest(),
+    }
 
 
 def intruder(url: str, key: str, run: str, state: str, sampler: str) -> dict:
@@ -395,10 +508,12 @@ def intruder(url: str, key: str, run: str, state: str, sampler: str) -> dict:
         "create_sampling_client": _failure(lambda: service.create_sampling_client(model_path=sampler)),
     }
     return {
-        "own_run": own.model_id, "refused": refused, "own_checkpoints": [c.tinker_path for c in _value(rest.list_checkpoints(own.model_id)).checkpoints],
+        "own_run": own.model_id,
+        "refused": refused,
+        "own_checkpoints": [c.tinker_path for c in _value(rest.list_checkpoints(own.model_id)).checkpoints],
         "runs": [r.training_run_id for r in _value(rest.list_training_runs(limit=100)).training_runs],
         "user_checkpoints": [c.tinker_path for c in _value(rest.list_user_checkpoints()).checkpoints],
-    }  # fmt: skip
+    }
 
 
 def sft_steps(url: str, key: str, text: list[str], steps: int) -> dict:
@@ -408,7 +523,10 @@ def sft_steps(url: str, key: str, text: list[str], steps: int) -> dict:
 
     client = _value(tinker.ServiceClient(base_url=url, api_key=key).create_lora_training_client(MODEL, rank=8, seed=3))
     tokenizer = client.get_tokenizer()
-    data = [types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]}) for ids in map(tokenizer.encode, text)]
+    data = [
+        types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
+        for ids in map(tokenizer.encode, text)
+    ]
     losses = []
     for _ in range(steps):
         backward = client.forward_backward(data, "cross_entropy")

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import MODEL, make_datum
+from server_process import ThreadedServer
 
 import bios
 from bios import types
 from bios.server import ServerOptions
-from helpers import MODEL, make_datum
-from server_process import ThreadedServer
 
 PROFILES = Path(__file__).resolve().parents[2] / "examples" / "profiles"
 FAULTS = PROFILES / "faults.toml"
@@ -132,7 +132,19 @@ def test_serve_refuses_a_bad_simulation_profile_at_startup(tmp_path):
     profile = tmp_path / "bad.toml"
     profile.write_text("devices = 0\n")
     env = {"PATH": os.environ.get("PATH", ""), "BIOS_HOME": str(tmp_path), "OPENBLAS_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "bios", "serve", "--backend", "emulator", "--no-auth", "--port", "0", "--simulation", str(profile)]
+    command = [
+        sys.executable,
+        "-m",
+        "bios",
+        "serve",
+        "--backend",
+        "emulator",
+        "--no-auth",
+        "--port",
+        "0",
+        "--simulation",
+        str(profile),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=120)
     assert done.returncode == 2
     assert "SimulationConfig.devices" in done.stderr

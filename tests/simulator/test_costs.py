@@ -71,8 +71,12 @@ def test_a_long_batch_is_compute_bound():
     cost = _model("H100", 1)
     lengths = [2048] * 8
     w = _matmul_weights(LLAMA_8B)
-    forward = sum(2 * w * t + 4 * LLAMA_8B.n_layers * t * (t / 2) * LLAMA_8B.n_heads * LLAMA_8B.head_dim for t in lengths)
-    assert cost.forward_backward_s(lengths, 0, (), backward=False) == pytest.approx(forward / (989e12 * 0.539), rel=1e-12)
+    forward = sum(
+        2 * w * t + 4 * LLAMA_8B.n_layers * t * (t / 2) * LLAMA_8B.n_heads * LLAMA_8B.head_dim for t in lengths
+    )
+    assert cost.forward_backward_s(lengths, 0, (), backward=False) == pytest.approx(
+        forward / (989e12 * 0.539), rel=1e-12
+    )
     assert cost.forward_backward_s(lengths, 0, (), backward=False) > 10 * w * 2 / (3.35e12 * 0.60)
 
 
@@ -129,10 +133,15 @@ def test_projection_model_resolves_catalog_known_names_and_config_files(tmp_path
     for name in ("meta-llama/Llama-3.1-8B", "Llama-3.1-8B", "llama-3.1-8b"):
         assert projection_model(name, catalog, TINY) is LLAMA_8B
     config = {
-        "model_type": "llama", "vocab_size": TINY.vocab_size, "hidden_size": TINY.d_model,
-        "num_hidden_layers": TINY.n_layers, "num_attention_heads": TINY.n_heads,
-        "num_key_value_heads": TINY.n_kv_heads, "intermediate_size": TINY.d_ff, "max_position_embeddings": 256,
-    }  # fmt: skip
+        "model_type": "llama",
+        "vocab_size": TINY.vocab_size,
+        "hidden_size": TINY.d_model,
+        "num_hidden_layers": TINY.n_layers,
+        "num_attention_heads": TINY.n_heads,
+        "num_key_value_heads": TINY.n_kv_heads,
+        "intermediate_size": TINY.d_ff,
+        "max_position_embeddings": 256,
+    }
     directory = tmp_path / "my-model"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(config))

@@ -64,7 +64,9 @@ def test_faults_and_a_restart_leave_training_bit_identical(bios_home):
     for kind in ("transient", "timeout", "rate_limit", "session_expiry", "straggler"):
         assert report.faults.get(kind, 0) >= 1, (kind, report.faults)
     assert report.faults["restart"] == 1 and report.faults["lost_in_restart"] >= 1
-    failed_attempts = sum(report.faults.get(k, 0) for k in ("transient", "timeout", "rate_limit", "session_expiry", "lost_in_restart"))
+    failed_attempts = sum(
+        report.faults.get(k, 0) for k in ("transient", "timeout", "rate_limit", "session_expiry", "lost_in_restart")
+    )
     assert sum(report.retries.values()) == failed_attempts  # every failed attempt was retried once
     client_retries = sum(r.timing.attempts - 1 for r in faulty["results"])
     assert client_retries == failed_attempts
@@ -91,7 +93,10 @@ def _queue(config: SimulationConfig, sessions: int, tokens: int) -> list[types.R
     """`sessions` sessions submit one forward_backward of `tokens` tokens each at once."""
     service = bios.ServiceClient(backend="emulator", simulation=config)
     clients = [service.create_lora_training_client(MODEL, rank=4, seed=i) for i in range(sessions)]
-    datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(1, tokens + 1))), loss_fn_inputs={"target_tokens": list(range(2, tokens + 2))})
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(list(range(1, tokens + 1))),
+        loss_fn_inputs={"target_tokens": list(range(2, tokens + 2))},
+    )
     futures = [client.forward_backward([datum]) for client in clients]
     return [future.result().timing for future in futures]
 
@@ -99,9 +104,14 @@ def _queue(config: SimulationConfig, sessions: int, tokens: int) -> list[types.R
 @pytest.mark.parametrize("cycle_s", [0.0, 5.0])
 def test_queueing_latency_grows_with_sessions_as_the_model_predicts(bios_home, cycle_s):
     tokens = 64
-    config = SimulationConfig(hardware="H100", devices=8, model="meta-llama/Llama-3.1-8B", max_batch_tokens=tokens, cycle_s=cycle_s)
+    config = SimulationConfig(
+        hardware="H100", devices=8, model="meta-llama/Llama-3.1-8B", max_batch_tokens=tokens, cycle_s=cycle_s
+    )
     hardware = profiles.hardware("H100")
-    costs = CostModel(DeviceGroup(hardware, 8, profiles.efficiency(config, hardware)), profiles.KNOWN_MODELS["meta-llama/Llama-3.1-8B"])
+    costs = CostModel(
+        DeviceGroup(hardware, 8, profiles.efficiency(config, hardware)),
+        profiles.KNOWN_MODELS["meta-llama/Llama-3.1-8B"],
+    )
     modules = bios.types.LoraConfig(rank=4).target_modules
     step = costs.forward_backward_s([tokens], 4, tuple(modules), True)
     for sessions in (1, 2, 4, 8):
@@ -114,7 +124,9 @@ def test_queueing_latency_grows_with_sessions_as_the_model_predicts(bios_home, c
 
 def test_a_pass_with_room_batches_sessions_into_one_window(bios_home):
     tokens, sessions = 64, 4
-    config = SimulationConfig(devices=8, model="meta-llama/Llama-3.1-8B", max_batch_tokens=tokens * sessions, cycle_s=5.0)
+    config = SimulationConfig(
+        devices=8, model="meta-llama/Llama-3.1-8B", max_batch_tokens=tokens * sessions, cycle_s=5.0
+    )
     timings = _queue(config, sessions, tokens)
     starts = [t.started_at for t in timings]
     step = timings[0].finished_at - timings[0].started_at
@@ -126,7 +138,9 @@ def test_memory_admission_rejects_what_never_fits_and_changes_nothing(bios_home)
     config = SimulationConfig(hardware="H100", devices=1, model="meta-llama/Llama-3.1-8B")
     service = bios.ServiceClient(backend="emulator", simulation=config)
     training = service.create_lora_training_client(MODEL, rank=4, seed=3)
-    twin = bios.ServiceClient(backend="emulator", simulation=config.model_copy(update={"seed": 1})).create_lora_training_client(MODEL, rank=4, seed=3)
+    twin = bios.ServiceClient(
+        backend="emulator", simulation=config.model_copy(update={"seed": 1})
+    ).create_lora_training_client(MODEL, rank=4, seed=3)
     long = types.Datum(model_input=types.ModelInput.from_ints([5] * 255), loss_fn_inputs={"target_tokens": [6] * 255})
     with pytest.raises(bios.InvalidRequestError) as refused:
         training.forward_backward([long] * 64)  # ~16k tokens of activations of an 8B model: more than one H100 holds
@@ -142,14 +156,28 @@ def test_a_request_larger_than_a_pass_is_refused(bios_home):
     datum = types.Datum(model_input=types.ModelInput.from_ints([5] * 40), loss_fn_inputs={"target_tokens": [6] * 40})
     with pytest.raises(bios.InvalidRequestError, match="max_batch_tokens"):
         training.forward_backward([datum])
-    assert training.forward_backward([types.Datum(model_input=types.ModelInput.from_ints([5] * 8), loss_fn_inputs={"target_tokens": [6] * 8})]).result().loss > 0
+    assert (
+        training.forward_backward(
+            [types.Datum(model_input=types.ModelInput.from_ints([5] * 8), loss_fn_inputs={"target_tokens": [6] * 8})]
+        )
+        .result()
+        .loss
+        > 0
+    )
 
 
 def test_a_scheduled_fault_hits_the_nth_request_and_is_retried(bios_home):
-    config = SimulationConfig(schedule=(ScheduledFault(kind="transient", request="optim_step", nth=3), ScheduledFault(kind="timeout", request="optim_step", nth=5)))
+    config = SimulationConfig(
+        schedule=(
+            ScheduledFault(kind="transient", request="optim_step", nth=3),
+            ScheduledFault(kind="timeout", request="optim_step", nth=5),
+        )
+    )
     service = bios.ServiceClient(backend="emulator", simulation=config)
     training = service.create_lora_training_client(MODEL, rank=4, seed=2)
-    datum = types.Datum(model_input=types.ModelInput.from_ints([3, 4, 5, 6]), loss_fn_inputs={"target_tokens": [4, 5, 6, 7]})
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([3, 4, 5, 6]), loss_fn_inputs={"target_tokens": [4, 5, 6, 7]}
+    )
     steps = []
     for _ in range(6):
         training.forward_backward([datum]).result()
@@ -165,7 +193,9 @@ def test_a_scheduled_fault_hits_the_nth_request_and_is_retried(bios_home):
 
 
 def test_retries_give_up_with_the_typed_error_and_release_the_sequence(bios_home):
-    service = bios.ServiceClient(backend="emulator", simulation=SimulationConfig(faults=FaultRates(rate_limit=1.0), retry_after_s=3.0))
+    service = bios.ServiceClient(
+        backend="emulator", simulation=SimulationConfig(faults=FaultRates(rate_limit=1.0), retry_after_s=3.0)
+    )
     training = service.create_lora_training_client(MODEL, rank=4)
     datum = types.Datum(model_input=types.ModelInput.from_ints([3, 4]), loss_fn_inputs={"target_tokens": [4, 5]})
     failing = training.forward_backward([datum])
@@ -198,7 +228,9 @@ def test_train_async_moves_the_clock_only_when_awaited(bios_home):
 
     async def both() -> tuple[types.TrainingResult, types.ForwardBackwardResult]:
         # train's work runs inline, to its end, before the other task submits at t = 0
-        trained, other = await asyncio.gather(first.train_async([datum], learning_rate=1e-2), second.forward_backward_async([datum]))
+        trained, other = await asyncio.gather(
+            first.train_async([datum], learning_rate=1e-2), second.forward_backward_async([datum])
+        )
         return trained, await other
 
     trained, other = asyncio.run(both())

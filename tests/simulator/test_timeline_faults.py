@@ -69,8 +69,14 @@ def test_fault_rates_are_honoured_and_draws_depend_on_the_seed_and_the_attempt()
 
 
 def test_a_schedule_hits_the_nth_first_attempt_of_a_kind_only():
-    plan = FaultPlan(SimulationConfig(schedule=(ScheduledFault(kind="transient", request="optim_step", nth=2),
-                                                ScheduledFault(kind="restart", request="any", nth=4))))  # fmt: skip
+    plan = FaultPlan(
+        SimulationConfig(
+            schedule=(
+                ScheduledFault(kind="transient", request="optim_step", nth=2),
+                ScheduledFault(kind="restart", request="any", nth=4),
+            )
+        )
+    )
     kinds = ["forward_backward", "optim_step", "forward_backward", "optim_step"]
     decisions = [plan.decide(_ticket(seq, kind=kind), 1, seq) for seq, kind in enumerate(kinds)]
     assert [d.failure for d in decisions] == [None, None, None, None]  # the restart overrides the transient

@@ -159,14 +159,16 @@ def test_empty_report() -> None:
 
 def test_report_text() -> None:
     report = build_report(SPANS, PASSES, EVENTS, hardware="H100", devices=8, model="Llama-3.1-8B")
-    assert str(report) == "\n".join([
-        "simulated run of Llama-3.1-8B on 8×H100",
-        "  requests: 5 (forward_backward 1, optim_step 2, sample 2)",
-        "  retries: 2 (optim_step 1, sample 1)",
-        "  faults: 3 (rate_limit 1, restart 1, lost_in_restart 1, straggler 1)",
-        "  simulated wall time: 11.0 s; device busy 2.50 s",
-        "this loop: 11.0 s on 8×H100 (88 device-seconds), 23 % busy",
-    ])
+    assert str(report) == "\n".join(
+        [
+            "simulated run of Llama-3.1-8B on 8×H100",
+            "  requests: 5 (forward_backward 1, optim_step 2, sample 2)",
+            "  retries: 2 (optim_step 1, sample 1)",
+            "  faults: 3 (rate_limit 1, restart 1, lost_in_restart 1, straggler 1)",
+            "  simulated wall time: 11.0 s; device busy 2.50 s",
+            "this loop: 11.0 s on 8×H100 (88 device-seconds), 23 % busy",
+        ]
+    )
 
 
 def test_last_line_with_known_numbers() -> None:
@@ -186,5 +188,11 @@ def test_last_line_with_known_numbers() -> None:
 def test_number_formats() -> None:
     assert [significant(x, 2) for x in (0.011444, 3.2, 0.0996, 150.4, 0.0)] == ["0.011", "3.2", "0.10", "150", "0"]
     assert [duration(s) for s in (0.0000197, 0.01234, 41.23, 119.0, 750.0, 7199.0, 11700.0)] == [
-        "19.7 µs", "12.3 ms", "41.2 s", "119 s", "12.5 min", "120.0 min", "3.25 h"
+        "19.7 µs",
+        "12.3 ms",
+        "41.2 s",
+        "119 s",
+        "12.5 min",
+        "120.0 min",
+        "3.25 h",
     ]

@@ -53,9 +53,7 @@ LLAMA3_ROPE_SCALING = {
 }
 
 REFERENCE_CONFIGS: dict[str, dict] = {
-    "llama": dict(
-        model_type="llama", head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False
-    ),
+    "llama": dict(model_type="llama", head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "llama3-tied": dict(
         model_type="llama",
         head_dim=16,

@@ -26,7 +26,9 @@ class ServerProcess:
     leaving stops it with SIGTERM. `kill()` sends SIGKILL (a crash), `start()` starts it again
     on the same port and home."""
 
-    def __init__(self, home: str | Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, home: str | Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         self.home, self.args, self.port = Path(home), args, port or free_port()
         self.env = {**os.environ, "BIOS_HOME": str(home), "OPENBLAS_NUM_THREADS": "1", **(env or {})}
         self.env.pop("BIOS_BASE_URL", None)
@@ -34,10 +36,14 @@ class ServerProcess:
         self.log = self.home / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "ServerProcess":
+    def start(self, timeout: float = 60.0) -> ServerProcess:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "bios", "serve", "--port", str(self.port), *self.args],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bios", "serve", "--port", str(self.port), *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -65,7 +71,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -76,7 +82,7 @@ class ThreadedServer:
     """`bios.server.build(options)` served by uvicorn on a thread of this process, so a test can
     reach the engine behind it (`service.engine`). A context manager; `url` once entered."""
 
-    def __init__(self, options) -> None:  # noqa: ANN001 - bios.server.ServerOptions
+    def __init__(self, options) -> None:
         import dataclasses
 
         import uvicorn
@@ -86,10 +92,12 @@ class ThreadedServer:
         self.options = dataclasses.replace(options, port=options.port if options.port != 8000 else free_port())
         self.app, self.service = build(self.options)
         self.url = f"http://127.0.0.1:{self.options.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.options.port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.options.port, log_level="warning")
+        )
         self._thread = None
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         import threading
 
         self._thread = threading.Thread(target=self._server.run, daemon=True)

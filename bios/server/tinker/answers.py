@@ -12,7 +12,7 @@ a Tinker failure.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi.responses import Response
 

@@ -31,7 +31,13 @@ class TinkerLora(Body):
 
     def to_bios(self) -> LoraConfig:
         """The Bios adapter: same rank and layers; no seed means seed 0."""
-        return LoraConfig(rank=self.rank, seed=self.seed or 0, train_attn=self.train_attn, train_mlp=self.train_mlp, train_unembed=self.train_unembed)
+        return LoraConfig(
+            rank=self.rank,
+            seed=self.seed or 0,
+            train_attn=self.train_attn,
+            train_mlp=self.train_mlp,
+            train_unembed=self.train_unembed,
+        )
 
 
 class CreateModel(Body):
@@ -114,7 +120,9 @@ def model_input(prompt: dict[str, Any]) -> ModelInput:
     for i, chunk in enumerate(prompt.get("chunks") or []):
         if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
             kind = chunk.get("type") if isinstance(chunk, dict) else type(chunk).__name__
-            raise UnsupportedError(f"prompt.chunks[{i}]: {kind} chunks are not supported; send token ids", field=f"prompt.chunks[{i}]")
+            raise UnsupportedError(
+                f"prompt.chunks[{i}]: {kind} chunks are not supported; send token ids", field=f"prompt.chunks[{i}]"
+            )
         tokens.extend(chunk.get("tokens") or [])
     return ModelInput.from_ints(tokens)
 

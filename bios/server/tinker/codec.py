@@ -33,7 +33,9 @@ def tensor_array(tensor: Message, where: str) -> np.ndarray:
     means one dimension."""
     dtype = _NUMPY.get(tensor.dtype)
     if dtype is None:
-        raise InvalidRequestError(f"{where}: dtype must be DTYPE_FLOAT32 or DTYPE_INT64, got {tensor.dtype}", field=where)
+        raise InvalidRequestError(
+            f"{where}: dtype must be DTYPE_FLOAT32 or DTYPE_INT64, got {tensor.dtype}", field=where
+        )
     shape = tuple(tensor.shape)
     try:
         if tensor.WhichOneof("encoding") == "sparse_csr":
@@ -50,7 +52,12 @@ def _csr_to_dense(csr: Message, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     values = np.frombuffer(csr.values, dtype)
     rows_start, columns = np.frombuffer(csr.crow_indices, _INT64), np.frombuffer(csr.col_indices, _INT64)
     counts = np.diff(rows_start)
-    if rows_start.size != shape[0] + 1 or np.any(counts < 0) or counts.sum() != values.size or columns.size != values.size:
+    if (
+        rows_start.size != shape[0] + 1
+        or np.any(counts < 0)
+        or counts.sum() != values.size
+        or columns.size != values.size
+    ):
         raise ValueError("crow_indices, col_indices and values disagree")
     if np.any(columns < 0) or np.any(columns >= shape[1]):
         raise ValueError("a column index is out of range")
@@ -68,10 +75,18 @@ def datums(request: Message) -> list[Datum]:
         for j, chunk in enumerate(datum.model_input):
             kind = chunk.WhichOneof("chunk")
             if kind != "encoded_text":
-                raise UnsupportedError(f"data[{i}].model_input[{j}]: {kind} chunks are not supported; send token ids", field=f"data[{i}].model_input")
+                raise UnsupportedError(
+                    f"data[{i}].model_input[{j}]: {kind} chunks are not supported; send token ids",
+                    field=f"data[{i}].model_input",
+                )
             tokens.append(np.frombuffer(chunk.encoded_text.tokens, np.dtype("<i4")))
-        inputs = {name: TensorData.from_numpy(tensor_array(t, f"data[{i}].loss_fn_inputs.{name}")) for name, t in datum.loss_fn_inputs.items()}
-        data.append(Datum(model_input=ModelInput.from_ints(np.concatenate(tokens) if tokens else []), loss_fn_inputs=inputs))
+        inputs = {
+            name: TensorData.from_numpy(tensor_array(t, f"data[{i}].loss_fn_inputs.{name}"))
+            for name, t in datum.loss_fn_inputs.items()
+        }
+        data.append(
+            Datum(model_input=ModelInput.from_ints(np.concatenate(tokens) if tokens else []), loss_fn_inputs=inputs)
+        )
     return data
 
 
@@ -82,7 +97,9 @@ def loss_config(request: Message) -> dict[str, float] | None:
         config = {}
         for key, value in request.loss_fn_config_v2.items():
             if value.WhichOneof("value") != "number":
-                raise UnsupportedError(f"loss_fn_config.{key}: only numeric settings are supported", field=f"loss_fn_config.{key}")
+                raise UnsupportedError(
+                    f"loss_fn_config.{key}: only numeric settings are supported", field=f"loss_fn_config.{key}"
+                )
             config[key] = value.number
         return config
     return dict(request.loss_fn_config) or None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import Header
 
@@ -27,7 +28,9 @@ class Tinker:
         self.engine = service.engine
         self.keys = keys
         self.runs = Runs(service.records.engine)
-        self.sessions = Sessions(Releases(sampler=service.drop_sampler, run=service.close_session, runs_of=self.runs.of_tinker_session))
+        self.sessions = Sessions(
+            Releases(sampler=service.drop_sampler, run=service.close_session, runs_of=self.runs.of_tinker_session)
+        )
         self.home = service.engine.store.root.parent
         self.signer = ArchiveSigner()
         self._chain = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-tinker")
@@ -37,18 +40,39 @@ class Tinker:
         invalid); a coroutine, so that long-polls never wait for a worker thread."""
         return self.keys.authenticate(x_api_key)
 
-    def submit(self, who: str, kind: str, body: bytes, key: str | None, start: Callable[[], concurrent.futures.Future],
-               encode: Callable[[object], bytes], *, run: Run | None = None, seq: int | None = None,
-               record: Recorder | None = None, replay: bytes | None = None) -> str:  # fmt: skip
+    def submit(
+        self,
+        who: str,
+        kind: str,
+        body: bytes,
+        key: str | None,
+        start: Callable[[], concurrent.futures.Future],
+        encode: Callable[[object], bytes],
+        *,
+        run: Run | None = None,
+        seq: int | None = None,
+        record: Recorder | None = None,
+        replay: bytes | None = None,
+    ) -> str:
         """`Service.submit` of a Tinker request: answers stored in the Tinker encoding, the
         idempotency `key` (a retry with the same key and body gets the first request, another
         body a 409), filed under `run`'s Bios session at engine sequence number `seq`, with the
         service's `record` and `replay` hooks that keep a session's training across a restart.
         The SDK never resubmits a failed request, so the service retries retryable failures."""
         return self.service.submit(
-            who, f"tinker.{kind}", body, key, start, session_id=run.session_id if run else None, seq=seq,
-            record=record, replay=replay, encode=encode, encode_failure=answers.failure, retry_transient=True,
-        )  # fmt: skip
+            who,
+            f"tinker.{kind}",
+            body,
+            key,
+            start,
+            session_id=run.session_id if run else None,
+            seq=seq,
+            record=record,
+            replay=replay,
+            encode=encode,
+            encode_failure=answers.failure,
+            retry_transient=True,
+        )
 
     def ordered(self, run: Run, seq: int, prepare: Callable[[], T]) -> T:
         """`prepare()`, giving up engine sequence number `seq` of `run` if it raises, so that a

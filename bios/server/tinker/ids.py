@@ -75,10 +75,17 @@ class Runs:
 
     def add(self, run: Run) -> None:
         with self.db.begin() as tx:
-            tx.execute(insert(runs_table).values(
-                model_id=run.model_id, session_id=run.session_id, owner=run.owner, base_model=run.base_model,
-                lora_rank=run.lora_rank, user_metadata=json.dumps(run.user_metadata), created_at=run.created_at or time.time(),
-            ))  # fmt: skip
+            tx.execute(
+                insert(runs_table).values(
+                    model_id=run.model_id,
+                    session_id=run.session_id,
+                    owner=run.owner,
+                    base_model=run.base_model,
+                    lora_rank=run.lora_rank,
+                    user_metadata=json.dumps(run.user_metadata),
+                    created_at=run.created_at or time.time(),
+                )
+            )
 
     def get(self, owner: str, model_id: str) -> Run:
         """`owner`'s run `model_id`; NotFoundError if there is none (or it is another owner's)."""
@@ -95,13 +102,17 @@ class Runs:
         """The Bios sessions of `owner`'s runs created by Tinker session `session_id`."""
         prefix = runs_table.c.model_id.startswith(model_id(session_id, ""), autoescape=True)
         with self.db.connect() as tx:
-            return list(tx.execute(select(runs_table.c.session_id).where(runs_table.c.owner == owner, prefix)).scalars())
+            return list(
+                tx.execute(select(runs_table.c.session_id).where(runs_table.c.owner == owner, prefix)).scalars()
+            )
 
     def page(self, owner: str, limit: int, offset: int) -> tuple[list[Run], int]:
         """`owner`'s runs, oldest first, `limit` of them from `offset`, and how many there are."""
         mine = runs_table.c.owner == owner
         with self.db.connect() as tx:
-            rows = tx.execute(select(runs_table).where(mine).order_by(runs_table.c.created_at).limit(limit).offset(offset))
+            rows = tx.execute(
+                select(runs_table).where(mine).order_by(runs_table.c.created_at).limit(limit).offset(offset)
+            )
             runs = [_run(row) for row in rows]
             total = tx.execute(select(func.count()).select_from(runs_table).where(mine)).scalar() or 0
         return runs, total
@@ -128,14 +139,27 @@ class Runs:
 
 def _run(row: object) -> Run:
     m = row._mapping  # type: ignore[attr-defined]
-    return Run(m["model_id"], m["session_id"], m["owner"], m["base_model"], m["lora_rank"], json.loads(m["user_metadata"]), m["created_at"])
+    return Run(
+        m["model_id"],
+        m["session_id"],
+        m["owner"],
+        m["base_model"],
+        m["lora_rank"],
+        json.loads(m["user_metadata"]),
+        m["created_at"],
+    )
 
 
 def _parse_tinker_path(path: object) -> tuple[str, str, str]:
     """(run id, kind directory, name) of `tinker://RUN/weights|sampler_weights/NAME`."""
     parts = path[len(TINKER_SCHEME) :].split("/") if isinstance(path, str) and path.startswith(TINKER_SCHEME) else []
     if len(parts) == 3 and parts[1] == "external_weights":
-        raise UnsupportedError(f"path {path!r}: external (Hugging Face format) weights are not supported by Bios", field="path")
+        raise UnsupportedError(
+            f"path {path!r}: external (Hugging Face format) weights are not supported by Bios", field="path"
+        )
     if len(parts) != 3 or parts[1] not in KIND_DIRS or not all(parts):
-        raise InvalidRequestError(f"path {path!r} is not a checkpoint path (tinker://RUN/weights/NAME or tinker://RUN/sampler_weights/NAME)", field="path")
+        raise InvalidRequestError(
+            f"path {path!r} is not a checkpoint path (tinker://RUN/weights/NAME or tinker://RUN/sampler_weights/NAME)",
+            field="path",
+        )
     return parts[0], parts[1], parts[2]

@@ -41,7 +41,12 @@ MESSAGES: dict[str, list[tuple[str, int, str, str | None]]] = {
         ("logprobs", 3, "optional bytes", None),
         ("topk_sampled_logprobs", 4, "optional TopkLogprobs", None),
     ],
-    "TopkLogprobs": [("token_ids", 1, "bytes", None), ("logprobs", 2, "bytes", None), ("k", 3, "uint32", None), ("length", 4, "uint32", None)],
+    "TopkLogprobs": [
+        ("token_ids", 1, "bytes", None),
+        ("logprobs", 2, "bytes", None),
+        ("k", 3, "uint32", None),
+        ("length", 4, "uint32", None),
+    ],
     "SparseCsr": [("values", 1, "bytes", None), ("crow_indices", 2, "bytes", None), ("col_indices", 3, "bytes", None)],
     "Tensor": [
         ("dense", 1, "bytes", "encoding"),
@@ -49,8 +54,17 @@ MESSAGES: dict[str, list[tuple[str, int, str, str | None]]] = {
         ("dtype", 3, "DType", None),
         ("shape", 4, "repeated int64", None),
     ],
-    "BatchedTensor": [("data", 1, "bytes", None), ("offsets", 2, "bytes", None), ("dtype", 3, "DType", None), ("trailing_shape", 4, "repeated int64", None)],
-    "ArrayRecord": [("type_tag", 1, "string", None), ("fields", 2, "map<string,BatchedTensor>", None), ("num_datums", 3, "int64", None)],
+    "BatchedTensor": [
+        ("data", 1, "bytes", None),
+        ("offsets", 2, "bytes", None),
+        ("dtype", 3, "DType", None),
+        ("trailing_shape", 4, "repeated int64", None),
+    ],
+    "ArrayRecord": [
+        ("type_tag", 1, "string", None),
+        ("fields", 2, "map<string,BatchedTensor>", None),
+        ("num_datums", 3, "int64", None),
+    ],
     "ForwardBackwardOutput": [
         ("loss_fn_output_type", 1, "string", None),
         ("loss_fn_outputs", 2, "repeated ArrayRecord", None),
@@ -72,10 +86,25 @@ MESSAGES: dict[str, list[tuple[str, int, str, str | None]]] = {
         ("model_input_spans", 3, "repeated ProvenanceSpan", None),
         ("loss_fn_input_spans", 4, "repeated ProvenanceSpan", None),
     ],
-    "ProvenanceSpan": [("prompt_tokens", 1, "PromptProvenanceSpan", "span"), ("sampled_tokens", 2, "SampledProvenanceSpan", "span")],
-    "PromptProvenanceSpan": [("sequence_id", 1, "string", None), ("offset", 2, "int64", None), ("length", 3, "int64", None)],
-    "SampledProvenanceSpan": [("sequence_id", 1, "string", None), ("offset", 2, "int64", None), ("length", 3, "int64", None)],
-    "Chunk": [("encoded_text", 1, "EncodedTextChunk", "chunk"), ("image", 2, "ImageChunk", "chunk"), ("dmel", 3, "DmelChunk", "chunk")],
+    "ProvenanceSpan": [
+        ("prompt_tokens", 1, "PromptProvenanceSpan", "span"),
+        ("sampled_tokens", 2, "SampledProvenanceSpan", "span"),
+    ],
+    "PromptProvenanceSpan": [
+        ("sequence_id", 1, "string", None),
+        ("offset", 2, "int64", None),
+        ("length", 3, "int64", None),
+    ],
+    "SampledProvenanceSpan": [
+        ("sequence_id", 1, "string", None),
+        ("offset", 2, "int64", None),
+        ("length", 3, "int64", None),
+    ],
+    "Chunk": [
+        ("encoded_text", 1, "EncodedTextChunk", "chunk"),
+        ("image", 2, "ImageChunk", "chunk"),
+        ("dmel", 3, "DmelChunk", "chunk"),
+    ],
     "EncodedTextChunk": [("tokens", 1, "bytes", None)],
     "ImageChunk": [
         ("data", 1, "bytes", None),
@@ -89,9 +118,14 @@ MESSAGES: dict[str, list[tuple[str, int, str, str | None]]] = {
 
 _F = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {
-    "bytes": _F.TYPE_BYTES, "string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL, "double": _F.TYPE_DOUBLE,
-    "int32": _F.TYPE_INT32, "int64": _F.TYPE_INT64, "uint32": _F.TYPE_UINT32,
-}  # fmt: skip
+    "bytes": _F.TYPE_BYTES,
+    "string": _F.TYPE_STRING,
+    "bool": _F.TYPE_BOOL,
+    "double": _F.TYPE_DOUBLE,
+    "int32": _F.TYPE_INT32,
+    "int64": _F.TYPE_INT64,
+    "uint32": _F.TYPE_UINT32,
+}
 
 
 def _typed(field: descriptor_pb2.FieldDescriptorProto, type_name: str) -> None:
@@ -116,7 +150,11 @@ def _message(name: str, fields: list[tuple[str, int, str, str | None]]) -> descr
             entry.options.map_entry = True
             _typed(entry.field.add(name="key", number=1, label=_F.LABEL_OPTIONAL), key)
             _typed(entry.field.add(name="value", number=2, label=_F.LABEL_OPTIONAL), value)
-            field.label, field.type, field.type_name = _F.LABEL_REPEATED, _F.TYPE_MESSAGE, f".{PACKAGE}.{name}.{entry.name}"
+            field.label, field.type, field.type_name = (
+                _F.LABEL_REPEATED,
+                _F.TYPE_MESSAGE,
+                f".{PACKAGE}.{name}.{entry.name}",
+            )
             continue
         modifier, _, type_name = spec.rpartition(" ")
         _typed(field, type_name)
@@ -136,7 +174,9 @@ def file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     file = descriptor_pb2.FileDescriptorProto(name=FILE_NAME, package=PACKAGE, syntax="proto3")
     file.message_type.extend(_message(name, fields) for name, fields in MESSAGES.items())
     for name, values in ENUMS.items():
-        file.enum_type.add(name=name, value=[descriptor_pb2.EnumValueDescriptorProto(name=v, number=i) for i, v in enumerate(values)])
+        file.enum_type.add(
+            name=name, value=[descriptor_pb2.EnumValueDescriptorProto(name=v, number=i) for i, v in enumerate(values)]
+        )
     return file
 
 
@@ -154,6 +194,9 @@ ForwardBackwardOutput = message_class("ForwardBackwardOutput")
 SampleResponse = message_class("SampleResponse")
 BatchedTensor = message_class("BatchedTensor")
 
-STOP_REASONS = {"stop": ENUMS["StopReason"].index("STOP_REASON_STOP"), "length": ENUMS["StopReason"].index("STOP_REASON_LENGTH")}
+STOP_REASONS = {
+    "stop": ENUMS["StopReason"].index("STOP_REASON_STOP"),
+    "length": ENUMS["StopReason"].index("STOP_REASON_LENGTH"),
+}
 """Bios stop reasons -> `StopReason` numbers."""
 DTYPE_FLOAT32, DTYPE_INT64 = ENUMS["DType"].index("DTYPE_FLOAT32"), ENUMS["DType"].index("DTYPE_INT64")

@@ -26,7 +26,7 @@ CHECKPOINT_TYPES = {"state": "training", "sampler": "sampler"}
 
 def iso(timestamp: float) -> str:
     """Unix time as an ISO-8601 UTC datetime."""
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 
 def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
@@ -39,31 +39,53 @@ def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
     def checkpoint(record: StateResult) -> dict:
         path = runs.tinker_path(record.path)
         return {
-            "checkpoint_id": path.split("/", 3)[3], "checkpoint_type": CHECKPOINT_TYPES[record.kind], "time": iso(record.created_at),
-            "tinker_path": path, "public": False, "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
-        }  # fmt: skip
+            "checkpoint_id": path.split("/", 3)[3],
+            "checkpoint_type": CHECKPOINT_TYPES[record.kind],
+            "time": iso(record.created_at),
+            "tinker_path": path,
+            "public": False,
+            "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
+        }
 
     def training_run(who: str, run: Run) -> dict:
         """The run as a Tinker `TrainingRun`; its last request time is the latest activity on
         record (its creation or its newest checkpoint)."""
         saved = checkpoints_of(who, run)
-        last = {kind: next((checkpoint(c) for c in reversed(saved) if c.kind == kind), None) for kind in CHECKPOINT_TYPES}
+        last = {
+            kind: next((checkpoint(c) for c in reversed(saved) if c.kind == kind), None) for kind in CHECKPOINT_TYPES
+        }
         return {
-            "training_run_id": run.model_id, "base_model": run.base_model, "model_owner": run.owner, "is_lora": True,
-            "corrupted": False, "lora_rank": run.lora_rank, "user_metadata": run.user_metadata,
+            "training_run_id": run.model_id,
+            "base_model": run.base_model,
+            "model_owner": run.owner,
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": run.lora_rank,
+            "user_metadata": run.user_metadata,
             "last_request_time": iso(max([run.created_at, *(c.created_at for c in saved)])),
-            "last_checkpoint": last["state"], "last_sampler_checkpoint": last["sampler"],
-        }  # fmt: skip
+            "last_checkpoint": last["state"],
+            "last_sampler_checkpoint": last["sampler"],
+        }
 
     def bios_checkpoint(who: str, run_id: str, kind: str, name: str) -> str:
         return service.check_checkpoint(who, runs.bios_path(who, f"tinker://{run_id}/{kind}/{name}"))
 
     @router.get("/training_runs")
-    def list_training_runs(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0), access_scope: str = "owned", who: str = owner) -> dict:
+    def list_training_runs(
+        limit: int = Query(20, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+        access_scope: str = "owned",
+        who: str = owner,
+    ) -> dict:
         if access_scope != "owned":
-            raise InvalidRequestError(f"access_scope: only 'owned' is supported, got {access_scope!r}", field="access_scope")
+            raise InvalidRequestError(
+                f"access_scope: only 'owned' is supported, got {access_scope!r}", field="access_scope"
+            )
         page, total = runs.page(who, limit, offset)
-        return {"training_runs": [training_run(who, run) for run in page], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+        return {
+            "training_runs": [training_run(who, run) for run in page],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
 
     @router.get("/training_runs/{run_id}")
     def get_training_run(run_id: str, who: str = owner) -> dict:
@@ -74,11 +96,17 @@ def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
         return {"checkpoints": [checkpoint(c) for c in checkpoints_of(who, runs.get(who, run_id))]}
 
     @router.get("/checkpoints")
-    def list_user_checkpoints(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0), who: str = owner) -> dict:
-        page, total = runs.page(who, 1 << 30, 0)
-        everything = sorted((c for run in page for c in checkpoints_of(who, run)), key=lambda c: c.created_at, reverse=True)
-        return {"checkpoints": [checkpoint(c) for c in everything[offset : offset + limit]],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(everything)}}  # fmt: skip
+    def list_user_checkpoints(
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0), who: str = owner
+    ) -> dict:
+        page, _total = runs.page(who, 1 << 30, 0)
+        everything = sorted(
+            (c for run in page for c in checkpoints_of(who, run)), key=lambda c: c.created_at, reverse=True
+        )
+        return {
+            "checkpoints": [checkpoint(c) for c in everything[offset : offset + limit]],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(everything)},
+        }
 
     @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
     def delete_checkpoint(run_id: str, kind: str, name: str, who: str = owner) -> dict:
@@ -92,10 +120,14 @@ def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
         """The LoRA configuration a checkpoint holds."""
         spec = engine.store.load(service.check_checkpoint(who, runs.bios_path(who, body.tinker_path)), "inspected").spec
         return {
-            "base_model": spec.base_model, "is_lora": True, "lora_rank": spec.rank, "optimizer_config": {"type": "adamw"},
-            "train_attn": set(ATTENTION_MODULES) <= set(spec.target_modules), "train_mlp": set(MLP_MODULES) <= set(spec.target_modules),
+            "base_model": spec.base_model,
+            "is_lora": True,
+            "lora_rank": spec.rank,
+            "optimizer_config": {"type": "adamw"},
+            "train_attn": set(ATTENTION_MODULES) <= set(spec.target_modules),
+            "train_mlp": set(MLP_MODULES) <= set(spec.target_modules),
             "train_unembed": "lm_head" in spec.target_modules,
-        }  # fmt: skip
+        }
 
     @router.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/archive")
     def archive_url(run_id: str, kind: str, name: str, request: Request, who: str = owner) -> dict:
@@ -107,4 +139,9 @@ def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
     @router.get("/archives/{token}", name="tinker_archive")
     def download_archive(token: str) -> FileResponse:
         archive = build_archive(engine.store, engine.catalog, tinker.signer.path(token))
-        return FileResponse(archive, media_type="application/x-tar", filename="checkpoint.tar", background=BackgroundTask(os.unlink, archive))
+        return FileResponse(
+            archive,
+            media_type="application/x-tar",
+            filename="checkpoint.tar",
+            background=BackgroundTask(os.unlink, archive),
+        )

@@ -21,12 +21,18 @@ from bios.server.tinker.sessions import Sampler
 
 def unsupported_sampling(body: Sample) -> None:
     """UnsupportedError naming the first requested sampling feature Bios lacks."""
-    for name, wanted in (("topk_prompt_logprobs", body.topk_prompt_logprobs > 0), ("topk_sample_logprobs", body.topk_sample_logprobs > 0),
-                         ("target_prompt_logprobs", body.target_prompt_logprobs is not None), ("prompt_alt_tokens_k", body.prompt_alt_tokens_k > 0)):  # fmt: skip
+    for name, wanted in (
+        ("topk_prompt_logprobs", body.topk_prompt_logprobs > 0),
+        ("topk_sample_logprobs", body.topk_sample_logprobs > 0),
+        ("target_prompt_logprobs", body.target_prompt_logprobs is not None),
+        ("prompt_alt_tokens_k", body.prompt_alt_tokens_k > 0),
+    ):
         if wanted:
             raise UnsupportedError(f"{name}: not supported by Bios; ask for prompt_logprobs instead", field=name)
     if body.prompt_logprobs_last_n is not None and (not body.prompt_logprobs or body.prompt_logprobs_last_n < 1):
-        raise InvalidRequestError("prompt_logprobs_last_n: must be >= 1 and needs prompt_logprobs", field="prompt_logprobs_last_n")
+        raise InvalidRequestError(
+            "prompt_logprobs_last_n: must be >= 1 and needs prompt_logprobs", field="prompt_logprobs_last_n"
+        )
 
 
 def add_sampling_routes(router: APIRouter, tinker: Tinker) -> None:
@@ -40,7 +46,9 @@ def add_sampling_routes(router: APIRouter, tinker: Tinker) -> None:
         sampler_id = tinker.sessions.sampler_of(who, body.session_id, body.sampling_session_seq_id)
         if sampler_id is None:
             if body.model_path is not None:
-                handle = engine.create_sampler(model_path=service.check_checkpoint(who, runs.bios_path(who, body.model_path)))
+                handle = engine.create_sampler(
+                    model_path=service.check_checkpoint(who, runs.bios_path(who, body.model_path))
+                )
             else:
                 handle = engine.create_sampler(base_model=body.base_model)
             service.add_sampler(handle.sampler_id, who)
@@ -58,12 +66,16 @@ def add_sampling_routes(router: APIRouter, tinker: Tinker) -> None:
     @router.post("/asample")
     def asample(body: Sample, who: str = owner) -> dict:
         if body.sampling_session_id is None:
-            raise InvalidRequestError("sampling_session_id: sample through a sampling session", field="sampling_session_id")
+            raise InvalidRequestError(
+                "sampling_session_id: sample through a sampling session", field="sampling_session_id"
+            )
         sampler = tinker.sessions.sampler(who, body.sampling_session_id)
         unsupported_sampling(body)
         eos = engine.tokenizer(sampler.base_model).eos_token_id
         prompt, params = model_input(body.prompt), sampling_params(body.sampling_params, eos)
-        start = lambda: engine.sampler_sample(sampler.sampler_id, prompt, params, body.num_samples, prompt_logprobs=bool(body.prompt_logprobs))  # noqa: E731
+        start = lambda: engine.sampler_sample(
+            sampler.sampler_id, prompt, params, body.num_samples, prompt_logprobs=bool(body.prompt_logprobs)
+        )
         encode = proto_answer(lambda result: codec.sample_response(result, body.prompt_logprobs_last_n))
         key = None if body.seq_id is None else f"tinker/{sampler.sampler_id}/{body.seq_id}"
         request_id = tinker.submit(who, "sample", body.model_dump_json().encode(), key, start, encode)

@@ -64,9 +64,12 @@ def add_session_routes(router: APIRouter, tinker: Tinker) -> None:
     @router.get("/get_server_capabilities")
     def server_capabilities(who: str = owner) -> dict:
         models = tinker.engine.capabilities().supported_models
-        return {"supported_models": [
-            {"model_name": m.model_name, "max_context_length": m.max_seq_len, "trainable": True, "sampleable": True} for m in models
-        ]}  # fmt: skip
+        return {
+            "supported_models": [
+                {"model_name": m.model_name, "max_context_length": m.max_seq_len, "trainable": True, "sampleable": True}
+                for m in models
+            ]
+        }
 
     @router.post("/retrieve_future")
     async def retrieve_future(body: Retrieve, who: str = owner) -> Response:
@@ -74,5 +77,7 @@ def add_session_routes(router: APIRouter, tinker: Tinker) -> None:
         to HOLD_S for it; 408 `try_again` while it runs; 404 for another key's request."""
         stored = await tinker.service.wait(who, body.request_id, HOLD_S)
         if stored is None:
-            return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"}, status_code=408)
+            return JSONResponse(
+                {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}, status_code=408
+            )
         return answers.served(body.request_id, stored)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
 
 from bios.errors import BiosError, NotFoundError
 
@@ -109,8 +109,15 @@ class Sessions:
         and silent for `FORGET_S`."""
         now = time.monotonic()
         with self._lock:
-            released = [f for session in self._sessions.values() if not session.over and session.last_seen < now - self.expiry_s for f in self._end(session)]
-            for session_id in [k for k, session in self._sessions.items() if session.over and session.last_seen < now - FORGET_S]:
+            released = [
+                f
+                for session in self._sessions.values()
+                if not session.over and session.last_seen < now - self.expiry_s
+                for f in self._end(session)
+            ]
+            for session_id in [
+                k for k, session in self._sessions.items() if session.over and session.last_seen < now - FORGET_S
+            ]:
                 del self._sessions[session_id]
         self._release_all(released)
 
@@ -147,7 +154,10 @@ class Sessions:
     def _live(self, owner: str, session_id: str) -> _Session:
         session = self._owned(owner, session_id)
         if session.over:
-            raise SessionExpiredError(f"session_id: session {session_id!r} has finished or expired; create a new ServiceClient", field="session_id")
+            raise SessionExpiredError(
+                f"session_id: session {session_id!r} has finished or expired; create a new ServiceClient",
+                field="session_id",
+            )
         return session
 
     def _end(self, session: _Session) -> list[Callable[[], None]]:

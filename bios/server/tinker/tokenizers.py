@@ -24,7 +24,10 @@ def tokenizer_directory(root: Path, base_model: str, tokenizer: Tokenizer) -> Pa
     The SDK cuts a tokenizer id at its first `:`, so the path may not contain one."""
     directory = Path(root).resolve() / base_model.replace("/", "--").replace(":", "-")
     if ":" in str(directory):
-        raise BackendError(f"the tokenizer directory {directory} contains ':', which the Tinker SDK cannot load; serve from a home without ':'")
+        raise BackendError(
+            f"the tokenizer directory {directory} contains ':', which "
+            "the Tinker SDK cannot load; serve from a home without ':'"
+        )
     if (directory / "tokenizer_config.json").is_file():
         return directory
     wire = tokenizer.to_wire()

@@ -11,7 +11,7 @@ request refused before it reaches the engine gives up its sequence number.
 from __future__ import annotations
 
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import zstandard
 from fastapi import APIRouter, Depends, Header, Request
@@ -21,7 +21,15 @@ from bios.engine.checkpoints import checkpoint_path
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTooLargeError, UnsupportedError
 from bios.server.tinker import codec, ids
 from bios.server.tinker.answers import json_answer, proto_answer
-from bios.server.tinker.bodies import CreateModel, LoadWeights, ModelRef, OptimStep, SaveForSampler, SaveWeights, user_metadata
+from bios.server.tinker.bodies import (
+    CreateModel,
+    LoadWeights,
+    ModelRef,
+    OptimStep,
+    SaveForSampler,
+    SaveWeights,
+    user_metadata,
+)
 from bios.server.tinker.context import Tinker, done
 from bios.server.tinker.ids import Run
 from bios.server.tinker.sessions import Sampler
@@ -41,13 +49,17 @@ def inflate(body: bytes, content_encoding: str | None) -> bytes:
     if not content_encoding or content_encoding.strip().lower() == "identity":
         return body
     if content_encoding.strip().lower() != "zstd":
-        raise InvalidRequestError(f"Content-Encoding: {content_encoding!r} is not supported (use zstd or none)", field="Content-Encoding")
+        raise InvalidRequestError(
+            f"Content-Encoding: {content_encoding!r} is not supported (use zstd or none)", field="Content-Encoding"
+        )
     try:
         inflated = zstandard.ZstdDecompressor().stream_reader(body).read(MAX_INFLATED_BYTES + 1)
     except zstandard.ZstdError as exc:
         raise InvalidRequestError(f"body: not valid zstd ({exc})", field="body") from None
     if len(inflated) > MAX_INFLATED_BYTES:
-        raise RequestTooLargeError(f"body: more than {MAX_INFLATED_BYTES} bytes decompressed; send smaller chunks", field="body")
+        raise RequestTooLargeError(
+            f"body: more than {MAX_INFLATED_BYTES} bytes decompressed; send smaller chunks", field="body"
+        )
     return inflated
 
 
@@ -55,7 +67,9 @@ def adam(body: OptimStep) -> AdamParams:
     """The Adam(W) settings of an optim_step; other optimizer families are unsupported."""
     if body.adam_params is None:
         kind = (body.optimizer_params or {}).get("type")
-        raise UnsupportedError(f"optimizer {kind!r} is not supported; Bios steps with Adam(W) (AdamParams)", field="optimizer_params")
+        raise UnsupportedError(
+            f"optimizer {kind!r} is not supported; Bios steps with Adam(W) (AdamParams)", field="optimizer_params"
+        )
     return AdamParams(**body.adam_params)
 
 
@@ -83,33 +97,51 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
         """A new LoRA training run `SESSION:train:MODEL_SEQ_ID` (Adam(W) only)."""
         tinker.sessions.check(who, body.session_id)
         if body.lora_config is None:
-            raise UnsupportedError("lora_config: Bios trains LoRA adapters only; full fine-tuning is not supported", field="lora_config")
+            raise UnsupportedError(
+                "lora_config: Bios trains LoRA adapters only; full fine-tuning is not supported", field="lora_config"
+            )
         if (body.optimizer_config or {}).get("type", "adamw") != "adamw":
-            raise UnsupportedError(f"optimizer_config: {body.optimizer_config} is not supported; Bios uses Adam(W)", field="optimizer_config")
+            raise UnsupportedError(
+                f"optimizer_config: {body.optimizer_config} is not supported; Bios uses Adam(W)",
+                field="optimizer_config",
+            )
         model_id = ids.model_id(body.session_id, body.model_seq_id)
 
-        def start():  # noqa: ANN202
+        def start():
             info = engine.create_session(body.base_model, body.lora_config.to_bios())
             return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
 
         encode = json_answer(lambda mid: {"model_id": mid, "type": "create_model"})
-        return {"request_id": tinker.submit(who, "create_model", body.model_dump_json().encode(), f"tinker/{model_id}", start, encode), "model_id": model_id}
+        return {
+            "request_id": tinker.submit(
+                who, "create_model", body.model_dump_json().encode(), f"tinker/{model_id}", start, encode
+            ),
+            "model_id": model_id,
+        }
 
     @router.post("/get_info")
     def get_info(body: ModelRef, who: str = owner) -> dict:
         """The run's model; `model_data.tokenizer_id` is a local directory `transformers` loads."""
         run = runs.get(who, body.model_id)
         info = engine.session_info(run.session_id)
-        directory = tokenizer_directory(tinker.home / "tinker" / "tokenizers", run.base_model, engine.tokenizer(run.base_model))
+        directory = tokenizer_directory(
+            tinker.home / "tinker" / "tokenizers", run.base_model, engine.tokenizer(run.base_model)
+        )
         arch = engine.catalog.get(run.base_model).architecture
         return {
-            "type": "get_info", "model_id": run.model_id, "is_lora": True, "lora_rank": info.lora_config.rank,
-            "model_name": run.base_model, "optimizer_config": {"type": "adamw"},
+            "type": "get_info",
+            "model_id": run.model_id,
+            "is_lora": True,
+            "lora_rank": info.lora_config.rank,
+            "model_name": run.base_model,
+            "optimizer_config": {"type": "adamw"},
             "model_data": {"arch": arch, "model_name": run.base_model, "tokenizer_id": str(directory)},
-        }  # fmt: skip
+        }
 
     @router.post("/forward_backward")
-    def forward_backward(body: bytes = Depends(raw_body), content_encoding: str | None = Header(None), who: str = owner) -> dict:
+    def forward_backward(
+        body: bytes = Depends(raw_body), content_encoding: str | None = Header(None), who: str = owner
+    ) -> dict:
         """A protobuf `ForwardBackwardRequest` (`forward_only` for `forward`); its result is a
         protobuf `ForwardBackwardOutput`."""
         raw = inflate(body, content_encoding)
@@ -117,27 +149,54 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
         run = runs.get(who, request.model_id)
         seq = ids.engine_seq(request.seq_id)
 
-        def prepare():  # noqa: ANN202
+        def prepare():
             if request.loss_fn == "custom":
-                raise UnsupportedError("loss_fn: server-side custom losses are not supported; pass a callable to forward_backward_custom", field="loss_fn")
+                raise UnsupportedError(
+                    "loss_fn: server-side custom losses are not supported; pass a callable to forward_backward_custom",
+                    field="loss_fn",
+                )
             return codec.datums(request), codec.loss_config(request)
 
         data, config = tinker.ordered(run, seq, prepare)
         backward = not request.forward_only
-        start = lambda: engine.forward_backward(run.session_id, seq, data, request.loss_fn, config, backward=backward)  # noqa: E731
-        replay = wire.ForwardBackward(seq=seq, data=data, loss_fn=request.loss_fn, loss_fn_config=config).model_dump_json().encode() if backward else None
+        start = lambda: engine.forward_backward(run.session_id, seq, data, request.loss_fn, config, backward=backward)
+        replay = (
+            wire.ForwardBackward(seq=seq, data=data, loss_fn=request.loss_fn, loss_fn_config=config)
+            .model_dump_json()
+            .encode()
+            if backward
+            else None
+        )
         kind = "forward_backward" if backward else "forward"
         encode = proto_answer(codec.forward_backward_output)
-        return submitted(run, tinker.submit(who, kind, raw, run_key(run, request.seq_id), start, encode, run=run, seq=seq, replay=replay))
+        return submitted(
+            run,
+            tinker.submit(who, kind, raw, run_key(run, request.seq_id), start, encode, run=run, seq=seq, replay=replay),
+        )
 
     @router.post("/optim_step")
     def optim_step(body: OptimStep, who: str = owner) -> dict:
         run = runs.get(who, body.model_id)
         seq = ids.engine_seq(body.seq_id)
         encode = json_answer(lambda pair: {"metrics": {**pair[0].metrics, "step": float(pair[0].step)}})
-        start = lambda: engine.optim_step(run.session_id, seq, tinker.ordered(run, seq, lambda: adam(body)), export_state=True)  # noqa: E731
+        start = lambda: engine.optim_step(
+            run.session_id, seq, tinker.ordered(run, seq, lambda: adam(body)), export_state=True
+        )
         record = service.durable_recorder(run.session_id, seq)
-        return submitted(run, tinker.submit(who, "optim_step", body.model_dump_json().encode(), run_key(run, body.seq_id), start, encode, run=run, seq=seq, record=record))
+        return submitted(
+            run,
+            tinker.submit(
+                who,
+                "optim_step",
+                body.model_dump_json().encode(),
+                run_key(run, body.seq_id),
+                start,
+                encode,
+                run=run,
+                seq=seq,
+                record=record,
+            ),
+        )
 
     @router.post("/save_weights")
     def save_weights(body: SaveWeights, who: str = owner) -> dict:
@@ -150,13 +209,30 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
             if not body.path:
                 raise InvalidRequestError("path: name the checkpoint", field="path")
             if not body.overwrite and saved(checkpoint_path(run.session_id, "state", body.path)):
-                raise InvalidRequestError(f"path: checkpoint {body.path!r} exists; pass overwrite=True to replace it", field="path")
+                raise InvalidRequestError(
+                    f"path: checkpoint {body.path!r} exists; pass overwrite=True to replace it", field="path"
+                )
             return body.path
 
-        start = lambda: engine.save_state(run.session_id, seq, tinker.ordered(run, seq, prepare), user_metadata(body.user_metadata), "state")  # noqa: E731
+        start = lambda: engine.save_state(
+            run.session_id, seq, tinker.ordered(run, seq, prepare), user_metadata(body.user_metadata), "state"
+        )
         encode = json_answer(lambda r: {"path": tinker_path(r), "type": "save_weights"})
         record = service.checkpoint_recorder(who, run.session_id)
-        return submitted(run, tinker.submit(who, "save_weights", body.model_dump_json().encode(), run_key(run, body.seq_id), start, encode, run=run, seq=seq, record=record))
+        return submitted(
+            run,
+            tinker.submit(
+                who,
+                "save_weights",
+                body.model_dump_json().encode(),
+                run_key(run, body.seq_id),
+                start,
+                encode,
+                run=run,
+                seq=seq,
+                record=record,
+            ),
+        )
 
     @router.post("/save_weights_for_sampler")
     def save_weights_for_sampler(body: SaveForSampler, who: str = owner) -> dict:
@@ -167,10 +243,14 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
         seq = ids.engine_seq(body.seq_id)
         key, hashed = run_key(run, body.seq_id), body.model_dump_json(exclude={"sampling_session_seq_id"}).encode()
         if body.path:
-            start = lambda: engine.save_state(run.session_id, seq, body.path, user_metadata(body.user_metadata), "sampler")  # noqa: E731
+            start = lambda: engine.save_state(
+                run.session_id, seq, body.path, user_metadata(body.user_metadata), "sampler"
+            )
             encode = json_answer(lambda r: {"path": tinker_path(r), "type": "save_weights_for_sampler"})
             record = service.checkpoint_recorder(who, run.session_id)
-            return submitted(run, tinker.submit(who, "save_for_sampler", hashed, key, start, encode, run=run, seq=seq, record=record))
+            return submitted(
+                run, tinker.submit(who, "save_for_sampler", hashed, key, start, encode, run=run, seq=seq, record=record)
+            )
         session_id = ids.session_of(run.model_id)
 
         def sampler_on(saved: StateResult) -> str:
@@ -180,14 +260,18 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
                 engine.delete_checkpoint(saved.path)  # the snapshot adapter holds the weights now
             service.add_sampler(handle.sampler_id, who)
             try:
-                return tinker.sessions.add_sampler(Sampler(handle.sampler_id, who, session_id, handle.base_model, None), key)
+                return tinker.sessions.add_sampler(
+                    Sampler(handle.sampler_id, who, session_id, handle.base_model, None), key
+                )
             except BiosError:
                 service.drop_sampler(who, handle.sampler_id)
                 raise
 
-        def start():  # noqa: ANN202
+        def start():
             tinker.ordered(run, seq, lambda: tinker.sessions.check(who, session_id))
-            return tinker.then(engine.save_state(run.session_id, seq, f"ephemeral-{uuid.uuid4().hex}", {}, "sampler"), sampler_on)
+            return tinker.then(
+                engine.save_state(run.session_id, seq, f"ephemeral-{uuid.uuid4().hex}", {}, "sampler"), sampler_on
+            )
 
         encode = json_answer(lambda sampler_id: {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
         return submitted(run, tinker.submit(who, "save_for_sampler", hashed, key, start, encode, run=run, seq=seq))
@@ -199,16 +283,33 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
         seq = ids.engine_seq(body.seq_id)
 
         def refuse() -> None:
-            raise UnsupportedError("save_weights_external: exporting Hugging Face weights is not supported by Bios; use save_weights_for_sampler (a PEFT LoRA adapter)", field="path")
+            raise UnsupportedError(
+                "save_weights_external: exporting Hugging Face weights is not "
+                "supported by Bios; use save_weights_for_sampler (a PEFT LoRA adapter)",
+                field="path",
+            )
 
-        start = lambda: tinker.ordered(run, seq, refuse)  # noqa: E731
-        return submitted(run, tinker.submit(who, "save_external", body.model_dump_json().encode(), run_key(run, body.seq_id), start, json_answer(dict), run=run, seq=seq))
+        start = lambda: tinker.ordered(run, seq, refuse)
+        return submitted(
+            run,
+            tinker.submit(
+                who,
+                "save_external",
+                body.model_dump_json().encode(),
+                run_key(run, body.seq_id),
+                start,
+                json_answer(dict),
+                run=run,
+                seq=seq,
+            ),
+        )
 
     @router.post("/load_weights")
     def load_weights(body: LoadWeights, who: str = owner) -> dict:
         """With `model_id` + `seq_id`: load_state into the run. With `session_id` +
         `model_seq_id`: a new run `SESSION:train:MODEL_SEQ_ID` resumed from the checkpoint.
         `optimizer` false loads the weights only, with a fresh optimizer."""
+
         def loaded(model_id: str) -> Callable[[object], bytes]:
             return json_answer(lambda _: {"path": body.path, "model_id": model_id, "type": "load_weights"})
 
@@ -216,27 +317,52 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
             run = runs.get(who, body.model_id)
             seq = ids.engine_seq(body.seq_id)
 
-            def start():  # noqa: ANN202
+            def start():
                 source = tinker.ordered(run, seq, lambda: checkpoint_to_load(who, body))
                 return engine.load_state(run.session_id, seq, source, export_state=True, optimizer=body.optimizer)
 
             record = service.durable_recorder(run.session_id, seq)
-            return submitted(run, tinker.submit(who, "load_weights", body.model_dump_json().encode(), run_key(run, body.seq_id), start, loaded(run.model_id), run=run, seq=seq, record=record))
+            return submitted(
+                run,
+                tinker.submit(
+                    who,
+                    "load_weights",
+                    body.model_dump_json().encode(),
+                    run_key(run, body.seq_id),
+                    start,
+                    loaded(run.model_id),
+                    run=run,
+                    seq=seq,
+                    record=record,
+                ),
+            )
         if body.session_id is None or body.model_seq_id is None:
-            raise InvalidRequestError("load_weights: give model_id and seq_id, or session_id and model_seq_id", field="model_id")
+            raise InvalidRequestError(
+                "load_weights: give model_id and seq_id, or session_id and model_seq_id", field="model_id"
+            )
         tinker.sessions.check(who, body.session_id)
         model_id = ids.model_id(body.session_id, body.model_seq_id)
 
-        def create():  # noqa: ANN202
-            info = engine.create_session_from_state(checkpoint_to_load(who, body), body.base_model, optimizer=body.optimizer)
+        def create():
+            info = engine.create_session_from_state(
+                checkpoint_to_load(who, body), body.base_model, optimizer=body.optimizer
+            )
             return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
 
-        return {"request_id": tinker.submit(who, "load_weights", body.model_dump_json().encode(), f"tinker/{model_id}", create, loaded(model_id)), "model_id": model_id}
+        return {
+            "request_id": tinker.submit(
+                who, "load_weights", body.model_dump_json().encode(), f"tinker/{model_id}", create, loaded(model_id)
+            ),
+            "model_id": model_id,
+        }
 
     def checkpoint_to_load(who: str, body: LoadWeights) -> str:
         """The Bios path of the caller's checkpoint `body.path` (NotFoundError for another key's)."""
         if body.weights_access_token is not None:
-            raise UnsupportedError("weights_access_token: Bios loads only checkpoints of the caller's own key", field="weights_access_token")
+            raise UnsupportedError(
+                "weights_access_token: Bios loads only checkpoints of the caller's own key",
+                field="weights_access_token",
+            )
         try:
             return service.check_checkpoint(who, runs.bios_path(who, body.path))
         except NotFoundError:
