@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import weakref
 
-from bios.engine import SamplerHandle
 from bios.futures import BiosFuture, pinned
+from bios.handles import SamplerHandle
 from bios.retry import retrying
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport

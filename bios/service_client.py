@@ -10,7 +10,7 @@ from bios.errors import InvalidRequestError
 from bios.sampling_client import SamplingClient
 from bios.simulation import SimulationConfig, SimulationReport
 from bios.training_client import TrainingClient
-from bios.transport import connect
+from bios.transport import Transport, connect
 from bios.types import LoraConfig, ServerCapabilities
 
 
@@ -38,6 +38,12 @@ class ServiceClient:
             api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options, simulation=simulation
         )
         self._transport = connect(self.config)
+
+    @property
+    def transport(self) -> Transport:
+        """What carries this client's calls: the in-process `bios.engine.Engine`, or the
+        `bios.transport.http.HttpTransport` of a remote server (read-only; for tests and tools)."""
+        return self._transport
 
     def simulation_report(self) -> SimulationReport | None:
         """Under the service simulator: the run so far — requests, retries and faults by kind,

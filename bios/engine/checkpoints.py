@@ -26,29 +26,14 @@ from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
 from bios.engine.peft import CONFIG_FILE, write_peft_adapter
 from bios.engine.tensor_files import read_tensors, write_tensors
-from bios.errors import InvalidRequestError, NotFoundError
+from bios.errors import NotFoundError
 from bios.types import StateResult
+from bios.validation import KIND_DIRS, SCHEME, parse_path
 
-SCHEME = "bios://"
-KIND_DIRS = {"state": "weights", "sampler": "sampler_weights"}
 PEFT_DIR = "peft"
 _LOCK = threading.RLock()
 """Held while a checkpoint directory is swapped and while one is read, so that a reader in this
 process (any store) sees the old checkpoint or the new one, never the gap between them."""
-
-
-def parse_path(path: object) -> tuple[str, str, str]:
-    """(session_id, kind, name) of a `bios://SESSION/weights|sampler_weights/NAME` path."""
-    if not isinstance(path, str) or not path.startswith(SCHEME):
-        raise InvalidRequestError(f"path {path!r} is not a checkpoint path (bios://SESSION/weights/NAME)", field="path")
-    parts = path[len(SCHEME) :].split("/")
-    kinds = {v: k for k, v in KIND_DIRS.items()}
-    if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p.startswith(".") for p in parts):
-        raise InvalidRequestError(
-            f"path {path!r} is malformed; expected bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME",
-            field="path",
-        )
-    return parts[0], kinds[parts[1]], parts[2]
 
 
 def checkpoint_path(session_id: str, kind: str, name: str) -> str:

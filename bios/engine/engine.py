@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bios import validation
 from bios.backend import (
     AdapterSpec,
     AdapterState,
@@ -31,13 +32,13 @@ from bios.backend import (
 )
 from bios.catalog import Catalog, ModelSpec
 from bios.clock import REAL_CLOCK, current_attempt
-from bios.engine import validation
-from bios.engine.checkpoints import SCHEME, CheckpointStore, parse_path
+from bios.engine.checkpoints import CheckpointStore
 from bios.engine.peft import is_local_directory, read_peft_adapter
 from bios.engine.scheduler import Job, Scheduler
 from bios.engine.snapshots import SnapshotPool
 from bios.errors import BackendError, InvalidRequestError, NotFoundError
 from bios.futures import TimedFuture
+from bios.handles import SamplerHandle
 from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
 from bios.types import (
@@ -56,6 +57,7 @@ from bios.types import (
     TensorData,
     TrainingInfo,
 )
+from bios.validation import SCHEME, parse_path
 
 
 @dataclass(slots=True)
@@ -64,17 +66,6 @@ class _Session:
     model: ModelSpec
     adapter: AdapterSpec
     step: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SamplerHandle:
-    """A sampling target: a frozen adapter (`adapter_id`, made from checkpoint `checkpoint_id`)
-    or the bare base model (both None)."""
-
-    sampler_id: str
-    base_model: str
-    adapter_id: str | None
-    checkpoint_id: str | None = None
 
 
 class Engine:

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import sqlalchemy.exc
 
 from bios.engine import Engine
-from bios.engine.checkpoints import parse_path
 from bios.errors import BiosError, ConflictError, NotFoundError
 from bios.futures import settle_clock
 from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.validation import parse_path
 
 Recorder = Callable[[str, object, bytes], None]
 """Called by the writer thread with (request id, result, answer envelope) before the answer is

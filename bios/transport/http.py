@@ -17,17 +17,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from bios import wire
+from bios import validation, wire
 from bios.clock import REAL_CLOCK, Clock, VirtualClock, current_attempt
-from bios.engine import validation
-from bios.engine.checkpoints import parse_path
-from bios.engine.engine import SamplerHandle
 from bios.errors import APIConnectionError, APITimeoutError, BackendError, BiosError, InvalidRequestError
+from bios.handles import SamplerHandle
 from bios.losses import loss_spec
 from bios.tokenizer import Tokenizer
 from bios.types import (
@@ -43,6 +41,7 @@ from bios.types import (
     StateResult,
     TrainingInfo,
 )
+from bios.validation import parse_path
 
 _RETRY_STATUS = {429, 502, 503, 504}
 _LOGPROBS = TypeAdapter(list[float | None])
@@ -228,7 +227,12 @@ class HttpTransport:
         return self._ordered(session_id, seq, "sample", body, SampleResult.model_validate)
 
     def save_state(
-        self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state"
+        self,
+        session_id: str,
+        seq: int,
+        name: str,
+        metadata: dict | None = None,
+        kind: Literal["state", "sampler"] = "state",
     ) -> concurrent.futures.Future:
         def body() -> wire.SaveState:
             return wire.SaveState(
@@ -252,7 +256,7 @@ class HttpTransport:
             base_model=None if base_model is None else str(base_model),
         )
         made = wire.Sampler.model_validate(self._send("POST", "/v1/samplers", body, mutating=True).json())
-        return SamplerHandle(made.sampler_id, made.base_model, None)
+        return SamplerHandle(made.sampler_id, made.base_model)
 
     def release_sampler(self, sampler_id: str) -> None:
         """Tell the server in the background; a server that is gone is ignored."""

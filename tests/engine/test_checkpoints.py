@@ -13,9 +13,10 @@ import pytest
 from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import BUILTIN_MODELS
 from bios.engine import checkpoints
-from bios.engine.checkpoints import CheckpointStore, checkpoint_path, parse_path
+from bios.engine.checkpoints import CheckpointStore, checkpoint_path
 from bios.engine.peft import read_peft_adapter
 from bios.errors import InvalidRequestError, NotFoundError
+from bios.validation import parse_path
 from bios.weights import lora_shapes
 
 SPEC = AdapterSpec(

@@ -7,8 +7,7 @@ from helpers import make_datum
 
 import bios
 from backends.jax import compiled
-from bios import types
-from bios.engine import validation
+from bios import types, validation
 
 
 def test_a_varied_training_loop_compiles_few_programs():

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, func, insert, select
 from sqlalchemy.engine import Engine as SqlEngine
 
-from bios.engine.checkpoints import SCHEME, parse_path
 from bios.errors import InvalidRequestError, NotFoundError, UnsupportedError
+from bios.validation import SCHEME, parse_path
 
 TINKER_SCHEME = "tinker://"
 KIND_DIRS = ("weights", "sampler_weights")

@@ -2,7 +2,11 @@
 
 Everything a request could get wrong is checked here, before it is queued, so that a
 rejected request changes nothing. Errors are `InvalidRequestError`s naming the field, the
-value and what would be valid.
+value and what would be valid. The engine checks requests with all of it; the HTTP transport
+with the argument checks that need no model (`instance`, `datum_list`, `parse_path`, ...), so
+that a bad argument raises the same error remotely before anything is sent.
+
+Contract layer: imports NumPy and the contract layer only.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,10 +24,17 @@ from bios.errors import InvalidRequestError
 from bios.losses import INTEGER_INPUTS, loss_spec
 from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
 
+T = TypeVar("T")
+
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SCHEME = "bios://"
+KIND_DIRS = {"state": "weights", "sampler": "sampler_weights"}
+"""Checkpoint kind → the path segment that names it (`bios://SESSION/weights/NAME`)."""
 
 
-def check_tokens(tokens: Sequence[int], model: ModelSpec, field: str, *, allow_empty: bool = False) -> np.ndarray:
+def check_tokens(
+    tokens: Sequence[int] | np.ndarray, model: ModelSpec, field: str, *, allow_empty: bool = False
+) -> np.ndarray:
     """`tokens` as [T] int64, all in [0, V) and T <= max_seq_len (T >= 1 unless allow_empty)."""
     try:
         array = np.asarray(tokens, dtype=np.int64)
@@ -46,7 +58,7 @@ def check_tokens(tokens: Sequence[int], model: ModelSpec, field: str, *, allow_e
     return array
 
 
-def instance(value: object, cls: type, field: str) -> object:
+def instance(value: object, cls: type[T], field: str) -> T:
     """`value` if it is a `cls` (a bios.types model); InvalidRequestError naming `field` otherwise."""
     if not isinstance(value, cls):
         raise InvalidRequestError(
@@ -250,4 +262,19 @@ def metadata(value: object) -> dict:
         return item
 
     check(value, "metadata")
-    return plain(value)  # type: ignore[return-value]
+    return {key: plain(sub) for key, sub in value.items()}
+
+
+def parse_path(path: object) -> tuple[str, str, str]:
+    """(session_id, kind, name) of a `bios://SESSION/weights|sampler_weights/NAME` path;
+    InvalidRequestError naming `path` for anything else."""
+    if not isinstance(path, str) or not path.startswith(SCHEME):
+        raise InvalidRequestError(f"path {path!r} is not a checkpoint path (bios://SESSION/weights/NAME)", field="path")
+    parts = path[len(SCHEME) :].split("/")
+    kinds = {v: k for k, v in KIND_DIRS.items()}
+    if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p.startswith(".") for p in parts):
+        raise InvalidRequestError(
+            f"path {path!r} is malformed; expected bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME",
+            field="path",
+        )
+    return parts[0], kinds[parts[1]], parts[2]

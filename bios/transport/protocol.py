@@ -1,0 +1,148 @@
+"""`Transport`: what the clients need from the service, whichever way it is reached.
+
+Two classes satisfy it structurally: `bios.engine.Engine` (in this process) and
+`bios.transport.http.HttpTransport` (a `bios serve` over HTTP). The clients hold a `Transport`
+and never ask which one it is.
+
+Shared promises of every method:
+- Arguments are checked before anything changes; a bad one raises `InvalidRequestError` naming
+  the field (the same error in-process and remote), an unknown id `NotFoundError`.
+- Work methods (`forward_backward`, `optim_step`, `sample`, `save_state`, `load_state`,
+  `sampler_sample`, `sampler_logprobs`) queue the request and return a
+  `concurrent.futures.Future` of its result; an ordered request runs at sequence number `seq`
+  of its session. A request refused before the engine took it releases `seq` (the session's
+  later requests still run).
+- Failures that may pass are retryable `BiosError`s (`APIConnectionError`, `RateLimitError`,
+  `ServiceUnavailableError`, ...). A transport never retries: `bios.retry` does, once.
+
+Imports the contract layer only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from bios.clock import Clock
+from bios.handles import SamplerHandle
+from bios.tokenizer import Tokenizer
+from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams, ServerCapabilities, TrainingInfo
+
+
+class Transport(Protocol):
+    """The service as the clients see it (see the module docstring for the shared promises)."""
+
+    @property
+    def clock(self) -> Clock:
+        """What retries back off on and request timings are measured on: real time, or the
+        service simulator's time."""
+        ...
+
+    # ---- discovery ------------------------------------------------------------------------
+
+    def capabilities(self) -> ServerCapabilities:
+        """The models served, with their architecture facts, the backend and the losses."""
+        ...
+
+    def tokenizer(self, base_model: str) -> Tokenizer:
+        """The tokenizer of `base_model` (NotFoundError if it is not served)."""
+        ...
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
+        """A new training session on `base_model` with a freshly initialised adapter."""
+        ...
+
+    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
+        """A new session resuming the checkpoint at `path` (or, in-process, a PEFT directory)."""
+        ...
+
+    def session_info(self, session_id: str) -> TrainingInfo:
+        """The session's base model, LoRA config and step."""
+        ...
+
+    def close_session(self, session_id: str) -> None:
+        """End the session once its running requests are done. Never blocks and never raises
+        (it runs from finalizers): an unknown session or an unreachable service is ignored."""
+        ...
+
+    def next_seq(self, session_id: str) -> int:
+        """The lowest sequence number of the session not yet submitted or released."""
+        ...
+
+    def skip(self, session_id: str, seq: int) -> None:
+        """Release `seq` unused, so the session's later requests may run (no-op once it ran)."""
+        ...
+
+    # ---- work on a session (ordered by `seq`) -------------------------------------------
+
+    def forward_backward(
+        self,
+        session_id: str,
+        seq: int,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+        *,
+        backward: bool = True,
+    ) -> concurrent.futures.Future:
+        """Future[ForwardBackwardResult]; with `backward`, the gradient joins the accumulator."""
+        ...
+
+    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
+        """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared."""
+        ...
+
+    def sample(
+        self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
+    ) -> concurrent.futures.Future:
+        """Future[SampleResult] from the session's current weights."""
+        ...
+
+    def save_state(
+        self,
+        session_id: str,
+        seq: int,
+        name: str,
+        metadata: dict | None = None,
+        kind: Literal["state", "sampler"] = "state",
+    ) -> concurrent.futures.Future:
+        """Future[StateResult]: a training checkpoint (kind "state") or a sampler snapshot ("sampler")."""
+        ...
+
+    def load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
+        """Future[TrainingInfo]: the session's adapter, moments and step replaced by `path`'s."""
+        ...
+
+    # ---- sampling clients -----------------------------------------------------------------
+
+    def create_sampler(self, model_path: str | None = None, base_model: str | None = None) -> SamplerHandle:
+        """A sampling target: the snapshot or checkpoint at `model_path`, or a bare `base_model`."""
+        ...
+
+    def release_sampler(self, sampler_id: str) -> None:
+        """Forget a sampling target. Never blocks and never raises, like `close_session`."""
+        ...
+
+    def sampler_sample(
+        self,
+        sampler_id: str,
+        prompt: ModelInput,
+        params: SamplingParams,
+        num_samples: int = 1,
+        *,
+        prompt_logprobs: bool = False,
+    ) -> concurrent.futures.Future:
+        """Future[SampleResult] from the sampling target (unordered)."""
+        ...
+
+    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
+        """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what the transport holds (its owner calls it, once)."""
+        ...
