@@ -9,7 +9,7 @@ import weakref
 
 from bios.futures import BiosFuture, pinned
 from bios.handles import SamplerHandle
-from bios.retry import retrying
+from bios.retry import call_with_retries, retrying
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import ModelInput, SampleResult, SamplingParams
@@ -69,7 +69,8 @@ class SamplingClient:
 
     def get_tokenizer(self) -> Tokenizer:
         """The base model's tokenizer."""
-        return self._transport.tokenizer(self.base_model)
+        transport = self._transport
+        return call_with_retries(lambda: transport.tokenizer(self.base_model), "get_tokenizer", lambda: transport.clock)
 
     def __repr__(self) -> str:
         return f"SamplingClient(sampler_id={self._handle.sampler_id!r}, base_model={self.base_model!r})"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 
+from bios.clock import Clock
 from bios.config import ClientConfig
 from bios.errors import InvalidRequestError
+from bios.retry import call_with_retries
 from bios.sampling_client import SamplingClient
 from bios.simulation import SimulationConfig, SimulationReport
 from bios.training_client import TrainingClient
@@ -45,6 +47,9 @@ class ServiceClient:
         `bios.transport.http.HttpTransport` of a remote server (read-only; for tests and tools)."""
         return self._transport
 
+    def _clock(self) -> Clock:
+        return self._transport.clock
+
     def simulation_report(self) -> SimulationReport | None:
         """Under the service simulator: the run so far — requests, retries and faults by kind,
         simulated wall time, device-busy fraction and projected cost (printing it gives the
@@ -54,7 +59,7 @@ class ServiceClient:
 
     def get_server_capabilities(self) -> ServerCapabilities:
         """The models this deployment serves, with their architecture facts."""
-        return self._transport.capabilities()
+        return call_with_retries(self._transport.capabilities, "get_server_capabilities", self._clock)
 
     async def get_server_capabilities_async(self) -> ServerCapabilities:
         return self.get_server_capabilities()
@@ -92,7 +97,10 @@ class ServiceClient:
         if lora_config is not None and given:
             raise InvalidRequestError(f"give either lora_config or {', '.join(given)}, not both", field="lora_config")
         config = lora_config if lora_config is not None else LoraConfig(**given)
-        return TrainingClient(self._transport, self._transport.create_session(base_model, config))
+        info = call_with_retries(
+            lambda: self._transport.create_session(base_model, config), "create_lora_training_client", self._clock
+        )
+        return TrainingClient(self._transport, info)
 
     async def create_lora_training_client_async(
         self, base_model: str, rank: int | None = None, alpha: float | None = None, **kwargs: object
@@ -105,7 +113,12 @@ class ServiceClient:
         """A new session resuming the state saved at `path` (bios://SESSION/weights/NAME: weights,
         optimizer moments, step), or starting at step 0 from the Hugging Face PEFT LoRA adapter in
         local directory `path` on `base_model` (required then)."""
-        return TrainingClient(self._transport, self._transport.create_session_from_state(path, base_model=base_model))
+        info = call_with_retries(
+            lambda: self._transport.create_session_from_state(path, base_model=base_model),
+            "create_training_client_from_state",
+            self._clock,
+        )
+        return TrainingClient(self._transport, info)
 
     async def create_training_client_from_state_async(
         self, path: str | os.PathLike, base_model: str | None = None
@@ -114,9 +127,12 @@ class ServiceClient:
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
         """Sample from saved weights (`model_path`, a bios:// path) or a bare `base_model`."""
-        return SamplingClient(
-            self._transport, self._transport.create_sampler(model_path=model_path, base_model=base_model)
+        handle = call_with_retries(
+            lambda: self._transport.create_sampler(model_path=model_path, base_model=base_model),
+            "create_sampling_client",
+            self._clock,
         )
+        return SamplingClient(self._transport, handle)
 
     async def create_sampling_client_async(
         self, model_path: str | None = None, base_model: str | None = None

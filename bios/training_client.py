@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bios import custom_loss
-from bios.errors import InvalidRequestError
+from bios.clock import Clock
+from bios.errors import BiosError, InvalidRequestError
 from bios.futures import BiosFuture, TimedFuture, pinned, unsettled
-from bios.retry import retrying
+from bios.retry import call_with_retries, retrying
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import (
@@ -72,10 +73,21 @@ class TrainingClient:
         self._transport = transport
         self.session_id = info.session_id
         self.base_model = info.base_model
-        self._seq = transport.next_seq(info.session_id)
+        self._seq = call_with_retries(lambda: transport.next_seq(info.session_id), "next_seq", self._clock)
         self._seq_lock = threading.Lock()
         # When this client is garbage (and its requests are done), the service ends its session.
         weakref.finalize(self, transport.close_session, info.session_id)
+
+    def _clock(self) -> Clock:
+        return self._transport.clock
+
+    def _release(self, seq: int) -> None:
+        """Release `seq` unused, so the session's later requests may run (best effort: a session
+        that is gone, or a service that stays unreachable, has nothing left to release)."""
+        try:
+            call_with_retries(lambda: self._transport.skip(self.session_id, seq), "skip", self._clock)
+        except BiosError:
+            pass
 
     def _reserve(self, count: int = 1) -> int:
         with self._seq_lock:
@@ -85,9 +97,7 @@ class TrainingClient:
     def _send(self, seq: int, label: str, submit: Callable[[], concurrent.futures.Future]) -> concurrent.futures.Future:
         """`submit()` (the request at `seq`), retried per the retry contract (bios.retry); a
         request that keeps failing releases `seq` so the session's later requests can run."""
-        return retrying(
-            submit, self._transport.clock, label, give_up=lambda: self._transport.skip(self.session_id, seq)
-        )
+        return retrying(submit, self._transport.clock, label, give_up=lambda: self._release(seq))
 
     # ---- forward / backward -----------------------------------------------------------------
 
@@ -157,7 +167,7 @@ class TrainingClient:
                 ),
             )
         except Exception:
-            self._transport.skip(self.session_id, seq + 1)
+            self._release(seq + 1)
             raise
         outer: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -180,7 +190,7 @@ class TrainingClient:
                     )
                 )
             except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller's future
-                self._transport.skip(self.session_id, seq + 1)
+                self._release(seq + 1)
                 outer.set_exception(exc)
 
         forward.add_done_callback(lambda done: _custom_loss_pool.submit(backward, done))
@@ -259,7 +269,7 @@ class TrainingClient:
 
         def after_forward(done: concurrent.futures.Future) -> None:
             if done.exception() is not None:
-                self._transport.skip(self.session_id, step_seq)
+                self._release(step_seq)
                 outer.set_exception(done.exception())  # type: ignore[arg-type]
                 return
             try:
@@ -341,7 +351,10 @@ class TrainingClient:
         from bios.sampling_client import SamplingClient
 
         record = self.save_weights_for_sampler(name).result()
-        return SamplingClient(self._transport, self._transport.create_sampler(model_path=record.path))
+        handle = call_with_retries(
+            lambda: self._transport.create_sampler(model_path=record.path), "create_sampling_client", self._clock
+        )
+        return SamplingClient(self._transport, handle)
 
     async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
         return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
@@ -350,11 +363,11 @@ class TrainingClient:
 
     def get_tokenizer(self) -> Tokenizer:
         """The base model's tokenizer."""
-        return self._transport.tokenizer(self.base_model)
+        return call_with_retries(lambda: self._transport.tokenizer(self.base_model), "get_tokenizer", self._clock)
 
     def get_info(self) -> TrainingInfo:
         """Session id, base model, LoRA config and the step reached by completed optim_steps."""
-        return self._transport.session_info(self.session_id)
+        return call_with_retries(lambda: self._transport.session_info(self.session_id), "get_info", self._clock)
 
     async def get_info_async(self) -> TrainingInfo:
         return self.get_info()

@@ -2,9 +2,10 @@
 
 Work methods return a `concurrent.futures.Future` at once: the request is posted (its answer is
 a request id) and a poller thread long-polls `/v1/requests/{id}` until the answer is there.
-Connection failures, 429 and 502/503/504 are retried with exponential backoff for up to
-`retry_s` seconds; every mutating request carries one idempotency key for all its attempts,
-so a retried `optim_step` is applied once. Arguments are checked here with the engine's own
+Each call sends once: a connection failure, 429 and 502/503/504 become retryable BiosErrors
+(APIConnectionError, RateLimitError, ServiceUnavailableError), which `bios.retry` retries; a
+mutating request carries the idempotency key its retries share, so a retried `optim_step`
+is applied once. Arguments are checked here with the engine's own
 type checks before anything is sent (a rejected ordered request releases its sequence number
 on the server), so a bad argument raises the same error as in-process.
 """
@@ -12,10 +13,7 @@ on the server), so a bad argument raises the same error as in-process.
 from __future__ import annotations
 
 import concurrent.futures
-import random
 import threading
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -24,9 +22,17 @@ from pydantic import BaseModel, TypeAdapter
 
 from bios import validation, wire
 from bios.clock import REAL_CLOCK, Clock, VirtualClock, current_attempt
-from bios.errors import APIConnectionError, APITimeoutError, BackendError, BiosError, InvalidRequestError
+from bios.errors import (
+    APITimeoutError,
+    BackendError,
+    BiosError,
+    InvalidRequestError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 from bios.handles import SamplerHandle
 from bios.losses import loss_spec
+from bios.retry import NoAnswerError, request_key
 from bios.tokenizer import Tokenizer
 from bios.types import (
     AdamParams,
@@ -43,7 +49,6 @@ from bios.types import (
 )
 from bios.validation import parse_path
 
-_RETRY_STATUS = {429, 502, 503, 504}
 _LOGPROBS = TypeAdapter(list[float | None])
 _CHECKPOINTS = TypeAdapter(list[StateResult])
 
@@ -51,10 +56,9 @@ _CHECKPOINTS = TypeAdapter(list[StateResult])
 class HttpTransport:
     """The `Engine` interface of the clients, served by a Bios server at `base_url`."""
 
-    def __init__(self, base_url: str, api_key: str | None, *, retry_s: float = 60.0, pollers: int = 32) -> None:
+    def __init__(self, base_url: str, api_key: str | None, *, pollers: int = 32) -> None:
         headers = {wire.API_KEY_HEADER: f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self.retry_s = retry_s
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -77,33 +81,26 @@ class HttpTransport:
         *,
         mutating: bool = False,
     ) -> httpx.Response:
-        """One logical request, retried on connection failures and 429/502/503/504; raises the
-        server's BiosError for any other status >= 400 except a long-poll's 408."""
+        """Send once (retrying is bios.retry's). A mutating request carries the idempotency key of
+        its retries (`bios.retry.request_key`) and its attempt number. Raises APIConnectionError
+        when no answer came (a NoAnswerError), else the error of a status >= 400 (see `_error_of`), except a
+        long-poll's 408, which is returned."""
+        if self._clock is None and path != "/v1/capabilities":
+            self.capabilities()  # learn the server's clock before its first answer
         headers = (
-            {wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex, wire.ATTEMPT_HEADER: str(current_attempt().number)}
+            {wire.IDEMPOTENCY_HEADER: request_key(), wire.ATTEMPT_HEADER: str(current_attempt().number)}
             if mutating
             else {}
         )
         content = body.model_dump_json().encode() if body is not None else None
         if content is not None:
             headers["Content-Type"] = "application/json"
-        deadline, attempt = time.monotonic() + self.retry_s, 0
-        while True:
-            try:
-                response = self._http.request(method, path, content=content, params=params, headers=headers)
-                if response.status_code not in _RETRY_STATUS:
-                    break
-                problem = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise APIConnectionError(
-                    f"{method} {self.base_url}{path}: no answer after retrying for {self.retry_s:.0f} s ({problem})"
-                )
-            time.sleep(min(5.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-            attempt += 1
+        try:
+            response = self._http.request(method, path, content=content, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            raise NoAnswerError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 400 and response.status_code != 408:
-            raise _error_of(response)
+            raise _error_of(response, f"{method} {self.base_url}{path}")
         return response
 
     def _get(self, path: str, params: dict | None = None) -> Any:
@@ -133,31 +130,34 @@ class HttpTransport:
     def _ordered(
         self, session_id: str, seq: int, operation: str, body: Callable[[], BaseModel], decode: Callable[[Any], object]
     ) -> concurrent.futures.Future:
-        """Submit ordered work. When it is refused (by the checks here or by the server before
-        the engine took it: size, auth, ownership), `seq` is released on the server, so the
-        session's later requests still run; releasing a number the engine took is a no-op."""
+        """Submit ordered work. When it is refused for good (by the checks here or by the server
+        before the engine took it: size, auth, ownership), `seq` is released on the server, so
+        the session's later requests still run; releasing a number the engine took is a no-op."""
         try:
             return self._submit(f"/v1/sessions/{session_id}/{operation}", body(), decode)
-        except BiosError:
-            try:
-                self.skip(session_id, seq)
-            except BiosError:
-                pass  # the server is unreachable or the session is not ours: nothing to release
+        except BiosError as exc:
+            if not exc.retryable:  # a retryable refusal keeps `seq` for the retry (bios.retry)
+                try:
+                    self.skip(session_id, seq)
+                except BiosError:
+                    pass  # the server is unreachable or the session is not ours: nothing to release
             raise
 
     # ---- discovery ------------------------------------------------------------------------------
 
     def capabilities(self) -> ServerCapabilities:
-        return ServerCapabilities.model_validate(self._get("/v1/capabilities"))
+        found = ServerCapabilities.model_validate(self._get("/v1/capabilities"))
+        if self._clock is None:
+            scale = found.simulated_time_scale
+            self._clock = REAL_CLOCK if scale is None else VirtualClock(scale)
+        return found
 
     @property
     def clock(self) -> Clock:
-        """What client retries back off on: real time, or a simulating server's simulated time
-        (at its time scale; with scale 0 a retry goes out at once)."""
-        if self._clock is None:
-            scale = self.capabilities().simulated_time_scale
-            self._clock = REAL_CLOCK if scale is None else VirtualClock(scale)
-        return self._clock
+        """What client retries back off on: a simulating server's simulated time (at its time
+        scale; with scale 0 a retry goes out at once), else real time. The server tells its
+        scale before its first answer; until then (an unreachable server) it is real time."""
+        return self._clock or REAL_CLOCK
 
     def tokenizer(self, base_model: str) -> Tokenizer:
         with self._lock:
@@ -323,11 +323,29 @@ def _text(value: object, field: str) -> str:
     raise InvalidRequestError(f"{field} must be a string, got {type(value).__name__}", field=field)
 
 
-def _error_of(response: httpx.Response) -> BiosError:
-    """The BiosError a failed response carries (a BackendError when it carries none)."""
+def _error_of(response: httpx.Response, what: str) -> BiosError:
+    """The BiosError of a failed response: the one its body carries, else one for its status
+    (429 RateLimitError, 503 ServiceUnavailableError, 502/504 from a gateway that got no answer
+    NoAnswerError, 408 APITimeoutError, anything else BackendError)."""
     try:
         return BiosError.from_dict(response.json()["error"])
     except (ValueError, KeyError, TypeError):
-        if response.status_code == 408:
-            return APITimeoutError(f"the server timed out: {response.text[:200]}")
-        return BackendError(f"HTTP {response.status_code} from the server: {response.text[:200]}")
+        pass
+    status, text = response.status_code, f"{what}: HTTP {response.status_code} {response.text[:200]}"
+    if status == 429:
+        return RateLimitError(text, retry_after=_seconds(response.headers.get("Retry-After")))
+    if status == 503:
+        return ServiceUnavailableError(text)
+    if status in (502, 504):
+        return NoAnswerError(text)
+    if status == 408:
+        return APITimeoutError(text)
+    return BackendError(text)
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After header's delay in seconds (1 when absent or given as a date)."""
+    try:
+        return max(0.0, float(retry_after or 1.0))
+    except ValueError:
+        return 1.0
