@@ -189,6 +189,42 @@ def retrying(
     return retry.outer
 
 
+async def retrying_async(
+    submit: Callable[[], Awaitable[concurrent.futures.Future]],
+    resend: Callable[[], concurrent.futures.Future],
+    clock: Clock,
+    label: str,
+    *,
+    give_up: Callable[[], None] | None = None,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> concurrent.futures.Future:
+    """`retrying` for async callers: attempts are sent by awaiting `submit()` until the service
+    takes one (the backoff after a refusal is awaited, never slept, on the caller's loop); when
+    a taken attempt fails later, the retries are sent by `resend()` (the same request, blocking)
+    on the thread that saw the failure, which never runs the caller's loop. `give_up` runs on a
+    worker thread when it is called from here."""
+    retry = _Retry(resend, clock, _Tries(label, policy, None), give_up)
+    number, sent_at = 1, None
+    while True:
+        try:
+            with retry.tries.sending(number, sent_at):
+                inner = await submit()
+        except BiosError as exc:
+            if number == 1 and not exc.retryable:
+                raise
+            again_at = retry.tries.again_at(number, exc, clock.now())
+            if again_at is None:
+                if exc.retryable and give_up is not None:
+                    await asyncio.to_thread(give_up)
+                retry.outer.set_exception(exc)
+                return retry.outer
+            await _until(clock, again_at)
+            number, sent_at = number + 1, again_at
+            continue
+        retry.watch(number, inner)
+        return retry.outer
+
+
 class _Retry:
     """The attempts of one request (a plain object, so no reference cycle keeps a client alive)."""
 

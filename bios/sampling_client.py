@@ -1,18 +1,26 @@
 """`SamplingClient`: completions and logprobs from a frozen adapter snapshot or a base model.
 
 A snapshot never changes: later training of the session it came from does not reach it.
+Each work method has an `*_async` twin that awaits the result without blocking the caller's
+event loop.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import weakref
+from collections.abc import Awaitable, Callable
+from typing import Concatenate, ParamSpec
 
 from bios.futures import BiosFuture, pinned
 from bios.handles import SamplerHandle
-from bios.retry import call_with_retries, retrying
+from bios.retry import call_with_retries, retrying, retrying_async
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import ModelInput, SampleResult, SamplingParams
+
+P = ParamSpec("P")
+Future = concurrent.futures.Future
 
 
 class SamplingClient:
@@ -37,13 +45,13 @@ class SamplingClient:
 
         With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]).
         """
-        sampler_id = self._handle.sampler_id
-        future = retrying(
-            lambda: self._transport.sampler_sample(
-                sampler_id, prompt, sampling_params, num_samples, prompt_logprobs=include_prompt_logprobs
-            ),
-            self._transport.clock,
+        future = self._send(
             "sample",
+            self._transport.sampler_sample,
+            prompt,
+            sampling_params,
+            num_samples,
+            prompt_logprobs=include_prompt_logprobs,
         )
         return BiosFuture(pinned(future, self), "sample")
 
@@ -54,18 +62,27 @@ class SamplingClient:
         num_samples: int = 1,
         include_prompt_logprobs: bool = False,
     ) -> SampleResult:
-        return await self.sample(prompt, sampling_params, num_samples, include_prompt_logprobs)
+        t = self._transport
+        future = await self._send_async(
+            "sample",
+            t.sampler_sample,
+            t.sampler_sample_async,
+            prompt,
+            sampling_params,
+            num_samples,
+            prompt_logprobs=include_prompt_logprobs,
+        )
+        return await BiosFuture(pinned(future, self), "sample")
 
     def compute_logprobs(self, prompt: ModelInput) -> BiosFuture[list[float | None]]:
         """log p(prompt[t] | prompt[:t]) for every t; None for t = 0. Equals `forward`'s logprobs."""
-        sampler_id = self._handle.sampler_id
-        future = retrying(
-            lambda: self._transport.sampler_logprobs(sampler_id, prompt), self._transport.clock, "compute_logprobs"
-        )
+        future = self._send("compute_logprobs", self._transport.sampler_logprobs, prompt)
         return BiosFuture(pinned(future, self), "compute_logprobs")
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        return await self.compute_logprobs(prompt)
+        t = self._transport
+        future = await self._send_async("compute_logprobs", t.sampler_logprobs, t.sampler_logprobs_async, prompt)
+        return await BiosFuture(pinned(future, self), "compute_logprobs")
 
     def get_tokenizer(self) -> Tokenizer:
         """The base model's tokenizer."""
@@ -74,3 +91,27 @@ class SamplingClient:
 
     def __repr__(self) -> str:
         return f"SamplingClient(sampler_id={self._handle.sampler_id!r}, base_model={self.base_model!r})"
+
+    def _send(
+        self, label: str, call: Callable[Concatenate[str, P], Future], *args: P.args, **kwargs: P.kwargs
+    ) -> Future:
+        """The request `call(sampler_id, *args, **kwargs)`, retried per the retry contract (bios.retry)."""
+        sampler_id = self._handle.sampler_id
+        return retrying(lambda: call(sampler_id, *args, **kwargs), self._transport.clock, label)
+
+    async def _send_async(
+        self,
+        label: str,
+        call: Callable[Concatenate[str, P], Future],
+        call_async: Callable[Concatenate[str, P], Awaitable[Future]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Future:
+        """`_send`, awaiting `call_async` (the same request, as a coroutine) to submit it."""
+        sampler_id = self._handle.sampler_id
+        return await retrying_async(
+            lambda: call_async(sampler_id, *args, **kwargs),
+            lambda: call(sampler_id, *args, **kwargs),
+            self._transport.clock,
+            label,
+        )

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from bios.clock import Clock
 from bios.config import ClientConfig
 from bios.errors import InvalidRequestError
-from bios.retry import call_with_retries
+from bios.retry import call_with_retries, call_with_retries_async
 from bios.sampling_client import SamplingClient
 from bios.simulation import SimulationConfig, SimulationReport
 from bios.training_client import TrainingClient
 from bios.transport import Transport, connect
-from bios.types import LoraConfig, ServerCapabilities
+from bios.types import LoraConfig, ServerCapabilities, TrainingInfo
 
 
 class ServiceClient:
@@ -62,7 +61,7 @@ class ServiceClient:
         return call_with_retries(self._transport.capabilities, "get_server_capabilities", self._clock)
 
     async def get_server_capabilities_async(self) -> ServerCapabilities:
-        return self.get_server_capabilities()
+        return await call_with_retries_async(self._transport.capabilities_async, "get_server_capabilities", self._clock)
 
     def create_lora_training_client(
         self,
@@ -83,29 +82,50 @@ class ServiceClient:
         Give the adapter either as keywords (rank defaults to 32, alpha to 2 * rank) or as a
         `LoraConfig` — not both.
         """
-        fields = {
-            "rank": rank,
-            "alpha": alpha,
-            "seed": seed,
-            "target_modules": target_modules,
-            "train_mlp": train_mlp,
-            "train_attn": train_attn,
-            "train_unembed": train_unembed,
-            "dropout": dropout,
-        }
-        given = {k: v for k, v in fields.items() if v is not None}
-        if lora_config is not None and given:
-            raise InvalidRequestError(f"give either lora_config or {', '.join(given)}, not both", field="lora_config")
-        config = lora_config if lora_config is not None else LoraConfig(**given)
-        info = call_with_retries(
-            lambda: self._transport.create_session(base_model, config), "create_lora_training_client", self._clock
+        config = _lora_config(
+            lora_config,
+            rank=rank,
+            alpha=alpha,
+            seed=seed,
+            target_modules=target_modules,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+            dropout=dropout,
         )
-        return TrainingClient(self._transport, info)
+        t, label = self._transport, "create_lora_training_client"
+        info = call_with_retries(lambda: t.create_session(base_model, config), label, self._clock)
+        return self._training_client(info, call_with_retries(lambda: t.next_seq(info.session_id), label, self._clock))
 
     async def create_lora_training_client_async(
-        self, base_model: str, rank: int | None = None, alpha: float | None = None, **kwargs: object
+        self,
+        base_model: str,
+        rank: int | None = None,
+        alpha: float | None = None,
+        *,
+        lora_config: LoraConfig | None = None,
+        seed: int | None = None,
+        target_modules: list[str] | None = None,
+        train_mlp: bool | None = None,
+        train_attn: bool | None = None,
+        train_unembed: bool | None = None,
+        dropout: float | None = None,
     ) -> TrainingClient:
-        return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, alpha, **kwargs)  # type: ignore[arg-type]
+        config = _lora_config(
+            lora_config,
+            rank=rank,
+            alpha=alpha,
+            seed=seed,
+            target_modules=target_modules,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+            dropout=dropout,
+        )
+        t, label = self._transport, "create_lora_training_client"
+        info = await call_with_retries_async(lambda: t.create_session_async(base_model, config), label, self._clock)
+        seq = await call_with_retries_async(lambda: t.next_seq_async(info.session_id), label, self._clock)
+        return self._training_client(info, seq)
 
     def create_training_client_from_state(
         self, path: str | os.PathLike, base_model: str | None = None
@@ -113,17 +133,19 @@ class ServiceClient:
         """A new session resuming the state saved at `path` (bios://SESSION/weights/NAME: weights,
         optimizer moments, step), or starting at step 0 from the Hugging Face PEFT LoRA adapter in
         local directory `path` on `base_model` (required then)."""
-        info = call_with_retries(
-            lambda: self._transport.create_session_from_state(path, base_model=base_model),
-            "create_training_client_from_state",
-            self._clock,
-        )
-        return TrainingClient(self._transport, info)
+        t, label = self._transport, "create_training_client_from_state"
+        info = call_with_retries(lambda: t.create_session_from_state(path, base_model), label, self._clock)
+        return self._training_client(info, call_with_retries(lambda: t.next_seq(info.session_id), label, self._clock))
 
     async def create_training_client_from_state_async(
         self, path: str | os.PathLike, base_model: str | None = None
     ) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state, path, base_model)
+        t, label = self._transport, "create_training_client_from_state"
+        info = await call_with_retries_async(
+            lambda: t.create_session_from_state_async(path, base_model), label, self._clock
+        )
+        seq = await call_with_retries_async(lambda: t.next_seq_async(info.session_id), label, self._clock)
+        return self._training_client(info, seq)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
         """Sample from saved weights (`model_path`, a bios:// path) or a bare `base_model`."""
@@ -137,4 +159,21 @@ class ServiceClient:
     async def create_sampling_client_async(
         self, model_path: str | None = None, base_model: str | None = None
     ) -> SamplingClient:
-        return await asyncio.to_thread(self.create_sampling_client, model_path, base_model)
+        handle = await call_with_retries_async(
+            lambda: self._transport.create_sampler_async(model_path=model_path, base_model=base_model),
+            "create_sampling_client",
+            self._clock,
+        )
+        return SamplingClient(self._transport, handle)
+
+    def _training_client(self, info: TrainingInfo, next_seq: int) -> TrainingClient:
+        return TrainingClient(self._transport, info, next_seq)
+
+
+def _lora_config(lora_config: LoraConfig | None, **fields: object) -> LoraConfig:
+    """`lora_config`, or one built from the keywords given (not None); InvalidRequestError naming
+    `lora_config` when both are given."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if lora_config is not None and given:
+        raise InvalidRequestError(f"give either lora_config or {', '.join(given)}, not both", field="lora_config")
+    return lora_config if lora_config is not None else LoraConfig(**given)

@@ -4,24 +4,24 @@ Work methods return a `BiosFuture` at once and run in submission order on the se
 `forward_backward` calls accumulate gradients until `optim_step` applies and clears them, so
 submitting both before waiting pipelines them. Each has an `*_async` twin directly below it:
 awaiting the twin of a future-returning method gives the future (as in Tinker), awaiting the
-twin of a blocking method (`train`, `load_state`, ...) gives the result.
+twin of a blocking method (`train`, `load_state`, ...) gives the result. The twins never block
+the caller's event loop on the network.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
-from bios import custom_loss
+from bios import custom_loss, validation
 from bios.clock import Clock
 from bios.errors import BiosError, InvalidRequestError
 from bios.futures import BiosFuture, TimedFuture, pinned, unsettled
-from bios.retry import call_with_retries, retrying
+from bios.retry import call_with_retries, call_with_retries_async, retrying, retrying_async
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import (
@@ -40,6 +40,8 @@ from bios.types import (
 if TYPE_CHECKING:
     from bios.sampling_client import SamplingClient
 
+P = ParamSpec("P")
+Future = concurrent.futures.Future
 _ADAM_KWARGS = {
     "weight_decay": "weight_decay",
     "grad_clip": "grad_clip_norm",
@@ -51,53 +53,18 @@ _ADAM_KWARGS = {
 _custom_loss_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-custom-loss")
 
 
-def _combine_train(outer: TimedFuture, fb: ForwardBackwardResult, opt: concurrent.futures.Future) -> None:
-    outer.timing = getattr(opt, "timing", None)
-    if opt.exception() is not None:
-        outer.set_exception(opt.exception())
-        return
-    step: OptimStepResult = opt.result()
-    retries = fb.metrics.get("retries", 0.0) + step.metrics.get("retries", 0.0)
-    metrics = {**fb.metrics, **step.metrics, **({"retries": retries} if retries else {})}
-    outer.set_result(
-        TrainingResult(
-            loss=fb.loss, step=step.step, metrics=metrics, loss_fn_outputs=fb.loss_fn_outputs, timing=step.timing
-        )
-    )
-
-
 class TrainingClient:
     """A training session on the service. Create it with `ServiceClient.create_lora_training_client`."""
 
-    def __init__(self, transport: Transport, info: TrainingInfo) -> None:
+    def __init__(self, transport: Transport, info: TrainingInfo, next_seq: int) -> None:
+        """A client of session `info`, whose next request gets sequence number `next_seq`."""
         self._transport = transport
         self.session_id = info.session_id
         self.base_model = info.base_model
-        self._seq = call_with_retries(lambda: transport.next_seq(info.session_id), "next_seq", self._clock)
+        self._seq = next_seq
         self._seq_lock = threading.Lock()
         # When this client is garbage (and its requests are done), the service ends its session.
         weakref.finalize(self, transport.close_session, info.session_id)
-
-    def _clock(self) -> Clock:
-        return self._transport.clock
-
-    def _release(self, seq: int) -> None:
-        """Release `seq` unused, so the session's later requests may run (best effort: a session
-        that is gone, or a service that stays unreachable, has nothing left to release)."""
-        try:
-            call_with_retries(lambda: self._transport.skip(self.session_id, seq), "skip", self._clock)
-        except BiosError:
-            pass
-
-    def _reserve(self, count: int = 1) -> int:
-        with self._seq_lock:
-            first, self._seq = self._seq, self._seq + count
-            return first
-
-    def _send(self, seq: int, label: str, submit: Callable[[], concurrent.futures.Future]) -> concurrent.futures.Future:
-        """`submit()` (the request at `seq`), retried per the retry contract (bios.retry); a
-        request that keeps failing releases `seq` so the session's later requests can run."""
-        return retrying(submit, self._transport.clock, label, give_up=lambda: self._release(seq))
 
     # ---- forward / backward -----------------------------------------------------------------
 
@@ -105,44 +72,49 @@ class TrainingClient:
         self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
     ) -> BiosFuture[ForwardBackwardResult]:
         """Loss and per-token logprobs under the current weights; accumulates no gradient."""
-        seq = self._reserve()
-        future = self._send(
-            seq,
-            "forward",
-            lambda: self._transport.forward_backward(
-                self.session_id, seq, data, loss_fn, loss_fn_config, backward=False
-            ),
-        )
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, "forward", t.forward_backward, data, loss_fn, loss_fn_config, backward=False)
         return BiosFuture(pinned(future, self), "forward")
 
     async def forward_async(
         self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
     ) -> BiosFuture[ForwardBackwardResult]:
-        return self.forward(data, loss_fn, loss_fn_config)
+        seq, t = self._reserve(), self._transport
+        future = await self._send_async(
+            seq, "forward", t.forward_backward, t.forward_backward_async, data, loss_fn, loss_fn_config, backward=False
+        )
+        return BiosFuture(pinned(future, self), "forward")
 
     def forward_backward(
-        self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+        self,
+        data: Sequence[Datum],
+        loss_fn: str | custom_loss.CustomLossFn = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> BiosFuture[ForwardBackwardResult]:
         """Loss, per-token logprobs, and the gradient added to the session's accumulator.
 
         `loss_fn` is a built-in loss name (docs/losses.md); the loss is a plain sum over tokens.
+        A callable runs as `forward_backward_custom`.
         """
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
-        seq = self._reserve()
-        future = self._send(
-            seq,
-            "forward_backward",
-            lambda: self._transport.forward_backward(
-                self.session_id, seq, data, loss_fn, loss_fn_config, backward=True
-            ),
-        )
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, "forward_backward", t.forward_backward, data, loss_fn, loss_fn_config, backward=True)
         return BiosFuture(pinned(future, self), "forward_backward")
 
     async def forward_backward_async(
-        self, data: Sequence[Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+        self,
+        data: Sequence[Datum],
+        loss_fn: str | custom_loss.CustomLossFn = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> BiosFuture[ForwardBackwardResult]:
-        return self.forward_backward(data, loss_fn, loss_fn_config)
+        if callable(loss_fn):
+            return await self.forward_backward_custom_async(data, loss_fn)
+        seq, t = self._reserve(), self._transport
+        future = await self._send_async(
+            seq, "forward_backward", t.forward_backward, t.forward_backward_async, data, loss_fn, loss_fn_config
+        )
+        return BiosFuture(pinned(future, self), "forward_backward")
 
     def forward_backward_custom(
         self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn
@@ -153,67 +125,68 @@ class TrainingClient:
         (docs/losses.md, L7); it costs one extra forward pass. The returned `loss`/`metrics` are
         the function's, `loss_fn_outputs` the logprobs.
         """
-        if not callable(loss_fn):
-            raise InvalidRequestError(f"loss_fn must be callable, got {type(loss_fn).__name__}", field="loss_fn")
-        data = list(data) if isinstance(data, (list, tuple)) else data
-        reduced = custom_loss.logprob_data(data)
-        seq = self._reserve(2)
+        items, reduced = _custom_inputs(data, loss_fn)
+        seq, t = self._reserve(2), self._transport
         try:
-            forward = self._send(
-                seq,
-                "forward_backward_custom",
-                lambda: self._transport.forward_backward(
-                    self.session_id, seq, reduced, "cross_entropy", None, backward=False
-                ),
-            )
+            forward = self._send(seq, "forward_backward_custom", t.forward_backward, reduced, backward=False)
         except Exception:
             self._release(seq + 1)
             raise
-        outer: concurrent.futures.Future = concurrent.futures.Future()
+        return self._custom_backward(forward, seq + 1, items, reduced, loss_fn)
 
-        def backward(done: concurrent.futures.Future) -> None:
+    async def forward_backward_custom_async(
+        self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn
+    ) -> BiosFuture[ForwardBackwardResult]:
+        items, reduced = _custom_inputs(data, loss_fn)
+        seq, t = self._reserve(2), self._transport
+        try:
+            forward = await self._send_async(
+                seq, "forward_backward_custom", t.forward_backward, t.forward_backward_async, reduced, backward=False
+            )
+        except Exception:
+            await self._release_async(seq + 1)
+            raise
+        return self._custom_backward(forward, seq + 1, items, reduced, loss_fn)
+
+    def _custom_backward(
+        self, forward: Future, seq: int, data: list[Datum], reduced: list[Datum], loss_fn: custom_loss.CustomLossFn
+    ) -> BiosFuture[ForwardBackwardResult]:
+        """Once `forward` (the logprobs of `reduced`) is done: evaluate `loss_fn` and its gradient
+        on the custom-loss pool and send the surrogate backward pass at `seq`."""
+        outer: Future = Future()
+
+        def backward(done: Future) -> None:
             try:
                 result: ForwardBackwardResult = done.result()
                 logprobs = [out["logprobs"].to_numpy() for out in result.loss_fn_outputs]
                 loss, metrics, grads = custom_loss.evaluate(loss_fn, data, logprobs)
                 surrogate = custom_loss.surrogate_data(reduced, grads)
-                self._send(
-                    seq + 1,
-                    "forward_backward_custom",
-                    lambda: self._transport.forward_backward(
-                        self.session_id, seq + 1, surrogate, "cross_entropy", None, backward=True
-                    ),
-                ).result()
+                self._send(seq, "forward_backward_custom", self._transport.forward_backward, surrogate).result()
                 outer.set_result(
                     ForwardBackwardResult(
                         loss=loss, loss_fn_outputs=result.loss_fn_outputs, metrics={**metrics, "loss:sum": loss}
                     )
                 )
             except BaseException as exc:  # noqa: BLE001 - every failure belongs to the caller's future
-                self._release(seq + 1)
+                self._release(seq)
                 outer.set_exception(exc)
 
         forward.add_done_callback(lambda done: _custom_loss_pool.submit(backward, done))
         return BiosFuture(pinned(outer, self), "forward_backward_custom")
 
-    async def forward_backward_custom_async(
-        self, data: Sequence[Datum], loss_fn: custom_loss.CustomLossFn
-    ) -> BiosFuture[ForwardBackwardResult]:
-        return self.forward_backward_custom(data, loss_fn)
-
     # ---- optimizer ----------------------------------------------------------------------------
 
     def optim_step(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
         """Apply the accumulated gradient with Adam(W) (docs/losses.md O1–O5) and clear it."""
-        adam = AdamParams() if adam_params is None else adam_params
-        seq = self._reserve()
-        return BiosFuture(
-            pinned(self._send(seq, "optim_step", lambda: self._transport.optim_step(self.session_id, seq, adam)), self),
-            "optim_step",
-        )
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, "optim_step", t.optim_step, AdamParams() if adam_params is None else adam_params)
+        return BiosFuture(pinned(future, self), "optim_step")
 
     async def optim_step_async(self, adam_params: AdamParams | None = None) -> BiosFuture[OptimStepResult]:
-        return self.optim_step(adam_params)
+        seq, t = self._reserve(), self._transport
+        adam = AdamParams() if adam_params is None else adam_params
+        future = await self._send_async(seq, "optim_step", t.optim_step, t.optim_step_async, adam)
+        return BiosFuture(pinned(future, self), "optim_step")
 
     def train(
         self,
@@ -228,7 +201,8 @@ class TrainingClient:
         and `loss_fn_config` for built-in losses. Everything is validated before anything runs,
         and the optimizer step is skipped if the forward_backward fails.
         """
-        return self._submit_train(data, loss_fn, learning_rate, kwargs).result()
+        adam, config = _train_settings(loss_fn, learning_rate, kwargs)
+        return self._then_step(self.forward_backward(data, loss_fn, config), adam).result()
 
     async def train_async(
         self,
@@ -237,51 +211,29 @@ class TrainingClient:
         learning_rate: float = 1e-4,
         **kwargs: object,
     ) -> TrainingResult:
-        return await self._submit_train(data, loss_fn, learning_rate, kwargs)
+        adam, config = _train_settings(loss_fn, learning_rate, kwargs)
+        return await self._then_step(await self.forward_backward_async(data, loss_fn, config), adam)
 
-    def _submit_train(
-        self, data: Sequence[Datum], loss_fn: object, learning_rate: float, kwargs: dict
-    ) -> BiosFuture[TrainingResult]:
-        unknown = sorted(set(kwargs) - set(_ADAM_KWARGS) - {"loss_fn_config"})
-        if unknown:
-            allowed = ", ".join(sorted(set(_ADAM_KWARGS) | {"loss_fn_config"}))
-            raise InvalidRequestError(
-                f"train() got an unknown argument {unknown[0]!r}; allowed: {allowed}", field=unknown[0]
-            )
-        if (
-            isinstance(learning_rate, bool)
-            or not isinstance(learning_rate, (int, float))
-            or not math.isfinite(learning_rate)
-            or learning_rate < 0
-        ):
-            raise InvalidRequestError(
-                f"learning_rate must be a finite number >= 0, got {learning_rate!r}", field="learning_rate"
-            )
-        adam = AdamParams(
-            learning_rate=learning_rate, **{_ADAM_KWARGS[k]: v for k, v in kwargs.items() if k in _ADAM_KWARGS}
-        )
-        config = kwargs.get("loss_fn_config")
-        if callable(loss_fn) and config is not None:
-            raise InvalidRequestError("loss_fn_config applies to built-in losses only", field="loss_fn_config")
-        fwd = self.forward_backward(data, loss_fn, config)  # type: ignore[arg-type]
+    def _then_step(self, forward: BiosFuture[ForwardBackwardResult], adam: AdamParams) -> BiosFuture[TrainingResult]:
+        """The optim_step at the next sequence number, sent once `forward` succeeded (its number
+        is released if it failed); the combined TrainingResult."""
         step_seq = self._reserve()
         outer = TimedFuture(self._transport.clock)
 
-        def after_forward(done: concurrent.futures.Future) -> None:
-            if done.exception() is not None:
+        def after_forward(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
                 self._release(step_seq)
-                outer.set_exception(done.exception())  # type: ignore[arg-type]
+                outer.set_exception(error)
                 return
             try:
-                step = self._send(
-                    step_seq, "optim_step", lambda: self._transport.optim_step(self.session_id, step_seq, adam)
-                )
+                step = self._send(step_seq, "optim_step", self._transport.optim_step, adam)
             except Exception as exc:  # noqa: BLE001 - reported through the train future
                 outer.set_exception(exc)
                 return
             step.add_done_callback(lambda opt: _combine_train(outer, done.result(), opt))
 
-        unsettled(fwd).add_done_callback(after_forward)  # the user has not waited: the clock stays
+        unsettled(forward).add_done_callback(after_forward)  # the user has not waited: the clock stays
         return BiosFuture(pinned(outer, self), "train")
 
     # ---- sampling -----------------------------------------------------------------------------
@@ -290,74 +242,76 @@ class TrainingClient:
         self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1
     ) -> BiosFuture[SampleResult]:
         """Completions from the session's current weights, in order with its training calls."""
-        seq = self._reserve()
-        future = self._send(
-            seq, "sample", lambda: self._transport.sample(self.session_id, seq, prompt, sampling_params, num_samples)
-        )
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, "sample", t.sample, prompt, sampling_params, num_samples)
         return BiosFuture(pinned(future, self), "sample")
 
     async def sample_async(
         self, prompt: ModelInput, sampling_params: SamplingParams, num_samples: int = 1
     ) -> SampleResult:
-        return await self.sample(prompt, sampling_params, num_samples)
+        seq, t = self._reserve(), self._transport
+        future = await self._send_async(seq, "sample", t.sample, t.sample_async, prompt, sampling_params, num_samples)
+        return await BiosFuture(pinned(future, self), "sample")
 
     # ---- state --------------------------------------------------------------------------------
 
     def save_state(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
         """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`."""
-        seq = self._reserve()
-        future = self._send(
-            seq, "save_state", lambda: self._transport.save_state(self.session_id, seq, name, metadata, "state")
-        )
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, "save_state", t.save_state, name, metadata, "state")
         return BiosFuture(pinned(future, self), "save_state")
 
     async def save_state_async(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
-        return self.save_state(name, metadata)
+        seq, t = self._reserve(), self._transport
+        future = await self._send_async(seq, "save_state", t.save_state, t.save_state_async, name, metadata, "state")
+        return BiosFuture(pinned(future, self), "save_state")
 
     def load_state(self, path: str) -> TrainingClient:
         """Restore weights, optimizer state and step from `path` into this session; returns it.
 
         Pending gradients are discarded. The checkpoint must be of the same base model.
         """
-        self._load(path).result()
+        seq = self._reserve()
+        BiosFuture(pinned(self._send(seq, "load_state", self._transport.load_state, path), self), "load_state").result()
         return self
 
     async def load_state_async(self, path: str) -> TrainingClient:
-        await self._load(path)
+        seq, t = self._reserve(), self._transport
+        future = await self._send_async(seq, "load_state", t.load_state, t.load_state_async, path)
+        await BiosFuture(pinned(future, self), "load_state")
         return self
-
-    def _load(self, path: str) -> BiosFuture[TrainingInfo]:
-        seq = self._reserve()
-        return BiosFuture(
-            pinned(self._send(seq, "load_state", lambda: self._transport.load_state(self.session_id, seq, path)), self),
-            "load_state",
-        )
 
     def save_weights_for_sampler(self, name: str) -> BiosFuture[StateResult]:
         """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training never changes it."""
-        seq = self._reserve()
-        future = self._send(
-            seq,
-            "save_weights_for_sampler",
-            lambda: self._transport.save_state(self.session_id, seq, name, None, "sampler"),
-        )
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, "save_weights_for_sampler", t.save_state, name, None, "sampler")
         return BiosFuture(pinned(future, self), "save_weights_for_sampler")
 
     async def save_weights_for_sampler_async(self, name: str) -> BiosFuture[StateResult]:
-        return self.save_weights_for_sampler(name)
+        seq, t = self._reserve(), self._transport
+        future = await self._send_async(
+            seq, "save_weights_for_sampler", t.save_state, t.save_state_async, name, None, "sampler"
+        )
+        return BiosFuture(pinned(future, self), "save_weights_for_sampler")
 
     def save_weights_and_get_sampling_client(self, name: str) -> SamplingClient:
         """Freeze the current weights and return a SamplingClient on them."""
         from bios.sampling_client import SamplingClient
 
-        record = self.save_weights_for_sampler(name).result()
+        path = self.save_weights_for_sampler(name).result().path
         handle = call_with_retries(
-            lambda: self._transport.create_sampler(model_path=record.path), "create_sampling_client", self._clock
+            lambda: self._transport.create_sampler(model_path=path), "create_sampling_client", self._clock
         )
         return SamplingClient(self._transport, handle)
 
     async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
-        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
+        from bios.sampling_client import SamplingClient
+
+        path = (await (await self.save_weights_for_sampler_async(name))).path
+        handle = await call_with_retries_async(
+            lambda: self._transport.create_sampler_async(model_path=path), "create_sampling_client", self._clock
+        )
+        return SamplingClient(self._transport, handle)
 
     # ---- facts --------------------------------------------------------------------------------
 
@@ -370,7 +324,117 @@ class TrainingClient:
         return call_with_retries(lambda: self._transport.session_info(self.session_id), "get_info", self._clock)
 
     async def get_info_async(self) -> TrainingInfo:
-        return self.get_info()
+        return await call_with_retries_async(
+            lambda: self._transport.session_info_async(self.session_id), "get_info", self._clock
+        )
 
     def __repr__(self) -> str:
         return f"TrainingClient(session_id={self.session_id!r}, base_model={self.base_model!r})"
+
+    # ---- sending ------------------------------------------------------------------------------
+
+    def _clock(self) -> Clock:
+        return self._transport.clock
+
+    def _reserve(self, count: int = 1) -> int:
+        """The first of `count` consecutive sequence numbers, taken for this client's next requests."""
+        with self._seq_lock:
+            first, self._seq = self._seq, self._seq + count
+            return first
+
+    def _send(
+        self, seq: int, label: str, call: Callable[Concatenate[str, int, P], Future], *args: P.args, **kwargs: P.kwargs
+    ) -> Future:
+        """The request `call(session_id, seq, *args, **kwargs)`, retried per the retry contract
+        (bios.retry); a request that keeps failing releases `seq` so later requests can run."""
+        return retrying(
+            lambda: call(self.session_id, seq, *args, **kwargs),
+            self._transport.clock,
+            label,
+            give_up=lambda: self._release(seq),
+        )
+
+    async def _send_async(
+        self,
+        seq: int,
+        label: str,
+        call: Callable[Concatenate[str, int, P], Future],
+        call_async: Callable[Concatenate[str, int, P], Awaitable[Future]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Future:
+        """`_send`, awaiting `call_async` (the same request, as a coroutine) to submit it."""
+        return await retrying_async(
+            lambda: call_async(self.session_id, seq, *args, **kwargs),
+            lambda: call(self.session_id, seq, *args, **kwargs),
+            self._transport.clock,
+            label,
+            give_up=lambda: self._release(seq),
+        )
+
+    def _release(self, seq: int) -> None:
+        """Release `seq` unused, so the session's later requests may run (best effort: a session
+        that is gone, or a service that stays unreachable, has nothing left to release)."""
+        try:
+            call_with_retries(lambda: self._transport.skip(self.session_id, seq), "skip", self._clock)
+        except BiosError:
+            pass
+
+    async def _release_async(self, seq: int) -> None:
+        try:
+            await call_with_retries_async(lambda: self._transport.skip_async(self.session_id, seq), "skip", self._clock)
+        except BiosError:
+            pass
+
+
+def _custom_inputs(data: Sequence[Datum], loss_fn: object) -> tuple[list[Datum], list[Datum]]:
+    """(the data, the data reduced to what its logprobs need); InvalidRequestError naming the
+    field when `loss_fn` is not callable or a datum lacks `target_tokens`."""
+    if not callable(loss_fn):
+        raise InvalidRequestError(f"loss_fn must be callable, got {type(loss_fn).__name__}", field="loss_fn")
+    items = list(data) if isinstance(data, (list, tuple)) else data
+    reduced = custom_loss.logprob_data(items)
+    return list(items), reduced
+
+
+def _train_settings(
+    loss_fn: object, learning_rate: float, kwargs: dict[str, object]
+) -> tuple[AdamParams, dict[str, float] | None]:
+    """(Adam settings, loss_fn_config) of a `train` call, checked before anything is sent."""
+    unknown = sorted(set(kwargs) - set(_ADAM_KWARGS) - {"loss_fn_config"})
+    if unknown:
+        allowed = ", ".join(sorted(set(_ADAM_KWARGS) | {"loss_fn_config"}))
+        raise InvalidRequestError(
+            f"train() got an unknown argument {unknown[0]!r}; allowed: {allowed}", field=unknown[0]
+        )
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not math.isfinite(learning_rate)
+        or learning_rate < 0
+    ):
+        raise InvalidRequestError(
+            f"learning_rate must be a finite number >= 0, got {learning_rate!r}", field="learning_rate"
+        )
+    adam = AdamParams(
+        learning_rate=learning_rate, **{_ADAM_KWARGS[k]: v for k, v in kwargs.items() if k in _ADAM_KWARGS}
+    )
+    if callable(loss_fn) and kwargs.get("loss_fn_config") is not None:
+        raise InvalidRequestError("loss_fn_config applies to built-in losses only", field="loss_fn_config")
+    return adam, validation.config_dict(kwargs.get("loss_fn_config"))
+
+
+def _combine_train(outer: TimedFuture, fb: ForwardBackwardResult, opt: Future) -> None:
+    outer.timing = getattr(opt, "timing", None)
+    error = opt.exception()
+    if error is not None:
+        outer.set_exception(error)
+        return
+    step: OptimStepResult = opt.result()
+    retries = fb.metrics.get("retries", 0.0) + step.metrics.get("retries", 0.0)
+    metrics = {**fb.metrics, **step.metrics, **({"retries": retries} if retries else {})}
+    outer.set_result(
+        TrainingResult(
+            loss=fb.loss, step=step.step, metrics=metrics, loss_fn_outputs=fb.loss_fn_outputs, timing=step.timing
+        )
+    )

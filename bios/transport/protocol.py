@@ -12,6 +12,8 @@ Shared promises of every method:
   `concurrent.futures.Future` of its result; an ordered request runs at sequence number `seq`
   of its session. A request refused before the engine took it releases `seq` (the session's
   later requests still run).
+- Each `*_async` twin does what its method does, awaited: it never blocks the caller's event
+  loop on the network (in-process, a call that waits for the engine's worker runs on a thread).
 - Failures that may pass are retryable `BiosError`s (`APIConnectionError`, `RateLimitError`,
   `ServiceUnavailableError`, ...). A transport never retries: `bios.retry` does, once.
 
@@ -46,6 +48,10 @@ class Transport(Protocol):
         """The models served, with their architecture facts, the backend and the losses."""
         ...
 
+    async def capabilities_async(self) -> ServerCapabilities:
+        """`capabilities`, awaited without blocking the caller's event loop (so are all twins)."""
+        ...
+
     def tokenizer(self, base_model: str) -> Tokenizer:
         """The tokenizer of `base_model` (NotFoundError if it is not served)."""
         ...
@@ -56,13 +62,21 @@ class Transport(Protocol):
         """A new training session on `base_model` with a freshly initialised adapter."""
         ...
 
+    async def create_session_async(self, base_model: str, lora: LoraConfig) -> TrainingInfo: ...
+
     def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
         """A new session resuming the checkpoint at `path` (or, in-process, a PEFT directory)."""
         ...
 
+    async def create_session_from_state_async(
+        self, path: str | os.PathLike, base_model: str | None = None
+    ) -> TrainingInfo: ...
+
     def session_info(self, session_id: str) -> TrainingInfo:
         """The session's base model, LoRA config and step."""
         ...
+
+    async def session_info_async(self, session_id: str) -> TrainingInfo: ...
 
     def close_session(self, session_id: str) -> None:
         """End the session once its running requests are done. Never blocks and never raises
@@ -73,9 +87,13 @@ class Transport(Protocol):
         """The lowest sequence number of the session not yet submitted or released."""
         ...
 
+    async def next_seq_async(self, session_id: str) -> int: ...
+
     def skip(self, session_id: str, seq: int) -> None:
         """Release `seq` unused, so the session's later requests may run (no-op once it ran)."""
         ...
+
+    async def skip_async(self, session_id: str, seq: int) -> None: ...
 
     # ---- work on a session (ordered by `seq`) -------------------------------------------
 
@@ -92,15 +110,32 @@ class Transport(Protocol):
         """Future[ForwardBackwardResult]; with `backward`, the gradient joins the accumulator."""
         ...
 
+    async def forward_backward_async(
+        self,
+        session_id: str,
+        seq: int,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+        *,
+        backward: bool = True,
+    ) -> concurrent.futures.Future: ...
+
     def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
         """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared."""
         ...
+
+    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future: ...
 
     def sample(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
     ) -> concurrent.futures.Future:
         """Future[SampleResult] from the session's current weights."""
         ...
+
+    async def sample_async(
+        self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
+    ) -> concurrent.futures.Future: ...
 
     def save_state(
         self,
@@ -113,15 +148,30 @@ class Transport(Protocol):
         """Future[StateResult]: a training checkpoint (kind "state") or a sampler snapshot ("sampler")."""
         ...
 
+    async def save_state_async(
+        self,
+        session_id: str,
+        seq: int,
+        name: str,
+        metadata: dict | None = None,
+        kind: Literal["state", "sampler"] = "state",
+    ) -> concurrent.futures.Future: ...
+
     def load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
         """Future[TrainingInfo]: the session's adapter, moments and step replaced by `path`'s."""
         ...
+
+    async def load_state_async(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future: ...
 
     # ---- sampling clients -----------------------------------------------------------------
 
     def create_sampler(self, model_path: str | None = None, base_model: str | None = None) -> SamplerHandle:
         """A sampling target: the snapshot or checkpoint at `model_path`, or a bare `base_model`."""
         ...
+
+    async def create_sampler_async(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplerHandle: ...
 
     def release_sampler(self, sampler_id: str) -> None:
         """Forget a sampling target. Never blocks and never raises, like `close_session`."""
@@ -139,9 +189,21 @@ class Transport(Protocol):
         """Future[SampleResult] from the sampling target (unordered)."""
         ...
 
+    async def sampler_sample_async(
+        self,
+        sampler_id: str,
+        prompt: ModelInput,
+        params: SamplingParams,
+        num_samples: int = 1,
+        *,
+        prompt_logprobs: bool = False,
+    ) -> concurrent.futures.Future: ...
+
     def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
         """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
         ...
+
+    async def sampler_logprobs_async(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future: ...
 
     def close(self) -> None:
         """Let go of what the transport holds (its owner calls it, once)."""
