@@ -287,7 +287,7 @@ def _check_base_copy(value: np.ndarray, model: ModelSpec) -> None:
         base = None
         for file in sorted(Path(model.hf_path).glob("*.safetensors")):
             with safe_open(str(file), framework="numpy") as handle:
-                if name in handle:
+                if name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a container
                     base = np.asarray(handle.get_tensor(name), dtype=np.float32)
     if base is None or value.shape != base.shape or not np.allclose(value, base, rtol=2**-7, atol=1e-6):
         raise InvalidRequestError(

@@ -7,12 +7,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from bios.backend import Backend, BackendConfig
-from bios.catalog import Catalog
 from bios.errors import InvalidRequestError
-from bios.simulation import SimulationConfig
 
 GROUP = "bios.backends"
-SIMULATOR_GROUP = "bios.simulator"
 
 
 def available_backends() -> list[str]:
@@ -41,13 +38,3 @@ def backend_factory(name: str) -> Callable[[BackendConfig], Backend]:
 def create_backend(name: str, config: BackendConfig) -> Backend:
     """Build the backend `name` with `config`."""
     return backend_factory(name)(config)
-
-
-def simulated(backend: Backend, config: SimulationConfig, catalog: Catalog) -> Backend:
-    """`backend` wrapped by the service simulator (entry point `default` of `bios.simulator`)."""
-    for ep in entry_points(group=SIMULATOR_GROUP):
-        if ep.name == "default":
-            return ep.load()(backend, config, catalog)
-    raise InvalidRequestError(
-        "simulation: no service simulator is installed (entry point bios.simulator:default)", field="simulation"
-    )
