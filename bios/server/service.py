@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import sqlalchemy.exc
 
 from bios.engine import Engine
-from bios.engine.engine import WithState
 from bios.engine.checkpoints import parse_path
+from bios.engine.engine import WithState
 from bios.errors import BiosError, ConflictError, NotFoundError
 from bios.futures import settle_clock
 from bios.retry import retrying

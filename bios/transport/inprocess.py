@@ -10,10 +10,10 @@ import atexit
 import threading
 from pathlib import Path
 
+from bios.admission import DIRECT
 from bios.backend import BackendConfig
 from bios.catalog import Catalog
 from bios.engine import CheckpointStore, Engine, create_backend
-from bios.admission import DIRECT
 from bios.simulation import SimulationConfig, SimulationReport, Simulator, simulate
 
 _engines: dict[tuple[str, Path, tuple[tuple[str, str], ...], str], Engine] = {}
