@@ -19,10 +19,14 @@ from bios.types import RequestTiming
 T = TypeVar("T")
 
 
-def pinned(future: concurrent.futures.Future, owner: object) -> concurrent.futures.Future:
+def pinned(future: concurrent.futures.Future[T], owner: object) -> concurrent.futures.Future[T]:
     """`future`, holding a reference to `owner` until it is done (so a client whose garbage
     collection ends its session or snapshot outlives its requests)."""
-    future.add_done_callback(lambda _done, owner=owner: None)
+
+    def keep(_done: concurrent.futures.Future[T], owner: object = owner) -> None:
+        pass
+
+    future.add_done_callback(keep)
     return future
 
 

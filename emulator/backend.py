@@ -194,7 +194,7 @@ class EmulatorBackend:
             if grads is not None:
                 for name, grad in backward(model, base, cache, token_logprobs_backward(logits, targets, d_lp)).items():
                     grads[name] += grad
-        if grads is not None:
+        if grads is not None and adapter is not None:
             for name, grad in grads.items():
                 adapter.grads[name] += grad
         total = float(sum(np.sum(loss) for loss in losses))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bios.admission import DIRECT, RequestHook
 from bios.backend import AdapterSpec, AdapterState, Backend, OptimStepOutput
@@ -116,7 +117,7 @@ class Engine:
         return self._open_session(_Session(session_id, model, adapter), state=None)
 
     def create_session_from_state(
-        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+        self, path: str | os.PathLike[str], base_model: str | None = None, *, optimizer: bool = True
     ) -> TrainingInfo:
         """A new session resuming the training state saved at `path` (a `bios://SESSION/weights/NAME`
         path: weights, optimizer moments and step; with `optimizer` False the weights only, at
@@ -290,7 +291,7 @@ class Engine:
     # ---- checkpoints of a session ------------------------------------------------------------
 
     def save_state(
-        self, session_id: str, seq: int, name: str, metadata: dict | None = None, kind: str = "state"
+        self, session_id: str, seq: int, name: str, metadata: dict[str, Any] | None = None, kind: str = "state"
     ) -> Future[object]:
         """Future[StateResult]: checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler")."""
         session = self._session(session_id)

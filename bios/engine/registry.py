@@ -22,12 +22,14 @@ def backend_factory(name: str) -> Callable[[BackendConfig], Backend]:
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
+            factory: Callable[[BackendConfig], Backend] = getattr(importlib.import_module(module_name), attr)
+            return factory
         except (ImportError, AttributeError) as exc:
             raise InvalidRequestError(f"backend {name!r} cannot be imported: {exc}", field="backend") from None
     for ep in entry_points(group=GROUP):
         if ep.name == name:
-            return ep.load()
+            loaded: Callable[[BackendConfig], Backend] = ep.load()
+            return loaded
     raise InvalidRequestError(
         f"backend {name!r} is unknown; installed backends: {', '.join(available_backends()) or 'none'} "
         "(or give module:factory)",

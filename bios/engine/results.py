@@ -52,7 +52,7 @@ def sample_result(output: SampleOutput) -> SampleResult:
             SampledSequence(
                 tokens=[int(t) for t in s.tokens],
                 logprobs=[float(x) for x in s.logprobs],
-                stop_reason=s.stop_reason,  # type: ignore[arg-type]
+                stop_reason=s.stop_reason,
             )
             for s in output.sequences
         ],

@@ -285,7 +285,7 @@ class SimulatedBackend:
             admission.group, ready, admission.tokens, admission.memory, duration, admission.rows
         )
         if failure == "transient":
-            error = ServiceUnavailableError(
+            error: BiosError = ServiceUnavailableError(
                 f"{ticket.kind}: the service failed transiently while "
                 "running this request; nothing was applied, retry it"
             )
