@@ -15,16 +15,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bios.admission import DIRECT, RequestHook
 from bios.backend import AdapterSpec, AdapterState, Backend, OptimStepOutput
 from bios.catalog import Catalog, ModelSpec
 from bios.clock import Clock
-from bios.engine import results, validation
-from bios.engine.checkpoints import SCHEME, CheckpointStore, parse_path
-from bios.engine.peft import is_local_directory, read_peft_adapter
+from bios.engine import results, resume, validation
+from bios.engine.checkpoints import CheckpointStore, parse_path
 from bios.engine.samplers import SamplerHandle, Samplers
 from bios.engine.scheduler import Batched, Call, Job, Scheduler
 from bios.engine.snapshots import SnapshotPool
@@ -119,43 +117,14 @@ class Engine:
     def create_session_from_state(
         self, path: str | os.PathLike[str], base_model: str | None = None, *, optimizer: bool = True
     ) -> TrainingInfo:
-        """A new session resuming the training state saved at `path` (a `bios://SESSION/weights/NAME`
-        path: weights, optimizer moments and step; with `optimizer` False the weights only, at
-        step 0 with zero moments), or starting from the Hugging Face PEFT LoRA adapter in local
-        directory `path` (`adapter_config.json` + `adapter_model.safetensors`) on `base_model`,
-        at step 0 with zero Adam moments. `base_model` is required for a PEFT directory; for a
-        `bios://` path it may be given only as the checkpoint's own base model."""
-        if is_local_directory(path):
-            return self._session_from_peft(Path(path), base_model)
-        if not isinstance(path, str) or not path.startswith(SCHEME):
-            raise InvalidRequestError(
-                f"path {str(path)!r} is neither a checkpoint path (bios://SESSION/weights/NAME) nor a local "
-                "directory holding a PEFT LoRA adapter (adapter_config.json)",
-                field="path",
-            )
-        record = _training_state(self.store.record(path))
-        if base_model is not None and base_model != record.base_model:
-            raise InvalidRequestError(
-                f"base_model: {path} holds an adapter for {record.base_model}, not {base_model!r}", field="base_model"
-            )
+        """A new session starting from `path`: a `bios://SESSION/weights/NAME` training state
+        (weights, optimizer moments and step; with `optimizer` False the weights only, at step 0
+        with zero moments), or a local Hugging Face PEFT LoRA adapter directory on `base_model`
+        (at step 0 with zero moments). See `bios.engine.resume.starting_state`."""
         session_id = f"session-{uuid.uuid4().hex[:12]}"
-        state = _weights_only(self.store.load(path, session_id), optimizer)
+        state = resume.starting_state(self.store, self.catalog, path, base_model, session_id, optimizer=optimizer)
         model = self.catalog.get(state.spec.base_model)
         return self._open_session(_Session(session_id, model, state.spec, state.step), state=state)
-
-    def _session_from_peft(self, directory: Path, base_model: str | None) -> TrainingInfo:
-        """A new session whose adapter starts from a PEFT LoRA adapter; validated fully first."""
-        if base_model is None:
-            raise InvalidRequestError(
-                f"base_model: {directory} is a PEFT adapter, which does not name a Bios model; pass base_model=",
-                field="base_model",
-            )
-        model = self.catalog.get(base_model)
-        lora, weights = read_peft_adapter(directory, model)
-        session_id = f"session-{uuid.uuid4().hex[:12]}"
-        adapter = validation.lora_adapter(session_id, model, lora)
-        state = AdapterState(spec=adapter, step=0, weights=weights)  # no moments: the backend starts them at zero
-        return self._open_session(_Session(session_id, model, adapter, 0), state=state)
 
     def _open_session(self, session: _Session, state: AdapterState | None) -> TrainingInfo:
         self.scheduler.call(lambda: self.backend.create_adapter(session.adapter, state)).result()
@@ -207,6 +176,11 @@ class Engine:
             step=session.step,
             model_name=session.model.name,
         )
+
+    def session_ids(self) -> list[str]:
+        """The sessions open now."""
+        with self._lock:
+            return sorted(self._sessions)
 
     def next_seq(self, session_id: str) -> int:
         return self.scheduler.next_seq(self._session(session_id).session_id)
@@ -323,7 +297,7 @@ class Engine:
         session = self._session(session_id)
 
         def build() -> Job:
-            record = _training_state(self.store.record(path))
+            record = resume.training_state(self.store.record(path))
             if record.base_model != session.model.name:
                 raise InvalidRequestError(
                     f"path {path} holds an adapter for {record.base_model}, "
@@ -332,7 +306,7 @@ class Engine:
                 )
 
             def load() -> TrainingInfo | WithState:
-                state = _weights_only(self.store.load(path, session.adapter.adapter_id), optimizer)
+                state = resume.weights_only(self.store.load(path, session.adapter.adapter_id), optimizer)
                 self.backend.delete_adapter(session.adapter.adapter_id)
                 self.backend.create_adapter(state.spec, state)
                 session.adapter, session.step = state.spec, state.step
@@ -388,20 +362,3 @@ class Engine:
     def close(self) -> None:
         self.scheduler.close()
         self.backend.close()
-
-
-def _training_state(record: StateResult) -> StateResult:
-    """`record` if it is a full training state; sampler snapshots lack the optimizer moments."""
-    if record.kind != "state":
-        raise InvalidRequestError(
-            f"path {record.path} is a sampler snapshot (weights only); resume training from a "
-            "save_state checkpoint (bios://SESSION/weights/NAME)",
-            field="path",
-        )
-    return record
-
-
-def _weights_only(state: AdapterState, optimizer: bool) -> AdapterState:
-    """`state` itself, or (without `optimizer`) its weights at step 0 with no moments, which a
-    backend starts at zero."""
-    return state if optimizer else AdapterState(spec=state.spec, step=0, weights=state.weights)

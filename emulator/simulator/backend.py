@@ -33,7 +33,6 @@ from bios.backend import (
     ForwardBackwardWork,
     OptimStepWork,
     ResultCallback,
-    SampleOutput,
     SampleWork,
 )
 from bios.catalog import Catalog
@@ -42,7 +41,6 @@ from bios.errors import (
     APIConnectionError,
     APITimeoutError,
     BiosError,
-    InvalidRequestError,
     RateLimitError,
     ServiceUnavailableError,
     SessionExpiredError,
@@ -51,12 +49,11 @@ from bios.simulation import SimulationConfig, SimulationReport
 from emulator.simulator import profiles
 from emulator.simulator.costs import CostModel, DeviceGroup
 from emulator.simulator.faults import Decision, FaultPlan
+from emulator.simulator.footprint import check_fits, device_seconds, footprint
 from emulator.simulator.records import RequestSpan, ServiceEvent, Ticket, Timing
 from emulator.simulator.report import build_report
 from emulator.simulator.timeline import Timeline
 from emulator.simulator.trace import write_trace
-
-_GIB = 2**30
 
 
 @dataclass(slots=True)
@@ -131,8 +128,8 @@ class SimulatedBackend:
     def admit(self, work: object, ticket: Ticket) -> None:
         """Stamp `work` with `ticket`; InvalidRequestError when it could never run on this deployment."""
         costs = self.costs(self._base_model(work))
-        group, tokens, memory, rows = self._footprint(work, costs)
-        self._check_fits(ticket.kind, tokens, memory, costs)
+        group, tokens, memory, rows = footprint(work, costs)
+        check_fits(ticket.kind, tokens, memory, costs, self.config.max_batch_tokens)
         with self._lock:
             lane = self._lane_name(ticket.lane)
             position = ticket.seq if ticket.seq is not None else self._next_position(ticket)
@@ -146,38 +143,6 @@ class SimulatedBackend:
         at = ticket.enqueued_at
         self.spans.append(RequestSpan(ticket.kind, lane, ticket.seq, ticket.attempt, at, at, at, "ok", None, 0))
         self._lane_free[ticket.lane] = at
-
-    def _footprint(self, work: object, costs: CostModel) -> tuple[str, int, float, int]:
-        """(pass group, tokens, device memory in bytes, sampling rows) of one work item."""
-        if isinstance(work, ForwardBackwardWork):
-            lengths = [len(t) for t in work.tokens]
-            return "train", sum(lengths), costs.training_memory_bytes(lengths), 0
-        if isinstance(work, SampleWork):
-            tokens = len(work.prompt) + work.num_samples * work.max_tokens
-            return (
-                "sample",
-                tokens,
-                costs.sample_memory_bytes(len(work.prompt), work.num_samples, work.max_tokens),
-                work.num_samples,
-            )
-        return "train", 0, 0.0, 0
-
-    def _check_fits(self, kind: str, tokens: int, memory: float, costs: CostModel) -> None:
-        field = "data" if kind == "forward_backward" else "sampling_params.max_tokens"
-        limit = self.config.max_batch_tokens
-        if limit is not None and tokens > limit:
-            raise InvalidRequestError(
-                f"{field}: this request has {tokens} tokens but one pass of the simulated deployment holds "
-                f"{limit} (max_batch_tokens); split it into smaller requests",
-                field=field,
-            )
-        if memory > costs.free_memory_bytes:
-            raise InvalidRequestError(
-                f"{field}: this request needs {memory / _GIB:.1f} GiB of device memory but {costs.describe()} has "
-                f"{max(costs.free_memory_bytes, 0) / _GIB:.1f} GiB free "
-                "after the weights; send fewer or shorter sequences",
-                field=field,
-            )
 
     def _lane_name(self, lane_id: str) -> str:
         if lane_id not in self._lanes:
@@ -276,9 +241,8 @@ class SimulatedBackend:
                 self._rebuild(adapter_id)
             return self._record(work, admission, None, ready, ready, _refusal(failure, self.config))
         costs = self.costs(self._base_model(work))
-        duration = self._duration(
-            work, output, costs, self._device(costs).rows_in_open_pass(admission.group, ready) + admission.rows
-        )
+        batch_rows = self._device(costs).rows_in_open_pass(admission.group, ready) + admission.rows
+        duration = device_seconds(work, output, costs, self._adapters, batch_rows)
         if admission.decision.straggler:
             duration *= self.config.straggler_factor
         place = self._device(costs).place(
@@ -322,24 +286,6 @@ class SimulatedBackend:
             "request was in flight; nothing of it was applied, retry it"
         )
         return self._record(work, admission, None, down_at, down_at, error)
-
-    def _duration(self, work: object, output: object, costs: CostModel, batch_rows: int) -> float:
-        """Seconds `work` keeps the device group busy (a sample decodes as long as its longest completion)."""
-        if isinstance(work, ForwardBackwardWork):
-            spec = self._adapters.get(work.adapter_id or "")
-            rank, modules = (spec.rank, spec.target_modules) if spec is not None else (0, ())
-            return costs.forward_backward_s([len(t) for t in work.tokens], rank, modules, work.backward)
-        if isinstance(work, OptimStepWork):
-            spec = self._adapters[work.adapter_id]
-            return costs.optim_step_s(costs.adapter_params(spec.rank, spec.target_modules))
-        if isinstance(work, SampleWork):
-            generated = (
-                max((len(s.tokens) for s in output.sequences), default=0)
-                if isinstance(output, SampleOutput)
-                else work.max_tokens
-            )
-            return costs.sample_s(len(work.prompt), work.num_samples, generated, batch_rows)
-        return 0.0
 
     def _settle(self, work: object, output: object) -> None:
         """Track what a restart must replay: backward passes since the adapter's last optim_step."""
