@@ -332,8 +332,8 @@ def simple_sentences(count: int = 42000, seed: int = 0) -> list[str]:
                 f"and then {pick(SMALL)} {pick(VERBS)} a {pick(NOUNS)}!"
             )
         elif i % 7 == 5:
-            words = " ".join(pick(ALL_WORDS) for _ in range(rng.randint(3, 12)))
-            lines.append(words[0].upper() + words[1:] + pick(".?!,;:"))
+            sentence = " ".join(pick(ALL_WORDS) for _ in range(rng.randint(3, 12)))
+            lines.append(sentence[0].upper() + sentence[1:] + pick(".?!,;:"))
         else:
             lines.append(f'{pick(NOUNS).capitalize()}s are {pick(ADJS)}. Is it "{pick(ADJS)}"? Yes (maybe).')
     return lines

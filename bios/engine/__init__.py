@@ -2,7 +2,8 @@
 futures, checkpoints). Shared by the in-process transport and the server."""
 
 from bios.engine.checkpoints import CheckpointStore
-from bios.engine.engine import Engine, SamplerHandle
+from bios.engine.engine import Engine
 from bios.engine.registry import available_backends, create_backend
+from bios.engine.samplers import SamplerHandle
 
 __all__ = ["CheckpointStore", "Engine", "SamplerHandle", "available_backends", "create_backend"]

@@ -158,7 +158,7 @@ def create_app(
 
     def durable(session_id: str, seq: int) -> dict:
         """Submit options of a request that changes the adapter and returns (result, state)."""
-        return {"record": service.durable_recorder(session_id, seq), "encode": lambda pair: encode_result(pair[0])}
+        return {"record": service.durable_recorder(session_id, seq), "encode": lambda done: encode_result(done.result)}
 
     @app.post("/v1/sessions/{session_id}/forward_backward")
     def forward_backward(
@@ -186,7 +186,7 @@ def create_app(
             "optim_step",
             session_id,
             body,
-            lambda: engine.optim_step(session_id, body.seq, body.adam_params, export_state=True),
+            lambda: engine.optim_step_and_export(session_id, body.seq, body.adam_params),
             **durable(session_id, body.seq),
         )
 
@@ -229,7 +229,7 @@ def create_app(
             "load_state",
             session_id,
             body,
-            lambda: engine.load_state(session_id, body.seq, body.path, export_state=True),
+            lambda: engine.load_state_and_export(session_id, body.seq, body.path),
             **durable(session_id, body.seq),
         )
 

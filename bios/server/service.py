@@ -29,12 +29,14 @@ import sqlalchemy.exc
 
 from bios.engine import Engine
 from bios.engine.checkpoints import parse_path
+from bios.engine.engine import WithState
 from bios.errors import BiosError, ConflictError, NotFoundError
 from bios.futures import settle_clock
 from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.simulation import SimulationReport, Simulator
 
 Recorder = Callable[[str, object, bytes], None]
 """Called by the writer thread with (request id, result, answer envelope) before the answer is
@@ -68,8 +70,18 @@ class Service:
     """Ownership, requests and answers on top of one engine. Thread-safe; `attach(loop)` once
     the event loop serving long-polls runs."""
 
-    def __init__(self, engine: Engine, records: Records, journal: Journal, *, retention_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        records: Records,
+        journal: Journal,
+        *,
+        retention_s: float = 3600.0,
+        simulator: Simulator | None = None,
+    ) -> None:
         self.engine = engine
+        self.simulator = simulator
+        """The service simulator the engine runs under (`bios serve --simulation`), if any."""
         self.records = records
         self.journal = journal
         self.retention_s = retention_s
@@ -89,6 +101,10 @@ class Service:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake long-polls on `loop` from now on."""
         self._loop = loop
+
+    def simulation_report(self) -> SimulationReport | None:
+        """The simulator's report so far (writing its trace file, if any); None when not simulating."""
+        return self.simulator.report() if self.simulator is not None else None
 
     def close(self) -> None:
         self._finished.put(None)
@@ -161,11 +177,13 @@ class Service:
         return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)  # type: ignore[attr-defined]
 
     def durable_recorder(self, session_id: str, seq: int) -> Recorder:
-        """Writes the state of a (result, AdapterState) answer — an optim_step or load_state run
-        with `export_state` — to the journal, with the request and its answer."""
+        """Writes the state of a `WithState` answer (of `optim_step_and_export` or
+        `load_state_and_export`) to the journal, with the request and its answer."""
 
         def record(request_id: str, result: object, answer: bytes) -> None:
-            self.journal.write(session_id, result[1], seq, request_id, answer)  # type: ignore[index]
+            if not isinstance(result, WithState):
+                raise TypeError(f"a durable request answers WithState, not {type(result).__name__}")
+            self.journal.write(session_id, result.state, seq, request_id, answer)
             self.records.forget_replays(session_id, seq)
 
         return record

@@ -178,10 +178,8 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
     def optim_step(body: OptimStep, who: str = owner) -> dict:
         run = runs.get(who, body.model_id)
         seq = ids.engine_seq(body.seq_id)
-        encode = json_answer(lambda pair: {"metrics": {**pair[0].metrics, "step": float(pair[0].step)}})
-        start = lambda: engine.optim_step(
-            run.session_id, seq, tinker.ordered(run, seq, lambda: adam(body)), export_state=True
-        )
+        encode = json_answer(lambda done: {"metrics": {**done.result.metrics, "step": float(done.result.step)}})
+        start = lambda: engine.optim_step_and_export(run.session_id, seq, tinker.ordered(run, seq, lambda: adam(body)))
         record = service.durable_recorder(run.session_id, seq)
         return submitted(
             run,
@@ -319,7 +317,7 @@ def add_training_routes(router: APIRouter, tinker: Tinker) -> None:
 
             def start():
                 source = tinker.ordered(run, seq, lambda: checkpoint_to_load(who, body))
-                return engine.load_state(run.session_id, seq, source, export_state=True, optimizer=body.optimizer)
+                return engine.load_state_and_export(run.session_id, seq, source, optimizer=body.optimizer)
 
             record = service.durable_recorder(run.session_id, seq)
             return submitted(
