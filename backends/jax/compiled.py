@@ -106,15 +106,15 @@ def forward_backward(
 
 @partial(jax.jit, donate_argnames=("lora", "opt_state", "accumulator"))
 def optim_step(
-    lora: dict, opt_state: object, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array
-) -> tuple[dict, object, dict, jax.Array, jax.Array]:
+    lora: dict, opt_state: optimizer.State, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array
+) -> tuple[dict, optimizer.State, dict, jax.Array, jax.Array]:
     """O1–O5 on the active [S] slots, then their accumulators are cleared (L8).
 
     Returns (lora, opt_state, accumulator, grad_norm [S], steps [S]).
     """
     trainable, new_state, norms = optimizer.step(_trainable(lora), opt_state, accumulator, hyper, active)
     cleared = optimizer.clear_slots(accumulator, active)
-    return {**trainable, "scale": lora["scale"]}, new_state, cleared, norms, optimizer.slot_steps(new_state)
+    return {**trainable, "scale": lora["scale"]}, new_state, cleared, norms, optimizer.step_count(new_state)
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))

@@ -33,7 +33,7 @@ class SlotTable:
     rank: int
     lora: dict[str, jax.Array] = field(init=False)
     accumulator: dict[str, jax.Array] = field(init=False)
-    opt_state: object = field(init=False)
+    opt_state: optimizer.State = field(init=False)
     adapters: dict[str, tuple[int, AdapterSpec]] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     """Optimizer steps taken by each adapter, on the host (seeds its dropout masks)."""
@@ -93,13 +93,13 @@ class SlotTable:
                 if k != "scale"
             }
 
-        adam = self.opt_state[1][0]
+        mu, nu = optimizer.adam_moments(self.opt_state)
         return AdapterState(
             spec=spec,
-            step=int(adam.count[slot]),
+            step=int(optimizer.step_count(self.opt_state)[slot]),
             weights=adapter_weights(self.spec, take(self.lora, False), modules, spec.rank),
-            adam_m=adapter_weights(self.spec, take(adam.mu, True), modules, spec.rank),
-            adam_v=adapter_weights(self.spec, take(adam.nu, True), modules, spec.rank),
+            adam_m=adapter_weights(self.spec, take(mu, True), modules, spec.rank),
+            adam_v=adapter_weights(self.spec, take(nu, True), modules, spec.rank),
         )
 
     def _write(self, slot: int, weights: dict, moments: tuple[dict, dict] | None, step: int, scale: float) -> None:
@@ -118,9 +118,9 @@ class SlotTable:
         mu, nu = (
             (slot_arrays(self.spec, m, self.rank) for m in moments) if moments else (dict.fromkeys(values, 0.0),) * 2
         )
-        clip_state, (adam, *rest) = self.opt_state
-        adam = adam._replace(count=adam.count.at[slot].set(step), mu=put(adam.mu, mu, True), nu=put(adam.nu, nu, True))
-        self.opt_state = (clip_state, (adam, *rest))
+        old_mu, old_nu = optimizer.adam_moments(self.opt_state)
+        count = optimizer.step_count(self.opt_state).at[slot].set(step)
+        self.opt_state = optimizer.with_moments(self.opt_state, count, put(old_mu, mu, True), put(old_nu, nu, True))
         self._place()
 
     def _grow(self) -> None:
