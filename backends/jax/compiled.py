@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +143,61 @@ def copy_rows(
     return tuple(c.at[:, to].set(s[:, rows]) for c, s in zip(cache, source, strict=True))
 
 
+@jax.jit
+def choose(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    keys: jax.Array,
+    index: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
+
+    logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
+    the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
+    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
+    has generated), so a seed gives the same tokens however requests are batched.
+    """
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1)
+    z = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    order = jnp.argsort(-z, axis=-1, stable=True)  # descending, ties by lower id
+    sorted_z = jnp.take_along_axis(z, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    in_top_k = rank < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
+    row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
+    pick = jax.vmap(jax.random.categorical)(row_keys, jnp.where(kept, sorted_z, -jnp.inf))
+    drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logprob
+
+
+class _Compiled(Protocol):
+    """What `jax.jit` returns, as far as counting its programs goes."""
+
+    def _cache_size(self) -> int: ...
+
+
+PROGRAMS = {
+    "forward": forward,
+    "forward_backward": forward_backward,
+    "optim_step": optim_step,
+    "extend": extend,
+    "copy_rows": copy_rows,
+    "choose": choose,
+}
+"""Every jitted function of the backend, by name (tests check none is missing)."""
+
+
 def compile_counts() -> dict[str, int]:
     """How many programs each compiled function holds (for tests and benchmarks)."""
-    return {f.__name__: f._cache_size() for f in (forward, forward_backward, optim_step, extend, copy_rows)}
+    return {name: cast(_Compiled, function)._cache_size() for name, function in PROGRAMS.items()}
 
 
 def host(array: jax.Array) -> np.ndarray:

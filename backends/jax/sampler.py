@@ -4,7 +4,7 @@ A fixed pool of decode rows shares one KV cache. Waiting requests are admitted (
 first served) whenever enough rows are free: their prompts are prefilled together, once per
 request, and the prefilled cache row is copied into each of the request's `num_samples` rows.
 Every step then feeds the last token of every row through `compiled.extend`, chooses the next
-tokens on device (`choose`: S1, S2) and checks stops on the host (S3). A request whose rows
+tokens on device (`compiled.choose`: S1, S2) and checks stops on the host (S3). A request whose rows
 have all stopped is reported at once (`on_result`) and its rows go to the next waiting one.
 Rows may serve different adapters in any order. Row counts and lengths are bucketed so few
 programs compile.
@@ -32,41 +32,6 @@ MIN_PROMPT = 16
 """Smallest prompt-length bucket of the prefill."""
 MAX_ROWS = 64
 """Decode rows of the pool at most (more requests wait for free rows)."""
-
-
-@jax.jit
-def choose(
-    logits: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    keys: jax.Array,
-    index: jax.Array,
-    step: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
-
-    logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
-    the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
-    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
-    has generated), so a seed gives the same tokens however requests are batched.
-    """
-    vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1)
-    z = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    order = jnp.argsort(-z, axis=-1, stable=True)  # descending, ties by lower id
-    sorted_z = jnp.take_along_axis(z, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    in_top_k = rank < top_k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
-    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
-    row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
-    pick = jax.vmap(jax.random.categorical)(row_keys, jnp.where(kept, sorted_z, -jnp.inf))
-    drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
-    token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-    return token, logprob
 
 
 def _item_key(seed: int | None) -> jax.Array:
@@ -199,7 +164,7 @@ def sample(
         admit()
         if not (item_of >= 0).any():
             break
-        chosen, chosen_lp = choose(z, temperature, top_k, top_p, keys, sample_of, step)
+        chosen, chosen_lp = compiled.choose(z, temperature, top_k, top_p, keys, sample_of, step)
         record(compiled.host(chosen), compiled.host(chosen_lp))
         active = item_of >= 0
         if not active.any() and not waiting:

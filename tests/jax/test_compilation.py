@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 from helpers import make_datum
 
@@ -63,3 +66,15 @@ def test_each_request_is_reported_once_its_micro_batches_ran():
     results = service._transport.backend.forward_backward(items, lambda index, output: reports.append(index))
     assert reports == [1, 0]  # `first` has the lower slot, so its rows run (and it is reported) first
     assert all(isinstance(r.loss, float) for r in results)
+
+
+def test_every_jitted_function_is_in_compiled_and_counted():
+    """`jax.jit` appears in compiled.py only, and compile_counts() covers all it builds."""
+    package = Path(compiled.__file__).parent
+    for path in package.glob("*.py"):
+        calls_jit = any(
+            isinstance(node, ast.Attribute) and node.attr == "jit" for node in ast.walk(ast.parse(path.read_text()))
+        )
+        assert calls_jit == (path.name == "compiled.py"), path.name
+    jitted = {n for n, v in vars(compiled).items() if hasattr(v, "_cache_size") and not isinstance(v, type)}
+    assert jitted == set(compiled.compile_counts())
