@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import compiled, sampler
-from backends.jax.compiled import MIN_ROWS, MIN_TOKENS, Batch, bucket, host
+from backends.jax.batch import Batch, Row, micro_batches
+from backends.jax.compiled import host
 from backends.jax.model import Decoder
-from backends.jax.sharding import batch_sharding, make_mesh, rows_multiple
+from backends.jax.sharding import make_mesh
 from backends.jax.slots import SlotTable
 from backends.jax.weights import load_base
 from bios.backend import (
@@ -38,7 +39,6 @@ from bios.backend import (
 )
 from bios.catalog import ModelSpec
 from bios.errors import BiosError, InvalidRequestError, NotFoundError
-from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
 from bios.weights import init_lora_weights
 
@@ -170,113 +170,36 @@ class JaxBackend:
         items: list[tuple[ForwardBackwardWork, int]],
         report: Callable[[int, ForwardBackwardOutput], None],
     ) -> None:
-        """Run `items` in token-budgeted micro-batches; report each item once all its rows ran."""
+        """Run `items` (work, slot) in token-budgeted micro-batches; report each once all its rows ran."""
         rows = sorted(
-            ((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0]
+            (
+                self._row(served, work, slot, i, d, backward)
+                for i, (work, slot) in enumerate(items)
+                for d in range(len(work.tokens))
+            ),
+            key=lambda row: row.slot,
         )
-        logprobs: dict[tuple[int, int], np.ndarray] = {}
-        elementwise: dict[tuple[int, int], np.ndarray] = {}
-        remaining = [len(item.tokens) for item, _ in items]
-        for chunk in self._micro_batches(rows, items, served.tokens_per_call):
-            batch, lengths = self._batch(served, loss_fn, items, chunk, dropout=backward)
+        outputs = _Outputs([len(work.tokens) for work, _ in items], report)
+        for chunk in micro_batches(rows, served.tokens_per_call):
+            batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len)
             if backward:
                 served.slots.accumulator, lp, el = compiled.forward_backward(
                     served.spec, served.base, served.slots.lora, served.slots.accumulator, batch, loss_fn
                 )
             else:
                 lp, el = compiled.forward(served.spec, served.base, served.slots.lora, batch, loss_fn)
-            lp, el = host(lp), host(el)
-            for row, ((_, i, d), n) in enumerate(zip(chunk, lengths, strict=True)):
-                logprobs[(i, d)], elementwise[(i, d)] = lp[row, :n], el[row, :n]
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    count = len(items[i][0].tokens)
-                    lps = tuple(logprobs.pop((i, k)) for k in range(count))
-                    els = tuple(elementwise.pop((i, k)) for k in range(count))
-                    loss = float(sum(e.astype(np.float64).sum() for e in els))
-                    report(
-                        i,
-                        ForwardBackwardOutput(
-                            loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}
-                        ),
-                    )
-
-    def _micro_batches(
-        self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]], budget: int
-    ) -> list[list[tuple[int, int, int]]]:
-        """Consecutive runs of `rows` whose padded size stays within the token budget."""
-        chunks: list[list[tuple[int, int, int]]] = [[]]
-        longest = 0
-        for row in rows:
-            length = len(items[row[1]][0].tokens[row[2]])
-            candidate = max(longest, length)
-            if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > budget:
-                chunks.append([])
-                candidate = length
-            chunks[-1].append(row)
-            longest = candidate
-        return chunks
-
-    def _batch(
-        self,
-        served: _Served,
-        loss_fn: str,
-        items: list[tuple[ForwardBackwardWork, int]],
-        rows: list[tuple[int, int, int]],
-        dropout: bool,
-    ) -> tuple[Batch, list[int]]:
-        """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length.
-        With `dropout`, rows of adapters with a dropout rate get their rate and mask seed."""
-        spec = served.spec
-        lengths = [len(items[i][0].tokens[d]) for _, i, d in rows]
-        b = bucket(len(rows), minimum=MIN_ROWS, multiple=rows_multiple(self.mesh))
-        t = bucket(max(lengths), MIN_TOKENS, cap=spec.max_seq_len)
-        tokens = np.zeros((b, t), np.int32)
-        targets = np.zeros((b, t), np.int32)
-        mask = np.zeros((b, t), np.float32)
-        names = [n for n in LOSSES[loss_fn].inputs if n != "target_tokens"]
-        inputs = {n: np.zeros((b, t), np.float32) for n in names}
-        config = {k: np.zeros((b, 1), np.float32) for k in LOSSES[loss_fn].config}
-        slots = np.full(b, rows[-1][0], np.int32)
-        for row, ((slot, i, d), n) in enumerate(zip(rows, lengths, strict=True)):
-            item = items[i][0]
-            tokens[row, :n], targets[row, :n], mask[row, :n], slots[row] = (
-                item.tokens[d],
-                item.inputs[d]["target_tokens"],
-                1.0,
-                slot,
-            )
-            for name in names:
-                inputs[name][row, :n] = item.inputs[d][name]
-            for key in config:
-                config[key][row] = item.loss_config[key]
-        put = lambda a: jax.device_put(a, batch_sharding(a.shape, self.mesh))
-        seeds, rates = self._dropout(served, items, rows, b) if dropout else (None, None)
-        batch = Batch(
-            put(tokens),
-            put(targets),
-            put(mask),
-            {k: put(v) for k, v in inputs.items()},
-            {k: put(v) for k, v in config.items()},
-            jnp.asarray(np.repeat(slots, t)),
-            None if seeds is None else put(seeds),
-            None if rates is None else put(rates),
-        )
-        return batch, lengths
+            outputs.add(chunk, host(lp), host(el))
 
     @staticmethod
-    def _dropout(
-        served: _Served, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]], padded: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Per-row mask seeds [B] uint32 (from adapter seed, step and datum) and rates [B], or
-        (None, None) when no row's adapter uses dropout."""
-        seeds, rates = np.zeros(padded, np.uint32), np.zeros(padded, np.float32)
-        for row, (_, i, d) in enumerate(rows):
-            adapter_id = items[i][0].adapter_id
-            spec = served.slots.adapters[adapter_id][1]
-            rates[row] = spec.dropout
-            seeds[row] = zlib.crc32(struct.pack("<qqq", spec.seed, served.slots.steps[adapter_id], d))
-        return (seeds, rates) if rates.any() else (None, None)
+    def _row(served: _Served, work: ForwardBackwardWork, slot: int, request: int, datum: int, backward: bool) -> Row:
+        """Datum `datum` of `work` as a batch row. With `backward`, a row of an adapter with a
+        dropout rate gets that rate and a mask seed from (adapter seed, step, datum)."""
+        rate, seed = 0.0, 0
+        if backward and work.adapter_id is not None:
+            spec = served.slots.adapters[work.adapter_id][1]
+            rate = spec.dropout
+            seed = zlib.crc32(struct.pack("<qqq", spec.seed, served.slots.steps[work.adapter_id], datum))
+        return Row(slot, request, datum, work.tokens[datum], work.inputs[datum], work.loss_config, rate, seed)
 
     # ---- optimizer -----------------------------------------------------------------------------
 
@@ -367,6 +290,33 @@ class JaxBackend:
     def close(self) -> None:
         self._served.clear()
         self._owner.clear()
+
+
+class _Outputs:
+    """Each request's per-datum results as its rows' micro-batches finish; a request is
+    reported (with its loss, the sum over its data) as soon as its last row has run."""
+
+    def __init__(self, data: list[int], report: Callable[[int, ForwardBackwardOutput], None]) -> None:
+        self.data, self.remaining, self.report = data, list(data), report
+        self.logprobs: dict[tuple[int, int], np.ndarray] = {}
+        self.elementwise: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, rows: list[Row], logprobs: np.ndarray, elementwise: np.ndarray) -> None:
+        """Take the results of a batch of `rows`: logprobs, elementwise [B, T] (host arrays)."""
+        for i, row in enumerate(rows):
+            key = (row.request, row.datum)
+            self.logprobs[key], self.elementwise[key] = logprobs[i, : row.length], elementwise[i, : row.length]
+            self.remaining[row.request] -= 1
+            if self.remaining[row.request] == 0:
+                self._finish(row.request)
+
+    def _finish(self, request: int) -> None:
+        lps = tuple(self.logprobs.pop((request, d)) for d in range(self.data[request]))
+        els = tuple(self.elementwise.pop((request, d)) for d in range(self.data[request]))
+        loss = float(sum(e.astype(np.float64).sum() for e in els))
+        self.report(
+            request, ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss})
+        )
 
 
 class _Reporter:

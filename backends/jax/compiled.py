@@ -1,7 +1,7 @@
 """The compiled programs of the JAX backend — the only module that calls `jax.jit`.
 
-Shapes reaching a program are bucketed (`bucket`), so a training loop with varying batch
-sizes and lengths compiles a handful of programs; buffers updated in place (gradient
+Shapes reaching a program are bucketed (batch.py `bucket`), so a training loop with varying
+batch sizes and lengths compiles a handful of programs; buffers updated in place (gradient
 accumulators, LoRA state, optimizer state, KV caches) are donated. Loss names and the model
 spec are static; loss configurations and per-slot hyperparameters are traced arrays, so
 changing them never recompiles.
@@ -9,7 +9,6 @@ changing them never recompiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, cast
 
@@ -18,46 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import model, optimizer
+from backends.jax.batch import Batch
 from backends.jax.losses import LOSS_FUNCTIONS
 from backends.jax.ops import Routing
 from bios.catalog import ModelSpec
-
-MIN_TOKENS = 16
-MIN_ROWS = 4
-
-
-def bucket(n: int, minimum: int = 1, multiple: int = 1, cap: int | None = None) -> int:
-    """The smallest power of two >= max(n, minimum), rounded up to `multiple`, at most `cap` (if >= n)."""
-    size = max(minimum, 1 << max(0, int(n - 1).bit_length()))
-    size = -(-size // multiple) * multiple
-    return max(n, min(size, cap)) if cap is not None else size
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A padded, slot-sorted batch: rows B, tokens T (both bucketed), N = B*T.
-
-    tokens, targets: [B, T] int32; mask: [B, T] float32 (0 on padding); inputs: the loss's
-    per-token inputs [B, T]; config: the loss's settings, each [B, 1]; token_slot: [N] int32.
-    With LoRA dropout, dropout_seed [B] uint32 seeds each row's masks and dropout_rate [B] is
-    its adapter's rate (both None when no row of the batch uses dropout).
-    """
-
-    tokens: jax.Array
-    targets: jax.Array
-    mask: jax.Array
-    inputs: dict[str, jax.Array]
-    config: dict[str, jax.Array]
-    token_slot: jax.Array
-    dropout_seed: jax.Array | None = None
-    dropout_rate: jax.Array | None = None
-
-
-jax.tree_util.register_dataclass(
-    Batch,
-    data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"],
-    meta_fields=[],
-)
 
 
 def routing(token_slot: jax.Array, scale: jax.Array, *, sort: bool = False) -> Routing:

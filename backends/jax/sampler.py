@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import compiled
+from backends.jax.batch import bucket
 from bios.backend import SampledOutput, SampleOutput, SampleWork
 from bios.catalog import ModelSpec
 from bios.tokenizer import Tokenizer
@@ -82,8 +83,8 @@ def sample(
     limits = np.minimum([w.max_tokens for w in works], spec.max_seq_len - lengths)  # tokens each row may generate
     needs = [w.num_samples for w in works]
     loaded = functools.cache(tokenizer)
-    rows = compiled.bucket(max(max(needs), min(sum(needs), max_rows)))
-    capacity = compiled.bucket(int((lengths + limits).max()), minimum=MIN_PROMPT, cap=spec.max_seq_len)
+    rows = bucket(max(max(needs), min(sum(needs), max_rows)))
+    capacity = bucket(int((lengths + limits).max()), minimum=MIN_PROMPT, cap=spec.max_seq_len)
     shape = (spec.n_layers, rows, capacity, spec.n_kv_heads, spec.head_dim)
     cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     z = jnp.zeros((rows, spec.vocab_size), jnp.float32)  # next-token logits of every row
@@ -107,8 +108,8 @@ def sample(
             admitted.append(waiting.popleft())
         if not admitted:
             return
-        width = compiled.bucket(int(lengths[admitted].max()), minimum=MIN_PROMPT, cap=capacity)
-        count = compiled.bucket(len(admitted))
+        width = bucket(int(lengths[admitted].max()), minimum=MIN_PROMPT, cap=capacity)
+        count = bucket(len(admitted))
         prompts = np.zeros((count, width), np.int32)
         slots = np.zeros(count, np.int32)
         for p, i in enumerate(admitted):
@@ -131,7 +132,7 @@ def sample(
                 temperature[r], top_p[r] = works[i].temperature, works[i].top_p
                 top_k[r] = spec.vocab_size if works[i].top_k == -1 else min(works[i].top_k, spec.vocab_size)
                 tokens[r], logprobs[r] = [], []
-        padded = compiled.bucket(len(to))
+        padded = bucket(len(to))
         to_rows = np.array(to + [to[-1]] * (padded - len(to)), np.int32)
         from_rows = np.array(source + [source[-1]] * (padded - len(source)), np.int32)
         cache = compiled.copy_rows(cache, fresh, to_rows, from_rows)
