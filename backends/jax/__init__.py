@@ -1,6 +1,6 @@
 """The JAX backend: `ServiceClient(backend="jax")`.
 
-Multi-LoRA training and sampling with Flax NNX + Optax, sharded over a device mesh. Importing
+Multi-LoRA training and sampling in pure JAX functions + Optax, sharded over a device mesh. Importing
 `backends` alone imports no jax; this subpackage does.
 """
 

@@ -21,7 +21,6 @@ import numpy as np
 from backends.jax import compiled, sampler
 from backends.jax.batch import Batch, Row, micro_batches
 from backends.jax.compiled import host
-from backends.jax.model import Decoder
 from backends.jax.sharding import make_mesh
 from backends.jax.slots import SlotTable
 from backends.jax.weights import load_base
@@ -51,7 +50,6 @@ class _Served:
     """One base model on the devices: its frozen weights and its adapter slots."""
 
     spec: ModelSpec
-    decoder: Decoder
     base: dict[str, jax.Array]
     slots: SlotTable
     tokens_per_call: int
@@ -90,10 +88,10 @@ class JaxBackend:
     def _model(self, name: str) -> _Served:
         if name not in self._served:
             spec = self.catalog.get(name)
-            decoder = Decoder(spec, load_base(spec, self.mesh, self.dtype, self.weights_init))
+            base = load_base(spec, self.mesh, self.dtype, self.weights_init)
             slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
             budget = self.tokens_per_call or token_budget(spec, self.dtype, self.mesh.shape["data"])
-            self._served[name] = _Served(spec, decoder, decoder.arrays(), slots, budget)
+            self._served[name] = _Served(spec, base, slots, budget)
         return self._served[name]
 
     def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
