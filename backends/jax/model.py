@@ -50,11 +50,10 @@ def _attention_inputs(
     """q [B, T, H, E] and k, v [B, T, K, E] of one layer's input x [B, T, D]: normed, projected
     (with LoRA), q and k normed per head (qwen3) and rotated."""
     b, t, _ = x.shape
-    h = rms_norm(x, p["in_norm"], spec.rms_eps)
+    h = rms_norm(x, p["input_layernorm"], spec.rms_eps)
 
     def proj(name: str, width: int) -> jax.Array:
-        short = name[0]
-        bias = p.get(f"{short}_bias") if name in ("q_proj", "k_proj", "v_proj") else None
+        bias = p.get(f"{name}.bias")  # qwen2
         pair = (lo[f"lora.{name}.a"], lo[f"lora.{name}.b"])
         return project(h, p[name], bias, pair, routing, SITES[name]).reshape(b, t, width, spec.head_dim)
 
@@ -83,7 +82,7 @@ def _attention_output(
 
 
 def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routing) -> jax.Array:
-    h = rms_norm(x, p["post_norm"], spec.rms_eps)
+    h = rms_norm(x, p["post_attention_layernorm"], spec.rms_eps)
     gate = project(
         h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing, SITES["gate_proj"]
     )
@@ -100,7 +99,7 @@ def hidden_states(
     """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
-    x = base["embed"][tokens]
+    x = base["embed_tokens"][tokens]
 
     @jax.checkpoint
     def layer(x: jax.Array, params: tuple[dict, dict, jax.Array]) -> tuple[jax.Array, None]:
@@ -111,12 +110,12 @@ def hidden_states(
         return _mlp_block(spec, p, lo, x, route), None
 
     x, _ = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers)))
-    return rms_norm(x, base["final_norm"], spec.rms_eps)
+    return rms_norm(x, base["norm"], spec.rms_eps)
 
 
 def _unembedding(base: dict[str, jax.Array]) -> jax.Array:
-    """[D, V]: `lm_head`, or the transposed embedding when tied."""
-    return base["lm_head"] if "lm_head" in base else base["embed"].T
+    """[D, V]: `lm_head`, or the transposed `embed_tokens` when tied."""
+    return base["lm_head"] if "lm_head" in base else base["embed_tokens"].T
 
 
 def token_logprobs(
@@ -185,7 +184,7 @@ def extend(
     positions = start[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
     visible = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
-    x = base["embed"][tokens]
+    x = base["embed_tokens"][tokens]
 
     def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
         return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(
@@ -200,7 +199,7 @@ def extend(
         return _mlp_block(spec, p, lo, x, routing), (keys, values)
 
     x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
-    hidden = rms_norm(x, base["final_norm"], spec.rms_eps).reshape(b * t, -1)
+    hidden = rms_norm(x, base["norm"], spec.rms_eps).reshape(b * t, -1)
     logits = jnp.einsum("nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype)).astype(jnp.float32)
     u = lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing)
     return (logits + u).reshape(b, t, -1), new_cache

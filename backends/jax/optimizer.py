@@ -15,17 +15,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from backends.jax.params import slot_axis
+
 Tree = dict[str, jax.Array]
 State = tuple[optax.OptState, tuple[optax.OptState, ...]]
 """The Optax state of `clip_by_global_norm → adamw`, every leaf slot-major: (clipping state,
 (Adam state, weight-decay state, learning-rate state)). Read and written only through
 `step_count`, `adam_moments` and `with_moments` below."""
 HYPERPARAMETERS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
-
-
-def slot_axis(name: str) -> int:
-    """The slot axis of trainable array `name`: 0 for lm_head, 1 for the layer-stacked ones."""
-    return 0 if name.startswith("lora.lm_head") else 1
 
 
 def to_slot_major(tree: Tree) -> Tree:

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from backends.jax import optimizer
-from backends.jax.params import adapter_weights, lora_shapes, slot_arrays
+from backends.jax.params import adapter_weights, lora_shapes, slot_arrays, slot_axis, slot_index
 from backends.jax.sharding import replicated
 from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
@@ -88,7 +88,7 @@ class SlotTable:
 
         def take(tree: dict, slot_major: bool) -> dict[str, np.ndarray]:
             return {
-                k: np.asarray(v[slot] if slot_major or k.startswith("lora.lm_head") else v[:, slot])
+                k: np.asarray(v[slot] if slot_major else v[slot_index(k, slot)])
                 for k, v in tree.items()
                 if k != "scale"
             }
@@ -108,7 +108,7 @@ class SlotTable:
         def put(tree: dict, arrays: dict, slot_major: bool) -> dict:
             out = dict(tree)
             for k, v in arrays.items():
-                index = (slot,) if slot_major or k.startswith("lora.lm_head") else (slice(None), slot)
+                index = (slot,) if slot_major else slot_index(k, slot)
                 out[k] = tree[k].at[index].set(jnp.asarray(v, tree[k].dtype))
             return out
 
@@ -134,8 +134,8 @@ class SlotTable:
             index = (slice(None),) * axis + (slice(0, capacity),)
             return new.at[index].set(old)
 
-        self.lora = {k: copy(self.lora[k], v, 0 if k == "scale" else optimizer.slot_axis(k)) for k, v in lora.items()}
-        self.accumulator = {k: copy(self.accumulator[k], v, optimizer.slot_axis(k)) for k, v in accumulator.items()}
+        self.lora = {k: copy(self.lora[k], v, slot_axis(k)) for k, v in lora.items()}
+        self.accumulator = {k: copy(self.accumulator[k], v, slot_axis(k)) for k, v in accumulator.items()}
         self.opt_state = jax.tree.map(
             lambda new, old: copy(new, old, 0) if new.ndim else new, self.opt_state, opt_state
         )
