@@ -9,7 +9,6 @@ from bios.backend import BackendConfig
 
 def create_backend(config: BackendConfig):
     """The `bios.backends` entry point: a `JaxBackend` for `config`."""
-    from backends.jax.backend import JaxBackend, compilation_cache
+    from backends.jax.backend import JaxBackend
 
-    compilation_cache()
     return JaxBackend(config)

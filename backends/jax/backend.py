@@ -7,7 +7,6 @@ adapter slot and each token is routed to its own adapter by a grouped matmul (op
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections import defaultdict
@@ -58,19 +57,33 @@ class _Served:
 
 
 class JaxBackend:
-    """Options (`BackendConfig.options`): `dtype` (float32 | bfloat16; default float32 on CPU,
-    bfloat16 elsewhere), `devices` (how many of `jax.devices()` to use, default all),
-    `model_parallel` (devices per tensor-parallel group, default 1),
-    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens; by
-    default derived from the devices' free memory once the model is loaded),
-    `decode_rows` (rows of the continuous-batching decode pool), `weights_init` ("weights": the
-    seed or the model's files; "device": random weights drawn on the devices, for benchmarking large configurations)."""
+    """The Backend protocol on JAX. Options (`BackendConfig.options`, all strings, all optional):
+
+    - `dtype`: float32 | bfloat16 (default float32 on CPU, bfloat16 elsewhere).
+    - `devices`: how many of `jax.devices()` to use (default all).
+    - `model_parallel`: devices per tensor-parallel group (default 1).
+    - `slots`: initial adapter capacity per base model (default 4; doubles when full).
+    - `tokens_per_call`: micro-batch budget in tokens (default: derived from the devices' free
+      memory once a model is loaded).
+    - `decode_rows`: rows of the continuous-batching decode pool (default 64).
+    - `weights_init`: "weights" (the seed or the model's files, default) or "device" (random
+      weights drawn on the devices, for benchmarking large configurations).
+    - `compilation_cache_dir`: a directory for JAX's persistent compilation cache; every
+      program is stored there, however quick to compile (`jax_persistent_cache_min_compile_time_secs`
+      = 0), so a later process skips compiling. This sets JAX's process-wide configuration.
+      Without it the backend leaves JAX's configuration alone: JAX itself then still honours
+      its JAX_COMPILATION_CACHE_DIR variable, for programs slower than a second to compile.
+
+    The backend never reads the environment.
+    """
 
     name = "jax"
     checkpoint_format = "orbax"
 
     def __init__(self, config: BackendConfig) -> None:
         options = config.options
+        if options.get("compilation_cache_dir"):
+            compiled.use_persistent_cache(options["compilation_cache_dir"])
         self.catalog = config.catalog
         devices = jax.devices()[: int(options.get("devices", len(jax.devices())))]
         self.mesh = make_mesh(int(options.get("model_parallel", 1)), devices)
@@ -345,11 +358,3 @@ def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
     per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
     budget = int(0.5 * free / per_token) * data_parallel
     return max(1024, 1 << (budget.bit_length() - 1))
-
-
-def compilation_cache(directory: str | None = None) -> None:
-    """Use JAX's persistent compilation cache in `directory` (default $JAX_COMPILATION_CACHE_DIR)."""
-    directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -163,6 +163,14 @@ def compile_counts() -> dict[str, int]:
     return {name: cast(_Compiled, function)._cache_size() for name, function in PROGRAMS.items()}
 
 
+def use_persistent_cache(directory: str) -> None:
+    """Keep every compiled program, however quick to compile, in JAX's persistent cache in
+    `directory`, so later processes load it instead of compiling. Sets JAX's process-wide
+    configuration; has no effect on a process that already opened a cache elsewhere."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def host(array: jax.Array) -> np.ndarray:
     """A device array as a host numpy array (waits for it)."""
     return np.asarray(jax.device_get(array))

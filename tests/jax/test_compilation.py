@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +81,21 @@ def test_every_jitted_function_is_in_compiled_and_counted():
         assert calls_jit == (path.name == "compiled.py"), path.name
     jitted = {n for n, v in vars(compiled).items() if hasattr(v, "_cache_size") and not isinstance(v, type)}
     assert jitted == set(compiled.compile_counts())
+
+
+def test_the_compilation_cache_option_fills_its_directory(tmp_path):
+    """With `compilation_cache_dir`, even quickly compiled programs are stored there (the
+    backend reads no environment variable, so none is set here)."""
+    cache = tmp_path / "cache"
+    script = (
+        "import bios\n"
+        f"options = {{'compilation_cache_dir': {str(cache)!r}}}\n"
+        "client = bios.ServiceClient(backend='jax', backend_options=options)\n"
+        "training = client.create_lora_training_client('bios/tiny', rank=4, seed=1)\n"
+        "training.forward([bios.types.Datum(model_input=bios.types.ModelInput.from_ints([1, 2, 3]),"
+        " loss_fn_inputs={'target_tokens': [2, 3, 4]})]).result()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"BIOS_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert cache.is_dir() and any(cache.iterdir())
