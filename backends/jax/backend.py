@@ -302,6 +302,37 @@ class JaxBackend:
         self._served.clear()
         self._owner.clear()
 
+    # ---- read-only views (tests, benchmarks) ---------------------------------------------------
+
+    def describe(self, base_model: str) -> ServedModel:
+        """What a loaded base model holds; NotFoundError if it is not loaded."""
+        if base_model not in self._served:
+            raise NotFoundError(f"base model {base_model!r} is not loaded", field="base_model")
+        served = self._served[base_model]
+        adapters = tuple(sorted(served.slots.adapters))
+        return ServedModel(served.tokens_per_call, served.slots.capacity, served.slots.rank, adapters)
+
+    def lora_arrays(self, adapter_id: str) -> dict[str, np.ndarray]:
+        """Host copies of the adapter's LoRA factors exactly as served: every module, padded to the
+        model's maximum rank R (`lora.<module>.a` [L, in, R], `lora.lm_head.b` [R, V], ...)."""
+        if adapter_id not in self._owner:
+            raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id")
+        return self._served[self._owner[adapter_id]].slots.arrays(adapter_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A loaded base model, as `JaxBackend.describe` reports it."""
+
+    tokens_per_call: int
+    """Micro-batch budget: padded rows x tokens per compiled call."""
+    slot_capacity: int
+    """Adapter slots S allocated (slot 0 is the bare model's)."""
+    rank: int
+    """Largest LoRA rank R a slot holds."""
+    adapters: tuple[str, ...]
+    """Ids of the adapters it serves, sorted."""
+
 
 class _Outputs:
     """Each request's per-datum results as its rows' micro-batches finish; a request is

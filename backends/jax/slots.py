@@ -82,24 +82,29 @@ class SlotTable:
             self.steps.pop(adapter_id, None)
             self._write(slot, {}, None, 0, 0.0)
 
+    def arrays(self, adapter_id: str) -> dict[str, np.ndarray]:
+        """Host copies of the adapter's slot of every LoRA factor, padded to the table's rank:
+        `lora.<module>.a` [L, in, R], `lora.lm_head.a` [D, R], ... (params.py, slot axis removed)."""
+        slot = self.slot(adapter_id)
+        return {k: np.asarray(v[slot_index(k, slot)]) for k, v in self.lora.items() if k != "scale"}
+
     def export(self, adapter_id: str) -> AdapterState:
+        """The adapter's weights and Adam moments (bios.weights names, at its own rank) and step."""
         slot, spec = self.adapters[adapter_id]
         modules = spec.target_modules
-
-        def take(tree: dict, slot_major: bool) -> dict[str, np.ndarray]:
-            return {
-                k: np.asarray(v[slot] if slot_major else v[slot_index(k, slot)])
-                for k, v in tree.items()
-                if k != "scale"
-            }
-
         mu, nu = optimizer.adam_moments(self.opt_state)
+
+        def take(slot_major: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+            return adapter_weights(
+                self.spec, {k: np.asarray(v[slot]) for k, v in slot_major.items()}, modules, spec.rank
+            )
+
         return AdapterState(
             spec=spec,
             step=int(optimizer.step_count(self.opt_state)[slot]),
-            weights=adapter_weights(self.spec, take(self.lora, False), modules, spec.rank),
-            adam_m=adapter_weights(self.spec, take(mu, True), modules, spec.rank),
-            adam_v=adapter_weights(self.spec, take(nu, True), modules, spec.rank),
+            weights=adapter_weights(self.spec, self.arrays(adapter_id), modules, spec.rank),
+            adam_m=take(mu),
+            adam_v=take(nu),
         )
 
     def _write(self, slot: int, weights: dict, moments: tuple[dict, dict] | None, step: int, scale: float) -> None:
