@@ -7,11 +7,13 @@ adapter slot and each token is routed to its own adapter by a grouped matmul (op
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,7 @@ from bios.weights import init_lora_weights
 
 DEFAULT_SLOTS = 4
 DEFAULT_TOKENS_PER_CALL = 16384
+Output = TypeVar("Output")
 
 
 @dataclass
@@ -148,8 +151,7 @@ class JaxBackend:
     def forward_backward(
         self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None
     ) -> list[ForwardBackwardOutput | BiosError]:
-        results: list[ForwardBackwardOutput | BiosError | None] = [None] * len(work)
-        report = _Reporter(results, on_result)
+        report: _Reporter[ForwardBackwardOutput] = _Reporter(len(work), on_result)
         groups: dict[tuple[str, str, bool], list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
@@ -169,9 +171,9 @@ class JaxBackend:
                 loss_fn,
                 backward,
                 [(work[i], slot) for i, slot in members],
-                lambda local, output, members=members: report(members[local][0], output),
+                report.part([i for i, _ in members]),
             )
-        return results  # type: ignore[return-value]
+        return report.results()
 
     def _run_losses(
         self,
@@ -217,8 +219,7 @@ class JaxBackend:
     def optim_step(
         self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None
     ) -> list[OptimStepOutput | BiosError]:
-        results: list[OptimStepOutput | BiosError | None] = [None] * len(work)
-        report = _Reporter(results, on_result)
+        report: _Reporter[OptimStepOutput] = _Reporter(len(work), on_result)
         pending: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             if item.adapter_id not in self._owner:
@@ -229,13 +230,15 @@ class JaxBackend:
         for base_model, members in pending.items():
             slots = self._served[base_model].slots
             while members:  # one call per round of distinct slots
-                round_, seen, rest = [], set(), []
+                round_: list[tuple[int, int]] = []
+                rest: list[tuple[int, int]] = []
+                seen: set[int] = set()
                 for index, slot in members:
                     (rest if slot in seen else round_).append((index, slot))
                     seen.add(slot)
                 members = rest
                 self._optim_round(slots, [(work[i], i, slot) for i, slot in round_], report)
-        return results  # type: ignore[return-value]
+        return report.results()
 
     def _optim_round(
         self,
@@ -270,8 +273,7 @@ class JaxBackend:
     def sample(
         self, work: Sequence[SampleWork], on_result: ResultCallback | None = None
     ) -> list[SampleOutput | BiosError]:
-        results: list[SampleOutput | BiosError | None] = [None] * len(work)
-        report = _Reporter(results, on_result)
+        report: _Reporter[SampleOutput] = _Reporter(len(work), on_result)
         groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
@@ -286,12 +288,12 @@ class JaxBackend:
                 served.base,
                 served.slots.lora,
                 [(work[i], slot) for i, slot in members],
-                lambda served=served: self._tokenizer(served),
+                functools.partial(self._tokenizer, served),
                 self.dtype,
-                lambda local, output, members=members: report(members[local][0], output),
+                report.part([i for i, _ in members]),
                 self.decode_rows,
             )
-        return results  # type: ignore[return-value]
+        return report.results()
 
     def _tokenizer(self, served: _Served) -> Tokenizer:
         if served.tokenizer is None:
@@ -361,16 +363,32 @@ class _Outputs:
         )
 
 
-class _Reporter:
+class _Reporter(Generic[Output]):
     """Stores each item's result at its index and passes it on to the caller's `on_result`."""
 
-    def __init__(self, results: list, on_result: ResultCallback | None) -> None:
-        self.results, self.on_result = results, on_result
+    def __init__(self, count: int, on_result: ResultCallback | None) -> None:
+        self._results: list[Output | BiosError | None] = [None] * count
+        self._on_result = on_result
 
-    def __call__(self, index: int, output: object) -> None:
-        self.results[index] = output
-        if self.on_result is not None:
-            self.on_result(index, output)
+    def __call__(self, index: int, output: Output | BiosError) -> None:
+        self._results[index] = output
+        if self._on_result is not None:
+            self._on_result(index, output)
+
+    def part(self, indices: Sequence[int]) -> Callable[[int, Output], None]:
+        """A reporter for the items at `indices`, which it numbers 0, 1, ..."""
+
+        def report(local: int, output: Output) -> None:
+            self(indices[local], output)
+
+        return report
+
+    def results(self) -> list[Output | BiosError]:
+        """Every item's result, in order; RuntimeError if one was never reported (a bug)."""
+        done = [result for result in self._results if result is not None]
+        if len(done) != len(self._results):
+            raise RuntimeError("a work item was left without a result")
+        return done
 
 
 def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:

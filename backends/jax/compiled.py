@@ -103,7 +103,8 @@ def copy_rows(
     cache: tuple[jax.Array, jax.Array], source: tuple[jax.Array, jax.Array], to: jax.Array, rows: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Cache rows `to` [n] (in place) ← rows `rows` [n] of `source`; both caches [L, B, C, K, E]."""
-    return tuple(c.at[:, to].set(s[:, rows]) for c, s in zip(cache, source, strict=True))
+    (keys, values), (new_keys, new_values) = cache, source
+    return keys.at[:, to].set(new_keys[:, rows]), values.at[:, to].set(new_values[:, rows])
 
 
 @jax.jit

@@ -210,7 +210,7 @@ class DecodePool:
             self._feed(chosen)
         return completed
 
-    def _settings(self) -> tuple[np.ndarray, ...]:
+    def _settings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array, np.ndarray, np.ndarray]:
         """choose's per-row arguments after the logits: temperature, top_k, top_p, keys,
         sample index and step (tokens generated) [B]; free rows get greedy placeholders."""
         rows = len(self.rows)

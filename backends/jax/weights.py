@@ -65,6 +65,6 @@ def load_base(spec: ModelSpec, mesh: Mesh, dtype: jnp.dtype, init: str = "weight
     for name, param in base_layout(spec).items():
         host = assemble(spec, name, read).astype(dtype)
         sharding = logical_sharding(param.axes, host.shape, mesh)
-        base[name] = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
+        base[name] = jax.make_array_from_callback(host.shape, sharding, host.__getitem__)
         del host
     return base
