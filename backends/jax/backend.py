@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backends.jax import compiled, sampler
-from backends.jax.batch import Batch, Row, micro_batches
+from backends.jax import compiled, optimizer, sampler
+from backends.jax.batch import Batch, Outputs, Row, micro_batches, token_budget
 from backends.jax.compiled import host
 from backends.jax.sharding import make_mesh
 from backends.jax.slots import SlotTable
@@ -43,7 +43,6 @@ from bios.tokenizer import Tokenizer
 from bios.weights import init_lora_weights
 
 DEFAULT_SLOTS = 4
-DEFAULT_TOKENS_PER_CALL = 16384
 Output = TypeVar("Output")
 
 
@@ -192,7 +191,7 @@ class JaxBackend:
             ),
             key=lambda row: row.slot,
         )
-        outputs = _Outputs([len(work.tokens) for work, _ in items], report)
+        outputs = Outputs([len(work.tokens) for work, _ in items], report)
         for chunk in micro_batches(rows, served.tokens_per_call):
             batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len)
             if backward:
@@ -247,10 +246,7 @@ class JaxBackend:
         report: Callable[[int, OptimStepOutput], None],
     ) -> None:
         capacity = slots.capacity
-        hyper = {
-            name: np.zeros(capacity, np.float32)
-            for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
-        }
+        hyper = {name: np.zeros(capacity, np.float32) for name in optimizer.HYPERPARAMETERS}
         active = np.zeros(capacity, bool)
         for item, _, slot in round_:
             active[slot] = True
@@ -336,33 +332,6 @@ class ServedModel:
     """Ids of the adapters it serves, sorted."""
 
 
-class _Outputs:
-    """Each request's per-datum results as its rows' micro-batches finish; a request is
-    reported (with its loss, the sum over its data) as soon as its last row has run."""
-
-    def __init__(self, data: list[int], report: Callable[[int, ForwardBackwardOutput], None]) -> None:
-        self.data, self.remaining, self.report = data, list(data), report
-        self.logprobs: dict[tuple[int, int], np.ndarray] = {}
-        self.elementwise: dict[tuple[int, int], np.ndarray] = {}
-
-    def add(self, rows: list[Row], logprobs: np.ndarray, elementwise: np.ndarray) -> None:
-        """Take the results of a batch of `rows`: logprobs, elementwise [B, T] (host arrays)."""
-        for i, row in enumerate(rows):
-            key = (row.request, row.datum)
-            self.logprobs[key], self.elementwise[key] = logprobs[i, : row.length], elementwise[i, : row.length]
-            self.remaining[row.request] -= 1
-            if self.remaining[row.request] == 0:
-                self._finish(row.request)
-
-    def _finish(self, request: int) -> None:
-        lps = tuple(self.logprobs.pop((request, d)) for d in range(self.data[request]))
-        els = tuple(self.elementwise.pop((request, d)) for d in range(self.data[request]))
-        loss = float(sum(e.astype(np.float64).sum() for e in els))
-        self.report(
-            request, ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss})
-        )
-
-
 class _Reporter(Generic[Output]):
     """Stores each item's result at its index and passes it on to the caller's `on_result`."""
 
@@ -389,21 +358,3 @@ class _Reporter(Generic[Output]):
         if len(done) != len(self._results):
             raise RuntimeError("a work item was left without a result")
         return done
-
-
-def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
-    """Tokens per forward_backward call that fit in half the free memory of a device.
-
-    Per token and device, the scanned, rematerialised decoder keeps each layer's input
-    (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
-    hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
-    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
-    """
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return DEFAULT_TOKENS_PER_CALL
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
-    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
-    budget = int(0.5 * free / per_token) * data_parallel
-    return max(1024, 1 << (budget.bit_length() - 1))

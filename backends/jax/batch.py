@@ -1,17 +1,19 @@
-"""What reaches the compiled training programs: rows of requests, packed into bucketed batches.
+"""What reaches the compiled training programs and what comes back: rows of requests,
+packed into bucketed batches, and their results gathered per request.
 
 A forward_backward request contributes one `Row` per datum. Rows of many requests (and many
 adapters) are sorted by adapter slot, cut into micro-batches that fit the token budget
-(`micro_batches`) and padded into a `Batch` whose row and token counts are bucketed
-(`bucket`, the one shape-bucketing function of the backend), so a training loop with varying
-batch sizes and lengths compiles a handful of programs.
+(`micro_batches`, `token_budget`) and padded into a `Batch` whose row and token counts are
+bucketed (`bucket`, the one shape-bucketing function of the backend), so a training loop
+with varying batch sizes and lengths compiles a handful of programs. `Outputs` gathers each
+request's rows back from the batches' results.
 
 Shapes: B rows, T tokens, N = B*T. Imports no other module of the backend but sharding.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -20,12 +22,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from backends.jax.sharding import batch_sharding, rows_multiple
+from bios.backend import ForwardBackwardOutput
+from bios.catalog import ModelSpec
 from bios.losses import LOSSES
 
 MIN_TOKENS = 16
 """Smallest token bucket of a training batch."""
 MIN_ROWS = 4
 """Smallest row bucket of a training batch."""
+DEFAULT_TOKENS_PER_CALL = 16384
+"""Micro-batch budget on devices without memory statistics (CPU)."""
 
 
 def bucket(n: int, minimum: int = 1, multiple: int = 1, cap: int | None = None) -> int:
@@ -142,3 +148,48 @@ def micro_batches(rows: Sequence[Row], budget: int) -> list[list[Row]]:
         chunks[-1].append(row)
         longest = candidate
     return chunks
+
+
+class Outputs:
+    """Each request's per-datum results as its rows' micro-batches finish; a request is
+    reported (with its loss, the sum over its data) as soon as its last row has run."""
+
+    def __init__(self, data: list[int], report: Callable[[int, ForwardBackwardOutput], None]) -> None:
+        self.data, self.remaining, self.report = data, list(data), report
+        self.logprobs: dict[tuple[int, int], np.ndarray] = {}
+        self.elementwise: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, rows: list[Row], logprobs: np.ndarray, elementwise: np.ndarray) -> None:
+        """Take the results of a batch of `rows`: logprobs, elementwise [B, T] (host arrays)."""
+        for i, row in enumerate(rows):
+            key = (row.request, row.datum)
+            self.logprobs[key], self.elementwise[key] = logprobs[i, : row.length], elementwise[i, : row.length]
+            self.remaining[row.request] -= 1
+            if self.remaining[row.request] == 0:
+                self._finish(row.request)
+
+    def _finish(self, request: int) -> None:
+        lps = tuple(self.logprobs.pop((request, d)) for d in range(self.data[request]))
+        els = tuple(self.elementwise.pop((request, d)) for d in range(self.data[request]))
+        loss = float(sum(e.astype(np.float64).sum() for e in els))
+        self.report(
+            request, ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss})
+        )
+
+
+def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
+    """Tokens per forward_backward call that fit in half the free memory of a device.
+
+    Per token and device, the scanned, rematerialised decoder keeps each layer's input
+    (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
+    hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
+    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
+    """
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_TOKENS_PER_CALL
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
+    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
+    budget = int(0.5 * free / per_token) * data_parallel
+    return max(1024, 1 << (budget.bit_length() - 1))
