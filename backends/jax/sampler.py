@@ -122,7 +122,15 @@ class DecodePool:
     retires the rows that stopped and feeds the rest. The pool never changes shape.
     """
 
-    def __init__(self, spec: ModelSpec, base: dict, lora: dict, dtype: jnp.dtype, rows: int, capacity: int) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        base: dict[str, jax.Array],
+        lora: dict[str, jax.Array],
+        dtype: jnp.dtype,
+        rows: int,
+        capacity: int,
+    ) -> None:
         self.spec, self.base, self.lora, self.dtype, self.capacity = spec, base, lora, dtype, capacity
         self.cache = self._empty_cache(rows)
         self.logits = jnp.zeros((rows, spec.vocab_size), jnp.float32)
