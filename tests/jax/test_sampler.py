@@ -59,10 +59,10 @@ def model(programs_before):
     lora = {k: np.zeros(s, np.float32) for k, s in params.lora_shapes(SPEC, slots=3, rank=RANK).items()}
     for name, array in lora.items():
         if name != "scale":
-            one = array[1] if name.startswith("lora.lm_head") else array[:, 1]
+            one = array[params.slot_index(name, 1)]
             one[...] = 0.3 * rng.standard_normal(one.shape)
     lora["scale"][:] = [0.0, 2.0, 1.0]
-    slot1 = {k: (v[1] if k.startswith("lora.lm_head") else v[:, 1]) for k, v in lora.items() if k != "scale"}
+    slot1 = {k: v[params.slot_index(k, 1)] for k, v in lora.items() if k != "scale"}
     weights = params.adapter_weights(SPEC, slot1, tuple(SPEC.linear_shapes()), RANK)
     reference = {k: v.astype(np.float64) for k, v in hf.items()}
     adapters = {0: None, 1: Lora({k: v.astype(np.float64) for k, v in weights.items()}, 2.0), 2: None}
