@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from bios import types
+from bios import TrainingClient, types
 from bios.errors import BiosError, InvalidRequestError, NotFoundError
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
@@ -203,7 +203,7 @@ class BadRequest:
     raises `error` whose field or message contains `field`. `label` is its one-line repr."""
 
     label: str
-    submit: Callable[[object], object]
+    submit: Callable[[TrainingClient], object]
     error: type[BiosError]
     field: str
 
@@ -217,7 +217,7 @@ def _datum(tokens: list[int], **inputs: object) -> types.Datum:
     )
 
 
-_Case = tuple[Callable[[object], object], type[BiosError], str]
+_Case = tuple[Callable[[TrainingClient], object], type[BiosError], str]
 """(submit, expected error class, field) of one invalid request in the catalogue."""
 
 

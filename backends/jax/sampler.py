@@ -29,6 +29,7 @@ from backends.jax.batch import bucket
 from bios.backend import SampledOutput, SampleOutput, SampleWork
 from bios.catalog import ModelSpec
 from bios.tokenizer import Tokenizer
+from bios.types import StopReason
 
 MIN_PROMPT = 16
 """Smallest prompt-length bucket of the prefill."""
@@ -108,7 +109,7 @@ class _Sample:
         """Cache position of the latest generated token."""
         return self.request.prompt_length + len(self.tokens) - 1
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: StopReason) -> None:
         """Hand the finished sequence to its request."""
         tokens, logprobs = np.asarray(self.tokens, np.int64), np.asarray(self.logprobs, np.float32)
         self.request.finished[self.index] = SampledOutput(tokens, logprobs, reason)
