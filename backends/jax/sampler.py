@@ -75,7 +75,7 @@ class _Request:
     def prompt_length(self) -> int:
         return len(self.work.prompt)
 
-    def stop_reason(self, generated: list[int], decode: Callable[[list[int]], str]) -> str | None:
+    def stop_reason(self, generated: list[int], decode: Callable[[list[int]], str]) -> StopReason | None:
         """S3 after the latest token: "stop", "length" (at `limit` tokens), or None to go on.
         `decode` (token ids → text) is called only when the work has stop strings."""
         if generated[-1] in self.work.stop_token_ids:
