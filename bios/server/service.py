@@ -35,6 +35,7 @@ from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.types import StateResult
 
 Recorder = Callable[[str, object, bytes], None]
 """Called by the writer thread with (request id, result, answer envelope) before the answer is
@@ -170,12 +171,18 @@ class Service:
 
         return record
 
-    def owned_checkpoints(self, owner: str, records: list) -> list:
-        """The `records` (StateResults) whose path `owner` may see."""
+    def list_checkpoints(self, owner: str, session_id: str | None = None) -> list[StateResult]:
+        """The checkpoints (of session `session_id`, or of every session) that `owner` may see."""
+        records = self.engine.list_checkpoints(session_id)
         mine = self.records.checkpoints_of(owner)
         if owner == NO_AUTH_OWNER:
             return [r for r in records if r.path in mine or self.records.checkpoint_owner(r.path) is None]
         return [r for r in records if r.path in mine]
+
+    def delete_checkpoint(self, owner: str, path: str) -> None:
+        """Delete `owner`'s checkpoint `path` (NotFoundError if it is not `owner`'s)."""
+        self.engine.delete_checkpoint(self.check_checkpoint(owner, path))
+        self.records.remove_checkpoint(path)
 
     # ---- requests -------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
     service, engine, runs = tinker.service, tinker.engine, tinker.runs
 
     def checkpoints_of(who: str, run: Run) -> list[StateResult]:
-        return service.owned_checkpoints(who, engine.list_checkpoints(run.session_id))
+        return service.list_checkpoints(who, run.session_id)
 
     def checkpoint(record: StateResult) -> dict:
         path = runs.tinker_path(record.path)
@@ -110,9 +110,7 @@ def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
 
     @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
     def delete_checkpoint(run_id: str, kind: str, name: str, who: str = owner) -> dict:
-        path = bios_checkpoint(who, run_id, kind, name)
-        engine.delete_checkpoint(path)
-        service.records.remove_checkpoint(path)
+        service.delete_checkpoint(who, runs.bios_path(who, f"tinker://{run_id}/{kind}/{name}"))
         return {}
 
     @router.post("/weights_info")
