@@ -22,11 +22,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bios import wire
 from bios.clock import attempt
 from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError
-from bios.server import native
+from bios.server import native, tinker
 from bios.server.auth import KeyRing
 from bios.server.service import Service
 from bios.server.state import ServerState, attach, server_state, state_of
-from bios.server.tinker import tinker_router
 
 
 def create_app(
@@ -40,7 +39,7 @@ def create_app(
     app.exception_handler(RequestValidationError)(_invalid_body)
     app.middleware("http")(_limit_body)
     app.include_router(native.router)
-    app.include_router(tinker_router(service, keys))  # the official Tinker SDK's /api/v1 protocol
+    tinker.install(app, service, keys)  # the official Tinker SDK's /api/v1 protocol
     return app
 
 
