@@ -10,6 +10,7 @@ A retry carrying the same idempotency key gets the first request back; finished 
 forgotten after `retention_s`. For a protocol whose clients never resubmit a failed request
 (Tinker's), the service itself retries a request that failed retryably (bios.retry, same
 sequence number), and the next poll hears of that failure as its HTTP status (503, 408 or 429).
+An observer on another thread waits for a state of the service (`wait_until`), never a while.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.server.polls import Polls
 from bios.types import StateResult
 
 Recorder = Callable[[str, object, bytes], None]
@@ -79,17 +81,17 @@ class Service:
         self._sampler_owner: dict[str, str] = {}
         self._pending: dict[str, _Pending] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
-        self._waiting: dict[str, asyncio.Event] = {}
         self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
         self.notices_served: dict[int, int] = {}  # HTTP status → polls answered with a failed attempt
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = threading.Condition()
+        self._polls = Polls(self._changed)
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_answers, name="bios-answers", daemon=True)
         self._writer.start()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake long-polls on `loop` from now on."""
-        self._loop = loop
+        self._polls.attach(loop)
 
     def close(self) -> None:
         self._finished.put(None)
@@ -124,6 +126,7 @@ class Service:
         self.check_session(owner, session_id)
         self.engine.close_session(session_id)
         self.journal.delete(session_id)
+        self._announce()
 
     def add_sampler(
         self, sampler_id: str, owner: str, *, base_model: str | None = None, model_path: str | None = None
@@ -255,8 +258,7 @@ class Service:
     def _notice(self, request_id: str, error: BiosError) -> None:
         with self._lock:
             self._notices.setdefault(request_id, []).append(error)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake, [request_id])
+        self._polls.wake([request_id])
 
     def _earlier(self, owner: str, key: str, body_hash: str) -> str | None:
         """The id of `owner`'s request with idempotency `key`; re-raises its rejection;
@@ -298,11 +300,7 @@ class Service:
         self._raise_notice(request_id)
         if found is not None or timeout <= 0:
             return found
-        event = self._waiting.setdefault(request_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        await self._polls.wait(request_id, timeout)
         found = self.answer(owner, request_id)
         self._raise_notice(request_id)
         return found
@@ -346,16 +344,27 @@ class Service:
                     for rid, _, envelope, owner in answers:
                         self._answers[rid] = (owner, envelope, now)
                         del self._pending[rid]
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._wake, [rid for rid, *_ in answers])
+                self._polls.wake([rid for rid, *_ in answers])
+                self._announce()
             if stop:
                 return
 
-    def _wake(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            event = self._waiting.pop(request_id, None)
-            if event is not None:
-                event.set()
+    # ---- observing --------------------------------------------------------------------------------
+
+    def waiting_polls(self, request_id: str | None = None) -> int:
+        """How many long-polls are waiting now for `request_id`'s answer (for any answer if None)."""
+        return self._polls.waiting(request_id)
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Block until `condition()` is true, re-checking it whenever a session closes, answers
+        are published, or a long-poll starts or stops waiting; False if `timeout` seconds pass
+        first. For observers on other threads (tests, monitoring); never on the event loop."""
+        with self._changed:
+            return self._changed.wait_for(condition, timeout)
+
+    def _announce(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def prune(self, now: float | None = None) -> int:
         """Forget answers finished more than `retention_s` ago (memory and database)."""
