@@ -195,10 +195,8 @@ def test_a_dropped_remote_training_client_ends_its_server_session(server):
     journal = server.service.journal
     assert journal.read(session_id).state.step == 1
     del training
-    gc.collect()
-    deadline = time.monotonic() + 10
-    while journal.read(session_id) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    gc.collect()  # the client ends its server session in the background
+    server.service.wait_until(lambda: journal.read(session_id) is None, timeout=10)
     assert journal.read(session_id) is None  # not restored after a restart either
     with pytest.raises(bios.NotFoundError):
         server.service.engine.session_info(session_id)
@@ -227,7 +225,8 @@ def test_many_long_polls_on_one_request_hold_no_thread_and_all_get_its_answer(se
             polls = [
                 asyncio.create_task(client.get(f"/v1/requests/{request_id}", params={"wait": 30})) for _ in range(count)
             ]
-            await asyncio.sleep(1.0)  # every poll is now waiting on the server
+            waiting = lambda: server.service.waiting_polls(request_id) == count
+            assert await asyncio.to_thread(server.service.wait_until, waiting, 60)  # every poll waits on the server
             health = await client.get("/healthz")  # the server still answers at once
             assert health.status_code == 200 and not any(p.done() for p in polls)
             gate.set()
