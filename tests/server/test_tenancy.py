@@ -59,6 +59,7 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
     state = training.save_state("private").result().path
     frozen = training.save_weights_for_sampler("private-sampler").result().path
     sampler = alice.create_sampling_client(model_path=frozen)
+    (sampler_id,) = [sid for sid, _, _, path in server.service.records.all_samplers() if path == frozen]
     before = training.forward(batch).result().loss
     request_id = (
         _http(server, KEY_A)
@@ -83,7 +84,7 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
         "resume from state": lambda: bob.create_training_client_from_state(state),
         "sample from snapshot": lambda: bob.create_sampling_client(model_path=frozen),
         "use sampler": lambda: bob._transport.sampler_sample(
-            sampler._handle.sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()
+            sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()
         ),
         "delete checkpoint": lambda: bob._transport.delete_checkpoint(state),
         "list session checkpoints": lambda: bob._transport.list_checkpoints(sid),
@@ -93,7 +94,7 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
             attempt()
             pytest.fail(f"{what}: key B was not refused")
     assert bob_http.get(f"/v1/requests/{request_id}").status_code == 404
-    assert bob_http.delete(f"/v1/samplers/{sampler._handle.sampler_id}").status_code == 404
+    assert bob_http.delete(f"/v1/samplers/{sampler_id}").status_code == 404
     assert bob._transport.list_checkpoints() == []
     # nothing of alice's changed, and she still sees and uses all of it
     assert _http(server, KEY_A).get(f"/v1/requests/{request_id}", params={"wait": 10}).json()["status"] == "done"
