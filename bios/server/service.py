@@ -25,9 +25,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy.exc
 
+from bios.backend import AdapterState
 from bios.engine import Engine
 from bios.engine.checkpoints import parse_path
 from bios.errors import BiosError, ConflictError, NotFoundError
@@ -39,16 +41,18 @@ from bios.server.journal import Journal
 from bios.server.polls import Polls
 from bios.types import StateResult
 
-Recorder = Callable[[str, object, bytes], None]
+R = TypeVar("R")
+
+Recorder = Callable[[str, R, bytes], None]
 """Called by the writer thread with (request id, result, answer envelope) before the answer is
 committed and published; if it raises, the request fails with that error instead."""
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Pending(Generic[R]):
     owner: str
-    record: Recorder | None
-    encode: Callable[[object], bytes]
+    record: Recorder[R] | None
+    encode: Callable[[R], bytes]
     encode_failure: Callable[[BaseException], bytes]
 
 
@@ -79,7 +83,7 @@ class Service:
         self._lock = threading.Lock()
         self._session_owner: dict[str, str] = {}
         self._sampler_owner: dict[str, str] = {}
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Pending[Any]] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
         self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
         self.notices_served: dict[int, int] = {}  # HTTP status → polls answered with a failed attempt
@@ -112,13 +116,14 @@ class Service:
 
     def check_session(self, owner: str, session_id: object) -> str:
         """`session_id` if `owner` owns it; NotFoundError otherwise (also for another owner's)."""
-        with self._lock:
-            known = self._session_owner.get(session_id) if isinstance(session_id, str) else None
-        if known is None and isinstance(session_id, str):
-            known = self.records.session_owner(session_id)
-        if known != owner:
+        if not isinstance(session_id, str) or self._session_owner_of(session_id) != owner:
             raise NotFoundError(f"session_id: no training session {session_id!r}", field="session_id")
-        return session_id  # type: ignore[return-value]
+        return session_id
+
+    def _session_owner_of(self, session_id: str) -> str | None:
+        with self._lock:
+            known = self._session_owner.get(session_id)
+        return known if known is not None else self.records.session_owner(session_id)
 
     def close_session(self, owner: str, session_id: str) -> None:
         """End `owner`'s session: freed in the engine and no longer restored after a restart
@@ -151,25 +156,25 @@ class Service:
         self.records.remove_sampler(sampler_id)
         self.engine.release_sampler(sampler_id)
 
-    def check_checkpoint(self, owner: str, path: object) -> str:
+    def check_checkpoint(self, owner: str, path: str) -> str:
         """`path` if it is a checkpoint path `owner` owns; NotFoundError otherwise. Checkpoints
         that no key saved (written in-process into the same home) belong to the no-auth owner."""
         session_id, _, _ = parse_path(path)
-        recorded = self.records.checkpoint_owner(path)  # type: ignore[arg-type]
+        recorded = self.records.checkpoint_owner(path)
         if (recorded or (NO_AUTH_OWNER if self.records.session_owner(session_id) is None else None)) != owner:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path")
-        return path  # type: ignore[return-value]
+        return path
 
-    def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder:
+    def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder[StateResult]:
         """Files the checkpoint a save_state result names under `owner`."""
-        return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)  # type: ignore[attr-defined]
+        return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)
 
-    def durable_recorder(self, session_id: str, seq: int) -> Recorder:
+    def durable_recorder(self, session_id: str, seq: int) -> Recorder[tuple[object, AdapterState]]:
         """Writes the state of a (result, AdapterState) answer — an optim_step or load_state run
         with `export_state` — to the journal, with the request and its answer."""
 
-        def record(request_id: str, result: object, answer: bytes) -> None:
-            self.journal.write(session_id, result[1], seq, request_id, answer)  # type: ignore[index]
+        def record(request_id: str, result: tuple[object, AdapterState], answer: bytes) -> None:
+            self.journal.write(session_id, result[1], seq, request_id, answer)
             self.records.forget_replays(session_id, seq)
 
         return record
@@ -195,13 +200,13 @@ class Service:
         kind: str,
         body: bytes,
         key: str | None,
-        start: Callable[[], concurrent.futures.Future],
+        start: Callable[[], concurrent.futures.Future[R]],
         *,
         session_id: str | None = None,
         seq: int | None = None,
-        record: Recorder | None = None,
+        record: Recorder[R] | None = None,
         replay: bytes | None = None,
-        encode: Callable[[object], bytes] = encode_result,
+        encode: Callable[[R], bytes] = encode_result,
         encode_failure: Callable[[BaseException], bytes] = encode_error,
         retry_transient: bool = False,
     ) -> str:
@@ -223,7 +228,7 @@ class Service:
                 RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay)
             )
         except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
-            earlier = self._earlier(owner, key, body_hash)  # type: ignore[arg-type]
+            earlier = self._earlier(owner, key, body_hash) if key is not None else None
             if earlier is None:
                 raise
             return earlier
@@ -241,10 +246,10 @@ class Service:
         self,
         request_id: str,
         kind: str,
-        start: Callable[[], concurrent.futures.Future],
+        start: Callable[[], concurrent.futures.Future[R]],
         session_id: str | None,
         seq: int | None,
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[R]:
         """`start()`, retried on retryable failures; each failure becomes a notice for the next poll."""
 
         def give_up() -> None:
@@ -272,8 +277,8 @@ class Service:
                 "(Idempotency-Key header, or with the Tinker protocol a new seq_id)",
                 field="Idempotency-Key",
             )
-        if row.status == "rejected":
-            raise BiosError.from_dict(json.loads(row.answer)["error"])  # type: ignore[arg-type]
+        if row.status == "rejected" and row.answer is not None:
+            raise BiosError.from_dict(json.loads(row.answer)["error"])
         return row.request_id
 
     def answer(self, owner: str, request_id: str) -> bytes | None:
@@ -287,7 +292,7 @@ class Service:
             done = self._answers.get(request_id)
         if done is None:
             row = self.records.request(request_id)
-            if row is not None and row.status in ("done", "error"):
+            if row is not None and row.status in ("done", "error") and row.answer is not None:
                 done = (row.owner, row.answer, time.time())
         if done is None or done[0] != owner:
             raise NotFoundError(f"request_id: no request {request_id!r}", field="request_id")

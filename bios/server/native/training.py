@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import APIRouter
 
@@ -22,6 +23,8 @@ from bios.server.state import IdempotencyKeyDep, OwnerDep, ServiceDep
 
 router = APIRouter()
 
+R = TypeVar("R")
+
 
 def _submit(
     service: Service,
@@ -30,11 +33,11 @@ def _submit(
     kind: str,
     session_id: str,
     body: wire.Ordered,
-    start: Callable[[], concurrent.futures.Future],
+    start: Callable[[], concurrent.futures.Future[R]],
     *,
-    record: Recorder | None = None,
+    record: Recorder[R] | None = None,
     replay: bytes | None = None,
-    encode: Callable[[object], bytes] = encode_result,
+    encode: Callable[[R], bytes] = encode_result,
 ) -> wire.Submitted:
     """`who`'s request `kind` at `body.seq` of session `session_id` (NotFoundError if it is not
     `who`'s), started with `start()` unless `idem` names an earlier one (`Service.submit`)."""

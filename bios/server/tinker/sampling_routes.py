@@ -9,6 +9,8 @@ target-token logprobs and alternative prompt tokens are not.
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter
 
 from bios.errors import InvalidRequestError, UnsupportedError
@@ -83,7 +85,7 @@ def asample(body: Sample, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     start = lambda: engine.sampler_sample(
         sampler.sampler_id, prompt, params, body.num_samples, prompt_logprobs=bool(body.prompt_logprobs)
     )
-    encode = proto_answer(lambda result: codec.sample_response(result, body.prompt_logprobs_last_n))
+    encode = proto_answer(partial(codec.sample_response, prompt_logprobs_last_n=body.prompt_logprobs_last_n))
     key = None if body.seq_id is None else f"tinker/{sampler.sampler_id}/{body.seq_id}"
     request_id = tinker.submit(who, "sample", body.model_dump_json().encode(), key, start, encode)
     return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}
