@@ -10,6 +10,8 @@ request refused before it reaches the engine gives up its sequence number (`RunR
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import zstandard
 from fastapi import APIRouter, Depends, Header, Request
 from google.protobuf.message import Message
@@ -79,7 +81,7 @@ def create_model(body: CreateModel, who: TinkerOwnerDep, tinker: TinkerDep) -> d
         )
     model_id = ids.model_id(body.session_id, body.model_seq_id)
 
-    def start():
+    def start() -> Future[str]:
         info = tinker.engine.create_session(body.base_model, lora.to_bios())
         return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
 

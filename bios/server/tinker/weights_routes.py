@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import NoReturn
 
 from fastapi import APIRouter
 
+from bios.backend import AdapterState
 from bios.engine.checkpoints import checkpoint_path
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
 from bios.server.tinker import ids
@@ -20,7 +22,7 @@ from bios.server.tinker.answers import json_answer
 from bios.server.tinker.bodies import LoadWeights, SaveForSampler, SaveWeights, user_metadata
 from bios.server.tinker.context import RunRequest, Tinker, TinkerDep, TinkerOwnerDep, done
 from bios.server.tinker.sessions import Sampler
-from bios.types import StateResult
+from bios.types import StateResult, TrainingInfo
 
 router = APIRouter()
 
@@ -99,7 +101,7 @@ def _snapshot_sampler(req: RunRequest, hashed: bytes) -> dict:
             tinker.service.drop_sampler(who, handle.sampler_id)
             raise
 
-    def start():
+    def start() -> Future[str]:
         req.ordered(lambda: tinker.sessions.check(who, session_id))
         snapshot = tinker.engine.save_state(req.session_id, req.seq, f"ephemeral-{uuid.uuid4().hex}", {}, "sampler")
         return tinker.then(snapshot, sampler_on)
@@ -147,7 +149,7 @@ def _load_into_run(req: RunRequest, body: LoadWeights) -> dict:
     """Submit load_state of the caller's checkpoint `body.path` into the run of `req`."""
     tinker = req.tinker
 
-    def start():
+    def start() -> Future[tuple[TrainingInfo, AdapterState]]:
         source = req.ordered(lambda: _checkpoint_to_load(tinker, req.who, body))
         return tinker.engine.load_state(req.session_id, req.seq, source, export_state=True, optimizer=body.optimizer)
 
@@ -162,7 +164,7 @@ def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, session_id: st
     tinker.sessions.check(who, session_id)
     model_id = ids.model_id(session_id, model_seq_id)
 
-    def create():
+    def create() -> Future[str]:
         path = _checkpoint_to_load(tinker, who, body)
         info = tinker.engine.create_session_from_state(path, body.base_model, optimizer=body.optimizer)
         return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
