@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from bios.admission import DIRECT, RequestHook
 from bios.backend import AdapterSpec, AdapterState, Backend, OptimStepOutput
@@ -32,21 +32,25 @@ from bios.tokenizer import Tokenizer
 from bios.types import (
     AdamParams,
     Datum,
+    ForwardBackwardResult,
     LoraConfig,
     ModelInput,
     OptimStepResult,
+    SampleResult,
     SamplingParams,
     ServerCapabilities,
     StateResult,
     TrainingInfo,
 )
 
+R = TypeVar("R")
+
 
 @dataclass(frozen=True, slots=True)
-class WithState:
+class WithState(Generic[R]):
     """A request's `result` with the adapter's `state` right after it (what a server journals)."""
 
-    result: OptimStepResult | TrainingInfo
+    result: R
     state: AdapterState
 
 
@@ -157,7 +161,7 @@ class Engine:
         except BackendError:
             pass
 
-    def export_state(self, session_id: str) -> Future[object]:
+    def export_state(self, session_id: str) -> Future[AdapterState]:
         """Future[AdapterState] of the session as of the requests queued so far (run outside its lane:
         call it only while none of its requests is queued, e.g. right after creating it)."""
         session = self._session(session_id)
@@ -195,7 +199,7 @@ class Engine:
         except KeyError:
             raise NotFoundError(f"session_id: no training session {session_id!r}", field="session_id") from None
 
-    def _ordered(self, session: _Session, seq: int, build: Callable[[], Job]) -> Future[object]:
+    def _ordered(self, session: _Session, seq: int, build: Callable[[], Job[R]]) -> Future[R]:
         """Validate with `build` and queue at `seq`; a rejected request still uses up `seq`."""
         try:
             return self.scheduler.submit(session.session_id, seq, build())
@@ -214,11 +218,11 @@ class Engine:
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
-    ) -> Future[object]:
-        """Future[ForwardBackwardResult]; with backward, the gradient joins the accumulator."""
+    ) -> Future[ForwardBackwardResult]:
+        """Loss and logprobs of `data`; with backward, the gradient joins the accumulator."""
         session = self._session(session_id)
 
-        def build() -> Job:
+        def build() -> Job[ForwardBackwardResult]:
             work = validation.forward_work(
                 session.adapter.adapter_id, session.model, data, loss_fn, loss_fn_config, backward=backward
             )
@@ -226,25 +230,26 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[object]:
-        """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared."""
-        return self._optim_step(session_id, seq, adam, export=False)
+    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
+        """Adam(W) on the accumulated gradient, which is then cleared."""
+        return self._optim_step(session_id, seq, adam, lambda session, result: result)
 
-    def optim_step_and_export(self, session_id: str, seq: int, adam: AdamParams) -> Future[object]:
-        """Future[WithState[OptimStepResult]]: `optim_step`, with the adapter's state right after
-        the step, taken before any later request of the session runs."""
-        return self._optim_step(session_id, seq, adam, export=True)
+    def optim_step_and_export(self, session_id: str, seq: int, adam: AdamParams) -> Future[WithState[OptimStepResult]]:
+        """`optim_step`, with the adapter's state right after the step, taken before any later
+        request of the session runs."""
+        return self._optim_step(session_id, seq, adam, self._with_state)
 
-    def _optim_step(self, session_id: str, seq: int, adam: AdamParams, *, export: bool) -> Future[object]:
+    def _optim_step(
+        self, session_id: str, seq: int, adam: AdamParams, answer: Callable[[_Session, OptimStepResult], R]
+    ) -> Future[R]:
         session = self._session(session_id)
 
-        def finish(output: OptimStepOutput) -> OptimStepResult | WithState:
+        def finish(output: OptimStepOutput) -> R:
             session.step = output.step
             metrics = {"grad_norm": output.grad_norm, "learning_rate": adam.learning_rate}
-            result = OptimStepResult(step=output.step, metrics=metrics)
-            return self._with_state(session, result) if export else result
+            return answer(session, OptimStepResult(step=output.step, metrics=metrics))
 
-        def build() -> Job:
+        def build() -> Job[R]:
             work = validation.optim_work(session.adapter.adapter_id, adam)
             return Job(Batched("optim_step", session.model.name, work), finish)
 
@@ -252,11 +257,11 @@ class Engine:
 
     def sample(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
-    ) -> Future[object]:
-        """Future[SampleResult] from the session's current weights, in order with its training."""
+    ) -> Future[SampleResult]:
+        """Completions from the session's current weights, in order with its training."""
         session = self._session(session_id)
 
-        def build() -> Job:
+        def build() -> Job[SampleResult]:
             work = validation.sample_work(session.adapter.adapter_id, session.model, prompt, params, num_samples)
             return Job(Batched("sample", session.model.name, work), results.sample_result)
 
@@ -266,11 +271,11 @@ class Engine:
 
     def save_state(
         self, session_id: str, seq: int, name: str, metadata: dict[str, Any] | None = None, kind: str = "state"
-    ) -> Future[object]:
-        """Future[StateResult]: checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler")."""
+    ) -> Future[StateResult]:
+        """Checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler")."""
         session = self._session(session_id)
 
-        def build() -> Job:
+        def build() -> Job[StateResult]:
             checked_name, checked_meta = validation.checkpoint_name(name), validation.metadata(metadata)
 
             def save() -> StateResult:
@@ -284,19 +289,23 @@ class Engine:
 
         return self._ordered(session, seq, build)
 
-    def load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[object]:
-        """Future[TrainingInfo]: replace the session's adapter, moments and step with `path`'s
-        (with `optimizer` False: its weights, at step 0 with zero moments)."""
-        return self._load_state(session_id, seq, path, optimizer=optimizer, export=False)
+    def load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[TrainingInfo]:
+        """Replace the session's adapter, moments and step with `path`'s (with `optimizer` False:
+        its weights, at step 0 with zero moments)."""
+        return self._load_state(session_id, seq, path, optimizer, lambda state, info: info)
 
-    def load_state_and_export(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[object]:
-        """Future[WithState[TrainingInfo]]: `load_state`, with the adapter's state right after it."""
-        return self._load_state(session_id, seq, path, optimizer=optimizer, export=True)
+    def load_state_and_export(
+        self, session_id: str, seq: int, path: str, *, optimizer: bool = True
+    ) -> Future[WithState[TrainingInfo]]:
+        """`load_state`, with the adapter's state right after it."""
+        return self._load_state(session_id, seq, path, optimizer, lambda state, info: WithState(info, state))
 
-    def _load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool, export: bool) -> Future[object]:
+    def _load_state(
+        self, session_id: str, seq: int, path: str, optimizer: bool, answer: Callable[[AdapterState, TrainingInfo], R]
+    ) -> Future[R]:
         session = self._session(session_id)
 
-        def build() -> Job:
+        def build() -> Job[R]:
             record = resume.training_state(self.store.record(path))
             if record.base_model != session.model.name:
                 raise InvalidRequestError(
@@ -305,19 +314,18 @@ class Engine:
                     field="path",
                 )
 
-            def load() -> TrainingInfo | WithState:
+            def load() -> R:
                 state = resume.weights_only(self.store.load(path, session.adapter.adapter_id), optimizer)
                 self.backend.delete_adapter(session.adapter.adapter_id)
                 self.backend.create_adapter(state.spec, state)
                 session.adapter, session.step = state.spec, state.step
-                info = self.session_info(session.session_id)
-                return WithState(info, state) if export else info
+                return answer(state, self.session_info(session.session_id))
 
             return Job(Call(load))
 
         return self._ordered(session, seq, build)
 
-    def _with_state(self, session: _Session, result: OptimStepResult) -> WithState:
+    def _with_state(self, session: _Session, result: OptimStepResult) -> WithState[OptimStepResult]:
         """`result` with the session's adapter state as of now (on the worker, between requests)."""
         return WithState(result, self.backend.export_state(session.adapter.adapter_id))
 
@@ -342,12 +350,12 @@ class Engine:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
-    ) -> Future[object]:
-        """Future[SampleResult] from a frozen snapshot or base model."""
+    ) -> Future[SampleResult]:
+        """Completions from a frozen snapshot or base model."""
         return self.samplers.sample(sampler_id, prompt, params, num_samples, prompt_logprobs=prompt_logprobs)
 
-    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[object]:
-        """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
+    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
+        """log p(prompt[t] | prompt[:t]), None for t = 0."""
         return self.samplers.logprobs(sampler_id, prompt)
 
     # ---- checkpoints ------------------------------------------------------------------------

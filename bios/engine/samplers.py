@@ -18,7 +18,7 @@ from bios.engine.checkpoints import CheckpointStore
 from bios.engine.scheduler import Batched, Job, Scheduler
 from bios.engine.snapshots import SnapshotPool
 from bios.errors import BackendError, InvalidRequestError, NotFoundError
-from bios.types import Datum, ModelInput, SamplingParams
+from bios.types import Datum, ModelInput, SampleResult, SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,8 @@ class Samplers:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
-    ) -> Future[object]:
-        """Future[SampleResult] from a frozen snapshot or base model."""
+    ) -> Future[SampleResult]:
+        """Completions from a frozen snapshot or base model."""
         handle = self.handle(sampler_id)
         model = self.catalog.get(handle.base_model)
         work = validation.sample_work(
@@ -93,14 +93,14 @@ class Samplers:
         job = Job(Batched("sample", handle.base_model, work), results.sample_result, source=sampler_id)
         return self.scheduler.submit(None, None, job)
 
-    def logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[object]:
-        """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
+    def logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
+        """log p(prompt[t] | prompt[:t]), None for t = 0."""
         handle = self.handle(sampler_id)
         model = self.catalog.get(handle.base_model)
         validation.instance(prompt, ModelInput, "prompt")
         ids = validation.check_tokens(prompt.to_ints(), model, "prompt")
         if ids.size == 1:
-            done: Future[object] = Future()
+            done: Future[list[float | None]] = Future()
             done.set_result([None])
             return done
         datum = Datum(model_input=ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})

@@ -23,7 +23,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from bios.admission import DIRECT, BackendWork, Kind, Outcome, Request, RequestHook
 from bios.backend import Backend, ForwardBackwardWork, OptimStepWork, ResultCallback, SampleWork
@@ -50,19 +50,21 @@ class Call:
 
 
 Work = Batched | Call
+R = TypeVar("R")
 
 
-def _unchanged(output: Any) -> object:
+def _unchanged(output: Any) -> Any:
+    """The identity: a job without `finish` resolves with what its backend call or function returned."""
     return output
 
 
 @dataclass(slots=True)
-class Job:
+class Job(Generic[R]):
     """One unit of work; `finish` maps the backend's output (or the call's return) to the result."""
 
     work: Work
-    finish: Callable[[Any], object] = _unchanged
-    future: concurrent.futures.Future[object] = field(default_factory=concurrent.futures.Future)
+    finish: Callable[[Any], R] = _unchanged
+    future: concurrent.futures.Future[R] = field(default_factory=concurrent.futures.Future)
     source: str | None = None
     """Who submitted an unordered job (a sampler id), for the hook; an ordered job's is its lane."""
     lane: str | None = None
@@ -81,7 +83,7 @@ class Job:
 @dataclass(slots=True)
 class _Lane:
     next_seq: int = 0
-    pending: dict[int, Job | None] = field(default_factory=dict)
+    pending: dict[int, Job[Any] | None] = field(default_factory=dict)
     """seq → its job, or None for a number skipped (used by nothing)."""
 
 
@@ -95,7 +97,7 @@ class Scheduler:
         self.jobs_run = 0
         self.inline = hook.inline if inline is None else inline
         self._lanes: dict[str, _Lane] = {}
-        self._unordered: list[Job] = []
+        self._unordered: list[Job[Any]] = []
         self._cond = threading.Condition()
         self._closed = False
         self._draining = False
@@ -138,7 +140,7 @@ class Scheduler:
 
     # ---- submission -----------------------------------------------------------------------------
 
-    def submit(self, lane_id: str | None, seq: int | None, job: Job) -> concurrent.futures.Future[object]:
+    def submit(self, lane_id: str | None, seq: int | None, job: Job[R]) -> concurrent.futures.Future[R]:
         """Queue `job` at position `seq` of `lane_id` (unordered when lane_id is None) once the
         hook has admitted it; returns the future it resolves. Raises ConflictError for a used
         `seq`, NotFoundError for an unknown lane and whatever the hook refuses with."""
@@ -148,7 +150,7 @@ class Scheduler:
             if lane_id is not None:
                 self._lane(lane_id)
         admission = self.hook.admit(job.request())
-        job.future = admission.future
+        job.future = cast(concurrent.futures.Future[R], admission.future)  # the hook makes it; `finish` types it
         if admission.answered:
             if lane_id is not None and isinstance(seq, int):
                 self.skip(lane_id, seq)  # a no-op when the number was used when the request first ran
@@ -162,9 +164,10 @@ class Scheduler:
         self._run_inline()
         return job.future
 
-    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future[object]:
+    def call(self, fn: Callable[[], R]) -> concurrent.futures.Future[R]:
         """Run `fn` on the worker thread, outside any lane (e.g. creating an adapter)."""
-        return self.submit(None, None, Job(Call(fn)))
+        job: Job[R] = Job(Call(fn))
+        return self.submit(None, None, job)
 
     def close(self) -> None:
         """Stop the worker; jobs still queued fail with BackendError."""
@@ -201,7 +204,7 @@ class Scheduler:
 
     # ---- rounds ---------------------------------------------------------------------------------
 
-    def _take_round(self) -> list[Job]:
+    def _take_round(self) -> list[Job[Any]]:
         """Heads of ready lanes plus all unordered jobs; advances each lane past its head."""
         jobs, self._unordered = self._unordered, []
         for lane in self._lanes.values():
@@ -247,9 +250,9 @@ class Scheduler:
                     return
             self._run_round(jobs)
 
-    def _run_round(self, jobs: list[Job]) -> None:
+    def _run_round(self, jobs: list[Job[Any]]) -> None:
         self.jobs_run += len(jobs)
-        groups: dict[tuple[BatchedKind, str], list[Job]] = defaultdict(list)
+        groups: dict[tuple[BatchedKind, str], list[Job[Any]]] = defaultdict(list)
         for job in jobs:
             if isinstance(job.work, Batched):
                 groups[(job.work.kind, job.work.base_model)].append(job)
@@ -258,7 +261,7 @@ class Scheduler:
         for (kind, _model), group in groups.items():
             self._run_group(kind, group)
 
-    def _run_group(self, kind: BatchedKind, group: list[Job]) -> None:
+    def _run_group(self, kind: BatchedKind, group: list[Job[Any]]) -> None:
         """One backend call for `group`; each job is resolved when its output is on the host."""
         self.backend_calls += 1
         answered: set[int] = set()
@@ -278,7 +281,7 @@ class Scheduler:
         for index, output in enumerate(outputs):
             answer(index, output)
 
-    def _resolve(self, job: Job, output: object) -> None:
+    def _resolve(self, job: Job[Any], output: object) -> None:
         """Finish `job` with its backend `output` (or error), through the hook, and answer its future."""
         outcome = self.hook.settle(job.request(), job.future, _finished(job, output))
         if outcome.error is not None and outcome.error.retryable and not outcome.applied:
@@ -291,7 +294,7 @@ class Scheduler:
         except concurrent.futures.InvalidStateError:
             pass  # the caller cancelled its future; the job ran anyway, in order, and nobody waits
 
-    def _reopen(self, job: Job) -> None:
+    def _reopen(self, job: Job[Any]) -> None:
         """A lane job failed retryably without changing anything: its number waits for a retry."""
         if job.lane is None or job.seq is None:
             return
@@ -320,7 +323,7 @@ def _called(call: Call) -> object:
         return exc
 
 
-def _finished(job: Job, output: object) -> Outcome:
+def _finished(job: Job[Any], output: object) -> Outcome:
     """The outcome of `job` given its backend `output`: an error the backend reported changed
     nothing; a result passes through the job's `finish`."""
     if isinstance(output, BaseException):
