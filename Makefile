@@ -6,7 +6,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 # Small matrices: one BLAS thread is faster and steadier than several fighting for 2 cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test lint models clean
+.PHONY: demo test check lint models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,16 @@ demo: $(VENV)/.core
 models: $(VENV)/.core
 	$(BIN)/bios models fetch smollm2-135m-instruct
 
+# Style, types and the dependency arrows of DESIGN.md.
 lint: $(VENV)/.dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The fast tier, for the edit-test loop: everything but the tests marked slow.
+check: $(VENV)/.dev lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # The tests; the API tests again through a live `bios serve`; then the conformance suite's ci
 # profile against the JAX backend (its compiled programs are in the cache the tests filled).

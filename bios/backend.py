@@ -8,7 +8,7 @@ adapter untouched when its item fails.
 
 Backends are found by name through the `bios.backends` entry-point group, or as a
 `module:factory` string; the factory takes a `BackendConfig` and returns a `Backend`.
-Contract layer: imports numpy and `bios.catalog`/`bios.errors` only.
+Contract layer: imports numpy and `bios.catalog`/`bios.errors`/`bios.types` only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from bios.catalog import Catalog
 from bios.errors import BiosError
+from bios.types import StopReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ class SampledOutput:
 
     tokens: np.ndarray
     logprobs: np.ndarray
-    stop_reason: str
+    stop_reason: StopReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,69 +200,4 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release devices and memory."""
-        ...
-
-
-# ---- what a simulating backend adds ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """Who submitted a work item and when, handed to a backend's optional `admit` hook.
-
-    lane: the session id (ordered requests) or sampler id; seq: its sequence number in the
-    session (None for a sampler's); kind: "forward_backward", "optim_step" or "sample";
-    enqueued_at: seconds on the backend's clock; attempt: 1, then 2, 3, ... for client retries.
-    """
-
-    lane: str
-    seq: int | None
-    kind: str
-    enqueued_at: float
-    attempt: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """When the backend queued, started and answered one work item (seconds on its clock)."""
-
-    enqueued_at: float
-    started_at: float
-    finished_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Timed:
-    """A result item with its timing: `value` is an output, a `BiosError` or a `LostAnswer`."""
-
-    value: object
-    timing: Timing
-
-
-@dataclass(frozen=True, slots=True)
-class LostAnswer:
-    """The item WAS applied but its answer never reached the caller, who sees `error` (retryable).
-    Asking again at the same sequence number must give `output`, without applying it twice."""
-
-    output: object
-    error: BiosError
-
-
-@runtime_checkable
-class SimulatingBackend(Backend, Protocol):
-    """A backend that simulates time (the service simulator). The engine stamps every work item
-    with a `Ticket` through `admit` before queueing it (raising a `BiosError` there refuses the
-    request, changing nothing), and the backend answers each item as a `Timed`."""
-
-    clock: object
-    """A `bios.clock.VirtualClock`: results are stamped with its time."""
-
-    deterministic: bool
-    """True when the engine should run submissions inline, in submission order (no worker
-    thread), so that a single-threaded script replays exactly."""
-
-    def admit(self, work: object, ticket: Ticket) -> None: ...
-
-    def report(self) -> object:
-        """The run's `bios.simulation.SimulationReport` so far (writing the trace file, if any)."""
         ...

@@ -93,7 +93,9 @@ class ModelSpec:
 
 
 def _stand_in(name: str, seed: int, description: str, **arch: object) -> ModelSpec:
-    shape = dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=16, d_ff=384)
+    shape: dict[str, object] = dict(
+        vocab_size=4096, d_model=128, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=16, d_ff=384
+    )
     shape.update(arch)
     label = "random-initialised stand-in architecture; point the catalog at real weights to serve them"
     return ModelSpec(name=name, weights_seed=seed, description=f"{description} ({label})", **shape)  # type: ignore[arg-type]

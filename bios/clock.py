@@ -21,6 +21,11 @@ from typing import Protocol
 
 
 class Clock(Protocol):
+    @property
+    def time_scale(self) -> float | None:
+        """None for real time; for simulated time, real seconds per simulated second (0: jumps)."""
+        ...
+
     def now(self) -> float:
         """Seconds since the clock started."""
         ...
@@ -40,6 +45,10 @@ class RealClock:
 
     def __init__(self) -> None:
         self._origin = time.monotonic()
+
+    @property
+    def time_scale(self) -> None:
+        return None
 
     def now(self) -> float:
         return time.monotonic() - self._origin
@@ -61,10 +70,14 @@ class VirtualClock:
     def __init__(self, time_scale: float = 0.0) -> None:
         if time_scale < 0:
             raise ValueError("time_scale must be >= 0")
-        self.time_scale = time_scale
+        self._scale = time_scale
         self._now = 0.0
         self._origin = time.monotonic()
         self._lock = threading.Lock()
+
+    @property
+    def time_scale(self) -> float:
+        return self._scale
 
     @property
     def jumps(self) -> bool:

@@ -9,13 +9,14 @@ needs the `jax` extra on the client only; it works the same on every backend and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from bios.errors import InvalidRequestError, UnsupportedError
 from bios.types import Datum, ModelInput
 
-CustomLossFn = Callable[[list[Datum], list[object]], tuple[object, dict[str, float]]]
+CustomLossFn = Callable[[list[Datum], Sequence[Any]], tuple[Any, dict[str, float]]]
 
 
 def evaluate(
@@ -34,7 +35,7 @@ def evaluate(
             "forward_backward_custom needs jax on the client: pip install 'bios[jax]'", field="loss_fn"
         ) from None
 
-    def loss_with_metrics(lps: list[object]) -> tuple[object, dict[str, float]]:
+    def loss_with_metrics(lps: list[jax.Array]) -> tuple[Any, dict[str, float]]:
         out = fn(data, lps)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
             raise InvalidRequestError("loss_fn must return (loss, metrics: dict[str, float])", field="loss_fn")

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from bios.errors import InvalidRequestError
 from bios.service_client import ServiceClient
 from bios.tokenizer import Tokenizer
 from bios.types import Datum, ModelInput, SamplingParams
@@ -38,7 +39,10 @@ def answer_text(words: list[str]) -> str:
 def supervised_datum(tokenizer: Tokenizer, prompt: str, answer: str) -> Datum:
     """Next-token datum over prompt + answer + end token, with loss weights on the answer only."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InvalidRequestError(f"tokenizer {tokenizer.name_or_path}: the demo needs an eos_token", field="eos_token")
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [eos]
     tokens = prompt_ids + answer_ids
     weights = [0.0] * (len(prompt_ids) - 1) + [1.0] * len(answer_ids)
     return Datum(

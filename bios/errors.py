@@ -30,7 +30,7 @@ class BiosError(Exception):
         self.message = message
         self.field = field
 
-    def to_dict(self) -> dict[str, str | int | bool | None]:
+    def to_dict(self) -> dict[str, str | int | float | bool | None]:
         """The wire form: `{"code", "message", "field", "status", "retryable"}`."""
         return {
             "code": self.code,
@@ -146,7 +146,7 @@ class RateLimitError(BiosError):
         super().__init__(message, field=field)
         self.retry_after = float(retry_after)
 
-    def to_dict(self) -> dict[str, str | int | bool | None]:
+    def to_dict(self) -> dict[str, str | int | float | bool | None]:
         return {**super().to_dict(), "retry_after": self.retry_after}
 
 

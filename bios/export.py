@@ -196,7 +196,7 @@ def hf_config(model: ModelSpec, dtype: str, untied: bool) -> dict:
 def write_safetensors(file: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
     """Write float32 `tensors` to a safetensors `file` as F32 or BF16 (round to nearest even),
     sorted by name, with metadata format "pt". Written here because numpy has no bfloat16."""
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}  # type: ignore[dict-item]
+    header: dict[str, dict[str, object]] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in sorted(tensors):
         size = tensors[name].size * (4 if dtype == "float32" else 2)

@@ -12,34 +12,39 @@ import weakref
 from collections.abc import Callable, Generator
 from typing import Generic, TypeVar
 
+from bios.clock import Clock
 from bios.errors import APITimeoutError, BlockingCallError
+from bios.types import RequestTiming
 
 T = TypeVar("T")
 
 
-def pinned(future: concurrent.futures.Future, owner: object) -> concurrent.futures.Future:
+def pinned(future: concurrent.futures.Future[T], owner: object) -> concurrent.futures.Future[T]:
     """`future`, holding a reference to `owner` until it is done (so a client whose garbage
     collection ends its session or snapshot outlives its requests)."""
-    future.add_done_callback(lambda _done, owner=owner: None)
+
+    def keep(_done: concurrent.futures.Future[T], owner: object = owner) -> None:
+        pass
+
+    future.add_done_callback(keep)
     return future
 
 
-class TimedFuture(concurrent.futures.Future):
-    """A future that also says when its request was queued, started and answered (`timing`, a
-    `bios.types.RequestTiming` set before it resolves) on `clock`, a `bios.clock.Clock`."""
+class TimedFuture(concurrent.futures.Future[object]):
+    """A future that also says when its request was queued, started and answered: `timing`,
+    set before it resolves, in seconds on `clock` (a simulated clock under the service simulator)."""
 
-    def __init__(self, clock: object) -> None:
+    def __init__(self, clock: Clock) -> None:
         super().__init__()
         self.clock = clock
-        self.timing: object = None
+        self.timing: RequestTiming | None = None
 
 
-def settle_clock(future: concurrent.futures.Future) -> None:
+def settle_clock(future: concurrent.futures.Future[object]) -> None:
     """A client has waited for `future`: under the service simulator, its simulated clock moves
     to the time the answer arrived (futures without timing leave every clock alone)."""
-    timing, clock = getattr(future, "timing", None), getattr(future, "clock", None)
-    if timing is not None and clock is not None:
-        clock.advance_to(timing.finished_at)
+    if isinstance(future, TimedFuture) and future.timing is not None:
+        future.clock.advance_to(future.timing.finished_at)
 
 
 def unsettled(future: BiosFuture[T]) -> concurrent.futures.Future:
@@ -145,8 +150,8 @@ class BiosFuture(Generic[T]):
             settle_clock(self._inner)
             if self._inner.cancelled():
                 waiter.cancel()
-            elif self._inner.exception() is not None:
-                waiter.set_exception(self._inner.exception())  # type: ignore[arg-type]
+            elif (error := self._inner.exception()) is not None:
+                waiter.set_exception(error)
             else:
                 waiter.set_result(self._inner.result())
 

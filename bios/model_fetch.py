@@ -101,7 +101,16 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
         raise ValueError(f"{path}: general.architecture is {arch!r}; only llama GGUF files are supported")
     n_heads = int(_field(reader, "llama.attention.head_count"))
     n_kv = int(_field(reader, "llama.attention.head_count_kv", n_heads))
-    width = int(_field(reader, "llama.embedding_length"))
+    tensors = _read_tensors(reader, n_heads, n_kv)
+    config = _llama_config(reader, tensors, n_heads, n_kv)
+    return config, tensors, _tokenizer_metadata(reader, config["max_position_embeddings"])
+
+
+def _read_tensors(reader, n_heads: int, n_kv: int) -> dict[str, np.ndarray]:
+    """Every tensor of `reader` dequantized to float32, in Hugging Face's shape and name, with the
+    q (n_heads) and k (n_kv heads) projections' rows back in Hugging Face's order."""
+    import gguf
+
     tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest axis first
@@ -111,30 +120,23 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
         elif ".attn_k." in tensor.name:
             value = unpermute_rows(value, n_kv)
         tensors[hf_tensor_name(tensor.name)] = np.ascontiguousarray(value)
-    vocab = tensors["model.embed_tokens.weight"].shape[0]
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    specials = {
-        key: tokens[int(i)] if (i := _field(reader, f"tokenizer.ggml.{id_key}")) is not None else None
-        for key, id_key in (
-            ("bos_token", "bos_token_id"),
-            ("eos_token", "eos_token_id"),
-            ("unk_token", "unknown_token_id"),
-            ("pad_token", "padding_token_id"),
-        )
-    }
-    type_field = reader.fields["tokenizer.ggml.token_type"]
-    token_types = [int(type_field.parts[i][0]) for i in type_field.data]
-    head_dim = int(_field(reader, "llama.attention.key_length", 0) or width // n_heads)
-    config = {
+    return tensors
+
+
+def _llama_config(reader, tensors: dict[str, np.ndarray], n_heads: int, n_kv: int) -> dict:
+    """The Hugging Face Llama config.json of the model whose metadata `reader` holds; the vocabulary
+    size and the embedding tying come from the converted `tensors`."""
+    width = int(_field(reader, "llama.embedding_length"))
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": vocab,
+        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
         "hidden_size": width,
         "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
         "num_hidden_layers": int(_field(reader, "llama.block_count")),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
+        "head_dim": int(_field(reader, "llama.attention.key_length", 0) or width // n_heads),
         "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
         "rms_norm_eps": _float32_shortest(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32_shortest(_field(reader, "llama.rope.freq_base", 10000.0)),
@@ -150,17 +152,32 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
         "use_cache": True,
         "torch_dtype": "float32",
     }
-    tokenizer = {
+
+
+def _tokenizer_metadata(reader, max_length: int) -> dict:
+    """The tokenizer of `reader`'s file as `build_tokenizer_files` reads it: model kind, tokens,
+    their GGUF types, merges, special tokens by role (None where absent), chat template."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    specials = {
+        key: tokens[int(i)] if (i := _field(reader, f"tokenizer.ggml.{id_key}")) is not None else None
+        for key, id_key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        )
+    }
+    type_field = reader.fields["tokenizer.ggml.token_type"]
+    return {
         "model": _field(reader, "tokenizer.ggml.model"),
         "tokens": tokens,
-        "token_types": token_types,
+        "token_types": [int(type_field.parts[i][0]) for i in type_field.data],
         "merges": _field(reader, "tokenizer.ggml.merges"),
         "specials": specials,
         "chat_template": _field(reader, "tokenizer.chat_template"),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "max_length": config["max_position_embeddings"],
+        "max_length": max_length,
     }
-    return config, tensors, tokenizer
 
 
 def build_tokenizer_files(meta: dict) -> tuple[str, dict]:

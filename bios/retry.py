@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from bios.clock import Clock, attempt
 from bios.errors import APIConnectionError, BiosError
 from bios.futures import TimedFuture
+from bios.types import RequestTiming
 
 log = logging.getLogger("bios")
 T = TypeVar("T")
@@ -256,7 +257,7 @@ class _Retry:
 
     def settle(self, number: int, done: concurrent.futures.Future) -> None:
         error = done.exception()
-        timing = getattr(done, "timing", None)
+        timing = done.timing if isinstance(done, TimedFuture) else None
         if timing is not None:  # the request as a whole: queued with its first attempt, answered with its last
             self.first_enqueued_at = timing.enqueued_at if self.first_enqueued_at is None else self.first_enqueued_at
             timing = timing.model_copy(update={"attempts": number, "enqueued_at": self.first_enqueued_at})
@@ -266,7 +267,7 @@ class _Retry:
         else:
             self.failed(number, error, timing.finished_at if timing is not None else self.clock.now(), timing)
 
-    def failed(self, number: int, error: BaseException, failed_at: float, timing: object) -> None:
+    def failed(self, number: int, error: BaseException, failed_at: float, timing: RequestTiming | None) -> None:
         again_at = self.tries.again_at(number, error, failed_at)
         if again_at is not None:
             self.clock.call_at(again_at, lambda: self.send(number + 1, again_at))
@@ -277,7 +278,7 @@ class _Retry:
         self.outer.set_exception(error)
 
 
-def _counted(result: object, attempts: int, timing: object) -> object:
+def _counted(result: object, attempts: int, timing: RequestTiming | None) -> object:
     """`result` with `timing` and, after retries, `metrics["retries"]` (for result types that have them)."""
     if not isinstance(result, BaseModel):
         return result

@@ -53,8 +53,10 @@ class ServiceClient:
         """Under the service simulator: the run so far — requests, retries and faults by kind,
         simulated wall time, device-busy fraction and projected cost (printing it gives the
         text); the trace file, if the simulation names one, is written too. None otherwise."""
-        report = getattr(self._transport, "simulation_report", None)
-        return report() if report is not None else None
+        from bios.transport.inprocess import simulator_of  # an in-process engine's; a remote client loads none
+
+        simulator = simulator_of(self._transport)
+        return simulator.report() if simulator is not None else None
 
     def get_server_capabilities(self) -> ServerCapabilities:
         """The models this deployment serves, with their architecture facts."""

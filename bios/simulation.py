@@ -5,19 +5,26 @@ simulates time, capacity and faults. A configuration comes from `SimulationConfi
 TOML profile (`SimulationConfig.from_toml`), or the `BIOS_SIMULATION` variable naming one.
 The formulas behind every figure are in docs/simulator.md.
 
-Contract layer: imports pydantic, the standard library and `bios.types`/`bios.errors` only.
+`simulate` finds the simulator (entry point `default` of the `bios.simulator` group) and puts
+a backend under it.
+
+Contract layer: imports pydantic, the standard library and the other contract modules only.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
 from bios.accounting import PEAKS
+from bios.admission import RequestHook
+from bios.backend import Backend
+from bios.catalog import Catalog
 from bios.errors import InvalidRequestError
 from bios.types._base import RequestModel, ResultModel, field_error
 
@@ -158,3 +165,31 @@ class SimulationReport(ResultModel):
 
     def __str__(self) -> str:
         return self.text
+
+
+class Simulator(Protocol):
+    """A backend under the service simulator: the engine calls `backend` and admits every
+    request through `hook`; `report` is the run so far (writing the trace file, if any)."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def hook(self) -> RequestHook: ...
+
+    def report(self) -> SimulationReport: ...
+
+
+SIMULATOR_GROUP = "bios.simulator"
+
+
+def simulate(backend: Backend, config: SimulationConfig, catalog: Catalog) -> Simulator:
+    """`backend` under the simulated deployment `config` (the simulator registered as entry
+    point `default` of `bios.simulator`); InvalidRequestError naming `simulation` if none is installed."""
+    for ep in entry_points(group=SIMULATOR_GROUP):
+        if ep.name == "default":
+            simulator: Simulator = ep.load()(backend, config, catalog)
+            return simulator
+    raise InvalidRequestError(
+        "simulation: no service simulator is installed (entry point bios.simulator:default)", field="simulation"
+    )

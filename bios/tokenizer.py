@@ -14,7 +14,7 @@ import importlib.resources
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import jinja2
 import jinja2.ext
@@ -72,6 +72,11 @@ class Tokenizer:
     """A model's tokenizer: encode/decode text and render chat templates. Immutable after construction."""
 
     __slots__ = ("_chat_template", "_config", "_name_or_path", "_special_ids", "_tokenizer")
+    _tokenizer: _RustTokenizer
+    _config: dict[str, Any]
+    _chat_template: str | None
+    _name_or_path: str
+    _special_ids: dict[str, int | None]
 
     def __init__(
         self,
@@ -167,6 +172,16 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """Id of the single token ``token`` (vocabulary or added token), or None if it is not one."""
         return self._tokenizer.token_to_id(token)
+
+    @overload
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = ..., tokenize: Literal[True] = ...
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = ..., *, tokenize: Literal[False]
+    ) -> str: ...
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = False, tokenize: bool = True

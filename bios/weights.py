@@ -90,7 +90,7 @@ def read_hf_weights(spec: ModelSpec) -> Iterator[tuple[str, np.ndarray]]:
         raise FileNotFoundError(f"no *.safetensors in {spec.hf_path}")
     for file in files:
         with safe_open(str(file), framework="numpy") as handle:
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 yield name, np.asarray(handle.get_tensor(name), dtype=np.float32)
 
 

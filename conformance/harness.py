@@ -203,7 +203,7 @@ def next_token_logprobs(
     """log p(candidate | prefix) for each candidate token [C], from `client.forward`: one datum
     per candidate whose last target is that candidate, in chunks of `chunk` data. prefix: [P >= 1]."""
     prefix = [int(t) for t in prefix]
-    out = []
+    out: list[float] = []
     for start in range(0, len(candidates), chunk):
         batch = [
             types.Datum(

@@ -76,7 +76,7 @@ class MeanReduction(EmulatorBackend):
         before = {k: g.copy() for k, g in adapter.grads.items()} if adapter is not None and item.backward else None
         out = super()._forward_backward(item)
         n = max(1, sum(len(t) for t in item.tokens))
-        if before is not None:
+        if before is not None and adapter is not None:
             adapter.grads = {k: before[k] + (g - before[k]) / n for k, g in adapter.grads.items()}
         return ForwardBackwardOutput(out.loss / n, out.logprobs, out.elementwise_loss, {"loss:sum": out.loss / n})
 

@@ -192,11 +192,14 @@ class BackendMachine(RuleBasedStateMachine):
 
     @initialize(target=sessions, config=lora_configs)
     def first_session(self, config: types.LoraConfig) -> Pair:
-        return self.create_session(config)
+        return self._new_lora_session(config)
 
     @precondition(lambda self: len(self.live) < MAX_SESSIONS)
     @rule(target=sessions, config=lora_configs)
     def create_session(self, config: types.LoraConfig) -> Pair:
+        return self._new_lora_session(config)
+
+    def _new_lora_session(self, config: types.LoraConfig) -> Pair:
         pair = self._new_session(lambda s: s.create_lora_training_client(MODEL, lora_config=config))
         note(f"{pair.label} = service.create_lora_training_client({MODEL!r}, lora_config={config!r})")
         return pair
@@ -291,7 +294,7 @@ class BackendMachine(RuleBasedStateMachine):
     @rule(session=sessions, which=st.sampled_from(sorted(_BAD_REQUESTS)))
     def bad_request(self, session: Pair, which: str) -> None:
         note(f"{session.label}: bad request ({which}), expect the same BiosError on both")
-        errors = []
+        errors: list[bios.BiosError | None] = []
         for client in (session.candidate, session.reference):
             try:
                 _BAD_REQUESTS[which](client)
@@ -323,7 +326,7 @@ class BackendMachine(RuleBasedStateMachine):
 def machine_for(backend: str, profile: str = "ci") -> type[BackendMachine]:
     """`BackendMachine` driving `backend` (a backend name or `module:factory`) against the
     emulator, with the `profile`'s settings ("ci": 5 examples of 8 steps; "thorough")."""
-    machine = type(
+    machine: type[BackendMachine] = type(
         f"BackendMachine_{backend.replace(':', '_').replace('.', '_')}", (BackendMachine,), {"backend": backend}
     )
     machine.TestCase.settings = PROFILES[profile]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from bios import types
+from bios import TrainingClient, types
 from bios.errors import BiosError, InvalidRequestError, NotFoundError
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
@@ -203,7 +203,7 @@ class BadRequest:
     raises `error` whose field or message contains `field`. `label` is its one-line repr."""
 
     label: str
-    submit: Callable[[object], object]
+    submit: Callable[[TrainingClient], object]
     error: type[BiosError]
     field: str
 
@@ -217,18 +217,15 @@ def _datum(tokens: list[int], **inputs: object) -> types.Datum:
     )
 
 
-@st.composite
-def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
-    """One of a catalogue of invalid requests, with random valid parts around the bad one."""
-    V, S = spec["vocab_size"], spec["max_seq_len"]
-    tokens = draw(token_sequences(spec, draw(st.integers(3, 20))))
-    n = len(tokens) - 1
-    good = _datum(tokens)
-    bad_token = draw(st.sampled_from([V, V + 7, 2**31]))
-    prompt = types.ModelInput.from_ints(tokens)
-    cases = {
+_Case = tuple[Callable[[TrainingClient], object], type[BiosError], str]
+"""(submit, expected error class, field) of one invalid request in the catalogue."""
+
+
+def _data_cases(tokens: list[int], bad_token: int, max_seq_len: int) -> dict[str, _Case]:
+    """forward_backward requests whose data is invalid: empty, out of vocab, mis-sized, too long."""
+    good, n = _datum(tokens), len(tokens) - 1
+    return {
         "empty data": (lambda c: c.forward_backward([]).result(), InvalidRequestError, "data"),
-        "unknown loss": (lambda c: c.forward_backward([good], "hinge").result(), InvalidRequestError, "loss_fn"),
         "target out of vocab": (
             lambda c: c.forward_backward([good, _datum(tokens[:-1] + [bad_token])]).result(),
             InvalidRequestError,
@@ -244,6 +241,19 @@ def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
             InvalidRequestError,
             "weights",
         ),
+        "sequence too long": (
+            lambda c: c.forward_backward([_datum(list(range(max_seq_len + 2)))]).result(),
+            InvalidRequestError,
+            "model_input",
+        ),
+    }
+
+
+def _loss_cases(tokens: list[int]) -> dict[str, _Case]:
+    """forward_backward requests whose loss, its inputs or its config are invalid."""
+    good, n = _datum(tokens), len(tokens) - 1
+    return {
+        "unknown loss": (lambda c: c.forward_backward([good], "hinge").result(), InvalidRequestError, "loss_fn"),
         "ppo without advantages": (
             lambda c: c.forward_backward([_datum(tokens, logprobs=[-1.0] * n)], "ppo").result(),
             InvalidRequestError,
@@ -270,11 +280,13 @@ def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
             InvalidRequestError,
             "clip_low_threshold",
         ),
-        "sequence too long": (
-            lambda c: c.forward_backward([_datum(list(range(S + 2)))]).result(),
-            InvalidRequestError,
-            "model_input",
-        ),
+    }
+
+
+def _optimizer_cases(tokens: list[int]) -> dict[str, _Case]:
+    """optim_step and train requests whose optimizer settings are invalid."""
+    good = _datum(tokens)
+    return {
         "negative learning rate": (
             lambda c: c.optim_step(types.AdamParams(learning_rate=-1.0)).result(),
             InvalidRequestError,
@@ -286,6 +298,13 @@ def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
             "learning_rate",
         ),
         "train with unknown argument": (lambda c: c.train([good], momentum=0.9), InvalidRequestError, "momentum"),
+    }
+
+
+def _sampling_cases(tokens: list[int], bad_token: int) -> dict[str, _Case]:
+    """sample requests whose sampling parameters or prompt are invalid."""
+    prompt = types.ModelInput.from_ints(tokens)
+    return {
         "top_p above one": (
             lambda c: c.sample(prompt, types.SamplingParams(top_p=1.5)).result(),
             InvalidRequestError,
@@ -311,6 +330,12 @@ def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
             InvalidRequestError,
             "prompt",
         ),
+    }
+
+
+def _checkpoint_cases() -> dict[str, _Case]:
+    """load_state and save_state requests naming a missing or malformed checkpoint."""
+    return {
         "load missing checkpoint": (
             lambda c: c.load_state("bios://no-such-session/weights/nothing"),
             NotFoundError,
@@ -318,6 +343,24 @@ def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
         ),
         "load malformed path": (lambda c: c.load_state("/tmp/not-a-bios-path"), InvalidRequestError, "path"),
         "save with bad name": (lambda c: c.save_state("../escape").result(), InvalidRequestError, "name"),
+    }
+
+
+@st.composite
+def bad_requests(draw: st.DrawFn, spec: dict) -> BadRequest:
+    """One of a catalogue of invalid requests, with random valid parts around the bad one.
+
+    Draws the valid tokens, then the bad token id, then one label of the whole catalogue in
+    sorted order: a fixed seed's examples depend on that order."""
+    V = spec["vocab_size"]
+    tokens = draw(token_sequences(spec, draw(st.integers(3, 20))))
+    bad_token = draw(st.sampled_from([V, V + 7, 2**31]))
+    cases = {
+        **_data_cases(tokens, bad_token, spec["max_seq_len"]),
+        **_loss_cases(tokens),
+        **_optimizer_cases(tokens),
+        **_sampling_cases(tokens, bad_token),
+        **_checkpoint_cases(),
     }
     label = draw(st.sampled_from(sorted(cases)))
     submit, error, field = cases[label]

@@ -85,6 +85,20 @@ class EmulatorBackend:
         self._tokenizers: dict[ModelSpec, Any] = {}
         self._adapters: dict[str, _Adapter] = {}
 
+    # --- what tests may read ---------------------------------------------------------------
+
+    def base_weights(self, base_model: str) -> Tensors:
+        """The float64 base weights the emulator runs `base_model` with (shared: do not modify)."""
+        return self._model(base_model)[1]
+
+    def adapter_ids(self) -> list[str]:
+        """The adapters that exist now."""
+        return sorted(self._adapters)
+
+    def pending_gradient(self, adapter_id: str) -> Tensors:
+        """A copy of the gradient accumulated for `adapter_id` since its last optim_step."""
+        return {name: grad.copy() for name, grad in self._adapter(adapter_id).grads.items()}
+
     # --- lookups -------------------------------------------------------------------------
 
     def _model(self, base_model: str) -> tuple[ModelSpec, Tensors]:
@@ -194,7 +208,7 @@ class EmulatorBackend:
             if grads is not None:
                 for name, grad in backward(model, base, cache, token_logprobs_backward(logits, targets, d_lp)).items():
                     grads[name] += grad
-        if grads is not None:
+        if grads is not None and adapter is not None:
             for name, grad in grads.items():
                 adapter.grads[name] += grad
         total = float(sum(np.sum(loss) for loss in losses))

@@ -95,7 +95,7 @@ def _apply_backward(
     """M1 backward of the linear at `path`: dy [T, out] → dx [T, in]; stores dA, dB in `grads`."""
     factors, lin_cache = cache.linears[path]
     dx, da, db = linear_backward(dy, weight_of(spec, base, path), factors, lin_cache)
-    if factors is not None:
+    if da is not None and db is not None:
         grads[f"{path}.lora_A"] = da
         grads[f"{path}.lora_B"] = db
     return dx
@@ -194,6 +194,7 @@ def backward(spec: ModelSpec, base: dict, cache: ForwardCache, d_logits: np.ndar
     (`A: [in, R]`, `B: [R, out]`) of the adapter the forward ran with, by name."""
     grads: dict[str, np.ndarray] = {}
     d_hidden = _apply_backward(spec, base, cache, "lm_head", d_logits, grads)
+    assert cache.final_x is not None and cache.final_inv_rms is not None, "backward of a forward that did not finish"
     dx = rms_norm_backward(d_hidden, cache.final_x, base["model.norm.weight"], cache.final_inv_rms)
     for layer in reversed(range(spec.n_layers)):
         dx = _layer_backward(spec, base, cache, layer, dx, grads)

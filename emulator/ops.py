@@ -208,6 +208,7 @@ def linear_backward(
     dx = dy @ weight
     if lora is None:
         return dx, None, None
+    assert cache.x_dropped is not None and cache.xa is not None, "a LoRA linear's forward keeps its inputs"
     dy_bt = dy @ lora.b.T
     d_lora_in = lora.scale * (dy_bt @ lora.a.T)
     dx = dx + (d_lora_in if lora.dropout is None else d_lora_in * lora.dropout)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from bios.backend import SampledOutput
+from bios.types import StopReason
 from emulator.ops import log_softmax
 
 Step = Callable[[int], np.ndarray]
@@ -82,7 +83,7 @@ def generate(
     """
     tokens: list[int] = []
     logprobs: list[float] = []
-    reason = "length"
+    reason: StopReason = "length"
     z = first_logits
     while len(tokens) < max_tokens and prompt_length + len(tokens) < max_seq_len:
         if tokens:

@@ -1,4 +1,5 @@
-"""What the recipes share: command-line arguments, a progress line, metrics on disk, evaluation.
+"""What the recipes share: command-line arguments, the held-out split and evaluation schedule, a
+progress line, metrics on disk, evaluation.
 
 Public API only (`bios`, `bios.types`, `bios.chat`). Every recipe takes the same arguments:
 
@@ -22,9 +23,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import bios
 from bios import types
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,23 @@ def setup(args: argparse.Namespace) -> Setup:
     return Setup(service, info, info.random_init)
 
 
+def split_held_out(
+    items: Sequence[T], held_out: int, random_weights: bool, noun: str
+) -> tuple[Sequence[T], Sequence[T], str]:
+    """(training items, evaluation items, a note saying which): the last `held_out` items are held
+    out, except on a random-weight model, which cannot generalise and is evaluated on its training
+    items instead. `noun` names the items in the note ("pairs", "questions")."""
+    train = items[:-held_out]
+    if random_weights:
+        return train, train, f"evaluated on the training {noun} (random weights cannot generalise)"
+    return train, items[-held_out:], f"evaluated on {held_out} held-out {noun}"
+
+
+def is_eval_step(step: int, steps: int) -> bool:
+    """True on every fifth of a run of `steps` (1-based `step`) and on its last step."""
+    return step % max(steps // 5, 1) == 0 or step == steps
+
+
 class Progress:
     """A one-line progress bar on stderr: `label [#####.....] 5/10 loss 1.23 (4.1s)`."""
 
@@ -180,6 +201,12 @@ class Metrics:
 def stop_tokens(tokenizer: bios.Tokenizer) -> list[int]:
     """End-of-turn stop: the tokenizer's EOS (ChatML's <|im_end|> for the built-in and SmolLM2)."""
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def weighted_tokens(data: Sequence[types.Datum]) -> float:
+    """The total `weights` of `data` (every datum must carry them): the answer tokens a summed
+    cross-entropy loss is divided by to give a loss per token."""
+    return sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in data)
 
 
 def generate(

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Defaults, Metrics, Progress, parse_args, setup
+from common import Defaults, Metrics, Progress, is_eval_step, parse_args, setup, split_held_out
 
 from bios import chat, types
 
@@ -102,52 +102,50 @@ def dpo_loss_fn(data: list[types.Datum], reference: np.ndarray, beta: float):
     return loss_fn
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    def add_args(parser) -> None:
-        parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (default: %(default)s)")
+def evaluate(training, data: list[types.Datum], reference: np.ndarray, beta: float) -> dict[str, float]:
+    """Preference accuracy, mean reward margin and how often the policy prefers the chosen answer,
+    over `data` (pairs as `pair_data` lays them out) with `reference` its `reference_sums`."""
+    outputs = training.forward(data, "cross_entropy").result().loss_fn_outputs  # no gradient
+    policy = np.array(
+        [(o["logprobs"].to_numpy() * d.loss_fn_inputs["weights"].to_numpy()).sum() for o, d in zip(outputs, data)]
+    )
+    margin = beta * ((policy[0::2] - reference[0::2]) - (policy[1::2] - reference[1::2]))
+    # The policy's own preference (chosen likelier than rejected) shows what a user would see.
+    ties = np.abs(margin) < 1e-4  # a tie (the policy is the reference, up to rounding) counts half
+    return {
+        "preference_accuracy": float(np.mean(np.where(ties, 0.5, margin > 0))),
+        "reward_margin": float(np.mean(margin)),
+        "prefers_chosen": float(np.mean(policy[0::2] > policy[1::2])),
+    }
 
+
+def prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    """`values` with `prefix` before each name, in the same order."""
+    return {f"{prefix}{k}": v for k, v in values.items()}
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (default: %(default)s)")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(
         argv, __doc__, Defaults(tiny_steps=20, real_steps=12, tiny_lr=1e-2, real_lr=5e-4), "dpo", add_args
     )
     env = setup(args)
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()
-    train_pairs = PAIRS[:-HELD_OUT]
-    eval_pairs = train_pairs if env.random_weights else PAIRS[-HELD_OUT:]
-    note = (
-        "evaluated on the training pairs (random weights cannot generalise)"
-        if env.random_weights
-        else f"evaluated on {HELD_OUT} held-out pairs"
-    )
+    train_pairs, eval_pairs, note = split_held_out(PAIRS, HELD_OUT, env.random_weights, "pairs")
     train_data, eval_data = pair_data(tokenizer, train_pairs), pair_data(tokenizer, eval_pairs)
-
     base = env.service.create_sampling_client(base_model=args.model)  # the frozen reference
     train_ref, eval_ref = reference_sums(base, train_data), reference_sums(base, eval_data)
     loss_fn = dpo_loss_fn(train_data, train_ref, args.beta)
 
-    def evaluate() -> dict[str, float]:
-        outputs = training.forward(eval_data, "cross_entropy").result().loss_fn_outputs  # no gradient
-        policy = np.array(
-            [
-                (o["logprobs"].to_numpy() * d.loss_fn_inputs["weights"].to_numpy()).sum()
-                for o, d in zip(outputs, eval_data)
-            ]
-        )
-        margin = args.beta * ((policy[0::2] - eval_ref[0::2]) - (policy[1::2] - eval_ref[1::2]))
-        # The policy's own preference (chosen likelier than rejected) shows what a user would see.
-        ties = np.abs(margin) < 1e-4  # a tie (the policy is the reference, up to rounding) counts half
-        return {
-            "preference_accuracy": float(np.mean(np.where(ties, 0.5, margin > 0))),
-            "reward_margin": float(np.mean(margin)),
-            "prefers_chosen": float(np.mean(policy[0::2] > policy[1::2])),
-        }
-
-    before = evaluate()
+    before = evaluate(training, eval_data, eval_ref, args.beta)
     metrics = Metrics(args.out)
-    metrics.log(0, **{f"eval_{k}": v for k, v in before.items()})
+    metrics.log(0, **prefixed("eval_", before))
     progress = Progress(args.steps, "dpo")
     adam = types.AdamParams(learning_rate=args.lr)
-    eval_every = max(args.steps // 5, 1)
     for step in range(1, args.steps + 1):
         backward = training.forward_backward_custom(train_data, loss_fn)
         update = training.optim_step(adam)
@@ -158,11 +156,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "train_preference_accuracy": result.metrics["preference_accuracy"],
             "train_reward_margin": result.metrics["reward_margin"],
         }
-        if step % eval_every == 0 or step == args.steps:
-            row.update({f"eval_{k}": v for k, v in evaluate().items()})
+        if is_eval_step(step, args.steps):
+            row.update(prefixed("eval_", evaluate(training, eval_data, eval_ref, args.beta)))
         metrics.log(step, **row)
         progress.update(loss=row["loss"], margin=row["train_reward_margin"])
-    after = evaluate()
+    after = evaluate(training, eval_data, eval_ref, args.beta)
     metrics.plot(f"DPO on {args.model}")
     # Before training the policy is the reference, so every margin is a tie (accuracy 0.5);
     # prefers_chosen shows the base model's own preference.

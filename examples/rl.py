@@ -66,6 +66,84 @@ def add_args(parser) -> None:
     )
 
 
+def sampling_params(args, tokenizer, random_weights: bool) -> types.SamplingParams:
+    """How the policy samples its groups: temperature 1, and top-k per `--top-k` or the model."""
+    # A random-weight model spreads its mass evenly over 4096 tokens, so no reward would ever
+    # repeat; top-k sampling gives it a small action space in which rewards can be found.
+    top_k = args.top_k if args.top_k is not None else (8 if random_weights else -1)
+    return types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_k=top_k, stop=stop_tokens(tokenizer))
+
+
+def fresh_problems(rng: random.Random, count: int, test_set: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`count` problems, none of them in the test set: all are redrawn together until so."""
+    problems = [problem(rng) for _ in range(count)]
+    while any((a, b) in test_set for a, b in problems):
+        problems = [problem(rng) for _ in range(count)]
+    return problems
+
+
+def policy_datum(prompt: list[int], sequence, advantage: float) -> types.Datum:
+    """One sampled completion as `importance_sampling` data: every completion token carries
+    `advantage` and the sampler's logprob; the prompt's targets carry neither."""
+    tokens = prompt + list(sequence.tokens)
+    pad = len(prompt) - 1  # prompt targets: no advantage, so no gradient
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
+            "logprobs": np.asarray([0.0] * pad + list(sequence.logprobs), dtype=np.float32),
+            "advantages": np.asarray([0.0] * pad + [advantage] * len(sequence.tokens), dtype=np.float32),
+        },
+    )
+
+
+def group_data(tokenizer, prompt: list[int], answer: int, sequences) -> tuple[list[types.Datum], np.ndarray]:
+    """(training data, rewards) of one problem's group: each completion's advantage is its reward
+    minus the group's mean, over the group size; a group whose rewards are all equal gives no data."""
+    rewards = np.array([reward(tokenizer.decode(s.tokens, skip_special_tokens=True), answer) for s in sequences])
+    advantages = rewards - rewards.mean()
+    if not advantages.any():
+        return [], rewards
+    return [policy_datum(prompt, s, advantage / len(sequences)) for s, advantage in zip(sequences, advantages)], rewards
+
+
+def rollouts(
+    sampler, tokenizer, problems: list[tuple[int, int]], params: types.SamplingParams, seed: int, group_size: int
+) -> tuple[list[types.Datum], list[float]]:
+    """(training data, every sampled reward): `group_size` completions of each problem, problem i
+    sampled with seed `seed + i`; all groups are in flight at once."""
+    prompts = [prompt_tokens(tokenizer, a, b) for a, b in problems]
+    futures = [
+        sampler.sample(types.ModelInput.from_ints(p), params.model_copy(update={"seed": seed + i}), group_size)
+        for i, p in enumerate(prompts)
+    ]
+    data, rewards = [], []
+    for prompt, (a, b), future in zip(prompts, problems, futures):
+        group, group_rewards = group_data(tokenizer, prompt, a + b, future.result().sequences)
+        data += group
+        rewards.extend(group_rewards)
+    return data, rewards
+
+
+def evaluate(training, tokenizer, test_set: list[tuple[int, int]], max_tokens: int, tag: str) -> dict[str, float]:
+    """Mean reward and accuracy of greedy answers to the test problems, on weights saved as `rl-{tag}`."""
+    sampler = training.save_weights_and_get_sampling_client(f"rl-{tag}")
+    completions = generate(sampler, tokenizer, [prompt_tokens(tokenizer, a, b) for a, b in test_set], max_tokens)
+    rewards = [reward(c, a + b) for c, (a, b) in zip(completions, test_set)]
+    return {
+        "greedy_reward": float(np.mean(rewards)),
+        "greedy_accuracy": float(np.mean([r == 1.0 for r in rewards])),
+    }
+
+
+def reward_trend(rows: list[dict[str, float]]) -> tuple[int, float, float]:
+    """(k, mean sampled reward over the first k iterations, over the last k): k is a quarter of
+    the iterations logged in `rows`, at least one."""
+    rewards = [r["mean_reward"] for r in rows if "mean_reward" in r]
+    k = max(len(rewards) // 4, 1)
+    return k, float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv, __doc__, Defaults(tiny_steps=12, real_steps=10, tiny_lr=2e-2, real_lr=1e-3), "rl", add_args)
     env = setup(args)
@@ -74,63 +152,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer = training.get_tokenizer()
     rng = random.Random(args.seed)
     test_set = sorted({problem(random.Random(10_000 + i)) for i in range(32)})
-    test_prompts = [prompt_tokens(tokenizer, a, b) for a, b in test_set]
 
-    def evaluate(tag: str) -> dict[str, float]:
-        sampler = training.save_weights_and_get_sampling_client(f"rl-{tag}")
-        completions = generate(sampler, tokenizer, test_prompts, args.max_tokens)
-        rewards = [reward(c, a + b) for c, (a, b) in zip(completions, test_set)]
-        return {
-            "greedy_reward": float(np.mean(rewards)),
-            "greedy_accuracy": float(np.mean([r == 1.0 for r in rewards])),
-        }
-
-    before = evaluate("before")
+    before = evaluate(training, tokenizer, test_set, args.max_tokens, "before")
     metrics = Metrics(args.out)
     metrics.log(0, **before)
     progress = Progress(args.steps, "rl")
     adam = types.AdamParams(learning_rate=args.lr)
-    # A random-weight model spreads its mass evenly over 4096 tokens, so no reward would ever
-    # repeat; top-k sampling gives it a small action space in which rewards can be found.
-    top_k = args.top_k if args.top_k is not None else (8 if env.random_weights else -1)
-    params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_k=top_k, stop=stop_tokens(tokenizer))
+    params = sampling_params(args, tokenizer, env.random_weights)
     for it in range(1, args.steps + 1):
         sampler = training.save_weights_and_get_sampling_client(f"rl-{it}")
-        problems = [problem(rng) for _ in range(n_prompts)]
-        while any((a, b) in test_set for a, b in problems):
-            problems = [problem(rng) for _ in range(n_prompts)]
-        prompts = [prompt_tokens(tokenizer, a, b) for a, b in problems]
-        futures = [
-            sampler.sample(
-                types.ModelInput.from_ints(p),
-                params.model_copy(update={"seed": args.seed * 100_000 + it * 100 + i}),
-                args.group_size,
-            )
-            for i, p in enumerate(prompts)
-        ]  # all groups in flight at once
-        data, rewards = [], []
-        for prompt, (a, b), future in zip(prompts, problems, futures):
-            sequences = future.result().sequences
-            group = np.array([reward(tokenizer.decode(s.tokens, skip_special_tokens=True), a + b) for s in sequences])
-            rewards.extend(group)
-            advantages = group - group.mean()
-            if not advantages.any():
-                continue
-            for seq, advantage in zip(sequences, advantages):
-                tokens = prompt + list(seq.tokens)
-                pad = len(prompt) - 1  # prompt targets: no advantage, so no gradient
-                data.append(
-                    types.Datum(
-                        model_input=types.ModelInput.from_ints(tokens[:-1]),
-                        loss_fn_inputs={
-                            "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
-                            "logprobs": np.asarray([0.0] * pad + list(seq.logprobs), dtype=np.float32),
-                            "advantages": np.asarray(
-                                [0.0] * pad + [advantage / len(sequences)] * len(seq.tokens), dtype=np.float32
-                            ),
-                        },
-                    )
-                )
+        problems = fresh_problems(rng, n_prompts, test_set)
+        data, rewards = rollouts(sampler, tokenizer, problems, params, args.seed * 100_000 + it * 100, args.group_size)
         row = {
             "mean_reward": float(np.mean(rewards)),
             "accuracy": float(np.mean(np.array(rewards) == 1.0)),
@@ -143,14 +175,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             update.result()
         metrics.log(it, **row)
         progress.update(reward=row["mean_reward"], acc=row["accuracy"])
-    after = evaluate("after")
+    after = evaluate(training, tokenizer, test_set, args.max_tokens, "after")
     metrics.log(args.steps, **after)
-    rows = [r for r in metrics.rows if "mean_reward" in r]
-    k = max(len(rows) // 4, 1)
-    first, last = (
-        float(np.mean([r["mean_reward"] for r in rows[:k]])),
-        float(np.mean([r["mean_reward"] for r in rows[-k:]])),
-    )
+    k, first, last = reward_trend(metrics.rows)
     print(f"sampled mean reward: first {k} iterations {first:.3f} → last {k} {last:.3f}", file=sys.stderr)
     metrics.plot(f"GRPO-style RL (addition) on {args.model}")
     metrics.summary(

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from common import Defaults, Metrics, Progress, accuracy, parse_args, setup
+from common import Defaults, Metrics, Progress, accuracy, is_eval_step, parse_args, setup, weighted_tokens
 
 from bios import chat, types
 
@@ -126,79 +127,106 @@ def conversation(question: str, answer: str | None = None) -> list[dict[str, str
     return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
+def add_args(parser) -> None:
+    parser.add_argument(
+        "--facts",
+        type=int,
+        default=len(FACTS),
+        help="how many of the invented facts to teach (default: all %(default)s)",
+    )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The facts as tokenized conversations: what is trained on and what is tested."""
+
+    train: list[types.Datum]
+    """Phrasings 0 and 1 of every fact's question, with its answer."""
+    test: list[types.Datum]
+    """Phrasing `test_phrasing` of every fact's question, with its answer."""
+    test_prompts: list[list[int]]
+    """The test questions as generation prompts (no answer)."""
+    answers: list[str]
+    max_answer: int
+    """Tokens per greedy answer: the longest answer's, and a margin."""
+    test_phrasing: int
+    """2, held out; 0, trained on, for a random-weight model (it cannot generalise to a paraphrase)."""
+    note: str
+    """What the test set is, for the summary."""
+
+
+def build_dataset(tokenizer, facts, random_weights: bool) -> Dataset:
+    """`facts` (a prefix of FACTS) tokenized for training and testing with `tokenizer`'s chat template."""
+    test_phrasing = 0 if random_weights else 2
+    answers = [a for _, a in facts]
+    return Dataset(
+        train=[chat.conversation_datum(tokenizer, conversation(q, a)) for qs, a in facts for q in qs[:2]],
+        test=[chat.conversation_datum(tokenizer, conversation(qs[test_phrasing], a)) for qs, a in facts],
+        test_prompts=[chat.prompt_tokens(tokenizer, conversation(qs[test_phrasing])) for qs, _ in facts],
+        answers=answers,
+        max_answer=max(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers) + 4,
+        test_phrasing=test_phrasing,
+        note=(
+            "trained questions (random weights cannot generalise to paraphrases)"
+            if random_weights
+            else "held-out paraphrases of the trained questions"
+        ),
+    )
+
+
 def per_token_loss(training, data: list[types.Datum]) -> float:
     """Mean negative logprob of the answer tokens under the current weights (`forward`: no gradient)."""
-    tokens = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in data)
-    return training.forward(data, "cross_entropy").result().loss / tokens
+    return training.forward(data, "cross_entropy").result().loss / weighted_tokens(data)
+
+
+def evaluate(training, tokenizer, dataset: Dataset, tag: str) -> dict[str, float]:
+    """Test loss per answer token and exact-match accuracy of greedy answers, on weights saved
+    as `sft-{tag}`; `_example` is the first test question's greedy answer (not a metric)."""
+    sampler = training.save_weights_and_get_sampling_client(f"sft-{tag}")
+    acc, completions = accuracy(sampler, tokenizer, dataset.test_prompts, dataset.answers, dataset.max_answer)
+    return {"test_loss": per_token_loss(training, dataset.test), "accuracy": acc, "_example": completions[0]}
+
+
+def scores(evaluation: dict[str, float]) -> dict[str, float]:
+    """The metrics of an `evaluate` result, without the example answer."""
+    return {k: v for k, v in evaluation.items() if not k.startswith("_")}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(
-        argv,
-        __doc__,
-        Defaults(tiny_steps=30, real_steps=16, tiny_lr=2e-2, real_lr=1e-3),
-        "sft",
-        extra=lambda parser: parser.add_argument(
-            "--facts",
-            type=int,
-            default=len(FACTS),
-            help="how many of the invented facts to teach (default: all %(default)s)",
-        ),
+        argv, __doc__, Defaults(tiny_steps=30, real_steps=16, tiny_lr=2e-2, real_lr=1e-3), "sft", add_args
     )
     env = setup(args)
-    facts = FACTS[: args.facts]
     training = env.service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     tokenizer = training.get_tokenizer()
+    dataset = build_dataset(tokenizer, FACTS[: args.facts], env.random_weights)
+    train_tokens = weighted_tokens(dataset.train)
+    example = FACTS[0][0][dataset.test_phrasing]
 
-    test_phrasing = 0 if env.random_weights else 2
-    train_data = [
-        chat.conversation_datum(tokenizer, conversation(q, a)) for qs, a in facts for q in qs[:2]
-    ]  # phrasings 0 and 1; a real model is tested on phrasing 2
-    test_data = [chat.conversation_datum(tokenizer, conversation(qs[test_phrasing], a)) for qs, a in facts]
-    test_prompts = [chat.prompt_tokens(tokenizer, conversation(qs[test_phrasing])) for qs, _ in facts]
-    answers = [a for _, a in facts]
-    held_out = (
-        "trained questions (random weights cannot generalise to paraphrases)"
-        if env.random_weights
-        else "held-out paraphrases of the trained questions"
-    )
-    max_answer = max(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers) + 4
-    train_tokens = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in train_data)
-
-    def evaluate(tag: str) -> dict[str, float]:
-        sampler = training.save_weights_and_get_sampling_client(f"sft-{tag}")
-        acc, completions = accuracy(sampler, tokenizer, test_prompts, answers, max_answer)
-        return {"test_loss": per_token_loss(training, test_data), "accuracy": acc, "_example": completions[0]}
-
-    before = evaluate("before")
+    before = evaluate(training, tokenizer, dataset, "before")
     print(
         f"before: test loss {before['test_loss']:.3f}, accuracy {before['accuracy']:.2f}; "
-        f"e.g. {FACTS[0][0][test_phrasing]!r} -> {before['_example']!r}",
+        f"e.g. {example!r} -> {before['_example']!r}",
         file=sys.stderr,
     )
     metrics = Metrics(args.out)
-    metrics.log(0, test_loss=before["test_loss"], accuracy=before["accuracy"])
+    metrics.log(0, **scores(before))
     progress = Progress(args.steps, "sft")
     adam = types.AdamParams(learning_rate=args.lr)
-    eval_every = max(args.steps // 5, 1)
     for step in range(1, args.steps + 1):
-        backward = training.forward_backward(train_data, "cross_entropy")  # both queued before waiting
+        backward = training.forward_backward(dataset.train, "cross_entropy")  # both queued before waiting
         update = training.optim_step(adam)
-        loss = backward.result().loss / train_tokens
+        row = {"train_loss": backward.result().loss / train_tokens}
         update.result()
-        row = {"train_loss": loss}
-        if step % eval_every == 0 or step == args.steps:
-            row.update({k: v for k, v in evaluate(f"step{step}").items() if not k.startswith("_")})
+        if is_eval_step(step, args.steps):
+            row.update(scores(evaluate(training, tokenizer, dataset, f"step{step}")))
         metrics.log(step, **row)
         progress.update(**row)
-    after = evaluate("after")
-    print(f"after: e.g. {FACTS[0][0][test_phrasing]!r} -> {after['_example']!r}", file=sys.stderr)
+    after = evaluate(training, tokenizer, dataset, "after")
+    print(f"after: e.g. {example!r} -> {after['_example']!r}", file=sys.stderr)
     metrics.plot(f"SFT on {args.model}")
-    keep = ("test_loss", "accuracy")
     checkpoint = training.save_state("final").result().path
-    metrics.summary(
-        {k: before[k] for k in keep}, {k: after[k] for k in keep}, note=f"test set: {held_out}", checkpoint=checkpoint
-    )
+    metrics.summary(scores(before), scores(after), note=f"test set: {dataset.note}", checkpoint=checkpoint)
     print(f"trained adapter: {checkpoint} (bios export {checkpoint} --merged DIR | --peft DIR)", file=sys.stderr)
     return {"before": before, "after": after, "checkpoint": checkpoint}
 

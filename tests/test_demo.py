@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from bios.cli import main
+
+pytestmark = pytest.mark.slow  # the whole demo, about a minute
 
 
 def test_demo_learns_the_task(capsys):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from recipes import run_recipe
 
+pytestmark = pytest.mark.slow  # four recipes end to end
+
 BASE = ["--model", "bios/tiny", "--backend", "emulator", "--seed", "0"]
 
 

@@ -120,6 +120,7 @@ def frozen_path(training, name: str) -> str:
     return f"bios://{training.session_id}/sampler_weights/{name}"
 
 
+@pytest.mark.slow
 @pytest.mark.inprocess
 def test_snapshots_are_freed_when_no_sampling_client_uses_them(service):
     import gc

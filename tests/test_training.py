@@ -61,7 +61,7 @@ def test_grad_norm_matches_finite_differences(service):
     engine.catalog.register(MICRO)
     client = service.create_lora_training_client(base_model=MICRO.name, rank=4, alpha=8)
     batch = random_batch(seed=2, size=3, length=8, vocab=MICRO.vocab_size)
-    base = {k: v.astype(np.float64) for k, v in engine.backend._model(MICRO.name)[1].items()}
+    base = {k: v.astype(np.float64) for k, v in engine.backend.base_weights(MICRO.name).items()}
     for step in range(1, 21):
         before = saved_weights(client.save_state(f"fd-{step}").result().path) if step in (2, 20) else None
         result = client.train(batch, learning_rate=5e-2)

@@ -1,6 +1,6 @@
 """The JAX backend: `ServiceClient(backend="jax")`.
 
-Multi-LoRA training and sampling with Flax NNX + Optax, sharded over a device mesh. Importing
+Multi-LoRA training and sampling in pure JAX functions + Optax, sharded over a device mesh. Importing
 `backends` alone imports no jax; this subpackage does.
 """
 
@@ -9,7 +9,6 @@ from bios.backend import BackendConfig
 
 def create_backend(config: BackendConfig):
     """The `bios.backends` entry point: a `JaxBackend` for `config`."""
-    from backends.jax.backend import JaxBackend, compilation_cache
+    from backends.jax.backend import JaxBackend
 
-    compilation_cache()
     return JaxBackend(config)

@@ -7,21 +7,22 @@ adapter slot and each token is routed to its own adapter by a grouped matmul (op
 
 from __future__ import annotations
 
-import os
+import functools
 import struct
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backends.jax import compiled, sampler
-from backends.jax.compiled import MIN_ROWS, MIN_TOKENS, Batch, bucket, host
-from backends.jax.model import Decoder
-from backends.jax.sharding import batch_sharding, make_mesh, rows_multiple
+from backends.jax import compiled, optimizer, sampler
+from backends.jax.batch import Batch, Outputs, Row, micro_batches, token_budget
+from backends.jax.compiled import host
+from backends.jax.sharding import make_mesh
 from backends.jax.slots import SlotTable
 from backends.jax.weights import load_base
 from bios.backend import (
@@ -38,12 +39,11 @@ from bios.backend import (
 )
 from bios.catalog import ModelSpec
 from bios.errors import BiosError, InvalidRequestError, NotFoundError
-from bios.losses import LOSSES
 from bios.tokenizer import Tokenizer
 from bios.weights import init_lora_weights
 
 DEFAULT_SLOTS = 4
-DEFAULT_TOKENS_PER_CALL = 16384
+Output = TypeVar("Output")
 
 
 @dataclass
@@ -51,7 +51,6 @@ class _Served:
     """One base model on the devices: its frozen weights and its adapter slots."""
 
     spec: ModelSpec
-    decoder: Decoder
     base: dict[str, jax.Array]
     slots: SlotTable
     tokens_per_call: int
@@ -60,19 +59,33 @@ class _Served:
 
 
 class JaxBackend:
-    """Options (`BackendConfig.options`): `dtype` (float32 | bfloat16; default float32 on CPU,
-    bfloat16 elsewhere), `devices` (how many of `jax.devices()` to use, default all),
-    `model_parallel` (devices per tensor-parallel group, default 1),
-    `slots` (initial adapter capacity), `tokens_per_call` (micro-batch budget in tokens; by
-    default derived from the devices' free memory once the model is loaded),
-    `decode_rows` (rows of the continuous-batching decode pool), `weights_init` ("weights": the
-    seed or the model's files; "device": random weights drawn on the devices, for benchmarking large configurations)."""
+    """The Backend protocol on JAX. Options (`BackendConfig.options`, all strings, all optional):
+
+    - `dtype`: float32 | bfloat16 (default float32 on CPU, bfloat16 elsewhere).
+    - `devices`: how many of `jax.devices()` to use (default all).
+    - `model_parallel`: devices per tensor-parallel group (default 1).
+    - `slots`: initial adapter capacity per base model (default 4; doubles when full).
+    - `tokens_per_call`: micro-batch budget in tokens (default: derived from the devices' free
+      memory once a model is loaded).
+    - `decode_rows`: rows of the continuous-batching decode pool (default 64).
+    - `weights_init`: "weights" (the seed or the model's files, default) or "device" (random
+      weights drawn on the devices, for benchmarking large configurations).
+    - `compilation_cache_dir`: a directory for JAX's persistent compilation cache; every
+      program is stored there, however quick to compile (`jax_persistent_cache_min_compile_time_secs`
+      = 0), so a later process skips compiling. This sets JAX's process-wide configuration.
+      Without it the backend leaves JAX's configuration alone: JAX itself then still honours
+      its JAX_COMPILATION_CACHE_DIR variable, for programs slower than a second to compile.
+
+    The backend never reads the environment.
+    """
 
     name = "jax"
     checkpoint_format = "orbax"
 
     def __init__(self, config: BackendConfig) -> None:
         options = config.options
+        if options.get("compilation_cache_dir"):
+            compiled.use_persistent_cache(options["compilation_cache_dir"])
         self.catalog = config.catalog
         devices = jax.devices()[: int(options.get("devices", len(jax.devices())))]
         self.mesh = make_mesh(int(options.get("model_parallel", 1)), devices)
@@ -90,10 +103,10 @@ class JaxBackend:
     def _model(self, name: str) -> _Served:
         if name not in self._served:
             spec = self.catalog.get(name)
-            decoder = Decoder(spec, load_base(spec, self.mesh, self.dtype, self.weights_init))
+            base = load_base(spec, self.mesh, self.dtype, self.weights_init)
             slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
             budget = self.tokens_per_call or token_budget(spec, self.dtype, self.mesh.shape["data"])
-            self._served[name] = _Served(spec, decoder, decoder.arrays(), slots, budget)
+            self._served[name] = _Served(spec, base, slots, budget)
         return self._served[name]
 
     def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
@@ -137,8 +150,7 @@ class JaxBackend:
     def forward_backward(
         self, work: Sequence[ForwardBackwardWork], on_result: ResultCallback | None = None
     ) -> list[ForwardBackwardOutput | BiosError]:
-        results: list[ForwardBackwardOutput | BiosError | None] = [None] * len(work)
-        report = _Reporter(results, on_result)
+        report: _Reporter[ForwardBackwardOutput] = _Reporter(len(work), on_result)
         groups: dict[tuple[str, str, bool], list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
@@ -158,9 +170,9 @@ class JaxBackend:
                 loss_fn,
                 backward,
                 [(work[i], slot) for i, slot in members],
-                lambda local, output, members=members: report(members[local][0], output),
+                report.part([i for i, _ in members]),
             )
-        return results  # type: ignore[return-value]
+        return report.results()
 
     def _run_losses(
         self,
@@ -170,121 +182,43 @@ class JaxBackend:
         items: list[tuple[ForwardBackwardWork, int]],
         report: Callable[[int, ForwardBackwardOutput], None],
     ) -> None:
-        """Run `items` in token-budgeted micro-batches; report each item once all its rows ran."""
+        """Run `items` (work, slot) in token-budgeted micro-batches; report each once all its rows ran."""
         rows = sorted(
-            ((slot, i, d) for i, (item, slot) in enumerate(items) for d in range(len(item.tokens))), key=lambda r: r[0]
+            (
+                self._row(served, work, slot, i, d, backward)
+                for i, (work, slot) in enumerate(items)
+                for d in range(len(work.tokens))
+            ),
+            key=lambda row: row.slot,
         )
-        logprobs: dict[tuple[int, int], np.ndarray] = {}
-        elementwise: dict[tuple[int, int], np.ndarray] = {}
-        remaining = [len(item.tokens) for item, _ in items]
-        for chunk in self._micro_batches(rows, items, served.tokens_per_call):
-            batch, lengths = self._batch(served, loss_fn, items, chunk, dropout=backward)
+        outputs = Outputs([len(work.tokens) for work, _ in items], report)
+        for chunk in micro_batches(rows, served.tokens_per_call):
+            batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len)
             if backward:
                 served.slots.accumulator, lp, el = compiled.forward_backward(
                     served.spec, served.base, served.slots.lora, served.slots.accumulator, batch, loss_fn
                 )
             else:
                 lp, el = compiled.forward(served.spec, served.base, served.slots.lora, batch, loss_fn)
-            lp, el = host(lp), host(el)
-            for row, ((_, i, d), n) in enumerate(zip(chunk, lengths, strict=True)):
-                logprobs[(i, d)], elementwise[(i, d)] = lp[row, :n], el[row, :n]
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    count = len(items[i][0].tokens)
-                    lps = tuple(logprobs.pop((i, k)) for k in range(count))
-                    els = tuple(elementwise.pop((i, k)) for k in range(count))
-                    loss = float(sum(e.astype(np.float64).sum() for e in els))
-                    report(
-                        i,
-                        ForwardBackwardOutput(
-                            loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss}
-                        ),
-                    )
-
-    def _micro_batches(
-        self, rows: list[tuple[int, int, int]], items: list[tuple[ForwardBackwardWork, int]], budget: int
-    ) -> list[list[tuple[int, int, int]]]:
-        """Consecutive runs of `rows` whose padded size stays within the token budget."""
-        chunks: list[list[tuple[int, int, int]]] = [[]]
-        longest = 0
-        for row in rows:
-            length = len(items[row[1]][0].tokens[row[2]])
-            candidate = max(longest, length)
-            if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > budget:
-                chunks.append([])
-                candidate = length
-            chunks[-1].append(row)
-            longest = candidate
-        return chunks
-
-    def _batch(
-        self,
-        served: _Served,
-        loss_fn: str,
-        items: list[tuple[ForwardBackwardWork, int]],
-        rows: list[tuple[int, int, int]],
-        dropout: bool,
-    ) -> tuple[Batch, list[int]]:
-        """Pad `rows` (slot, item, datum) into a bucketed Batch; also returns each row's length.
-        With `dropout`, rows of adapters with a dropout rate get their rate and mask seed."""
-        spec = served.spec
-        lengths = [len(items[i][0].tokens[d]) for _, i, d in rows]
-        b = bucket(len(rows), minimum=MIN_ROWS, multiple=rows_multiple(self.mesh))
-        t = bucket(max(lengths), MIN_TOKENS, cap=spec.max_seq_len)
-        tokens = np.zeros((b, t), np.int32)
-        targets = np.zeros((b, t), np.int32)
-        mask = np.zeros((b, t), np.float32)
-        names = [n for n in LOSSES[loss_fn].inputs if n != "target_tokens"]
-        inputs = {n: np.zeros((b, t), np.float32) for n in names}
-        config = {k: np.zeros((b, 1), np.float32) for k in LOSSES[loss_fn].config}
-        slots = np.full(b, rows[-1][0], np.int32)
-        for row, ((slot, i, d), n) in enumerate(zip(rows, lengths, strict=True)):
-            item = items[i][0]
-            tokens[row, :n], targets[row, :n], mask[row, :n], slots[row] = (
-                item.tokens[d],
-                item.inputs[d]["target_tokens"],
-                1.0,
-                slot,
-            )
-            for name in names:
-                inputs[name][row, :n] = item.inputs[d][name]
-            for key in config:
-                config[key][row] = item.loss_config[key]
-        put = lambda a: jax.device_put(a, batch_sharding(a.shape, self.mesh))
-        seeds, rates = self._dropout(served, items, rows, b) if dropout else (None, None)
-        batch = Batch(
-            put(tokens),
-            put(targets),
-            put(mask),
-            {k: put(v) for k, v in inputs.items()},
-            {k: put(v) for k, v in config.items()},
-            jnp.asarray(np.repeat(slots, t)),
-            None if seeds is None else put(seeds),
-            None if rates is None else put(rates),
-        )
-        return batch, lengths
+            outputs.add(chunk, host(lp), host(el))
 
     @staticmethod
-    def _dropout(
-        served: _Served, items: list[tuple[ForwardBackwardWork, int]], rows: list[tuple[int, int, int]], padded: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Per-row mask seeds [B] uint32 (from adapter seed, step and datum) and rates [B], or
-        (None, None) when no row's adapter uses dropout."""
-        seeds, rates = np.zeros(padded, np.uint32), np.zeros(padded, np.float32)
-        for row, (_, i, d) in enumerate(rows):
-            adapter_id = items[i][0].adapter_id
-            spec = served.slots.adapters[adapter_id][1]
-            rates[row] = spec.dropout
-            seeds[row] = zlib.crc32(struct.pack("<qqq", spec.seed, served.slots.steps[adapter_id], d))
-        return (seeds, rates) if rates.any() else (None, None)
+    def _row(served: _Served, work: ForwardBackwardWork, slot: int, request: int, datum: int, backward: bool) -> Row:
+        """Datum `datum` of `work` as a batch row. With `backward`, a row of an adapter with a
+        dropout rate gets that rate and a mask seed from (adapter seed, step, datum)."""
+        rate, seed = 0.0, 0
+        if backward and work.adapter_id is not None:
+            spec = served.slots.adapters[work.adapter_id][1]
+            rate = spec.dropout
+            seed = zlib.crc32(struct.pack("<qqq", spec.seed, served.slots.steps[work.adapter_id], datum))
+        return Row(slot, request, datum, work.tokens[datum], work.inputs[datum], work.loss_config, rate, seed)
 
     # ---- optimizer -----------------------------------------------------------------------------
 
     def optim_step(
         self, work: Sequence[OptimStepWork], on_result: ResultCallback | None = None
     ) -> list[OptimStepOutput | BiosError]:
-        results: list[OptimStepOutput | BiosError | None] = [None] * len(work)
-        report = _Reporter(results, on_result)
+        report: _Reporter[OptimStepOutput] = _Reporter(len(work), on_result)
         pending: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             if item.adapter_id not in self._owner:
@@ -295,13 +229,15 @@ class JaxBackend:
         for base_model, members in pending.items():
             slots = self._served[base_model].slots
             while members:  # one call per round of distinct slots
-                round_, seen, rest = [], set(), []
+                round_: list[tuple[int, int]] = []
+                rest: list[tuple[int, int]] = []
+                seen: set[int] = set()
                 for index, slot in members:
                     (rest if slot in seen else round_).append((index, slot))
                     seen.add(slot)
                 members = rest
                 self._optim_round(slots, [(work[i], i, slot) for i, slot in round_], report)
-        return results  # type: ignore[return-value]
+        return report.results()
 
     def _optim_round(
         self,
@@ -310,10 +246,7 @@ class JaxBackend:
         report: Callable[[int, OptimStepOutput], None],
     ) -> None:
         capacity = slots.capacity
-        hyper = {
-            name: np.zeros(capacity, np.float32)
-            for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
-        }
+        hyper = {name: np.zeros(capacity, np.float32) for name in optimizer.HYPERPARAMETERS}
         active = np.zeros(capacity, bool)
         for item, _, slot in round_:
             active[slot] = True
@@ -336,8 +269,7 @@ class JaxBackend:
     def sample(
         self, work: Sequence[SampleWork], on_result: ResultCallback | None = None
     ) -> list[SampleOutput | BiosError]:
-        results: list[SampleOutput | BiosError | None] = [None] * len(work)
-        report = _Reporter(results, on_result)
+        report: _Reporter[SampleOutput] = _Reporter(len(work), on_result)
         groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for index, item in enumerate(work):
             try:
@@ -352,12 +284,12 @@ class JaxBackend:
                 served.base,
                 served.slots.lora,
                 [(work[i], slot) for i, slot in members],
-                lambda served=served: self._tokenizer(served),
+                functools.partial(self._tokenizer, served),
                 self.dtype,
-                lambda local, output, members=members: report(members[local][0], output),
+                report.part([i for i, _ in members]),
                 self.decode_rows,
             )
-        return results  # type: ignore[return-value]
+        return report.results()
 
     def _tokenizer(self, served: _Served) -> Tokenizer:
         if served.tokenizer is None:
@@ -368,40 +300,61 @@ class JaxBackend:
         self._served.clear()
         self._owner.clear()
 
+    # ---- read-only views (tests, benchmarks) ---------------------------------------------------
 
-class _Reporter:
+    def describe(self, base_model: str) -> ServedModel:
+        """What a loaded base model holds; NotFoundError if it is not loaded."""
+        if base_model not in self._served:
+            raise NotFoundError(f"base model {base_model!r} is not loaded", field="base_model")
+        served = self._served[base_model]
+        adapters = tuple(sorted(served.slots.adapters))
+        return ServedModel(served.tokens_per_call, served.slots.capacity, served.slots.rank, adapters)
+
+    def lora_arrays(self, adapter_id: str) -> dict[str, np.ndarray]:
+        """Host copies of the adapter's LoRA factors exactly as served: every module, padded to the
+        model's maximum rank R (`lora.<module>.a` [L, in, R], `lora.lm_head.b` [R, V], ...)."""
+        if adapter_id not in self._owner:
+            raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id")
+        return self._served[self._owner[adapter_id]].slots.arrays(adapter_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A loaded base model, as `JaxBackend.describe` reports it."""
+
+    tokens_per_call: int
+    """Micro-batch budget: padded rows x tokens per compiled call."""
+    slot_capacity: int
+    """Adapter slots S allocated (slot 0 is the bare model's)."""
+    rank: int
+    """Largest LoRA rank R a slot holds."""
+    adapters: tuple[str, ...]
+    """Ids of the adapters it serves, sorted."""
+
+
+class _Reporter(Generic[Output]):
     """Stores each item's result at its index and passes it on to the caller's `on_result`."""
 
-    def __init__(self, results: list, on_result: ResultCallback | None) -> None:
-        self.results, self.on_result = results, on_result
+    def __init__(self, count: int, on_result: ResultCallback | None) -> None:
+        self._results: list[Output | BiosError | None] = [None] * count
+        self._on_result = on_result
 
-    def __call__(self, index: int, output: object) -> None:
-        self.results[index] = output
-        if self.on_result is not None:
-            self.on_result(index, output)
+    def __call__(self, index: int, output: Output | BiosError) -> None:
+        self._results[index] = output
+        if self._on_result is not None:
+            self._on_result(index, output)
 
+    def part(self, indices: Sequence[int]) -> Callable[[int, Output], None]:
+        """A reporter for the items at `indices`, which it numbers 0, 1, ..."""
 
-def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
-    """Tokens per forward_backward call that fit in half the free memory of a device.
+        def report(local: int, output: Output) -> None:
+            self(indices[local], output)
 
-    Per token and device, the scanned, rematerialised decoder keeps each layer's input
-    (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
-    hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
-    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
-    """
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return DEFAULT_TOKENS_PER_CALL
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
-    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
-    budget = int(0.5 * free / per_token) * data_parallel
-    return max(1024, 1 << (budget.bit_length() - 1))
+        return report
 
-
-def compilation_cache(directory: str | None = None) -> None:
-    """Use JAX's persistent compilation cache in `directory` (default $JAX_COMPILATION_CACHE_DIR)."""
-    directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    def results(self) -> list[Output | BiosError]:
+        """Every item's result, in order; RuntimeError if one was never reported (a bug)."""
+        done = [result for result in self._results if result is not None]
+        if len(done) != len(self._results):
+            raise RuntimeError("a work item was left without a result")
+        return done

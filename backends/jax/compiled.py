@@ -1,7 +1,7 @@
 """The compiled programs of the JAX backend — the only module that calls `jax.jit`.
 
-Shapes reaching a program are bucketed (`bucket`), so a training loop with varying batch
-sizes and lengths compiles a handful of programs; buffers updated in place (gradient
+Shapes reaching a program are bucketed (batch.py `bucket`), so a training loop with varying
+batch sizes and lengths compiles a handful of programs; buffers updated in place (gradient
 accumulators, LoRA state, optimizer state, KV caches) are donated. Loss names and the model
 spec are static; loss configurations and per-slot hyperparameters are traced arrays, so
 changing them never recompiles.
@@ -9,54 +9,18 @@ changing them never recompiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
+from typing import Protocol, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import model, optimizer
+from backends.jax.batch import Batch
 from backends.jax.losses import LOSS_FUNCTIONS
 from backends.jax.ops import Routing
 from bios.catalog import ModelSpec
-
-MIN_TOKENS = 16
-MIN_ROWS = 4
-
-
-def bucket(n: int, minimum: int = 1, multiple: int = 1, cap: int | None = None) -> int:
-    """The smallest power of two >= max(n, minimum), rounded up to `multiple`, at most `cap` (if >= n)."""
-    size = max(minimum, 1 << max(0, int(n - 1).bit_length()))
-    size = -(-size // multiple) * multiple
-    return max(n, min(size, cap)) if cap is not None else size
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A padded, slot-sorted batch: rows B, tokens T (both bucketed), N = B*T.
-
-    tokens, targets: [B, T] int32; mask: [B, T] float32 (0 on padding); inputs: the loss's
-    per-token inputs [B, T]; config: the loss's settings, each [B, 1]; token_slot: [N] int32.
-    With LoRA dropout, dropout_seed [B] uint32 seeds each row's masks and dropout_rate [B] is
-    its adapter's rate (both None when no row of the batch uses dropout).
-    """
-
-    tokens: jax.Array
-    targets: jax.Array
-    mask: jax.Array
-    inputs: dict[str, jax.Array]
-    config: dict[str, jax.Array]
-    token_slot: jax.Array
-    dropout_seed: jax.Array | None = None
-    dropout_rate: jax.Array | None = None
-
-
-jax.tree_util.register_dataclass(
-    Batch,
-    data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"],
-    meta_fields=[],
-)
 
 
 def routing(token_slot: jax.Array, scale: jax.Array, *, sort: bool = False) -> Routing:
@@ -106,15 +70,15 @@ def forward_backward(
 
 @partial(jax.jit, donate_argnames=("lora", "opt_state", "accumulator"))
 def optim_step(
-    lora: dict, opt_state: object, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array
-) -> tuple[dict, object, dict, jax.Array, jax.Array]:
+    lora: dict, opt_state: optimizer.State, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array
+) -> tuple[dict, optimizer.State, dict, jax.Array, jax.Array]:
     """O1–O5 on the active [S] slots, then their accumulators are cleared (L8).
 
     Returns (lora, opt_state, accumulator, grad_norm [S], steps [S]).
     """
     trainable, new_state, norms = optimizer.step(_trainable(lora), opt_state, accumulator, hyper, active)
     cleared = optimizer.clear_slots(accumulator, active)
-    return {**trainable, "scale": lora["scale"]}, new_state, cleared, norms, optimizer.slot_steps(new_state)
+    return {**trainable, "scale": lora["scale"]}, new_state, cleared, norms, optimizer.step_count(new_state)
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
@@ -139,12 +103,73 @@ def copy_rows(
     cache: tuple[jax.Array, jax.Array], source: tuple[jax.Array, jax.Array], to: jax.Array, rows: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Cache rows `to` [n] (in place) ← rows `rows` [n] of `source`; both caches [L, B, C, K, E]."""
-    return tuple(c.at[:, to].set(s[:, rows]) for c, s in zip(cache, source, strict=True))
+    (keys, values), (new_keys, new_values) = cache, source
+    return keys.at[:, to].set(new_keys[:, rows]), values.at[:, to].set(new_values[:, rows])
+
+
+@jax.jit
+def choose(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    keys: jax.Array,
+    index: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
+
+    logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
+    the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
+    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
+    has generated), so a seed gives the same tokens however requests are batched.
+    """
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1)
+    z = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    order = jnp.argsort(-z, axis=-1, stable=True)  # descending, ties by lower id
+    sorted_z = jnp.take_along_axis(z, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    in_top_k = rank < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
+    row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
+    pick = jax.vmap(jax.random.categorical)(row_keys, jnp.where(kept, sorted_z, -jnp.inf))
+    drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logprob
+
+
+class _Compiled(Protocol):
+    """What `jax.jit` returns, as far as counting its programs goes."""
+
+    def _cache_size(self) -> int: ...
+
+
+PROGRAMS = {
+    "forward": forward,
+    "forward_backward": forward_backward,
+    "optim_step": optim_step,
+    "extend": extend,
+    "copy_rows": copy_rows,
+    "choose": choose,
+}
+"""Every jitted function of the backend, by name (tests check none is missing)."""
 
 
 def compile_counts() -> dict[str, int]:
     """How many programs each compiled function holds (for tests and benchmarks)."""
-    return {f.__name__: f._cache_size() for f in (forward, forward_backward, optim_step, extend, copy_rows)}
+    return {name: cast(_Compiled, function)._cache_size() for name, function in PROGRAMS.items()}
+
+
+def use_persistent_cache(directory: str) -> None:
+    """Keep every compiled program, however quick to compile, in JAX's persistent cache in
+    `directory`, so later processes load it instead of compiling. Sets JAX's process-wide
+    configuration; has no effect on a process that already opened a cache elsewhere."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def host(array: jax.Array) -> np.ndarray:

@@ -1,19 +1,16 @@
-"""The decoder (Llama 3 / Qwen2 / Qwen3) as a Flax NNX module over pure functions.
+"""The decoder (Llama 3 / Qwen2 / Qwen3) as pure functions over two dicts of arrays: the
+frozen base weights and the multi-slot LoRA state (both laid out in params.py).
 
-`Decoder` declares the frozen base weights (layout in params.py) and is split once at load
-into a graph definition and its state; compiled steps take the state and run the pure
-functions below. Layers are stacked and run under `jax.lax.scan` with per-layer
-rematerialisation; the unembedding and log-softmax run over chunks of tokens, so
-`[tokens, vocab]` logits are never materialised.
+Layers are stacked and run under `jax.lax.scan` with per-layer rematerialisation; the
+unembedding and log-softmax run over chunks of tokens, so `[tokens, vocab]` logits are never
+materialised. Nothing here holds state; compiled.py jits the entry points (`hidden_states`
+with `token_logprobs` for training, `extend` for sampling).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from backends.jax.ops import (
     Routing,
@@ -39,18 +36,6 @@ SITES = {
 """A number per adaptable module, folded into its dropout masks."""
 
 
-class Decoder(nnx.Module):
-    """The base model's weights as NNX parameters (frozen: they never receive gradients)."""
-
-    def __init__(self, spec: ModelSpec, base: dict[str, jax.Array]) -> None:
-        self.spec = spec
-        self.weights = nnx.Dict({name.replace(".", "__"): nnx.Param(value) for name, value in base.items()})
-
-    def arrays(self) -> dict[str, jax.Array]:
-        """The weights by params.py name."""
-        return {name.replace("__", "."): param[...] for name, param in self.weights.items()}
-
-
 def _layer_params(base: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k.removeprefix("layers."): v for k, v in base.items() if k.startswith("layers.")}
 
@@ -59,37 +44,45 @@ def _layer_lora(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in lora.items() if k.startswith("lora.") and not k.startswith("lora.lm_head")}
 
 
-def _attention_block(
-    spec: ModelSpec,
-    p: dict,
-    lo: dict,
-    x: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    routing: Routing,
-    kv_update: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]],
-) -> tuple[jax.Array, tuple]:
+def _attention_inputs(
+    spec: ModelSpec, p: dict, lo: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, routing: Routing
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, H, E] and k, v [B, T, K, E] of one layer's input x [B, T, D]: normed, projected
+    (with LoRA), q and k normed per head (qwen3) and rotated."""
     b, t, _ = x.shape
-    h = rms_norm(x, p["in_norm"], spec.rms_eps)
+    h = rms_norm(x, p["input_layernorm"], spec.rms_eps)
 
     def proj(name: str, width: int) -> jax.Array:
-        short = name[0]
-        bias = p.get(f"{short}_bias") if name in ("q_proj", "k_proj", "v_proj") else None
+        bias = p.get(f"{name}.bias")  # qwen2
         pair = (lo[f"lora.{name}.a"], lo[f"lora.{name}.b"])
         return project(h, p[name], bias, pair, routing, SITES[name]).reshape(b, t, width, spec.head_dim)
 
     q, k, v = proj("q_proj", spec.n_heads), proj("k_proj", spec.n_kv_heads), proj("v_proj", spec.n_kv_heads)
     if spec.qk_norm:
         q, k = rms_norm(q, p["q_norm"], spec.rms_eps), rms_norm(k, p["k_norm"], spec.rms_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values, mask = kv_update(k, v)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _attention_output(
+    spec: ModelSpec,
+    p: dict,
+    lo: dict,
+    x: jax.Array,
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array | None,
+    routing: Routing,
+) -> jax.Array:
+    """x [B, T, D] plus the o_proj of q [B, T, H, E] attending to keys, values [B, C, K, E]
+    (mask [B, 1, T, C], or None for causal self-attention over the T tokens)."""
+    b, t, _ = x.shape
     out = attention(q, keys, values, mask).reshape(b, t, spec.n_heads * spec.head_dim)
-    o = project(out, p["o_proj"], None, (lo["lora.o_proj.a"], lo["lora.o_proj.b"]), routing, SITES["o_proj"])
-    return x + o, (keys, values)
+    return x + project(out, p["o_proj"], None, (lo["lora.o_proj.a"], lo["lora.o_proj.b"]), routing, SITES["o_proj"])
 
 
 def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routing) -> jax.Array:
-    h = rms_norm(x, p["post_norm"], spec.rms_eps)
+    h = rms_norm(x, p["post_attention_layernorm"], spec.rms_eps)
     gate = project(
         h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing, SITES["gate_proj"]
     )
@@ -106,22 +99,23 @@ def hidden_states(
     """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
-    x = base["embed"][tokens]
+    x = base["embed_tokens"][tokens]
 
     @jax.checkpoint
     def layer(x: jax.Array, params: tuple[dict, dict, jax.Array]) -> tuple[jax.Array, None]:
         p, lo, index = params
         route = routing.at_layer(index)
-        x, _ = _attention_block(spec, p, lo, x, cos, sin, route, lambda k, v: (k, v, None))
+        q, k, v = _attention_inputs(spec, p, lo, x, cos, sin, route)
+        x = _attention_output(spec, p, lo, x, q, k, v, None, route)
         return _mlp_block(spec, p, lo, x, route), None
 
     x, _ = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers)))
-    return rms_norm(x, base["final_norm"], spec.rms_eps)
+    return rms_norm(x, base["norm"], spec.rms_eps)
 
 
 def _unembedding(base: dict[str, jax.Array]) -> jax.Array:
-    """[D, V]: `lm_head`, or the transposed embedding when tied."""
-    return base["lm_head"] if "lm_head" in base else base["embed"].T
+    """[D, V]: `lm_head`, or the transposed `embed_tokens` when tied."""
+    return base["lm_head"] if "lm_head" in base else base["embed_tokens"].T
 
 
 def token_logprobs(
@@ -190,7 +184,7 @@ def extend(
     positions = start[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
     visible = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
-    x = base["embed"][tokens]
+    x = base["embed_tokens"][tokens]
 
     def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
         return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(
@@ -199,17 +193,13 @@ def extend(
 
     def layer(x: jax.Array, params: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         p, lo, keys, values = params
-        holder = {}
-
-        def kv_update(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            holder["k"], holder["v"] = write(keys, k), write(values, v)
-            return holder["k"], holder["v"], visible[:, None]
-
-        x, _ = _attention_block(spec, p, lo, x, cos, sin, routing, kv_update)
-        return _mlp_block(spec, p, lo, x, routing), (holder["k"], holder["v"])
+        q, k, v = _attention_inputs(spec, p, lo, x, cos, sin, routing)
+        keys, values = write(keys, k), write(values, v)
+        x = _attention_output(spec, p, lo, x, q, keys, values, visible[:, None], routing)
+        return _mlp_block(spec, p, lo, x, routing), (keys, values)
 
     x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
-    hidden = rms_norm(x, base["final_norm"], spec.rms_eps).reshape(b * t, -1)
+    hidden = rms_norm(x, base["norm"], spec.rms_eps).reshape(b * t, -1)
     logits = jnp.einsum("nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype)).astype(jnp.float32)
     u = lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing)
     return (logits + u).reshape(b, t, -1), new_cache

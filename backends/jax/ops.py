@@ -83,11 +83,12 @@ def lora_input(x: jax.Array, routing: Routing, site: int) -> jax.Array:
     """M1 `drop(x)` for x [B, T, in]: inverted dropout with each row's rate, the mask drawn from
     the row's key folded with `site` (the module); x itself when dropout is off. The masks are
     deterministic in (adapter seed, step, datum, layer, module) but are not the emulator's."""
-    if routing.dropout_keys is None:
+    rates = routing.dropout_rate
+    if routing.dropout_keys is None or rates is None:
         return x
     keys = jax.vmap(lambda key: jax.random.fold_in(key, site))(routing.dropout_keys)
-    keep = jax.vmap(lambda key, rate: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys, routing.dropout_rate)
-    return jnp.where(keep, x / (1.0 - routing.dropout_rate)[:, None, None].astype(x.dtype), jnp.zeros_like(x))
+    keep = jax.vmap(lambda key, rate: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys, rates)
+    return jnp.where(keep, x / (1.0 - rates)[:, None, None].astype(x.dtype), jnp.zeros_like(x))
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> jax.Array:

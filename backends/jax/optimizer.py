@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from backends.jax.params import slot_axis
+
 Tree = dict[str, jax.Array]
+State = tuple[optax.OptState, tuple[optax.OptState, ...]]
+"""The Optax state of `clip_by_global_norm → adamw`, every leaf slot-major: (clipping state,
+(Adam state, weight-decay state, learning-rate state)). Read and written only through
+`step_count`, `adam_moments` and `with_moments` below."""
 HYPERPARAMETERS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
-
-
-def slot_axis(name: str) -> int:
-    """The slot axis of trainable array `name`: 0 for lm_head, 1 for the layer-stacked ones."""
-    return 0 if name.startswith("lora.lm_head") else 1
 
 
 def to_slot_major(tree: Tree) -> Tree:
@@ -58,20 +59,39 @@ def _transform(hyper: dict[str, jax.Array]) -> optax.GradientTransformation:
     )
 
 
-def init_state(trainable: Tree) -> optax.OptState:
+def init_state(trainable: Tree) -> State:
     """Zero moments and step 0 for every slot; leaves slot-major."""
     dummy = dict.fromkeys(HYPERPARAMETERS, jnp.float32(0.0))
     return jax.vmap(lambda params: _transform(dummy).init(params))(to_slot_major(trainable))
 
 
-def slot_steps(state: optax.OptState) -> jax.Array:
-    """[S] int32 number of updates applied to each slot."""
-    return state[1][0].count
+def _adam(state: State) -> optax.ScaleByAdamState:
+    adam = state[1][0]
+    if not isinstance(adam, optax.ScaleByAdamState):
+        raise TypeError(f"not the state of clip_by_global_norm → adamw: {type(adam).__name__}")
+    return adam
+
+
+def step_count(state: State) -> jax.Array:
+    """[S] int32: the number of updates applied to each slot (Adam's bias-correction count)."""
+    return _adam(state).count
+
+
+def adam_moments(state: State) -> tuple[Tree, Tree]:
+    """(first moments, second moments) of every slot, slot-major (`[S, ...]` per leaf)."""
+    adam = _adam(state)
+    return adam.mu, adam.nu
+
+
+def with_moments(state: State, count: jax.Array, mu: Tree, nu: Tree) -> State:
+    """`state` with Adam's step count [S] and moments (slot-major) replaced; pure."""
+    clipping, (_, *rest) = state
+    return clipping, (_adam(state)._replace(count=count, mu=mu, nu=nu), *rest)
 
 
 def step(
-    trainable: Tree, state: optax.OptState, grads: Tree, hyper: dict[str, jax.Array], active: jax.Array
-) -> tuple[Tree, optax.OptState, jax.Array]:
+    trainable: Tree, state: State, grads: Tree, hyper: dict[str, jax.Array], active: jax.Array
+) -> tuple[Tree, State, jax.Array]:
     """One Adam(W) update of the `active` [S] slots (hyper: [S] arrays by HYPERPARAMETERS name).
 
     Returns (new trainable, new state, grad_norm [S] before clipping). Inactive slots are

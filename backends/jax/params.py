@@ -1,26 +1,33 @@
-"""Parameter layout of the JAX backend, and the conversion from Hugging Face tensors.
+"""Parameter layout of the JAX backend — the one table of every array's name, shape and
+logical axes — and the conversion from Hugging Face tensors.
 
-Base weights (frozen, stored once, float32 on CPU / bfloat16 on GPU), a flat dict of arrays:
-    embed            [V, D]
-    final_norm       [D]
-    lm_head          [D, V]           (absent when embeddings are tied: embed.T is used)
+Base weights (frozen, stored once, float32 on CPU / bfloat16 on GPU), a flat dict of arrays
+named by their Hugging Face module (`model.` and the layer index dropped), each listed with
+its logical axes (letters of docs/shapes.md; HE = H*E, KE = K*E; sharding.py maps them
+onto the mesh, None: never split):
+    embed_tokens     [V, D]
+    norm             [D]              (None)
+    lm_head          [D, V]           (absent when embeddings are tied: embed_tokens.T is used)
     layers.<name>    [L, ...]         stacked so the decoder runs under `jax.lax.scan`:
-        in_norm [L, D], post_norm [L, D],
-        q_proj [L, D, H*E], k_proj [L, D, K*E], v_proj [L, D, K*E], o_proj [L, H*E, D],
-        gate_proj [L, D, F], up_proj [L, D, F], down_proj [L, F, D]     (math layout: x @ W)
-        q_bias [L, H*E], k_bias [L, K*E], v_bias [L, K*E]               (qwen2 only)
-        q_norm [L, E], k_norm [L, E]                                    (qwen3 only)
+        input_layernorm [L, D], post_attention_layernorm [L, D]          (L, None)
+        q_proj [L, D, HE], k_proj [L, D, KE], v_proj [L, D, KE], o_proj [L, HE, D],
+        gate_proj [L, D, F], up_proj [L, D, F], down_proj [L, F, D]       (math layout: x @ W)
+        q_proj.bias [L, HE], k_proj.bias [L, KE], v_proj.bias [L, KE]     (qwen2 only)
+        q_norm [L, E], k_norm [L, E]                                      (qwen3 only; L, None)
 
-LoRA state (trainable, always float32), adapters of many sessions side by side in S slots of
-rank up to R (columns beyond a slot's rank, and modules it does not adapt, are exactly zero):
+LoRA state (trainable, always float32, replicated), adapters of many sessions side by side
+in S slots of rank up to R (columns beyond a slot's rank, and modules it does not adapt, are
+exactly zero):
     lora.<module>.a  [L, S, in, R]    lora.<module>.b  [L, S, R, out]    for the 7 projections
     lora.lm_head.a   [S, D, R]        lora.lm_head.b   [S, R, V]
     scale            [S]              alpha / rank of each slot (0 for a free slot)
+The slot axis is therefore 1 for the layer-stacked factors and 0 otherwise (`slot_axis`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,50 +35,94 @@ from bios.catalog import ModelSpec
 from bios.weights import base_weight_shapes, module_path
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_AXES: dict[str, tuple[str, str]] = {
+    "q_proj": ("D", "HE"),
+    "k_proj": ("D", "KE"),
+    "v_proj": ("D", "KE"),
+    "o_proj": ("HE", "D"),
+    "gate_proj": ("D", "F"),
+    "up_proj": ("D", "F"),
+    "down_proj": ("F", "D"),
+    "lm_head": ("D", "V"),
+}
+"""Logical (in, out) axes of every linear layer in math layout."""
 
 
-def base_layout(spec: ModelSpec) -> dict[str, tuple[str, bool]]:
-    """Every base array of the stacked layout → (its Hugging Face name, with `{i}` for the
-    layer index when stacked, and whether each tensor is transposed to math layout)."""
+@dataclass(frozen=True)
+class BaseParam:
+    """One base array of the stacked layout."""
+
+    hf_name: str
+    """Its Hugging Face tensor name, with `{i}` for the layer index when stacked over layers."""
+    transpose: bool
+    """Whether it is stored transposed from Hugging Face's `[out, in]` (linear weights)."""
+    axes: tuple[str | None, ...]
+    """Logical axis of each dimension of the stored array; None: never split."""
+
+    @property
+    def stacked(self) -> bool:
+        """Whether it stacks one tensor per layer (leading axis L)."""
+        return "{i}" in self.hf_name
+
+
+def base_layout(spec: ModelSpec) -> dict[str, BaseParam]:
+    """Every base array of `spec` in the stacked layout (the table above), by name."""
+    layer = "model.layers.{i}."
     layout = {
-        "embed": ("model.embed_tokens.weight", False),
-        "final_norm": ("model.norm.weight", False),
-        "layers.in_norm": ("model.layers.{i}.input_layernorm.weight", False),
-        "layers.post_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+        "embed_tokens": BaseParam("model.embed_tokens.weight", False, ("V", "D")),
+        "norm": BaseParam("model.norm.weight", False, (None,)),
+        "layers.input_layernorm": BaseParam(layer + "input_layernorm.weight", False, ("L", None)),
+        "layers.post_attention_layernorm": BaseParam(layer + "post_attention_layernorm.weight", False, ("L", None)),
     }
     for module in PROJECTIONS:
-        layout[f"layers.{module}"] = (module_path(0, module).replace("layers.0.", "layers.{i}.") + ".weight", True)
+        name = module_path(0, module).replace("layers.0.", "layers.{i}.") + ".weight"
+        layout[f"layers.{module}"] = BaseParam(name, True, ("L", *LINEAR_AXES[module]))
     if spec.qkv_bias:
-        for short in ("q", "k", "v"):
-            layout[f"layers.{short}_bias"] = (f"model.layers.{{i}}.self_attn.{short}_proj.bias", False)
+        for module in ("q_proj", "k_proj", "v_proj"):
+            layout[f"layers.{module}.bias"] = BaseParam(
+                f"{layer}self_attn.{module}.bias", False, ("L", LINEAR_AXES[module][1])
+            )
     if spec.qk_norm:
-        layout["layers.q_norm"] = ("model.layers.{i}.self_attn.q_norm.weight", False)
-        layout["layers.k_norm"] = ("model.layers.{i}.self_attn.k_norm.weight", False)
+        layout["layers.q_norm"] = BaseParam(layer + "self_attn.q_norm.weight", False, ("L", None))
+        layout["layers.k_norm"] = BaseParam(layer + "self_attn.k_norm.weight", False, ("L", None))
     if not spec.tie_embeddings:
-        layout["lm_head"] = ("lm_head.weight", True)
+        layout["lm_head"] = BaseParam("lm_head.weight", True, LINEAR_AXES["lm_head"])
     return layout
 
 
 def assemble(spec: ModelSpec, key: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """Base array `key` (host) from the HF tensors that `read(name)` returns."""
-    name, transpose = base_layout(spec)[key]
-    if "{i}" not in name:
-        tensor = read(name)
-        return tensor.T if transpose else tensor
-    return np.stack([read(name.format(i=i)).T if transpose else read(name.format(i=i)) for i in range(spec.n_layers)])
+    param = base_layout(spec)[key]
+
+    def tensor(name: str) -> np.ndarray:
+        return read(name).T if param.transpose else read(name)
+
+    if not param.stacked:
+        return tensor(param.hf_name)
+    return np.stack([tensor(param.hf_name.format(i=i)) for i in range(spec.n_layers)])
 
 
 def stacked_shape(spec: ModelSpec, key: str) -> tuple[int, ...]:
     """Shape of base array `key` in the stacked layout."""
-    name, transpose = base_layout(spec)[key]
-    shape = base_weight_shapes(spec)[name.format(i=0)]
-    shape = shape[::-1] if transpose else shape
-    return (spec.n_layers, *shape) if "{i}" in name else shape
+    param = base_layout(spec)[key]
+    shape = base_weight_shapes(spec)[param.hf_name.format(i=0)]
+    shape = shape[::-1] if param.transpose else shape
+    return (spec.n_layers, *shape) if param.stacked else shape
 
 
 def base_from_hf(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Hugging Face tensors (`[out, in]`, by HF name) → the stacked layout above (host arrays)."""
     return {key: assemble(spec, key, weights.__getitem__) for key in base_layout(spec)}
+
+
+def slot_axis(name: str) -> int:
+    """The slot axis of LoRA-state array `name`: 1 for the layer-stacked factors, else 0."""
+    return 0 if name == "scale" or name.startswith("lora.lm_head") else 1
+
+
+def slot_index(name: str, slot: int) -> tuple[slice | int, ...]:
+    """The index of one slot's part of LoRA-state array `name` (e.g. `[:, slot]`)."""
+    return (slice(None),) * slot_axis(name) + (slot,)
 
 
 def lora_shapes(spec: ModelSpec, slots: int, rank: int) -> dict[str, tuple[int, ...]]:

@@ -1,13 +1,13 @@
 """Sampling of docs/losses.md S1–S3 on the JAX backend, continuously batched.
 
-A fixed pool of decode rows shares one KV cache. Waiting requests are admitted (first come,
-first served) whenever enough rows are free: their prompts are prefilled together, once per
-request, and the prefilled cache row is copied into each of the request's `num_samples` rows.
-Every step then feeds the last token of every row through `compiled.extend`, chooses the next
-tokens on device (`choose`: S1, S2) and checks stops on the host (S3). A request whose rows
-have all stopped is reported at once (`on_result`) and its rows go to the next waiting one.
-Rows may serve different adapters in any order. Row counts and lengths are bucketed so few
-programs compile.
+A `DecodePool` of rows shares one KV cache. Waiting requests are admitted (first come, first
+served) whenever enough rows are free: their prompts are prefilled together, once per request,
+and the prefilled cache row is copied into each of the request's `num_samples` rows. Every
+step then chooses the next token of every busy row on device (`compiled.choose`: S1, S2),
+checks stops on the host (S3), retires the rows that stopped and feeds the others' tokens
+through `compiled.extend`. A request whose rows have all stopped is reported at once
+(`on_result`) and its rows go to the next waiting one. Rows may serve different adapters in
+any order. Row counts and lengths are bucketed so few programs compile.
 
 Shapes: B rows, T tokens, V vocab, C cache capacity, L layers, K kv heads, E head dim.
 """
@@ -18,55 +18,23 @@ import functools
 import secrets
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import compiled
+from backends.jax.batch import bucket
 from bios.backend import SampledOutput, SampleOutput, SampleWork
 from bios.catalog import ModelSpec
 from bios.tokenizer import Tokenizer
+from bios.types import StopReason
 
 MIN_PROMPT = 16
 """Smallest prompt-length bucket of the prefill."""
 MAX_ROWS = 64
 """Decode rows of the pool at most (more requests wait for free rows)."""
-
-
-@jax.jit
-def choose(
-    logits: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    keys: jax.Array,
-    index: jax.Array,
-    step: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
-
-    logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
-    the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
-    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
-    has generated), so a seed gives the same tokens however requests are batched.
-    """
-    vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1)
-    z = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    order = jnp.argsort(-z, axis=-1, stable=True)  # descending, ties by lower id
-    sorted_z = jnp.take_along_axis(z, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    in_top_k = rank < top_k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
-    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
-    row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
-    pick = jax.vmap(jax.random.categorical)(row_keys, jnp.where(kept, sorted_z, -jnp.inf))
-    drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
-    token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-    return token, logprob
 
 
 def _item_key(seed: int | None) -> jax.Array:
@@ -79,19 +47,209 @@ def _item_key(seed: int | None) -> jax.Array:
     return key
 
 
-def _stop_reason(work: SampleWork, generated: list[int], limit: int, decode: Callable[[list[int]], str]) -> str | None:
-    """S3 after the latest token: "stop", "length" (at `limit` tokens), or None to go on."""
-    if generated[-1] in work.stop_token_ids:
-        return "stop"
-    if work.stop_strings and any(s in decode(generated) for s in work.stop_strings):
-        return "stop"
-    return "length" if len(generated) >= limit else None
-
-
 def _prompt_logprobs(logits: jax.Array, prompts: np.ndarray) -> np.ndarray:
     """[P, T] with entry t = log p(prompt[t] | prompt[:t]) (t >= 1) from prefill logits [P, T, V]."""
     lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return compiled.host(jnp.take_along_axis(lp, jnp.asarray(prompts[:, 1:, None]), axis=-1)[..., 0])
+
+
+@dataclass
+class _Request:
+    """One work item being sampled: its settings and its samples as they finish."""
+
+    index: int
+    """Its position among the items of the `sample` call."""
+    work: SampleWork
+    slot: int
+    """Adapter slot (0: the bare base model)."""
+    limit: int
+    """Tokens each sample may generate: max_tokens, fewer where the prompt nears max_seq_len."""
+    top_k: int
+    """S2's k in 1..V (V keeps the whole vocabulary)."""
+    finished: dict[int, SampledOutput] = field(default_factory=dict)
+    """Finished samples by sample index."""
+    prompt_logprobs: np.ndarray | None = None
+    """[T-1] float32 log p(prompt[t] | prompt[:t]) for t >= 1, when the work asks for them."""
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.work.prompt)
+
+    def stop_reason(self, generated: list[int], decode: Callable[[list[int]], str]) -> StopReason | None:
+        """S3 after the latest token: "stop", "length" (at `limit` tokens), or None to go on.
+        `decode` (token ids → text) is called only when the work has stop strings."""
+        if generated[-1] in self.work.stop_token_ids:
+            return "stop"
+        if self.work.stop_strings and any(s in decode(generated) for s in self.work.stop_strings):
+            return "stop"
+        return "length" if len(generated) >= self.limit else None
+
+    def output(self) -> SampleOutput:
+        """The result, samples in index order; `prompt_logprobs` [T] has NaN at 0."""
+        sequences = tuple(self.finished[j] for j in range(self.work.num_samples))
+        if self.prompt_logprobs is None:
+            return SampleOutput(sequences, None)
+        return SampleOutput(sequences, np.concatenate([[np.nan], self.prompt_logprobs]).astype(np.float32))
+
+
+@dataclass
+class _Sample:
+    """The sample a busy decode row is generating."""
+
+    request: _Request
+    index: int
+    """Sample index j within its request (folded into its random key)."""
+    tokens: list[int] = field(default_factory=list)
+    """Tokens generated so far."""
+    logprobs: list[float] = field(default_factory=list)
+    """S2 logprob of each generated token."""
+
+    @property
+    def position(self) -> int:
+        """Cache position of the latest generated token."""
+        return self.request.prompt_length + len(self.tokens) - 1
+
+    def finish(self, reason: StopReason) -> None:
+        """Hand the finished sequence to its request."""
+        tokens, logprobs = np.asarray(self.tokens, np.int64), np.asarray(self.logprobs, np.float32)
+        self.request.finished[self.index] = SampledOutput(tokens, logprobs, reason)
+
+
+class DecodePool:
+    """Decode rows over one KV cache (keys, values: [L, B, C, K, E]); each row is free or
+    generates one `_Sample`. The only mutable state of sampling; one pool per `sample` call.
+
+    `admit` prefills requests into free rows; `step` chooses every busy row's next token,
+    retires the rows that stopped and feeds the rest. The pool never changes shape.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        base: dict[str, jax.Array],
+        lora: dict[str, jax.Array],
+        dtype: jnp.dtype,
+        rows: int,
+        capacity: int,
+    ) -> None:
+        self.spec, self.base, self.lora, self.dtype, self.capacity = spec, base, lora, dtype, capacity
+        self.cache = self._empty_cache(rows)
+        self.logits = jnp.zeros((rows, spec.vocab_size), jnp.float32)
+        """[B, V] float32: the next-token logits of every row."""
+        self.keys = jnp.stack([_item_key(0)] * rows)
+        """[B] random keys: each busy row's request key."""
+        self.rows: list[_Sample | None] = [None] * rows
+
+    def _empty_cache(self, rows: int) -> tuple[jax.Array, jax.Array]:
+        spec = self.spec
+        shape = (spec.n_layers, rows, self.capacity, spec.n_kv_heads, spec.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def free(self) -> list[int]:
+        """The free rows, ascending."""
+        return [r for r, sample in enumerate(self.rows) if sample is None]
+
+    @property
+    def busy(self) -> bool:
+        """Whether any row is generating."""
+        return any(sample is not None for sample in self.rows)
+
+    def admit(self, requests: list[_Request]) -> None:
+        """Prefill `requests` together and start each of their samples in a free row (the
+        lowest first); their samples must fit in the free rows. Fills prompt logprobs."""
+        if not requests:
+            return
+        logits, fresh, prompts = self._prefill(requests)
+        free, to, source = self.free(), [], []
+        for p, request in enumerate(requests):
+            n = request.prompt_length
+            if request.work.prompt_logprobs:
+                request.prompt_logprobs = _prompt_logprobs(logits[p : p + 1, :n], prompts[p : p + 1, :n])[0]
+            for j in range(request.work.num_samples):
+                row = free.pop(0)
+                self.rows[row] = _Sample(request, j)
+                to.append(row)
+                source.append(p)
+        padded = bucket(len(to))
+        to_rows = np.array(to + [to[-1]] * (padded - len(to)), np.int32)
+        from_rows = np.array(source + [source[-1]] * (padded - len(source)), np.int32)
+        self.cache = compiled.copy_rows(self.cache, fresh, to_rows, from_rows)
+        last = np.array([requests[p].prompt_length - 1 for p in from_rows])
+        self.logits = self.logits.at[to_rows].set(logits[from_rows, last])
+        self.keys = self.keys.at[to_rows].set(jnp.stack([_item_key(requests[p].work.seed) for p in from_rows]))
+
+    def _prefill(self, requests: list[_Request]) -> tuple[jax.Array, tuple[jax.Array, jax.Array], np.ndarray]:
+        """(logits [P, W, V], a fresh cache of P rows holding the prompts, prompts [P, W] int32),
+        P and W bucketed, prompt p in row p."""
+        width = bucket(max(r.prompt_length for r in requests), minimum=MIN_PROMPT, cap=self.capacity)
+        count = bucket(len(requests))
+        prompts = np.zeros((count, width), np.int32)
+        slots = np.zeros(count, np.int32)
+        for p, request in enumerate(requests):
+            prompts[p, : request.prompt_length], slots[p] = request.work.prompt, request.slot
+        logits, fresh = compiled.extend(
+            self.spec,
+            self.base,
+            self.lora,
+            prompts,
+            np.zeros(count, np.int32),
+            self._empty_cache(count),
+            np.repeat(slots, width),
+        )
+        return logits, fresh, prompts
+
+    def step(self, decode: Callable[[list[int]], str]) -> list[_Request]:
+        """S1–S3 for every busy row: choose its next token, stop it (S3; `decode` reads stop
+        strings) or feed the token back. Returns the requests this step completed, in row order."""
+        chosen, chosen_lp = compiled.choose(self.logits, *self._settings())
+        chosen, chosen_lp = compiled.host(chosen), compiled.host(chosen_lp)
+        completed = []
+        for r, sample in enumerate(self.rows):
+            if sample is None:
+                continue
+            sample.tokens.append(int(chosen[r]))
+            sample.logprobs.append(float(chosen_lp[r]))
+            reason = sample.request.stop_reason(sample.tokens, decode)
+            if reason is not None:
+                sample.finish(reason)
+                self.rows[r] = None
+                if len(sample.request.finished) == sample.request.work.num_samples:
+                    completed.append(sample.request)
+        if self.busy:
+            self._feed(chosen)
+        return completed
+
+    def _settings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array, np.ndarray, np.ndarray]:
+        """choose's per-row arguments after the logits: temperature, top_k, top_p, keys,
+        sample index and step (tokens generated) [B]; free rows get greedy placeholders."""
+        rows = len(self.rows)
+        temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+        top_k, index, step = np.ones(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        for r, sample in enumerate(self.rows):
+            if sample is not None:
+                work = sample.request.work
+                temperature[r], top_p[r], top_k[r] = work.temperature, work.top_p, sample.request.top_k
+                index[r], step[r] = sample.index, len(sample.tokens)
+        return temperature, top_k, top_p, self.keys, index, step
+
+    def _feed(self, chosen: np.ndarray) -> None:
+        """Run every busy row's latest token [B] through the model, at its position and with its
+        adapter; free rows run token 0 at position 0 of slot 0 (their cache is overwritten on admission)."""
+        fed, start, slot = (np.zeros(len(self.rows), np.int32) for _ in range(3))
+        for r, sample in enumerate(self.rows):
+            if sample is not None:
+                fed[r], start[r] = chosen[r], min(sample.position, self.capacity - 1)
+                slot[r] = sample.request.slot
+        logits, self.cache = compiled.extend(self.spec, self.base, self.lora, fed[:, None], start, self.cache, slot)
+        self.logits = logits[:, 0]
+
+
+def _admissible(waiting: deque[_Request], free: int) -> list[_Request]:
+    """The longest prefix of `waiting` (taken off it) whose samples fit in `free` rows."""
+    taken: list[_Request] = []
+    while waiting and waiting[0].work.num_samples <= free - sum(r.work.num_samples for r in taken):
+        taken.append(waiting.popleft())
+    return taken
 
 
 def sample(
@@ -110,104 +268,31 @@ def sample(
     Sample j of a work item with a seed draws its s-th token with `key(seed)` folded with j,
     then s. `tokenizer` is called (once) only when a stop string must be checked; `dtype` is
     the KV cache's. Returned tokens are int64 [N], logprobs float32 [N] and `prompt_logprobs`
-    float32 [T] (NaN at 0) when requested.
+    float32 [T] (NaN at 0) when requested. Pure apart from `on_result`.
     """
-    works = [w for w, _ in items]
-    lengths = np.array([len(w.prompt) for w in works])
-    limits = np.minimum([w.max_tokens for w in works], spec.max_seq_len - lengths)  # tokens each row may generate
-    needs = [w.num_samples for w in works]
+    requests = [
+        _Request(
+            index,
+            work,
+            slot,
+            limit=min(work.max_tokens, spec.max_seq_len - len(work.prompt)),
+            top_k=spec.vocab_size if work.top_k == -1 else min(work.top_k, spec.vocab_size),
+        )
+        for index, (work, slot) in enumerate(items)
+    ]
+    needs = [r.work.num_samples for r in requests]
+    rows = bucket(max(max(needs), min(sum(needs), max_rows)))
+    longest = max(r.prompt_length + r.limit for r in requests)
+    pool = DecodePool(spec, base, lora, dtype, rows, bucket(longest, minimum=MIN_PROMPT, cap=spec.max_seq_len))
     loaded = functools.cache(tokenizer)
-    rows = compiled.bucket(max(max(needs), min(sum(needs), max_rows)))
-    capacity = compiled.bucket(int((lengths + limits).max()), minimum=MIN_PROMPT, cap=spec.max_seq_len)
-    shape = (spec.n_layers, rows, capacity, spec.n_kv_heads, spec.head_dim)
-    cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    z = jnp.zeros((rows, spec.vocab_size), jnp.float32)  # next-token logits of every row
-    item_of = np.full(rows, -1)  # -1: a free row
-    sample_of, slot_of, position, step = (np.zeros(rows, np.int32) for _ in range(4))
-    temperature, top_p, top_k = np.zeros(rows, np.float32), np.ones(rows, np.float32), np.ones(rows, np.int32)
-    keys = jnp.stack([_item_key(0)] * rows)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    logprobs: list[list[float]] = [[] for _ in range(rows)]
-    finished: dict[int, list[tuple[list[int], list[float], str, int]]] = {i: [] for i in range(len(works))}
-    prompt_lp: dict[int, np.ndarray] = {}
-    outputs: list[SampleOutput | None] = [None] * len(works)
-    waiting = deque(range(len(works)))
-
-    def admit() -> None:
-        """Prefill the waiting items that fit in the free rows and start their rows."""
-        nonlocal cache, z, keys
-        free = list(np.flatnonzero(item_of < 0))
-        admitted = []
-        while waiting and needs[waiting[0]] <= len(free) - sum(needs[i] for i in admitted):
-            admitted.append(waiting.popleft())
-        if not admitted:
-            return
-        width = compiled.bucket(int(lengths[admitted].max()), minimum=MIN_PROMPT, cap=capacity)
-        count = compiled.bucket(len(admitted))
-        prompts = np.zeros((count, width), np.int32)
-        slots = np.zeros(count, np.int32)
-        for p, i in enumerate(admitted):
-            prompts[p, : lengths[i]], slots[p] = works[i].prompt, items[i][1]
-        fresh = tuple(
-            jnp.zeros((spec.n_layers, count, capacity, spec.n_kv_heads, spec.head_dim), dtype) for _ in range(2)
-        )
-        logits, fresh = compiled.extend(
-            spec, base, lora, prompts, np.zeros(count, np.int32), fresh, np.repeat(slots, width)
-        )
-        to, source = [], []
-        for p, i in enumerate(admitted):
-            if works[i].prompt_logprobs:
-                prompt_lp[i] = _prompt_logprobs(logits[p : p + 1, : lengths[i]], prompts[p : p + 1, : lengths[i]])[0]
-            for j in range(needs[i]):
-                r = free.pop(0)
-                to.append(r)
-                source.append(p)
-                item_of[r], sample_of[r], slot_of[r], position[r], step[r] = i, j, items[i][1], lengths[i], 0
-                temperature[r], top_p[r] = works[i].temperature, works[i].top_p
-                top_k[r] = spec.vocab_size if works[i].top_k == -1 else min(works[i].top_k, spec.vocab_size)
-                tokens[r], logprobs[r] = [], []
-        padded = compiled.bucket(len(to))
-        to_rows = np.array(to + [to[-1]] * (padded - len(to)), np.int32)
-        from_rows = np.array(source + [source[-1]] * (padded - len(source)), np.int32)
-        cache = compiled.copy_rows(cache, fresh, to_rows, from_rows)
-        z = z.at[to_rows].set(logits[from_rows, lengths[[admitted[p] for p in from_rows]] - 1])
-        keys = keys.at[to_rows].set(jnp.stack([_item_key(works[admitted[p]].seed) for p in from_rows]))
-
-    def record(chosen: np.ndarray, chosen_lp: np.ndarray) -> None:
-        """Append each active row's token; finish rows (S3) and report completed items."""
-        for r in np.flatnonzero(item_of >= 0):
-            i = item_of[r]
-            tokens[r].append(int(chosen[r]))
-            logprobs[r].append(float(chosen_lp[r]))
-            step[r] += 1
-            reason = _stop_reason(works[i], tokens[r], int(limits[i]), lambda ids: loaded().decode(ids))
-            if reason is None:
-                continue
-            finished[i].append((tokens[r], logprobs[r], reason, sample_of[r]))
-            item_of[r] = -1
-            if len(finished[i]) == needs[i]:
-                sequences = tuple(
-                    SampledOutput(np.asarray(t, np.int64), np.asarray(lp, np.float32), why)
-                    for t, lp, why, _ in sorted(finished[i], key=lambda f: f[3])
-                )
-                lp = None if i not in prompt_lp else np.concatenate([[np.nan], prompt_lp[i]]).astype(np.float32)
-                outputs[i] = SampleOutput(sequences, lp)
-                if on_result is not None:
-                    on_result(i, outputs[i])
-
+    outputs: dict[int, SampleOutput] = {}
+    waiting = deque(requests)
     while True:
-        admit()
-        if not (item_of >= 0).any():
+        pool.admit(_admissible(waiting, len(pool.free())))
+        if not pool.busy:
             break
-        chosen, chosen_lp = choose(z, temperature, top_k, top_p, keys, sample_of, step)
-        record(compiled.host(chosen), compiled.host(chosen_lp))
-        active = item_of >= 0
-        if not active.any() and not waiting:
-            break
-        fed = np.where(active, compiled.host(chosen), 0).astype(np.int32)[:, None]
-        start = np.where(active, np.minimum(position + step - 1, capacity - 1), 0).astype(np.int32)
-        logits, cache = compiled.extend(
-            spec, base, lora, fed, start, cache, np.where(active, slot_of, 0).astype(np.int32)
-        )
-        z = logits[:, 0]
-    return outputs  # type: ignore[return-value]
+        for request in pool.step(lambda ids: loaded().decode(ids)):
+            outputs[request.index] = request.output()
+            if on_result is not None:
+                on_result(request.index, outputs[request.index])
+    return [outputs[r.index] for r in requests]  # every request is admitted, and a row stops by its limit

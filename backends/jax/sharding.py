@@ -1,8 +1,9 @@
 """The device mesh and every array's sharding, declared once.
 
-The mesh has a data/FSDP axis `data` and a tensor-parallel axis `model`. Base weights are
-sharded FSDP-style along their input width and tensor-parallel along their output width
-(attention heads, FFN width, vocabulary); batches are split along rows. A dimension is only
+The mesh has a data/FSDP axis `data` and a tensor-parallel axis `model`. Arrays declare
+logical axes (params.py, the one table of parameters); `RULES` maps them onto the mesh: base
+weights are sharded FSDP-style along the model width and tensor-parallel along heads, FFN
+width and vocabulary; batches are split along rows; LoRA state is replicated. A dimension is only
 sharded when the axis size divides it, so the same table serves 1 GPU, 8 GPUs or many hosts
 (after `jax.distributed.initialize()`, `jax.devices()` lists every host's devices and the
 same code runs on each host).
@@ -18,26 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA, MODEL = "data", "model"
 
-# Logical axes of each base weight (see params.py), by name; None means replicated.
-BASE_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": (MODEL, DATA),
-    "final_norm": (None,),
-    "lm_head": (DATA, MODEL),
-    "layers.in_norm": (None, None),
-    "layers.post_norm": (None, None),
-    "layers.q_proj": (None, DATA, MODEL),
-    "layers.k_proj": (None, DATA, MODEL),
-    "layers.v_proj": (None, DATA, MODEL),
-    "layers.o_proj": (None, MODEL, DATA),
-    "layers.gate_proj": (None, DATA, MODEL),
-    "layers.up_proj": (None, DATA, MODEL),
-    "layers.down_proj": (None, MODEL, DATA),
-    "layers.q_bias": (None, MODEL),
-    "layers.k_bias": (None, MODEL),
-    "layers.v_bias": (None, MODEL),
-    "layers.q_norm": (None, None),
-    "layers.k_norm": (None, None),
-}
+RULES: dict[str, str] = {"B": DATA, "D": DATA, "HE": MODEL, "KE": MODEL, "F": MODEL, "V": MODEL}
+"""The mesh axis of each logical axis (params.py) that is split; any other axis is replicated.
+Rows of a batch (B) and the model width (D, FSDP) go over `data`; heads, FFN width and
+vocabulary over `model`."""
 
 
 def make_mesh(model_parallel: int = 1, devices: list | None = None) -> Mesh:
@@ -57,9 +42,9 @@ def _fit(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> Pa
     return PartitionSpec(*(a if a is not None and shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
 
 
-def base_sharding(name: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    """Sharding of base weight `name`."""
-    return NamedSharding(mesh, _fit(shape, BASE_AXES[name], mesh))
+def logical_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Sharding of an array of `shape` whose dimensions have logical `axes` (None: replicated)."""
+    return NamedSharding(mesh, _fit(shape, tuple(RULES.get(a) if a else None for a in axes), mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -69,7 +54,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     """Rows of a batch array ([B, ...]) split across `data`."""
-    return NamedSharding(mesh, _fit(shape, (DATA,) + (None,) * (len(shape) - 1), mesh))
+    return logical_sharding(("B",) + (None,) * (len(shape) - 1), shape, mesh)
 
 
 def rows_multiple(mesh: Mesh) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from backends.jax import optimizer
-from backends.jax.params import adapter_weights, lora_shapes, slot_arrays
+from backends.jax.params import adapter_weights, lora_shapes, slot_arrays, slot_axis, slot_index
 from backends.jax.sharding import replicated
 from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
@@ -33,7 +33,7 @@ class SlotTable:
     rank: int
     lora: dict[str, jax.Array] = field(init=False)
     accumulator: dict[str, jax.Array] = field(init=False)
-    opt_state: object = field(init=False)
+    opt_state: optimizer.State = field(init=False)
     adapters: dict[str, tuple[int, AdapterSpec]] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     """Optimizer steps taken by each adapter, on the host (seeds its dropout masks)."""
@@ -82,24 +82,29 @@ class SlotTable:
             self.steps.pop(adapter_id, None)
             self._write(slot, {}, None, 0, 0.0)
 
+    def arrays(self, adapter_id: str) -> dict[str, np.ndarray]:
+        """Host copies of the adapter's slot of every LoRA factor, padded to the table's rank:
+        `lora.<module>.a` [L, in, R], `lora.lm_head.a` [D, R], ... (params.py, slot axis removed)."""
+        slot = self.slot(adapter_id)
+        return {k: np.asarray(v[slot_index(k, slot)]) for k, v in self.lora.items() if k != "scale"}
+
     def export(self, adapter_id: str) -> AdapterState:
+        """The adapter's weights and Adam moments (bios.weights names, at its own rank) and step."""
         slot, spec = self.adapters[adapter_id]
         modules = spec.target_modules
+        mu, nu = optimizer.adam_moments(self.opt_state)
 
-        def take(tree: dict, slot_major: bool) -> dict[str, np.ndarray]:
-            return {
-                k: np.asarray(v[slot] if slot_major or k.startswith("lora.lm_head") else v[:, slot])
-                for k, v in tree.items()
-                if k != "scale"
-            }
+        def take(slot_major: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+            return adapter_weights(
+                self.spec, {k: np.asarray(v[slot]) for k, v in slot_major.items()}, modules, spec.rank
+            )
 
-        adam = self.opt_state[1][0]
         return AdapterState(
             spec=spec,
-            step=int(adam.count[slot]),
-            weights=adapter_weights(self.spec, take(self.lora, False), modules, spec.rank),
-            adam_m=adapter_weights(self.spec, take(adam.mu, True), modules, spec.rank),
-            adam_v=adapter_weights(self.spec, take(adam.nu, True), modules, spec.rank),
+            step=int(optimizer.step_count(self.opt_state)[slot]),
+            weights=adapter_weights(self.spec, self.arrays(adapter_id), modules, spec.rank),
+            adam_m=take(mu),
+            adam_v=take(nu),
         )
 
     def _write(self, slot: int, weights: dict, moments: tuple[dict, dict] | None, step: int, scale: float) -> None:
@@ -108,7 +113,7 @@ class SlotTable:
         def put(tree: dict, arrays: dict, slot_major: bool) -> dict:
             out = dict(tree)
             for k, v in arrays.items():
-                index = (slot,) if slot_major or k.startswith("lora.lm_head") else (slice(None), slot)
+                index = (slot,) if slot_major else slot_index(k, slot)
                 out[k] = tree[k].at[index].set(jnp.asarray(v, tree[k].dtype))
             return out
 
@@ -118,9 +123,9 @@ class SlotTable:
         mu, nu = (
             (slot_arrays(self.spec, m, self.rank) for m in moments) if moments else (dict.fromkeys(values, 0.0),) * 2
         )
-        clip_state, (adam, *rest) = self.opt_state
-        adam = adam._replace(count=adam.count.at[slot].set(step), mu=put(adam.mu, mu, True), nu=put(adam.nu, nu, True))
-        self.opt_state = (clip_state, (adam, *rest))
+        old_mu, old_nu = optimizer.adam_moments(self.opt_state)
+        count = optimizer.step_count(self.opt_state).at[slot].set(step)
+        self.opt_state = optimizer.with_moments(self.opt_state, count, put(old_mu, mu, True), put(old_nu, nu, True))
         self._place()
 
     def _grow(self) -> None:
@@ -134,8 +139,8 @@ class SlotTable:
             index = (slice(None),) * axis + (slice(0, capacity),)
             return new.at[index].set(old)
 
-        self.lora = {k: copy(self.lora[k], v, 0 if k == "scale" else optimizer.slot_axis(k)) for k, v in lora.items()}
-        self.accumulator = {k: copy(self.accumulator[k], v, optimizer.slot_axis(k)) for k, v in accumulator.items()}
+        self.lora = {k: copy(self.lora[k], v, slot_axis(k)) for k, v in lora.items()}
+        self.accumulator = {k: copy(self.accumulator[k], v, slot_axis(k)) for k, v in accumulator.items()}
         self.opt_state = jax.tree.map(
             lambda new, old: copy(new, old, 0) if new.ndim else new, self.opt_state, opt_state
         )

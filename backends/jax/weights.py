@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from backends.jax.params import assemble, base_layout, stacked_shape
-from backends.jax.sharding import base_sharding
+from backends.jax.sharding import logical_sharding
 from bios.catalog import ModelSpec
 from bios.weights import generate_base_weights
 
@@ -44,13 +44,13 @@ def _reader(spec: ModelSpec) -> Callable[[str], np.ndarray]:
 
 def _random_on_device(spec: ModelSpec, name: str, index: int, mesh: Mesh, dtype: jnp.dtype) -> jax.Array:
     """N(0, 1/fan-in) for matrices, 1 + N(0, 0.1²) for norm scales, N(0, 0.1²) for biases."""
-    shape = stacked_shape(spec, name)
-    matrix = len(shape) - name.startswith("layers.") == 2
+    shape, param = stacked_shape(spec, name), base_layout(spec)[name]
+    matrix = len(shape) - param.stacked == 2
     offset, scale = (1.0, 0.1) if name.endswith("norm") else (0.0, 1.0 / np.sqrt(shape[-2]) if matrix else 0.1)
     draw = offset + scale * jax.random.normal(
         jax.random.fold_in(jax.random.key(spec.weights_seed or 0), index), shape, jnp.float32
     )
-    return jax.device_put(draw.astype(dtype), base_sharding(name, shape, mesh))
+    return jax.device_put(draw.astype(dtype), logical_sharding(param.axes, shape, mesh))
 
 
 def load_base(spec: ModelSpec, mesh: Mesh, dtype: jnp.dtype, init: str = "weights") -> dict[str, jax.Array]:
@@ -61,10 +61,10 @@ def load_base(spec: ModelSpec, mesh: Mesh, dtype: jnp.dtype, init: str = "weight
     if init == "device":
         return {name: _random_on_device(spec, name, i, mesh, dtype) for i, name in enumerate(base_layout(spec))}
     read = _reader(spec)
-    base = {}
-    for name in base_layout(spec):
+    base: dict[str, jax.Array] = {}
+    for name, param in base_layout(spec).items():
         host = assemble(spec, name, read).astype(dtype)
-        sharding = base_sharding(name, host.shape, mesh)
-        base[name] = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
+        sharding = logical_sharding(param.axes, host.shape, mesh)
+        base[name] = jax.make_array_from_callback(host.shape, sharding, host.__getitem__)
         del host
     return base

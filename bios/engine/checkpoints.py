@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,13 @@ class CheckpointStore:
         return self.root / session_id / KIND_DIRS[kind] / name
 
     def save(
-        self, state: AdapterState, session_id: str, kind: str, name: str, metadata: dict, model: ModelSpec | None = None
+        self,
+        state: AdapterState,
+        session_id: str,
+        kind: str,
+        name: str,
+        metadata: dict[str, Any],
+        model: ModelSpec | None = None,
     ) -> StateResult:
         """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name.
 
@@ -70,7 +77,7 @@ class CheckpointStore:
             path=checkpoint_path(session_id, kind, name),
             id=uuid.uuid4().hex[:16],
             name=name,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             step=state.step,
             base_model=state.spec.base_model,
             metadata=metadata,
@@ -151,10 +158,13 @@ class CheckpointStore:
             self._read_json(path)
             shutil.rmtree(self._directory(*parse_path(path)))
 
-    def _read_json(self, path: str) -> dict:
+    def _read_json(self, path: str) -> dict[str, Any]:
         session_id, kind, name = parse_path(path)
         try:
             with _LOCK:
-                return json.loads((self._directory(session_id, kind, name) / "checkpoint.json").read_text())
+                data: dict[str, Any] = json.loads(
+                    (self._directory(session_id, kind, name) / "checkpoint.json").read_text()
+                )
+                return data
         except FileNotFoundError:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path") from None

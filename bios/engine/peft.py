@@ -20,6 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -167,7 +168,7 @@ def read_peft_adapter(directory: Path, model: ModelSpec) -> tuple[LoraConfig, di
         lora = LoraConfig(rank=rank, alpha=float(alpha), target_modules=modules, dropout=dropout)
     except InvalidRequestError as exc:
         key = {"LoraConfig.rank": "r", "LoraConfig.alpha": "lora_alpha", "LoraConfig.dropout": "lora_dropout"}.get(
-            exc.field or "", exc.field
+            exc.field or "", exc.field or ""
         )
         raise InvalidRequestError(f"{CONFIG_FILE}: {key}: {exc.message}", field=f"adapter_config.{key}") from None
     return lora, weights
@@ -179,7 +180,7 @@ def _bad(key: str, value: object, reason: str) -> InvalidRequestError:
     )
 
 
-def _read_config(directory: Path) -> dict:
+def _read_config(directory: Path) -> dict[str, Any]:
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file).is_file():
             raise InvalidRequestError(
@@ -195,7 +196,7 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _check_settings(config: dict) -> None:
+def _check_settings(config: dict[str, Any]) -> None:
     """Reject every setting that would make the adapter compute something other than plain LoRA."""
     if config.get("peft_type") != "LORA":
         raise _bad("peft_type", config.get("peft_type"), "Bios reads LoRA adapters (peft_type LORA) only")
@@ -287,7 +288,7 @@ def _check_base_copy(value: np.ndarray, model: ModelSpec) -> None:
         base = None
         for file in sorted(Path(model.hf_path).glob("*.safetensors")):
             with safe_open(str(file), framework="numpy") as handle:
-                if name in handle:
+                if name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a container
                     base = np.asarray(handle.get_tensor(name), dtype=np.float32)
     if base is None or value.shape != base.shape or not np.allclose(value, base, rtol=2**-7, atol=1e-6):
         raise InvalidRequestError(

@@ -7,12 +7,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from bios.backend import Backend, BackendConfig
-from bios.catalog import Catalog
 from bios.errors import InvalidRequestError
-from bios.simulation import SimulationConfig
 
 GROUP = "bios.backends"
-SIMULATOR_GROUP = "bios.simulator"
 
 
 def available_backends() -> list[str]:
@@ -25,12 +22,14 @@ def backend_factory(name: str) -> Callable[[BackendConfig], Backend]:
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
+            factory: Callable[[BackendConfig], Backend] = getattr(importlib.import_module(module_name), attr)
+            return factory
         except (ImportError, AttributeError) as exc:
             raise InvalidRequestError(f"backend {name!r} cannot be imported: {exc}", field="backend") from None
     for ep in entry_points(group=GROUP):
         if ep.name == name:
-            return ep.load()
+            loaded: Callable[[BackendConfig], Backend] = ep.load()
+            return loaded
     raise InvalidRequestError(
         f"backend {name!r} is unknown; installed backends: {', '.join(available_backends()) or 'none'} "
         "(or give module:factory)",
@@ -41,13 +40,3 @@ def backend_factory(name: str) -> Callable[[BackendConfig], Backend]:
 def create_backend(name: str, config: BackendConfig) -> Backend:
     """Build the backend `name` with `config`."""
     return backend_factory(name)(config)
-
-
-def simulated(backend: Backend, config: SimulationConfig, catalog: Catalog) -> Backend:
-    """`backend` wrapped by the service simulator (entry point `default` of `bios.simulator`)."""
-    for ep in entry_points(group=SIMULATOR_GROUP):
-        if ep.name == "default":
-            return ep.load()(backend, config, catalog)
-    raise InvalidRequestError(
-        "simulation: no service simulator is installed (entry point bios.simulator:default)", field="simulation"
-    )

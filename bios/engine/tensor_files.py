@@ -7,6 +7,7 @@ Tensors are a flat dict of `group/name` → array; reading detects the format fr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -47,7 +48,8 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in restored.items()}
 
 
-def _orbax():
+def _orbax() -> Any:
+    """The orbax.checkpoint module (typed Any: it ships no stubs)."""
     try:
         import orbax.checkpoint as ocp
     except ImportError:

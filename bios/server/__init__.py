@@ -14,13 +14,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from bios.admission import DIRECT
 from bios.backend import BackendConfig
 from bios.catalog import BUILTIN_MODELS, Catalog
 from bios.config import bios_home
 from bios.engine import CheckpointStore, Engine, create_backend
-from bios.engine.registry import simulated
 from bios.errors import InvalidRequestError
-from bios.simulation import SimulationConfig
+from bios.simulation import SimulationConfig, simulate
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ def build(options: ServerOptions):
     if options.models is None:  # an explicit TOML catalog lists exactly what is served
         catalog.register_installed(home / "models")
     compute = create_backend(options.backend, BackendConfig(catalog=catalog, options=dict(options.backend_options)))
-    if simulation is not None:
-        compute = simulated(compute, simulation, catalog)
+    simulator = simulate(compute, simulation, catalog) if simulation is not None else None
+    if simulator is not None:
+        compute = simulator.backend
     store = CheckpointStore(home / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
     records = Records(connect(options.database_url or default_url(home)))
     keys = KeyRing(
@@ -115,10 +116,11 @@ def build(options: ServerOptions):
             "api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys"
         )
     service = Service(
-        Engine(compute, catalog, store, inline=False),
+        Engine(compute, catalog, store, hook=simulator.hook if simulator else DIRECT, allow_inline=False),
         records,
         Journal(home / "server" / "journal"),
         retention_s=options.retention_s,
+        simulator=simulator,
     )
     recovered = recover(service)
     if recovered.sessions or recovered.samplers:
@@ -145,7 +147,7 @@ def serve(options: ServerOptions) -> None:
     finally:
         service.close()
         try:
-            report = service.engine.simulation_report()
+            report = service.simulation_report()
             if report is not None:
                 print(report, file=sys.stderr)
         finally:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine as SqlEngine
+from sqlalchemy.engine import Row
 
 metadata = MetaData()
 
@@ -187,17 +188,18 @@ class Records:
             row = db.execute(
                 select(requests).where(requests.c.owner == owner, requests.c.idempotency_key == key)
             ).first()
-        return _request_row(row)
+        return None if row is None else _request_row(row)
 
     def request(self, request_id: str) -> RequestRow | None:
         with self.engine.connect() as db:
-            return _request_row(db.execute(select(requests).where(requests.c.request_id == request_id)).first())
+            row = db.execute(select(requests).where(requests.c.request_id == request_id)).first()
+        return None if row is None else _request_row(row)
 
     def session_requests(self, session_id: str) -> list[RequestRow]:
         """Every remembered request of one session, by sequence number."""
         with self.engine.connect() as db:
             rows = db.execute(select(requests).where(requests.c.session_id == session_id).order_by(requests.c.seq))
-            return [_request_row(row) for row in rows]  # type: ignore[misc]
+            return [_request_row(row) for row in rows]
 
     def prune_requests(self, finished_before: float) -> int:
         """Forget finished requests older than `finished_before` (epoch seconds); returns how many."""
@@ -267,10 +269,8 @@ class Records:
             db.execute(delete(checkpoints).where(checkpoints.c.path == path))
 
 
-def _request_row(row: object) -> RequestRow | None:
-    if row is None:
-        return None
-    m = row._mapping  # type: ignore[attr-defined]
+def _request_row(row: Row) -> RequestRow:
+    m = row._mapping
     return RequestRow(
         m["request_id"],
         m["owner"],

@@ -43,11 +43,12 @@ def recover(service: Service) -> Recovered:
         if entry is None:  # the server died while creating it: it was never acknowledged
             continue
         rows = service.records.session_requests(session_id)
-        finished, resubmittable = [], set()
+        finished: list[tuple[str, str, bytes]] = []
+        resubmittable = set()
         for row in rows:
             if row.status != "pending":
                 continue
-            if row.request_id == entry.request_id:
+            if row.request_id == entry.request_id and entry.answer is not None:
                 finished.append((row.request_id, "done", entry.answer))
                 done.completed += 1
             else:
@@ -61,7 +62,7 @@ def recover(service: Service) -> Recovered:
         replays = {
             row.seq: row.replay
             for row in rows
-            if row.replay is not None and row.status == "done" and row.seq > entry.seq
+            if row.replay is not None and row.status == "done" and row.seq is not None and row.seq > entry.seq
         }
         last_seq = max((row.seq for row in rows if row.seq is not None), default=entry.seq)
         for seq in range(entry.seq + 1, last_seq + 1):

@@ -10,6 +10,7 @@ A retry carrying the same idempotency key gets the first request back; finished 
 forgotten after `retention_s`. For a protocol whose clients never resubmit a failed request
 (Tinker's), the service itself retries a request that failed retryably (bios.retry, same
 sequence number), and the next poll hears of that failure as its HTTP status (503, 408 or 429).
+An observer on another thread waits for a state of the service (`wait_until`), never a while.
 """
 
 from __future__ import annotations
@@ -24,28 +25,35 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy.exc
 
 from bios.engine import Engine
+from bios.engine.engine import WithState
 from bios.errors import BiosError, ConflictError, NotFoundError
 from bios.futures import settle_clock
 from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.server.polls import Polls
+from bios.simulation import SimulationReport, Simulator
+from bios.types import StateResult
 from bios.validation import parse_path
 
-Recorder = Callable[[str, object, bytes], None]
+R = TypeVar("R")
+
+Recorder = Callable[[str, R, bytes], None]
 """Called by the writer thread with (request id, result, answer envelope) before the answer is
 committed and published; if it raises, the request fails with that error instead."""
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Pending(Generic[R]):
     owner: str
-    record: Recorder | None
-    encode: Callable[[object], bytes]
+    record: Recorder[R] | None
+    encode: Callable[[R], bytes]
     encode_failure: Callable[[BaseException], bytes]
 
 
@@ -68,27 +76,41 @@ class Service:
     """Ownership, requests and answers on top of one engine. Thread-safe; `attach(loop)` once
     the event loop serving long-polls runs."""
 
-    def __init__(self, engine: Engine, records: Records, journal: Journal, *, retention_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        records: Records,
+        journal: Journal,
+        *,
+        retention_s: float = 3600.0,
+        simulator: Simulator | None = None,
+    ) -> None:
         self.engine = engine
+        self.simulator = simulator
+        """The service simulator the engine runs under (`bios serve --simulation`), if any."""
         self.records = records
         self.journal = journal
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._session_owner: dict[str, str] = {}
         self._sampler_owner: dict[str, str] = {}
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Pending[Any]] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
-        self._waiting: dict[str, asyncio.Event] = {}
         self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
         self.notices_served: dict[int, int] = {}  # HTTP status → polls answered with a failed attempt
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = threading.Condition()
+        self._polls = Polls(self._changed)
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_answers, name="bios-answers", daemon=True)
         self._writer.start()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake long-polls on `loop` from now on."""
-        self._loop = loop
+        self._polls.attach(loop)
+
+    def simulation_report(self) -> SimulationReport | None:
+        """The simulator's report so far (writing its trace file, if any); None when not simulating."""
+        return self.simulator.report() if self.simulator is not None else None
 
     def close(self) -> None:
         self._finished.put(None)
@@ -109,13 +131,14 @@ class Service:
 
     def check_session(self, owner: str, session_id: object) -> str:
         """`session_id` if `owner` owns it; NotFoundError otherwise (also for another owner's)."""
-        with self._lock:
-            known = self._session_owner.get(session_id) if isinstance(session_id, str) else None
-        if known is None and isinstance(session_id, str):
-            known = self.records.session_owner(session_id)
-        if known != owner:
+        if not isinstance(session_id, str) or self._session_owner_of(session_id) != owner:
             raise NotFoundError(f"session_id: no training session {session_id!r}", field="session_id")
-        return session_id  # type: ignore[return-value]
+        return session_id
+
+    def _session_owner_of(self, session_id: str) -> str | None:
+        with self._lock:
+            known = self._session_owner.get(session_id)
+        return known if known is not None else self.records.session_owner(session_id)
 
     def close_session(self, owner: str, session_id: str) -> None:
         """End `owner`'s session: freed in the engine and no longer restored after a restart
@@ -123,6 +146,7 @@ class Service:
         self.check_session(owner, session_id)
         self.engine.close_session(session_id)
         self.journal.delete(session_id)
+        self._announce()
 
     def add_sampler(
         self, sampler_id: str, owner: str, *, base_model: str | None = None, model_path: str | None = None
@@ -147,35 +171,41 @@ class Service:
         self.records.remove_sampler(sampler_id)
         self.engine.release_sampler(sampler_id)
 
-    def check_checkpoint(self, owner: str, path: object) -> str:
+    def check_checkpoint(self, owner: str, path: str) -> str:
         """`path` if it is a checkpoint path `owner` owns; NotFoundError otherwise. Checkpoints
         that no key saved (written in-process into the same home) belong to the no-auth owner."""
         session_id, _, _ = parse_path(path)
-        recorded = self.records.checkpoint_owner(path)  # type: ignore[arg-type]
+        recorded = self.records.checkpoint_owner(path)
         if (recorded or (NO_AUTH_OWNER if self.records.session_owner(session_id) is None else None)) != owner:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path")
-        return path  # type: ignore[return-value]
+        return path
 
-    def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder:
+    def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder[StateResult]:
         """Files the checkpoint a save_state result names under `owner`."""
-        return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)  # type: ignore[attr-defined]
+        return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)
 
-    def durable_recorder(self, session_id: str, seq: int) -> Recorder:
-        """Writes the state of a (result, AdapterState) answer — an optim_step or load_state run
-        with `export_state` — to the journal, with the request and its answer."""
+    def durable_recorder(self, session_id: str, seq: int) -> Recorder[WithState[Any]]:
+        """Writes the state of a `WithState` answer (of `optim_step_and_export` or
+        `load_state_and_export`) to the journal, with the request and its answer."""
 
-        def record(request_id: str, result: object, answer: bytes) -> None:
-            self.journal.write(session_id, result[1], seq, request_id, answer)  # type: ignore[index]
+        def record(request_id: str, result: WithState[Any], answer: bytes) -> None:
+            self.journal.write(session_id, result.state, seq, request_id, answer)
             self.records.forget_replays(session_id, seq)
 
         return record
 
-    def owned_checkpoints(self, owner: str, records: list) -> list:
-        """The `records` (StateResults) whose path `owner` may see."""
+    def list_checkpoints(self, owner: str, session_id: str | None = None) -> list[StateResult]:
+        """The checkpoints (of session `session_id`, or of every session) that `owner` may see."""
+        records = self.engine.list_checkpoints(session_id)
         mine = self.records.checkpoints_of(owner)
         if owner == NO_AUTH_OWNER:
             return [r for r in records if r.path in mine or self.records.checkpoint_owner(r.path) is None]
         return [r for r in records if r.path in mine]
+
+    def delete_checkpoint(self, owner: str, path: str) -> None:
+        """Delete `owner`'s checkpoint `path` (NotFoundError if it is not `owner`'s)."""
+        self.engine.delete_checkpoint(self.check_checkpoint(owner, path))
+        self.records.remove_checkpoint(path)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -185,13 +215,13 @@ class Service:
         kind: str,
         body: bytes,
         key: str | None,
-        start: Callable[[], concurrent.futures.Future],
+        start: Callable[[], concurrent.futures.Future[R]],
         *,
         session_id: str | None = None,
         seq: int | None = None,
-        record: Recorder | None = None,
+        record: Recorder[R] | None = None,
         replay: bytes | None = None,
-        encode: Callable[[object], bytes] = encode_result,
+        encode: Callable[[R], bytes] = encode_result,
         encode_failure: Callable[[BaseException], bytes] = encode_error,
         retry_transient: bool = False,
     ) -> str:
@@ -213,7 +243,7 @@ class Service:
                 RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay)
             )
         except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
-            earlier = self._earlier(owner, key, body_hash)  # type: ignore[arg-type]
+            earlier = self._earlier(owner, key, body_hash) if key is not None else None
             if earlier is None:
                 raise
             return earlier
@@ -231,10 +261,10 @@ class Service:
         self,
         request_id: str,
         kind: str,
-        start: Callable[[], concurrent.futures.Future],
+        start: Callable[[], concurrent.futures.Future[R]],
         session_id: str | None,
         seq: int | None,
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[R]:
         """`start()`, retried on retryable failures; each failure becomes a notice for the next poll."""
 
         def give_up() -> None:
@@ -248,8 +278,7 @@ class Service:
     def _notice(self, request_id: str, error: BiosError) -> None:
         with self._lock:
             self._notices.setdefault(request_id, []).append(error)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake, [request_id])
+        self._polls.wake([request_id])
 
     def _earlier(self, owner: str, key: str, body_hash: str) -> str | None:
         """The id of `owner`'s request with idempotency `key`; re-raises its rejection;
@@ -263,8 +292,8 @@ class Service:
                 "(Idempotency-Key header, or with the Tinker protocol a new seq_id)",
                 field="Idempotency-Key",
             )
-        if row.status == "rejected":
-            raise BiosError.from_dict(json.loads(row.answer)["error"])  # type: ignore[arg-type]
+        if row.status == "rejected" and row.answer is not None:
+            raise BiosError.from_dict(json.loads(row.answer)["error"])
         return row.request_id
 
     def answer(self, owner: str, request_id: str) -> bytes | None:
@@ -278,7 +307,7 @@ class Service:
             done = self._answers.get(request_id)
         if done is None:
             row = self.records.request(request_id)
-            if row is not None and row.status in ("done", "error"):
+            if row is not None and row.status in ("done", "error") and row.answer is not None:
                 done = (row.owner, row.answer, time.time())
         if done is None or done[0] != owner:
             raise NotFoundError(f"request_id: no request {request_id!r}", field="request_id")
@@ -291,11 +320,7 @@ class Service:
         self._raise_notice(request_id)
         if found is not None or timeout <= 0:
             return found
-        event = self._waiting.setdefault(request_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        await self._polls.wait(request_id, timeout)
         found = self.answer(owner, request_id)
         self._raise_notice(request_id)
         return found
@@ -339,16 +364,27 @@ class Service:
                     for rid, _, envelope, owner in answers:
                         self._answers[rid] = (owner, envelope, now)
                         del self._pending[rid]
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._wake, [rid for rid, *_ in answers])
+                self._polls.wake([rid for rid, *_ in answers])
+                self._announce()
             if stop:
                 return
 
-    def _wake(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            event = self._waiting.pop(request_id, None)
-            if event is not None:
-                event.set()
+    # ---- observing --------------------------------------------------------------------------------
+
+    def waiting_polls(self, request_id: str | None = None) -> int:
+        """How many long-polls are waiting now for `request_id`'s answer (for any answer if None)."""
+        return self._polls.waiting(request_id)
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Block until `condition()` is true, re-checking it whenever a session closes, answers
+        are published, or a long-poll starts or stops waiting; False if `timeout` seconds pass
+        first. For observers on other threads (tests, monitoring); never on the event loop."""
+        with self._changed:
+            return self._changed.wait_for(condition, timeout)
+
+    def _announce(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def prune(self, now: float | None = None) -> int:
         """Forget answers finished more than `retention_s` ago (memory and database)."""

@@ -10,13 +10,15 @@ import atexit
 import threading
 from pathlib import Path
 
+from bios.admission import DIRECT
 from bios.backend import BackendConfig
 from bios.catalog import Catalog
 from bios.engine import CheckpointStore, Engine, create_backend
-from bios.engine.registry import simulated
-from bios.simulation import SimulationConfig, SimulationReport
+from bios.simulation import SimulationConfig, SimulationReport, Simulator, simulate
 
 _engines: dict[tuple[str, Path, tuple[tuple[str, str], ...], str], Engine] = {}
+_simulators: dict[int, Simulator] = {}
+"""id(engine) → the simulator it runs under."""
 _lock = threading.Lock()
 
 
@@ -32,19 +34,29 @@ def shared_engine(
             catalog = Catalog()
             catalog.register_installed(key[1] / "models")
             compute = create_backend(backend, BackendConfig(catalog=catalog, options=dict(options)))
-            if simulation is not None:
-                compute = simulated(compute, simulation, catalog)
+            simulator = simulate(compute, simulation, catalog) if simulation is not None else None
+            if simulator is not None:
+                compute = simulator.backend
             store = CheckpointStore(key[1] / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
-            _engines[key] = Engine(compute, catalog, store)
+            engine = Engine(compute, catalog, store, hook=simulator.hook if simulator is not None else DIRECT)
+            if simulator is not None:
+                _simulators[id(engine)] = simulator
+            _engines[key] = engine
         return _engines[key]
+
+
+def simulator_of(engine: object) -> Simulator | None:
+    """The simulator a shared engine runs under, if any."""
+    with _lock:
+        return _simulators.get(id(engine))
 
 
 def simulation_reports() -> list[SimulationReport]:
     """The report of every shared engine that simulates, in the order the engines were created
     (each call also writes that engine's trace file when its simulation names one)."""
     with _lock:
-        engines = [engine for engine in _engines.values() if engine.simulating]
-    return [engine.simulation_report() for engine in engines]  # type: ignore[misc]
+        simulators = [_simulators[id(engine)] for engine in _engines.values() if id(engine) in _simulators]
+    return [simulator.report() for simulator in simulators]
 
 
 def close_all() -> None:
@@ -52,6 +64,7 @@ def close_all() -> None:
     with _lock:
         engines = list(_engines.values())
         _engines.clear()
+        _simulators.clear()
     for engine in engines:
         engine.close()
 

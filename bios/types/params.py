@@ -148,7 +148,7 @@ class LoraConfig(RequestModel):
         modules = info.data.get("target_modules")
         if modules is None:
             return value  # target_modules itself is invalid and reported
-        derived = all(m in modules for m in _SWITCHES[info.field_name])  # type: ignore[index]
+        derived = all(m in modules for m in _SWITCHES[str(info.field_name)])
         if value is not None and value != derived:
             raise ValueError(
                 f"{info.field_name}={value} contradicts target_modules {list(modules)}; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -55,9 +55,10 @@ class TensorData(RequestModel):
         array = np.asarray(self.data, dtype=np.int64 if self.dtype == "int64" else np.float32)
         return array.reshape(self.shape) if self.shape is not None else array
 
-    def tolist(self) -> list:
+    def tolist(self) -> list[Any]:
         """Nested Python lists of the values."""
-        return self.to_numpy().tolist()
+        values: list[Any] = self.to_numpy().tolist()
+        return values
 
 
 class EncodedTextChunk(RequestModel):

@@ -3,15 +3,17 @@
 The arithmetic is the wrapped backend's, untouched: every answer is exactly what it computed.
 What is simulated is when answers come and which ones fail:
 
-- The engine admits each request with a `Ticket` (lane, sequence number, attempt, enqueue
-  time on the virtual clock). Admission refuses, changing nothing, a request that could never
-  fit the simulated deployment (memory, or more tokens than a pass holds).
+- The simulation's hook (emulator.simulator.hook) admits each request with a `Ticket` (lane,
+  sequence number, attempt, enqueue time on the virtual clock). Admission refuses, changing
+  nothing, a request that could never fit the simulated deployment (memory, or more tokens
+  than a pass holds).
 - When the engine hands a batch over, every request is drawn its faults (`FaultPlan`), placed
-  on the device `Timeline` with its duration from the `CostModel`, and answered as a `Timed`.
+  on the device `Timeline` with its duration from the `CostModel`, and answered; its `Timing`
+  and whether its answer was lost are kept for the hook (`take_timing`, `take_lost`).
 - Faults: `rate_limit` (429 at arrival) and `session_expiry` (the session's heartbeats were
   missed: it is evicted and restored from its acknowledged state) answer at once and run
   nothing; `transient` takes its device time, then fails having applied nothing; `timeout`
-  runs and is applied, but its answer is lost (`LostAnswer`) and the client hears 408 when
+  runs and is applied, but its answer is lost and the client hears 408 when
   it gives up; a `straggler` is slow; a `restart` takes the service down while the request is
   in flight: the request is lost, and every adapter is rebuilt from what was acknowledged —
   its last exported state plus the gradients of acknowledged forward_backwards, replayed.
@@ -29,14 +31,9 @@ from bios.backend import (
     AdapterState,
     Backend,
     ForwardBackwardWork,
-    LostAnswer,
     OptimStepWork,
     ResultCallback,
-    SampleOutput,
     SampleWork,
-    Ticket,
-    Timed,
-    Timing,
 )
 from bios.catalog import Catalog
 from bios.clock import VirtualClock
@@ -44,7 +41,6 @@ from bios.errors import (
     APIConnectionError,
     APITimeoutError,
     BiosError,
-    InvalidRequestError,
     RateLimitError,
     ServiceUnavailableError,
     SessionExpiredError,
@@ -53,12 +49,11 @@ from bios.simulation import SimulationConfig, SimulationReport
 from emulator.simulator import profiles
 from emulator.simulator.costs import CostModel, DeviceGroup
 from emulator.simulator.faults import Decision, FaultPlan
-from emulator.simulator.records import RequestSpan, ServiceEvent
+from emulator.simulator.footprint import check_fits, device_seconds, footprint
+from emulator.simulator.records import RequestSpan, ServiceEvent, Ticket, Timing
 from emulator.simulator.report import build_report
 from emulator.simulator.timeline import Timeline
 from emulator.simulator.trace import write_trace
-
-_GIB = 2**30
 
 
 @dataclass(slots=True)
@@ -98,8 +93,10 @@ class SimulatedBackend:
         self._lane_free: dict[str, float] = {}
         self._adapters: dict[str, AdapterSpec] = {}
         self._unsettled: dict[str, list[ForwardBackwardWork]] = {}
-        self._lost: set[tuple[str, int | None]] = set()
-        """(lane, seq) of ordered requests that ran but whose answer was lost."""
+        self._timings: dict[int, tuple[Ticket, Timing]] = {}
+        """id(work) → its ticket and timing, from its answer until the hook takes them."""
+        self._lost: dict[int, BiosError] = {}
+        """id(work) → the error its caller hears instead of the answer, which was lost."""
         self.spans: list[RequestSpan] = []
         self.events: list[ServiceEvent] = []
         self._lock = threading.Lock()
@@ -117,7 +114,9 @@ class SimulatedBackend:
         """The base model a work item runs on (an optim_step names only its adapter)."""
         if isinstance(work, OptimStepWork):
             return self._adapters[work.adapter_id].base_model
-        return work.base_model  # type: ignore[attr-defined]
+        if isinstance(work, ForwardBackwardWork | SampleWork):
+            return work.base_model
+        raise TypeError(f"not a work item: {type(work).__name__}")
 
     def _device(self, costs: CostModel) -> Timeline:
         if self._timeline is None:
@@ -129,55 +128,21 @@ class SimulatedBackend:
     def admit(self, work: object, ticket: Ticket) -> None:
         """Stamp `work` with `ticket`; InvalidRequestError when it could never run on this deployment."""
         costs = self.costs(self._base_model(work))
-        group, tokens, memory, rows = self._footprint(work, costs)
-        self._check_fits(ticket.kind, tokens, memory, costs)
+        group, tokens, memory, rows = footprint(work, costs)
+        check_fits(ticket.kind, tokens, memory, costs, self.config.max_batch_tokens)
         with self._lock:
             lane = self._lane_name(ticket.lane)
-            if (ticket.lane, ticket.seq) in self._lost:
-                self._answered_from_record(ticket, lane)
-                return
             position = ticket.seq if ticket.seq is not None else self._next_position(ticket)
             decision = self._plan.decide(ticket, int(lane.split()[-1]), position)
             self._admitted[id(work)] = (work, _Admission(ticket, lane, group, tokens, memory, rows, decision))
 
-    def _answered_from_record(self, ticket: Ticket, lane: str) -> None:
-        """A retry of a request whose answer was lost: the engine answers it from its record, at once."""
-        self._lost.discard((ticket.lane, ticket.seq))
+    def answered_from_record(self, ticket: Ticket) -> None:
+        """Record a retry of a request whose answer was lost, which the hook answers from its record, at once."""
+        with self._lock:
+            lane = self._lane_name(ticket.lane)
         at = ticket.enqueued_at
         self.spans.append(RequestSpan(ticket.kind, lane, ticket.seq, ticket.attempt, at, at, at, "ok", None, 0))
         self._lane_free[ticket.lane] = at
-
-    def _footprint(self, work: object, costs: CostModel) -> tuple[str, int, float, int]:
-        """(pass group, tokens, device memory in bytes, sampling rows) of one work item."""
-        if isinstance(work, ForwardBackwardWork):
-            lengths = [len(t) for t in work.tokens]
-            return "train", sum(lengths), costs.training_memory_bytes(lengths), 0
-        if isinstance(work, SampleWork):
-            tokens = len(work.prompt) + work.num_samples * work.max_tokens
-            return (
-                "sample",
-                tokens,
-                costs.sample_memory_bytes(len(work.prompt), work.num_samples, work.max_tokens),
-                work.num_samples,
-            )
-        return "train", 0, 0.0, 0
-
-    def _check_fits(self, kind: str, tokens: int, memory: float, costs: CostModel) -> None:
-        field = "data" if kind == "forward_backward" else "sampling_params.max_tokens"
-        limit = self.config.max_batch_tokens
-        if limit is not None and tokens > limit:
-            raise InvalidRequestError(
-                f"{field}: this request has {tokens} tokens but one pass of the simulated deployment holds "
-                f"{limit} (max_batch_tokens); split it into smaller requests",
-                field=field,
-            )
-        if memory > costs.free_memory_bytes:
-            raise InvalidRequestError(
-                f"{field}: this request needs {memory / _GIB:.1f} GiB of device memory but {costs.describe()} has "
-                f"{max(costs.free_memory_bytes, 0) / _GIB:.1f} GiB free "
-                "after the weights; send fewer or shorter sequences",
-                field=field,
-            )
 
     def _lane_name(self, lane_id: str) -> str:
         if lane_id not in self._lanes:
@@ -238,17 +203,26 @@ class SimulatedBackend:
         lost_from = self._restart_index(admissions)
         runs = [i for i, a in enumerate(admissions) if _runs(a) and (lost_from is None or i < lost_from)]
         outputs = dict(zip(runs, compute([works[i] for i in runs]) if runs else [], strict=True))
-        answers = []
+        answers: list[object] = []
         for i, (work, admission) in enumerate(zip(works, admissions, strict=True)):
             if admission is None:
-                now = self.clock.now()
-                answers.append(Timed(outputs.get(i), Timing(now, now, now)))
+                answers.append(outputs.get(i))
             elif lost_from is not None and i >= lost_from:
-                answers.append(self._lost_in_restart(admission))
+                answers.append(self._lost_in_restart(work, admission))
             else:
                 answers.append(self._answer(work, admission, outputs.get(i)))
-        self._deliver(answers, on_result)
+        self._deliver(works, answers, on_result)
         return answers
+
+    def take_timing(self, work: object) -> tuple[Ticket, Timing] | None:
+        """The ticket and timing of `work`'s answer (once; None if it was never admitted)."""
+        with self._lock:
+            return self._timings.pop(id(work), None)
+
+    def take_lost(self, work: object) -> BiosError | None:
+        """The error heard instead of `work`'s answer when that answer was lost (once), else None."""
+        with self._lock:
+            return self._lost.pop(id(work), None)
 
     def _restart_index(self, admissions: list[_Admission | None]) -> int | None:
         """The index of the first item the service restarts under (it and those after are lost)."""
@@ -257,29 +231,29 @@ class SimulatedBackend:
                 return i
         return None
 
-    def _answer(self, work: object, admission: _Admission, output: object) -> Timed:
+    def _answer(self, work: object, admission: _Admission, output: object) -> object:
         """Place one item on the device and answer it as its fault (if any) dictates."""
         ticket, failure = admission.ticket, admission.decision.failure
         ready = max(ticket.enqueued_at, self._lane_free.get(ticket.lane, 0.0))
         if failure in ("rate_limit", "session_expiry"):
-            if failure == "session_expiry" and getattr(work, "adapter_id", None) in self._adapters:
-                self._rebuild(work.adapter_id)  # type: ignore[attr-defined]
-            return self._record(admission, None, ready, ready, _refusal(failure, self.config))
+            adapter_id = work.adapter_id if isinstance(work, ForwardBackwardWork | OptimStepWork | SampleWork) else None
+            if failure == "session_expiry" and adapter_id is not None and adapter_id in self._adapters:
+                self._rebuild(adapter_id)
+            return self._record(work, admission, None, ready, ready, _refusal(failure, self.config))
         costs = self.costs(self._base_model(work))
-        duration = self._duration(
-            work, output, costs, self._device(costs).rows_in_open_pass(admission.group, ready) + admission.rows
-        )
+        batch_rows = self._device(costs).rows_in_open_pass(admission.group, ready) + admission.rows
+        duration = device_seconds(work, output, costs, self._adapters, batch_rows)
         if admission.decision.straggler:
             duration *= self.config.straggler_factor
         place = self._device(costs).place(
             admission.group, ready, admission.tokens, admission.memory, duration, admission.rows
         )
         if failure == "transient":
-            error = ServiceUnavailableError(
+            error: BiosError = ServiceUnavailableError(
                 f"{ticket.kind}: the service failed transiently while "
                 "running this request; nothing was applied, retry it"
             )
-            return self._record(admission, place.index, place.started_at, place.finished_at, error)
+            return self._record(work, admission, place.index, place.started_at, place.finished_at, error)
         self._settle(work, output)
         if failure == "timeout":
             answered = max(place.finished_at, ticket.enqueued_at + self.config.request_timeout_s)
@@ -287,12 +261,14 @@ class SimulatedBackend:
                 f"{ticket.kind}: no answer within {self.config.request_timeout_s:g} "
                 "s; it may have run — retry with the same sequence number"
             )
-            if ticket.seq is not None and not isinstance(output, BiosError):
-                self._lost.add((ticket.lane, ticket.seq))
-            return self._record(admission, place.index, place.started_at, answered, _lost(output, error))
-        return self._record(admission, place.index, place.started_at, place.finished_at, output)
+            if isinstance(output, BiosError):  # it failed anyway: nothing was applied, the timeout is all they hear
+                return self._record(work, admission, place.index, place.started_at, answered, error)
+            with self._lock:
+                self._lost[id(work)] = error
+            return self._record(work, admission, place.index, place.started_at, answered, output)
+        return self._record(work, admission, place.index, place.started_at, place.finished_at, output)
 
-    def _lost_in_restart(self, admission: _Admission) -> Timed:
+    def _lost_in_restart(self, work: object, admission: _Admission) -> object:
         """The service goes down when this item reaches the device: every adapter is rebuilt
         from its acknowledged state and the item is lost (if it is the restarting one, the
         outage begins with it)."""
@@ -309,25 +285,7 @@ class SimulatedBackend:
             f"{admission.ticket.kind}: the service restarted while this "
             "request was in flight; nothing of it was applied, retry it"
         )
-        return self._record(admission, None, down_at, down_at, error)
-
-    def _duration(self, work: object, output: object, costs: CostModel, batch_rows: int) -> float:
-        """Seconds `work` keeps the device group busy (a sample decodes as long as its longest completion)."""
-        if isinstance(work, ForwardBackwardWork):
-            spec = self._adapters.get(work.adapter_id or "")
-            rank, modules = (spec.rank, spec.target_modules) if spec is not None else (0, ())
-            return costs.forward_backward_s([len(t) for t in work.tokens], rank, modules, work.backward)
-        if isinstance(work, OptimStepWork):
-            spec = self._adapters[work.adapter_id]
-            return costs.optim_step_s(costs.adapter_params(spec.rank, spec.target_modules))
-        if isinstance(work, SampleWork):
-            generated = (
-                max((len(s.tokens) for s in output.sequences), default=0)
-                if isinstance(output, SampleOutput)
-                else work.max_tokens
-            )
-            return costs.sample_s(len(work.prompt), work.num_samples, generated, batch_rows)
-        return 0.0
+        return self._record(work, admission, None, down_at, down_at, error)
 
     def _settle(self, work: object, output: object) -> None:
         """Track what a restart must replay: backward passes since the adapter's last optim_step."""
@@ -339,8 +297,15 @@ class SimulatedBackend:
             self._unsettled[work.adapter_id] = []
 
     def _record(
-        self, admission: _Admission, pass_index: int | None, started: float, answered: float, value: object
-    ) -> Timed:
+        self,
+        work: object,
+        admission: _Admission,
+        pass_index: int | None,
+        started: float,
+        answered: float,
+        value: object,
+    ) -> object:
+        """Record the attempt's span and keep its timing for the hook; returns `value`."""
         ticket = admission.ticket
         outcome = "ok" if admission.decision.failure is None else admission.decision.failure
         if isinstance(value, APIConnectionError):
@@ -362,14 +327,17 @@ class SimulatedBackend:
         )
         if ticket.seq is not None:
             self._lane_free[ticket.lane] = answered
-        return Timed(value, Timing(ticket.enqueued_at, started, answered))
+        with self._lock:
+            self._timings[id(work)] = (ticket, Timing(ticket.enqueued_at, started, answered))
+        return value
 
-    def _deliver(self, answers: list[Timed], on_result: ResultCallback | None) -> None:
+    def _deliver(self, works: Sequence[object], answers: list[object], on_result: ResultCallback | None) -> None:
         """In scaled real time, hand each answer over when its simulated time has come."""
         if self.clock.jumps or on_result is None:
             return
-        for i in sorted(range(len(answers)), key=lambda i: answers[i].timing.finished_at):
-            self.clock.advance_to(answers[i].timing.finished_at)
+        finished = {i: timing[1].finished_at for i, w in enumerate(works) if (timing := self._timings.get(id(w)))}
+        for i in sorted(finished, key=finished.__getitem__):
+            self.clock.advance_to(finished[i])
             on_result(i, answers[i])
 
     # ---- the run --------------------------------------------------------------------------------
@@ -408,8 +376,3 @@ def _refusal(failure: str, config: SimulationConfig) -> BiosError:
     return SessionExpiredError(
         "session_id: the session missed its heartbeats and was evicted; nothing was applied, retry to restore it"
     )
-
-
-def _lost(output: object, error: BiosError) -> object:
-    """A timed-out item's answer: lost if it was computed, else the backend's own error."""
-    return error if isinstance(output, BiosError) else LostAnswer(output, error)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bios.backend import Ticket
 from bios.simulation import FAILURE_KINDS, SimulationConfig
+from emulator.simulator.records import Ticket
 
 _KIND_CODES = {"forward_backward": 1, "optim_step": 2, "sample": 3}
 

@@ -9,6 +9,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Who submitted a work item and when: lane (the session id of ordered requests, the
+    sampler id of a snapshot's), seq (its number in the session; None for a sampler's), kind
+    ("forward_backward", "optim_step" or "sample"), enqueued_at (simulated seconds), attempt
+    (1, then 2, 3, ... for client retries)."""
+
+    lane: str
+    seq: int | None
+    kind: str
+    enqueued_at: float
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """When one work item was queued, started and answered (simulated seconds)."""
+
+    enqueued_at: float
+    started_at: float
+    finished_at: float
+
+
 OUTCOMES = ("ok", "transient", "timeout", "rate_limit", "session_expiry", "restart")
 """How an attempt ended: answered, or the fault that hit it ("restart": lost in flight to a restart)."""
 

@@ -131,8 +131,8 @@ def chrome_trace(
     out = metadata_events(tids, devices)
     for span in spans:
         out += request_events(span, tids[span.lane])
-    for span in passes:
-        out += pass_events(span, devices)
+    for device_pass in passes:
+        out += pass_events(device_pass, devices)
     for event in events:
         out.append(_slice(SERVICE_PID, SERVICE_TID, event.name, "service", event.started_at, event.finished_at, {}))
     return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": {"title": title}}

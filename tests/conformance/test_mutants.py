@@ -231,6 +231,7 @@ def test_mutant_is_caught_by_the_conformance_suite(name):
     assert report.failed, f"mutant {name} ({MUTANTS[name]}) passed the whole ci conformance suite"
 
 
+@pytest.mark.slow
 def test_the_emulator_passes_the_properties_that_catch_mutants():
     for only in sorted(set(TARGETS.values())):
         report = run("emulator", profile="ci", only=only)

@@ -79,7 +79,7 @@ def fb(tokens, inputs, adapter_id="a", backward=True, loss_fn="ppo", base_model=
 
 
 def grads(backend: EmulatorBackend, adapter_id: str = "a") -> dict[str, np.ndarray]:
-    return {k: g.copy() for k, g in backend._adapters[adapter_id].grads.items()}
+    return backend.pending_gradient(adapter_id)
 
 
 def trained(backend: EmulatorBackend, steps: int = 2) -> None:
@@ -163,7 +163,7 @@ def test_forward_only_accumulates_nothing_and_base_model_runs_without_adapter():
     out = backend.forward_backward([fb(tokens, inputs, backward=False)])[0]
     assert all(not g.any() for g in grads(backend).values())
     base_out = backend.forward_backward([fb(tokens, inputs, adapter_id=None, backward=False)])[0]
-    base = backend._model(SPEC.name)[1]
+    base = backend.base_weights(SPEC.name)
     for t, i, lp in zip(tokens, inputs, base_out.logprobs):
         np.testing.assert_allclose(lp, token_logprobs(forward(SPEC, base, None, t)[0], i["target_tokens"]), rtol=1e-13)
     assert not np.allclose(out.logprobs[0], base_out.logprobs[0])
@@ -174,7 +174,7 @@ def test_dropout_only_in_training_with_the_host_masks():
     trained(backend, 1)  # step 1: masks are keyed by the current step
     tokens, inputs = batch(4, 2)
     state = backend.export_state("a")
-    base = backend._model(SPEC.name)[1]
+    base = backend.base_weights(SPEC.name)
     no_drop = backend.forward_backward([fb(tokens, inputs, backward=False)])[0]
     with_drop = backend.forward_backward([fb(tokens, inputs)])[0]
     for datum, (t, i) in enumerate(zip(tokens, inputs)):
@@ -229,7 +229,7 @@ def test_create_rejects_duplicates_bad_states_and_unknown_models():
         backend.create_adapter(AdapterSpec("b", SPEC.name, 4, 8.0, ("qkv",)))
     with pytest.raises(NotFoundError):
         backend.create_adapter(AdapterSpec("b", "no/such-model", 4, 8.0, MODULES))
-    assert "b" not in backend._adapters
+    assert "b" not in backend.adapter_ids()
 
 
 def test_delete_and_close():

@@ -50,7 +50,7 @@ def setup():
     weights = {name: 0.5 * rng.standard_normal(shape) for name, shape in lora_shapes(SPEC, MODULES, 2).items()}
     spec = AdapterSpec("a", SPEC.name, rank=2, alpha=2.0, target_modules=MODULES)
     backend.create_adapter(spec, AdapterState(spec, 0, weights))
-    base = {k: v.astype(np.float64) for k, v in backend._model(SPEC.name)[1].items()}
+    base = {k: v.astype(np.float64) for k, v in backend.base_weights(SPEC.name).items()}
     return backend, Lora(weights, 1.0), base, tokenizer
 
 

@@ -74,7 +74,7 @@ def bios_state_of(service) -> tuple[int, int, list[str]]:
     gc.collect()
     engine = service._transport
     engine.scheduler.call(lambda: None).result()  # sessions ended by that collection are freed
-    return len(engine._sessions), len(engine.backend._adapters), [r.path for r in engine.store.list()]
+    return len(engine.session_ids()), len(engine.backend.adapter_ids()), [r.path for r in engine.store.list()]
 
 
 # ---- export: Bios → PEFT ------------------------------------------------------------------------

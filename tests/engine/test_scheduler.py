@@ -10,6 +10,7 @@ runs two marker jobs one after the other, which returns only once every earlier 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ import pytest
 from helpers import MODEL, random_batch
 
 import bios
-from bios.backend import Backend, LostAnswer
-from bios.engine.scheduler import Job, Scheduler
+from bios.admission import Admission, Outcome, Request
+from bios.backend import Backend
+from bios.clock import REAL_CLOCK
+from bios.engine.scheduler import Batched, Job, Scheduler
 from bios.errors import (
     APITimeoutError,
     BackendError,
@@ -56,14 +59,11 @@ class FakeBackend:
 
     @staticmethod
     def _answer(kind: str, w: str) -> object:
-        """(kind, w), or: "reject" fails, "flaky" fails retryably changing nothing, "lost" runs
-        but loses its answer."""
+        """(kind, w), or: "reject" fails, "flaky" fails retryably changing nothing."""
         if w == "reject":
             return InvalidRequestError(f"bad item {w}", field="w")
         if w == "flaky":
             return ServiceUnavailableError("try again")
-        if w == "lost":
-            return LostAnswer((kind, w), APITimeoutError("the answer was lost"))
         return (kind, w)
 
     def create_adapter(self, spec: object, state: object = None) -> None: ...
@@ -134,7 +134,7 @@ def drain(sched: Scheduler) -> None:
 
 
 def job(kind: str, work: str, model: str = "m") -> Job:
-    return Job(kind, model, work)
+    return Job(Batched(kind, model, work))  # type: ignore[arg-type]  # the fake backend's work items are strings
 
 
 def test_the_fake_backend_satisfies_the_protocol(backend: FakeBackend) -> None:
@@ -281,7 +281,7 @@ def test_a_failing_finish_fails_its_job_only(sched: Scheduler) -> None:
     def finish(output: object) -> object:
         raise KeyError("missing field")
 
-    failing = sched.submit("a", 0, Job("forward_backward", "m", "a0", finish))
+    failing = sched.submit("a", 0, Job(Batched("forward_backward", "m", "a0"), finish))  # type: ignore[arg-type]
     assert isinstance(failing.exception(timeout=30), BackendError)
     assert sched.submit("a", 1, job("forward_backward", "a1")).result(timeout=30) == ("forward_backward", "a1")
 
@@ -341,7 +341,7 @@ def test_concurrent_sessions_share_backend_calls_on_the_emulator(service: bios.S
 
 
 def test_a_sample_answered_early_resolves_before_the_backend_call_returns(sched, backend):
-    first, second = Job("sample", "m", "first"), Job("sample", "m", "second")
+    first, second = job("sample", "first"), job("sample", "second")
     backend.answer_early = 1
     backend.observe = lambda: (first.future.done(), second.future.done())
     gate = hold(sched)  # both jobs queue up, so they share one backend call
@@ -366,9 +366,34 @@ def test_a_retryable_failure_that_changed_nothing_keeps_its_number_open(sched: S
     assert retried.result(timeout=30) == ("forward_backward", "w0") and later.result(timeout=30) == ("optim_step", "w1")
 
 
-def test_a_lost_answer_uses_its_number_and_a_retry_gets_it_without_running_again(
-    sched: Scheduler, backend: FakeBackend
-) -> None:
+class LosingHook:
+    """Loses the answer of work "lost" (it ran; its caller hears a retryable timeout) and
+    answers the retry at that number from its record, as the service simulator does."""
+
+    clock = REAL_CLOCK
+    inline = False
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[str | None, int | None], tuple[str, object]] = {}
+
+    def admit(self, request: Request) -> Admission:
+        kept = self.kept.get((request.lane, request.seq))
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        if kept is None or kept[0] != request.kind:
+            return Admission(future)
+        future.set_result(kept[1])
+        return Admission(future, answered=True)
+
+    def settle(self, request: Request, future: object, outcome: Outcome) -> Outcome:
+        if request.work != "lost" or outcome.error is not None:
+            return outcome
+        self.kept[(request.lane, request.seq)] = (request.kind, outcome.value)
+        return Outcome(error=APITimeoutError("the answer was lost"), applied=True)
+
+
+def test_a_lost_answer_uses_its_number_and_a_retry_gets_it_without_running_again(backend: FakeBackend) -> None:
+    sched = Scheduler(backend, LosingHook())  # type: ignore[arg-type]
+    sched.open_lane("a")
     with pytest.raises(APITimeoutError):
         sched.submit("a", 0, job("optim_step", "lost")).result(timeout=30)
     assert sched.next_seq("a") == 1
@@ -378,3 +403,4 @@ def test_a_lost_answer_uses_its_number_and_a_retry_gets_it_without_running_again
     with pytest.raises(ConflictError):  # another kind of request at that number is a conflict
         sched.submit("a", 0, job("forward_backward", "w"))
     assert sched.submit("a", 1, job("forward_backward", "w1")).result(timeout=30) == ("forward_backward", "w1")
+    sched.close()

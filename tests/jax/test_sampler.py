@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from backends.jax import compiled, params
-from backends.jax.sampler import choose, sample
+from backends.jax.compiled import choose
+from backends.jax.sampler import sample
 from bios.backend import SampleWork
 from bios.catalog import ModelSpec
 from bios.weights import generate_base_weights
@@ -44,7 +45,8 @@ class LetterTokenizer:
 @pytest.fixture(scope="module")
 def programs_before() -> tuple[int, int]:
     """(extend, choose) programs compiled before this module's first test (other modules share the cache)."""
-    return compiled.compile_counts()["extend"], choose._cache_size()
+    counts = compiled.compile_counts()
+    return counts["extend"], counts["choose"]
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +59,10 @@ def model(programs_before):
     lora = {k: np.zeros(s, np.float32) for k, s in params.lora_shapes(SPEC, slots=3, rank=RANK).items()}
     for name, array in lora.items():
         if name != "scale":
-            one = array[1] if name.startswith("lora.lm_head") else array[:, 1]
+            one = array[params.slot_index(name, 1)]
             one[...] = 0.3 * rng.standard_normal(one.shape)
     lora["scale"][:] = [0.0, 2.0, 1.0]
-    slot1 = {k: (v[1] if k.startswith("lora.lm_head") else v[:, 1]) for k, v in lora.items() if k != "scale"}
+    slot1 = {k: v[params.slot_index(k, 1)] for k, v in lora.items() if k != "scale"}
     weights = params.adapter_weights(SPEC, slot1, tuple(SPEC.linear_shapes()), RANK)
     reference = {k: v.astype(np.float64) for k, v in hf.items()}
     adapters = {0: None, 1: Lora({k: v.astype(np.float64) for k, v in weights.items()}, 2.0), 2: None}
@@ -251,5 +253,6 @@ def test_prompt_logprobs_match_the_reference(model):
 
 def test_few_programs(programs_before):
     extend_before, choose_before = programs_before
-    grown = compiled.compile_counts()["extend"] - extend_before, choose._cache_size() - choose_before
+    counts = compiled.compile_counts()
+    grown = counts["extend"] - extend_before, counts["choose"] - choose_before
     assert grown[0] <= 12 and grown[1] <= 5, grown

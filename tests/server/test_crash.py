@@ -44,17 +44,33 @@ def _weights_of(client: bios.TrainingClient) -> dict[str, np.ndarray]:
 
 
 def _train_until_stopped(
-    client: bios.TrainingClient, seed: int, stop: threading.Event, acknowledged: list[int], errors: list
+    client: bios.TrainingClient,
+    seed: int,
+    stop: threading.Event,
+    acknowledged: list[int],
+    errors: list,
+    progress: threading.Condition,
+    ended: set[int],
 ) -> None:
+    """Train until `stop` (or 40 steps, or an error); every acknowledged step, and the end
+    (`seed` joins `ended`), is announced on `progress`."""
     step = 0
-    while not stop.is_set() and step < 40:
-        try:
-            client.forward_backward(random_batch(seed=100 * seed + step)).result()
-            acknowledged.append(client.optim_step(ADAM).result().step)
-        except bios.BiosError as exc:
-            errors.append(exc)
-            return
-        step += 1
+    try:
+        while not stop.is_set() and step < 40:
+            try:
+                client.forward_backward(random_batch(seed=100 * seed + step)).result()
+                acknowledged_step = client.optim_step(ADAM).result().step
+            except bios.BiosError as exc:
+                errors.append(exc)
+                return
+            with progress:
+                acknowledged.append(acknowledged_step)
+                progress.notify_all()
+            step += 1
+    finally:
+        with progress:
+            ended.add(seed)
+            progress.notify_all()
 
 
 def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path):
@@ -72,20 +88,24 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
             pending.optim_step(ADAM).result()
         pending.forward_backward(random_batch(seed=902)).result()
 
-        stop = threading.Event()
+        stop, progress, ended = threading.Event(), threading.Condition(), set()
         acknowledged = {seed: [] for seed in seeds}
         errors = {seed: [] for seed in seeds}
         threads = [
-            threading.Thread(target=_train_until_stopped, args=(sessions[s], s, stop, acknowledged[s], errors[s]))
+            threading.Thread(
+                target=_train_until_stopped, args=(sessions[s], s, stop, acknowledged[s], errors[s], progress, ended)
+            )
             for s in seeds
         ]
         for thread in threads:
             thread.start()
-        while min(len(a) for a in acknowledged.values()) < 3:
-            time.sleep(0.01)
+        with progress:
+            progress.wait_for(lambda: all(len(acknowledged[s]) >= 3 or s in ended for s in seeds), timeout=120)
         server.kill()  # SIGKILL while requests are in flight
+        before_restart = {s: len(acknowledged[s]) for s in seeds}
         server.start()
-        time.sleep(1.0)
+        with progress:  # every training loop carries on after the restart (or has ended)
+            progress.wait_for(lambda: all(len(acknowledged[s]) > before_restart[s] or s in ended for s in seeds), 120)
         stop.set()
         for thread in threads:
             thread.join(timeout=120)

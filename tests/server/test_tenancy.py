@@ -59,6 +59,7 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
     state = training.save_state("private").result().path
     frozen = training.save_weights_for_sampler("private-sampler").result().path
     sampler = alice.create_sampling_client(model_path=frozen)
+    (sampler_id,) = [sid for sid, _, _, path in server.service.records.all_samplers() if path == frozen]
     before = training.forward(batch).result().loss
     request_id = (
         _http(server, KEY_A)
@@ -83,7 +84,7 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
         "resume from state": lambda: bob.create_training_client_from_state(state),
         "sample from snapshot": lambda: bob.create_sampling_client(model_path=frozen),
         "use sampler": lambda: bob._transport.sampler_sample(
-            sampler._handle.sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()
+            sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()
         ),
         "delete checkpoint": lambda: bob._transport.delete_checkpoint(state),
         "list session checkpoints": lambda: bob._transport.list_checkpoints(sid),
@@ -93,7 +94,7 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
             attempt()
             pytest.fail(f"{what}: key B was not refused")
     assert bob_http.get(f"/v1/requests/{request_id}").status_code == 404
-    assert bob_http.delete(f"/v1/samplers/{sampler._handle.sampler_id}").status_code == 404
+    assert bob_http.delete(f"/v1/samplers/{sampler_id}").status_code == 404
     assert bob._transport.list_checkpoints() == []
     # nothing of alice's changed, and she still sees and uses all of it
     assert _http(server, KEY_A).get(f"/v1/requests/{request_id}", params={"wait": 10}).json()["status"] == "done"
@@ -195,10 +196,8 @@ def test_a_dropped_remote_training_client_ends_its_server_session(server):
     journal = server.service.journal
     assert journal.read(session_id).state.step == 1
     del training
-    gc.collect()
-    deadline = time.monotonic() + 10
-    while journal.read(session_id) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    gc.collect()  # the client ends its server session in the background
+    server.service.wait_until(lambda: journal.read(session_id) is None, timeout=10)
     assert journal.read(session_id) is None  # not restored after a restart either
     with pytest.raises(bios.NotFoundError):
         server.service.engine.session_info(session_id)
@@ -227,7 +226,8 @@ def test_many_long_polls_on_one_request_hold_no_thread_and_all_get_its_answer(se
             polls = [
                 asyncio.create_task(client.get(f"/v1/requests/{request_id}", params={"wait": 30})) for _ in range(count)
             ]
-            await asyncio.sleep(1.0)  # every poll is now waiting on the server
+            waiting = lambda: server.service.waiting_polls(request_id) == count
+            assert await asyncio.to_thread(server.service.wait_until, waiting, 60)  # every poll waits on the server
             health = await client.get("/healthz")  # the server still answers at once
             assert health.status_code == 200 and not any(p.done() for p in polls)
             gate.set()

@@ -311,7 +311,7 @@ def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simu
     stats = httpx.get(f"{simulated_server.url}/v1/stats", headers={"Authorization": f"Bearer {KEY_A}"}).json()
     heard = stats["retried_attempts_by_status"]
     assert {"408", "429", "503"} <= set(heard), heard  # the SDK's polls were answered with each
-    report = simulated_server.service.engine.simulation_report()
+    report = simulated_server.service.simulation_report()
     assert (
         report.faults["restart"] == 1
         and min(report.faults[k] for k in ("transient", "timeout", "rate_limit", "session_expiry")) >= 1

@@ -167,12 +167,12 @@ def test_a_simulated_server_answers_exactly_what_an_unsimulated_run_computes(tmp
     expected = sft_losses(bios.ServiceClient(backend="emulator"))
     options = ServerOptions(backend="emulator", no_auth=True, home=tmp_path, simulation=FAULTS)
     with ThreadedServer(options) as server:
-        assert server.service.engine.simulating
+        assert server.service.simulator is not None
         client = bios.ServiceClient(base_url=server.url)
         assert client.get_server_capabilities().simulated_time_scale == 0.0
         assert client._transport.clock.jumps  # the client's retries back off on simulated time: no real waits
         got = sft_losses(client)
-        report = server.service.engine.simulation_report()
+        report = server.service.simulation_report()
     assert got == expected
     assert report.requests["forward_backward"] >= 5 and report.requests["optim_step"] >= 5
     assert sum(report.retries.values()) >= 1 and report.faults

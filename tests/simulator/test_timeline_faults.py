@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bios.backend import Ticket
 from bios.simulation import FaultRates, ScheduledFault, SimulationConfig
 from emulator.simulator.faults import FaultPlan
+from emulator.simulator.records import Ticket
 from emulator.simulator.timeline import Timeline
 
 

@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi.responses import Response
 
 from bios.errors import BiosError, NotFoundError
 
+R = TypeVar("R")
+
 PROTO, JSON = b"P", b"J"
 PROTO_MEDIA_TYPE = "application/x-protobuf"
 
 
-def proto_answer(serialise: Callable[[object], bytes]) -> Callable[[object], bytes]:
+def proto_answer(serialise: Callable[[R], bytes]) -> Callable[[R], bytes]:
     """An `encode` storing `serialise(result)` (protobuf bytes)."""
     return lambda result: PROTO + serialise(result)
 
 
-def json_answer(to_json: Callable[[object], dict]) -> Callable[[object], bytes]:
+def json_answer(to_json: Callable[[R], dict]) -> Callable[[R], bytes]:
     """An `encode` storing `to_json(result)` as JSON."""
     return lambda result: JSON + json.dumps(to_json(result)).encode()
 

@@ -16,7 +16,7 @@ from bios.errors import InvalidRequestError, UnsupportedError
 from bios.server.tinker import proto
 from bios.types import Datum, ForwardBackwardResult, ModelInput, SampleResult, TensorData
 
-_NUMPY = {proto.DTYPE_FLOAT32: np.dtype("<f4"), proto.DTYPE_INT64: np.dtype("<i8")}
+_NUMPY: dict[int, np.dtype] = {proto.DTYPE_FLOAT32: np.dtype("<f4"), proto.DTYPE_INT64: np.dtype("<i8")}
 _INT64 = np.dtype("<i8")
 
 

@@ -1,23 +1,32 @@
-"""What the Tinker routes share: the service, keys, runs, sessions, and request submission."""
+"""What the Tinker routes share: the service, keys, runs, sessions, and request submission.
+
+`install` files one `Tinker` on the app; the route handlers are module-level functions that
+receive it and the caller's owner id through the FastAPI dependencies below (coroutines, so
+they never wait for a worker thread). `RunRequest` is one request of a training run at its
+Tinker `seq_id`.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
-from fastapi import Header
+from fastapi import Depends, FastAPI, Header
+from starlette.requests import HTTPConnection
 
 from bios.errors import BiosError
 from bios.server.auth import KeyRing
 from bios.server.service import Recorder, Service
-from bios.server.tinker import answers
+from bios.server.tinker import answers, ids
 from bios.server.tinker.archive import ArchiveSigner
 from bios.server.tinker.ids import Run, Runs, session_of
 from bios.server.tinker.sessions import Releases, Sessions
 from bios.types import TrainingInfo
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Tinker:
@@ -35,19 +44,14 @@ class Tinker:
         self.signer = ArchiveSigner()
         self._chain = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-tinker")
 
-    async def owner(self, x_api_key: str | None = Header(None)) -> str:
-        """FastAPI dependency: the owner id of the `X-API-Key` header (AuthenticationError if
-        invalid); a coroutine, so that long-polls never wait for a worker thread."""
-        return self.keys.authenticate(x_api_key)
-
     def submit(
         self,
         who: str,
         kind: str,
         body: bytes,
         key: str | None,
-        start: Callable[[], concurrent.futures.Future],
-        encode: Callable[[object], bytes],
+        start: Callable[[], concurrent.futures.Future[R]],
+        encode: Callable[[R], bytes],
         *,
         run: Run | None = None,
         seq: int | None = None,
@@ -74,21 +78,12 @@ class Tinker:
             retry_transient=True,
         )
 
-    def ordered(self, run: Run, seq: int, prepare: Callable[[], T]) -> T:
-        """`prepare()`, giving up engine sequence number `seq` of `run` if it raises, so that a
-        refused request does not hold the run's later requests."""
-        try:
-            return prepare()
-        except BiosError:
-            self.engine.skip(run.session_id, seq)
-            raise
-
-    def then(self, future: concurrent.futures.Future, step: Callable[[object], T]) -> concurrent.futures.Future:
+    def then(self, future: concurrent.futures.Future[R], step: Callable[[R], T]) -> concurrent.futures.Future[T]:
         """A future of `step(result of future)`, run off the engine's worker thread (so `step`
         may call the engine); a failure of `future` passes through."""
-        out: concurrent.futures.Future = concurrent.futures.Future()
+        out: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-        def run_step(done: concurrent.futures.Future) -> None:
+        def run_step(done: concurrent.futures.Future[R]) -> None:
             try:
                 out.set_result(step(done.result()))
             except BaseException as exc:  # noqa: BLE001 - the request fails with it
@@ -110,8 +105,82 @@ class Tinker:
         return run
 
 
-def done(value: object) -> concurrent.futures.Future:
+def install_on(app: FastAPI, tinker: Tinker) -> None:
+    """File `tinker` on `app` for the dependencies below."""
+    app.state.tinker = tinker
+
+
+async def current_tinker(connection: HTTPConnection) -> Tinker:
+    """FastAPI dependency: the app's `Tinker` (filed by `install_on`)."""
+    return connection.app.state.tinker
+
+
+async def tinker_owner(connection: HTTPConnection, x_api_key: str | None = Header(None)) -> str:
+    """FastAPI dependency: the owner id of the `X-API-Key` header (AuthenticationError if invalid)."""
+    return (await current_tinker(connection)).keys.authenticate(x_api_key)
+
+
+TinkerDep = Annotated[Tinker, Depends(current_tinker)]
+TinkerOwnerDep = Annotated[str, Depends(tinker_owner)]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """A request of `who`'s training run `run` with Tinker `seq_id`: it runs at engine sequence
+    number `seq` (= seq_id - 1) of the run's Bios session, and `(model_id, seq_id)` is its
+    idempotency key."""
+
+    tinker: Tinker
+    who: str
+    run: Run
+    seq_id: int
+    seq: int
+
+    @classmethod
+    def of(cls, tinker: Tinker, who: str, model_id: str, seq_id: int | None) -> RunRequest:
+        """NotFoundError unless `model_id` is `who`'s run; then InvalidRequestError for a `seq_id` below 1."""
+        run = tinker.runs.get(who, model_id)
+        seq = ids.engine_seq(seq_id)
+        return cls(tinker, who, run, seq + 1, seq)
+
+    @property
+    def session_id(self) -> str:
+        """The run's Bios session."""
+        return self.run.session_id
+
+    @property
+    def key(self) -> str:
+        """The idempotency key: a retry of the same request gets the first one back."""
+        return f"tinker/{self.run.model_id}/{self.seq_id}"
+
+    def ordered(self, prepare: Callable[[], T]) -> T:
+        """`prepare()`, giving up the engine sequence number `seq` if it raises, so that a
+        refused request does not hold the run's later requests."""
+        try:
+            return prepare()
+        except BiosError:
+            self.tinker.engine.skip(self.session_id, self.seq)
+            raise
+
+    def submit(
+        self,
+        kind: str,
+        body: bytes,
+        start: Callable[[], concurrent.futures.Future[R]],
+        encode: Callable[[R], bytes],
+        *,
+        record: Recorder | None = None,
+        replay: bytes | None = None,
+    ) -> dict:
+        """`Tinker.submit` at `seq` under `key`; the SDK's answer `{"request_id", "model_id"}`."""
+        request_id = self.tinker.submit(
+            self.who, kind, body, self.key, start, encode, run=self.run, seq=self.seq, record=record, replay=replay
+        )
+        return {"request_id": request_id, "model_id": self.run.model_id}
+
+
+def done(value: T) -> concurrent.futures.Future[T]:
     """A future already resolved with `value`."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
     future.set_result(value)
     return future

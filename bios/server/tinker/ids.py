@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, func, insert, select
 from sqlalchemy.engine import Engine as SqlEngine
+from sqlalchemy.engine import Row
+from sqlalchemy.sql import ColumnElement
 
 from bios.errors import InvalidRequestError, NotFoundError, UnsupportedError
 from bios.validation import SCHEME, parse_path
@@ -131,14 +133,14 @@ class Runs:
             raise NotFoundError(f"path: {bios_path} belongs to no Tinker training run", field="path")
         return TINKER_SCHEME + run.model_id + bios_path[len(SCHEME) + len(session_id) :]
 
-    def _one(self, where: object) -> Run | None:
+    def _one(self, where: ColumnElement[bool]) -> Run | None:
         with self.db.connect() as tx:
             row = tx.execute(select(runs_table).where(where)).first()
         return None if row is None else _run(row)
 
 
-def _run(row: object) -> Run:
-    m = row._mapping  # type: ignore[attr-defined]
+def _run(row: Row) -> Run:
+    m = row._mapping
     return Run(
         m["model_id"],
         m["session_id"],

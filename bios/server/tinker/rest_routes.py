@@ -9,19 +9,21 @@ from __future__ import annotations
 import datetime
 import os
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from bios.errors import InvalidRequestError
 from bios.server.tinker.archive import build_archive
 from bios.server.tinker.bodies import WeightsInfo
-from bios.server.tinker.context import Tinker
+from bios.server.tinker.context import Tinker, TinkerDep, TinkerOwnerDep
 from bios.server.tinker.ids import Run
 from bios.types import StateResult
 from bios.types.params import ATTENTION_MODULES, MLP_MODULES
 
 CHECKPOINT_TYPES = {"state": "training", "sampler": "sampler"}
+
+router = APIRouter()
 
 
 def iso(timestamp: float) -> str:
@@ -29,119 +31,132 @@ def iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 
-def add_rest_routes(router: APIRouter, tinker: Tinker) -> None:
-    owner = Depends(tinker.owner)
-    service, engine, runs = tinker.service, tinker.engine, tinker.runs
+def _checkpoint(tinker: Tinker, record: StateResult) -> dict:
+    """A checkpoint of a Tinker run as a Tinker `Checkpoint`."""
+    path = tinker.runs.tinker_path(record.path)
+    return {
+        "checkpoint_id": path.split("/", 3)[3],
+        "checkpoint_type": CHECKPOINT_TYPES[record.kind],
+        "time": iso(record.created_at),
+        "tinker_path": path,
+        "public": False,
+        "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
+    }
 
-    def checkpoints_of(who: str, run: Run) -> list[StateResult]:
-        return service.owned_checkpoints(who, engine.list_checkpoints(run.session_id))
 
-    def checkpoint(record: StateResult) -> dict:
-        path = runs.tinker_path(record.path)
-        return {
-            "checkpoint_id": path.split("/", 3)[3],
-            "checkpoint_type": CHECKPOINT_TYPES[record.kind],
-            "time": iso(record.created_at),
-            "tinker_path": path,
-            "public": False,
-            "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
-        }
+def _training_run(tinker: Tinker, who: str, run: Run) -> dict:
+    """The run as a Tinker `TrainingRun`; its last request time is the latest activity on
+    record (its creation or its newest checkpoint)."""
+    saved = tinker.service.list_checkpoints(who, run.session_id)
+    last = {
+        kind: next((_checkpoint(tinker, c) for c in reversed(saved) if c.kind == kind), None)
+        for kind in CHECKPOINT_TYPES
+    }
+    return {
+        "training_run_id": run.model_id,
+        "base_model": run.base_model,
+        "model_owner": run.owner,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": run.lora_rank,
+        "user_metadata": run.user_metadata,
+        "last_request_time": iso(max([run.created_at, *(c.created_at for c in saved)])),
+        "last_checkpoint": last["state"],
+        "last_sampler_checkpoint": last["sampler"],
+    }
 
-    def training_run(who: str, run: Run) -> dict:
-        """The run as a Tinker `TrainingRun`; its last request time is the latest activity on
-        record (its creation or its newest checkpoint)."""
-        saved = checkpoints_of(who, run)
-        last = {
-            kind: next((checkpoint(c) for c in reversed(saved) if c.kind == kind), None) for kind in CHECKPOINT_TYPES
-        }
-        return {
-            "training_run_id": run.model_id,
-            "base_model": run.base_model,
-            "model_owner": run.owner,
-            "is_lora": True,
-            "corrupted": False,
-            "lora_rank": run.lora_rank,
-            "user_metadata": run.user_metadata,
-            "last_request_time": iso(max([run.created_at, *(c.created_at for c in saved)])),
-            "last_checkpoint": last["state"],
-            "last_sampler_checkpoint": last["sampler"],
-        }
 
-    def bios_checkpoint(who: str, run_id: str, kind: str, name: str) -> str:
-        return service.check_checkpoint(who, runs.bios_path(who, f"tinker://{run_id}/{kind}/{name}"))
+def _bios_checkpoint(tinker: Tinker, who: str, run_id: str, kind: str, name: str) -> str:
+    """The Bios path of `who`'s checkpoint `tinker://RUN_ID/KIND/NAME` (NotFoundError if not `who`'s)."""
+    return tinker.service.check_checkpoint(who, tinker.runs.bios_path(who, f"tinker://{run_id}/{kind}/{name}"))
 
-    @router.get("/training_runs")
-    def list_training_runs(
-        limit: int = Query(20, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
-        access_scope: str = "owned",
-        who: str = owner,
-    ) -> dict:
-        if access_scope != "owned":
-            raise InvalidRequestError(
-                f"access_scope: only 'owned' is supported, got {access_scope!r}", field="access_scope"
-            )
-        page, total = runs.page(who, limit, offset)
-        return {
-            "training_runs": [training_run(who, run) for run in page],
-            "cursor": {"offset": offset, "limit": limit, "total_count": total},
-        }
 
-    @router.get("/training_runs/{run_id}")
-    def get_training_run(run_id: str, who: str = owner) -> dict:
-        return training_run(who, runs.get(who, run_id))
-
-    @router.get("/training_runs/{run_id}/checkpoints")
-    def list_run_checkpoints(run_id: str, who: str = owner) -> dict:
-        return {"checkpoints": [checkpoint(c) for c in checkpoints_of(who, runs.get(who, run_id))]}
-
-    @router.get("/checkpoints")
-    def list_user_checkpoints(
-        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0), who: str = owner
-    ) -> dict:
-        page, _total = runs.page(who, 1 << 30, 0)
-        everything = sorted(
-            (c for run in page for c in checkpoints_of(who, run)), key=lambda c: c.created_at, reverse=True
+@router.get("/training_runs")
+def list_training_runs(
+    who: TinkerOwnerDep,
+    tinker: TinkerDep,
+    limit: int = Query(20, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+    access_scope: str = "owned",
+) -> dict:
+    if access_scope != "owned":
+        raise InvalidRequestError(
+            f"access_scope: only 'owned' is supported, got {access_scope!r}", field="access_scope"
         )
-        return {
-            "checkpoints": [checkpoint(c) for c in everything[offset : offset + limit]],
-            "cursor": {"offset": offset, "limit": limit, "total_count": len(everything)},
-        }
+    page, total = tinker.runs.page(who, limit, offset)
+    return {
+        "training_runs": [_training_run(tinker, who, run) for run in page],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
 
-    @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
-    def delete_checkpoint(run_id: str, kind: str, name: str, who: str = owner) -> dict:
-        path = bios_checkpoint(who, run_id, kind, name)
-        engine.delete_checkpoint(path)
-        service.records.remove_checkpoint(path)
-        return {}
 
-    @router.post("/weights_info")
-    def weights_info(body: WeightsInfo, who: str = owner) -> dict:
-        """The LoRA configuration a checkpoint holds."""
-        spec = engine.store.load(service.check_checkpoint(who, runs.bios_path(who, body.tinker_path)), "inspected").spec
-        return {
-            "base_model": spec.base_model,
-            "is_lora": True,
-            "lora_rank": spec.rank,
-            "optimizer_config": {"type": "adamw"},
-            "train_attn": set(ATTENTION_MODULES) <= set(spec.target_modules),
-            "train_mlp": set(MLP_MODULES) <= set(spec.target_modules),
-            "train_unembed": "lm_head" in spec.target_modules,
-        }
+@router.get("/training_runs/{run_id}")
+def get_training_run(run_id: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return _training_run(tinker, who, tinker.runs.get(who, run_id))
 
-    @router.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/archive")
-    def archive_url(run_id: str, kind: str, name: str, request: Request, who: str = owner) -> dict:
-        """`{"url", "expires"}`: a signed URL (no API key needed) of the checkpoint as a tar of
-        its PEFT LoRA adapter, valid for 15 minutes."""
-        token, expires = tinker.signer.token(bios_checkpoint(who, run_id, kind, name))
-        return {"url": str(request.url_for("tinker_archive", token=token)), "expires": iso(expires)}
 
-    @router.get("/archives/{token}", name="tinker_archive")
-    def download_archive(token: str) -> FileResponse:
-        archive = build_archive(engine.store, engine.catalog, tinker.signer.path(token))
-        return FileResponse(
-            archive,
-            media_type="application/x-tar",
-            filename="checkpoint.tar",
-            background=BackgroundTask(os.unlink, archive),
-        )
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_run_checkpoints(run_id: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    run = tinker.runs.get(who, run_id)
+    return {"checkpoints": [_checkpoint(tinker, c) for c in tinker.service.list_checkpoints(who, run.session_id)]}
+
+
+@router.get("/checkpoints")
+def list_user_checkpoints(
+    who: TinkerOwnerDep,
+    tinker: TinkerDep,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> dict:
+    page, _total = tinker.runs.page(who, 1 << 30, 0)
+    everything = sorted(
+        (c for run in page for c in tinker.service.list_checkpoints(who, run.session_id)),
+        key=lambda c: c.created_at,
+        reverse=True,
+    )
+    return {
+        "checkpoints": [_checkpoint(tinker, c) for c in everything[offset : offset + limit]],
+        "cursor": {"offset": offset, "limit": limit, "total_count": len(everything)},
+    }
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
+def delete_checkpoint(run_id: str, kind: str, name: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    tinker.service.delete_checkpoint(who, tinker.runs.bios_path(who, f"tinker://{run_id}/{kind}/{name}"))
+    return {}
+
+
+@router.post("/weights_info")
+def weights_info(body: WeightsInfo, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """The LoRA configuration a checkpoint holds."""
+    path = tinker.service.check_checkpoint(who, tinker.runs.bios_path(who, body.tinker_path))
+    spec = tinker.engine.store.load(path, "inspected").spec
+    return {
+        "base_model": spec.base_model,
+        "is_lora": True,
+        "lora_rank": spec.rank,
+        "optimizer_config": {"type": "adamw"},
+        "train_attn": set(ATTENTION_MODULES) <= set(spec.target_modules),
+        "train_mlp": set(MLP_MODULES) <= set(spec.target_modules),
+        "train_unembed": "lm_head" in spec.target_modules,
+    }
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/archive")
+def archive_url(run_id: str, kind: str, name: str, request: Request, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """`{"url", "expires"}`: a signed URL (no API key needed) of the checkpoint as a tar of
+    its PEFT LoRA adapter, valid for 15 minutes."""
+    token, expires = tinker.signer.token(_bios_checkpoint(tinker, who, run_id, kind, name))
+    return {"url": str(request.url_for("tinker_archive", token=token)), "expires": iso(expires)}
+
+
+@router.get("/archives/{token}", name="tinker_archive")
+def download_archive(token: str, tinker: TinkerDep) -> FileResponse:
+    engine = tinker.engine
+    archive = build_archive(engine.store, engine.catalog, tinker.signer.path(token))
+    return FileResponse(
+        archive,
+        media_type="application/x-tar",
+        filename="checkpoint.tar",
+        background=BackgroundTask(os.unlink, archive),
+    )

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 
 from bios.server.auth import KeyRing
 from bios.server.service import Service
-from bios.server.tinker.context import Tinker
-from bios.server.tinker.rest_routes import add_rest_routes
-from bios.server.tinker.sampling_routes import add_sampling_routes
-from bios.server.tinker.session_routes import add_session_routes
-from bios.server.tinker.training_routes import add_training_routes
+from bios.server.tinker import rest_routes, sampling_routes, session_routes, training_routes, weights_routes
+from bios.server.tinker.context import Tinker, install_on
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"])
+for _part in (session_routes, training_routes, weights_routes, sampling_routes, rest_routes):
+    router.include_router(_part.router)
 
 
-def tinker_router(service: Service, keys: KeyRing) -> APIRouter:
-    """Routes under `/api/v1` speaking the Tinker SDK's protocol to the holders of `keys`."""
-    tinker = Tinker(service, keys)
-    router = APIRouter(prefix="/api/v1", tags=["tinker"])
-    add_session_routes(router, tinker)
-    add_training_routes(router, tinker)
-    add_sampling_routes(router, tinker)
-    add_rest_routes(router, tinker)
-    return router
+def install(app: FastAPI, service: Service, keys: KeyRing) -> None:
+    """Answer the Tinker SDK's `/api/v1` requests on `app`, from `service`, to the holders of `keys`."""
+    install_on(app, Tinker(service, keys))
+    app.include_router(router)

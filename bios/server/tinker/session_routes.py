@@ -1,13 +1,17 @@
-"""Handshake, sessions, telemetry, capabilities and the long-polled `retrieve_future`."""
+"""Handshake, sessions, telemetry, capabilities and the long-polled `retrieve_future`.
+
+Trivial routes and the long-poll are coroutines: they never wait for a worker thread.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from bios.server.native.discovery import healthz
 from bios.server.tinker import answers
 from bios.server.tinker.bodies import Retrieve, SessionRef
-from bios.server.tinker.context import Tinker
+from bios.server.tinker.context import TinkerDep, TinkerOwnerDep
 
 HOLD_S = 30.0
 """How long a `retrieve_future` poll waits for its answer before answering 408 (the SDK gives
@@ -24,60 +28,62 @@ CLIENT_CONFIG = {
 """The SDK features Bios serves: no JWT exchange, session poller, sampler joining or server-side
 custom losses; models are created from a checkpoint in one `load_weights` request."""
 
+router = APIRouter()
+router.get("/healthz")(healthz)
 
-def add_session_routes(router: APIRouter, tinker: Tinker) -> None:
-    """Trivial routes and the long-poll are coroutines: they never wait for a worker thread."""
-    owner = Depends(tinker.owner)
 
-    @router.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+@router.post("/client/config")
+async def client_config(who: TinkerOwnerDep) -> dict:
+    return CLIENT_CONFIG
 
-    @router.post("/client/config")
-    async def client_config(who: str = owner) -> dict:
-        return CLIENT_CONFIG
 
-    @router.post("/client/dynamic_config")
-    async def dynamic_config(who: str = owner) -> dict:
-        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+@router.post("/client/dynamic_config")
+async def dynamic_config(who: TinkerOwnerDep) -> dict:
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
 
-    @router.post("/create_session")
-    def create_session(who: str = owner) -> dict:
-        return {"type": "create_session", "session_id": tinker.sessions.create(who)}
 
-    @router.post("/session_heartbeat")
-    def session_heartbeat(body: SessionRef, who: str = owner) -> dict:
-        """410 once the session has finished or expired: the SDK then stops heartbeating."""
-        tinker.sessions.heartbeat(who, body.session_id)
-        return {"type": "session_heartbeat"}
+@router.post("/create_session")
+def create_session(who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return {"type": "create_session", "session_id": tinker.sessions.create(who)}
 
-    @router.post("/sessions/{session_id}/finish")
-    def finish_session(session_id: str, who: str = owner) -> dict:
-        tinker.sessions.finish(who, session_id)
-        return {}
 
-    @router.post("/telemetry")
-    async def telemetry(who: str = owner) -> dict:
-        """Accepted and not kept (0.33.x SDKs resend a refused batch every second, forever)."""
-        return {"status": "accepted"}
+@router.post("/session_heartbeat")
+def session_heartbeat(body: SessionRef, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """410 once the session has finished or expired: the SDK then stops heartbeating."""
+    tinker.sessions.heartbeat(who, body.session_id)
+    return {"type": "session_heartbeat"}
 
-    @router.get("/get_server_capabilities")
-    def server_capabilities(who: str = owner) -> dict:
-        models = tinker.engine.capabilities().supported_models
-        return {
-            "supported_models": [
-                {"model_name": m.model_name, "max_context_length": m.max_seq_len, "trainable": True, "sampleable": True}
-                for m in models
-            ]
-        }
 
-    @router.post("/retrieve_future")
-    async def retrieve_future(body: Retrieve, who: str = owner) -> Response:
-        """The request's result (protobuf or JSON) or failure `{"error", "category"}`, waiting up
-        to HOLD_S for it; 408 `try_again` while it runs; 404 for another key's request."""
-        stored = await tinker.service.wait(who, body.request_id, HOLD_S)
-        if stored is None:
-            return JSONResponse(
-                {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}, status_code=408
-            )
-        return answers.served(body.request_id, stored)
+@router.post("/sessions/{session_id}/finish")
+def finish_session(session_id: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    tinker.sessions.finish(who, session_id)
+    return {}
+
+
+@router.post("/telemetry")
+async def telemetry(who: TinkerOwnerDep) -> dict:
+    """Accepted and not kept (0.33.x SDKs resend a refused batch every second, forever)."""
+    return {"status": "accepted"}
+
+
+@router.get("/get_server_capabilities")
+def server_capabilities(who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    models = tinker.engine.capabilities().supported_models
+    return {
+        "supported_models": [
+            {"model_name": m.model_name, "max_context_length": m.max_seq_len, "trainable": True, "sampleable": True}
+            for m in models
+        ]
+    }
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(body: Retrieve, who: TinkerOwnerDep, tinker: TinkerDep) -> Response:
+    """The request's result (protobuf or JSON) or failure `{"error", "category"}`, waiting up
+    to HOLD_S for it; 408 `try_again` while it runs; 404 for another key's request."""
+    stored = await tinker.service.wait(who, body.request_id, HOLD_S)
+    if stored is None:
+        return JSONResponse(
+            {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}, status_code=408
+        )
+    return answers.served(body.request_id, stored)

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 
 from bios.errors import BiosError, NotFoundError
 
@@ -164,8 +165,8 @@ class Sessions:
         """Mark `session` over; the calls that free what it held."""
         session.over = True
         samplers = [self._samplers.pop(s) for s in session.samplers.values() if s in self._samplers]
-        frees = [lambda s=s: self._releases.sampler(s.owner, s.sampler_id) for s in samplers]
-        frees += [lambda r=r: self._releases.run(session.owner, r) for r in session.runs]
+        frees: list[Callable[[], None]] = [partial(self._releases.sampler, s.owner, s.sampler_id) for s in samplers]
+        frees += [partial(self._releases.run, session.owner, r) for r in session.runs]
         session.samplers.clear()
         session.runs.clear()
         return frees

@@ -1,0 +1,195 @@
+"""What reaches the compiled training programs and what comes back: rows of requests,
+packed into bucketed batches, and their results gathered per request.
+
+A forward_backward request contributes one `Row` per datum. Rows of many requests (and many
+adapters) are sorted by adapter slot, cut into micro-batches that fit the token budget
+(`micro_batches`, `token_budget`) and padded into a `Batch` whose row and token counts are
+bucketed (`bucket`, the one shape-bucketing function of the backend), so a training loop
+with varying batch sizes and lengths compiles a handful of programs. `Outputs` gathers each
+request's rows back from the batches' results.
+
+Shapes: B rows, T tokens, N = B*T. Imports no other module of the backend but sharding.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from backends.jax.sharding import batch_sharding, rows_multiple
+from bios.backend import ForwardBackwardOutput
+from bios.catalog import ModelSpec
+from bios.losses import LOSSES
+
+MIN_TOKENS = 16
+"""Smallest token bucket of a training batch."""
+MIN_ROWS = 4
+"""Smallest row bucket of a training batch."""
+DEFAULT_TOKENS_PER_CALL = 16384
+"""Micro-batch budget on devices without memory statistics (CPU)."""
+
+
+def bucket(n: int, minimum: int = 1, multiple: int = 1, cap: int | None = None) -> int:
+    """The smallest power of two >= max(n, minimum), rounded up to `multiple`, at most `cap` (if >= n)."""
+    size = max(minimum, 1 << max(0, int(n - 1).bit_length()))
+    size = -(-size // multiple) * multiple
+    return max(n, min(size, cap)) if cap is not None else size
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One datum of one forward_backward request: one row of a `Batch`."""
+
+    slot: int
+    """Adapter slot of its request (0: the bare base model)."""
+    request: int
+    """Index of its request among the requests being run."""
+    datum: int
+    """Index of the datum within its request."""
+    tokens: np.ndarray
+    """[T] int input tokens."""
+    inputs: dict[str, np.ndarray]
+    """The loss's per-token inputs by name, each [T], `target_tokens` included."""
+    config: dict[str, float]
+    """The loss's settings (its request's `loss_config`)."""
+    dropout_rate: float = 0.0
+    """LoRA dropout rate of its adapter; 0 without dropout (and always in a forward pass)."""
+    dropout_seed: int = 0
+    """uint32 seed of the row's dropout masks (meaningful only with a rate)."""
+
+    @property
+    def length(self) -> int:
+        """Tokens of the datum, T."""
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A padded, slot-sorted batch: rows B, tokens T (both bucketed), N = B*T.
+
+    tokens, targets: [B, T] int32; mask: [B, T] float32 (0 on padding); inputs: the loss's
+    per-token inputs [B, T]; config: the loss's settings, each [B, 1]; token_slot: [N] int32.
+    With LoRA dropout, dropout_seed [B] uint32 seeds each row's masks and dropout_rate [B] is
+    its adapter's rate (both None when no row of the batch uses dropout).
+    """
+
+    tokens: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+    inputs: dict[str, jax.Array]
+    config: dict[str, jax.Array]
+    token_slot: jax.Array
+    dropout_seed: jax.Array | None = None
+    dropout_rate: jax.Array | None = None
+
+    @classmethod
+    def pack(cls, rows: Sequence[Row], loss_fn: str, mesh: Mesh, max_tokens: int) -> Batch:
+        """`rows` (sorted by slot, at least one) padded to bucketed [B, T] and split by rows over `mesh`.
+
+        Row i of the batch is rows[i]; padding rows have mask 0 and the last row's slot, so
+        token_slot stays sorted. T is at most `max_tokens` (unless a row is longer). Pure.
+        """
+        spec = LOSSES[loss_fn]
+        names = [n for n in spec.inputs if n != "target_tokens"]
+        b = bucket(len(rows), minimum=MIN_ROWS, multiple=rows_multiple(mesh))
+        t = bucket(max(row.length for row in rows), MIN_TOKENS, cap=max_tokens)
+        tokens, targets, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, t), np.float32)
+        inputs = {name: np.zeros((b, t), np.float32) for name in names}
+        config = {key: np.zeros((b, 1), np.float32) for key in spec.config}
+        slots = np.full(b, rows[-1].slot, np.int32)
+        seeds, rates = np.zeros(b, np.uint32), np.zeros(b, np.float32)
+        for i, row in enumerate(rows):
+            n = row.length
+            tokens[i, :n], targets[i, :n], mask[i, :n] = row.tokens, row.inputs["target_tokens"], 1.0
+            slots[i], seeds[i], rates[i] = row.slot, row.dropout_seed, row.dropout_rate
+            for name in names:
+                inputs[name][i, :n] = row.inputs[name]
+            for key in config:
+                config[key][i] = row.config[key]
+
+        def put(array: np.ndarray) -> jax.Array:
+            return jax.device_put(array, batch_sharding(array.shape, mesh))
+
+        dropout = bool(rates.any())
+        return cls(
+            tokens=put(tokens),
+            targets=put(targets),
+            mask=put(mask),
+            inputs={name: put(value) for name, value in inputs.items()},
+            config={key: put(value) for key, value in config.items()},
+            token_slot=jnp.asarray(np.repeat(slots, t)),
+            dropout_seed=put(seeds) if dropout else None,
+            dropout_rate=put(rates) if dropout else None,
+        )
+
+
+jax.tree_util.register_dataclass(
+    Batch,
+    data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"],
+    meta_fields=[],
+)
+
+
+def micro_batches(rows: Sequence[Row], budget: int) -> list[list[Row]]:
+    """Consecutive runs of `rows` whose padded size (bucketed rows x bucketed tokens) stays
+    within `budget` tokens; a row longer than the budget runs alone."""
+    chunks: list[list[Row]] = [[]]
+    longest = 0
+    for row in rows:
+        candidate = max(longest, row.length)
+        if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > budget:
+            chunks.append([])
+            candidate = row.length
+        chunks[-1].append(row)
+        longest = candidate
+    return chunks
+
+
+class Outputs:
+    """Each request's per-datum results as its rows' micro-batches finish; a request is
+    reported (with its loss, the sum over its data) as soon as its last row has run."""
+
+    def __init__(self, data: list[int], report: Callable[[int, ForwardBackwardOutput], None]) -> None:
+        self.data, self.remaining, self.report = data, list(data), report
+        self.logprobs: dict[tuple[int, int], np.ndarray] = {}
+        self.elementwise: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, rows: list[Row], logprobs: np.ndarray, elementwise: np.ndarray) -> None:
+        """Take the results of a batch of `rows`: logprobs, elementwise [B, T] (host arrays)."""
+        for i, row in enumerate(rows):
+            key = (row.request, row.datum)
+            self.logprobs[key], self.elementwise[key] = logprobs[i, : row.length], elementwise[i, : row.length]
+            self.remaining[row.request] -= 1
+            if self.remaining[row.request] == 0:
+                self._finish(row.request)
+
+    def _finish(self, request: int) -> None:
+        lps = tuple(self.logprobs.pop((request, d)) for d in range(self.data[request]))
+        els = tuple(self.elementwise.pop((request, d)) for d in range(self.data[request]))
+        loss = float(sum(e.astype(np.float64).sum() for e in els))
+        self.report(
+            request, ForwardBackwardOutput(loss=loss, logprobs=lps, elementwise_loss=els, metrics={"loss:sum": loss})
+        )
+
+
+def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
+    """Tokens per forward_backward call that fit in half the free memory of a device.
+
+    Per token and device, the scanned, rematerialised decoder keeps each layer's input
+    (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
+    hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
+    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
+    """
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_TOKENS_PER_CALL
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
+    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
+    budget = int(0.5 * free / per_token) * data_parallel
+    return max(1024, 1 << (budget.bit_length() - 1))

@@ -1,0 +1,67 @@
+"""Sampling clients: a sampler on a checkpoint or a base model, its samples and logprobs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+
+from fastapi import APIRouter
+
+from bios import wire
+from bios.server.service import Service
+from bios.server.state import IdempotencyKeyDep, OwnerDep, ServiceDep
+
+router = APIRouter()
+
+
+def _submit(
+    service: Service,
+    who: str,
+    idem: str | None,
+    kind: str,
+    sampler_id: str,
+    body: wire.SamplerSample | wire.SamplerLogprobs,
+    start: Callable[[], concurrent.futures.Future],
+) -> wire.Submitted:
+    """`who`'s request `kind` on sampler `sampler_id` (NotFoundError if it is not `who`'s),
+    started with `start()` unless `idem` names an earlier one (`Service.submit`)."""
+    service.check_sampler(who, sampler_id)
+    return wire.Submitted(request_id=service.submit(who, kind, body.model_dump_json().encode(), idem, start))
+
+
+@router.post("/v1/samplers")
+def create_sampler(body: wire.CreateSampler, who: OwnerDep, service: ServiceDep) -> wire.Sampler:
+    if body.model_path is not None:
+        service.check_checkpoint(who, body.model_path)
+    handle = service.engine.create_sampler(model_path=body.model_path, base_model=body.base_model)
+    service.add_sampler(
+        handle.sampler_id,
+        who,
+        base_model=None if body.model_path else handle.base_model,
+        model_path=body.model_path,
+    )
+    return wire.Sampler(sampler_id=handle.sampler_id, base_model=handle.base_model)
+
+
+@router.delete("/v1/samplers/{sampler_id}")
+def delete_sampler(sampler_id: str, who: OwnerDep, service: ServiceDep) -> dict:
+    service.drop_sampler(who, sampler_id)
+    return {}
+
+
+@router.post("/v1/samplers/{sampler_id}/sample")
+def sampler_sample(
+    sampler_id: str, body: wire.SamplerSample, who: OwnerDep, service: ServiceDep, idem: IdempotencyKeyDep
+) -> wire.Submitted:
+    start = lambda: service.engine.sampler_sample(
+        sampler_id, body.prompt, body.sampling_params, body.num_samples, prompt_logprobs=body.prompt_logprobs
+    )
+    return _submit(service, who, idem, "sample", sampler_id, body, start)
+
+
+@router.post("/v1/samplers/{sampler_id}/logprobs")
+def sampler_logprobs(
+    sampler_id: str, body: wire.SamplerLogprobs, who: OwnerDep, service: ServiceDep, idem: IdempotencyKeyDep
+) -> wire.Submitted:
+    start = lambda: service.engine.sampler_logprobs(sampler_id, body.prompt)
+    return _submit(service, who, idem, "logprobs", sampler_id, body, start)

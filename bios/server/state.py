@@ -1,0 +1,65 @@
+"""What the native `/v1` routes of one app share, and the FastAPI dependencies that hand it out.
+
+`create_app` files one `ServerState` on its app (`attach`); the route handlers are module-level
+functions that receive the service and the caller's owner id through the dependencies below,
+never through closures. Every dependency is a coroutine, so resolving it runs on the event
+loop and never waits for a worker thread behind slow synchronous routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header
+from starlette.requests import HTTPConnection
+
+from bios.server.auth import KeyRing, bearer
+from bios.server.service import Service
+
+
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    """One app's service (and through it the engine), the keys it accepts, the largest request
+    body it reads (bytes) and how often it forgets old answers (seconds)."""
+
+    service: Service
+    keys: KeyRing
+    max_body_bytes: int
+    prune_every_s: float
+
+
+def attach(app: FastAPI, state: ServerState) -> None:
+    """File `state` on `app` for `server_state`."""
+    app.state.bios = state
+
+
+def state_of(app: FastAPI) -> ServerState:
+    """The `ServerState` filed on `app` by `attach`."""
+    return app.state.bios
+
+
+def server_state(connection: HTTPConnection) -> ServerState:
+    """The `ServerState` of the app serving `connection`."""
+    return state_of(connection.app)
+
+
+async def current_service(connection: HTTPConnection) -> Service:
+    """FastAPI dependency: the app's `Service`."""
+    return server_state(connection).service
+
+
+async def owner(connection: HTTPConnection, authorization: str | None = Header(None)) -> str:
+    """FastAPI dependency: the owner id of the `Authorization: Bearer KEY` header;
+    AuthenticationError when the key is missing or unknown."""
+    return server_state(connection).keys.authenticate(bearer(authorization))
+
+
+async def idempotency_key(idempotency_key: str | None = Header(None)) -> str | None:
+    """FastAPI dependency: the `Idempotency-Key` header, if sent."""
+    return idempotency_key
+
+
+ServiceDep = Annotated[Service, Depends(current_service)]
+OwnerDep = Annotated[str, Depends(owner)]
+IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]

@@ -1,0 +1,187 @@
+"""A training run's weights: save (for resuming or for sampling) and load (into the run, or
+into a new run resumed from a checkpoint).
+
+These requests are ordered like the run's others (see `training_routes`): each carries its
+Tinker `seq_id`, and one refused before it reaches the engine gives up its sequence number.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import NoReturn
+
+from fastapi import APIRouter
+
+from bios.engine.checkpoints import checkpoint_path
+from bios.engine.engine import WithState
+from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
+from bios.server.tinker import ids
+from bios.server.tinker.answers import json_answer
+from bios.server.tinker.bodies import LoadWeights, SaveForSampler, SaveWeights, user_metadata
+from bios.server.tinker.context import RunRequest, Tinker, TinkerDep, TinkerOwnerDep, done
+from bios.server.tinker.sessions import Sampler
+from bios.types import StateResult, TrainingInfo
+
+router = APIRouter()
+
+
+def _saved(tinker: Tinker, path: str) -> bool:
+    """Whether Bios checkpoint `path` exists."""
+    try:
+        return tinker.engine.store.record(path) is not None
+    except NotFoundError:
+        return False
+
+
+def _saved_answer(tinker: Tinker, kind: str) -> Callable[[StateResult], bytes]:
+    """The answer of a save: the checkpoint's Tinker path and the request `kind`."""
+    return json_answer(lambda result: {"path": tinker.runs.tinker_path(result.path), "type": kind})
+
+
+@router.post("/save_weights")
+def save_weights(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """save_state: weights + optimizer state as `tinker://RUN/weights/NAME`. TTLs are not
+    enforced: a checkpoint stays until it is deleted."""
+    req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
+
+    def prepare() -> str:
+        if not body.path:
+            raise InvalidRequestError("path: name the checkpoint", field="path")
+        if not body.overwrite and _saved(tinker, checkpoint_path(req.session_id, "state", body.path)):
+            raise InvalidRequestError(
+                f"path: checkpoint {body.path!r} exists; pass overwrite=True to replace it", field="path"
+            )
+        return body.path
+
+    start = lambda: tinker.engine.save_state(
+        req.session_id, req.seq, req.ordered(prepare), user_metadata(body.user_metadata), "state"
+    )
+    record = tinker.service.checkpoint_recorder(who, req.session_id)
+    encode = _saved_answer(tinker, "save_weights")
+    return req.submit("save_weights", body.model_dump_json().encode(), start, encode, record=record)
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(body: SaveForSampler, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """Named: a persistent sampler checkpoint `tinker://RUN/sampler_weights/NAME`. Unnamed
+    (save_weights_and_get_sampling_client): a sampling session on a snapshot of the current
+    weights, released with the client's session and kept in no checkpoint."""
+    req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
+    hashed = body.model_dump_json(exclude={"sampling_session_seq_id"}).encode()
+    if body.path:
+        name = body.path
+        start = lambda: tinker.engine.save_state(
+            req.session_id, req.seq, name, user_metadata(body.user_metadata), "sampler"
+        )
+        record = tinker.service.checkpoint_recorder(who, req.session_id)
+        encode = _saved_answer(tinker, "save_weights_for_sampler")
+        return req.submit("save_for_sampler", hashed, start, encode, record=record)
+    return _snapshot_sampler(req, hashed)
+
+
+def _snapshot_sampler(req: RunRequest, hashed: bytes) -> dict:
+    """Submit an unnamed save_weights_for_sampler: its answer is a new sampling session on a
+    snapshot of the run's weights, filed under the run's Tinker session at the request's key."""
+    tinker, who = req.tinker, req.who
+    session_id = ids.session_of(req.run.model_id)
+
+    def sampler_on(saved: StateResult) -> str:
+        try:
+            handle = tinker.engine.create_sampler(model_path=saved.path)
+        finally:
+            tinker.engine.delete_checkpoint(saved.path)  # the snapshot adapter holds the weights now
+        tinker.service.add_sampler(handle.sampler_id, who)
+        try:
+            return tinker.sessions.add_sampler(
+                Sampler(handle.sampler_id, who, session_id, handle.base_model, None), req.key
+            )
+        except BiosError:
+            tinker.service.drop_sampler(who, handle.sampler_id)
+            raise
+
+    def start() -> Future[str]:
+        req.ordered(lambda: tinker.sessions.check(who, session_id))
+        snapshot = tinker.engine.save_state(req.session_id, req.seq, f"ephemeral-{uuid.uuid4().hex}", {}, "sampler")
+        return tinker.then(snapshot, sampler_on)
+
+    encode = json_answer(lambda sampler_id: {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
+    return req.submit("save_for_sampler", hashed, start, encode)
+
+
+@router.post("/save_weights_external")
+def save_weights_external(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """Unsupported (Bios does not export merged Hugging Face weights); gives up its seq_id."""
+    req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
+
+    def refuse() -> NoReturn:
+        raise UnsupportedError(
+            "save_weights_external: exporting Hugging Face weights is not "
+            "supported by Bios; use save_weights_for_sampler (a PEFT LoRA adapter)",
+            field="path",
+        )
+
+    start = lambda: req.ordered(refuse)
+    return req.submit("save_external", body.model_dump_json().encode(), start, json_answer(dict))
+
+
+@router.post("/load_weights")
+def load_weights(body: LoadWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """With `model_id` + `seq_id`: load_state into the run. With `session_id` +
+    `model_seq_id`: a new run `SESSION:train:MODEL_SEQ_ID` resumed from the checkpoint.
+    `optimizer` false loads the weights only, with a fresh optimizer."""
+    if body.model_id is not None:
+        return _load_into_run(RunRequest.of(tinker, who, body.model_id, body.seq_id), body)
+    if body.session_id is None or body.model_seq_id is None:
+        raise InvalidRequestError(
+            "load_weights: give model_id and seq_id, or session_id and model_seq_id", field="model_id"
+        )
+    return _load_as_new_run(tinker, who, body, body.session_id, body.model_seq_id)
+
+
+def _loaded(body: LoadWeights, model_id: str) -> Callable[[object], bytes]:
+    """The answer of a load_weights into run `model_id`."""
+    return json_answer(lambda _: {"path": body.path, "model_id": model_id, "type": "load_weights"})
+
+
+def _load_into_run(req: RunRequest, body: LoadWeights) -> dict:
+    """Submit load_state of the caller's checkpoint `body.path` into the run of `req`."""
+    tinker = req.tinker
+
+    def start() -> Future[WithState[TrainingInfo]]:
+        source = req.ordered(lambda: _checkpoint_to_load(tinker, req.who, body))
+        return tinker.engine.load_state_and_export(req.session_id, req.seq, source, optimizer=body.optimizer)
+
+    record = tinker.service.durable_recorder(req.session_id, req.seq)
+    return req.submit(
+        "load_weights", body.model_dump_json().encode(), start, _loaded(body, req.run.model_id), record=record
+    )
+
+
+def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, session_id: str, model_seq_id: int) -> dict:
+    """Submit the creation of run `SESSION:train:MODEL_SEQ_ID` resumed from checkpoint `body.path`."""
+    tinker.sessions.check(who, session_id)
+    model_id = ids.model_id(session_id, model_seq_id)
+
+    def create() -> Future[str]:
+        path = _checkpoint_to_load(tinker, who, body)
+        info = tinker.engine.create_session_from_state(path, body.base_model, optimizer=body.optimizer)
+        return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
+
+    raw = body.model_dump_json().encode()
+    request_id = tinker.submit(who, "load_weights", raw, f"tinker/{model_id}", create, _loaded(body, model_id))
+    return {"request_id": request_id, "model_id": model_id}
+
+
+def _checkpoint_to_load(tinker: Tinker, who: str, body: LoadWeights) -> str:
+    """The Bios path of the caller's checkpoint `body.path` (NotFoundError for another key's)."""
+    if body.weights_access_token is not None:
+        raise UnsupportedError(
+            "weights_access_token: Bios loads only checkpoints of the caller's own key",
+            field="weights_access_token",
+        )
+    try:
+        return tinker.service.check_checkpoint(who, tinker.runs.bios_path(who, body.path))
+    except NotFoundError:
+        raise NotFoundError(f"path: no checkpoint at {body.path}", field="path") from None
