@@ -235,7 +235,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from bios.errors import InvalidRequestError
     from bios.simulation import SimulationConfig
-    from bios.transport.inprocess import simulation_reports
+    from bios.transport.inprocess import default_pool
 
     script: Path = args.script
     if not script.is_file():
@@ -260,7 +260,7 @@ def _simulate(args: argparse.Namespace) -> int:
     trace = SimulationConfig.from_env().trace  # type: ignore[union-attr]
     code = _run_script(script, args.script_args)
     sys.stdout.flush()
-    reports = simulation_reports()
+    reports = default_pool().simulation_reports()
     if not reports:
         print(
             f"bios simulate: {script} created no ServiceClient in this process, so nothing was simulated",

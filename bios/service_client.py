@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+from typing import TYPE_CHECKING
 
 from bios.clock import Clock
 from bios.config import ClientConfig
@@ -13,6 +15,9 @@ from bios.simulation import SimulationConfig, SimulationReport
 from bios.training_client import TrainingClient
 from bios.transport import Transport, connect
 from bios.types import LoraConfig, ServerCapabilities, TrainingInfo
+
+if TYPE_CHECKING:
+    from bios.transport.inprocess import EnginePool
 
 
 class ServiceClient:
@@ -25,6 +30,10 @@ class ServiceClient:
     `BIOS_SIMULATION` (a TOML profile: run the backend under the service simulator, as
     `simulation=SimulationConfig(...)` does; see docs/simulator.md) and `BIOS_SIMULATION_TRACE`
     (where that simulation writes its trace, overriding the profile's `trace`).
+
+    In-process, the engine comes from `engines` (default: the process's pool): clients of one
+    pool with the same settings share it, batching together. Remote, the client owns its HTTP
+    transport. `close()` (or leaving a `with` block) releases what the client owns.
     """
 
     def __init__(
@@ -34,11 +43,30 @@ class ServiceClient:
         backend: str | None = None,
         backend_options: dict[str, str] | None = None,
         simulation: SimulationConfig | None = None,
+        *,
+        engines: EnginePool | None = None,
     ) -> None:
         self.config = ClientConfig.resolve(
             api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options, simulation=simulation
         )
-        self._transport = connect(self.config)
+        self._engines = _engine_pool(self.config, engines)
+        self._transport = connect(self.config, self._engines)
+        self._custom_losses = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="bios-custom-loss")
+        """Where the training clients made here evaluate custom losses (threads start on first use)."""
+
+    def close(self) -> None:
+        """Release what this client owns: its custom-loss workers and, when remote, its HTTP
+        transport (requests in flight fail, and its training and sampling clients can send no
+        more). An in-process engine belongs to its pool and keeps serving. Idempotent."""
+        self._custom_losses.shutdown(wait=False)
+        if self._engines is None:
+            self._transport.close()
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def transport(self) -> Transport:
@@ -53,9 +81,7 @@ class ServiceClient:
         """Under the service simulator: the run so far — requests, retries and faults by kind,
         simulated wall time, device-busy fraction and projected cost (printing it gives the
         text); the trace file, if the simulation names one, is written too. None otherwise."""
-        from bios.transport.inprocess import simulator_of  # an in-process engine's; a remote client loads none
-
-        simulator = simulator_of(self._transport)
+        simulator = self._engines.simulator_of(self._transport) if self._engines is not None else None
         return simulator.report() if simulator is not None else None
 
     def get_server_capabilities(self) -> ServerCapabilities:
@@ -169,7 +195,16 @@ class ServiceClient:
         return SamplingClient(self._transport, handle)
 
     def _training_client(self, info: TrainingInfo, next_seq: int) -> TrainingClient:
-        return TrainingClient(self._transport, info, next_seq)
+        return TrainingClient(self._transport, info, next_seq, self._custom_losses)
+
+
+def _engine_pool(config: ClientConfig, engines: EnginePool | None) -> EnginePool | None:
+    """The pool that serves an in-process client: `engines`, else the process's; None remote."""
+    if config.base_url is not None:
+        return None
+    from bios.transport.inprocess import default_pool  # engine code loads for in-process clients only
+
+    return engines if engines is not None else default_pool()
 
 
 def _lora_config(lora_config: LoraConfig | None, **fields: object) -> LoraConfig:

@@ -50,15 +50,18 @@ _ADAM_KWARGS = {
     "beta2": "beta2",
     "eps": "eps",
 }
-_custom_loss_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-custom-loss")
 
 
 class TrainingClient:
     """A training session on the service. Create it with `ServiceClient.create_lora_training_client`."""
 
-    def __init__(self, transport: Transport, info: TrainingInfo, next_seq: int) -> None:
-        """A client of session `info`, whose next request gets sequence number `next_seq`."""
+    def __init__(
+        self, transport: Transport, info: TrainingInfo, next_seq: int, custom_losses: concurrent.futures.Executor
+    ) -> None:
+        """A client of session `info`, whose next request gets sequence number `next_seq`;
+        custom losses are evaluated on `custom_losses` (its ServiceClient's workers)."""
         self._transport = transport
+        self._custom_losses = custom_losses
         self.session_id = info.session_id
         self.base_model = info.base_model
         self._seq = next_seq
@@ -171,7 +174,14 @@ class TrainingClient:
                 self._release(seq)
                 outer.set_exception(exc)
 
-        forward.add_done_callback(lambda done: _custom_loss_pool.submit(backward, done))
+        def hand_over(done: Future) -> None:
+            try:
+                self._custom_losses.submit(backward, done)
+            except RuntimeError:  # the workers are shut down: the ServiceClient was closed
+                self._release(seq)
+                outer.set_exception(BiosError("forward_backward_custom: the ServiceClient was closed"))
+
+        forward.add_done_callback(hand_over)
         return BiosFuture(pinned(outer, self), "forward_backward_custom")
 
     # ---- optimizer ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import bios
 from bios import types
 from bios.errors import APITimeoutError, BiosError, BlockingCallError, NotFoundError
 from bios.futures import BiosFuture
-from bios.transport.inprocess import shared_engine
+from bios.transport.inprocess import default_pool
 
 pytestmark = pytest.mark.api
 
@@ -197,7 +197,7 @@ def test_forward_backward_async_gives_a_future_to_await(service: bios.ServiceCli
 def test_blocking_call_from_async_code_on_a_real_request(training: bios.TrainingClient) -> None:
     """`.result()` inside a coroutine on a request that has not finished is refused (the engine's
     worker is held so that the request cannot finish first); the request itself is unaffected."""
-    engine = shared_engine("emulator", Path(os.environ["BIOS_HOME"]))
+    engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]))
     entered, gate = threading.Event(), threading.Event()
     engine.scheduler.call(lambda: (entered.set(), gate.wait()))
     entered.wait()

@@ -14,7 +14,7 @@ from helpers import MODEL, make_datum, random_batch, saved_weights
 import bios
 from bios import types
 from bios.catalog import ModelSpec
-from bios.transport.inprocess import shared_engine
+from bios.transport.inprocess import default_pool
 from emulator.model import Lora, forward, token_logprobs
 
 pytestmark = pytest.mark.api
@@ -57,7 +57,7 @@ def _micro_loss(
 
 @pytest.mark.inprocess
 def test_grad_norm_matches_finite_differences(service):
-    engine = shared_engine("emulator", Path(os.environ["BIOS_HOME"]))
+    engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]))
     engine.catalog.register(MICRO)
     client = service.create_lora_training_client(base_model=MICRO.name, rank=4, alpha=8)
     batch = random_batch(seed=2, size=3, length=8, vocab=MICRO.vocab_size)

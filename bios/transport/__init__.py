@@ -6,19 +6,27 @@ resolved client configuration.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bios.config import ClientConfig
 from bios.transport.protocol import Transport
 
+if TYPE_CHECKING:
+    from bios.transport.inprocess import EnginePool
 
-def connect(config: ClientConfig) -> Transport:
-    """The transport for `config`: HTTP to `config.base_url`, else the shared in-process engine."""
+
+def connect(config: ClientConfig, engines: EnginePool | None = None) -> Transport:
+    """The transport for `config`: a new HTTP transport to `config.base_url` (the caller owns it
+    and closes it), else the engine of `engines` (default: the process's pool, which owns it)
+    for the configured backend."""
     if config.base_url is not None:
         from bios.transport.http import HttpTransport  # needs the `server` extra (httpx)
 
         return HttpTransport(config.base_url, config.api_key)
-    from bios.transport.inprocess import shared_engine
+    from bios.transport.inprocess import default_pool
 
-    return shared_engine(config.backend, config.home, config.backend_options, config.simulation)
+    pool = engines if engines is not None else default_pool()
+    return pool.engine(config.backend, config.home, config.backend_options, config.simulation)
 
 
 __all__ = ["Transport", "connect"]
