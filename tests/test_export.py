@@ -47,7 +47,7 @@ HF_CONFIGS = ("llama3-tied", "qwen2")
 @pytest.fixture(scope="module")
 def model_name(service, tmp_path_factory: pytest.TempPathFactory):
     """variant → a catalog name served by the shared engine (registered once)."""
-    catalog, root, names = service._transport.catalog, tmp_path_factory.mktemp("export-hf"), {}
+    catalog, root, names = service.transport.catalog, tmp_path_factory.mktemp("export-hf"), {}
 
     def get(variant: str) -> str:
         if variant not in names:
@@ -68,7 +68,7 @@ def model_name(service, tmp_path_factory: pytest.TempPathFactory):
 
 
 def vocab_of(service, name: str) -> int:
-    return service._transport.catalog.get(name).vocab_size
+    return service.transport.catalog.get(name).vocab_size
 
 
 def train(service, name: str, steps: int = 3):
@@ -101,7 +101,7 @@ def load(directory: Path) -> torch.nn.Module:
 
 
 def catalog_of(service) -> Catalog:
-    return service._transport.catalog
+    return service.transport.catalog
 
 
 @pytest.mark.parametrize("variant", [*BUILTIN_VARIANTS, *HF_CONFIGS])

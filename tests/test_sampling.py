@@ -125,7 +125,7 @@ def frozen_path(training, name: str) -> str:
 def test_snapshots_are_freed_when_no_sampling_client_uses_them(service):
     import gc
 
-    engine = service._transport
+    engine = service.transport
     training = service.create_lora_training_client(MODEL, rank=4, seed=12)
     batch = random_batch(seed=13)
     live_before = engine.snapshots.live()

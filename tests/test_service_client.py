@@ -66,7 +66,7 @@ TINY_CONFIG = {
 def test_an_hf_directory_serves_the_same_model_as_its_seed(tmp_path, service):
     directory = _hf_directory(tmp_path, TINY_CONFIG)
     save_file(generate_base_weights(BUILTIN_MODELS["bios/tiny"]), f"{directory}/model.safetensors")
-    engine = service._transport
+    engine = service.transport
     engine.catalog.register_hf_directory("local/tiny", directory)
     info = next(m for m in service.get_server_capabilities().supported_models if m.model_name == "local/tiny")
     assert not info.random_init and info.n_params == BUILTIN_MODELS["bios/tiny"].n_params

@@ -4,8 +4,6 @@ round-trips exactly."""
 from __future__ import annotations
 
 import itertools
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from helpers import MODEL, make_datum, random_batch, saved_weights
 import bios
 from bios import types
 from bios.catalog import ModelSpec
-from bios.transport.inprocess import default_pool
 from emulator.model import Lora, forward, token_logprobs
 
 pytestmark = pytest.mark.api
@@ -57,7 +54,7 @@ def _micro_loss(
 
 @pytest.mark.inprocess
 def test_grad_norm_matches_finite_differences(service):
-    engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]))
+    engine = service.transport
     engine.catalog.register(MICRO)
     client = service.create_lora_training_client(base_model=MICRO.name, rank=4, alpha=8)
     batch = random_batch(seed=2, size=3, length=8, vocab=MICRO.vocab_size)
@@ -201,7 +198,7 @@ def test_policy_losses_run_and_report_logprobs(training):
 def test_a_dropped_training_client_ends_its_session_once_its_requests_are_done(service):
     import gc
 
-    engine = service._transport
+    engine = service.transport
     client = service.create_lora_training_client(MODEL, rank=4, seed=31)
     session_id = client.session_id
     pending = client.forward_backward(random_batch(seed=31))

@@ -41,7 +41,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, service):
         if config not in built:
             directory, _ = build_reference_model(config, root / config)
             name = f"hf/peft-{config}-{uuid.uuid4().hex[:6]}"
-            service._transport.catalog.register_hf_directory(name, directory)
+            service.transport.catalog.register_hf_directory(name, directory)
             built[config] = (name, directory)
         return built[config]
 
@@ -72,7 +72,7 @@ def bios_state_of(service) -> tuple[int, int, list[str]]:
     """(sessions, adapters, checkpoint paths) of the engine, after collecting garbage: a client
     an earlier test dropped must not end its session in the middle of a comparison."""
     gc.collect()
-    engine = service._transport
+    engine = service.transport
     engine.scheduler.call(lambda: None).result()  # sessions ended by that collection are freed
     return len(engine.session_ids()), len(engine.backend.adapter_ids()), [r.path for r in engine.store.list()]
 
@@ -88,7 +88,7 @@ def test_peft_computes_what_bios_exported(config: str, service, reference) -> No
     for _ in range(3):
         client.train(batch, learning_rate=1e-2)
     record = client.save_weights_for_sampler("peft-export").result()
-    peft_dir = service._transport.store.peft_directory(record.path)
+    peft_dir = service.transport.store.peft_directory(record.path)
     assert peft_dir.parent.name == "peft-export" and {p.name for p in peft_dir.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
     saved = load_file(str(peft_dir / WEIGHTS_FILE))
     assert all(v.dtype == np.float32 for v in saved.values())
@@ -118,7 +118,7 @@ def test_peft_computes_what_bios_exported(config: str, service, reference) -> No
 
 
 def test_peft_directory_of_a_training_state_or_nothing_is_not_found(service, training) -> None:
-    store = service._transport.store
+    store = service.transport.store
     with pytest.raises(NotFoundError) as info:
         store.peft_directory(training.save_state("no-peft").result().path)
     assert info.value.field == "path" and "sampler" in info.value.message
@@ -164,7 +164,7 @@ def test_a_sampler_checkpoints_peft_export_resumes_as_the_same_adapter(service, 
     training.train(batch, learning_rate=1e-2)
     record = training.save_weights_for_sampler("re-import").result()
     resumed = service.create_training_client_from_state(
-        service._transport.store.peft_directory(record.path), base_model=MODEL
+        service.transport.store.peft_directory(record.path), base_model=MODEL
     )
     assert resumed.get_info().step == 0 and resumed.get_info().lora_config.rank == 8
     tokens = np.random.default_rng(4).integers(4, 4096, 16).tolist()

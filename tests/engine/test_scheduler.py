@@ -11,10 +11,8 @@ runs two marker jobs one after the other, which returns only once every earlier 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from helpers import MODEL, random_batch
@@ -32,7 +30,6 @@ from bios.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from bios.transport.inprocess import default_pool
 
 
 class FakeBackend:
@@ -319,7 +316,7 @@ def test_close_fails_pending_jobs_and_refuses_new_ones(backend: FakeBackend) -> 
 
 
 def test_concurrent_sessions_share_backend_calls_on_the_emulator(service: bios.ServiceClient) -> None:
-    engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]))
+    engine = service.transport
     sessions = [service.create_lora_training_client(base_model=MODEL, rank=8, seed=0) for _ in range(4)]
     batches = [random_batch(100 + i, size=2) for i in range(4)]
     gate = hold(engine.scheduler)

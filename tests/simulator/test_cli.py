@@ -170,7 +170,7 @@ def test_a_simulated_server_answers_exactly_what_an_unsimulated_run_computes(tmp
         assert server.service.simulator is not None
         client = bios.ServiceClient(base_url=server.url)
         assert client.get_server_capabilities().simulated_time_scale == 0.0
-        assert client._transport.clock.jumps  # the client's retries back off on simulated time: no real waits
+        assert client.transport.clock.jumps  # the client's retries back off on simulated time: no real waits
         got = sft_losses(client)
         report = server.service.simulation_report()
     assert got == expected

@@ -43,7 +43,7 @@ def sft_loop(config: SimulationConfig, steps: int = 30) -> dict:
             for future in (sampler.sample(prompt, params, num_samples=2), training.sample(prompt, params)):
                 run["results"].append(future.result())
                 run["samples"].append([s.tokens for s in run["results"][-1].sequences])
-    run["state"] = service._transport.export_state(training.session_id).result()
+    run["state"] = service.transport.export_state(training.session_id).result()
     run["step"] = training.get_info().step
     run["report"] = service.simulation_report()
     return run
@@ -212,7 +212,7 @@ def test_retries_give_up_with_the_typed_error_and_release_the_sequence(bios_home
 def test_time_scale_replays_answers_in_simulated_order(bios_home):
     config = SimulationConfig(time_scale=1e-6, devices=8, model="meta-llama/Llama-3.1-8B")
     service = bios.ServiceClient(backend="emulator", simulation=config)
-    assert service._transport.scheduler.inline is False  # scaled real time runs on the engine's worker
+    assert service.transport.scheduler.inline is False  # scaled real time runs on the engine's worker
     training = service.create_lora_training_client(MODEL, rank=4)
     datum = types.Datum(model_input=types.ModelInput.from_ints([3, 4, 5]), loss_fn_inputs={"target_tokens": [4, 5, 6]})
     first, second = training.forward_backward([datum]), training.optim_step()
