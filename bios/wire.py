@@ -22,8 +22,10 @@ API_KEY_HEADER = "Authorization"
 """Carries `Bearer <api key>`."""
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 ATTEMPT_HEADER = "Bios-Attempt"
-"""Which try of a request this is (1, 2, ...): a client's retries of one request share its
-sequence number but not its idempotency key, and the server submits them as that attempt."""
+"""Which try of a request this is (1, 2, ...); the server submits it as that attempt. A client's
+retries of one request share its sequence number, and its idempotency key while the server may
+hold the request (no answer came); once the server answered a try with a retryable failure,
+the next try gets a new key (see `bios.retry`)."""
 MAX_WAIT_S = 30.0
 """The longest a long-poll is held before the server answers 408 (not done yet)."""
 

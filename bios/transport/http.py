@@ -15,10 +15,10 @@ Imports the contract layer and the wire only, never the engine.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Literal
 
 from pydantic import BaseModel, TypeAdapter
@@ -163,7 +163,7 @@ class HttpTransport:
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
-    ) -> concurrent.futures.Future:
+    ) -> Future[ForwardBackwardResult]:
         return self._loop.wait(self._forward_backward(session_id, seq, data, loss_fn, loss_fn_config, backward))
 
     async def forward_backward_async(
@@ -175,7 +175,7 @@ class HttpTransport:
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
-    ) -> concurrent.futures.Future:
+    ) -> Future[ForwardBackwardResult]:
         return await self._loop.run(self._forward_backward(session_id, seq, data, loss_fn, loss_fn_config, backward))
 
     async def _forward_backward(
@@ -186,7 +186,7 @@ class HttpTransport:
         loss_fn: str,
         loss_fn_config: dict[str, float] | None,
         backward: bool,
-    ) -> concurrent.futures.Future:
+    ) -> Future[ForwardBackwardResult]:
         def body() -> wire.ForwardBackward:
             checked = validation.datum_list(data)
             loss_spec(loss_fn).resolve_config(validation.config_dict(loss_fn_config))
@@ -196,29 +196,29 @@ class HttpTransport:
 
         return await self._ordered(session_id, seq, "forward_backward", body, ForwardBackwardResult.model_validate)
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
+    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
         return self._loop.wait(self._optim_step(session_id, seq, adam))
 
-    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
+    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
         return await self._loop.run(self._optim_step(session_id, seq, adam))
 
-    async def _optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
+    async def _optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
         body = lambda: wire.OptimStep(seq=seq, adam_params=validation.instance(adam, AdamParams, "adam_params"))
         return await self._ordered(session_id, seq, "optim_step", body, OptimStepResult.model_validate)
 
     def sample(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
-    ) -> concurrent.futures.Future:
+    ) -> Future[SampleResult]:
         return self._loop.wait(self._sample(session_id, seq, prompt, params, num_samples))
 
     async def sample_async(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
-    ) -> concurrent.futures.Future:
+    ) -> Future[SampleResult]:
         return await self._loop.run(self._sample(session_id, seq, prompt, params, num_samples))
 
     async def _sample(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int
-    ) -> concurrent.futures.Future:
+    ) -> Future[SampleResult]:
         body = lambda: wire.SessionSample(seq=seq, **_sample_fields(prompt, params, num_samples))
         return await self._ordered(session_id, seq, "sample", body, SampleResult.model_validate)
 
@@ -229,7 +229,7 @@ class HttpTransport:
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
-    ) -> concurrent.futures.Future:
+    ) -> Future[StateResult]:
         return self._loop.wait(self._save_state(session_id, seq, name, metadata, kind))
 
     async def save_state_async(
@@ -239,25 +239,25 @@ class HttpTransport:
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
-    ) -> concurrent.futures.Future:
+    ) -> Future[StateResult]:
         return await self._loop.run(self._save_state(session_id, seq, name, metadata, kind))
 
     async def _save_state(
         self, session_id: str, seq: int, name: str, metadata: dict | None, kind: Literal["state", "sampler"]
-    ) -> concurrent.futures.Future:
+    ) -> Future[StateResult]:
         def body() -> wire.SaveState:
             checked = validation.checkpoint_name(name)
             return wire.SaveState(seq=seq, name=checked, metadata=validation.metadata(metadata), kind=kind)
 
         return await self._ordered(session_id, seq, "save_state", body, StateResult.model_validate)
 
-    def load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
+    def load_state(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
         return self._loop.wait(self._load_state(session_id, seq, path))
 
-    async def load_state_async(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
+    async def load_state_async(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
         return await self._loop.run(self._load_state(session_id, seq, path))
 
-    async def _load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
+    async def _load_state(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
         def body() -> wire.LoadState:
             validation.parse_path(path)
             return wire.LoadState(seq=seq, path=path)
@@ -291,7 +291,7 @@ class HttpTransport:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
-    ) -> concurrent.futures.Future:
+    ) -> Future[SampleResult]:
         return self._loop.wait(self._sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs))
 
     async def sampler_sample_async(
@@ -302,22 +302,22 @@ class HttpTransport:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
-    ) -> concurrent.futures.Future:
+    ) -> Future[SampleResult]:
         return await self._loop.run(self._sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs))
 
     async def _sampler_sample(
         self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int, prompt_logprobs: bool
-    ) -> concurrent.futures.Future:
+    ) -> Future[SampleResult]:
         body = wire.SamplerSample(**_sample_fields(prompt, params, num_samples), prompt_logprobs=prompt_logprobs)
         return await self._wire.submit(f"/v1/samplers/{sampler_id}/sample", body, SampleResult.model_validate)
 
-    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
+    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
         return self._loop.wait(self._sampler_logprobs(sampler_id, prompt))
 
-    async def sampler_logprobs_async(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
+    async def sampler_logprobs_async(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
         return await self._loop.run(self._sampler_logprobs(sampler_id, prompt))
 
-    async def _sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
+    async def _sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
         body = wire.SamplerLogprobs(prompt=validation.instance(prompt, ModelInput, "prompt"))
         return await self._wire.submit(f"/v1/samplers/{sampler_id}/logprobs", body, _LOGPROBS.validate_python)
 
@@ -337,7 +337,7 @@ class HttpTransport:
 
     async def _ordered(
         self, session_id: str, seq: int, operation: str, body: Callable[[], BaseModel], decode: Decode
-    ) -> concurrent.futures.Future:
+    ) -> Future:
         """Submit ordered work. When it is refused for good (by the checks here or by the server
         before the engine took it: size, auth, ownership), `seq` is released on the server, so
         the session's later requests still run; releasing a number the engine took is a no-op.

@@ -23,9 +23,10 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """An event loop running on a thread of its own, plus the pool that resolves futures."""
+    """An event loop running on a thread of its own, plus the `callback_threads` that resolve
+    futures (a callback that waits for another request's result holds one of them)."""
 
-    def __init__(self, name: str, callback_threads: int = 4) -> None:
+    def __init__(self, name: str, callback_threads: int = 8) -> None:
         self.name = name
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=_run_forever, args=(self._loop,), name=name, daemon=True)

@@ -10,8 +10,9 @@ Shared promises of every method:
 - Work methods (`forward_backward`, `optim_step`, `sample`, `save_state`, `load_state`,
   `sampler_sample`, `sampler_logprobs`) queue the request and return a
   `concurrent.futures.Future` of its result; an ordered request runs at sequence number `seq`
-  of its session. A request refused before the engine took it releases `seq` (the session's
-  later requests still run).
+  of its session. A request refused for good before the engine took it releases `seq` (the
+  session's later requests still run); after a retryable refusal `seq` stays open for the
+  retry, and `bios.retry` releases it if it gives up.
 - Each `*_async` twin does what its method does, awaited: it never blocks the caller's event
   loop on the network (in-process, a call that waits for the engine's worker runs on a thread).
 - Failures that may pass are retryable `BiosError`s (`APIConnectionError`, `RateLimitError`,
@@ -22,15 +23,27 @@ Imports the contract layer only.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Literal, Protocol
 
 from bios.clock import Clock
 from bios.handles import SamplerHandle
 from bios.tokenizer import Tokenizer
-from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams, ServerCapabilities, TrainingInfo
+from bios.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardResult,
+    LoraConfig,
+    ModelInput,
+    OptimStepResult,
+    SampleResult,
+    SamplingParams,
+    ServerCapabilities,
+    StateResult,
+    TrainingInfo,
+)
 
 
 class Transport(Protocol):
@@ -106,8 +119,8 @@ class Transport(Protocol):
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
-    ) -> concurrent.futures.Future:
-        """Future[ForwardBackwardResult]; with `backward`, the gradient joins the accumulator."""
+    ) -> Future[ForwardBackwardResult]:
+        """Loss and logprobs; with `backward`, the gradient joins the session's accumulator."""
         ...
 
     async def forward_backward_async(
@@ -119,23 +132,23 @@ class Transport(Protocol):
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
-    ) -> concurrent.futures.Future: ...
+    ) -> Future[ForwardBackwardResult]: ...
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future:
-        """Future[OptimStepResult]: Adam(W) on the accumulated gradient, which is then cleared."""
+    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
+        """Adam(W) on the accumulated gradient, which is then cleared."""
         ...
 
-    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> concurrent.futures.Future: ...
+    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]: ...
 
     def sample(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
-    ) -> concurrent.futures.Future:
-        """Future[SampleResult] from the session's current weights."""
+    ) -> Future[SampleResult]:
+        """Completions from the session's current weights."""
         ...
 
     async def sample_async(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
-    ) -> concurrent.futures.Future: ...
+    ) -> Future[SampleResult]: ...
 
     def save_state(
         self,
@@ -144,8 +157,8 @@ class Transport(Protocol):
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
-    ) -> concurrent.futures.Future:
-        """Future[StateResult]: a training checkpoint (kind "state") or a sampler snapshot ("sampler")."""
+    ) -> Future[StateResult]:
+        """A training checkpoint (kind "state") or a sampler snapshot ("sampler") of the session."""
         ...
 
     async def save_state_async(
@@ -155,13 +168,13 @@ class Transport(Protocol):
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
-    ) -> concurrent.futures.Future: ...
+    ) -> Future[StateResult]: ...
 
-    def load_state(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future:
-        """Future[TrainingInfo]: the session's adapter, moments and step replaced by `path`'s."""
+    def load_state(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
+        """The session's adapter, moments and step replaced by `path`'s."""
         ...
 
-    async def load_state_async(self, session_id: str, seq: int, path: str) -> concurrent.futures.Future: ...
+    async def load_state_async(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]: ...
 
     # ---- sampling clients -----------------------------------------------------------------
 
@@ -185,8 +198,8 @@ class Transport(Protocol):
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
-    ) -> concurrent.futures.Future:
-        """Future[SampleResult] from the sampling target (unordered)."""
+    ) -> Future[SampleResult]:
+        """Completions from the sampling target (unordered)."""
         ...
 
     async def sampler_sample_async(
@@ -197,13 +210,13 @@ class Transport(Protocol):
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
-    ) -> concurrent.futures.Future: ...
+    ) -> Future[SampleResult]: ...
 
-    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future:
-        """Future[list[float | None]]: log p(prompt[t] | prompt[:t]), None for t = 0."""
+    def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
+        """log p(prompt[t] | prompt[:t]), None for t = 0."""
         ...
 
-    async def sampler_logprobs_async(self, sampler_id: str, prompt: ModelInput) -> concurrent.futures.Future: ...
+    async def sampler_logprobs_async(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]: ...
 
     def close(self) -> None:
         """Let go of what the transport holds (its owner calls it, once)."""
