@@ -11,13 +11,12 @@ the caller's event loop on the network.
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
-from bios import custom_loss, validation
+from bios import custom_loss, training_step
 from bios.clock import Clock
 from bios.errors import BiosError, InvalidRequestError
 from bios.futures import BiosFuture, TimedFuture, pinned, unsettled
@@ -42,14 +41,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 Future = concurrent.futures.Future
-_ADAM_KWARGS = {
-    "weight_decay": "weight_decay",
-    "grad_clip": "grad_clip_norm",
-    "grad_clip_norm": "grad_clip_norm",
-    "beta1": "beta1",
-    "beta2": "beta2",
-    "eps": "eps",
-}
 
 
 class TrainingClient:
@@ -211,7 +202,7 @@ class TrainingClient:
         and `loss_fn_config` for built-in losses. Everything is validated before anything runs,
         and the optimizer step is skipped if the forward_backward fails.
         """
-        adam, config = _train_settings(loss_fn, learning_rate, kwargs)
+        adam, config = training_step.settings(loss_fn, learning_rate, kwargs)
         return self._then_step(self.forward_backward(data, loss_fn, config), adam).result()
 
     async def train_async(
@@ -221,7 +212,7 @@ class TrainingClient:
         learning_rate: float = 1e-4,
         **kwargs: object,
     ) -> TrainingResult:
-        adam, config = _train_settings(loss_fn, learning_rate, kwargs)
+        adam, config = training_step.settings(loss_fn, learning_rate, kwargs)
         return await self._then_step(await self.forward_backward_async(data, loss_fn, config), adam)
 
     def _then_step(self, forward: BiosFuture[ForwardBackwardResult], adam: AdamParams) -> BiosFuture[TrainingResult]:
@@ -241,7 +232,7 @@ class TrainingClient:
             except Exception as exc:  # noqa: BLE001 - reported through the train future
                 outer.set_exception(exc)
                 return
-            step.add_done_callback(lambda opt: _combine_train(outer, done.result(), opt))
+            step.add_done_callback(lambda opt: training_step.combine(outer, done.result(), opt))
 
         unsettled(forward).add_done_callback(after_forward)  # the user has not waited: the clock stays
         return BiosFuture(pinned(outer, self), "train")
@@ -405,46 +396,3 @@ def _custom_inputs(data: Sequence[Datum], loss_fn: object) -> tuple[list[Datum],
     items = list(data) if isinstance(data, (list, tuple)) else data
     reduced = custom_loss.logprob_data(items)
     return list(items), reduced
-
-
-def _train_settings(
-    loss_fn: object, learning_rate: float, kwargs: dict[str, object]
-) -> tuple[AdamParams, dict[str, float] | None]:
-    """(Adam settings, loss_fn_config) of a `train` call, checked before anything is sent."""
-    unknown = sorted(set(kwargs) - set(_ADAM_KWARGS) - {"loss_fn_config"})
-    if unknown:
-        allowed = ", ".join(sorted(set(_ADAM_KWARGS) | {"loss_fn_config"}))
-        raise InvalidRequestError(
-            f"train() got an unknown argument {unknown[0]!r}; allowed: {allowed}", field=unknown[0]
-        )
-    if (
-        isinstance(learning_rate, bool)
-        or not isinstance(learning_rate, (int, float))
-        or not math.isfinite(learning_rate)
-        or learning_rate < 0
-    ):
-        raise InvalidRequestError(
-            f"learning_rate must be a finite number >= 0, got {learning_rate!r}", field="learning_rate"
-        )
-    adam = AdamParams(
-        learning_rate=learning_rate, **{_ADAM_KWARGS[k]: v for k, v in kwargs.items() if k in _ADAM_KWARGS}
-    )
-    if callable(loss_fn) and kwargs.get("loss_fn_config") is not None:
-        raise InvalidRequestError("loss_fn_config applies to built-in losses only", field="loss_fn_config")
-    return adam, validation.config_dict(kwargs.get("loss_fn_config"))
-
-
-def _combine_train(outer: TimedFuture, fb: ForwardBackwardResult, opt: Future) -> None:
-    outer.timing = getattr(opt, "timing", None)
-    error = opt.exception()
-    if error is not None:
-        outer.set_exception(error)
-        return
-    step: OptimStepResult = opt.result()
-    retries = fb.metrics.get("retries", 0.0) + step.metrics.get("retries", 0.0)
-    metrics = {**fb.metrics, **step.metrics, **({"retries": retries} if retries else {})}
-    outer.set_result(
-        TrainingResult(
-            loss=fb.loss, step=step.step, metrics=metrics, loss_fn_outputs=fb.loss_fn_outputs, timing=step.timing
-        )
-    )
