@@ -65,7 +65,7 @@ class Connection:
 
     async def capabilities(self) -> ServerCapabilities:
         """GET /v1/capabilities; the first answer also sets `clock`."""
-        found = ServerCapabilities.model_validate_json((await self.send("GET", CAPABILITIES)).content)
+        found = ServerCapabilities.model_validate((await self.send("GET", CAPABILITIES)).json())
         if self._clock is None:
             scale = found.simulated_time_scale
             self._clock = REAL_CLOCK if scale is None else VirtualClock(scale)

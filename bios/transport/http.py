@@ -77,13 +77,10 @@ class HttpTransport:
     # ---- discovery ------------------------------------------------------------------------
 
     def capabilities(self) -> ServerCapabilities:
-        return self._loop.wait(self._capabilities())
+        return self._loop.wait(self._wire.capabilities())
 
     async def capabilities_async(self) -> ServerCapabilities:
-        return await self._loop.run(self._capabilities())
-
-    async def _capabilities(self) -> ServerCapabilities:
-        return await self._wire.capabilities()
+        return await self._loop.run(self._wire.capabilities())
 
     def tokenizer(self, base_model: str) -> Tokenizer:
         with self._lock:
@@ -107,7 +104,7 @@ class HttpTransport:
         body = wire.CreateSession(
             base_model=str(base_model), lora_config=validation.instance(lora, LoraConfig, "lora_config")
         )
-        return TrainingInfo.model_validate_json((await self._wire.post("/v1/sessions", body)).content)
+        return TrainingInfo.model_validate((await self._wire.post("/v1/sessions", body)).json())
 
     def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
         return self._loop.wait(self._session_from_state(path, base_model))
@@ -119,7 +116,7 @@ class HttpTransport:
 
     async def _session_from_state(self, path: object, base_model: str | None) -> TrainingInfo:
         body = wire.SessionFromState(path=_text(path, "path"), base_model=base_model)
-        return TrainingInfo.model_validate_json((await self._wire.post("/v1/sessions/from_state", body)).content)
+        return TrainingInfo.model_validate((await self._wire.post("/v1/sessions/from_state", body)).json())
 
     def session_info(self, session_id: str) -> TrainingInfo:
         return self._loop.wait(self._session_info(session_id))
@@ -128,7 +125,7 @@ class HttpTransport:
         return await self._loop.run(self._session_info(session_id))
 
     async def _session_info(self, session_id: str) -> TrainingInfo:
-        return TrainingInfo.model_validate_json((await self._wire.send("GET", f"/v1/sessions/{session_id}")).content)
+        return TrainingInfo.model_validate((await self._wire.send("GET", f"/v1/sessions/{session_id}")).json())
 
     def close_session(self, session_id: str) -> None:
         self._loop.spawn(self._wire.delete_quietly(f"/v1/sessions/{session_id}"))

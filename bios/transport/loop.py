@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 from bios.errors import BiosError
 
 T = TypeVar("T")
+SPAWNED_GRACE_S = 5.0
+"""How long `LoopThread.close` lets spawned coroutines finish before cancelling them."""
 
 
 class LoopThread:
@@ -33,6 +35,7 @@ class LoopThread:
         self._thread.start()
         self._callbacks = concurrent.futures.ThreadPoolExecutor(callback_threads, thread_name_prefix=f"{name}-callback")
         self._closed = False
+        self._spawned: set[asyncio.Task[object]] = set()
 
     def wait(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the loop and block until it is done: its result, or its exception.
@@ -58,12 +61,23 @@ class LoopThread:
             raise
 
     def spawn(self, coro: Coroutine[Any, Any, object]) -> None:
-        """Start `coro` on the loop and return at once; its outcome is dropped. Safe from any
-        thread and from finalizers (a closed transport drops `coro`)."""
+        """Start `coro` on the loop and return at once; its outcome is dropped, and `close` gives
+        it up to `SPAWNED_GRACE_S` to finish. Safe from any thread and from finalizers (a
+        closed transport drops `coro`)."""
+
+        if self._closed:
+            coro.close()
+            return
+
+        def start() -> None:
+            task = self._loop.create_task(coro)
+            self._spawned.add(task)
+            task.add_done_callback(self._spawned.discard)
+
         try:
-            self._schedule(coro)
-        except BiosError:
-            pass
+            self._loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed
+            coro.close()
 
     def task(self, coro: Coroutine[Any, Any, object]) -> None:
         """Start `coro` as a task of the loop; call it on the loop."""
@@ -84,15 +98,18 @@ class LoopThread:
             future.set_exception(self._closed_error())
 
     def close(self, cleanup: Callable[[], Awaitable[object]], *, wait: bool = True) -> None:
-        """Cancel what runs on the loop (waiting callers get an error saying the client was
-        closed), await `cleanup()`, then stop the loop and the callback pool. With `wait`, return
-        once the loop thread has ended (unless called on it); without, return at once (as a
-        finalizer must, on whatever thread the garbage collector runs it). Idempotent."""
+        """Let spawned coroutines finish (for up to SPAWNED_GRACE_S), cancel what else runs on
+        the loop (waiting callers get an error saying the client was closed), await `cleanup()`,
+        then stop the loop and the callback pool. With `wait`, return once the loop thread has
+        ended (unless called on it); without, return at once (as a finalizer must, on whatever
+        thread the garbage collector runs it). Idempotent."""
         if self._closed:
             return
         self._closed = True
 
         async def stop() -> None:
+            if self._spawned:  # notices such as "this session has ended" still go out
+                await asyncio.wait(self._spawned, timeout=SPAWNED_GRACE_S)
             tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
