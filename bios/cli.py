@@ -205,11 +205,11 @@ def _fetch_model(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from bios.config import default_backend, parse_options
+    from bios.config import default_backend, parse_options, with_compilation_cache
     from bios.server import ServerOptions, serve
 
     backend = args.backend or os.environ.get("BIOS_BACKEND") or default_backend()
-    options = parse_options(args.backend_options or os.environ.get("BIOS_BACKEND_OPTIONS", ""))
+    options = with_compilation_cache(parse_options(args.backend_options or os.environ.get("BIOS_BACKEND_OPTIONS", "")))
     serve(
         ServerOptions(
             host=args.host,
@@ -233,6 +233,7 @@ def _simulate(args: argparse.Namespace) -> int:
     """
     import os
 
+    from bios.config import ScriptDefaults, script_defaults
     from bios.errors import InvalidRequestError
     from bios.simulation import SimulationConfig
     from bios.transport.inprocess import default_pool
@@ -243,7 +244,7 @@ def _simulate(args: argparse.Namespace) -> int:
             f"script: {script} is not a file; give the path of a Python training script", field="script"
         )
     try:
-        SimulationConfig.from_toml(args.profile)
+        profile = SimulationConfig.from_toml(args.profile)
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"simulation profile {args.profile}: {exc}", field=exc.field) from None
     if os.environ.get("BIOS_BASE_URL"):
@@ -252,13 +253,13 @@ def _simulate(args: argparse.Namespace) -> int:
             "(or start the server with `bios serve --simulation PROFILE.toml`)",
             field="base_url",
         )
-    os.environ["BIOS_SIMULATION"] = str(args.profile.resolve())
-    if args.trace is not None:
-        os.environ["BIOS_SIMULATION_TRACE"] = str(args.trace.resolve())
-    if not os.environ.get("BIOS_BACKEND"):
-        os.environ["BIOS_BACKEND"] = "emulator"
-    trace = SimulationConfig.from_env().trace  # type: ignore[union-attr]
-    code = _run_script(script, args.script_args)
+    simulation = profile
+    trace_file = args.trace or os.environ.get("BIOS_SIMULATION_TRACE", "").strip() or None
+    if trace_file is not None:
+        simulation = profile.model_copy(update={"trace": str(Path(trace_file).resolve())})
+    with script_defaults(ScriptDefaults(simulation=simulation, backend="emulator")):
+        code = _run_script(script, args.script_args)
+    trace = simulation.trace
     sys.stdout.flush()
     reports = default_pool().simulation_reports()
     if not reports:

@@ -3,13 +3,20 @@
 Variables: `BIOS_API_KEY`, `BIOS_BASE_URL`, `BIOS_BACKEND`, `BIOS_BACKEND_OPTIONS`
 (`key=value,key=value`), `BIOS_HOME`, `BIOS_SIMULATION` (a simulation profile's TOML path),
 `BIOS_SIMULATION_TRACE` (where the simulator writes its trace file, overriding the profile's
-`trace`; only with `BIOS_SIMULATION`).
+`trace`; only with `BIOS_SIMULATION`), and JAX's own `JAX_COMPILATION_CACHE_DIR`, passed to
+the backend as its `compilation_cache_dir` option unless the options name one.
+
+This module is the one place that reads them: backends get frozen `BackendConfig`s. `bios
+simulate` runs a script under `script_defaults(...)` instead of writing the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +50,14 @@ class ClientConfig:
     ) -> ClientConfig:
         env = os.environ
         options = backend_options if backend_options is not None else parse_options(env.get("BIOS_BACKEND_OPTIONS", ""))
+        options = with_compilation_cache(options)
         if simulation is not None and not isinstance(simulation, SimulationConfig):
             raise InvalidRequestError(
                 f"simulation must be a bios.SimulationConfig, got {type(simulation).__name__}", field="simulation"
             )
-        simulation = simulation if simulation is not None else SimulationConfig.from_env()
+        script = _script_defaults()
+        if simulation is None:
+            simulation = script.simulation if script is not None else SimulationConfig.from_env()
         remote = base_url or env.get("BIOS_BASE_URL") or None
         if simulation is not None and remote is not None:
             raise InvalidRequestError(
@@ -58,11 +68,50 @@ class ClientConfig:
         return cls(
             api_key=api_key or env.get("BIOS_API_KEY") or None,
             base_url=base_url or env.get("BIOS_BASE_URL") or None,
-            backend=backend or env.get("BIOS_BACKEND") or default_backend(),
+            backend=backend or env.get("BIOS_BACKEND") or (script.backend if script else None) or default_backend(),
             home=bios_home(),
             backend_options=tuple(sorted((str(k), str(v)) for k, v in options.items())),
             simulation=simulation,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptDefaults:
+    """What a script run by `bios simulate` gets: its `simulation` (in place of
+    `BIOS_SIMULATION`) and, when neither an argument nor `BIOS_BACKEND` names one, `backend`."""
+
+    simulation: SimulationConfig
+    backend: str
+
+
+_script: list[ScriptDefaults] = []
+_script_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def script_defaults(defaults: ScriptDefaults) -> Iterator[None]:
+    """Within this block, every ServiceClient of the process resolves with `defaults`."""
+    with _script_lock:
+        _script.append(defaults)
+    try:
+        yield
+    finally:
+        with _script_lock:
+            _script.remove(defaults)
+
+
+def _script_defaults() -> ScriptDefaults | None:
+    with _script_lock:
+        return _script[-1] if _script else None
+
+
+def with_compilation_cache(options: dict[str, str]) -> dict[str, str]:
+    """`options`, plus `compilation_cache_dir` from `JAX_COMPILATION_CACHE_DIR` when that is set
+    and the options name no cache (backends that keep no compiled programs ignore it)."""
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR", "").strip()
+    if not directory or "compilation_cache_dir" in options:
+        return dict(options)
+    return {**options, "compilation_cache_dir": directory}
 
 
 def parse_options(text: str) -> dict[str, str]:

@@ -110,6 +110,26 @@ def test_a_failing_script_keeps_its_exit_code_and_the_report_is_printed(tmp_path
     assert "this loop:" in done.stdout
 
 
+PROBE = """\
+import os
+
+import bios
+
+client = bios.ServiceClient()
+print("environment", os.environ.get("BIOS_SIMULATION"), os.environ.get("BIOS_BACKEND"))
+print("client", client.config.simulation is not None, client.config.backend)
+"""
+
+
+def test_the_script_is_configured_without_writing_its_environment(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    done = simulate(tmp_path, "--profile", FAULTS, script)
+    assert done.returncode == 0, done.stderr
+    assert "environment None None" in done.stdout  # nothing leaks to the script's subprocesses
+    assert "client True emulator" in done.stdout
+
+
 def test_a_script_without_a_client_is_told_so(tmp_path):
     script = tmp_path / "idle.py"
     script.write_text("print('idle')\n")
