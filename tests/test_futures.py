@@ -194,10 +194,12 @@ def test_forward_backward_async_gives_a_future_to_await(service: bios.ServiceCli
     assert fut.result().loss == sync_session.forward(batch).result().loss
 
 
-def test_blocking_call_from_async_code_on_a_real_request(training: bios.TrainingClient) -> None:
+def test_blocking_call_from_async_code_on_a_real_request(
+    service: bios.ServiceClient, training: bios.TrainingClient
+) -> None:
     """`.result()` inside a coroutine on a request that has not finished is refused (the engine's
     worker is held so that the request cannot finish first); the request itself is unaffected."""
-    engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]))
+    engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]), service.config.backend_options)
     entered, gate = threading.Event(), threading.Event()
     engine.scheduler.call(lambda: (entered.set(), gate.wait()))
     entered.wait()

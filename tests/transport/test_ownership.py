@@ -27,7 +27,8 @@ def test_clients_of_one_pool_share_its_engine_and_closing_the_pool_stops_it() ->
     second = bios.ServiceClient(backend="emulator", engines=pool)
     assert first.transport is second.transport
     assert first.transport is not bios.ServiceClient(backend="emulator").transport
-    assert bios.ServiceClient(backend="emulator").transport is default_pool().engine("emulator", first.config.home)
+    settings = first.config.home, first.config.backend_options
+    assert bios.ServiceClient(backend="emulator").transport is default_pool().engine("emulator", *settings)
     training = first.create_lora_training_client(MODEL, rank=4, seed=0)
     assert training.forward(random_batch(seed=1)).result().loss > 0
     pool.close()
