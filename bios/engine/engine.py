@@ -9,7 +9,6 @@ nothing); the work then runs on the scheduler's worker, and the returned
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import uuid
@@ -28,6 +27,7 @@ from bios.engine.checkpoints import CheckpointStore
 from bios.engine.samplers import Samplers
 from bios.engine.scheduler import Batched, Call, Job, Scheduler
 from bios.engine.snapshots import SnapshotPool
+from bios.engine.twins import queued_twin, waiting_twin
 from bios.errors import BackendError, InvalidRequestError, NotFoundError
 from bios.handles import SamplerHandle
 from bios.losses import LOSSES
@@ -376,70 +376,18 @@ class Engine:
         self.backend.close()
 
     # ---- async twins (the Transport protocol) ------------------------------------------------
-    # Calls that wait for the worker thread run on a thread of their own; the others only check
-    # and queue, so they run on the caller's loop as they are.
 
-    async def capabilities_async(self) -> ServerCapabilities:
-        return self.capabilities()
-
-    async def create_session_async(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
-        return await asyncio.to_thread(self.create_session, base_model, lora)
-
-    async def create_session_from_state_async(
-        self, path: str | os.PathLike[str], base_model: str | None = None
-    ) -> TrainingInfo:
-        return await asyncio.to_thread(self.create_session_from_state, path, base_model)
-
-    async def session_info_async(self, session_id: str) -> TrainingInfo:
-        return self.session_info(session_id)
-
-    async def next_seq_async(self, session_id: str) -> int:
-        return self.next_seq(session_id)
-
-    async def skip_async(self, session_id: str, seq: int) -> None:
-        self.skip(session_id, seq)
-
-    async def forward_backward_async(
-        self,
-        session_id: str,
-        seq: int,
-        data: Sequence[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: dict[str, float] | None = None,
-        *,
-        backward: bool = True,
-    ) -> Future[ForwardBackwardResult]:
-        return self.forward_backward(session_id, seq, data, loss_fn, loss_fn_config, backward=backward)
-
-    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
-        return self.optim_step(session_id, seq, adam)
-
-    async def sample_async(
-        self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1
-    ) -> Future[SampleResult]:
-        return self.sample(session_id, seq, prompt, params, num_samples)
-
-    async def save_state_async(
-        self, session_id: str, seq: int, name: str, metadata: dict[str, Any] | None = None, kind: str = "state"
-    ) -> Future[StateResult]:
-        return self.save_state(session_id, seq, name, metadata, kind)
-
-    async def load_state_async(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
-        return self.load_state(session_id, seq, path)
-
-    async def create_sampler_async(self, model_path: str | None = None, base_model: str | None = None) -> SamplerHandle:
-        return await asyncio.to_thread(self.create_sampler, model_path, base_model)
-
-    async def sampler_sample_async(
-        self,
-        sampler_id: str,
-        prompt: ModelInput,
-        params: SamplingParams,
-        num_samples: int = 1,
-        *,
-        prompt_logprobs: bool = False,
-    ) -> Future[SampleResult]:
-        return self.sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs=prompt_logprobs)
-
-    async def sampler_logprobs_async(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
-        return self.sampler_logprobs(sampler_id, prompt)
+    capabilities_async = queued_twin(capabilities)
+    create_session_async = waiting_twin(create_session)
+    create_session_from_state_async = waiting_twin(create_session_from_state)
+    session_info_async = queued_twin(session_info)
+    next_seq_async = queued_twin(next_seq)
+    skip_async = queued_twin(skip)
+    forward_backward_async = queued_twin(forward_backward)
+    optim_step_async = queued_twin(optim_step)
+    sample_async = queued_twin(sample)
+    save_state_async = queued_twin(save_state)
+    load_state_async = queued_twin(load_state)
+    create_sampler_async = waiting_twin(create_sampler)
+    sampler_sample_async = queued_twin(sampler_sample)
+    sampler_logprobs_async = queued_twin(sampler_logprobs)
