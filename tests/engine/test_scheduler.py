@@ -18,9 +18,8 @@ import pytest
 from helpers import MODEL, random_batch
 
 import bios
-from bios.admission import Admission, Outcome, Request
+from bios.admission import Admission, DirectHook, Outcome, Request
 from bios.backend import Backend
-from bios.clock import REAL_CLOCK
 from bios.engine.scheduler import Batched, Job, Scheduler
 from bios.errors import (
     APITimeoutError,
@@ -363,12 +362,9 @@ def test_a_retryable_failure_that_changed_nothing_keeps_its_number_open(sched: S
     assert retried.result(timeout=30) == ("forward_backward", "w0") and later.result(timeout=30) == ("optim_step", "w1")
 
 
-class LosingHook:
+class LosingHook(DirectHook):
     """Loses the answer of work "lost" (it ran; its caller hears a retryable timeout) and
     answers the retry at that number from its record, as the service simulator does."""
-
-    clock = REAL_CLOCK
-    inline = False
 
     def __init__(self) -> None:
         self.kept: dict[tuple[str | None, int | None], tuple[str, object]] = {}

@@ -73,6 +73,20 @@ def _train_until_stopped(
             progress.notify_all()
 
 
+def _assert_resumed_exactly(home, seed: int, client, steps: list[int], errors: list) -> None:
+    """Session `seed` acknowledged `steps` in order, saw no error, and holds exactly the weights of
+    an uninterrupted run of that many steps."""
+    assert steps == list(range(1, len(steps) + 1)), f"session {seed}: steps acknowledged {steps}"
+    assert errors == [], "the clients retry interrupted requests at their sequence numbers"
+    info = client.get_info()
+    assert info.step == len(steps), f"session {seed} resumed at {info.step}, last acknowledged {len(steps)}"
+    got = _weights(home, client.save_state("after-crash").result().path)
+    expected = _twin_weights(seed, len(steps))
+    assert got.keys() == expected.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=f"session {seed}: {name}")
+
+
 def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path):
     home = tmp_path / "server-home"
     home.mkdir()
@@ -115,16 +129,7 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
             {s: (len(acknowledged[s]), [type(e).__name__ for e in errors[s]]) for s in seeds},
         )
         for seed, client in sessions.items():
-            steps = acknowledged[seed]
-            assert steps == list(range(1, len(steps) + 1)), f"session {seed}: steps acknowledged {steps}"
-            assert errors[seed] == [], "the clients retry interrupted requests at their sequence numbers"
-            info = client.get_info()
-            assert info.step == len(steps), f"session {seed} resumed at {info.step}, last acknowledged {len(steps)}"
-            got = _weights(home, client.save_state("after-crash").result().path)
-            expected = _twin_weights(seed, len(steps))
-            assert got.keys() == expected.keys()
-            for name in got:
-                np.testing.assert_array_equal(got[name], expected[name], err_msg=f"session {seed}: {name}")
+            _assert_resumed_exactly(home, seed, client, acknowledged[seed], errors[seed])
 
         assert pending.get_info().step == 2
         pending.optim_step(ADAM).result()

@@ -2,10 +2,10 @@
 
 Each release is installed once with `pip install --no-deps --target .cache/tinker-sdk/VERSION`
 (its dependencies are in the dev environment; BIOS_TINKER_WHEELS names a wheel directory for
-offline installs) and runs unmodified in a child process: this file is also that child's script
-(the "SDK side" functions at the end). The child drives the SDK against a `ThreadedServer` on the
-emulator, which advertises small forward_backward chunks and zstd bodies so that chunking, the
-first chunk arriving last, and decompression are all exercised. The child reports what it saw
+offline installs) and runs unmodified in a child process, whose script is sdk_side.py. The child
+drives the SDK against a `ThreadedServer` on the emulator, which advertises small forward_backward
+chunks and zstd bodies so that chunking, the first chunk arriving last, and decompression are all
+exercised. The child reports what it saw
 as JSON and every assertion is made here.
 """
 
@@ -36,6 +36,7 @@ TEXTS = (
 )
 PROMPT_TEXT = "the quick brown fox"
 REPO = Path(__file__).resolve().parents[2]
+SDK_SIDE = Path(__file__).resolve().with_name("sdk_side.py")
 
 
 # ---- the SDK releases -------------------------------------------------------------------------
@@ -72,10 +73,10 @@ def sdk_directory(version: str) -> Path:
 
 
 def run_sdk(version: str, scenario: str, **arguments: object) -> dict:
-    """Run `scenario` (a function at the end of this file) with SDK `version` in a child process."""
+    """Run `scenario` (a function of sdk_side.py) with SDK `version` in a child process."""
     env = {**os.environ, "PYTHONPATH": str(sdk_directory(version)), "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
     child = subprocess.run(
-        [sys.executable, __file__, scenario, json.dumps(arguments)],
+        [sys.executable, str(SDK_SIDE), scenario, json.dumps(arguments)],
         env=env,
         capture_output=True,
         text=True,
@@ -317,224 +318,3 @@ def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simu
         and min(report.faults[k] for k in ("transient", "timeout", "rate_limit", "session_expiry")) >= 1
     )
     assert sum(report.retries.values()) >= sum(heard.values())
-
-
-# ---- the SDK side: run as `python test_tinker_sdk.py SCENARIO JSON` with one release on the path ----
-
-
-def _value(x):
-    """The value of an SDK future (the SDKs return futures or values depending on the release)."""
-    return x.result() if hasattr(x, "result") else x
-
-
-def _failure(call) -> str:
-    """The name of the exception `call()` raises (the SDK's error classes)."""
-    try:
-        _value(call())
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return type(exc).__name__
-    return "no error"
-
-
-def training(url: str, key: str, text: list[str], prompt: str) -> dict:
-    """One training run through the SDK: SFT steps, custom loss, save, sample, resume, list."""
-    import tinker
-    from tinker import types
-
-    seen: dict = {}
-    service = tinker.ServiceClient(base_url=url, api_key=key)
-    seen["models"] = [m.model_name for m in _value(service.get_server_capabilities()).supported_models]
-    client = _value(service.create_lora_training_client(MODEL, rank=8, seed=3))
-    seen["run"] = client.model_id
-    info = client.get_info()
-    seen["info"] = {
-        "model_id": info.model_id,
-        "model_name": info.model_data.model_name,
-        "tokenizer_id": info.model_data.tokenizer_id,
-        "lora_rank": info.lora_rank,
-    }
-    tokenizer = client.get_tokenizer()
-    ids = [tokenizer.encode(t) for t in text]
-    seen["tokenizer"] = {"ids": ids, "eos_token_id": tokenizer.eos_token_id}
-    data = [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(t[:-1]),
-            loss_fn_inputs={"target_tokens": t[1:], "weights": [1.0] * (len(t) - 1)},
-        )
-        for t in ids
-    ]
-    adam = types.AdamParams(learning_rate=1e-2)
-
-    def forward(on) -> float:
-        return on.forward(data, "cross_entropy").result().metrics["loss:sum"]
-
-    def step(on) -> float:
-        on.forward_backward(data, "cross_entropy").result()
-        on.optim_step(adam).result()
-        return forward(on)
-
-    seen["losses"] = []
-    for _ in range(6):
-        backward = client.forward_backward(data, "cross_entropy")
-        client.optim_step(adam).result()
-        output = backward.result()
-        seen["losses"].append(output.metrics["loss:sum"])
-    seen["output_shapes"] = [out["logprobs"].shape for out in output.loss_fn_outputs]
-    out = client.forward(data, "cross_entropy").result()
-    seen["forward_loss"], seen["forward_logprobs"] = (
-        out.metrics["loss:sum"],
-        [o["logprobs"].data for o in out.loss_fn_outputs],
-    )
-
-    def custom_loss(batch, logprobs):
-        return sum((-lp).sum() for lp in logprobs), {"datums:sum": float(len(batch))}
-
-    custom = client.forward_backward_custom(data, custom_loss)
-    stepped = client.optim_step(adam)  # submitted before the custom loss's backward pass
-    metrics = _value(custom).metrics
-    seen["custom"] = {
-        "loss": metrics["loss:sum"],
-        "surrogate": metrics["surrogate_loss:sum"],
-        "metric": metrics["datums:sum"],
-        "forward_loss": seen["forward_loss"],
-        "step": stepped.result().metrics["step"],
-    }
-
-    state = {
-        "path": client.save_state("ckpt").result().path,
-        "sampler_path": client.save_weights_for_sampler("sampler").result().path,
-    }
-    state["saved_loss"] = forward(client)
-    prompt_ids = tokenizer.encode(prompt)
-    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
-
-    def sampled(sampler) -> dict:
-        response = sampler.sample(
-            types.ModelInput.from_ints(prompt_ids), 2, greedy, include_prompt_logprobs=True
-        ).result()
-        return {
-            "sequences": [
-                {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason} for s in response.sequences
-            ],
-            "sequence_ids": [s.sequence_id for s in response.sequences],
-            "prompt_logprobs": response.prompt_logprobs,
-        }
-
-    ephemeral = _value(client.save_weights_and_get_sampling_client())
-    named = _value(service.create_sampling_client(model_path=state["sampler_path"]))
-    prompt_datum = types.Datum(
-        model_input=types.ModelInput.from_ints(prompt_ids[:-1]), loss_fn_inputs={"target_tokens": prompt_ids[1:]}
-    )
-    seen["samples"] = {
-        "prompt": prompt_ids,
-        "ephemeral": sampled(ephemeral),
-        "named": {**sampled(named), "base_model": named.get_base_model()},
-        "computed": ephemeral.compute_logprobs(types.ModelInput.from_ints(prompt_ids)).result(),
-        "forward_logprobs": client.forward([prompt_datum], "cross_entropy")
-        .result()
-        .loss_fn_outputs[0]["logprobs"]
-        .data,
-    }
-
-    resumed = _value(service.create_training_client_from_state_with_optimizer(state["path"]))
-    fresh = _value(service.create_training_client_from_state(state["path"]))
-    seen["resumed_runs"] = [resumed.model_id, fresh.model_id]
-    state["resumed_loss"], state["weights_only_loss"] = forward(resumed), forward(fresh)
-    state["after_one_step"] = {"original": step(client), "with_optimizer": step(resumed), "weights_only": step(fresh)}
-    client.load_state(state["path"]).result()
-    resumed.load_state_with_optimizer(state["path"]).result()
-    state["reloaded_loss"] = [forward(client), forward(resumed)]
-    state["reloaded_step"] = [step(client), step(resumed)]
-    seen["state"] = state
-
-    seen["unsupported"] = {
-        "forward_before": forward(client),
-        "save_weights_external": _failure(lambda: client.save_weights_external("hf")),
-    }
-    seen["unsupported"]["forward_after"] = forward(client)
-
-    rest = service.create_rest_client()
-    run = _value(rest.get_training_run(seen["run"]))
-    seen["listing"] = {
-        "runs": [r.training_run_id for r in _value(rest.list_training_runs(limit=100)).training_runs],
-        "checkpoints": [
-            [c.checkpoint_id, c.checkpoint_type, c.tinker_path]
-            for c in _value(rest.list_checkpoints(seen["run"])).checkpoints
-        ],
-        "user_checkpoints": [c.tinker_path for c in _value(rest.list_user_checkpoints()).checkpoints],
-        "last_checkpoint": run.last_checkpoint.checkpoint_id,
-        "last_sampler_checkpoint": run.last_sampler_checkpoint.checkpoint_id,
-    }
-    info = _value(rest.get_weights_info_by_tinker_path(state["path"]))
-    seen["weights_info"] = [info.base_model, info.lora_rank, info.train_attn, info.train_mlp, info.train_unembed]
-    seen["archives"] = None
-    if hasattr(rest, "get_checkpoint_archive_url_from_tinker_path"):
-        seen["archives"] = {
-            kind: _archive(_value(rest.get_checkpoint_archive_url_from_tinker_path(state[key])).url)
-            for kind, key in (("state", "path"), ("sampler", "sampler_path"))
-        }
-    return seen
-
-
-def _archive(url: str) -> dict:
-    """Download a checkpoint archive as the SDK's CLI does (plain GET, no key) and summarise it."""
-    import io
-    import tarfile
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=60) as response, tarfile.open(fileobj=io.BytesIO(response.read())) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    return {
-        "members": sorted(members),
-        "adapter_sha256": hashlib.sha256(members["adapter_model.safetensors"]).hexdigest(),
-    }
-
-
-def intruder(url: str, key: str, run: str, state: str, sampler: str) -> dict:
-    """Another key's view: what it lists, and how it is refused another key's objects."""
-    import tinker
-
-    service = tinker.ServiceClient(base_url=url, api_key=key)
-    own = _value(service.create_lora_training_client(MODEL, rank=4))
-    doomed = own.save_state("doomed").result().path
-    rest = service.create_rest_client()
-    _value(rest.delete_checkpoint_from_tinker_path(doomed))
-    refused = {
-        "delete_checkpoint": _failure(lambda: rest.delete_checkpoint_from_tinker_path(state)),
-        "get_training_run": _failure(lambda: rest.get_training_run(run)),
-        "list_checkpoints": _failure(lambda: rest.list_checkpoints(run)),
-        "weights_info": _failure(lambda: rest.get_weights_info_by_tinker_path(state)),
-        "create_training_client_from_state": _failure(lambda: service.create_training_client_from_state(state)),
-        "create_sampling_client": _failure(lambda: service.create_sampling_client(model_path=sampler)),
-    }
-    return {
-        "own_run": own.model_id,
-        "refused": refused,
-        "own_checkpoints": [c.tinker_path for c in _value(rest.list_checkpoints(own.model_id)).checkpoints],
-        "runs": [r.training_run_id for r in _value(rest.list_training_runs(limit=100)).training_runs],
-        "user_checkpoints": [c.tinker_path for c in _value(rest.list_user_checkpoints()).checkpoints],
-    }
-
-
-def sft_steps(url: str, key: str, text: list[str], steps: int) -> dict:
-    """`steps` SFT steps (forward_backward, then optim_step) on a fresh seeded run: the losses."""
-    import tinker
-    from tinker import types
-
-    client = _value(tinker.ServiceClient(base_url=url, api_key=key).create_lora_training_client(MODEL, rank=8, seed=3))
-    tokenizer = client.get_tokenizer()
-    data = [
-        types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
-        for ids in map(tokenizer.encode, text)
-    ]
-    losses = []
-    for _ in range(steps):
-        backward = client.forward_backward(data, "cross_entropy")
-        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-        losses.append(backward.result().metrics["loss:sum"])
-    return {"losses": losses}
-
-
-if __name__ == "__main__":
-    scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"training": training, "intruder": intruder, "sft_steps": sft_steps}[scenario](**arguments)))
