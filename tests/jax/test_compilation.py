@@ -34,13 +34,12 @@ def test_a_varied_training_loop_compiles_few_programs():
 
 
 def test_a_batch_over_the_token_budget_runs_in_micro_batches_with_the_same_result():
-    small = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "128"}).create_lora_training_client(
-        "bios/tiny", rank=4, seed=5
-    )
+    budgeted = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "128"})
+    small = budgeted.create_lora_training_client("bios/tiny", rank=4, seed=5)
     large = bios.ServiceClient(backend="jax").create_lora_training_client("bios/tiny", rank=4, seed=5)
     rng = np.random.default_rng(1)
     batch = [make_datum(rng.integers(4, 4096, 30).tolist()) for _ in range(10)]
-    backend = small._transport.backend
+    backend = budgeted.transport.backend
     results = [client.forward_backward(batch).result() for client in (small, large)]
     steps = [client.optim_step(types.AdamParams(learning_rate=1e-2)).result() for client in (small, large)]
     assert backend.describe("bios/tiny").tokens_per_call == 128
@@ -51,7 +50,7 @@ def test_a_batch_over_the_token_budget_runs_in_micro_batches_with_the_same_resul
 def test_each_request_is_reported_once_its_micro_batches_ran():
     service = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "64"})
     first, second = (service.create_lora_training_client("bios/tiny", rank=4, seed=s) for s in (1, 2))
-    spec = service._transport.catalog.get("bios/tiny")
+    spec = service.transport.catalog.get("bios/tiny")
     rng = np.random.default_rng(2)
     items = [  # submitted out of slot order; 64 tokens per call = 2 rows of 32 per micro-batch
         validation.forward_work(
@@ -65,7 +64,7 @@ def test_each_request_is_reported_once_its_micro_batches_ran():
         for client in (second, first)
     ]
     reports: list[int] = []
-    results = service._transport.backend.forward_backward(items, lambda index, output: reports.append(index))
+    results = service.transport.backend.forward_backward(items, lambda index, output: reports.append(index))
     assert reports == [1, 0]  # `first` has the lower slot, so its rows run (and it is reported) first
     assert all(isinstance(r.loss, float) for r in results)
 

@@ -96,7 +96,7 @@ def test_two_sessions_in_one_batch_equal_each_alone(pair):
     for client, data in ((first, data_a), (second, data_b)):
         client.train(data, learning_rate=1e-2)
     alone_a, alone_b = first.forward(data_a).result(), second.forward(data_b).result()
-    engine = service._transport
+    engine = service.transport
     calls = engine.scheduler.backend_calls
     together_a, together_b = first.forward(data_a), second.forward(data_b)
     together_a, together_b = together_a.result(), together_b.result()
@@ -130,7 +130,7 @@ def test_unused_rank_columns_and_modules_stay_exactly_zero(pair):
     client = service.create_lora_training_client(MODEL, rank=4, seed=3, train_mlp=False)
     for _ in range(3):
         client.train(random_batch(seed=43), learning_rate=1e-2, weight_decay=0.1)
-    backend = service._transport.backend
+    backend = service.transport.backend
     lora = backend.lora_arrays(client.session_id)  # this adapter's slot, padded to the model's maximum rank
     assert np.abs(lora["lora.q_proj.a"][:, :, :4]).max() > 0
     assert np.all(lora["lora.q_proj.a"][:, :, 4:] == 0) and np.all(lora["lora.q_proj.b"][:, 4:, :] == 0)

@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent(
     from helpers import random_batch, saved_weights
 
     def run(options):
-        client = bios.ServiceClient(backend="jax", backend_options=options).create_lora_training_client(
-            "bios/tiny", rank=8, seed=2, train_unembed=True)
+        service = bios.ServiceClient(backend="jax", backend_options=options)
+        client = service.create_lora_training_client("bios/tiny", rank=8, seed=2, train_unembed=True)
         losses = []
         for step in range(3):
             batch = random_batch(seed=step, size=5, length=13)
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         greedy_params = types.SamplingParams(max_tokens=6, temperature=0)
         greedy = client.sample(types.ModelInput.from_ints([0, 5, 6, 7]), greedy_params).result()
         weights = saved_weights(client.save_state("sharded-" + "-".join(options.values())).result().path)
-        mesh = client._transport.backend.mesh
+        mesh = service.transport.backend.mesh
         return {"losses": losses, "logprobs": [o["logprobs"].data for o in forward.loss_fn_outputs],
                 "greedy": greedy.sequences[0].tokens, "mesh": dict(mesh.shape),
                 "weights": {k: v.tolist() for k, v in weights.items()}}

@@ -74,20 +74,20 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
     bob_http = _http(server, KEY_B)
     sid = training.session_id
     attempts = {
-        "session info": lambda: bob._transport.session_info(sid),
-        "next seq": lambda: bob._transport.next_seq(sid),
-        "forward_backward": lambda: bob._transport.forward_backward(sid, 99, batch),
-        "optim_step": lambda: bob._transport.optim_step(sid, 99, types.AdamParams()),
-        "sample": lambda: bob._transport.sample(sid, 99, types.ModelInput.from_ints([1, 2]), types.SamplingParams()),
-        "save_state": lambda: bob._transport.save_state(sid, 99, "stolen"),
+        "session info": lambda: bob.transport.session_info(sid),
+        "next seq": lambda: bob.transport.next_seq(sid),
+        "forward_backward": lambda: bob.transport.forward_backward(sid, 99, batch),
+        "optim_step": lambda: bob.transport.optim_step(sid, 99, types.AdamParams()),
+        "sample": lambda: bob.transport.sample(sid, 99, types.ModelInput.from_ints([1, 2]), types.SamplingParams()),
+        "save_state": lambda: bob.transport.save_state(sid, 99, "stolen"),
         "load_state into own session": lambda: bob.create_lora_training_client(MODEL, rank=4).load_state(state),
         "resume from state": lambda: bob.create_training_client_from_state(state),
         "sample from snapshot": lambda: bob.create_sampling_client(model_path=frozen),
-        "use sampler": lambda: bob._transport.sampler_sample(
+        "use sampler": lambda: bob.transport.sampler_sample(
             sampler_id, types.ModelInput.from_ints([1, 2]), types.SamplingParams()
         ),
-        "delete checkpoint": lambda: bob._transport.delete_checkpoint(state),
-        "list session checkpoints": lambda: bob._transport.list_checkpoints(sid),
+        "delete checkpoint": lambda: bob.transport.delete_checkpoint(state),
+        "list session checkpoints": lambda: bob.transport.list_checkpoints(sid),
     }
     for what, attempt in attempts.items():
         with pytest.raises(bios.NotFoundError):
@@ -95,11 +95,11 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
             pytest.fail(f"{what}: key B was not refused")
     assert bob_http.get(f"/v1/requests/{request_id}").status_code == 404
     assert bob_http.delete(f"/v1/samplers/{sampler_id}").status_code == 404
-    assert bob._transport.list_checkpoints() == []
+    assert bob.transport.list_checkpoints() == []
     # nothing of alice's changed, and she still sees and uses all of it
     assert _http(server, KEY_A).get(f"/v1/requests/{request_id}", params={"wait": 10}).json()["status"] == "done"
     assert training.forward(batch).result().loss == before
-    assert {state, frozen} <= {c.path for c in alice._transport.list_checkpoints(sid)}
+    assert {state, frozen} <= {c.path for c in alice.transport.list_checkpoints(sid)}
     assert (
         sampler.sample(types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=3, temperature=0.0))
         .result()
