@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import make_datum
 
 import bios
@@ -16,6 +17,7 @@ from backends.jax import compiled
 from bios import types, validation
 
 
+@pytest.mark.slow
 def test_a_varied_training_loop_compiles_few_programs():
     client = bios.ServiceClient(backend="jax").create_lora_training_client("ultrasafe/usf-code", rank=8, seed=1)
     rng = np.random.default_rng(0)
@@ -33,6 +35,7 @@ def test_a_varied_training_loop_compiles_few_programs():
     assert grown["optim_step"] <= 1, grown
 
 
+@pytest.mark.slow
 def test_a_batch_over_the_token_budget_runs_in_micro_batches_with_the_same_result():
     budgeted = bios.ServiceClient(backend="jax", backend_options={"tokens_per_call": "128"})
     small = budgeted.create_lora_training_client("bios/tiny", rank=4, seed=5)

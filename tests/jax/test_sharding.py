@@ -12,6 +12,9 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # compiles the model for four meshes of eight virtual devices
 
 SCRIPT = textwrap.dedent(
     """

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from server_process import ServerProcess
 
 from conformance import run
+
+pytestmark = pytest.mark.slow  # the whole conformance suite through a live server
 
 
 def test_a_server_passes_the_conformance_suite(tmp_path, monkeypatch):

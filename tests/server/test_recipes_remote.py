@@ -9,6 +9,8 @@ from server_process import ThreadedServer
 
 from bios.server import ServerOptions
 
+pytestmark = pytest.mark.slow  # every recipe twice, in-process and over HTTP
+
 BASE = ["--model", "bios/tiny", "--seed", "0"]
 
 

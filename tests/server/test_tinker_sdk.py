@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # installs two SDK releases and runs them in child processes
+
 SDK_RELEASES = ("0.38.0", "0.33.1")
 MODEL = "bios/tiny"
 KEY_A, KEY_B = "tml-tinker-alice-0123456789", "tml-tinker-bob-0123456789"
