@@ -221,7 +221,8 @@ class DecodePool:
 
     def _settings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array, np.ndarray, np.ndarray]:
         """choose's per-row arguments after the logits: temperature, top_k, top_p, keys,
-        sample index and step (tokens generated) [B]; free rows get greedy placeholders."""
+        sample index and step (tokens generated) [B]; free rows get greedy settings (temperature 0),
+        and what is drawn for them is never read."""
         rows = len(self.rows)
         temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
         top_k, index, step = np.ones(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
