@@ -6,6 +6,8 @@ S adapter slots, R rank. Norms, softmax and LoRA run in float32 whatever the wei
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import jax
@@ -13,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bios.catalog import ModelSpec
+
+LOG = logging.getLogger(__name__)
 
 
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
@@ -125,10 +129,32 @@ def project(
     return y
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Grouped-query attention, scores scaled by 1/sqrt(E), via `jax.nn.dot_product_attention`
-    (the cuDNN flash kernel on GPU). q: [B, T, H, E]; k, v: [B, S, K, E]; mask [B, 1, T, S]
-    or None for plain causal self-attention. Returns [B, T, H, E]."""
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+def preferred_attention() -> str | None:
+    """The fused attention kernel to ask for on this platform: "cudnn" (flash attention) on a
+    GPU, None (XLA's own) elsewhere."""
+    return "cudnn" if jax.default_backend() == "gpu" else None
+
+
+@functools.cache
+def _report_fallback(reason: str) -> None:
+    """Log, once per distinct reason, that attention fell back from cuDNN to XLA."""
+    LOG.warning("cuDNN attention unavailable, using XLA's attention instead: %s", reason)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str | None = None
+) -> jax.Array:
+    """Grouped-query attention, scores scaled by 1/sqrt(E), via `jax.nn.dot_product_attention`.
+    q: [B, T, H, E]; k, v: [B, S, K, E]; mask [B, 1, T, S] or None for plain causal
+    self-attention. Returns [B, T, H, E].
+
+    `implementation` (default `preferred_attention()`): "cudnn" asks for the cuDNN flash kernel;
+    when cuDNN refuses these inputs (no GPU, float32, an unsupported head size or mask) the
+    reason is logged once and XLA's attention runs instead, with the same result."""
+    shape = {"is_causal": True} if mask is None else {"mask": mask}
+    if (implementation or preferred_attention()) == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **shape)
+        except (RuntimeError, ValueError, NotImplementedError) as reason:
+            _report_fallback(str(reason))
+    return jax.nn.dot_product_attention(q, k, v, **shape)
