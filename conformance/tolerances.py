@@ -1,10 +1,11 @@
 """Every tolerance the conformance suite uses, once, with the reason for its size.
 
-The candidate backend is assumed to compute in float32 (the JAX backend on CPU; bfloat16
-backends are out of scope of these numbers) and the reference, the emulator, in float64. A
-tolerance is the float32 rounding a correct implementation accumulates on `bios/tiny`-sized
-problems (d_model 64, a few layers, sequences up to a few hundred tokens) plus a margin of
-roughly 10x; anything larger is a formula being different, not rounding.
+The constants assume a candidate computing in float32 (the JAX backend on CPU) against the
+reference, the emulator, in float64. Such a tolerance is the float32 rounding a correct
+implementation accumulates on `bios/tiny`-sized problems (d_model 64, a few layers, sequences
+up to a few hundred tokens) plus a margin of roughly 10x; anything larger is a formula being
+different, not rounding. A bfloat16 candidate is held to the `bf16_*` functions at the end,
+derived from bfloat16's unit roundoff and the model's depth.
 """
 
 from __future__ import annotations
@@ -91,3 +92,96 @@ GREEDY_MARGIN = 1e-4
 """Greedy decoding is compared token for token only while the reference's best logit beats
 the runner-up by more than this (nats): closer than that, float32 may legitimately pick the
 other one, and the rest of the two sequences diverge."""
+
+
+# ---- bfloat16 candidates ------------------------------------------------------------------------
+#
+# A bfloat16 backend (the JAX backend's `dtype=bfloat16`) stores the base weights in bfloat16 and
+# rounds activations to bfloat16 between operations, while LoRA factors, gradients, accumulators
+# and optimizer state stay float32 and norms, softmaxes, RoPE and log-softmaxes are computed in
+# float32. Against the float64 reference its error is dominated by rounding, and rounding of a
+# known size: bfloat16 has an 8-bit significand, so round-to-nearest perturbs each stored value by
+# a relative δ with |δ| <= u = 2⁻⁸, spread evenly over [-u, u] (standard deviation u/√3).
+#
+# Hidden state. A matrix product y = x·W of rounded x and W is off by Σ x_i W_i (δx_i + δW_i): a sum
+# of independent signed terms, so its error is about u/√3 relative to y per rounded operand, not
+# the worst case n·u. Every layer rounds about BF16_ROUNDINGS_PER_LAYER operands on the residual
+# stream's path (the 7 weight matrices and 2 norm scales; the outputs of both norms, q, k, v after
+# RoPE, the attention probabilities and output, gate, silu·up and both residual sums), and outside
+# the layers the embedding, the final norm and the unembedding round BF16_ROUNDINGS_OUTSIDE more.
+# Independent relative errors add in quadrature, so the final hidden state is off relative to its
+# size by ε_h(L) = u/√3 · sqrt(20·L + 4) (`bf16_hidden_rtol`; 0.015 for 2 layers, 0.055 for 30).
+#
+# Logits and logprobs. A relative error ε_h of the hidden state moves every logit by about
+# ε_h·σ_z, σ_z the spread (standard deviation over the vocabulary) of the logits. A logprob
+# lp_y = z_y - logsumexp(z) moves by δz_y - Σ_v p_v δz_v, at most 2·max_v |δz_v|, and for
+# independent δz about one δz. BF16_TAIL standard deviations cover the largest of the ~10³ tokens a
+# test compares, hence `bf16_logprob_atol` = BF16_TAIL·ε_h·σ_z. σ_z is the candidate's input: the
+# spread of the reference's logits, or of its logprobs of uniformly drawn targets, which estimates it.
+#
+# Gradients and Adam. The backward pass rounds the cotangents at the same places as the forward
+# pass rounds activations, so a gradient is off relative to its size by ε_g = √2·ε_h. Adam's first
+# moment is linear and its second quadratic in the gradients: after a few steps they are off by at
+# most ε_g and 2·ε_g relative (`bf16_moment_rtol`, 2·ε_g, for both). Adam's update m̂/(√v̂ + eps)
+# does not depend on the gradient's scale: where |g| >> |δg| it moves by ~2·ε_g of the step, but a
+# coordinate with |g| < |δg| may take its step with the other sign, an error of 2 steps. For
+# gradients spread like a Gaussian, a fraction sqrt(2/π)·ε_g of coordinates is that small, so the
+# update θ_n - θ_0 of a group of factors is off, relative to its norm, by at most
+# sqrt(4·sqrt(2/π)·ε_g) + 2·ε_g (`bf16_update_rtol`): about 0.3 for a 2-layer model. That is large
+# because it is a square root, but a coordinate steps at most lr per step whichever way it goes,
+# and the logprobs after the steps are held to `bf16_logprob_atol` as well. A bfloat16 LoRA state
+# fails it at small learning rates: an update below half a bfloat16 spacing of the factor
+# (lr < 2⁻⁹·|A|) is rounded away and A never moves.
+
+BF16_UNIT_ROUNDOFF = 2.0**-8
+"""u: the largest relative error of rounding to nearest with bfloat16's 8-bit significand."""
+
+BF16_ROUNDINGS_PER_LAYER = 20
+"""Operands rounded to bfloat16 on one decoder layer's path (9 weights, 11 activations)."""
+
+BF16_ROUNDINGS_OUTSIDE = 4
+"""Roundings outside the layers: embedding row, final norm scale and output, unembedding."""
+
+BF16_TAIL = 4.0
+"""Standard deviations from the mean error to the largest of ~10³ compared values (a Gaussian
+exceeds 4σ with probability 6e-5)."""
+
+
+def bf16_hidden_rtol(n_layers: int) -> float:
+    """ε_h: relative error of the final hidden state of an `n_layers` decoder in bfloat16."""
+    roundings = BF16_ROUNDINGS_PER_LAYER * n_layers + BF16_ROUNDINGS_OUTSIDE
+    return BF16_UNIT_ROUNDOFF / 3**0.5 * roundings**0.5
+
+
+def bf16_logprob_atol(n_layers: int, logit_spread: float) -> float:
+    """Largest per-token logprob error (nats) for logits of standard deviation `logit_spread`."""
+    return BF16_TAIL * bf16_hidden_rtol(n_layers) * logit_spread
+
+
+def bf16_greedy_margin(n_layers: int, logit_spread: float) -> float:
+    """Top-2 logit margin (nats) beyond which bfloat16 greedy decoding must pick the reference's
+    token: each of the two logits may move by BF16_TAIL·ε_h·σ_z, in opposite directions."""
+    return 2 * bf16_logprob_atol(n_layers, logit_spread)
+
+
+def bf16_loss_atol(n_layers: int, logit_spread: float, weight_norm: float) -> float:
+    """Error of a summed loss Σ w_t·lp_t with ‖w‖₂ = `weight_norm`: independent per-token errors of
+    standard deviation ε_h·σ_z add in quadrature, to ε_h·σ_z·‖w‖₂, and BF16_TAIL covers the tail."""
+    return BF16_TAIL * bf16_hidden_rtol(n_layers) * logit_spread * weight_norm
+
+
+def bf16_gradient_rtol(n_layers: int) -> float:
+    """ε_g: relative error of the LoRA gradients (forward and backward roundings)."""
+    return 2**0.5 * bf16_hidden_rtol(n_layers)
+
+
+def bf16_moment_rtol(n_layers: int) -> float:
+    """Relative (Frobenius) error of Adam's moments of a whole adapter after a few steps."""
+    return 2 * bf16_gradient_rtol(n_layers)
+
+
+def bf16_update_rtol(n_layers: int) -> float:
+    """Relative (Frobenius) error of the update θ_n - θ_0 of a group of LoRA factors (all A, or
+    all B) after n Adam steps: sign flips of the small-gradient coordinates plus 2·ε_g."""
+    eps_g = bf16_gradient_rtol(n_layers)
+    return (4 * (2 / 3.141592653589793) ** 0.5 * eps_g) ** 0.5 + 2 * eps_g

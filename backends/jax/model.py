@@ -149,7 +149,7 @@ def token_logprobs(
     @jax.checkpoint
     def chunk_logprobs(args: tuple[jax.Array, ...]) -> jax.Array:
         h, y, uc, sc = args
-        logits = jnp.einsum("cd,dv->cv", h, w.astype(h.dtype)).astype(jnp.float32)
+        logits = jnp.einsum("cd,dv->cv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         logits = logits + jax.lax.ragged_dot(uc, lora["lora.lm_head.b"], _counts(sc, n_slots))
         return jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=1)
 
@@ -200,6 +200,6 @@ def extend(
 
     x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
     hidden = rms_norm(x, base["norm"], spec.rms_eps).reshape(b * t, -1)
-    logits = jnp.einsum("nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype)).astype(jnp.float32)
+    logits = jnp.einsum("nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype), preferred_element_type=jnp.float32)
     u = lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing)
     return (logits + u).reshape(b, t, -1), new_cache

@@ -119,14 +119,14 @@ def project(
 ) -> jax.Array:
     """M1 linear: x [B, T, in] @ w [in, out] (+ bias) + LoRA of drop(x) → [B, T, out] in x.dtype.
     `site` numbers the module for its dropout masks."""
-    y = jnp.einsum("bti,io->bto", x, w.astype(x.dtype))
+    y = jnp.einsum("bti,io->bto", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     if bias is not None:
-        y = y + bias.astype(x.dtype)
+        y = y + bias.astype(jnp.float32)
     if lora is not None:
         b_, t_, n_in = x.shape
         dropped = lora_input(x, routing, site).reshape(b_ * t_, n_in)
-        y = y + lora_delta(dropped, *lora, routing).reshape(b_, t_, -1).astype(x.dtype)
-    return y
+        y = y + lora_delta(dropped, *lora, routing).reshape(b_, t_, -1)
+    return y.astype(x.dtype)
 
 
 def preferred_attention() -> str | None:
