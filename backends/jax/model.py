@@ -87,7 +87,7 @@ def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routin
         h, p["gate_proj"], None, (lo["lora.gate_proj.a"], lo["lora.gate_proj.b"]), routing, SITES["gate_proj"]
     )
     up = project(h, p["up_proj"], None, (lo["lora.up_proj.a"], lo["lora.up_proj.b"]), routing, SITES["up_proj"])
-    hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
+    hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(up.dtype)
     return x + project(
         hidden, p["down_proj"], None, (lo["lora.down_proj.a"], lo["lora.down_proj.b"]), routing, SITES["down_proj"]
     )
@@ -96,10 +96,11 @@ def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routin
 def hidden_states(
     spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, routing: Routing
 ) -> jax.Array:
-    """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]."""
+    """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]
+    in the weights' dtype (the residual stream itself is float32: ops.py, Precision)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
-    x = base["embed_tokens"][tokens]
+    x = base["embed_tokens"][tokens].astype(jnp.float32)
 
     @jax.checkpoint
     def layer(x: jax.Array, params: tuple[dict, dict, jax.Array]) -> tuple[jax.Array, None]:
@@ -184,7 +185,7 @@ def extend(
     positions = start[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
     visible = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
-    x = base["embed_tokens"][tokens]
+    x = base["embed_tokens"][tokens].astype(jnp.float32)
 
     def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
         return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(
@@ -200,6 +201,8 @@ def extend(
 
     x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
     hidden = rms_norm(x, base["norm"], spec.rms_eps).reshape(b * t, -1)
-    logits = jnp.einsum("nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
     u = lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing)
     return (logits + u).reshape(b, t, -1), new_cache

@@ -1,7 +1,19 @@
 """Pure arithmetic of the decoder (docs/losses.md §Model): norms, RoPE, attention, multi-LoRA.
 
 Shapes: B rows, T tokens, N = B*T flattened tokens, D width, H/K query/kv heads, E head dim,
-S adapter slots, R rank. Norms, softmax and LoRA run in float32 whatever the weights' dtype.
+S adapter slots, R rank.
+
+Precision, whatever the base weights' dtype (float32, or bfloat16 to halve their memory):
+- The base weights are stored in that dtype, and so are the inputs of every matmul against them
+  (the norms' outputs, q, k, v, the attention output, silu(gate)·up) and the KV cache.
+- Those matmuls accumulate in float32 (`preferred_element_type`), and a projection adds its bias
+  and LoRA update in float32 before its one rounding to the weights' dtype.
+- The residual stream, norms, RoPE, silu, the attention softmax (`jax.nn.dot_product_attention`
+  computes its scores and softmax in float32) and the logits with their log-softmax are float32:
+  logits are never rounded before the log-softmax (model.py).
+- LoRA factors, their products with the activations, gradients, gradient accumulators and the
+  optimizer state are float32 (params.py, slots.py, optimizer.py).
+conformance/tolerances.py derives from this how far a bfloat16 run may stray from float64.
 """
 
 from __future__ import annotations
@@ -50,10 +62,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """`x / sqrt(mean(x²) + eps) · w` over the last axis, computed in float32, returned in x.dtype."""
+    """`x / sqrt(mean(x²) + eps) · w` over the last axis, computed in float32 and returned in
+    w.dtype, the dtype of the matmuls it feeds."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+    return (y * weight.astype(jnp.float32)).astype(weight.dtype)
 
 
 @dataclass(frozen=True)

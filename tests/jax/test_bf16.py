@@ -30,9 +30,10 @@ def pair():
 @pytest.mark.parametrize("model", MODELS)
 def test_training_in_bfloat16_stays_within_the_derived_bounds(pair, model):
     spec = BUILTIN_MODELS[model]
-    errors = compare_training(*pair, model, spec.n_layers, spec.vocab_size)
+    errors = compare_training(*pair, model, spec.n_layers, lambda step: random_data(step, spec.vocab_size, (9, 17, 33)))
     print(f"{model}: measured/bound {errors.report()}")
     errors.assert_within()
+    assert errors.state_dtypes == {np.dtype(np.float32)}
 
 
 def test_base_weights_are_bfloat16_and_the_trainable_state_float32(pair):
