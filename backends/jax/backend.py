@@ -61,7 +61,9 @@ class _Served:
 class JaxBackend:
     """The Backend protocol on JAX. Options (`BackendConfig.options`, all strings, all optional):
 
-    - `dtype`: float32 | bfloat16 (default float32 on CPU, bfloat16 elsewhere).
+    - `dtype`: float32 | bfloat16 (default float32 on CPU, bfloat16 elsewhere): the dtype of the
+      base weights, of the inputs of the matmuls against them and of the KV cache; the residual
+      stream, norms, softmaxes, logits and all LoRA and optimizer state stay float32 (ops.py).
     - `devices`: how many of `jax.devices()` to use (default all).
     - `model_parallel`: devices per tensor-parallel group (default 1).
     - `slots`: initial adapter capacity per base model (default 4; doubles when full).
@@ -105,7 +107,7 @@ class JaxBackend:
             spec = self.catalog.get(name)
             base = load_base(spec, self.mesh, self.dtype, self.weights_init)
             slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
-            budget = self.tokens_per_call or token_budget(spec, self.dtype, self.mesh.shape["data"])
+            budget = self.tokens_per_call or token_budget(spec, self.mesh.shape["data"])
             self._served[name] = _Served(spec, base, slots, budget)
         return self._served[name]
 

@@ -177,12 +177,13 @@ class Outputs:
         )
 
 
-def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
+def token_budget(spec: ModelSpec, data_parallel: int) -> int:
     """Tokens per forward_backward call that fit in half the free memory of a device.
 
     Per token and device, the scanned, rematerialised decoder keeps each layer's input
-    (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
-    hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
+    (L·D values of the residual stream, float32 whatever the weights' dtype) and one layer's
+    recomputed activations (q, k, v, attention output, gate, up, hidden: about
+    D + (H+2K)·E + 3·F values, counted as float32) plus their gradients. Devices without
     memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
     """
     stats = jax.devices()[0].memory_stats() or {}
@@ -190,6 +191,6 @@ def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
         return DEFAULT_TOKENS_PER_CALL
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
-    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
+    per_token = 2 * 4 * (spec.n_layers * spec.d_model + layer)
     budget = int(0.5 * free / per_token) * data_parallel
     return max(1024, 1 << (budget.bit_length() - 1))
