@@ -106,9 +106,10 @@ other one, and the rest of the two sequences diverge."""
 # Hidden state. A matrix product y = x·W of rounded x and W is off by Σ x_i W_i (δx_i + δW_i): a sum
 # of independent signed terms, so its error is about u/√3 relative to y per rounded operand, not
 # the worst case n·u. Every layer rounds about BF16_ROUNDINGS_PER_LAYER operands on the residual
-# stream's path (the 7 weight matrices and 2 norm scales; the outputs of both norms, q, k, v after
-# RoPE, the attention probabilities and output, gate, silu·up and both residual sums), and outside
-# the layers the embedding, the final norm and the unembedding round BF16_ROUNDINGS_OUTSIDE more.
+# stream's path (the 7 weight matrices and 2 norm scales; the outputs of both norms, q, k and v
+# after RoPE, the attention probabilities and output, the o, gate, up and down projections and
+# silu·up; the residual sums themselves stay float32), and outside the layers the embedding,
+# the final norm and the unembedding round BF16_ROUNDINGS_OUTSIDE more.
 # Independent relative errors add in quadrature, so the final hidden state is off relative to its
 # size by ε_h(L) = u/√3 · sqrt(20·L + 4) (`bf16_hidden_rtol`; 0.015 for 2 layers, 0.055 for 30).
 #
@@ -132,12 +133,19 @@ other one, and the rest of the two sequences diverge."""
 # and the logprobs after the steps are held to `bf16_logprob_atol` as well. A bfloat16 LoRA state
 # fails it at small learning rates: an update below half a bfloat16 spacing of the factor
 # (lr < 2⁻⁹·|A|) is rounded away and A never moves.
+#
+# Scope. The bounds assume independent, small rounding errors: a well-conditioned input. On real
+# weights some inputs are ill-conditioned in any low precision (on SmolLM2-135M one sequence of
+# uniformly random token ids moves a logprob by ~3 nats in `transformers`' own bfloat16 too), so
+# real models are compared on natural text (uniformly drawn targets are fine: they do not change
+# the activations).
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
 """u: the largest relative error of rounding to nearest with bfloat16's 8-bit significand."""
 
 BF16_ROUNDINGS_PER_LAYER = 20
-"""Operands rounded to bfloat16 on one decoder layer's path (9 weights, 11 activations)."""
+"""Operands rounded to bfloat16 on one decoder layer's path (9 weights, 11 activations; a
+qwen2 bias or qwen3 q/k norm adds one or two, within the margin of BF16_TAIL)."""
 
 BF16_ROUNDINGS_OUTSIDE = 4
 """Roundings outside the layers: embedding row, final norm scale and output, unembedding."""
