@@ -13,7 +13,7 @@ where an NVIDIA device is present, else `cpu-tiny`):
 - `train/<model>`: LoRA rank-32 (all linear layers) training steps of a 1B- and an 8B-class
   Llama (random bf16 weights drawn on the device), rows x 2048 tokens, by 1 adapter and by
   8 sessions whose requests batch into one device call: tokens/s, MFU (bios/accounting.py),
-  first-step (cold compile) time, recompiles while timed (must be 0), device calls per step.
+  first-step (cold compile) time, recompiles while timed (must be 0), backend calls per step.
 - `compile/<model>`: the first step again in a fresh process, its programs from JAX's
   persistent cache (warm), beside the cold first step.
 - `decode/<model>`: greedy decoding of 1, 64 and 256 rows: tokens/s and HBM bandwidth use.
@@ -22,23 +22,28 @@ Each section runs in its own process under its time budget (and the suite's limi
 that runs out of memory, crashes or overruns is recorded with its error and the suite goes on;
 rows measured before the failure are kept. The parent process never touches the device.
 
-On a GPU machine of this project's device tool (Python 3.12, jax with CUDA, no network): the
-checkout travels, and what `bios` imports that the machine lacks travels as wheels. Here, once,
-in the repository root (about 2.5 MB of wheels; the versions are what pyproject.toml accepts):
+On a GPU machine without network (one H100/H200 with Python 3.12, jax with CUDA, torch,
+transformers, Jinja2, tokenizers, safetensors, optax, but no pydantic): the checkout is copied
+there and run from its root, not installed (so the backend is named by its factory,
+bench/presets.py). What `bios` imports that such a machine lacks is pydantic and its needs;
+they go with the checkout as wheels in `.whl/` (2.8 MB; the versions the tests here run with;
+typing-extensions too, as pydantic needs >= 4.16). The suite imports neither gguf nor orbax.
+Here, once, in the repository root:
 
     echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
 
-then one device run with `carry: [".whl"]` and `timeout_s: 600`:
+then, there, with `.whl/` copied along and a 600 s limit (the gpu profile stops itself at 470 s):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
-      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; \\
-    python3 bench/gpu_suite.py --profile gpu --out $OUT/gpu_suite.json
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; \
+    python3 bench/gpu_suite.py --profile gpu --cache-dir /tmp/bios-jax-cache --out $OUT/gpu_suite.json
 
-The table is printed last; the JSON and every section's log (`$OUT/gpu_suite.log`) come back
-under $OUT. `--sections` reruns a subset (e.g. `--sections kernels,decode/llama-8b`).
+Progress lines come as sections end, the table last; the JSON and every section's output
+(`$OUT/gpu_suite.log`) are left in $OUT. To rerun some sections at once on the same
+machine (its persistent cache then warm): `--sections train/llama-8b,decode/llama-8b`.
 """
 
 from __future__ import annotations
@@ -82,8 +87,9 @@ def run_section(profile: Profile, section: str, cache_dir: str, timeout: float, 
         seconds = time.perf_counter() - started
         result: dict[str, Any] = json.loads(path.read_text()) if path.exists() and path.stat().st_size else {}
     log.append(f"===== {section} ({seconds:.1f} s)\n{output}")
-    if error is not None:
-        error = f"{error}: {result.get('error') or output.strip()[-600:]}"
+    detail = result.get("error") or output.strip()[-600:]
+    if error is not None and detail:
+        error = f"{error}: {detail}"
     return {"rows": [], **result, "seconds": seconds, "budget_s": profile.budget(section), "error": error}
 
 

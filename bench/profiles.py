@@ -82,7 +82,7 @@ PROFILES = {
         copy_elements=1 << 28,
         loop=20,
         time_limit_s=470.0,
-        budgets={"kernels": 75.0, "train": 100.0, "train/llama-8b": 120.0, "compile": 50.0, "decode": 110.0},
+        budgets={"kernels": 80.0, "train": 100.0, "train/llama-8b": 120.0, "compile": 45.0, "decode": 110.0},
     ),
     "cpu-tiny": Profile(
         name="cpu-tiny",

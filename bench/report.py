@@ -24,7 +24,7 @@ FIGURES = (  # (key, label, format) in the order they are shown
     ("compile_s", "compile s", "{:.3g}"),
     ("warmup_s", "warm-up s", "{:.3g}"),
     ("recompiles", "recompiles", "{}"),
-    ("device_calls_per_step", "calls/step", "{:.3g}"),
+    ("backend_calls_per_step", "backend calls/step", "{:.3g}"),
 )
 CASE_WIDTH = 44
 

@@ -10,43 +10,60 @@ only); bandwidth utilisation counts weights plus KV cache read per step (bios/ac
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import numpy as np
 from presets import PRESETS, open_model
-from workloads import decoding_figures, time_decoding
 
+import bios
 from backends.jax import compiled
+from bios import types
+from bios.accounting import decode_bytes, device_peaks
+
+
+def _timed(sampler: bios.SamplingClient, prompts: list[list[int]], max_tokens: int) -> float:
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    started = time.perf_counter()
+    futures = [sampler.sample(types.ModelInput.from_ints(p), params) for p in prompts]
+    for future in futures:
+        future.result()
+    return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bios/tiny", help=f"catalog name or preset {list(PRESETS)}")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=1, help="samples of each prompt (decode rows per prompt)")
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args()
 
-    rows = args.prompts * args.samples
-    service, spec = open_model(args.model, args.dtype, decode_rows=str(rows))
+    service, spec = open_model(args.model, args.dtype)
     sampler = service.create_lora_training_client(spec.name, rank=8).save_weights_and_get_sampling_client("bench")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, spec.vocab_size, args.prompt_length).tolist() for _ in range(args.prompts)]
-    timing = time_decoding(service, sampler, prompts, args.samples, args.max_tokens)
-    weight_bytes = service.transport.backend.dtype.itemsize
-    figures = decoding_figures(spec, timing, args.prompt_length + args.max_tokens // 2, weight_bytes)
+
+    warm = _timed(sampler, prompts, args.max_tokens) + _timed(sampler, prompts, 1)  # compiles both shapes
+    prefill = _timed(sampler, prompts, 1)
+    total = _timed(sampler, prompts, args.max_tokens)
+    decode_step = (total - prefill) / max(args.max_tokens - 1, 1)
     device = jax.devices()[0]
+    weight_bytes = service._transport.backend.dtype.itemsize
+    moved = decode_bytes(spec, args.prompts, args.prompt_length + args.max_tokens // 2, weight_bytes)
     print(f"model {spec.name}: {spec.n_params / 1e9:.2f} B params, {len(jax.devices())} x {device.device_kind}")
-    print(f"{rows} rows: {args.prompts} prompts x {args.prompt_length} tokens, {args.max_tokens} new tokens (greedy)")
-    print(f"warm-up (compilation included): {timing.warmup_s:.2f} s; programs: {compiled.compile_counts()}")
+    print(f"{args.prompts} prompts x {args.prompt_length} tokens, {args.max_tokens} new tokens each (greedy)")
+    print(f"warm-up (compilation included): {warm:.2f} s; programs: {compiled.compile_counts()}")
     print(
-        f"prefill: {timing.prefill_s * 1e3:.1f} ms   decode step: {timing.decode_step_s * 1e3:.2f} ms   "
-        f"decode tokens/s: {figures['tokens_per_s']:,.0f}   recompiles while timed: {timing.recompiles}"
+        f"prefill: {prefill * 1e3:.1f} ms   decode step: {decode_step * 1e3:.2f} ms   "
+        f"decode tokens/s: {args.prompts / decode_step:,.0f}"
     )
-    util = figures["hbm_util"]
-    print(f"decode bandwidth: {figures['gb_per_s']:.1f} GB/s" + (f" = {util:.1%} of peak" if util is not None else ""))
+    peaks = device_peaks(device.device_kind)
+    if peaks:
+        print(f"decode bandwidth: {moved / decode_step / 1e9:.0f} GB/s = {moved / decode_step / peaks[1]:.1%} of peak")
+    else:
+        print(f"decode bandwidth: {moved / decode_step / 1e9:.2f} GB/s (no peak figure for this device)")
 
 
 if __name__ == "__main__":

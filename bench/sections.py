@@ -60,7 +60,9 @@ class Recorder:
         self._write()
 
     def _write(self) -> None:
-        self.path.write_text(json.dumps(self.result, indent=1, default=float))
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.result, indent=1, default=float))
+        partial.replace(self.path)  # whole or not at all, should the process be killed meanwhile
 
 
 def case(name: str, measure: Callable[[], Row]) -> Row:
@@ -94,10 +96,23 @@ def run(profile: Profile, section: str, cache_dir: str, result: Path) -> None:
 
 def _kernels(profile: Profile, cache_dir: str, recorder: Recorder) -> None:
     compiled.use_persistent_cache(cache_dir)
-    recorder.add(kernel_checks.ceilings(profile.matmul, profile.copy_elements, profile.dtype, profile.loop))
-    recorder.add(kernel_checks.attention_check(profile.attention, profile.dtype, profile.loop))
+    checks: list[tuple[str, Callable[[], list[Row]]]] = [
+        (
+            "ceilings",
+            lambda: kernel_checks.ceilings(profile.matmul, profile.copy_elements, profile.dtype, profile.loop),
+        ),
+        ("attention", lambda: kernel_checks.attention_check(profile.attention, profile.dtype, profile.loop)),
+    ]
+    groups = (1, max(profile.adapters))
     for dtype in profile.lora_dtypes:
-        recorder.add(kernel_checks.ragged_check(profile.lora, (1, max(profile.adapters)), dtype, profile.loop))
+        checks.append(
+            (f"lora {dtype}", lambda d=dtype: kernel_checks.ragged_check(profile.lora, groups, d, profile.loop))
+        )
+    for name, check in checks:
+        try:
+            recorder.add(check())
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory for its inputs; the next check runs
+            recorder.add([kernel_checks.failure(name, error)])
 
 
 def _options(profile: Profile, cache_dir: str, **more: str) -> dict[str, str]:
@@ -108,7 +123,8 @@ def _train(profile: Profile, model: str, cache_dir: str, recorder: Recorder, war
     """Each adapter count of the profile (`warm`: only the first, in this fresh process, its
     programs from the persistent cache that the train section filled)."""
     service, spec = open_model(model, profile.dtype, rank=profile.rank, **_options(profile, cache_dir))
-    recorder.set("model", {"name": spec.name, "params_b": spec.n_params / 1e9, "rows": profile.rows})
+    about = {"rows": profile.rows, "length": profile.length, "rank": profile.rank, "dtype": profile.dtype}
+    recorder.set("model", {"name": spec.name, "params_b": spec.n_params / 1e9, **about})
     counts = profile.adapters[:1] if warm else profile.adapters
     clients = [service.create_lora_training_client(spec.name, rank=profile.rank) for _ in range(max(counts))]
     rng = np.random.default_rng(0)
@@ -125,7 +141,7 @@ def _train(profile: Profile, model: str, cache_dir: str, recorder: Recorder, war
                 "step_ms": timing.step_s * 1e3,
                 **training_figures(spec, timing, profile.rows, profile.length, profile.rank),
                 "recompiles": timing.recompiles,
-                "device_calls_per_step": timing.device_calls_per_step,
+                "backend_calls_per_step": timing.backend_calls_per_step,
             }
 
         label = "warm start (fresh process, persistent cache)" if warm else f"{count} adapter{'s' * (count > 1)}"
@@ -137,7 +153,8 @@ def _decode(profile: Profile, model: str, cache_dir: str, recorder: Recorder) ->
     service, spec = open_model(
         model, profile.dtype, rank=profile.rank, **_options(profile, cache_dir, decode_rows=str(rows))
     )
-    recorder.set("model", {"name": spec.name, "params_b": spec.n_params / 1e9, "prompt_length": profile.prompt_length})
+    about = {"prompt_length": profile.prompt_length, "max_tokens": profile.max_tokens, "dtype": profile.dtype}
+    recorder.set("model", {"name": spec.name, "params_b": spec.n_params / 1e9, **about})
     sampler = service.create_sampling_client(base_model=spec.name)
     weight_bytes = service.transport.backend.dtype.itemsize
     context = profile.prompt_length + profile.max_tokens // 2  # mean positions each row attends to

@@ -82,7 +82,7 @@ class Training:
     """A steady step: the mean of the timed steps."""
     recompiles: int
     """Programs compiled during the timed steps (0 in a steady state)."""
-    device_calls_per_step: float
+    backend_calls_per_step: float
     """Backend calls the engine made per timed step (2 when all sessions batch together)."""
 
 
@@ -115,7 +115,7 @@ def time_training(
         new_programs=programs - before,
         step_s=elapsed / steps,
         recompiles=sum(compiled.compile_counts().values()) - programs,
-        device_calls_per_step=(scheduler.backend_calls - calls) / steps,
+        backend_calls_per_step=(scheduler.backend_calls - calls) / steps,
     )
 
 

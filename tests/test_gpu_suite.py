@@ -64,7 +64,7 @@ def test_training_cases_batch_sessions_and_never_recompile(suite: tuple[dict[str
     for row in rows.values():
         _positive(row, "tokens_per_s", "model_tflops", "step_ms", "first_step_s")
         assert row["recompiles"] == 0
-        assert row["device_calls_per_step"] == 2.0  # all sessions' forward_backward in one call, optim_step in another
+        assert row["backend_calls_per_step"] == 2.0  # all sessions' forward_backward in one call, optim_step in another
         assert row["mfu"] is None  # no peak figure for a CPU
     assert rows["1 adapter"]["new_programs"] >= 2 and math.isfinite(rows["1 adapter"]["compile_s"])
     assert rows["8 adapters"]["new_programs"] == 0  # the same programs serve 8 adapters
