@@ -222,7 +222,7 @@ class DecodeRows(NamedTuple):
     limit: jax.Array
     """[B] int32 tokens the row may generate in all."""
     stop: jax.Array
-    """[B, V] bool: the row's stop token ids."""
+    """[B, M] int32: the row's stop token ids, padded with -1."""
     wanted: jax.Array
     """[] int32: return once this many rows are done (B: only when all are)."""
 

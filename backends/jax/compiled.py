@@ -177,7 +177,6 @@ def decode(
     """
     batch = logits.shape[0]
     capacity = cache[0].shape[2]
-    every = jnp.arange(batch)
 
     def running(state: tuple) -> jax.Array:
         i, _, _, _, _, done, _ = state
@@ -192,7 +191,7 @@ def decode(
         tokens = tokens.at[:, i].set(jnp.where(live, token, 0))
         logprobs = logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
         count = count + live
-        stops = rows.stop[every, token] | (rows.generated + count >= rows.limit)
+        stops = jnp.any(rows.stop == token[:, None], axis=-1) | (rows.generated + count >= rows.limit)
         done = done | (live & stops)
         fed = jnp.where(done, 0, token)
         start = jnp.where(done, 0, jnp.minimum(rows.position + count, capacity - 1))

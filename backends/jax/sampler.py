@@ -37,6 +37,8 @@ MIN_PROMPT = 16
 """Smallest prompt-length bucket of the prefill."""
 MAX_ROWS = 64
 """Decode rows of the pool at most (more requests wait for free rows)."""
+MIN_STOP_IDS = 4
+"""Smallest bucket of stop token ids per row (more ids compile one more decode program)."""
 CHUNK = 32
 """Decode steps per device call at most. Rows stop on device at their token limit and the call
 returns as soon as every row is done (or, while requests wait, as soon as enough rows are free
@@ -235,24 +237,22 @@ class DecodePool:
         return completed
 
     def _settings(self, wanted: int) -> DecodeRows:
-        """Every row's decode settings; free rows are done from the start, with greedy settings."""
-        rows, vocab = len(self.rows), self.spec.vocab_size
-        busy, stop = np.zeros(rows, bool), np.zeros((rows, vocab), bool)
+        """Every row's decode settings; free rows are done from the start, with greedy settings.
+        Stop token ids are padded with -1 to a bucketed width (at least `MIN_STOP_IDS`)."""
+        rows = len(self.rows)
+        most = max((len(s.request.work.stop_token_ids) for s in self.rows if s is not None), default=0)
+        busy, stop = np.zeros(rows, bool), np.full((rows, bucket(most, minimum=MIN_STOP_IDS)), -1, np.int32)
         temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
-        top_k, index, generated, slot, limit = (np.zeros(rows, np.int32) for _ in range(5))
+        top_k, index, generated, position, slot, limit = (np.zeros(rows, np.int32) for _ in range(6))
         top_k[:] = 1
         for r, sample in enumerate(self.rows):
-            if sample is not None:
-                request, work = sample.request, sample.request.work
-                busy[r], temperature[r], top_p[r], top_k[r] = True, work.temperature, work.top_p, request.top_k
-                index[r], generated[r], slot[r], limit[r] = (
-                    sample.index,
-                    len(sample.tokens),
-                    request.slot,
-                    request.limit,
-                )
-                stop[r, [t for t in work.stop_token_ids if 0 <= t < vocab]] = True
-        position = np.array([0 if s is None else s.request.prompt_length for s in self.rows], np.int32) + generated - 1
+            if sample is None:
+                continue
+            request, work, n = sample.request, sample.request.work, len(sample.tokens)
+            busy[r], temperature[r], top_p[r], top_k[r] = True, work.temperature, work.top_p, request.top_k
+            index[r], generated[r], position[r] = sample.index, n, request.prompt_length + n - 1
+            slot[r], limit[r] = request.slot, request.limit
+            stop[r, : len(work.stop_token_ids)] = work.stop_token_ids
         a = jnp.asarray
         return DecodeRows(
             busy=a(busy),

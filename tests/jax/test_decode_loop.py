@@ -157,7 +157,8 @@ def test_greedy_equals_the_emulator_across_chunks(model, free_run):
 
 def test_stop_token_ids_and_max_tokens_are_exact(model, free_run):
     at = next(i for i in range(CHUNK + 1, LONG) if free_run[i] not in free_run[:i])  # in the second chunk
-    (out,) = run(model, (work(stop_token_ids=(free_run[at],)), 0))
+    unseen = [t for t in range(SPEC.vocab_size) if t not in free_run][:4]
+    (out,) = run(model, (work(stop_token_ids=(*unseen, free_run[at])), 0))  # more ids than the smallest bucket
     assert out.sequences[0].tokens.tolist() == free_run[: at + 1] and out.sequences[0].stop_reason == "stop"
     for n in (1, 4, CHUNK, CHUNK + 1):
         (out,) = run(model, (work(max_tokens=n), 0))
