@@ -215,8 +215,8 @@ class DecodePool:
 
     def run(self, wanted: int) -> list[_Request]:
         """One chunk of decoding (S1–S3) on every busy row, returning once all are done or once
-        `wanted` rows are free; retires the rows that stopped. Returns the requests this chunk
-        completed, in row order."""
+        `wanted` rows are free (more than are free now, or the chunk would run no step); retires
+        the rows that stopped. Returns the requests this chunk completed, in row order."""
         decoded, self.cache = compiled.decode(
             self.spec, self.base, self.lora, self.logits, self.cache, self._settings(wanted), CHUNK
         )
@@ -342,7 +342,7 @@ def sample(
         pool.admit(_admissible(waiting, len(pool.free())))
         if not pool.busy:
             break
-        wanted = waiting[0].work.num_samples if waiting else len(pool.rows)
+        wanted = waiting[0].work.num_samples if waiting else len(pool.rows)  # the first waiting did not fit
         for request in pool.run(wanted):
             outputs[request.index] = request.output()
             if on_result is not None:
