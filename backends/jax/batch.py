@@ -8,13 +8,16 @@ bucketed (`bucket`, the one shape-bucketing function of the backend), so a train
 with varying batch sizes and lengths compiles a handful of programs. `Outputs` gathers each
 request's rows back from the batches' results.
 
-Shapes: B rows, T tokens, N = B*T. Imports no other module of the backend but sharding.py.
+The decode loop's per-row settings (`DecodeRows`) and what a chunk of it returns (`Decoded`)
+are declared here too. Shapes: B rows, T tokens, N = B*T, V vocab. Imports no other module of
+the backend but sharding.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +197,47 @@ def token_budget(spec: ModelSpec, data_parallel: int) -> int:
     per_token = 2 * 4 * (spec.n_layers * spec.d_model + layer)
     budget = int(0.5 * free / per_token) * data_parallel
     return max(1024, 1 << (budget.bit_length() - 1))
+
+
+class DecodeRows(NamedTuple):
+    """Every decode row's settings for one chunk of `compiled.decode` (a pytree of arrays)."""
+
+    busy: jax.Array
+    """[B] bool: the row generates a sample (free rows start done)."""
+    temperature: jax.Array
+    """[B] float32 (0: greedy)."""
+    top_k: jax.Array
+    """[B] int32 in 1..V."""
+    top_p: jax.Array
+    """[B] float32 in (0, 1]."""
+    keys: jax.Array
+    """[B] random keys: each row's request key."""
+    sample_index: jax.Array
+    """[B] int32 sample index within the request (folded into the key)."""
+    generated: jax.Array
+    """[B] int32 tokens the row generated before this chunk."""
+    position: jax.Array
+    """[B] int32 prompt length + generated - 1: where the row's last fed token sits in the cache."""
+    slot: jax.Array
+    """[B] int32 adapter slot."""
+    limit: jax.Array
+    """[B] int32 tokens the row may generate in all."""
+    stop: jax.Array
+    """[B, M] int32: the row's stop token ids, padded with -1."""
+    wanted: jax.Array
+    """[] int32: return once this many rows are done (B: only when all are)."""
+
+
+class Decoded(NamedTuple):
+    """What one chunk of `compiled.decode` produced, row by row."""
+
+    tokens: jax.Array
+    """[B, chunk] int32: row r's new tokens in tokens[r, :lengths[r]]."""
+    logprobs: jax.Array
+    """[B, chunk] float32: their S2 logprobs."""
+    lengths: jax.Array
+    """[B] int32 tokens each row generated in this chunk."""
+    done: jax.Array
+    """[B] bool: the row stopped (stop token id, or its limit), or was free."""
+    logits: jax.Array
+    """[B, V] float32: the next-token logits of the rows still running."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import model, optimizer
-from backends.jax.batch import Batch
+from backends.jax.batch import Batch, Decoded, DecodeRows
 from backends.jax.losses import LOSS_FUNCTIONS
 from backends.jax.ops import Routing
 from bios.catalog import ModelSpec
@@ -107,8 +107,7 @@ def copy_rows(
     return keys.at[:, to].set(new_keys[:, rows]), values.at[:, to].set(new_values[:, rows])
 
 
-@jax.jit
-def choose(
+def _next_tokens(
     logits: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
@@ -117,13 +116,7 @@ def choose(
     index: jax.Array,
     step: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
-
-    logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
-    the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
-    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
-    has generated), so a seed gives the same tokens however requests are batched.
-    """
+    """S1 and S2 for every row (pure): see `choose`, which compiles it alone; `decode` runs it per step."""
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1)
     z = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
@@ -142,6 +135,90 @@ def choose(
     return token, logprob
 
 
+@jax.jit
+def choose(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    keys: jax.Array,
+    index: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """S1 and S2 for every row: the next token [B] int32 and `log_softmax(logits)[token]` [B] float32.
+
+    logits [B, V]: raw (temperature 1). temperature, top_p [B] float32 (temperature 0 takes
+    the argmax, lowest id on ties); top_k [B] int32 in 1..V (V keeps all). A row draws with its
+    item's key [B] folded with its sample index [B] and then with its own step [B] (tokens it
+    has generated), so a seed gives the same tokens however requests are batched.
+    """
+    return _next_tokens(logits, temperature, top_k, top_p, keys, index, step)
+
+
+@partial(jax.jit, static_argnames=("spec", "chunk"), donate_argnames=("cache",))
+def decode(
+    spec: ModelSpec,
+    base: dict,
+    lora: dict,
+    logits: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    rows: DecodeRows,
+    chunk: int,
+) -> tuple[Decoded, tuple[jax.Array, jax.Array]]:
+    """Up to `chunk` decode steps of every live row, on device (S1, S2 and S3's stop token ids
+    and token limits); a row that stops is frozen. Stops early once every row is done, or once
+    `rows.wanted` rows are done (so waiting requests can be admitted).
+
+    logits [B, V] float32: each row's next-token logits; cache: [L, B, C, K, E] pairs (donated).
+    Each step chooses every live row's token as `choose` does (step = tokens it has generated),
+    stores it, stops the row on a stop token id or at its limit, and otherwise feeds the token
+    at the row's next cache position; done rows feed token 0 at position 0 of slot 0, whose
+    cache row is rewritten on admission. Returns (`Decoded`, the new cache).
+    """
+    batch = logits.shape[0]
+    capacity = cache[0].shape[2]
+
+    def running(state: tuple) -> jax.Array:
+        i, _, _, _, _, done, _ = state
+        return (i < chunk) & (jnp.sum(done) < jnp.minimum(rows.wanted, batch))
+
+    def step(state: tuple) -> tuple:
+        i, logits, cache, tokens, logprobs, done, count = state
+        live = ~done
+        token, logprob = _next_tokens(
+            logits, rows.temperature, rows.top_k, rows.top_p, rows.keys, rows.sample_index, rows.generated + count
+        )
+        tokens = tokens.at[:, i].set(jnp.where(live, token, 0))
+        logprobs = logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
+        count = count + live
+        stops = jnp.any(rows.stop == token[:, None], axis=-1) | (rows.generated + count >= rows.limit)
+        done = done | (live & stops)
+        fed = jnp.where(done, 0, token)
+        start = jnp.where(done, 0, jnp.minimum(rows.position + count, capacity - 1))
+        slot = jnp.where(done, 0, rows.slot)
+
+        def feed(cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            new_logits, cache = model.extend(
+                spec, base, lora, fed[:, None], start, cache, routing(slot, lora["scale"], sort=True), slot
+            )
+            return new_logits[:, 0], cache
+
+        logits, cache = jax.lax.cond(jnp.all(done), lambda c: (logits, c), feed, cache)
+        return i + 1, logits, cache, tokens, logprobs, done, count
+
+    state = (
+        jnp.int32(0),
+        logits,
+        cache,
+        jnp.zeros((batch, chunk), jnp.int32),
+        jnp.zeros((batch, chunk), jnp.float32),
+        ~rows.busy,
+        jnp.zeros(batch, jnp.int32),
+    )
+    _, logits, cache, tokens, logprobs, done, count = jax.lax.while_loop(running, step, state)
+    return Decoded(tokens, logprobs, count, done, logits), cache
+
+
 class _Compiled(Protocol):
     """What `jax.jit` returns, as far as counting its programs goes."""
 
@@ -155,6 +232,7 @@ PROGRAMS = {
     "extend": extend,
     "copy_rows": copy_rows,
     "choose": choose,
+    "decode": decode,
 }
 """Every jitted function of the backend, by name (tests check none is missing)."""
 
@@ -174,4 +252,9 @@ def use_persistent_cache(directory: str) -> None:
 
 def host(array: jax.Array) -> np.ndarray:
     """A device array as a host numpy array (waits for it)."""
-    return np.asarray(jax.device_get(array))
+    return host_all(array)[0]
+
+
+def host_all(*arrays: jax.Array) -> tuple[np.ndarray, ...]:
+    """Device arrays as host numpy arrays, fetched together in one transfer (waits for them)."""
+    return tuple(np.asarray(a) for a in jax.device_get(arrays))

@@ -2,12 +2,13 @@
 
 A `DecodePool` of rows shares one KV cache. Waiting requests are admitted (first come, first
 served) whenever enough rows are free: their prompts are prefilled together, once per request,
-and the prefilled cache row is copied into each of the request's `num_samples` rows. Every
-step then chooses the next token of every busy row on device (`compiled.choose`: S1, S2),
-checks stops on the host (S3), retires the rows that stopped and feeds the others' tokens
-through `compiled.extend`. A request whose rows have all stopped is reported at once
-(`on_result`) and its rows go to the next waiting one. Rows may serve different adapters in
-any order. Row counts and lengths are bucketed so few programs compile.
+and the prefilled cache row is copied into each of the request's `num_samples` rows. The busy
+rows then decode on device a chunk of up to `CHUNK` tokens at a time (`compiled.decode`: S1,
+S2, and S3's stop token ids and token limits); the host reads each chunk back at once, checks
+stop strings on the new tokens only (`StopStrings`), retires the rows that stopped, reports a
+request whose rows have all stopped (`on_result`) and gives its rows to the next waiting one.
+Rows may serve different adapters in any order. Row counts and lengths are bucketed so few
+programs compile.
 
 Shapes: B rows, T tokens, V vocab, C cache capacity, L layers, K kv heads, E head dim.
 """
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import compiled
-from backends.jax.batch import bucket
+from backends.jax.batch import DecodeRows, bucket
+from backends.jax.stop_strings import StopStrings
 from bios.backend import SampledOutput, SampleOutput, SampleWork
 from bios.catalog import ModelSpec
 from bios.tokenizer import Tokenizer
@@ -35,6 +37,14 @@ MIN_PROMPT = 16
 """Smallest prompt-length bucket of the prefill."""
 MAX_ROWS = 64
 """Decode rows of the pool at most (more requests wait for free rows)."""
+MIN_STOP_IDS = 4
+"""Smallest bucket of stop token ids per row (more ids compile one more decode program)."""
+CHUNK = 32
+"""Decode steps per device call at most. Rows stop on device at their token limit and the call
+returns as soon as every row is done (or, while requests wait, as soon as enough rows are free
+for the first of them), so short requests never run the whole chunk and one program serves
+every length; a longer chunk would only save host round trips (one per 32 tokens already) at
+the price of more tokens decoded past a stop string, which only the host sees."""
 
 
 def _item_key(seed: int | None) -> jax.Array:
@@ -71,18 +81,12 @@ class _Request:
     prompt_logprobs: np.ndarray | None = None
     """[T-1] float32 log p(prompt[t] | prompt[:t]) for t >= 1, when the work asks for them."""
 
+    stop_strings: StopStrings | None = None
+    """Its stop strings' checker, when it has any."""
+
     @property
     def prompt_length(self) -> int:
         return len(self.work.prompt)
-
-    def stop_reason(self, generated: list[int], decode: Callable[[list[int]], str]) -> StopReason | None:
-        """S3 after the latest token: "stop", "length" (at `limit` tokens), or None to go on.
-        `decode` (token ids → text) is called only when the work has stop strings."""
-        if generated[-1] in self.work.stop_token_ids:
-            return "stop"
-        if self.work.stop_strings and any(s in decode(generated) for s in self.work.stop_strings):
-            return "stop"
-        return "length" if len(generated) >= self.limit else None
 
     def output(self) -> SampleOutput:
         """The result, samples in index order; `prompt_logprobs` [T] has NaN at 0."""
@@ -104,10 +108,21 @@ class _Sample:
     logprobs: list[float] = field(default_factory=list)
     """S2 logprob of each generated token."""
 
-    @property
-    def position(self) -> int:
-        """Cache position of the latest generated token."""
-        return self.request.prompt_length + len(self.tokens) - 1
+    def add(self, tokens: np.ndarray, logprobs: np.ndarray, done: bool) -> StopReason | None:
+        """Append a chunk's new tokens [n] and logprobs [n] (`done`: the device stopped the row,
+        on a stop token id or at its limit); S3's reason if the sample has stopped — then its
+        tokens end at the first token that completes a stop string — or None to go on."""
+        checked = len(self.tokens)
+        self.tokens += tokens.tolist()
+        self.logprobs += logprobs.tolist()
+        strings = self.request.stop_strings
+        end = None if strings is None else strings.first_stop(self.tokens, checked)
+        if end is not None:
+            del self.tokens[end + 1 :], self.logprobs[end + 1 :]
+            return "stop"
+        if done:
+            return "stop" if self.tokens[-1] in self.request.work.stop_token_ids else "length"
+        return None
 
     def finish(self, reason: StopReason) -> None:
         """Hand the finished sequence to its request."""
@@ -119,8 +134,8 @@ class DecodePool:
     """Decode rows over one KV cache (keys, values: [L, B, C, K, E]); each row is free or
     generates one `_Sample`. The only mutable state of sampling; one pool per `sample` call.
 
-    `admit` prefills requests into free rows; `step` chooses every busy row's next token,
-    retires the rows that stopped and feeds the rest. The pool never changes shape.
+    `admit` prefills requests into free rows; `run` decodes a chunk of every busy row's
+    tokens and retires the rows that stopped. The pool never changes shape.
     """
 
     def __init__(
@@ -198,51 +213,61 @@ class DecodePool:
         )
         return logits, fresh, prompts
 
-    def step(self, decode: Callable[[list[int]], str]) -> list[_Request]:
-        """S1–S3 for every busy row: choose its next token, stop it (S3; `decode` reads stop
-        strings) or feed the token back. Returns the requests this step completed, in row order."""
-        chosen, chosen_lp = compiled.choose(self.logits, *self._settings())
-        chosen, chosen_lp = compiled.host(chosen), compiled.host(chosen_lp)
+    def run(self, wanted: int) -> list[_Request]:
+        """One chunk of decoding (S1–S3) on every busy row, returning once all are done or once
+        `wanted` rows are free (more than are free now, or the chunk would run no step); retires
+        the rows that stopped. Returns the requests this chunk completed, in row order."""
+        decoded, self.cache = compiled.decode(
+            self.spec, self.base, self.lora, self.logits, self.cache, self._settings(wanted), CHUNK
+        )
+        self.logits = decoded.logits
+        tokens, logprobs, lengths, done = compiled.host_all(
+            decoded.tokens, decoded.logprobs, decoded.lengths, decoded.done
+        )
         completed = []
         for r, sample in enumerate(self.rows):
             if sample is None:
                 continue
-            sample.tokens.append(int(chosen[r]))
-            sample.logprobs.append(float(chosen_lp[r]))
-            reason = sample.request.stop_reason(sample.tokens, decode)
+            reason = sample.add(tokens[r, : lengths[r]], logprobs[r, : lengths[r]], bool(done[r]))
             if reason is not None:
                 sample.finish(reason)
                 self.rows[r] = None
                 if len(sample.request.finished) == sample.request.work.num_samples:
                     completed.append(sample.request)
-        if self.busy:
-            self._feed(chosen)
         return completed
 
-    def _settings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array, np.ndarray, np.ndarray]:
-        """choose's per-row arguments after the logits: temperature, top_k, top_p, keys,
-        sample index and step (tokens generated) [B]; free rows get greedy settings (temperature 0),
-        and what is drawn for them is never read."""
+    def _settings(self, wanted: int) -> DecodeRows:
+        """Every row's decode settings; free rows are done from the start, with greedy settings.
+        Stop token ids are padded with -1 to a bucketed width (at least `MIN_STOP_IDS`)."""
         rows = len(self.rows)
+        most = max((len(s.request.work.stop_token_ids) for s in self.rows if s is not None), default=0)
+        busy, stop = np.zeros(rows, bool), np.full((rows, bucket(most, minimum=MIN_STOP_IDS)), -1, np.int32)
         temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
-        top_k, index, step = np.ones(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        top_k, index, generated, position, slot, limit = (np.zeros(rows, np.int32) for _ in range(6))
+        top_k[:] = 1
         for r, sample in enumerate(self.rows):
-            if sample is not None:
-                work = sample.request.work
-                temperature[r], top_p[r], top_k[r] = work.temperature, work.top_p, sample.request.top_k
-                index[r], step[r] = sample.index, len(sample.tokens)
-        return temperature, top_k, top_p, self.keys, index, step
-
-    def _feed(self, chosen: np.ndarray) -> None:
-        """Run every busy row's latest token [B] through the model, at its position and with its
-        adapter; free rows run token 0 at position 0 of slot 0 (their cache is overwritten on admission)."""
-        fed, start, slot = (np.zeros(len(self.rows), np.int32) for _ in range(3))
-        for r, sample in enumerate(self.rows):
-            if sample is not None:
-                fed[r], start[r] = chosen[r], min(sample.position, self.capacity - 1)
-                slot[r] = sample.request.slot
-        logits, self.cache = compiled.extend(self.spec, self.base, self.lora, fed[:, None], start, self.cache, slot)
-        self.logits = logits[:, 0]
+            if sample is None:
+                continue
+            request, work, n = sample.request, sample.request.work, len(sample.tokens)
+            busy[r], temperature[r], top_p[r], top_k[r] = True, work.temperature, work.top_p, request.top_k
+            index[r], generated[r], position[r] = sample.index, n, request.prompt_length + n - 1
+            slot[r], limit[r] = request.slot, request.limit
+            stop[r, : len(work.stop_token_ids)] = work.stop_token_ids
+        a = jnp.asarray
+        return DecodeRows(
+            busy=a(busy),
+            temperature=a(temperature),
+            top_k=a(top_k),
+            top_p=a(top_p),
+            keys=self.keys,
+            sample_index=a(index),
+            generated=a(generated),
+            position=a(position),
+            slot=a(slot),
+            limit=a(limit),
+            stop=a(stop),
+            wanted=a(np.int32(wanted)),
+        )
 
 
 def _admissible(waiting: deque[_Request], free: int) -> list[_Request]:
@@ -251,6 +276,44 @@ def _admissible(waiting: deque[_Request], free: int) -> list[_Request]:
     while waiting and waiting[0].work.num_samples <= free - sum(r.work.num_samples for r in taken):
         taken.append(waiting.popleft())
     return taken
+
+
+def _requests(
+    spec: ModelSpec, items: Sequence[tuple[SampleWork, int]], tokenizer: Callable[[], Tokenizer]
+) -> list[_Request]:
+    """A `_Request` per (work, slot) of `items`; the tokenizer is loaded (once) at the first
+    stop-string check."""
+    loaded = functools.cache(tokenizer)
+    requests = [
+        _Request(
+            index,
+            work,
+            slot,
+            limit=min(work.max_tokens, spec.max_seq_len - len(work.prompt)),
+            top_k=spec.vocab_size if work.top_k == -1 else min(work.top_k, spec.vocab_size),
+        )
+        for index, (work, slot) in enumerate(items)
+    ]
+    for request in requests:
+        if request.work.stop_strings:
+            request.stop_strings = StopStrings(request.work.stop_strings, lambda ids: loaded().decode(ids))
+    return requests
+
+
+def _pool(
+    spec: ModelSpec,
+    base: dict[str, jax.Array],
+    lora: dict[str, jax.Array],
+    dtype: jnp.dtype,
+    requests: list[_Request],
+    max_rows: int,
+) -> DecodePool:
+    """The pool for `requests`: rows for all their samples (bucketed, at most `max_rows`
+    unless one request needs more) and a cache long enough for the longest."""
+    needs = [r.work.num_samples for r in requests]
+    rows = bucket(max(max(needs), min(sum(needs), max_rows)))
+    longest = max(r.prompt_length + r.limit for r in requests)
+    return DecodePool(spec, base, lora, dtype, rows, bucket(longest, minimum=MIN_PROMPT, cap=spec.max_seq_len))
 
 
 def sample(
@@ -271,28 +334,16 @@ def sample(
     the KV cache's. Returned tokens are int64 [N], logprobs float32 [N] and `prompt_logprobs`
     float32 [T] (NaN at 0) when requested. Pure apart from `on_result`.
     """
-    requests = [
-        _Request(
-            index,
-            work,
-            slot,
-            limit=min(work.max_tokens, spec.max_seq_len - len(work.prompt)),
-            top_k=spec.vocab_size if work.top_k == -1 else min(work.top_k, spec.vocab_size),
-        )
-        for index, (work, slot) in enumerate(items)
-    ]
-    needs = [r.work.num_samples for r in requests]
-    rows = bucket(max(max(needs), min(sum(needs), max_rows)))
-    longest = max(r.prompt_length + r.limit for r in requests)
-    pool = DecodePool(spec, base, lora, dtype, rows, bucket(longest, minimum=MIN_PROMPT, cap=spec.max_seq_len))
-    loaded = functools.cache(tokenizer)
+    requests = _requests(spec, items, tokenizer)
+    pool = _pool(spec, base, lora, dtype, requests, max_rows)
     outputs: dict[int, SampleOutput] = {}
     waiting = deque(requests)
     while True:
         pool.admit(_admissible(waiting, len(pool.free())))
         if not pool.busy:
             break
-        for request in pool.step(lambda ids: loaded().decode(ids)):
+        wanted = waiting[0].work.num_samples if waiting else len(pool.rows)  # the first waiting did not fit
+        for request in pool.run(wanted):
             outputs[request.index] = request.output()
             if on_result is not None:
                 on_result(request.index, outputs[request.index])
