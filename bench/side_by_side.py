@@ -89,7 +89,7 @@ def run_hf(data: list[types.Datum], prompt: list[int], steps: int, path: str) ->
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(MODULES), lora_dropout=0.0)
     model = peft.get_peft_model(model, config)
     defaults = types.AdamParams()
@@ -117,7 +117,7 @@ def run_hf(data: list[types.Datum], prompt: list[int], steps: int, path: str) ->
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         seconds.append(time.perf_counter() - started)
 
     def generate() -> tuple[int, float]:
