@@ -2,7 +2,8 @@
 sessions side by side in slots, one compiled program per bucketed shape.
 
 Requests of many sessions on one base model share one device call: their rows are sorted by
-adapter slot and each token is routed to its own adapter by a grouped matmul (ops.py).
+adapter slot, and the call reads and writes only the slots it uses, at their adapters' rank
+(`SlotTable.active`), each row running with its own adapter (ops.py `per_row`).
 """
 
 from __future__ import annotations
@@ -195,13 +196,15 @@ class JaxBackend:
         )
         outputs = Outputs([len(work.tokens) for work, _ in items], report)
         for chunk in micro_batches(rows, served.tokens_per_call):
-            batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len)
+            active = served.slots.active(row.slot for row in chunk)
+            batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len, active.index)
+            slots, lora = jnp.asarray(active.slots), served.slots.lora
             if backward:
                 served.slots.accumulator, lp, el = compiled.forward_backward(
-                    served.spec, served.base, served.slots.lora, served.slots.accumulator, batch, loss_fn
+                    served.spec, served.base, lora, served.slots.accumulator, slots, batch, loss_fn, active.rank
                 )
             else:
-                lp, el = compiled.forward(served.spec, served.base, served.slots.lora, batch, loss_fn)
+                lp, el = compiled.forward(served.spec, served.base, lora, slots, batch, loss_fn, active.rank)
             outputs.add(chunk, host(lp), host(el))
 
     @staticmethod
@@ -247,24 +250,26 @@ class JaxBackend:
         round_: list[tuple[OptimStepWork, int, int]],
         report: Callable[[int, OptimStepOutput], None],
     ) -> None:
-        capacity = slots.capacity
-        hyper = {name: np.zeros(capacity, np.float32) for name in optimizer.HYPERPARAMETERS}
-        active = np.zeros(capacity, bool)
-        for item, _, slot in round_:
-            active[slot] = True
+        active = slots.active(slot for _, _, slot in round_)
+        hyper = {name: np.zeros(len(active.slots), np.float32) for name in optimizer.HYPERPARAMETERS}
+        for item, _, slot in sorted(round_, key=lambda member: member[2]):  # the padding repeats the last
+            hyper_index = active.index[slot]
             for name in hyper:
-                hyper[name][slot] = getattr(item, name)
+                hyper[name][hyper_index:] = getattr(item, name)
         slots.lora, slots.opt_state, slots.accumulator, norms, steps = compiled.optim_step(
             slots.lora,
             slots.opt_state,
             slots.accumulator,
             {k: jnp.asarray(v) for k, v in hyper.items()},
-            jnp.asarray(active),
+            jnp.asarray(active.slots),
+            active.rank,
         )
         norms, steps = host(norms), host(steps)
         for item, index, slot in round_:
-            slots.steps[item.adapter_id] = int(steps[slot])
-            report(index, OptimStepOutput(step=int(steps[slot]), grad_norm=float(norms[slot])))
+            slots.steps[item.adapter_id] = int(steps[active.index[slot]])
+            report(
+                index, OptimStepOutput(step=int(steps[active.index[slot]]), grad_norm=float(norms[active.index[slot]]))
+            )
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -281,11 +286,12 @@ class JaxBackend:
                 report(index, error)
         for base_model, members in groups.items():
             served = self._served[base_model]
+            active = served.slots.active(slot for _, slot in members)
             sampler.sample(
                 served.spec,
                 served.base,
-                served.slots.lora,
-                [(work[i], slot) for i, slot in members],
+                compiled.compact(served.slots.lora, jnp.asarray(active.slots), active.rank),
+                [(work[i], active.index[slot]) for i, slot in members],
                 functools.partial(self._tokenizer, served),
                 self.dtype,
                 report.part([i for i, _ in members]),

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -76,7 +75,8 @@ class Batch:
     """A padded, slot-sorted batch: rows B, tokens T (both bucketed), N = B*T.
 
     tokens, targets: [B, T] int32; mask: [B, T] float32 (0 on padding); inputs: the loss's
-    per-token inputs [B, T]; config: the loss's settings, each [B, 1]; token_slot: [N] int32.
+    per-token inputs [B, T]; config: the loss's settings, each [B, 1]; adapter: [B] int32, each
+    row's adapter among the active slots of the call (slots.py `Active`).
     With LoRA dropout, dropout_seed [B] uint32 seeds each row's masks and dropout_rate [B] is
     its adapter's rate (both None when no row of the batch uses dropout).
     """
@@ -86,16 +86,16 @@ class Batch:
     mask: jax.Array
     inputs: dict[str, jax.Array]
     config: dict[str, jax.Array]
-    token_slot: jax.Array
+    adapter: jax.Array
     dropout_seed: jax.Array | None = None
     dropout_rate: jax.Array | None = None
 
     @classmethod
-    def pack(cls, rows: Sequence[Row], loss_fn: str, mesh: Mesh, max_tokens: int) -> Batch:
+    def pack(cls, rows: Sequence[Row], loss_fn: str, mesh: Mesh, max_tokens: int, adapter: dict[int, int]) -> Batch:
         """`rows` (sorted by slot, at least one) padded to bucketed [B, T] and split by rows over `mesh`.
 
-        Row i of the batch is rows[i]; padding rows have mask 0 and the last row's slot, so
-        token_slot stays sorted. T is at most `max_tokens` (unless a row is longer). Pure.
+        Row i of the batch is rows[i], with adapter `adapter[rows[i].slot]`; padding rows have
+        mask 0 and the last row's adapter. T is at most `max_tokens` (unless a row is longer). Pure.
         """
         spec = LOSSES[loss_fn]
         names = [n for n in spec.inputs if n != "target_tokens"]
@@ -104,12 +104,12 @@ class Batch:
         tokens, targets, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, t), np.float32)
         inputs = {name: np.zeros((b, t), np.float32) for name in names}
         config = {key: np.zeros((b, 1), np.float32) for key in spec.config}
-        slots = np.full(b, rows[-1].slot, np.int32)
+        slots = np.full(b, adapter[rows[-1].slot], np.int32)
         seeds, rates = np.zeros(b, np.uint32), np.zeros(b, np.float32)
         for i, row in enumerate(rows):
             n = row.length
             tokens[i, :n], targets[i, :n], mask[i, :n] = row.tokens, row.inputs["target_tokens"], 1.0
-            slots[i], seeds[i], rates[i] = row.slot, row.dropout_seed, row.dropout_rate
+            slots[i], seeds[i], rates[i] = adapter[row.slot], row.dropout_seed, row.dropout_rate
             for name in names:
                 inputs[name][i, :n] = row.inputs[name]
             for key in config:
@@ -125,7 +125,7 @@ class Batch:
             mask=put(mask),
             inputs={name: put(value) for name, value in inputs.items()},
             config={key: put(value) for key, value in config.items()},
-            token_slot=jnp.asarray(np.repeat(slots, t)),
+            adapter=put(slots),
             dropout_seed=put(seeds) if dropout else None,
             dropout_rate=put(rates) if dropout else None,
         )
@@ -133,7 +133,7 @@ class Batch:
 
 jax.tree_util.register_dataclass(
     Batch,
-    data_fields=["tokens", "targets", "mask", "inputs", "config", "token_slot", "dropout_seed", "dropout_rate"],
+    data_fields=["tokens", "targets", "mask", "inputs", "config", "adapter", "dropout_seed", "dropout_rate"],
     meta_fields=[],
 )
 

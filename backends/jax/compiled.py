@@ -20,15 +20,26 @@ from backends.jax import model, optimizer
 from backends.jax.batch import Batch, Decoded, DecodeRows
 from backends.jax.losses import LOSS_FUNCTIONS
 from backends.jax.ops import Routing
+from backends.jax.params import compact_index
 from bios.catalog import ModelSpec
 
 
-def routing(token_slot: jax.Array, scale: jax.Array, *, sort: bool = False) -> Routing:
-    """Routing of tokens [N] given each slot's alpha/rank [S]; `sort` when they are not
-    already ordered by slot (decode rows come and go in any order)."""
-    counts = jnp.sum(jax.nn.one_hot(token_slot, scale.shape[0], dtype=jnp.int32), axis=0)
-    order = jnp.argsort(token_slot, stable=True) if sort else None
-    return Routing(group_sizes=counts, token_scale=scale[token_slot], order=order)
+def routing(slot: jax.Array, scale: jax.Array) -> Routing:
+    """Routing of rows [B] whose adapters are `slot` [B] int32, indices into the A adapters of
+    the LoRA arrays, given each adapter's alpha/rank `scale` [A]. The one place a Routing is built."""
+    count = scale.shape[0]
+    onehot = None if count == 1 else jax.nn.one_hot(slot, count, dtype=jnp.float32)
+    return Routing(adapter=slot, scale=scale[slot], onehot=onehot)
+
+
+def _take(tree: dict[str, jax.Array], slots: jax.Array, rank: int) -> dict[str, jax.Array]:
+    """The compact LoRA state of `slots` [A] at `rank` columns: `[L, A, in, rank]`, ... (one gather each)."""
+    return {k: v[compact_index(k, v.ndim, slots, rank)] for k, v in tree.items()}
+
+
+def _put(tree: dict[str, jax.Array], new: dict[str, jax.Array], slots: jax.Array, rank: int) -> dict[str, jax.Array]:
+    """`tree` with its `slots` [A] part at `rank` columns replaced by the compact `new` (in place when donated)."""
+    return {k: v.at[compact_index(k, v.ndim, slots, rank)].set(new[k]) for k, v in tree.items()}
 
 
 def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -38,47 +49,83 @@ def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def _per_token(
     spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str, dropout: bool
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    route = routing(batch.token_slot, lora["scale"])
+    route = routing(batch.adapter, lora["scale"])
     if dropout and batch.dropout_seed is not None:
         keys = jax.vmap(jax.random.key)(batch.dropout_seed)
-        route = Routing(route.group_sizes, route.token_scale, route.order, keys, batch.dropout_rate)
+        route = Routing(route.adapter, route.scale, route.onehot, keys, batch.dropout_rate)
     hidden = model.hidden_states(spec, base, lora, batch.tokens, route)
-    lp = model.token_logprobs(base, lora, hidden, batch.targets, route, batch.token_slot)
+    lp = model.token_logprobs(base, lora, hidden, batch.targets, route)
     elementwise = LOSS_FUNCTIONS[loss_fn](lp, batch.inputs, batch.config) * batch.mask
     return jnp.sum(elementwise), (lp, elementwise)
 
 
-@partial(jax.jit, static_argnames=("spec", "loss_fn"))
-def forward(spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str) -> tuple[jax.Array, jax.Array]:
-    """(logprobs [B, T], elementwise loss [B, T]) under the current adapters; no gradient, no dropout."""
-    return _per_token(spec, base, lora, batch, loss_fn, dropout=False)[1]
+@partial(jax.jit, static_argnames=("spec", "loss_fn", "rank"))
+def forward(
+    spec: ModelSpec, base: dict, lora: dict, adapters: jax.Array, batch: Batch, loss_fn: str, rank: int
+) -> tuple[jax.Array, jax.Array]:
+    """(logprobs [B, T], elementwise loss [B, T]) under the current adapters; no gradient, no dropout.
+
+    lora: the whole slot table; only its `adapters` [A] slots, first `rank` columns, are read
+    (`batch.adapter` indexes them)."""
+    return _per_token(spec, base, _take(lora, adapters, rank), batch, loss_fn, dropout=False)[1]
 
 
-@partial(jax.jit, static_argnames=("spec", "loss_fn"), donate_argnames=("accumulator",))
+@partial(jax.jit, static_argnames=("spec", "loss_fn", "rank"), donate_argnames=("accumulator",))
 def forward_backward(
-    spec: ModelSpec, base: dict, lora: dict, accumulator: dict, batch: Batch, loss_fn: str
+    spec: ModelSpec,
+    base: dict,
+    lora: dict,
+    accumulator: dict,
+    adapters: jax.Array,
+    batch: Batch,
+    loss_fn: str,
+    rank: int,
 ) -> tuple[dict, jax.Array, jax.Array]:
-    """L6/L8: (accumulator + d loss / d trainable LoRA arrays, logprobs [B, T], elementwise [B, T])."""
-    trainable = _trainable(lora)
+    """L6/L8: (accumulator + d loss / d LoRA arrays, logprobs [B, T], elementwise [B, T]).
+
+    The gradient is taken for the `adapters` [A] slots at `rank` columns only (columns beyond an
+    adapter's rank have zero gradient) and added into the accumulator there, in place; a slot
+    repeated in `adapters` to fill the bucket gets no rows, so adds zero."""
+    active = _take(lora, adapters, rank)
 
     def total(params: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        return _per_token(spec, base, {**params, "scale": lora["scale"]}, batch, loss_fn, dropout=True)
+        return _per_token(spec, base, {**params, "scale": active["scale"]}, batch, loss_fn, dropout=True)
 
-    grads, (lp, elementwise) = jax.grad(total, has_aux=True)(trainable)
-    return jax.tree.map(jnp.add, accumulator, grads), lp, elementwise
+    grads, (lp, elementwise) = jax.grad(total, has_aux=True)(_trainable(active))
+    added = {k: v.at[compact_index(k, v.ndim, adapters, rank)].add(grads[k]) for k, v in accumulator.items()}
+    return added, lp, elementwise
 
 
-@partial(jax.jit, donate_argnames=("lora", "opt_state", "accumulator"))
+@partial(jax.jit, static_argnames=("rank",), donate_argnames=("lora", "opt_state", "accumulator"))
 def optim_step(
-    lora: dict, opt_state: optimizer.State, accumulator: dict, hyper: dict[str, jax.Array], active: jax.Array
+    lora: dict,
+    opt_state: optimizer.State,
+    accumulator: dict,
+    hyper: dict[str, jax.Array],
+    adapters: jax.Array,
+    rank: int,
 ) -> tuple[dict, optimizer.State, dict, jax.Array, jax.Array]:
-    """O1–O5 on the active [S] slots, then their accumulators are cleared (L8).
+    """O1–O5 on the `adapters` [A] slots (distinct, or a slot repeated with the same
+    hyperparameters [A]), read and written at `rank` columns only; then their accumulators are
+    cleared (L8). Other slots are not touched. Returns (lora, opt_state, accumulator,
+    grad_norm [A], steps [A])."""
+    params, grads = _take(_trainable(lora), adapters, rank), _take(accumulator, adapters, rank)
+    state = optimizer.take_slots(opt_state, adapters, rank)
+    new_params, new_state, norms = optimizer.step(params, state, grads, hyper)
+    return (
+        {**_put(_trainable(lora), new_params, adapters, rank), "scale": lora["scale"]},
+        optimizer.put_slots(opt_state, new_state, adapters, rank),
+        _put(accumulator, jax.tree.map(jnp.zeros_like, grads), adapters, rank),
+        norms,
+        optimizer.step_count(new_state),
+    )
 
-    Returns (lora, opt_state, accumulator, grad_norm [S], steps [S]).
-    """
-    trainable, new_state, norms = optimizer.step(_trainable(lora), opt_state, accumulator, hyper, active)
-    cleared = optimizer.clear_slots(accumulator, active)
-    return {**trainable, "scale": lora["scale"]}, new_state, cleared, norms, optimizer.step_count(new_state)
+
+@partial(jax.jit, static_argnames=("rank",))
+def compact(lora: dict, adapters: jax.Array, rank: int) -> dict:
+    """The LoRA state of the `adapters` [A] slots at `rank` columns (`[L, A, in, rank]`, ...,
+    scale [A]): what `extend` reads, for a sampling call that uses only those adapters."""
+    return _take(lora, adapters, rank)
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
@@ -92,10 +139,12 @@ def extend(
     token_slot: jax.Array,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feed tokens [B, T] at per-row positions start [B]; (logits [B, T, V] float32, new KV cache).
-    Rows may use their adapters in any order (token_slot [B*T] need not be sorted)."""
-    return model.extend(
-        spec, base, lora, tokens, start, cache, routing(token_slot, lora["scale"], sort=True), token_slot
-    )
+
+    lora: compact LoRA state (`compact`) of A adapters; token_slot [B*T] int32: each token's
+    adapter among them, the same for all tokens of a row; rows may use them in any order."""
+    b, t = tokens.shape
+    row_slot = token_slot.reshape(b, t)[:, 0]
+    return model.extend(spec, base, lora, tokens, start, cache, routing(row_slot, lora["scale"]))
 
 
 @partial(jax.jit, donate_argnames=("cache",))
@@ -169,10 +218,11 @@ def decode(
     and token limits); a row that stops is frozen. Stops early once every row is done, or once
     `rows.wanted` rows are done (so waiting requests can be admitted).
 
+    lora: compact LoRA state (`compact`); `rows.slot` [B]: each row's adapter among its A.
     logits [B, V] float32: each row's next-token logits; cache: [L, B, C, K, E] pairs (donated).
     Each step chooses every live row's token as `choose` does (step = tokens it has generated),
     stores it, stops the row on a stop token id or at its limit, and otherwise feeds the token
-    at the row's next cache position; done rows feed token 0 at position 0 of slot 0, whose
+    at the row's next cache position; done rows feed token 0 at position 0 of adapter 0, whose
     cache row is rewritten on admission. Returns (`Decoded`, the new cache).
     """
     batch = logits.shape[0]
@@ -198,9 +248,7 @@ def decode(
         slot = jnp.where(done, 0, rows.slot)
 
         def feed(cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            new_logits, cache = model.extend(
-                spec, base, lora, fed[:, None], start, cache, routing(slot, lora["scale"], sort=True), slot
-            )
+            new_logits, cache = model.extend(spec, base, lora, fed[:, None], start, cache, routing(slot, lora["scale"]))
             return new_logits[:, 0], cache
 
         logits, cache = jax.lax.cond(jnp.all(done), lambda c: (logits, c), feed, cache)
@@ -229,6 +277,7 @@ PROGRAMS = {
     "forward": forward,
     "forward_backward": forward_backward,
     "optim_step": optim_step,
+    "compact": compact,
     "extend": extend,
     "copy_rows": copy_rows,
     "choose": choose,

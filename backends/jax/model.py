@@ -1,5 +1,6 @@
 """The decoder (Llama 3 / Qwen2 / Qwen3) as pure functions over two dicts of arrays: the
-frozen base weights and the multi-slot LoRA state (both laid out in params.py).
+frozen base weights and the LoRA state of the A adapters a call uses (params.py's layout with
+the slot axis holding those A adapters, `[L, A, in, R]`; compiled.py compacts it).
 
 Layers are stacked and run under `jax.lax.scan` with per-layer rematerialisation; the
 unembedding and log-softmax run over chunks of tokens, so `[tokens, vocab]` logits are never
@@ -17,6 +18,7 @@ from backends.jax.ops import (
     apply_rope,
     attention,
     lora_delta,
+    lora_down,
     lora_input,
     project,
     rms_norm,
@@ -125,47 +127,41 @@ def token_logprobs(
     hidden: jax.Array,
     targets: jax.Array,
     routing: Routing,
-    token_slot: jax.Array,
     chunk: int = LOGPROB_CHUNK,
 ) -> jax.Array:
     """L6 `log softmax(logits)[target]` for hidden [B, T, D] and targets [B, T] → [B, T] float32.
 
     Computed over chunks of `chunk` tokens, each rematerialised in the backward pass, so the
-    [B*T, V] logits never exist at once. token_slot [N]: each token's slot (for lm_head LoRA).
+    [B*T, V] logits never exist at once. The lm_head LoRA `u B` of each token is one product
+    with the A adapters' B factors side by side ([A*R, V]), u placed in its adapter's block.
     """
     b, t, d = hidden.shape
     n = b * t
     pad = (-n) % chunk
     flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     flat_y = jnp.pad(targets.reshape(n), (0, pad))
-    slots = jnp.pad(token_slot, (0, pad), constant_values=token_slot[-1])
-    flat_in = jnp.pad(
-        lora_input(hidden, routing, SITES["lm_head"]).reshape(n, d), ((0, pad), (0, 0))
-    )  # not in a layer: no layer fold
-    u = jax.lax.ragged_dot(flat_in.astype(jnp.float32), lora["lora.lm_head.a"], _counts(slots, lora["scale"].shape[0]))
-    u = u * jnp.pad(routing.token_scale, (0, pad))[:, None]  # [N, R]
+    dropped = lora_input(hidden, routing, SITES["lm_head"])  # not in a layer: no layer fold
+    u = _blocks(lora_down(dropped, lora["lora.lm_head.a"], routing), routing).reshape(n, -1)
+    u = jnp.pad(u, ((0, pad), (0, 0)))  # [N, A*R]
     w = _unembedding(base)
-    n_slots = lora["scale"].shape[0]
+    lora_b = lora["lora.lm_head.b"].reshape(-1, w.shape[1])  # [A*R, V]
 
     @jax.checkpoint
     def chunk_logprobs(args: tuple[jax.Array, ...]) -> jax.Array:
-        h, y, uc, sc = args
+        h, y, uc = args
         logits = jnp.einsum("cd,dv->cv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        logits = logits + jax.lax.ragged_dot(uc, lora["lora.lm_head.b"], _counts(sc, n_slots))
+        logits = logits + jnp.einsum("cr,rv->cv", uc, lora_b)
         return jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=1)
 
-    pieces = (
-        flat_h.reshape(-1, chunk, d),
-        flat_y.reshape(-1, chunk),
-        u.reshape(-1, chunk, u.shape[-1]),
-        slots.reshape(-1, chunk),
-    )
+    pieces = (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk), u.reshape(-1, chunk, u.shape[-1]))
     return jax.lax.map(chunk_logprobs, pieces).reshape(-1)[:n].reshape(b, t)
 
 
-def _counts(token_slot: jax.Array, n_slots: int) -> jax.Array:
-    """Group sizes [S] of a slot-sorted token_slot [N]."""
-    return jnp.sum(jax.nn.one_hot(token_slot, n_slots, dtype=jnp.int32), axis=0)
+def _blocks(u: jax.Array, routing: Routing) -> jax.Array:
+    """u [B, T, R] of each row's adapter → [B, T, A*R], u in the row's adapter's block, zeros elsewhere."""
+    if routing.onehot is None:
+        return u
+    return (routing.onehot[:, None, :, None] * u[:, :, None, :]).reshape(*u.shape[:2], -1)
 
 
 def extend(
@@ -176,11 +172,11 @@ def extend(
     start: jax.Array,
     cache: tuple[jax.Array, jax.Array],
     routing: Routing,
-    token_slot: jax.Array,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feed tokens [B, T] at positions start[b].. of each row, reading and writing the KV cache
-    (keys, values: [L, B, C, K, E]). Returns (logits [B, T, V] float32, the updated cache)."""
-    b, t = tokens.shape
+    (keys, values: [L, B, C, K, E]), row b with its adapter `routing.adapter[b]` among the A of
+    `lora` (compiled.routing). Returns (logits [B, T, V] float32, the updated cache)."""
+    t = tokens.shape[1]
     capacity = cache[0].shape[2]
     positions = start[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
@@ -200,9 +196,8 @@ def extend(
         return _mlp_block(spec, p, lo, x, routing), (keys, values)
 
     x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
-    hidden = rms_norm(x, base["norm"], spec.rms_eps).reshape(b * t, -1)
+    hidden = rms_norm(x, base["norm"], spec.rms_eps)
     logits = jnp.einsum(
-        "nd,dv->nv", hidden, _unembedding(base).astype(hidden.dtype), preferred_element_type=jnp.float32
+        "btd,dv->btv", hidden, _unembedding(base).astype(hidden.dtype), preferred_element_type=jnp.float32
     )
-    u = lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing)
-    return (logits + u).reshape(b, t, -1), new_cache
+    return logits + lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing), new_cache

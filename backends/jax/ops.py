@@ -1,7 +1,7 @@
 """Pure arithmetic of the decoder (docs/losses.md §Model): norms, RoPE, attention, multi-LoRA.
 
 Shapes: B rows, T tokens, N = B*T flattened tokens, D width, H/K query/kv heads, E head dim,
-S adapter slots, R rank.
+A active adapters, R rank.
 
 Precision, whatever the base weights' dtype (float32, or bfloat16 to halve their memory):
 - The base weights are stored in that dtype, and so are the inputs of every matmul against them
@@ -71,15 +71,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which adapter each flattened token uses: group_sizes [S] counts the tokens of each slot;
-    token_scale [N] is alpha/rank of each token's slot (0 for padding). When the tokens are not
-    already sorted by slot, `order` [N] is the permutation that sorts them (else None).
+    """Which adapter each row uses. The adapters are the A entries of the LoRA arrays a program
+    sees (the active slots, compacted by compiled.py): `adapter` [B] int32 is each row's index
+    among them, `scale` [B] its alpha/rank (0 for the bare model), and `onehot` [B, A] float32
+    the same choice as a one-hot matrix (None when A = 1: every row uses adapter 0).
     With LoRA dropout (M1, forward_backward only), `dropout_keys` [B] and `dropout_rate` [B]
     give each row's random key (already folded with the layer) and its adapter's rate."""
 
-    group_sizes: jax.Array
-    token_scale: jax.Array
-    order: jax.Array | None = None
+    adapter: jax.Array
+    scale: jax.Array
+    onehot: jax.Array | None = None
     dropout_keys: jax.Array | None = None
     dropout_rate: jax.Array | None = None
 
@@ -88,11 +89,11 @@ class Routing:
         if self.dropout_keys is None:
             return self
         keys = jax.vmap(lambda key: jax.random.fold_in(key, layer))(self.dropout_keys)
-        return Routing(self.group_sizes, self.token_scale, self.order, keys, self.dropout_rate)
+        return Routing(self.adapter, self.scale, self.onehot, keys, self.dropout_rate)
 
 
 jax.tree_util.register_dataclass(
-    Routing, data_fields=["group_sizes", "token_scale", "order", "dropout_keys", "dropout_rate"], meta_fields=[]
+    Routing, data_fields=["adapter", "scale", "onehot", "dropout_keys", "dropout_rate"], meta_fields=[]
 )
 
 
@@ -108,18 +109,35 @@ def lora_input(x: jax.Array, routing: Routing, site: int) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rates)[:, None, None].astype(x.dtype), jnp.zeros_like(x))
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> jax.Array:
-    """M1 for a batch mixing adapters: `scale · (x A_s) B_s` per token, by grouped matmul.
+def per_row(x: jax.Array, w: jax.Array, routing: Routing) -> jax.Array:
+    """x [B, T, i] times each row's own factor of w [A, i, o] → [B, T, o] (x's dtype promoted).
 
-    x: [N, in]; a: [S, in, R]; b: [S, R, out]. Returns [N, out] float32. The grouped matmul
-    needs each slot's tokens contiguous; unsorted tokens are permuted by `routing.order` and back.
+    One adapter (A = 1): a plain product. Rows longer than A: each row's factor gathered
+    ([B, i, o]) and a batched product, so the work is that of the rows' tokens. Shorter rows
+    (decode): the product with every active adapter, the row's own kept by `routing.onehot`,
+    cheaper than gathering a factor per row when T is small.
     """
-    scale = routing.token_scale
-    if routing.order is not None:
-        x, scale = x[routing.order], scale[routing.order]
-    xa = jax.lax.ragged_dot(x.astype(jnp.float32), a, routing.group_sizes)  # [N, R]
-    y = jax.lax.ragged_dot(xa * scale[:, None], b, routing.group_sizes)  # [N, out]
-    return y if routing.order is None else y[jnp.argsort(routing.order)]
+    if w.shape[0] == 1:
+        return jnp.einsum("bti,io->bto", x, w[0])
+    if routing.onehot is None:
+        raise ValueError(f"routing of {w.shape[0]} adapters needs its one-hot matrix")
+    if x.shape[1] >= w.shape[0]:
+        return jnp.einsum("bti,bio->bto", x, w[routing.adapter])
+    return jnp.einsum("btao,ba->bto", jnp.einsum("bti,aio->btao", x, w), routing.onehot)
+
+
+def lora_down(x: jax.Array, a: jax.Array, routing: Routing) -> jax.Array:
+    """M1's first half, scaled: `scale · x A` for x [B, T, in] and a [A, in, R] → [B, T, R] float32."""
+    return per_row(x.astype(jnp.float32), a, routing) * routing.scale[:, None, None]
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing) -> jax.Array:
+    """M1 for a batch mixing adapters: `scale · (x A) B` with each row's adapter.
+
+    x: [B, T, in]; a: [A, in, R]; b: [A, R, out] (A the adapters of `routing`).
+    Returns [B, T, out] float32; its cost follows the rows' tokens, A and R (`per_row`).
+    """
+    return per_row(lora_down(x, a, routing), b, routing)
 
 
 def project(
@@ -136,9 +154,7 @@ def project(
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     if lora is not None:
-        b_, t_, n_in = x.shape
-        dropped = lora_input(x, routing, site).reshape(b_ * t_, n_in)
-        y = y + lora_delta(dropped, *lora, routing).reshape(b_, t_, -1)
+        y = y + lora_delta(lora_input(x, routing, site), *lora, routing)
     return y.astype(x.dtype)
 
 

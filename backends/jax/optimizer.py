@@ -1,9 +1,10 @@
 """Per-slot Adam(W) with global-norm clipping (docs/losses.md O1–O5), built from Optax.
 
 Each adapter slot has its own optimizer state (moments and step count) and its own
-hyperparameters: the Optax chain `clip_by_global_norm → adamw` is vmapped over the slot axis,
-and only the slots being stepped are written back, so a step never touches, and weight decay
-never reaches, another tenant's adapter. Memory grows linearly with the number of slots.
+hyperparameters: the Optax chain `clip_by_global_norm → adamw` is vmapped over the slot axis
+of the slots being stepped (`take_slots` → `step` → `put_slots`, at the adapters' rank), so a
+step never touches, and weight decay never reaches, another tenant's adapter, and its work
+follows the stepped adapters only. Memory grows linearly with the number of slots.
 
 Trainable arrays are layer-major (`[L, S, ...]`, lm_head `[S, ...]`; params.py); the optimizer
 works on a slot-major view (`[S, ...]` for every leaf).
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from backends.jax.params import slot_axis
+from backends.jax.params import compact_index, slot_axis
 
 Tree = dict[str, jax.Array]
 State = tuple[optax.OptState, tuple[optax.OptState, ...]]
@@ -31,17 +32,6 @@ def to_slot_major(tree: Tree) -> Tree:
 
 def to_layer_major(tree: Tree) -> Tree:
     return {k: jnp.moveaxis(v, 0, slot_axis(k)) for k, v in tree.items()}
-
-
-def clear_slots(tree: Tree, active: jax.Array) -> Tree:
-    """`tree` (layer-major) with the `active` [S] slots set to zero."""
-
-    def clear(name: str, value: jax.Array) -> jax.Array:
-        axis = slot_axis(name)
-        mask = active.reshape((1,) * axis + (-1,) + (1,) * (value.ndim - axis - 1))
-        return jnp.where(mask, jnp.zeros_like(value), value)
-
-    return {name: clear(name, value) for name, value in tree.items()}
 
 
 def _transform(hyper: dict[str, jax.Array]) -> optax.GradientTransformation:
@@ -89,13 +79,28 @@ def with_moments(state: State, count: jax.Array, mu: Tree, nu: Tree) -> State:
     return clipping, (_adam(state)._replace(count=count, mu=mu, nu=nu), *rest)
 
 
-def step(
-    trainable: Tree, state: State, grads: Tree, hyper: dict[str, jax.Array], active: jax.Array
-) -> tuple[Tree, State, jax.Array]:
-    """One Adam(W) update of the `active` [S] slots (hyper: [S] arrays by HYPERPARAMETERS name).
+def take_slots(state: State, slots: jax.Array, rank: int) -> State:
+    """The state of the `slots` [A] only, moments at their first `rank` columns (a gather each)."""
+    adam = _adam(state)
+    take = lambda tree: {k: v[compact_index(k, v.ndim, slots, rank, axis=0)] for k, v in tree.items()}
+    return with_moments(state, adam.count[slots], take(adam.mu), take(adam.nu))
 
-    Returns (new trainable, new state, grad_norm [S] before clipping). Inactive slots are
-    returned unchanged, state included.
+
+def put_slots(state: State, part: State, slots: jax.Array, rank: int) -> State:
+    """`state` with the `slots` [A] part (at `rank` columns) replaced by `part` (`take_slots`'s shape)."""
+    adam, new = _adam(state), _adam(part)
+
+    def put(tree: Tree, values: Tree) -> Tree:
+        return {k: v.at[compact_index(k, v.ndim, slots, rank, axis=0)].set(values[k]) for k, v in tree.items()}
+
+    return with_moments(state, adam.count.at[slots].set(new.count), put(adam.mu, new.mu), put(adam.nu, new.nu))
+
+
+def step(trainable: Tree, state: State, grads: Tree, hyper: dict[str, jax.Array]) -> tuple[Tree, State, jax.Array]:
+    """One Adam(W) update of every slot of `trainable` (layer-major) and `state` (slot-major),
+    slot s with hyperparameters `hyper[name][s]` ([S] arrays by HYPERPARAMETERS name).
+
+    Returns (new trainable, new state, grad_norm [S] before clipping). Pure.
     """
     params_s, grads_s = to_slot_major(trainable), to_slot_major(grads)
 
@@ -106,8 +111,4 @@ def step(
         return optax.apply_updates(params, updates), new_opt, optax.tree.norm(g)
 
     new_params, new_state, norms = jax.vmap(one_slot)(params_s, state, grads_s, hyper)
-
-    def keep(new: jax.Array, old: jax.Array) -> jax.Array:
-        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-    return to_layer_major(jax.tree.map(keep, new_params, params_s)), jax.tree.map(keep, new_state, state), norms
+    return to_layer_major(new_params), new_state, norms

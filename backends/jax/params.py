@@ -125,6 +125,17 @@ def slot_index(name: str, slot: int) -> tuple[slice | int, ...]:
     return (slice(None),) * slot_axis(name) + (slot,)
 
 
+def compact_index(name: str, ndim: int, slots: object, rank: int, axis: int | None = None) -> tuple[object, ...]:
+    """The index of the `slots` (an int array [A]) part, first `rank` columns, of LoRA-state array
+    `name` of `ndim` dimensions whose slot axis is `axis` (default `slot_axis(name)`; 0 for the
+    optimizer's slot-major copies). The rank axis is the last of an A factor, the one before of a B."""
+    index: list[object] = [slice(None)] * ndim
+    index[slot_axis(name) if axis is None else axis] = slots
+    if name != "scale":
+        index[ndim - 1 if name.endswith(".a") else ndim - 2] = slice(0, rank)
+    return tuple(index)
+
+
 def lora_shapes(spec: ModelSpec, slots: int, rank: int) -> dict[str, tuple[int, ...]]:
     """Shape of every LoRA-state array for `slots` adapters of rank at most `rank`."""
     shapes: dict[str, tuple[int, ...]] = {}

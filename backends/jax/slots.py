@@ -8,6 +8,7 @@ new programs — it happens once per doubling).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import jax
@@ -16,11 +17,24 @@ import numpy as np
 from jax.sharding import Mesh
 
 from backends.jax import optimizer
+from backends.jax.batch import bucket
 from backends.jax.params import adapter_weights, lora_shapes, slot_arrays, slot_axis, slot_index
 from backends.jax.sharding import replicated
 from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
 from bios.errors import ConflictError, NotFoundError
+
+
+@dataclass(frozen=True)
+class Active:
+    """The slots one compiled call works on: `slots` [A] int32 (A bucketed to a power of two,
+    filled by repeating the last slot), and `rank`, the largest of their adapters' ranks
+    bucketed (at most the table's). Programs read and write only these slots, these columns."""
+
+    slots: np.ndarray
+    rank: int
+    index: dict[int, int]
+    """Each slot's position in `slots`."""
 
 
 @dataclass
@@ -58,6 +72,14 @@ class SlotTable:
             return self.adapters[adapter_id][0]
         except KeyError:
             raise NotFoundError(f"adapter {adapter_id!r} does not exist", field="adapter_id") from None
+
+    def active(self, slots: Iterable[int]) -> Active:
+        """The `Active` set of the distinct `slots` (slot 0, the bare model, counts as rank 1)."""
+        distinct = sorted(set(slots))
+        ranks = {slot: spec.rank for slot, spec in self.adapters.values()}
+        rank = bucket(max(ranks.get(slot, 1) for slot in distinct), cap=self.rank)
+        padded = distinct + distinct[-1:] * (bucket(len(distinct)) - len(distinct))
+        return Active(np.array(padded, np.int32), rank, {slot: i for i, slot in enumerate(distinct)})
 
     def add(
         self, spec: AdapterSpec, weights: dict[str, np.ndarray], moments: tuple[dict, dict] | None, step: int
