@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from backends.jax.sharding import batch_sharding, rows_multiple
@@ -183,13 +184,17 @@ def token_budget(spec: ModelSpec, dtype: jnp.dtype, data_parallel: int) -> int:
     Per token and device, the scanned, rematerialised decoder keeps each layer's input
     (L·D values) and one layer's recomputed activations (q, k, v, attention output, gate, up,
     hidden: about D + (H+2K)·E + 3·F values, float32) plus their gradients. Devices without
-    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
+    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL. With several processes, every process
+    must call this together: they agree on the smallest budget (a collective).
     """
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return DEFAULT_TOKENS_PER_CALL
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
-    per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
-    budget = int(0.5 * free / per_token) * data_parallel
-    return max(1024, 1 << (budget.bit_length() - 1))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    budget = DEFAULT_TOKENS_PER_CALL
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
+        per_token = 2 * (spec.n_layers * spec.d_model * jnp.dtype(dtype).itemsize + 4 * layer)
+        fit = int(0.5 * free / per_token) * data_parallel
+        budget = max(1024, 1 << (fit.bit_length() - 1))
+    if jax.process_count() > 1:
+        budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+    return budget

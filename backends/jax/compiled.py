@@ -15,6 +15,7 @@ from typing import Protocol, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from backends.jax import model, optimizer
 from backends.jax.batch import Batch
@@ -173,5 +174,10 @@ def use_persistent_cache(directory: str) -> None:
 
 
 def host(array: jax.Array) -> np.ndarray:
-    """A device array as a host numpy array (waits for it)."""
-    return np.asarray(jax.device_get(array))
+    """A device array as a host numpy array (waits for it). An array split over several
+    processes is gathered from all of them: every process must then call this together."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    if array.is_fully_replicated:
+        return np.asarray(array.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
