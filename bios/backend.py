@@ -201,3 +201,20 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release devices and memory."""
         ...
+
+
+@runtime_checkable
+class ProcessGroup(Protocol):
+    """A backend that spans several processes (one per host) running the same programs in lockstep.
+
+    Exactly one process leads: the engine and the server run there and call the Backend methods;
+    every other process calls `follow`, which runs the calls the leader makes until it closes.
+    """
+
+    def leads(self) -> bool:
+        """Whether this process takes the engine's calls."""
+        ...
+
+    def follow(self) -> None:
+        """Run the leader's calls on this process until the leader closes; RuntimeError on the leader."""
+        ...

@@ -128,6 +128,19 @@ def _add_serve(add_parser: AddParser) -> None:
         default=None,
         help="run the backend under the service simulator with this TOML profile",
     )
+    cluster = serve.add_argument_group(
+        "multi-process serving (jax backend)",
+        "one `bios serve` per host; process 0 serves HTTP, the others follow it",
+    )
+    cluster.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator service")
+    cluster.add_argument("--num-processes", type=int, default=None, help="processes in the group")
+    cluster.add_argument("--process-id", type=int, default=None, help="this process's index, 0..N-1")
+    cluster.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a group that JAX detects from the environment (Slurm, Open MPI, Kubernetes, "
+        "Cloud TPU, JAX_COORDINATOR_ADDRESS); the flags above override what it detects",
+    )
 
 
 def _add_keys(add_parser: AddParser) -> None:
@@ -210,6 +223,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     backend = args.backend or os.environ.get("BIOS_BACKEND") or default_backend()
     options = with_compilation_cache(parse_options(args.backend_options or os.environ.get("BIOS_BACKEND_OPTIONS", "")))
+    options.update(_cluster_options(args))
     serve(
         ServerOptions(
             host=args.host,
@@ -223,6 +237,15 @@ def _serve(args: argparse.Namespace) -> None:
             simulation=args.simulation,
         )
     )
+
+
+def _cluster_options(args: argparse.Namespace) -> dict[str, str]:
+    """The backend options of `bios serve`'s multi-process flags (none without them)."""
+    options = {"distributed": "auto"} if args.distributed else {}
+    for name in ("coordinator", "num_processes", "process_id"):
+        if getattr(args, name) is not None:
+            options[name] = str(getattr(args, name))
+    return options
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -78,6 +78,8 @@ class JaxBackend:
       = 0), so a later process skips compiling. This sets JAX's process-wide configuration.
       Without it the backend leaves JAX's configuration alone: JAX itself then still honours
       its JAX_COMPILATION_CACHE_DIR variable, for programs slower than a second to compile.
+    - `coordinator`, `num_processes`, `process_id`, `distributed`: serve from several processes
+      (backends/jax/multihost.py; read by the entry point, not by this class).
 
     The backend never reads the environment.
     """

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from backends.jax.sharding import batch_sharding, rows_multiple
@@ -187,16 +188,20 @@ def token_budget(spec: ModelSpec, data_parallel: int) -> int:
     (L·D values of the residual stream, float32 whatever the weights' dtype) and one layer's
     recomputed activations (q, k, v, attention output, gate, up, hidden: about
     D + (H+2K)·E + 3·F values, counted as float32) plus their gradients. Devices without
-    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL.
+    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL. With several processes, every process
+    must call this together: they agree on the smallest budget (a collective).
     """
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return DEFAULT_TOKENS_PER_CALL
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
-    per_token = 2 * 4 * (spec.n_layers * spec.d_model + layer)
-    budget = int(0.5 * free / per_token) * data_parallel
-    return max(1024, 1 << (budget.bit_length() - 1))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    budget = DEFAULT_TOKENS_PER_CALL
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
+        per_token = 2 * 4 * (spec.n_layers * spec.d_model + layer)
+        fit = int(0.5 * free / per_token) * data_parallel
+        budget = max(1024, 1 << (fit.bit_length() - 1))
+    if jax.process_count() > 1:
+        budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+    return budget
 
 
 class DecodeRows(NamedTuple):

@@ -15,6 +15,7 @@ from typing import Protocol, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from backends.jax import model, optimizer
 from backends.jax.batch import Batch, Decoded, DecodeRows
@@ -300,10 +301,22 @@ def use_persistent_cache(directory: str) -> None:
 
 
 def host(array: jax.Array) -> np.ndarray:
-    """A device array as a host numpy array (waits for it)."""
+    """A device array as a host numpy array (waits for it); see `host_all`."""
     return host_all(array)[0]
 
 
 def host_all(*arrays: jax.Array) -> tuple[np.ndarray, ...]:
-    """Device arrays as host numpy arrays, fetched together in one transfer (waits for them)."""
-    return tuple(np.asarray(a) for a in jax.device_get(arrays))
+    """Device arrays as host numpy arrays, fetched together in one transfer (waits for them).
+    An array split over several processes is gathered from all of them: every process must
+    then call this together."""
+    if all(a.is_fully_addressable for a in arrays):
+        return tuple(np.asarray(a) for a in jax.device_get(arrays))
+    return tuple(_gathered(a) for a in arrays)
+
+
+def _gathered(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    if array.is_fully_replicated:
+        return np.asarray(array.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

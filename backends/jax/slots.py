@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from backends.jax import optimizer
 from backends.jax.batch import bucket
+from backends.jax.compiled import host
 from backends.jax.params import adapter_weights, lora_shapes, slot_arrays, slot_axis, slot_index
 from backends.jax.sharding import replicated
 from bios.backend import AdapterSpec, AdapterState
@@ -108,7 +109,7 @@ class SlotTable:
         """Host copies of the adapter's slot of every LoRA factor, padded to the table's rank:
         `lora.<module>.a` [L, in, R], `lora.lm_head.a` [D, R], ... (params.py, slot axis removed)."""
         slot = self.slot(adapter_id)
-        return {k: np.asarray(v[slot_index(k, slot)]) for k, v in self.lora.items() if k != "scale"}
+        return {k: host(v[slot_index(k, slot)]) for k, v in self.lora.items() if k != "scale"}
 
     def export(self, adapter_id: str) -> AdapterState:
         """The adapter's weights and Adam moments (bios.weights names, at its own rank) and step."""
@@ -117,13 +118,11 @@ class SlotTable:
         mu, nu = optimizer.adam_moments(self.opt_state)
 
         def take(slot_major: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-            return adapter_weights(
-                self.spec, {k: np.asarray(v[slot]) for k, v in slot_major.items()}, modules, spec.rank
-            )
+            return adapter_weights(self.spec, {k: host(v[slot]) for k, v in slot_major.items()}, modules, spec.rank)
 
         return AdapterState(
             spec=spec,
-            step=int(optimizer.step_count(self.opt_state)[slot]),
+            step=int(host(optimizer.step_count(self.opt_state))[slot]),
             weights=adapter_weights(self.spec, self.arrays(adapter_id), modules, spec.rank),
             adam_m=take(mu),
             adam_v=take(nu),

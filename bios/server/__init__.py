@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bios.admission import DIRECT
-from bios.backend import BackendConfig
+from bios.backend import Backend, BackendConfig, ProcessGroup
 from bios.catalog import BUILTIN_MODELS, Catalog
 from bios.config import bios_home
 from bios.engine import CheckpointStore, Engine, create_backend
@@ -85,8 +85,20 @@ def check_bind(host: str, no_auth: bool) -> None:
         )
 
 
-def build(options: ServerOptions):
-    """The FastAPI app and its `Service` for `options`; InvalidRequestError (before anything is
+def compute_for(options: ServerOptions) -> tuple[Catalog, Backend]:
+    """The catalog and the backend `options` serve. With a multi-process backend (ProcessGroup),
+    this joins the process group: every process calls it, and only the leader goes on to `build`."""
+    catalog = load_catalog(options.models)
+    if options.models is None:  # an explicit TOML catalog lists exactly what is served
+        catalog.register_installed((options.home or bios_home()).resolve() / "models")
+    return catalog, create_backend(
+        options.backend, BackendConfig(catalog=catalog, options=dict(options.backend_options))
+    )
+
+
+def build(options: ServerOptions, compute: tuple[Catalog, Backend] | None = None):
+    """The FastAPI app and its `Service` for `options` (on `compute`, the catalog and backend
+    from `compute_for`, or new ones); InvalidRequestError (before anything is
     built) for a bad simulation profile. The engine never runs backend calls inline: they
     would run on the event loop's thread."""
     from bios.server.app import create_app
@@ -99,14 +111,11 @@ def build(options: ServerOptions):
     check_bind(options.host, options.no_auth)
     home = (options.home or bios_home()).resolve()
     simulation = SimulationConfig.from_toml(options.simulation) if options.simulation is not None else None
-    catalog = load_catalog(options.models)
-    if options.models is None:  # an explicit TOML catalog lists exactly what is served
-        catalog.register_installed(home / "models")
-    compute = create_backend(options.backend, BackendConfig(catalog=catalog, options=dict(options.backend_options)))
-    simulator = simulate(compute, simulation, catalog) if simulation is not None else None
+    catalog, backend = compute or compute_for(options)
+    simulator = simulate(backend, simulation, catalog) if simulation is not None else None
     if simulator is not None:
-        compute = simulator.backend
-    store = CheckpointStore(home / "checkpoints", getattr(compute, "checkpoint_format", "safetensors"))
+        backend = simulator.backend
+    store = CheckpointStore(home / "checkpoints", getattr(backend, "checkpoint_format", "safetensors"))
     records = Records(connect(options.database_url or default_url(home)))
     keys = KeyRing(
         options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth
@@ -116,7 +125,7 @@ def build(options: ServerOptions):
             "api keys: none configured; run `bios keys create NAME`, set BIOS_API_KEYS, or pass --no-auth", field="keys"
         )
     service = Service(
-        Engine(compute, catalog, store, hook=simulator.hook if simulator else DIRECT, allow_inline=False),
+        Engine(backend, catalog, store, hook=simulator.hook if simulator else DIRECT, allow_inline=False),
         records,
         Journal(home / "server" / "journal"),
         retention_s=options.retention_s,
@@ -137,7 +146,13 @@ def serve(options: ServerOptions) -> None:
 
     import uvicorn
 
-    app, service = build(options)
+    check_bind(options.host, options.no_auth)
+    compute = compute_for(options)
+    backend = compute[1]
+    if isinstance(backend, ProcessGroup) and not backend.leads():
+        backend.follow()  # until the leader's server closes
+        return
+    app, service = build(options, compute)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on SIGTERM, then raises it again; without a handler that
         # would kill the process before the cleanup below. Exit with the shell's status for it.
