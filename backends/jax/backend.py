@@ -21,8 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax import compiled, optimizer, sampler
-from backends.jax.batch import Batch, Outputs, Row, micro_batches, token_budget
-from backends.jax.compiled import host
+from backends.jax.batch import (
+    Batch,
+    Outputs,
+    Row,
+    activation_budget,
+    free_memory,
+    kept_activations,
+    micro_batches,
+    token_budget,
+)
+from backends.jax.compiled import host, host_all
 from backends.jax.sharding import make_mesh
 from backends.jax.slots import SlotTable
 from backends.jax.weights import load_base
@@ -56,6 +65,8 @@ class _Served:
     slots: SlotTable
     tokens_per_call: int
     """Micro-batch budget: padded rows x tokens per compiled call."""
+    activation_budget: int
+    """Bytes of activations per device a forward_backward may keep rather than recompute."""
     tokenizer: Tokenizer | None = None
 
 
@@ -110,8 +121,9 @@ class JaxBackend:
             spec = self.catalog.get(name)
             base = load_base(spec, self.mesh, self.dtype, self.weights_init)
             slots = SlotTable(spec, self.mesh, self.initial_slots, spec.max_lora_rank)
-            budget = self.tokens_per_call or token_budget(spec, self.mesh.shape["data"])
-            self._served[name] = _Served(spec, base, slots, budget)
+            free = free_memory()
+            budget = self.tokens_per_call or token_budget(spec, self.mesh.shape["data"], free)
+            self._served[name] = _Served(spec, base, slots, budget, activation_budget(free))
         return self._served[name]
 
     def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
@@ -202,8 +214,18 @@ class JaxBackend:
             batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len, active.index)
             slots, lora = jnp.asarray(active.slots), served.slots.lora
             if backward:
+                n_rows, length = batch.tokens.shape
+                kept = kept_activations(served.spec, n_rows, length, self.mesh.shape["data"])
                 served.slots.accumulator, lp, el = compiled.forward_backward(
-                    served.spec, served.base, lora, served.slots.accumulator, slots, batch, loss_fn, active.rank
+                    served.spec,
+                    served.base,
+                    lora,
+                    served.slots.accumulator,
+                    slots,
+                    batch,
+                    loss_fn,
+                    active.rank,
+                    remat=kept > served.activation_budget,
                 )
             else:
                 lp, el = compiled.forward(served.spec, served.base, lora, slots, batch, loss_fn, active.rank)
@@ -258,7 +280,7 @@ class JaxBackend:
             hyper_index = active.index[slot]
             for name in hyper:
                 hyper[name][hyper_index:] = getattr(item, name)
-        slots.lora, slots.opt_state, slots.accumulator, norms, steps = compiled.optim_step(
+        slots.lora, slots.opt_state, slots.accumulator, grad_norms, counts = compiled.optim_step(
             slots.lora,
             slots.opt_state,
             slots.accumulator,
@@ -266,7 +288,7 @@ class JaxBackend:
             jnp.asarray(active.slots),
             active.rank,
         )
-        norms, steps = host(norms), host(steps)
+        norms, steps = host_all(grad_norms, counts)
         for item, index, slot in round_:
             slots.steps[item.adapter_id] = int(steps[active.index[slot]])
             report(

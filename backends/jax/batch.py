@@ -33,6 +33,8 @@ MIN_TOKENS = 16
 """Smallest token bucket of a training batch."""
 MIN_ROWS = 4
 """Smallest row bucket of a training batch."""
+CPU_ACTIVATION_BYTES = 2 << 30
+"""Activations a forward_backward may keep on a device without memory statistics (CPU)."""
 DEFAULT_TOKENS_PER_CALL = 16384
 """Micro-batch budget on devices without memory statistics (CPU)."""
 
@@ -181,27 +183,49 @@ class Outputs:
         )
 
 
-def token_budget(spec: ModelSpec, data_parallel: int) -> int:
-    """Tokens per forward_backward call that fit in half the free memory of a device.
+def free_memory() -> int | None:
+    """Bytes free on this process's first device (the devices of a mesh are alike), or None where
+    the device keeps no memory statistics (CPU). With several processes, every process must call
+    this together: they agree on the smallest figure (a collective)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else -1
+    if jax.process_count() > 1:
+        free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+    return None if free < 0 else free
+
+
+def token_budget(spec: ModelSpec, data_parallel: int, free: int | None) -> int:
+    """Tokens per forward_backward call that fit in half the `free` bytes of a device.
 
     Per token and device, the scanned, rematerialised decoder keeps each layer's input
     (L·D values of the residual stream, float32 whatever the weights' dtype) and one layer's
     recomputed activations (q, k, v, attention output, gate, up, hidden: about
     D + (H+2K)·E + 3·F values, counted as float32) plus their gradients. Devices without
-    memory statistics (CPU) get DEFAULT_TOKENS_PER_CALL. With several processes, every process
-    must call this together: they agree on the smallest budget (a collective).
+    memory statistics (CPU, `free` None) get DEFAULT_TOKENS_PER_CALL.
     """
-    stats = jax.local_devices()[0].memory_stats() or {}
-    budget = DEFAULT_TOKENS_PER_CALL
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
-        per_token = 2 * 4 * (spec.n_layers * spec.d_model + layer)
-        fit = int(0.5 * free / per_token) * data_parallel
-        budget = max(1024, 1 << (fit.bit_length() - 1))
-    if jax.process_count() > 1:
-        budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
-    return budget
+    if free is None:
+        return DEFAULT_TOKENS_PER_CALL
+    layer = spec.d_model + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff
+    per_token = 2 * 4 * (spec.n_layers * spec.d_model + layer)
+    fit = int(0.5 * free / per_token) * data_parallel
+    return max(1024, 1 << (fit.bit_length() - 1))
+
+
+def activation_budget(free: int | None) -> int:
+    """Bytes of activations a forward_backward may keep per device for its backward pass, rather
+    than recompute them: half the `free` bytes, or CPU_ACTIVATION_BYTES where there are no memory
+    statistics (CPU)."""
+    return CPU_ACTIVATION_BYTES if free is None else free // 2
+
+
+def kept_activations(spec: ModelSpec, rows: int, length: int, data_parallel: int) -> int:
+    """Bytes per device that a forward_backward of `rows` x `length` tokens keeps for its backward
+    pass when no layer is recomputed: per token and layer about 4·D + (2H+2K)·E + 3·F values
+    (inputs of every norm, projection and nonlinearity) and H·length attention weights, float32."""
+    per_layer = (
+        4 * spec.d_model + 2 * (spec.n_heads + spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff + spec.n_heads * length
+    )
+    return 4 * spec.n_layers * per_layer * rows * length // data_parallel
 
 
 class DecodeRows(NamedTuple):

@@ -48,14 +48,14 @@ def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _per_token(
-    spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str, dropout: bool
+    spec: ModelSpec, base: dict, lora: dict, batch: Batch, loss_fn: str, dropout: bool, remat: bool = False
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     route = routing(batch.adapter, lora["scale"])
     if dropout and batch.dropout_seed is not None:
         keys = jax.vmap(jax.random.key)(batch.dropout_seed)
         route = Routing(route.adapter, route.scale, route.onehot, keys, batch.dropout_rate)
-    hidden = model.hidden_states(spec, base, lora, batch.tokens, route)
-    lp = model.token_logprobs(base, lora, hidden, batch.targets, route)
+    hidden = model.hidden_states(spec, base, lora, batch.tokens, route, remat)
+    lp = model.token_logprobs(base, lora, hidden, batch.targets, route, remat=remat)
     elementwise = LOSS_FUNCTIONS[loss_fn](lp, batch.inputs, batch.config) * batch.mask
     return jnp.sum(elementwise), (lp, elementwise)
 
@@ -71,7 +71,7 @@ def forward(
     return _per_token(spec, base, _take(lora, adapters, rank), batch, loss_fn, dropout=False)[1]
 
 
-@partial(jax.jit, static_argnames=("spec", "loss_fn", "rank"), donate_argnames=("accumulator",))
+@partial(jax.jit, static_argnames=("spec", "loss_fn", "rank", "remat"), donate_argnames=("accumulator",))
 def forward_backward(
     spec: ModelSpec,
     base: dict,
@@ -81,8 +81,11 @@ def forward_backward(
     batch: Batch,
     loss_fn: str,
     rank: int,
+    remat: bool = True,
 ) -> tuple[dict, jax.Array, jax.Array]:
     """L6/L8: (accumulator + d loss / d LoRA arrays, logprobs [B, T], elementwise [B, T]).
+    `remat`: recompute each layer's activations in the backward pass instead of keeping them
+    (batch.py `kept_activations` says what keeping them costs).
 
     The gradient is taken for the `adapters` [A] slots at `rank` columns only (columns beyond an
     adapter's rank have zero gradient) and added into the accumulator there, in place; a slot
@@ -90,14 +93,52 @@ def forward_backward(
     active = _take(lora, adapters, rank)
 
     def total(params: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        return _per_token(spec, base, {**params, "scale": active["scale"]}, batch, loss_fn, dropout=True)
+        return _per_token(spec, base, {**params, "scale": active["scale"]}, batch, loss_fn, dropout=True, remat=remat)
 
     grads, (lp, elementwise) = jax.grad(total, has_aux=True)(_trainable(active))
     added = {k: v.at[compact_index(k, v.ndim, adapters, rank)].add(grads[k]) for k, v in accumulator.items()}
     return added, lp, elementwise
 
 
+@partial(jax.jit, static_argnames=("rank",))
+def adam_update(
+    lora: dict,
+    opt_state: optimizer.State,
+    accumulator: dict,
+    hyper: dict[str, jax.Array],
+    adapters: jax.Array,
+    rank: int,
+) -> tuple[dict, optimizer.State, jax.Array]:
+    """O1–O5 for the `adapters` [A] slots (distinct, or a slot repeated with the same
+    hyperparameters [A]) at `rank` columns, read from the whole tables and returned compact:
+    (new LoRA factors, new optimizer state, grad_norm [A]), `write_back`'s inputs. Pure."""
+    params, grads = _take(_trainable(lora), adapters, rank), _take(accumulator, adapters, rank)
+    return optimizer.step(params, optimizer.take_slots(opt_state, adapters, rank), grads, hyper)
+
+
 @partial(jax.jit, static_argnames=("rank",), donate_argnames=("lora", "opt_state", "accumulator"))
+def write_back(
+    lora: dict,
+    opt_state: optimizer.State,
+    accumulator: dict,
+    new_params: dict,
+    new_state: optimizer.State,
+    adapters: jax.Array,
+    rank: int,
+) -> tuple[dict, optimizer.State, dict]:
+    """The tables with `adam_update`'s compact result written into the `adapters` [A] slots
+    at `rank` columns and those slots' accumulators cleared (L8), in place; other slots untouched.
+
+    A program of its own: each table is then written only from its own compact part, which
+    XLA updates in place, whereas an update that reads one donated table to write another
+    (Adam reads moments, gradients and weights together) makes it copy every table whole."""
+    return (
+        {**_put(_trainable(lora), new_params, adapters, rank), "scale": lora["scale"]},
+        optimizer.put_slots(opt_state, new_state, adapters, rank),
+        _put(accumulator, jax.tree.map(jnp.zeros_like, new_params), adapters, rank),
+    )
+
+
 def optim_step(
     lora: dict,
     opt_state: optimizer.State,
@@ -106,20 +147,12 @@ def optim_step(
     adapters: jax.Array,
     rank: int,
 ) -> tuple[dict, optimizer.State, dict, jax.Array, jax.Array]:
-    """O1–O5 on the `adapters` [A] slots (distinct, or a slot repeated with the same
-    hyperparameters [A]), read and written at `rank` columns only; then their accumulators are
-    cleared (L8). Other slots are not touched. Returns (lora, opt_state, accumulator,
-    grad_norm [A], steps [A])."""
-    params, grads = _take(_trainable(lora), adapters, rank), _take(accumulator, adapters, rank)
-    state = optimizer.take_slots(opt_state, adapters, rank)
-    new_params, new_state, norms = optimizer.step(params, state, grads, hyper)
-    return (
-        {**_put(_trainable(lora), new_params, adapters, rank), "scale": lora["scale"]},
-        optimizer.put_slots(opt_state, new_state, adapters, rank),
-        _put(accumulator, jax.tree.map(jnp.zeros_like, grads), adapters, rank),
-        norms,
-        optimizer.step_count(new_state),
-    )
+    """O1–O5 on the `adapters` [A] slots at `rank` columns (`adam_update`), then written into the
+    donated tables with those slots' accumulators cleared (`write_back`). Other slots are not
+    touched. Returns (lora, opt_state, accumulator, grad_norm [A], steps [A])."""
+    new_params, new_state, norms = adam_update(lora, opt_state, accumulator, hyper, adapters, rank)
+    lora, opt_state, accumulator = write_back(lora, opt_state, accumulator, new_params, new_state, adapters, rank)
+    return lora, opt_state, accumulator, norms, optimizer.step_count(new_state)
 
 
 @partial(jax.jit, static_argnames=("rank",))
@@ -277,7 +310,8 @@ class _Compiled(Protocol):
 PROGRAMS = {
     "forward": forward,
     "forward_backward": forward_backward,
-    "optim_step": optim_step,
+    "adam_update": adam_update,
+    "write_back": write_back,
     "compact": compact,
     "extend": extend,
     "copy_rows": copy_rows,

@@ -2,9 +2,10 @@
 frozen base weights and the LoRA state of the A adapters a call uses (params.py's layout with
 the slot axis holding those A adapters, `[L, A, in, R]`; compiled.py compacts it).
 
-Layers are stacked and run under `jax.lax.scan` with per-layer rematerialisation; the
-unembedding and log-softmax run over chunks of tokens, so `[tokens, vocab]` logits are never
-materialised. Nothing here holds state; compiled.py jits the entry points (`hidden_states`
+Layers are stacked and run under `jax.lax.scan`; the unembedding and log-softmax run over
+chunks of tokens. With `remat` (when a batch's activations would not fit) a gradient recomputes
+each layer and each chunk, so neither every layer's activations nor the `[tokens, vocab]`
+logits are kept at once. Nothing here holds state; compiled.py jits the entry points (`hidden_states`
 with `token_logprobs` for training, `extend` for sampling).
 """
 
@@ -96,15 +97,20 @@ def _mlp_block(spec: ModelSpec, p: dict, lo: dict, x: jax.Array, routing: Routin
 
 
 def hidden_states(
-    spec: ModelSpec, base: dict[str, jax.Array], lora: dict[str, jax.Array], tokens: jax.Array, routing: Routing
+    spec: ModelSpec,
+    base: dict[str, jax.Array],
+    lora: dict[str, jax.Array],
+    tokens: jax.Array,
+    routing: Routing,
+    remat: bool = True,
 ) -> jax.Array:
     """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]
-    in the weights' dtype (the residual stream itself is float32: ops.py, Precision)."""
+    in the weights' dtype (the residual stream itself is float32: ops.py, Precision). With
+    `remat`, a gradient keeps only each layer's input and recomputes the layer's activations."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
     x = base["embed_tokens"][tokens].astype(jnp.float32)
 
-    @jax.checkpoint
     def layer(x: jax.Array, params: tuple[dict, dict, jax.Array]) -> tuple[jax.Array, None]:
         p, lo, index = params
         route = routing.at_layer(index)
@@ -112,7 +118,8 @@ def hidden_states(
         x = _attention_output(spec, p, lo, x, q, k, v, None, route)
         return _mlp_block(spec, p, lo, x, route), None
 
-    x, _ = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers)))
+    scanned = jax.checkpoint(layer) if remat else layer
+    x, _ = jax.lax.scan(scanned, x, (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers)))
     return rms_norm(x, base["norm"], spec.rms_eps)
 
 
@@ -128,11 +135,12 @@ def token_logprobs(
     targets: jax.Array,
     routing: Routing,
     chunk: int = LOGPROB_CHUNK,
+    remat: bool = True,
 ) -> jax.Array:
     """L6 `log softmax(logits)[target]` for hidden [B, T, D] and targets [B, T] → [B, T] float32.
 
-    Computed over chunks of `chunk` tokens, each rematerialised in the backward pass, so the
-    [B*T, V] logits never exist at once. The lm_head LoRA `u B` of each token is one product
+    Computed over chunks of `chunk` tokens; with `remat` each is recomputed in the backward
+    pass, so the [B*T, V] logits never exist at once. The lm_head LoRA `u B` of each token is one product
     with the A adapters' B factors side by side ([A*R, V]), u placed in its adapter's block.
     """
     b, t, d = hidden.shape
@@ -146,7 +154,6 @@ def token_logprobs(
     w = _unembedding(base)
     lora_b = lora["lora.lm_head.b"].reshape(-1, w.shape[1])  # [A*R, V]
 
-    @jax.checkpoint
     def chunk_logprobs(args: tuple[jax.Array, ...]) -> jax.Array:
         h, y, uc = args
         logits = jnp.einsum("cd,dv->cv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
@@ -154,7 +161,8 @@ def token_logprobs(
         return jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=1)
 
     pieces = (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk), u.reshape(-1, chunk, u.shape[-1]))
-    return jax.lax.map(chunk_logprobs, pieces).reshape(-1)[:n].reshape(b, t)
+    mapped = jax.checkpoint(chunk_logprobs) if remat else chunk_logprobs
+    return jax.lax.map(mapped, pieces).reshape(-1)[:n].reshape(b, t)
 
 
 def _blocks(u: jax.Array, routing: Routing) -> jax.Array:

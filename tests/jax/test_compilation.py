@@ -32,7 +32,7 @@ def test_a_varied_training_loop_compiles_few_programs():
     grown = {name: count - before[name] for name, count in compiled.compile_counts().items()}
     # rows bucket to {4, 8} and tokens to {16, 32, 64}: at most 6 shapes; hyperparameters never recompile
     assert 1 <= grown["forward_backward"] <= 6, grown
-    assert grown["optim_step"] <= 1, grown
+    assert grown["adam_update"] <= 1 and grown["write_back"] <= 1, grown
 
 
 @pytest.mark.slow
