@@ -190,6 +190,20 @@ def copy_rows(
     return keys.at[:, to].set(new_keys[:, rows]), values.at[:, to].set(new_values[:, rows])
 
 
+def _kept(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[B, V] bool in vocabulary order: the tokens S2's top-k then top-p filters keep of each row
+    of tempered logits z [B, V] (ranked by z descending, ties by lower id; the first always kept)."""
+    batch, vocab = z.shape
+    order = jnp.argsort(-z, axis=-1, stable=True)
+    sorted_z = jnp.take_along_axis(z, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    in_top_k = rank < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
+    return jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], order].set(kept)
+
+
 def _next_tokens(
     logits: jax.Array,
     temperature: jax.Array,
@@ -199,21 +213,23 @@ def _next_tokens(
     index: jax.Array,
     step: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """S1 and S2 for every row (pure): see `choose`, which compiles it alone; `decode` runs it per step."""
+    """S1 and S2 for every row (pure): see `choose`, which compiles it alone; `decode` runs it per step.
+
+    A sampled row draws by the Gumbel-max trick over its kept tokens, the noise indexed by token
+    id, so a row's draw does not depend on the other rows; the vocabulary is sorted (`_kept`)
+    only when some sampled row filters by top-k or top-p."""
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1)
-    z = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    order = jnp.argsort(-z, axis=-1, stable=True)  # descending, ties by lower id
-    sorted_z = jnp.take_along_axis(z, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    in_top_k = rank < top_k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_z, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
-    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank == 0))
+    sampled = temperature > 0
+    z = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+    filtering = jnp.any(sampled & ((top_k < vocab) | (top_p < 1.0)))
+    kept = jax.lax.cond(
+        filtering, lambda: _kept(z, top_k, top_p), lambda: jnp.ones(z.shape, bool)
+    )  # equal for a row that does not filter
     row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
-    pick = jax.vmap(jax.random.categorical)(row_keys, jnp.where(kept, sorted_z, -jnp.inf))
-    drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
-    token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(row_keys)
+    drawn = jnp.argmax(jnp.where(kept, z + noise, -jnp.inf), axis=-1)
+    token = jnp.where(sampled, drawn, greedy).astype(jnp.int32)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logprob
 

@@ -207,6 +207,26 @@ def test_length_limits(model):
     assert all(s.stop_reason == "length" for s in out.sequences)
 
 
+def test_a_row_draws_the_same_whatever_its_neighbours_filter():
+    """The vocabulary is sorted only when some row filters (top-k / top-p); an unfiltered row's
+    draw is the same either way."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((2, 64)).astype(np.float32))
+    keys = jnp.stack([jax.random.key(7), jax.random.key(8)])
+    index = np.zeros(2, np.int32)
+    temperature = np.ones(2, np.float32)
+
+    def row_zero(top_k_1: int, top_p_1: float, step: int) -> int:
+        top_k, top_p = np.array([64, top_k_1], np.int32), np.array([1.0, top_p_1], np.float32)
+        tokens, _ = choose(logits, temperature, top_k, top_p, keys, index, np.full(2, step, np.int32))
+        return int(tokens[0])
+
+    alone = [row_zero(64, 1.0, step) for step in range(32)]
+    assert [row_zero(3, 1.0, step) for step in range(32)] == alone
+    assert [row_zero(64, 0.5, step) for step in range(32)] == alone
+    assert len(set(alone)) > 8  # really sampled
+
+
 def test_mixed_batch_equals_each_alone(model):
     short = np.array([5, 6, 7])
     items = [
