@@ -220,12 +220,14 @@ def activation_budget(free: int | None) -> int:
 
 def kept_activations(spec: ModelSpec, rows: int, length: int, data_parallel: int) -> int:
     """Bytes per device that a forward_backward of `rows` x `length` tokens keeps for its backward
-    pass when no layer is recomputed: per token and layer about 4·D + (2H+2K)·E + 3·F values
-    (inputs of every norm, projection and nonlinearity) and H·length attention weights, float32."""
+    pass when nothing is recomputed, float32: per token and layer about 4·D + (2H+2K)·E + 3·F
+    values (inputs of every norm, projection and nonlinearity) and H·length attention weights,
+    and per token its 2·V logits and probabilities."""
     per_layer = (
         4 * spec.d_model + 2 * (spec.n_heads + spec.n_kv_heads) * spec.head_dim + 3 * spec.d_ff + spec.n_heads * length
     )
-    return 4 * spec.n_layers * per_layer * rows * length // data_parallel
+    per_token = spec.n_layers * per_layer + 2 * spec.vocab_size
+    return 4 * per_token * rows * length // data_parallel
 
 
 class DecodeRows(NamedTuple):
