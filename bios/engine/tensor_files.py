@@ -22,7 +22,7 @@ ORBAX_DIR = "orbax"
 def write_tensors(directory: Path, tensors: dict[str, np.ndarray], tensor_format: str) -> None:
     """Write `tensors` into `directory` (which must exist) in `tensor_format`."""
     if tensor_format == "orbax":
-        checkpointer = _orbax().StandardCheckpointer()
+        checkpointer = _checkpointer()
         try:
             checkpointer.save(
                 str(directory.resolve() / ORBAX_DIR), {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -40,12 +40,24 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     """The tensors stored in `directory`, whichever format they were written in (host arrays)."""
     if (directory / SAFETENSORS_FILE).exists():
         return load_file(str(directory / SAFETENSORS_FILE))
-    checkpointer = _orbax().StandardCheckpointer()
+    checkpointer = _checkpointer()
     try:
         restored = checkpointer.restore(str(directory.resolve() / ORBAX_DIR))
     finally:
         checkpointer.close()
     return {k: np.asarray(v) for k, v in restored.items()}
+
+
+def _checkpointer() -> Any:
+    """An Orbax checkpointer that this process drives alone: in a group of several JAX processes
+    only the one running the engine reads and writes checkpoints (the others never join its
+    barriers), so the checkpointer's processes are this one only."""
+    ocp = _orbax()
+    import jax
+
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=alone)
 
 
 def _orbax() -> Any:
