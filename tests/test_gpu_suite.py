@@ -67,7 +67,8 @@ def test_training_cases_batch_sessions_and_never_recompile(suite: tuple[dict[str
         assert row["backend_calls_per_step"] == 2.0  # all sessions' forward_backward in one call, optim_step in another
         assert row["mfu"] is None  # no peak figure for a CPU
     assert rows["1 adapter"]["new_programs"] >= 2 and math.isfinite(rows["1 adapter"]["compile_s"])
-    assert rows["8 adapters"]["new_programs"] == 0  # the same programs serve 8 adapters
+    # 8 active adapters are another bucket of the active-slot count: programs of their own, compiled once
+    assert rows["8 adapters"]["new_programs"] >= 1
     one, eight = rows["1 adapter"], rows["8 adapters"]
     assert one["model_tflops"] / one["tokens_per_s"] == pytest.approx(eight["model_tflops"] / eight["tokens_per_s"])
 
