@@ -26,6 +26,8 @@ from bios.backend import (
     ForwardBackwardOutput,
     ForwardBackwardWork,
     OptimStepWork,
+    SampleOutput,
+    SampleWork,
 )
 from emulator import losses as _losses
 from emulator import model as _model
@@ -111,6 +113,23 @@ class PpoNoMin(EmulatorBackend):
     )
 
 
+def _binary_weights_cross_entropy(
+    lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    mask = (inputs["weights"] > 0).astype(np.float64)
+    return -mask * lp, -mask
+
+
+@_mutant("weights_as_mask", "L1: cross_entropy treats its weights as a 0/1 loss mask (any w > 0 counts as 1)")
+class WeightsAsMask(EmulatorBackend):
+    _forward_backward = _rebind(
+        _emu_fb,
+        elementwise_loss=_rebind(
+            _losses.elementwise_loss, LOSSES={**_losses.LOSSES, "cross_entropy": _binary_weights_cross_entropy}
+        ),
+    )
+
+
 @_mutant("grad_not_cleared", "L8: optim_step applies the accumulated gradient but does not zero it")
 class GradNotCleared(EmulatorBackend):
     def _optim_step(self, item: OptimStepWork):
@@ -138,6 +157,20 @@ class CoupledWeightDecay(EmulatorBackend):
     _optim_step = _rebind(_emu_opt, adam_step=_coupled_l2_adam)
 
 
+def _clip_each_tensor(grads: dict[str, np.ndarray], norm: float, clip_norm: float) -> dict[str, np.ndarray]:
+    return {
+        name: _optim.clip_by_global_norm({name: g}, float(np.linalg.norm(g)), clip_norm)[name]
+        for name, g in grads.items()
+    }
+
+
+@_mutant(
+    "clip_per_tensor", "O2: each tensor's gradient is clipped to grad_clip_norm by its own norm, not the global one"
+)
+class ClipPerTensor(EmulatorBackend):
+    _optim_step = _rebind(_emu_opt, adam_step=_rebind(_optim.adam_step, clip_by_global_norm=_clip_each_tensor))
+
+
 # --- model -------------------------------------------------------------------------------
 
 
@@ -152,6 +185,31 @@ class AlphaScale(EmulatorBackend):
     _sample = _rebind(_emu_sample, Lora=_alpha_lora)
 
 
+@_mutant("dropout_no_rescale", "M1: dropout zeroes inputs but does not scale the kept ones by 1/(1 - p)")
+class DropoutNoRescale(EmulatorBackend):
+    def _dropout(self, adapter, datum):
+        masks = super()._dropout(adapter, datum)
+        return lambda path, shape: (masks(path, shape) > 0).astype(np.float64)
+
+
+@_mutant("dropout_shared_mask", "M1: every datum of a batch gets the same dropout masks (the datum index is ignored)")
+class DropoutSharedMask(EmulatorBackend):
+    def _dropout(self, adapter, datum):
+        return super()._dropout(adapter, 0)
+
+
+@_mutant("dropout_in_forward", "M1: dropout masks are applied in forward as well, not only in forward_backward")
+class DropoutInForward(EmulatorBackend):
+    def _forward_backward(self, item: ForwardBackwardWork) -> ForwardBackwardOutput:
+        adapter = self._adapters.get(item.adapter_id) if item.adapter_id is not None else None
+        if item.backward or adapter is None or adapter.spec.dropout == 0:
+            return super()._forward_backward(item)
+        grads = {k: g.copy() for k, g in adapter.grads.items()}
+        out = super()._forward_backward(replace(item, backward=True))
+        adapter.grads = grads
+        return out
+
+
 # --- state -------------------------------------------------------------------------------
 
 
@@ -161,7 +219,18 @@ class DropsMoments(EmulatorBackend):
         super().create_adapter(spec, None if state is None else replace(state, adam_m={}, adam_v={}))
 
 
+@_mutant("resume_restarts_step", "state: a session created from a saved state starts again at step 0")
+class ResumeRestartsStep(EmulatorBackend):
+    def create_adapter(self, spec: AdapterSpec, state: AdapterState | None = None) -> None:
+        super().create_adapter(spec, None if state is None else replace(state, step=0))
+
+
 # --- sampling ----------------------------------------------------------------------------
+
+
+def _sampler_with(next_token: Callable) -> Callable:
+    """The emulator's `_sample` drawing each token with `next_token` instead of S1's."""
+    return _rebind(_emu_sample, generate=_rebind(_sampler.generate, next_token=next_token))
 
 
 def _kept_set_one_short(z: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +242,7 @@ def _kept_set_one_short(z: np.ndarray, top_k: int, top_p: float) -> tuple[np.nda
 
 @_mutant("top_p_one_short", "S1: top-p keeps one token fewer than the smallest prefix reaching top_p")
 class TopPOneShort(EmulatorBackend):
-    _sample = _rebind(
-        _emu_sample,
-        generate=_rebind(_sampler.generate, next_token=_rebind(_sampler.next_token, kept_set=_kept_set_one_short)),
-    )
+    _sample = _sampler_with(_rebind(_sampler.next_token, kept_set=_kept_set_one_short))
 
 
 def _stop_on_token_boundary(generated, stop_token_ids, stop_strings, decode) -> bool:
@@ -203,3 +269,57 @@ def _tempered_generate(step, first_logits, prompt_length, *, temperature: float,
 @_mutant("tempered_logprobs", "S2: returned sample logprobs are taken from the temperature-scaled logits")
 class TemperedLogprobs(EmulatorBackend):
     _sample = _rebind(_emu_sample, generate=_tempered_generate)
+
+
+def _kept_top_p_first(z: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    ids, probs = _sampler.kept_set(z, -1, top_p)
+    if top_k != -1:
+        ids, probs = ids[:top_k], probs[:top_k] / probs[:top_k].sum()
+    return ids, probs
+
+
+@_mutant("top_p_before_top_k", "S1: top-p is applied to the whole vocabulary first, then top-k")
+class TopPBeforeTopK(EmulatorBackend):
+    _sample = _sampler_with(_rebind(_sampler.next_token, kept_set=_kept_top_p_first))
+
+
+def _next_token_tempered_twice(z_raw, temperature, top_k, top_p, rng):
+    z = z_raw if temperature == 0 else z_raw / temperature
+    return _sampler.next_token(z, temperature, top_k, top_p, rng)
+
+
+@_mutant("temperature_twice", "S1: the logits are divided by the temperature twice")
+class TemperatureTwice(EmulatorBackend):
+    _sample = _sampler_with(_next_token_tempered_twice)
+
+
+def _next_token_top_p_unscaled(z_raw, temperature, top_k, top_p, rng):
+    if temperature == 0:
+        return _sampler.next_token(z_raw, temperature, top_k, top_p, rng)
+    ids, _ = _sampler.kept_set(z_raw, top_k, top_p)
+    z = z_raw[ids] / temperature
+    probs = np.exp(z - z.max())
+    index = int(np.searchsorted(np.cumsum(probs / probs.sum()), rng.random(), side="right"))
+    return int(ids[min(index, len(ids) - 1)])
+
+
+@_mutant(
+    "top_p_before_temperature",
+    "S1: the top-k/top-p set is chosen from the unscaled logits, the temperature applied after",
+)
+class TopPBeforeTemperature(EmulatorBackend):
+    _sample = _sampler_with(_next_token_top_p_unscaled)
+
+
+@_mutant("stop_token_dropped", "S3: a stop token ends the sequence but is left out of its tokens")
+class StopTokenDropped(EmulatorBackend):
+    def _sample(self, item: SampleWork) -> SampleOutput:
+        out = super()._sample(item)
+        stops = set(item.stop_token_ids)
+        sequences = tuple(
+            replace(seq, tokens=seq.tokens[:-1], logprobs=seq.logprobs[:-1])
+            if seq.stop_reason == "stop" and len(seq.tokens) > 1 and int(seq.tokens[-1]) in stops
+            else seq
+            for seq in out.sequences
+        )
+        return SampleOutput(sequences, out.prompt_logprobs)

@@ -28,10 +28,14 @@ STOP_STRINGS = (" ", "e", "a", "\n", ".", "the", "qzxv")
 "qzxv" almost never, so stop-by-string and stop-by-length are both exercised."""
 
 
-def datum_lengths(spec: dict, max_len: int = 65) -> st.SearchStrategy[int]:
-    """Input lengths n (the datum reads n tokens and predicts n targets): short, or on a bucket edge."""
+def datum_lengths(spec: dict, max_len: int = 65, min_len: int = 1) -> st.SearchStrategy[int]:
+    """Input lengths n in [min_len, max_len] (the datum reads n tokens and predicts n targets):
+    short, or on a bucket edge."""
     top = min(max_len, spec["max_seq_len"] - 1)
-    return st.one_of(st.integers(1, min(12, top)), st.sampled_from([n for n in BUCKET_EDGES if n <= top]))
+    return st.one_of(
+        st.integers(min_len, max(min_len, min(12, top))),
+        st.sampled_from([n for n in BUCKET_EDGES if min_len <= n <= top]),
+    )
 
 
 @st.composite
@@ -47,17 +51,25 @@ def _with_zeros(rng: np.random.Generator, values: np.ndarray, zero_fraction: flo
 
 @st.composite
 def datum_batches(
-    draw: st.DrawFn, spec: dict, loss_fn: str, max_batch: int = 5, max_len: int = 65
+    draw: st.DrawFn,
+    spec: dict,
+    loss_fn: str,
+    max_batch: int = 5,
+    max_len: int = 65,
+    *,
+    min_batch: int = 1,
+    min_len: int = 1,
 ) -> list[types.Datum]:
-    """A batch of 1..max_batch data valid for built-in `loss_fn`, shapes: each datum [n_i].
+    """A batch of min_batch..max_batch data valid for built-in `loss_fn`, each datum [n_i] with
+    n_i in [min_len, max_len].
 
     cross_entropy: weights in [0, 2] with some exact zeros, or omitted (ones).
     Policy losses: sampler logprobs q in [-14, -3] (the tiny model's lp are near -8.3), so the
     ratio exp(lp - q) ranges from ~1e-3 to ~1e2 and PPO/CISPO clip on both sides; advantages
     N(0, 1) with zeros and negatives.
     """
-    size = draw(st.integers(1, max_batch))
-    lengths = [draw(datum_lengths(spec, max_len)) for _ in range(size)]
+    size = draw(st.integers(min_batch, max_batch))
+    lengths = [draw(datum_lengths(spec, max_len, min_len)) for _ in range(size)]
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     batch = []
     for n in lengths:

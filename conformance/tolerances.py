@@ -193,3 +193,49 @@ def bf16_update_rtol(n_layers: int) -> float:
     all B) after n Adam steps: sign flips of the small-gradient coordinates plus 2·ε_g."""
     eps_g = bf16_gradient_rtol(n_layers)
     return (4 * (2 / 3.141592653589793) ** 0.5 * eps_g) ** 0.5 + 2 * eps_g
+
+
+# ---- quantities drawn at random -----------------------------------------------------------------
+#
+# Sampled tokens and dropout masks agree across backends only in distribution, so the suite tests
+# them statistically. A correct backend still fails such a test with a small probability, the
+# false-alarm rate; each rate below is per test, and a `ci` run makes a few dozen such tests, a
+# `thorough` run about a thousand, so a correct backend passes a thorough run with probability
+# above 0.999. A run is derandomized in `ci` (the same examples and seeds every time), so a false
+# alarm there would repeat on every run rather than flicker; none occurs for the emulator.
+
+FIT_FALSE_ALARM = 1e-6
+"""Probability that draws from the right distribution fail the fit test (statistics.fit_problem).
+The test compares the counts of N draws over k bins with Pearson's statistic
+X² = Σ (observed - expected)² / expected, whose distribution tends to χ² with k - 1 degrees of
+freedom; the threshold is that distribution's 1 - FIT_FALSE_ALARM quantile (`fit_threshold`).
+The limit is approached from below in the upper tail when every bin expects at least
+FIT_MIN_EXPECTED draws (Cochran's rule asks for 5), so the stated rate is an upper bound in
+practice. A draw outside the reference's kept set is a certain failure, not a statistical one:
+the settings are chosen with every kept token's logit far (>= 10 KEPT_SET_LOGIT_SLACK) from the
+top-k boundary and top_p halfway between two cumulative masses, so that float32 cannot move a
+token across either."""
+
+FIT_MIN_EXPECTED = 10.0
+"""Fewest draws a bin of the fit test may expect; rarer tokens share a bin (statistics.fit_bins)."""
+
+MEAN_FALSE_ALARM = 1e-5
+"""Probability that unbiased draws fail the mean test (statistics.mean_problem): Student's
+one-sample t statistic of n draws against the known mean, threshold the 1 - MEAN_FALSE_ALARM/2
+quantile of t with n - 1 degrees of freedom (`mean_threshold`). The draws are sums of thousands
+of independent masked terms, close enough to normal for the t distribution to hold."""
+
+
+def fit_threshold(degrees_of_freedom: int) -> float:
+    """The fit test's threshold: the 1 - FIT_FALSE_ALARM quantile of χ² with that many degrees of freedom."""
+    from scipy.stats import chi2
+
+    return float(chi2.isf(FIT_FALSE_ALARM, degrees_of_freedom))
+
+
+def mean_threshold(draws: int) -> float:
+    """The mean test's threshold for `draws` draws: the two-sided 1 - MEAN_FALSE_ALARM quantile of
+    Student's t with draws - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.isf(MEAN_FALSE_ALARM / 2, draws - 1))

@@ -5,7 +5,7 @@ which names, for each drawn argument, a factory `spec -> SearchStrategy` (the st
 the served model's vocabulary and lengths, known only once the pair is built). The runner turns
 it into a Hypothesis test with `settings(profile)(given(**strategies)(fn))` and calls it with
 the pair. `REGISTRY` maps each property's name (its function name) to its `Property`, in
-registration order: forward, training, sampling, state, errors.
+registration order: forward, training, dropout, sampling, state, errors.
 """
 
 from __future__ import annotations
@@ -47,4 +47,11 @@ def conformance_property(**strategies: StrategyFactory) -> Callable[[Callable[..
     return register
 
 
-from conformance.properties import errors, forward, sampling, state, training  # noqa: E402,F401  (registers them)
+from conformance.properties import (  # noqa: E402,F401  (registers them)
+    dropout,
+    errors,
+    forward,
+    sampling,
+    state,
+    training,
+)
