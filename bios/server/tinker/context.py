@@ -127,9 +127,11 @@ class Tinker:
         stored body through its kind's planner, under its own id (a request that makes a run
         first makes its Tinker session known again). A sample, which is not run again, is
         answered 410, and the SDK's sampling client submits it anew; a request that no longer
-        plans (its run is gone) is answered with that error. Whether it runs again."""
+        plans (its run is gone) is answered with that error. One not run again gives up its
+        sequence number. Whether it runs again."""
         planner = PLANNERS.get(row.kind.removeprefix("tinker."))
         if planner is None or row.body is None:
+            self._give_up(row)
             self.service.answer_now(row.request_id, row.owner, answers.gone(GONE))
             return False
         try:
