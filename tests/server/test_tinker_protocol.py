@@ -306,11 +306,13 @@ def test_stored_answers_are_served_in_the_tinker_encoding():
         answers.served("r", encode_result({"native": True}))
 
 
-def test_a_restart_runs_accepted_creations_again_and_answers_a_sample_410(tmp_path, monkeypatch):
-    """What a kill leaves pending: a run's creation in a Tinker session with no run yet (run again,
-    the session known again), one whose run was already filed (answered with it, no second run),
-    a Tinker sample (410: the SDK's sampling client submits it anew) and a native sample (the
-    retryable error its client resubmits on)."""
+def test_a_restart_runs_the_requests_it_had_accepted_again_and_answers_a_sample_410(tmp_path, monkeypatch):
+    """What a kill leaves pending: a run's save waiting in its lane for an earlier seq_id (run
+    again at its number, under its id, once that seq_id arrives after the restart), a run's
+    creation in a Tinker session with no run yet (run again, the session known again), one whose
+    run was already filed (answered with it, no second run), a Tinker sample (410: the SDK's
+    sampling client submits it anew) and a native sample (the retryable error its client
+    resubmits on)."""
     import json
 
     from bios.errors import APIConnectionError, BiosError
@@ -325,6 +327,7 @@ def test_a_restart_runs_accepted_creations_again_and_answers_a_sample_410(tmp_pa
         alice = http(first, KEY_A)
         session, model_id = new_run(alice)
         idle = new_session(alice)
+        waiting = alice.post("/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "kept"}).json()
 
         def creation(request_id: str, tinker_session: str, seed: int) -> RequestRow:
             body = CreateModel(
@@ -350,7 +353,12 @@ def test_a_restart_runs_accepted_creations_again_and_answers_a_sample_410(tmp_pa
         assert gone.status_code == 410 and "restarted" in gone.json()["error"]
         native = json.loads(second.service.answer(owner, "req-native"))
         assert isinstance(BiosError.from_dict(native["error"]), APIConnectionError)
-        assert second.service.records.pending_requests() == []
+        pending = [row.request_id for row in second.service.records.pending_requests()]
+        assert pending == [waiting["request_id"]], "each was run again or answered; the save still waits"
+        assert second.service.answer(owner, waiting["request_id"]) is None, "it waits for seq_id 1"
+        alice.post("/forward_backward", content=forward_backward(model_id, 1, forward_only=True), headers=PROTOBUF)
+        saved = result(alice, waiting["request_id"]).json()
+        assert saved == {"path": f"tinker://{model_id}/weights/kept", "type": "save_weights"}
         trained = alice.post("/forward_backward", content=forward_backward(f"{idle}:train:0", 1), headers=PROTOBUF)
         assert result(alice, trained.json()["request_id"]).status_code == 200, "the run made again trains"
         assert alice.post("/session_heartbeat", json={"session_id": idle}).status_code == 200
