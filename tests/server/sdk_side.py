@@ -1,7 +1,7 @@
-"""The SDK side of tests/server/test_tinker_sdk.py: run as `python sdk_side.py SCENARIO JSON` in a
-child process whose path holds one release of the official `tinker` SDK. Each scenario drives
-the SDK against a server and prints what it saw as one line of JSON; the test makes every
-assertion. Imports only the standard library and `tinker`.
+"""The SDK side of tests/server/test_tinker_sdk.py and test_tinker_restart.py: run as
+`python sdk_side.py SCENARIO JSON` in a child process whose path holds one release of the
+official `tinker` SDK. Each scenario drives the SDK against a server and prints what it saw as
+one line of JSON; the test makes every assertion. Imports only the standard library and `tinker`.
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def plan_forward_backward(tinker: Tinker, who: str, raw: bytes) -> Plan:
 
 
 def _raise(error: BiosError) -> NoReturn:
+    """Raise `error`: a refusal found while planning, raised when the request starts."""
     raise error
 
 
