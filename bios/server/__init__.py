@@ -131,10 +131,11 @@ def build(options: ServerOptions, compute: tuple[Catalog, Backend] | None = None
         retention_s=options.retention_s,
         simulator=simulator,
     )
-    recovered = recover(service)
-    if recovered.sessions or recovered.samplers:
+    app = create_app(service, keys, max_body_bytes=options.max_body_bytes)
+    recovered = recover(service, app.state.tinker.resume)
+    if recovered.sessions or recovered.samplers or recovered.resumed or recovered.interrupted:
         logging.getLogger("bios.server").warning("restored %s", recovered)
-    return create_app(service, keys, max_body_bytes=options.max_body_bytes), service
+    return app, service
 
 
 def serve(options: ServerOptions) -> None:

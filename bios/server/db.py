@@ -27,7 +27,9 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine as SqlEngine
@@ -57,6 +59,7 @@ requests = Table(
     Column("status", String(16), nullable=False),  # pending | done | error
     Column("answer", LargeBinary, nullable=True),  # the envelope, exactly as served
     Column("replay", LargeBinary, nullable=True),  # what re-applies an acknowledged gradient after a restart
+    Column("body", LargeBinary, nullable=True),  # the request as received, while pending: a restart runs it again
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
     UniqueConstraint("owner", "idempotency_key", name="one_request_per_key"),
@@ -95,6 +98,8 @@ class RequestRow:
     status: str
     answer: bytes | None
     replay: bytes | None = None
+    body: bytes | None = None
+    """The request's body as its route parsed it (inflated); kept only while it is pending."""
 
 
 def default_url(home: Path) -> str:
@@ -118,7 +123,18 @@ def connect(url: str) -> SqlEngine:
             cursor.close()
 
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: SqlEngine) -> None:
+    """Add the nullable columns a database made by an earlier Bios lacks (`requests.body`)."""
+    present = {column["name"] for column in inspect(engine).get_columns("requests")}
+    with engine.begin() as db:
+        for column in requests.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                db.execute(text(f"ALTER TABLE requests ADD COLUMN {column.name} {kind}"))
 
 
 class Records:
@@ -167,20 +183,22 @@ class Records:
                     status=row.status,
                     answer=row.answer,
                     replay=row.replay,
+                    body=row.body,
                     created_at=time.time(),
                     finished_at=None if row.status == "pending" else time.time(),
                 )
             )
 
     def finish_requests(self, answers: Iterable[tuple[str, str, bytes]]) -> None:
-        """Store (request_id, status, answer) for each finished request, in one transaction."""
+        """Store (request_id, status, answer) for each finished request, in one transaction;
+        their bodies are no longer kept."""
         now = time.time()
         with self.engine.begin() as db:
             for request_id, status, answer in answers:
                 db.execute(
                     update(requests)
                     .where(requests.c.request_id == request_id)
-                    .values(status=status, answer=answer, finished_at=now)
+                    .values(status=status, answer=answer, body=None, finished_at=now)
                 )
 
     def request_by_key(self, owner: str, key: str) -> RequestRow | None:
@@ -199,6 +217,12 @@ class Records:
         """Every remembered request of one session, by sequence number."""
         with self.engine.connect() as db:
             rows = db.execute(select(requests).where(requests.c.session_id == session_id).order_by(requests.c.seq))
+            return [_request_row(row) for row in rows]
+
+    def pending_requests(self) -> list[RequestRow]:
+        """Every request not yet answered, oldest first."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(requests).where(requests.c.status == "pending").order_by(requests.c.created_at))
             return [_request_row(row) for row in rows]
 
     def prune_requests(self, finished_before: float) -> int:
@@ -282,4 +306,5 @@ def _request_row(row: Row) -> RequestRow:
         m["status"],
         m["answer"],
         m["replay"],
+        m["body"],
     )

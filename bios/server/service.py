@@ -10,6 +10,10 @@ A retry carrying the same idempotency key gets the first request back; finished 
 forgotten after `retention_s`. For a protocol whose clients never resubmit a failed request
 (Tinker's), the service itself retries a request that failed retryably (bios.retry, same
 sequence number), and the next poll hears of that failure as its HTTP status (503, 408 or 429).
+Such a request is filed with its body (`stored`) while it runs, so that after a restart
+`bios.server.recovery` runs it again under the same id (`resume`), and its polls just wait.
+Before a request's `record` hook writes a session's state to the journal, the answers of that
+session's earlier requests are committed, so a restart finds none of them unanswered.
 An observer on another thread waits for a state of the service (`wait_until`), never a while.
 """
 
@@ -52,6 +56,7 @@ committed and published; if it raises, the request fails with that error instead
 @dataclass(slots=True)
 class _Pending(Generic[R]):
     owner: str
+    session_id: str | None
     record: Recorder[R] | None
     encode: Callable[[R], bytes]
     encode_failure: Callable[[BaseException], bytes]
@@ -221,6 +226,7 @@ class Service:
         seq: int | None = None,
         record: Recorder[R] | None = None,
         replay: bytes | None = None,
+        stored: bytes | None = None,
         encode: Callable[[R], bytes] = encode_result,
         encode_failure: Callable[[BaseException], bytes] = encode_error,
         retry_transient: bool = False,
@@ -231,7 +237,9 @@ class Service:
         served verbatim is `encode(result)` or `encode_failure(error)` (by default the JSON
         envelopes of `bios.wire`; another protocol passes its own). `replay`: for a request that
         adds a gradient, a `bios.wire.ForwardBackward` body that re-applies it after a restart.
-        `retry_transient`: retry a retryable failure here (see the module docstring)."""
+        `stored`: the body from which a restart runs the request again (`resume`) if it is still
+        pending then; kept until it finishes. `retry_transient`: retry a retryable failure here
+        (see the module docstring)."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
         if key is not None:
             earlier = self._earlier(owner, key, body_hash)
@@ -240,22 +248,64 @@ class Service:
         request_id = f"req-{uuid.uuid4().hex}"
         try:
             self.records.add_request(
-                RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay)
+                RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay, stored)
             )
         except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
             earlier = self._earlier(owner, key, body_hash) if key is not None else None
             if earlier is None:
                 raise
             return earlier
+        pending = _Pending(owner, session_id, record, encode, encode_failure)
         try:
-            future = self._retried(request_id, kind, start, session_id, seq) if retry_transient else start()
+            self._start(request_id, kind, start, pending, session_id, seq, retry_transient)
         except BiosError as exc:
             self.records.finish_requests([(request_id, "rejected", encode_error(exc))])
             raise
-        with self._lock:
-            self._pending[request_id] = _Pending(owner, record, encode, encode_failure)
-        future.add_done_callback(lambda done: self._finished.put((request_id, done)))
         return request_id
+
+    def resume(
+        self,
+        row: RequestRow,
+        start: Callable[[], concurrent.futures.Future[R]],
+        *,
+        record: Recorder[R] | None = None,
+        encode: Callable[[R], bytes] = encode_result,
+        encode_failure: Callable[[BaseException], bytes] = encode_error,
+        retry_transient: bool = False,
+    ) -> None:
+        """Run again a request filed before a restart (`row`, still pending) under its own id,
+        as `submit` runs a new one: its polls wait for the answer as usual. A request the
+        engine rejects at once is answered with `encode_failure(error)`."""
+        pending = _Pending(row.owner, row.session_id, record, encode, encode_failure)
+        try:
+            self._start(row.request_id, row.kind, start, pending, row.session_id, row.seq, retry_transient)
+        except BiosError as exc:
+            self.answer_now(row.request_id, row.owner, encode_failure(exc))
+
+    def answer_now(self, request_id: str, owner: str, envelope: bytes) -> None:
+        """Answer `owner`'s pending request `request_id` with `envelope`, which ran nowhere
+        (an `error` one, or another protocol's failure)."""
+        self.records.finish_requests([(request_id, "error", envelope)])
+        with self._lock:
+            self._answers[request_id] = (owner, envelope, time.time())
+        self._polls.wake([request_id])
+
+    def _start(
+        self,
+        request_id: str,
+        kind: str,
+        start: Callable[[], concurrent.futures.Future[R]],
+        pending: _Pending[R],
+        session_id: str | None,
+        seq: int | None,
+        retry_transient: bool,
+    ) -> None:
+        """`start()` (retried, with `retry_transient`) as the filed request `request_id`, whose
+        answer the writer thread commits; raises what `start()` raises at once."""
+        future = self._retried(request_id, kind, start, session_id, seq) if retry_transient else start()
+        with self._lock:
+            self._pending[request_id] = pending
+        future.add_done_callback(lambda done: self._finished.put((request_id, done)))
 
     def _retried(
         self,
@@ -337,13 +387,16 @@ class Service:
             raise notice
 
     def _write_answers(self) -> None:
-        """The writer thread: finished engine futures → envelopes → database → memory → wake-ups."""
+        """The writer thread: finished engine futures → envelopes → database → memory → wake-ups.
+        Answers of a session finished before one of its requests with a `record` hook (a journal
+        write) are committed before that hook runs, so a restart never finds a request that came
+        before the journal's state still unanswered."""
         while True:
             batch = [self._finished.get()]
             while not self._finished.empty() and len(batch) < 256:
                 batch.append(self._finished.get())
-            stop = None in batch
-            answers = []
+            answers: list[tuple[str, str, bytes, str]] = []
+            sessions: set[str | None] = set()  # of the answers collected and not yet committed
             for request_id, done in filter(None, batch):
                 with self._lock:
                     pending = self._pending[request_id]
@@ -351,23 +404,32 @@ class Service:
                 error = done.exception()
                 envelope = pending.encode_failure(error) if error is not None else pending.encode(done.result())
                 if error is None and pending.record is not None:
+                    if pending.session_id in sessions:
+                        self._publish(answers)
+                        answers, sessions = [], set()
                     try:
                         pending.record(request_id, done.result(), envelope)
                     except Exception as exc:  # noqa: BLE001 - the request fails with it
                         error = exc
                         envelope = pending.encode_failure(exc)
                 answers.append((request_id, "error" if error is not None else "done", envelope, pending.owner))
-            if answers:
-                self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])
-                now = time.time()
-                with self._lock:
-                    for rid, _, envelope, owner in answers:
-                        self._answers[rid] = (owner, envelope, now)
-                        del self._pending[rid]
-                self._polls.wake([rid for rid, *_ in answers])
-                self._announce()
-            if stop:
+                sessions.add(pending.session_id)
+            self._publish(answers)
+            if None in batch:
                 return
+
+    def _publish(self, answers: list[tuple[str, str, bytes, str]]) -> None:
+        """Commit (request id, status, envelope, owner) answers, keep them in memory, wake their polls."""
+        if not answers:
+            return
+        self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])
+        now = time.time()
+        with self._lock:
+            for rid, _, envelope, owner in answers:
+                self._answers[rid] = (owner, envelope, now)
+                del self._pending[rid]
+        self._polls.wake([rid for rid, *_ in answers])
+        self._announce()
 
     # ---- observing --------------------------------------------------------------------------------
 

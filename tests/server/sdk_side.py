@@ -1,7 +1,7 @@
-"""The SDK side of tests/server/test_tinker_sdk.py: run as `python sdk_side.py SCENARIO JSON` in a
-child process whose path holds one release of the official `tinker` SDK. Each scenario drives
-the SDK against a server and prints what it saw as one line of JSON; the test makes every
-assertion. Imports only the standard library and `tinker`.
+"""The SDK side of tests/server/test_tinker_sdk.py and test_tinker_restart.py: run as
+`python sdk_side.py SCENARIO JSON` in a child process whose path holds one release of the
+official `tinker` SDK. Each scenario drives the SDK against a server and prints what it saw as
+one line of JSON; the test makes every assertion. Imports only the standard library and `tinker`.
 """
 
 from __future__ import annotations
@@ -260,6 +260,42 @@ def sft_steps(url: str, key: str, text: list[str], steps: int) -> dict:
     return {"losses": losses}
 
 
+def interrupted_training(url: str, key: str, seed: int, batches: list, adam: dict, progress: str) -> dict:
+    """A seeded rank-4 run trained on `batches` (per step, a list of token sequences), each
+    step's forward_backward and optim_step pipelined, while the server may die and restart;
+    each acknowledged step is appended to the file `progress`. What it saw: the run, the steps
+    acknowledged (optim_step's "step"), the first error (None) and the final checkpoint."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    client = _value(service.create_lora_training_client(MODEL, rank=4, seed=seed))
+    seen: dict = {"model_id": client.model_id, "steps": [], "error": None, "path": None}
+    try:
+        for batch in batches:
+            data = [
+                types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:]})
+                for t in batch
+            ]
+            backward = client.forward_backward(data, "cross_entropy")
+            stepped = client.optim_step(types.AdamParams(**adam))
+            backward.result()
+            seen["steps"].append(stepped.result().metrics["step"])
+            with open(progress, "a") as file:
+                file.write(f"{seen['steps'][-1]}\n")
+        seen["path"] = client.save_state("final").result().path
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        seen["error"] = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
+SCENARIOS = {
+    "training": training,
+    "intruder": intruder,
+    "sft_steps": sft_steps,
+    "interrupted_training": interrupted_training,
+}
+
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"training": training, "intruder": intruder, "sft_steps": sft_steps}[scenario](**arguments)))
+    print(json.dumps(SCENARIOS[scenario](**arguments)))

@@ -157,3 +157,30 @@ def test_sampling_clients_are_served_again_after_a_restart(tmp_path):
         assert after == before and before[0] != before[1]
     finally:
         server.stop()
+
+
+def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies(tmp_path):
+    import sqlalchemy
+
+    from bios.server.db import Records, RequestRow, connect
+
+    url = f"sqlite:///{tmp_path / 'earlier.db'}"
+    earlier = sqlalchemy.create_engine(url)
+    with earlier.begin() as db:
+        db.execute(
+            sqlalchemy.text(
+                "CREATE TABLE requests (request_id VARCHAR(64) PRIMARY KEY, owner VARCHAR(64) NOT NULL, "
+                "kind VARCHAR(32) NOT NULL, session_id VARCHAR(64), seq INTEGER, idempotency_key VARCHAR(256), "
+                "body_hash VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, answer BLOB, replay BLOB, "
+                "created_at FLOAT NOT NULL, finished_at FLOAT)"
+            )
+        )
+    earlier.dispose()
+    records = Records(connect(url))
+    records.add_request(
+        RequestRow("req-1", "owner", "tinker.optim_step", "s", 0, None, "-", "pending", None, None, b"{}")
+    )
+    assert [row.body for row in records.pending_requests()] == [b"{}"]
+    records.finish_requests([("req-1", "done", b"J{}")])
+    finished = records.request("req-1")
+    assert finished is not None and finished.body is None and records.pending_requests() == []

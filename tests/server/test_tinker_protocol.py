@@ -42,11 +42,16 @@ def result(client, request_id: str):
             return answer
 
 
-def new_run(client) -> tuple[str, str]:
-    """(session id, model id) of a fresh rank-4 run on the tiny model."""
-    session = client.post(
+def new_session(client) -> str:
+    """A new Tinker session's id."""
+    return client.post(
         "/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "test", "type": "create_session"}
     ).json()["session_id"]
+
+
+def new_run(client) -> tuple[str, str]:
+    """(session id, model id) of a fresh rank-4 run on the tiny model."""
+    session = new_session(client)
     body = {
         "session_id": session,
         "model_seq_id": 0,
@@ -293,7 +298,67 @@ def test_stored_answers_are_served_in_the_tinker_encoding():
         "error": "bad",
         "category": "user",
     }
-    interrupted = answers.served("r", encode_error(APIConnectionError("the server restarted")))  # what recovery stores
+    interrupted = answers.served("r", encode_error(APIConnectionError("the server restarted")))
     assert json.loads(interrupted.body) == {"error": "the server restarted", "category": "server"}
+    gone = answers.served("r", answers.gone("submit it anew"))  # what a restart stores for a sample
+    assert gone.status_code == 410 and json.loads(gone.body) == {"error": "submit it anew", "category": "server"}
     with pytest.raises(NotFoundError):
         answers.served("r", encode_result({"native": True}))
+
+
+def test_a_restart_runs_the_requests_it_had_accepted_again_and_answers_a_sample_410(tmp_path, monkeypatch):
+    """What a kill leaves pending: a run's save waiting in its lane for an earlier seq_id (run
+    again at its number, under its id, once that seq_id arrives after the restart), a run's
+    creation in a Tinker session with no run yet (run again, the session known again), one whose
+    run was already filed (answered with it, no second run), a Tinker sample (410: the SDK's
+    sampling client submits it anew) and a native sample (the retryable error its client
+    resubmits on)."""
+    import json
+
+    from bios.errors import APIConnectionError, BiosError
+    from bios.server import ServerOptions
+    from bios.server.auth import owner_of
+    from bios.server.db import RequestRow
+    from bios.server.tinker.bodies import CreateModel
+
+    monkeypatch.setenv("BIOS_API_KEYS", KEY_A)
+    options, owner = ServerOptions(backend="emulator", home=tmp_path), owner_of(KEY_A)
+    with ThreadedServer(options) as first:
+        alice = http(first, KEY_A)
+        session, model_id = new_run(alice)
+        idle = new_session(alice)
+        waiting = alice.post("/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "kept"}).json()
+
+        def creation(request_id: str, tinker_session: str, seed: int) -> RequestRow:
+            body = CreateModel(
+                session_id=tinker_session, model_seq_id=0, base_model="bios/tiny", lora_config={"rank": 4, "seed": seed}
+            ).model_dump_json()
+            return RequestRow(
+                request_id, owner, "tinker.create_model", None, None, None, "-", "pending", None, None, body.encode()
+            )
+
+        for row in (
+            creation("req-create", idle, 2),
+            creation("req-created", session, 1),
+            RequestRow("req-sample", owner, "tinker.sample", None, None, None, "-", "pending", None),
+            RequestRow("req-native", owner, "sample", None, None, None, "-", "pending", None),
+        ):
+            first.service.records.add_request(row)
+    with ThreadedServer(options) as second:
+        alice = http(second, KEY_A)
+        assert result(alice, "req-create").json() == {"model_id": f"{idle}:train:0", "type": "create_model"}
+        assert result(alice, "req-created").json() == {"model_id": model_id, "type": "create_model"}
+        assert len(second.service.records.sessions_of(owner)) == 2, "the filed run was not made twice"
+        gone = result(alice, "req-sample")
+        assert gone.status_code == 410 and "restarted" in gone.json()["error"]
+        native = json.loads(second.service.answer(owner, "req-native"))
+        assert isinstance(BiosError.from_dict(native["error"]), APIConnectionError)
+        pending = [row.request_id for row in second.service.records.pending_requests()]
+        assert pending == [waiting["request_id"]], "each was run again or answered; the save still waits"
+        assert second.service.answer(owner, waiting["request_id"]) is None, "it waits for seq_id 1"
+        alice.post("/forward_backward", content=forward_backward(model_id, 1, forward_only=True), headers=PROTOBUF)
+        saved = result(alice, waiting["request_id"]).json()
+        assert saved == {"path": f"tinker://{model_id}/weights/kept", "type": "save_weights"}
+        trained = alice.post("/forward_backward", content=forward_backward(f"{idle}:train:0", 1), headers=PROTOBUF)
+        assert result(alice, trained.json()["request_id"]).status_code == 200, "the run made again trains"
+        assert alice.post("/session_heartbeat", json={"session_id": idle}).status_code == 200

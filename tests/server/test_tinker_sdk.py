@@ -1,8 +1,7 @@
 """The official Tinker SDK against `bios serve`, end to end, for two pinned SDK releases.
 
-Each release is installed once with `pip install --no-deps --target .cache/tinker-sdk/VERSION`
-(its dependencies are in the dev environment; BIOS_TINKER_WHEELS names a wheel directory for
-offline installs) and runs unmodified in a child process, whose script is sdk_side.py. The child
+Each release runs unmodified in a child process (tests/support/tinker_sdk.py), whose script is
+sdk_side.py. The child
 drives the SDK against a `ThreadedServer` on the emulator, which advertises small forward_backward
 chunks and zstd bodies so that chunking, the first chunk arriving last, and decompression are all
 exercised. The child reports what it saw
@@ -14,19 +13,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import itertools
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from tinker_sdk import REPO, SDK_RELEASES, run_sdk, sdk_directory
 
 pytestmark = pytest.mark.slow  # installs two SDK releases and runs them in child processes
 
-SDK_RELEASES = ("0.38.0", "0.33.1")
 MODEL = "bios/tiny"
 KEY_A, KEY_B = "tml-tinker-alice-0123456789", "tml-tinker-bob-0123456789"
 TEXTS = (
@@ -37,55 +30,6 @@ TEXTS = (
     "hello world, this is a test",
 )
 PROMPT_TEXT = "the quick brown fox"
-REPO = Path(__file__).resolve().parents[2]
-SDK_SIDE = Path(__file__).resolve().with_name("sdk_side.py")
-
-
-# ---- the SDK releases -------------------------------------------------------------------------
-
-
-def sdk_directory(version: str) -> Path:
-    """A directory holding the `tinker` package of `version`, installed on first use."""
-    root = Path(os.environ.get("BIOS_TINKER_SDK_CACHE", REPO / ".cache" / "tinker-sdk"))
-    target = root / version
-    if (target / "tinker" / "__init__.py").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=root, prefix=f".{version}.")
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-deps",
-        "--target",
-        staging,
-        f"tinker=={version}",
-    ]
-    if os.environ.get("BIOS_TINKER_WHEELS"):
-        command += ["--no-index", "--find-links", os.environ["BIOS_TINKER_WHEELS"]]
-    subprocess.run(command, check=True, timeout=600)
-    try:
-        os.rename(staging, target)
-    except OSError:  # installed meanwhile by a concurrent run
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def run_sdk(version: str, scenario: str, **arguments: object) -> dict:
-    """Run `scenario` (a function of sdk_side.py) with SDK `version` in a child process."""
-    env = {**os.environ, "PYTHONPATH": str(sdk_directory(version)), "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
-    child = subprocess.run(
-        [sys.executable, str(SDK_SIDE), scenario, json.dumps(arguments)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert child.returncode == 0, f"the SDK {version} child failed:\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}"
-    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

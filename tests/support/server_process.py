@@ -20,16 +20,23 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m bios serve ARGS` with BIOS_HOME=`home` on a free port; `url` once started.
+    """`python -m bios serve ARGS` with BIOS_HOME=`home` on a free port; `url` once started
+    (`python_args` replaces `-m bios`, e.g. with `-c CODE` that adjusts the server, then runs
+    `bios.cli.main()`).
 
     A context manager: entering waits until /healthz answers (or raises with the server's log),
     leaving stops it with SIGTERM. `kill()` sends SIGKILL (a crash), `start()` starts it again
     on the same port and home."""
 
     def __init__(
-        self, home: str | Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+        self,
+        home: str | Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        python_args: tuple[str, ...] = ("-m", "bios"),
     ) -> None:
-        self.home, self.args, self.port = Path(home), args, port or free_port()
+        self.home, self.args, self.port, self.python_args = Path(home), args, port or free_port(), python_args
         self.env = {**os.environ, "BIOS_HOME": str(home), "OPENBLAS_NUM_THREADS": "1", **(env or {})}
         self.env.pop("BIOS_BASE_URL", None)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,7 +46,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bios", "serve", "--port", str(self.port), *self.args],
+                [sys.executable, *self.python_args, "serve", "--port", str(self.port), *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -2,11 +2,12 @@
 
 `Service.submit(..., encode=, encode_failure=)` stores each answer as bytes, ready to serve.
 A Tinker answer is one tag byte and the body: `P` + a serialised protobuf message (the
-`ForwardBackwardOutput` / `SampleResponse` results the SDK accepts only as protobuf) or `J` +
-JSON (every other result, and failures as `{"error", "category"}`). Bios's own envelopes start
-with `{`, so an answer of the native API is never mistaken for a Tinker one; a Bios error
-envelope (which the service's restart recovery stores for interrupted requests) is served as
-a Tinker failure.
+`ForwardBackwardOutput` / `SampleResponse` results the SDK accepts only as protobuf), `J` +
+JSON (every other result, and failures as `{"error", "category"}`) or `G` + JSON (a request a
+restart interrupted and that the client must submit anew: served with HTTP 410, on which the
+SDK's sampling client resubmits its sample). Bios's own envelopes start with `{`, so an answer
+of the native API is never mistaken for a Tinker one; a Bios error envelope is served as a
+Tinker failure.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bios.errors import BiosError, NotFoundError
 
 R = TypeVar("R")
 
-PROTO, JSON = b"P", b"J"
+PROTO, JSON, GONE = b"P", b"J", b"G"
 PROTO_MEDIA_TYPE = "application/x-protobuf"
 
 
@@ -45,15 +46,19 @@ def failure(error: BaseException) -> bytes:
     return JSON + json.dumps({"error": message, "category": category}).encode()
 
 
+def gone(message: str) -> bytes:
+    """The stored answer of a request to submit anew: served as HTTP 410 with `{"error": message}`."""
+    return GONE + json.dumps({"error": message, "category": "server"}).encode()
+
+
 def served(request_id: str, stored: bytes) -> Response:
-    """The HTTP answer to a poll that found `stored`. A Bios error envelope (what the service
-    stores for a request a restart interrupted) is served as a Tinker failure; any other native
-    Bios answer is NotFoundError."""
+    """The HTTP answer to a poll that found `stored`. A Bios error envelope is served as a
+    Tinker failure; any other native Bios answer is NotFoundError."""
     tag, body = stored[:1], stored[1:]
     if tag == PROTO:
         return Response(body, media_type=PROTO_MEDIA_TYPE)
-    if tag == JSON:
-        return Response(body, media_type="application/json")
+    if tag in (JSON, GONE):
+        return Response(body, media_type="application/json", status_code=410 if tag == GONE else 200)
     envelope = json.loads(stored) if tag == b"{" else {}
     if envelope.get("status") == "error":
         return Response(failure(BiosError.from_dict(envelope["error"]))[1:], media_type="application/json")

@@ -4,6 +4,12 @@
 receive it and the caller's owner id through the FastAPI dependencies below (coroutines, so
 they never wait for a worker thread). `RunRequest` is one request of a training run at its
 Tinker `seq_id`.
+
+A route turns its body into a `Plan` (what the request starts, its key, run and sequence
+number, how its answer is kept) with a planner registered here under its kind (`resumable`),
+and submits the plan with the body. After a restart, `Tinker.resume` gives a request that was
+still pending the same planner and its stored body, so it runs again through the same code,
+under its own request id and at its own sequence number.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, FastAPI, Header
 from starlette.requests import HTTPConnection
 
-from bios.errors import BiosError
+from bios.errors import BiosError, NotFoundError
 from bios.server.auth import KeyRing
+from bios.server.db import RequestRow
 from bios.server.service import Recorder, Service
 from bios.server.tinker import answers, ids
 from bios.server.tinker.archive import ArchiveSigner
@@ -27,6 +34,51 @@ from bios.types import TrainingInfo
 
 T = TypeVar("T")
 R = TypeVar("R")
+B = TypeVar("B")
+
+GONE = "the server restarted before this request finished; nothing of it was applied"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan(Generic[R]):
+    """A Tinker request of `who`, parsed: `start()` submits its work to the engine (at engine
+    sequence number `seq` of `run`'s Bios session, if it has one), `encode` stores its answer,
+    `record` and `replay` are the service's hooks that keep a run's training across a restart.
+    `hashed` is what its idempotency `key` covers (a retry with another body is a 409);
+    `model_id`, the run it answers with (None for a sample)."""
+
+    who: str
+    kind: str
+    hashed: bytes
+    key: str | None
+    start: Callable[[], concurrent.futures.Future[R]]
+    encode: Callable[[R], bytes]
+    run: Run | None = None
+    seq: int | None = None
+    record: Recorder | None = None
+    replay: bytes | None = None
+    model_id: str | None = None
+
+
+Planner = Callable[["Tinker", str, bytes], Plan[Any]]
+"""(tinker, owner, stored body) → the request's plan; raises the BiosError that refuses it."""
+
+PLANNERS: dict[str, Planner] = {}
+"""The planners of the Tinker requests a restart runs again, by kind (`resumable`)."""
+
+
+def resumable(
+    parse: Callable[[bytes], B], *kinds: str
+) -> Callable[[Callable[[Tinker, str, B], Plan[Any]]], Callable[[Tinker, str, B], Plan[Any]]]:
+    """Register a planner `(tinker, owner, body) -> Plan` for requests `kinds`, whose stored
+    body `parse` reads back; returns the planner unchanged."""
+
+    def register(plan: Callable[[Tinker, str, B], Plan[Any]]) -> Callable[[Tinker, str, B], Plan[Any]]:
+        for kind in kinds:
+            PLANNERS[kind] = lambda tinker, who, stored: plan(tinker, who, parse(stored))
+        return plan
+
+    return register
 
 
 class Tinker:
@@ -44,39 +96,69 @@ class Tinker:
         self.signer = ArchiveSigner()
         self._chain = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-tinker")
 
-    def submit(
-        self,
-        who: str,
-        kind: str,
-        body: bytes,
-        key: str | None,
-        start: Callable[[], concurrent.futures.Future[R]],
-        encode: Callable[[R], bytes],
-        *,
-        run: Run | None = None,
-        seq: int | None = None,
-        record: Recorder | None = None,
-        replay: bytes | None = None,
-    ) -> str:
-        """`Service.submit` of a Tinker request: answers stored in the Tinker encoding, the
-        idempotency `key` (a retry with the same key and body gets the first request, another
-        body a 409), filed under `run`'s Bios session at engine sequence number `seq`, with the
-        service's `record` and `replay` hooks that keep a session's training across a restart.
-        The SDK never resubmits a failed request, so the service retries retryable failures."""
+    def submit(self, plan: Plan[R], stored: bytes | None) -> str:
+        """`Service.submit` of `plan`: answers stored in the Tinker encoding, the idempotency
+        key (a retry with the same key and body gets the first request, another body a 409),
+        filed under its run's Bios session at its sequence number. With `stored` (the body its
+        planner reads back), a restart runs it again if it is still pending then. The SDK never
+        resubmits a failed request, so the service retries retryable failures."""
         return self.service.submit(
-            who,
-            f"tinker.{kind}",
-            body,
-            key,
-            start,
-            session_id=run.session_id if run else None,
-            seq=seq,
-            record=record,
-            replay=replay,
-            encode=encode,
+            plan.who,
+            f"tinker.{plan.kind}",
+            plan.hashed,
+            plan.key,
+            plan.start,
+            session_id=plan.run.session_id if plan.run else None,
+            seq=plan.seq,
+            record=plan.record,
+            replay=plan.replay,
+            stored=stored,
+            encode=plan.encode,
             encode_failure=answers.failure,
             retry_transient=True,
         )
+
+    def accept(self, plan: Plan[R], stored: bytes) -> dict:
+        """`submit` a request that makes or uses a run: the SDK's answer `{"request_id", "model_id"}`."""
+        return {"request_id": self.submit(plan, stored), "model_id": plan.model_id}
+
+    def resume(self, row: RequestRow) -> bool:
+        """Run again `row`, a Tinker request still pending when the server stopped, from its
+        stored body through its kind's planner, under its own id (a request that makes a run
+        first makes its Tinker session known again). A sample, which is not run again, is
+        answered 410, and the SDK's sampling client submits it anew; a request that no longer
+        plans (its run is gone) is answered with that error. One not run again gives up its
+        sequence number. Whether it runs again."""
+        planner = PLANNERS.get(row.kind.removeprefix("tinker."))
+        if planner is None or row.body is None:
+            self._give_up(row)
+            self.service.answer_now(row.request_id, row.owner, answers.gone(GONE))
+            return False
+        try:
+            plan = planner(self, row.owner, row.body)
+        except BiosError as exc:
+            self._give_up(row)
+            self.service.answer_now(row.request_id, row.owner, answers.failure(exc))
+            return False
+        if plan.run is None and plan.model_id is not None:
+            self.sessions.adopt(row.owner, session_of(plan.model_id))
+        self.service.resume(
+            row,
+            plan.start,
+            record=plan.record,
+            encode=plan.encode,
+            encode_failure=answers.failure,
+            retry_transient=True,
+        )
+        return True
+
+    def _give_up(self, row: RequestRow) -> None:
+        """Release `row`'s sequence number, if its session is still served."""
+        if row.session_id is not None and row.seq is not None:
+            try:
+                self.engine.skip(row.session_id, row.seq)
+            except NotFoundError:
+                pass
 
     def then(self, future: concurrent.futures.Future[R], step: Callable[[R], T]) -> concurrent.futures.Future[T]:
         """A future of `step(result of future)`, run off the engine's worker thread (so `step`
@@ -92,8 +174,14 @@ class Tinker:
         future.add_done_callback(lambda done: self._chain.submit(run_step, done))
         return out
 
-    def open_run(self, who: str, model_id: str, info: TrainingInfo, metadata: dict[str, str]) -> Run:
-        """File a new Bios session `info` as `who`'s Tinker run `model_id`, held by its Tinker session."""
+    def new_run(self, who: str, model_id: str, create: Callable[[], TrainingInfo], metadata: dict[str, str]) -> str:
+        """`model_id`, filed as `who`'s Tinker run on a new Bios session `create()`, held by its
+        Tinker session (NotFoundError or SessionExpiredError for a session not live). A run
+        filed already (by this request, before a restart) is answered as it is."""
+        self.sessions.check(who, session_of(model_id))
+        if self.runs.find(who, model_id) is not None:
+            return model_id
+        info = create()
         self.service.add_session(info.session_id, who, info.base_model)
         run = Run(model_id, info.session_id, who, info.base_model, info.lora_config.rank, metadata)
         self.runs.add(run)
@@ -102,7 +190,7 @@ class Tinker:
         except BiosError:  # the Tinker session ended meanwhile: so does the run
             self.service.close_session(who, info.session_id)
             raise
-        return run
+        return model_id
 
 
 def install_on(app: FastAPI, tinker: Tinker) -> None:
@@ -162,21 +250,20 @@ class RunRequest:
             self.tinker.engine.skip(self.session_id, self.seq)
             raise
 
-    def submit(
+    def plan(
         self,
         kind: str,
-        body: bytes,
+        hashed: bytes,
         start: Callable[[], concurrent.futures.Future[R]],
         encode: Callable[[R], bytes],
         *,
         record: Recorder | None = None,
         replay: bytes | None = None,
-    ) -> dict:
-        """`Tinker.submit` at `seq` under `key`; the SDK's answer `{"request_id", "model_id"}`."""
-        request_id = self.tinker.submit(
-            self.who, kind, body, self.key, start, encode, run=self.run, seq=self.seq, record=record, replay=replay
+    ) -> Plan[R]:
+        """The plan of this request: `start` at `seq` of the run under `key`."""
+        return Plan(
+            self.who, kind, hashed, self.key, start, encode, self.run, self.seq, record, replay, self.run.model_id
         )
-        return {"request_id": request_id, "model_id": self.run.model_id}
 
 
 def done(value: T) -> concurrent.futures.Future[T]:

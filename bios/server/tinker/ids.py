@@ -91,10 +91,15 @@ class Runs:
 
     def get(self, owner: str, model_id: str) -> Run:
         """`owner`'s run `model_id`; NotFoundError if there is none (or it is another owner's)."""
-        run = self._one(runs_table.c.model_id == model_id)
-        if run is None or run.owner != owner:
+        run = self.find(owner, model_id)
+        if run is None:
             raise NotFoundError(f"model_id: no training run {model_id!r}", field="model_id")
         return run
+
+    def find(self, owner: str, model_id: str) -> Run | None:
+        """`owner`'s run `model_id`, None if there is none (or it is another owner's)."""
+        run = self._one(runs_table.c.model_id == model_id)
+        return run if run is not None and run.owner == owner else None
 
     def of_session(self, session_id: str) -> Run | None:
         """The run trained by Bios session `session_id`, if it is one."""

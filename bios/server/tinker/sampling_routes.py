@@ -4,7 +4,8 @@ A sampling session is a Bios sampler on a saved checkpoint or a bare base model.
 answers at once with the request id and one sequence id per sample (the SDK asserts both);
 the result is a protobuf `SampleResponse`. `(sampling_session_id, seq_id)` is the request's
 idempotency key. Prompt logprobs are supported (also only the last N); top-k logprobs,
-target-token logprobs and alternative prompt tokens are not.
+target-token logprobs and alternative prompt tokens are not. A sample is not run again after a
+restart: its poll is answered 410, and the SDK's sampling client submits it anew.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from bios.errors import InvalidRequestError, UnsupportedError
 from bios.server.tinker import codec
 from bios.server.tinker.answers import proto_answer
 from bios.server.tinker.bodies import CreateSampler, Sample, model_input, sampling_params
-from bios.server.tinker.context import Tinker, TinkerDep, TinkerOwnerDep
+from bios.server.tinker.context import Plan, Tinker, TinkerDep, TinkerOwnerDep
 from bios.server.tinker.sessions import Sampler
 
 router = APIRouter()
@@ -87,5 +88,5 @@ def asample(body: Sample, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     )
     encode = proto_answer(partial(codec.sample_response, prompt_logprobs_last_n=body.prompt_logprobs_last_n))
     key = None if body.seq_id is None else f"tinker/{sampler.sampler_id}/{body.seq_id}"
-    request_id = tinker.submit(who, "sample", body.model_dump_json().encode(), key, start, encode)
+    request_id = tinker.submit(Plan(who, "sample", body.model_dump_json().encode(), key, start, encode), None)
     return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}

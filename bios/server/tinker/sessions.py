@@ -93,6 +93,14 @@ class Sessions:
         with self._lock:
             self._live(owner, session_id)
 
+    def adopt(self, owner: str, session_id: str) -> None:
+        """Know `owner`'s session `session_id` again after a restart (a request it made before
+        is run again), live as of now; a session known already is left as it is."""
+        with self._lock:
+            if session_id not in self._sessions:
+                runs = self._releases.runs_of(owner, session_id)
+                self._sessions[session_id] = _Session(owner, time.monotonic(), runs=runs)
+
     def add_run(self, owner: str, session_id: str, run_session_id: str) -> None:
         """File Bios session `run_session_id` as a training run of `owner`'s live session."""
         with self._lock:

@@ -6,11 +6,13 @@ that order, holding a request until every earlier one has arrived (the SDK sends
 chunk of a large forward_backward last). `(model_id, seq_id)` is the request's idempotency
 key: a retry gets the original request back; the same key with another body is a 409. A
 request refused before it reaches the engine gives up its sequence number (`RunRequest`).
+Each route's planner (`resumable`) is also what runs the request again after a restart.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from functools import partial
+from typing import NoReturn
 
 import zstandard
 from fastapi import APIRouter, Depends, Header, Request
@@ -18,11 +20,11 @@ from google.protobuf.message import Message
 
 from bios import wire
 from bios.engine.engine import WithState
-from bios.errors import InvalidRequestError, RequestTooLargeError, UnsupportedError
+from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError, UnsupportedError
 from bios.server.tinker import codec, ids
 from bios.server.tinker.answers import json_answer, proto_answer
 from bios.server.tinker.bodies import CreateModel, ModelRef, OptimStep, user_metadata
-from bios.server.tinker.context import RunRequest, TinkerDep, TinkerOwnerDep, done
+from bios.server.tinker.context import Plan, RunRequest, Tinker, TinkerDep, TinkerOwnerDep, done, resumable
 from bios.server.tinker.tokenizers import tokenizer_directory
 from bios.types import AdamParams, Datum, OptimStepResult
 
@@ -65,10 +67,9 @@ def adam(body: OptimStep) -> AdamParams:
     return AdamParams(**body.adam_params)
 
 
-@router.post("/create_model")
-def create_model(body: CreateModel, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+@resumable(CreateModel.model_validate_json, "create_model")
+def plan_create_model(tinker: Tinker, who: str, body: CreateModel) -> Plan[str]:
     """A new LoRA training run `SESSION:train:MODEL_SEQ_ID` (Adam(W) only)."""
-    tinker.sessions.check(who, body.session_id)
     lora = body.lora_config
     if lora is None:
         raise UnsupportedError(
@@ -80,15 +81,18 @@ def create_model(body: CreateModel, who: TinkerOwnerDep, tinker: TinkerDep) -> d
             field="optimizer_config",
         )
     model_id = ids.model_id(body.session_id, body.model_seq_id)
-
-    def start() -> Future[str]:
-        info = tinker.engine.create_session(body.base_model, lora.to_bios())
-        return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
-
+    metadata = user_metadata(body.user_metadata)
+    start = lambda: done(
+        tinker.new_run(who, model_id, lambda: tinker.engine.create_session(body.base_model, lora.to_bios()), metadata)
+    )
     encode = json_answer(lambda mid: {"model_id": mid, "type": "create_model"})
-    key = f"tinker/{model_id}"
-    request_id = tinker.submit(who, "create_model", body.model_dump_json().encode(), key, start, encode)
-    return {"request_id": request_id, "model_id": model_id}
+    hashed = body.model_dump_json().encode()
+    return Plan(who, "create_model", hashed, f"tinker/{model_id}", start, encode, model_id=model_id)
+
+
+@router.post("/create_model")
+def create_model(body: CreateModel, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return tinker.accept(plan_create_model(tinker, who, body), body.model_dump_json().encode())
 
 
 @router.post("/get_info")
@@ -122,21 +126,19 @@ def _loss_inputs(request: Message) -> tuple[list[Datum], dict[str, float] | None
     return codec.datums(request), codec.loss_config(request)
 
 
-@router.post("/forward_backward")
-def forward_backward(
-    body: bytes = Depends(raw_body),
-    content_encoding: str | None = Header(None),
-    *,
-    who: TinkerOwnerDep,
-    tinker: TinkerDep,
-) -> dict:
-    """A protobuf `ForwardBackwardRequest` (`forward_only` for `forward`); its result is a
-    protobuf `ForwardBackwardOutput`."""
-    raw = inflate(body, content_encoding)
+@resumable(bytes, "forward_backward", "forward")
+def plan_forward_backward(tinker: Tinker, who: str, raw: bytes) -> Plan:
+    """A protobuf `ForwardBackwardRequest` (`forward_only` for `forward`), inflated; its result
+    is a protobuf `ForwardBackwardOutput`. Refused loss inputs give up its sequence number."""
     request = codec.parse_forward_backward(raw)
     req = RunRequest.of(tinker, who, request.model_id, request.seq_id)
-    data, config = req.ordered(lambda: _loss_inputs(request))
     backward = not request.forward_only
+    kind = "forward_backward" if backward else "forward"
+    encode = proto_answer(codec.forward_backward_output)
+    try:
+        data, config = _loss_inputs(request)
+    except BiosError as refused:
+        return req.plan(kind, raw, partial(req.ordered, partial(_raise, refused)), encode)
     start = lambda: tinker.engine.forward_backward(
         req.session_id, req.seq, data, request.loss_fn, config, backward=backward
     )
@@ -147,8 +149,24 @@ def forward_backward(
         if backward
         else None
     )
-    encode = proto_answer(codec.forward_backward_output)
-    return req.submit("forward_backward" if backward else "forward", raw, start, encode, replay=replay)
+    return req.plan(kind, raw, start, encode, replay=replay)
+
+
+def _raise(error: BiosError) -> NoReturn:
+    """Raise `error`: a refusal found while planning, raised when the request starts."""
+    raise error
+
+
+@router.post("/forward_backward")
+def forward_backward(
+    body: bytes = Depends(raw_body),
+    content_encoding: str | None = Header(None),
+    *,
+    who: TinkerOwnerDep,
+    tinker: TinkerDep,
+) -> dict:
+    raw = inflate(body, content_encoding)
+    return tinker.accept(plan_forward_backward(tinker, who, raw), raw)
 
 
 def _step_metrics(done: WithState[OptimStepResult]) -> dict:
@@ -156,9 +174,15 @@ def _step_metrics(done: WithState[OptimStepResult]) -> dict:
     return {"metrics": {**done.result.metrics, "step": float(done.result.step)}}
 
 
-@router.post("/optim_step")
-def optim_step(body: OptimStep, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+@resumable(OptimStep.model_validate_json, "optim_step")
+def plan_optim_step(tinker: Tinker, who: str, body: OptimStep) -> Plan:
+    """Adam(W) on the run's accumulated gradient, acknowledged once its state is in the journal."""
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
     start = lambda: tinker.engine.optim_step_and_export(req.session_id, req.seq, req.ordered(lambda: adam(body)))
     record = tinker.service.durable_recorder(req.session_id, req.seq)
-    return req.submit("optim_step", body.model_dump_json().encode(), start, json_answer(_step_metrics), record=record)
+    return req.plan("optim_step", body.model_dump_json().encode(), start, json_answer(_step_metrics), record=record)
+
+
+@router.post("/optim_step")
+def optim_step(body: OptimStep, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return tinker.accept(plan_optim_step(tinker, who, body), body.model_dump_json().encode())

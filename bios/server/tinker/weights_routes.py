@@ -3,6 +3,7 @@ into a new run resumed from a checkpoint).
 
 These requests are ordered like the run's others (see `training_routes`): each carries its
 Tinker `seq_id`, and one refused before it reaches the engine gives up its sequence number.
+Each route's planner (`resumable`) is also what runs the request again after a restart.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bios.errors import BiosError, InvalidRequestError, NotFoundError, Unsupport
 from bios.server.tinker import ids
 from bios.server.tinker.answers import json_answer
 from bios.server.tinker.bodies import LoadWeights, SaveForSampler, SaveWeights, user_metadata
-from bios.server.tinker.context import RunRequest, Tinker, TinkerDep, TinkerOwnerDep, done
+from bios.server.tinker.context import Plan, RunRequest, Tinker, TinkerDep, TinkerOwnerDep, done, resumable
 from bios.server.tinker.sessions import Sampler
 from bios.types import StateResult, TrainingInfo
 
@@ -40,8 +41,8 @@ def _saved_answer(tinker: Tinker, kind: str) -> Callable[[StateResult], bytes]:
     return json_answer(lambda result: {"path": tinker.runs.tinker_path(result.path), "type": kind})
 
 
-@router.post("/save_weights")
-def save_weights(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+@resumable(SaveWeights.model_validate_json, "save_weights")
+def plan_save_weights(tinker: Tinker, who: str, body: SaveWeights) -> Plan:
     """save_state: weights + optimizer state as `tinker://RUN/weights/NAME`. TTLs are not
     enforced: a checkpoint stays until it is deleted."""
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
@@ -60,11 +61,19 @@ def save_weights(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> d
     )
     record = tinker.service.checkpoint_recorder(who, req.session_id)
     encode = _saved_answer(tinker, "save_weights")
-    return req.submit("save_weights", body.model_dump_json().encode(), start, encode, record=record)
+    return req.plan("save_weights", body.model_dump_json().encode(), start, encode, record=record)
 
 
-@router.post("/save_weights_for_sampler")
-def save_weights_for_sampler(body: SaveForSampler, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+@router.post("/save_weights")
+def save_weights(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """Stored to run again after a restart with `overwrite`: the name was free when the request
+    was accepted, so a checkpoint there by then is this request's own."""
+    stored = body.model_copy(update={"overwrite": True}).model_dump_json().encode()
+    return tinker.accept(plan_save_weights(tinker, who, body), stored)
+
+
+@resumable(SaveForSampler.model_validate_json, "save_for_sampler")
+def plan_save_for_sampler(tinker: Tinker, who: str, body: SaveForSampler) -> Plan:
     """Named: a persistent sampler checkpoint `tinker://RUN/sampler_weights/NAME`. Unnamed
     (save_weights_and_get_sampling_client): a sampling session on a snapshot of the current
     weights, released with the client's session and kept in no checkpoint."""
@@ -77,13 +86,18 @@ def save_weights_for_sampler(body: SaveForSampler, who: TinkerOwnerDep, tinker: 
         )
         record = tinker.service.checkpoint_recorder(who, req.session_id)
         encode = _saved_answer(tinker, "save_weights_for_sampler")
-        return req.submit("save_for_sampler", hashed, start, encode, record=record)
+        return req.plan("save_for_sampler", hashed, start, encode, record=record)
     return _snapshot_sampler(req, hashed)
 
 
-def _snapshot_sampler(req: RunRequest, hashed: bytes) -> dict:
-    """Submit an unnamed save_weights_for_sampler: its answer is a new sampling session on a
-    snapshot of the run's weights, filed under the run's Tinker session at the request's key."""
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(body: SaveForSampler, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return tinker.accept(plan_save_for_sampler(tinker, who, body), body.model_dump_json().encode())
+
+
+def _snapshot_sampler(req: RunRequest, hashed: bytes) -> Plan:
+    """The plan of an unnamed save_weights_for_sampler: its answer is a new sampling session on
+    a snapshot of the run's weights, filed under the run's Tinker session at the request's key."""
     tinker, who = req.tinker, req.who
     session_id = ids.session_of(req.run.model_id)
 
@@ -107,11 +121,11 @@ def _snapshot_sampler(req: RunRequest, hashed: bytes) -> dict:
         return tinker.then(snapshot, sampler_on)
 
     encode = json_answer(lambda sampler_id: {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
-    return req.submit("save_for_sampler", hashed, start, encode)
+    return req.plan("save_for_sampler", hashed, start, encode)
 
 
-@router.post("/save_weights_external")
-def save_weights_external(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+@resumable(SaveWeights.model_validate_json, "save_external")
+def plan_save_external(tinker: Tinker, who: str, body: SaveWeights) -> Plan:
     """Unsupported (Bios does not export merged Hugging Face weights); gives up its seq_id."""
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
 
@@ -123,11 +137,16 @@ def save_weights_external(body: SaveWeights, who: TinkerOwnerDep, tinker: Tinker
         )
 
     start = lambda: req.ordered(refuse)
-    return req.submit("save_external", body.model_dump_json().encode(), start, json_answer(dict))
+    return req.plan("save_external", body.model_dump_json().encode(), start, json_answer(dict))
 
 
-@router.post("/load_weights")
-def load_weights(body: LoadWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+@router.post("/save_weights_external")
+def save_weights_external(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return tinker.accept(plan_save_external(tinker, who, body), body.model_dump_json().encode())
+
+
+@resumable(LoadWeights.model_validate_json, "load_weights")
+def plan_load_weights(tinker: Tinker, who: str, body: LoadWeights) -> Plan:
     """With `model_id` + `seq_id`: load_state into the run. With `session_id` +
     `model_seq_id`: a new run `SESSION:train:MODEL_SEQ_ID` resumed from the checkpoint.
     `optimizer` false loads the weights only, with a fresh optimizer."""
@@ -137,7 +156,12 @@ def load_weights(body: LoadWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> d
         raise InvalidRequestError(
             "load_weights: give model_id and seq_id, or session_id and model_seq_id", field="model_id"
         )
-    return _load_as_new_run(tinker, who, body, body.session_id, body.model_seq_id)
+    return _load_as_new_run(tinker, who, body, ids.model_id(body.session_id, body.model_seq_id))
+
+
+@router.post("/load_weights")
+def load_weights(body: LoadWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return tinker.accept(plan_load_weights(tinker, who, body), body.model_dump_json().encode())
 
 
 def _loaded(body: LoadWeights, model_id: str) -> Callable[[object], bytes]:
@@ -145,8 +169,8 @@ def _loaded(body: LoadWeights, model_id: str) -> Callable[[object], bytes]:
     return json_answer(lambda _: {"path": body.path, "model_id": model_id, "type": "load_weights"})
 
 
-def _load_into_run(req: RunRequest, body: LoadWeights) -> dict:
-    """Submit load_state of the caller's checkpoint `body.path` into the run of `req`."""
+def _load_into_run(req: RunRequest, body: LoadWeights) -> Plan:
+    """The plan of load_state of the caller's checkpoint `body.path` into the run of `req`."""
     tinker = req.tinker
 
     def start() -> Future[WithState[TrainingInfo]]:
@@ -154,24 +178,20 @@ def _load_into_run(req: RunRequest, body: LoadWeights) -> dict:
         return tinker.engine.load_state_and_export(req.session_id, req.seq, source, optimizer=body.optimizer)
 
     record = tinker.service.durable_recorder(req.session_id, req.seq)
-    return req.submit(
-        "load_weights", body.model_dump_json().encode(), start, _loaded(body, req.run.model_id), record=record
-    )
+    encode = _loaded(body, req.run.model_id)
+    return req.plan("load_weights", body.model_dump_json().encode(), start, encode, record=record)
 
 
-def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, session_id: str, model_seq_id: int) -> dict:
-    """Submit the creation of run `SESSION:train:MODEL_SEQ_ID` resumed from checkpoint `body.path`."""
-    tinker.sessions.check(who, session_id)
-    model_id = ids.model_id(session_id, model_seq_id)
+def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, model_id: str) -> Plan:
+    """The plan of the creation of run `model_id` resumed from checkpoint `body.path`."""
 
-    def create() -> Future[str]:
+    def create() -> TrainingInfo:
         path = _checkpoint_to_load(tinker, who, body)
-        info = tinker.engine.create_session_from_state(path, body.base_model, optimizer=body.optimizer)
-        return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
+        return tinker.engine.create_session_from_state(path, body.base_model, optimizer=body.optimizer)
 
-    raw = body.model_dump_json().encode()
-    request_id = tinker.submit(who, "load_weights", raw, f"tinker/{model_id}", create, _loaded(body, model_id))
-    return {"request_id": request_id, "model_id": model_id}
+    start = lambda: done(tinker.new_run(who, model_id, create, user_metadata(body.user_metadata)))
+    hashed = body.model_dump_json().encode()
+    return Plan(who, "load_weights", hashed, f"tinker/{model_id}", start, _loaded(body, model_id), model_id=model_id)
 
 
 def _checkpoint_to_load(tinker: Tinker, who: str, body: LoadWeights) -> str:
