@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy.exc
@@ -37,6 +37,7 @@ from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.server.ledger import Bill, Entry, Ledger, Usage
 from bios.server.polls import Polls
 from bios.simulation import SimulationReport, Simulator
 from bios.types import StateResult
@@ -55,6 +56,9 @@ class _Pending(Generic[R]):
     record: Recorder[R] | None
     encode: Callable[[R], bytes]
     encode_failure: Callable[[BaseException], bytes]
+    entry: Entry
+    """The request's ledger row as submitted: the writer fills in its end, status and usage."""
+    meter: Callable[[R], Usage]
 
 
 def encode_result(result: object) -> bytes:
@@ -70,6 +74,14 @@ def encode_error(error: BaseException) -> bytes:
 
         error = BackendError(f"internal error: {type(error).__name__}: {error}")
     return json.dumps({"status": "error", "error": error.to_dict()}).encode()
+
+
+def _metered(meter: Callable[[R], Usage], result: R) -> Usage:
+    """`meter(result)`, or no usage if the meter fails: an answer is never lost to its accounting."""
+    try:
+        return meter(result)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return Usage()
 
 
 class Service:
@@ -89,15 +101,20 @@ class Service:
         self.simulator = simulator
         """The service simulator the engine runs under (`bios serve --simulation`), if any."""
         self.records = records
+        self.ledger = Ledger(records.engine)
+        """Every finished request's usage, per owner (`bios.server.ledger`)."""
         self.journal = journal
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._session_owner: dict[str, str] = {}
         self._sampler_owner: dict[str, str] = {}
+        self._base_model: dict[str, str] = {}  # session id → base model, for the ledger
         self._pending: dict[str, _Pending[Any]] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
         self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
-        self.notices_served: dict[int, int] = {}  # HTTP status → polls answered with a failed attempt
+        self.notices_served: dict[
+            tuple[str, int], int
+        ] = {}  # (owner, HTTP status) → polls answered with a failed attempt
         self._changed = threading.Condition()
         self._polls = Polls(self._changed)
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -123,6 +140,19 @@ class Service:
         self.records.add_session(session_id, owner, base_model)
         self.journal.write(session_id, self.engine.export_state(session_id).result(), -1)
         self.adopt_session(session_id, owner)
+        with self._lock:
+            self._base_model[session_id] = base_model
+
+    def session_bill(self, session_id: str, meter: Callable[[R], Usage]) -> Bill[R]:
+        """The `Bill` of a request of Bios session `session_id`: its base model and `meter`."""
+        with self._lock:
+            base_model = self._base_model.get(session_id)
+        if base_model is None:
+            base_model = self.records.session_base_model(session_id)
+            if base_model is not None:
+                with self._lock:
+                    self._base_model[session_id] = base_model
+        return Bill(base_model, None, meter)
 
     def adopt_session(self, session_id: str, owner: str) -> None:
         """Serve an already recorded session of `owner` (after a restart)."""
@@ -202,6 +232,16 @@ class Service:
             return [r for r in records if r.path in mine or self.records.checkpoint_owner(r.path) is None]
         return [r for r in records if r.path in mine]
 
+    def usage(self, owner: str) -> dict[str, int]:
+        """`owner`'s usage: the ledger's sums over its finished requests (`Usage`), and the
+        checkpoints it holds now (`checkpoint_count`, `checkpoint_bytes` on disk)."""
+        held = self.list_checkpoints(owner)
+        return {
+            **self.ledger.usage(owner).to_dict(),
+            "checkpoint_count": len(held),
+            "checkpoint_bytes": sum(c.size_bytes or 0 for c in held),
+        }
+
     def delete_checkpoint(self, owner: str, path: str) -> None:
         """Delete `owner`'s checkpoint `path` (NotFoundError if it is not `owner`'s)."""
         self.engine.delete_checkpoint(self.check_checkpoint(owner, path))
@@ -224,6 +264,7 @@ class Service:
         encode: Callable[[R], bytes] = encode_result,
         encode_failure: Callable[[BaseException], bytes] = encode_error,
         retry_transient: bool = False,
+        bill: Bill[R] | None = None,
     ) -> str:
         """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
         seen before (same kind and body), the first request's id instead. A request the engine
@@ -231,13 +272,30 @@ class Service:
         served verbatim is `encode(result)` or `encode_failure(error)` (by default the JSON
         envelopes of `bios.wire`; another protocol passes its own). `replay`: for a request that
         adds a gradient, a `bios.wire.ForwardBackward` body that re-applies it after a restart.
-        `retry_transient`: retry a retryable failure here (see the module docstring)."""
+        `retry_transient`: retry a retryable failure here (see the module docstring). `bill`:
+        what the request is accounted under in the ledger, and the meter of its usage (by
+        default: nothing used, no base model or client session); a request that fails is
+        entered in the ledger with no usage."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
         if key is not None:
             earlier = self._earlier(owner, key, body_hash)
             if earlier is not None:
                 return earlier
         request_id = f"req-{uuid.uuid4().hex}"
+        bill = bill or Bill()
+        entry = Entry(
+            request_id,
+            owner,
+            kind,
+            session_id,
+            bill.client_session,
+            bill.base_model,
+            "pending",
+            time.time(),
+            0.0,
+            len(body),
+            0,
+        )
         try:
             self.records.add_request(
                 RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay)
@@ -250,10 +308,12 @@ class Service:
         try:
             future = self._retried(request_id, kind, start, session_id, seq) if retry_transient else start()
         except BiosError as exc:
-            self.records.finish_requests([(request_id, "rejected", encode_error(exc))])
+            answer = encode_error(exc)
+            ended = replace(entry, status="rejected", finished_at=time.time(), answer_bytes=len(answer))
+            self.records.finish_requests([(request_id, "rejected", answer)], [ended])
             raise
         with self._lock:
-            self._pending[request_id] = _Pending(owner, record, encode, encode_failure)
+            self._pending[request_id] = _Pending(owner, record, encode, encode_failure, entry, bill.meter)
         future.add_done_callback(lambda done: self._finished.put((request_id, done)))
         return request_id
 
@@ -317,22 +377,33 @@ class Service:
         """`answer`, waiting up to `timeout` seconds for it on the event loop. A request the
         service retried (`retry_transient`): each failed attempt is raised to one poll first."""
         found = self.answer(owner, request_id)
-        self._raise_notice(request_id)
+        self._raise_notice(owner, request_id)
         if found is not None or timeout <= 0:
             return found
         await self._polls.wait(request_id, timeout)
         found = self.answer(owner, request_id)
-        self._raise_notice(request_id)
+        self._raise_notice(owner, request_id)
         return found
 
-    def _raise_notice(self, request_id: str) -> None:
+    def retried_attempts(self, owner: str | None) -> dict[str, int]:
+        """How many polls of `owner`'s requests (everyone's for None) were answered with a
+        failed attempt the service retried, by HTTP status."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for (whose, status), n in sorted(self.notices_served.items(), key=lambda item: item[0][1]):
+                if owner is None or whose == owner:
+                    counts[str(status)] = counts.get(str(status), 0) + n
+        return counts
+
+    def _raise_notice(self, owner: str, request_id: str) -> None:
         with self._lock:
             waiting = self._notices.get(request_id)
             notice = waiting.pop(0) if waiting else None
             if waiting is not None and not waiting:
                 del self._notices[request_id]
             if notice is not None:
-                self.notices_served[notice.status] = self.notices_served.get(notice.status, 0) + 1
+                served = (owner, notice.status)
+                self.notices_served[served] = self.notices_served.get(served, 0) + 1
         if notice is not None:
             raise notice
 
@@ -344,6 +415,8 @@ class Service:
                 batch.append(self._finished.get())
             stop = None in batch
             answers = []
+            entries = []
+            now = time.time()
             for request_id, done in filter(None, batch):
                 with self._lock:
                     pending = self._pending[request_id]
@@ -356,10 +429,14 @@ class Service:
                     except Exception as exc:  # noqa: BLE001 - the request fails with it
                         error = exc
                         envelope = pending.encode_failure(exc)
-                answers.append((request_id, "error" if error is not None else "done", envelope, pending.owner))
+                status = "error" if error is not None else "done"
+                answers.append((request_id, status, envelope, pending.owner))
+                usage = _metered(pending.meter, done.result()) if error is None else Usage()
+                entries.append(
+                    replace(pending.entry, status=status, finished_at=now, answer_bytes=len(envelope), usage=usage)
+                )
             if answers:
-                self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])
-                now = time.time()
+                self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers], entries)
                 with self._lock:
                     for rid, _, envelope, owner in answers:
                         self._answers[rid] = (owner, envelope, now)

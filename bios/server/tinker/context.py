@@ -17,7 +17,9 @@ from fastapi import Depends, FastAPI, Header
 from starlette.requests import HTTPConnection
 
 from bios.errors import BiosError
+from bios.server import ledger
 from bios.server.auth import KeyRing
+from bios.server.ledger import Bill, Usage
 from bios.server.service import Recorder, Service
 from bios.server.tinker import answers, ids
 from bios.server.tinker.archive import ArchiveSigner
@@ -57,11 +59,13 @@ class Tinker:
         seq: int | None = None,
         record: Recorder | None = None,
         replay: bytes | None = None,
+        bill: Bill[R] | None = None,
     ) -> str:
         """`Service.submit` of a Tinker request: answers stored in the Tinker encoding, the
         idempotency `key` (a retry with the same key and body gets the first request, another
         body a 409), filed under `run`'s Bios session at engine sequence number `seq`, with the
-        service's `record` and `replay` hooks that keep a session's training across a restart.
+        service's `record` and `replay` hooks that keep a session's training across a restart,
+        and accounted in the ledger by `bill` (the Tinker session and base model, and the meter).
         The SDK never resubmits a failed request, so the service retries retryable failures."""
         return self.service.submit(
             who,
@@ -76,6 +80,7 @@ class Tinker:
             encode=encode,
             encode_failure=answers.failure,
             retry_transient=True,
+            bill=bill,
         )
 
     def then(self, future: concurrent.futures.Future[R], step: Callable[[R], T]) -> concurrent.futures.Future[T]:
@@ -171,10 +176,23 @@ class RunRequest:
         *,
         record: Recorder | None = None,
         replay: bytes | None = None,
+        meter: Callable[[R], Usage] = ledger.nothing,
     ) -> dict:
-        """`Tinker.submit` at `seq` under `key`; the SDK's answer `{"request_id", "model_id"}`."""
+        """`Tinker.submit` at `seq` under `key`, accounted to the run's Tinker session and base
+        model by `meter`; the SDK's answer `{"request_id", "model_id"}`."""
+        bill = Bill(self.run.base_model, session_of(self.run.model_id), meter)
         request_id = self.tinker.submit(
-            self.who, kind, body, self.key, start, encode, run=self.run, seq=self.seq, record=record, replay=replay
+            self.who,
+            kind,
+            body,
+            self.key,
+            start,
+            encode,
+            run=self.run,
+            seq=self.seq,
+            record=record,
+            replay=replay,
+            bill=bill,
         )
         return {"request_id": request_id, "model_id": self.run.model_id}
 

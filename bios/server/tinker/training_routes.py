@@ -19,6 +19,8 @@ from google.protobuf.message import Message
 from bios import wire
 from bios.engine.engine import WithState
 from bios.errors import InvalidRequestError, RequestTooLargeError, UnsupportedError
+from bios.server import ledger
+from bios.server.ledger import Bill
 from bios.server.tinker import codec, ids
 from bios.server.tinker.answers import json_answer, proto_answer
 from bios.server.tinker.bodies import CreateModel, ModelRef, OptimStep, user_metadata
@@ -87,7 +89,8 @@ def create_model(body: CreateModel, who: TinkerOwnerDep, tinker: TinkerDep) -> d
 
     encode = json_answer(lambda mid: {"model_id": mid, "type": "create_model"})
     key = f"tinker/{model_id}"
-    request_id = tinker.submit(who, "create_model", body.model_dump_json().encode(), key, start, encode)
+    bill: Bill[str] = Bill(body.base_model, body.session_id)
+    request_id = tinker.submit(who, "create_model", body.model_dump_json().encode(), key, start, encode, bill=bill)
     return {"request_id": request_id, "model_id": model_id}
 
 
@@ -148,7 +151,8 @@ def forward_backward(
         else None
     )
     encode = proto_answer(codec.forward_backward_output)
-    return req.submit("forward_backward" if backward else "forward", raw, start, encode, replay=replay)
+    kind = "forward_backward" if backward else "forward"
+    return req.submit(kind, raw, start, encode, replay=replay, meter=ledger.trained(data))
 
 
 def _step_metrics(done: WithState[OptimStepResult]) -> dict:
@@ -161,4 +165,5 @@ def optim_step(body: OptimStep, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
     start = lambda: tinker.engine.optim_step_and_export(req.session_id, req.seq, req.ordered(lambda: adam(body)))
     record = tinker.service.durable_recorder(req.session_id, req.seq)
-    return req.submit("optim_step", body.model_dump_json().encode(), start, json_answer(_step_metrics), record=record)
+    raw = body.model_dump_json().encode()
+    return req.submit("optim_step", raw, start, json_answer(_step_metrics), record=record, meter=ledger.step)

@@ -17,6 +17,8 @@ from fastapi import APIRouter
 from bios.engine.checkpoints import checkpoint_path
 from bios.engine.engine import WithState
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
+from bios.server import ledger
+from bios.server.ledger import Bill
 from bios.server.tinker import ids
 from bios.server.tinker.answers import json_answer
 from bios.server.tinker.bodies import LoadWeights, SaveForSampler, SaveWeights, user_metadata
@@ -60,7 +62,8 @@ def save_weights(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> d
     )
     record = tinker.service.checkpoint_recorder(who, req.session_id)
     encode = _saved_answer(tinker, "save_weights")
-    return req.submit("save_weights", body.model_dump_json().encode(), start, encode, record=record)
+    raw = body.model_dump_json().encode()
+    return req.submit("save_weights", raw, start, encode, record=record, meter=ledger.saved)
 
 
 @router.post("/save_weights_for_sampler")
@@ -77,7 +80,7 @@ def save_weights_for_sampler(body: SaveForSampler, who: TinkerOwnerDep, tinker: 
         )
         record = tinker.service.checkpoint_recorder(who, req.session_id)
         encode = _saved_answer(tinker, "save_weights_for_sampler")
-        return req.submit("save_for_sampler", hashed, start, encode, record=record)
+        return req.submit("save_for_sampler", hashed, start, encode, record=record, meter=ledger.saved)
     return _snapshot_sampler(req, hashed)
 
 
@@ -170,7 +173,9 @@ def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, session_id: st
         return done(tinker.open_run(who, model_id, info, user_metadata(body.user_metadata)).model_id)
 
     raw = body.model_dump_json().encode()
-    request_id = tinker.submit(who, "load_weights", raw, f"tinker/{model_id}", create, _loaded(body, model_id))
+    bill: Bill[str] = Bill(body.base_model, session_id)
+    key = f"tinker/{model_id}"
+    request_id = tinker.submit(who, "load_weights", raw, key, create, _loaded(body, model_id), bill=bill)
     return {"request_id": request_id, "model_id": model_id}
 
 
