@@ -107,8 +107,10 @@ class CheckpointStore:
         return record.model_copy(update={"size_bytes": _size_of(final)})
 
     def record(self, path: str) -> StateResult:
-        """The saved record of `path`; NotFoundError if there is none."""
-        return StateResult.model_validate(self._read_json(path)["record"])
+        """The saved record of `path`, with its `size_bytes`; NotFoundError if there is none."""
+        with _LOCK:
+            record = StateResult.model_validate(self._read_json(path)["record"])
+            return record.model_copy(update={"size_bytes": _size_of(self._directory(*parse_path(path)))})
 
     def load(self, path: str, adapter_id: str) -> AdapterState:
         """The state stored at `path`, as an adapter named `adapter_id`."""

@@ -108,13 +108,11 @@ class Service:
         self._lock = threading.Lock()
         self._session_owner: dict[str, str] = {}
         self._sampler_owner: dict[str, str] = {}
-        self._base_model: dict[str, str] = {}  # session id → base model, for the ledger
         self._pending: dict[str, _Pending[Any]] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
         self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
-        self.notices_served: dict[
-            tuple[str, int], int
-        ] = {}  # (owner, HTTP status) → polls answered with a failed attempt
+        # (owner, HTTP status) → polls answered with a failed attempt
+        self.notices_served: dict[tuple[str, int], int] = {}
         self._changed = threading.Condition()
         self._polls = Polls(self._changed)
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -140,19 +138,10 @@ class Service:
         self.records.add_session(session_id, owner, base_model)
         self.journal.write(session_id, self.engine.export_state(session_id).result(), -1)
         self.adopt_session(session_id, owner)
-        with self._lock:
-            self._base_model[session_id] = base_model
 
     def session_bill(self, session_id: str, meter: Callable[[R], Usage]) -> Bill[R]:
         """The `Bill` of a request of Bios session `session_id`: its base model and `meter`."""
-        with self._lock:
-            base_model = self._base_model.get(session_id)
-        if base_model is None:
-            base_model = self.records.session_base_model(session_id)
-            if base_model is not None:
-                with self._lock:
-                    self._base_model[session_id] = base_model
-        return Bill(base_model, None, meter)
+        return Bill(self.records.session_base_model(session_id), None, meter)
 
     def adopt_session(self, session_id: str, owner: str) -> None:
         """Serve an already recorded session of `owner` (after a restart)."""

@@ -161,14 +161,14 @@ def download_trace(token: str, tinker: TinkerDep) -> Response:
 def chrome_trace(session_id: str, entries: list[Entry]) -> bytes:
     """The Chrome trace-event JSON of a session's requests: one complete ("X") span per
     request at its submission time (microseconds since the epoch) lasting until it finished,
-    on a lane per training run (Bios session) and one for sampling; `args` hold the request
-    id, status, body and answer bytes and its usage."""
+    on a lane per training run (Bios session) and one for the rest (sampling, creating runs);
+    `args` hold the request id, status, body and answer bytes and its usage."""
     lanes: dict[str | None, int] = {}
     for entry in entries:
         lanes.setdefault(entry.session_id, len(lanes) + 1)
     events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": f"session {session_id}"}}]
     events += [
-        {"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": lane or "sampling"}}
+        {"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": lane or "sampling and setup"}}
         for lane, tid in lanes.items()
     ]
     for entry in entries:
