@@ -81,7 +81,7 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="bios-load-"))
     os.environ["BIOS_HOME"] = str(home / "client")
-    with ServerProcess(home, "--backend", args.backend, env={"BIOS_API_KEYS": KEY}) as server:
+    with ServerProcess(home, "--backend", args.backend, env={"BIOS_OPERATOR_KEYS": KEY}) as server:
         context = multiprocessing.get_context("spawn")
         results: multiprocessing.Queue = context.Queue()
         processes = [
@@ -94,7 +94,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         for process in processes:
             process.join()
-        stats = httpx.get(f"{server.url}/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+        engine = httpx.get(f"{server.url}/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()["server"]
 
     problems = []
     latencies: dict[str, list[float]] = {"forward_backward": [], "optim_step": []}
@@ -120,8 +120,8 @@ def main() -> None:
             f"  p99 {np.percentile(ms, 99):7.1f} ms   (n={ms.size})"
         )
     print(
-        f"  engine: {stats['jobs_run']} jobs in {stats['backend_calls']} backend calls "
-        f"({stats['jobs_run'] / max(stats['backend_calls'], 1):.1f} jobs per call; {requests} client requests)"
+        f"  engine: {engine['jobs_run']} jobs in {engine['backend_calls']} backend calls "
+        f"({engine['jobs_run'] / max(engine['backend_calls'], 1):.1f} jobs per call; {requests} client requests)"
     )
     print(
         "  every step acknowledged once, in order; weights match the reference" if not problems else "\n".join(problems)

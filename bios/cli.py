@@ -149,6 +149,9 @@ def _add_keys(add_parser: AddParser) -> None:
     create = key_commands.add_parser("create", help="make a key, store its hash, print it once")
     create.add_argument("name")
     create.add_argument("--keys-file", type=Path, default=None)
+    create.add_argument(
+        "--operator", action="store_true", help="an operator key: also sees server-wide figures (GET /v1/stats)"
+    )
 
 
 def _add_sessions(add_parser: AddParser) -> None:
@@ -352,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             from bios.server.auth import add_key
 
             keys_file = args.keys_file or bios_home() / "server" / "keys"
-            print(add_key(keys_file, args.name))
+            print(add_key(keys_file, args.name, operator=args.operator))
+            role = "operator key" if args.operator else "key"
             print(
-                f"(stored the hash of this key for {args.name!r} in {keys_file}; the key itself is not kept)",
+                f"(stored the hash of this {role} for {args.name!r} in {keys_file}; the key itself is not kept)",
                 file=sys.stderr,
             )
         elif args.command == "sessions":

@@ -104,11 +104,13 @@ class CheckpointStore:
             os.replace(staging, final)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
-        return record
+        return record.model_copy(update={"size_bytes": _size_of(final)})
 
     def record(self, path: str) -> StateResult:
-        """The saved record of `path`; NotFoundError if there is none."""
-        return StateResult.model_validate(self._read_json(path)["record"])
+        """The saved record of `path`, with its `size_bytes`; NotFoundError if there is none."""
+        with _LOCK:
+            record = StateResult.model_validate(self._read_json(path)["record"])
+            return record.model_copy(update={"size_bytes": _size_of(self._directory(*parse_path(path)))})
 
     def load(self, path: str, adapter_id: str) -> AdapterState:
         """The state stored at `path`, as an adapter named `adapter_id`."""
@@ -144,12 +146,13 @@ class CheckpointStore:
         return directory
 
     def list(self, session_id: str | None = None) -> list[StateResult]:
-        """Every checkpoint (of one session, if given), oldest first."""
+        """Every checkpoint (of one session, if given), oldest first, each with its `size_bytes`."""
         records = []
         with _LOCK:
             for meta in sorted(self.root.glob(f"{session_id or '*'}/*/*/checkpoint.json")):
                 if not meta.parent.name.startswith("."):
-                    records.append(StateResult.model_validate(json.loads(meta.read_text())["record"]))
+                    record = StateResult.model_validate(json.loads(meta.read_text())["record"])
+                    records.append(record.model_copy(update={"size_bytes": _size_of(meta.parent)}))
         return sorted(records, key=lambda r: r.created_at)
 
     def delete(self, path: str) -> None:
@@ -168,3 +171,8 @@ class CheckpointStore:
                 return data
         except FileNotFoundError:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path") from None
+
+
+def _size_of(directory: Path) -> int:
+    """Bytes of every file under `directory`."""
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())

@@ -118,7 +118,10 @@ def build(options: ServerOptions, compute: tuple[Catalog, Backend] | None = None
     store = CheckpointStore(home / "checkpoints", getattr(backend, "checkpoint_format", "safetensors"))
     records = Records(connect(options.database_url or default_url(home)))
     keys = KeyRing(
-        options.keys_file or home / "server" / "keys", os.environ.get("BIOS_API_KEYS"), enabled=not options.no_auth
+        options.keys_file or home / "server" / "keys",
+        os.environ.get("BIOS_API_KEYS"),
+        enabled=not options.no_auth,
+        operator_keys=os.environ.get("BIOS_OPERATOR_KEYS"),
     )
     if keys.enabled and not len(keys):
         raise InvalidRequestError(

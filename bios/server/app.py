@@ -15,13 +15,15 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bios import wire
 from bios.clock import attempt
-from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError
+from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from bios.server import native, tinker
 from bios.server.auth import KeyRing
 from bios.server.service import Service
@@ -37,6 +39,7 @@ def create_app(
     app.add_middleware(AttemptNumbers)
     app.exception_handler(BiosError)(_bios_error)
     app.exception_handler(RequestValidationError)(_invalid_body)
+    app.exception_handler(StarletteHTTPException)(_no_route)
     app.middleware("http")(_limit_body)
     app.include_router(native.router)
     tinker.install(app, service, keys)  # the official Tinker SDK's /api/v1 protocol
@@ -75,6 +78,15 @@ async def _invalid_body(_request: Request, exc: RequestValidationError) -> JSONR
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ())[1:]).lstrip(".")
     error = InvalidRequestError(f"{where or 'body'}: {first.get('msg', 'invalid value')}", field=where or "body")
     return JSONResponse({"error": error.to_dict()}, status_code=400)
+
+
+async def _no_route(request: Request, exc: StarletteHTTPException) -> Response:
+    """A path no route serves (a path parameter spelled with `/` or `..` included) is a 404
+    NotFoundError naming the path; other HTTP errors are answered as FastAPI does."""
+    if exc.status_code != 404:
+        return await http_exception_handler(request, exc)
+    error = NotFoundError(f"path: nothing is served at {request.url.path!r}", field="path")
+    return JSONResponse({"error": error.to_dict()}, status_code=404)
 
 
 async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -1,4 +1,5 @@
-"""The server's records in a SQL database: sessions, requests with their answers, samplers, checkpoints.
+"""The server's records in a SQL database: sessions, requests with their answers, samplers,
+checkpoints, and the ledger of finished requests (`bios.server.ledger`).
 
 SQLite under `BIOS_HOME/server/bios.db` by default; any SQLAlchemy URL (PostgreSQL:
 `postgresql+psycopg://...`) works unchanged, since every statement is SQLAlchemy Core. Tensors
@@ -34,6 +35,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.engine import Row
+
+from bios.server import ledger
 
 metadata = MetaData()
 
@@ -123,6 +126,7 @@ def connect(url: str) -> SqlEngine:
             cursor.close()
 
     metadata.create_all(engine)
+    ledger.metadata.create_all(engine)
     _add_missing_columns(engine)
     return engine
 
@@ -157,6 +161,10 @@ class Records:
         with self.engine.connect() as db:
             return db.execute(select(sessions.c.owner).where(sessions.c.session_id == session_id)).scalar()
 
+    def session_base_model(self, session_id: str) -> str | None:
+        with self.engine.connect() as db:
+            return db.execute(select(sessions.c.base_model).where(sessions.c.session_id == session_id)).scalar()
+
     def sessions_of(self, owner: str | None) -> list[tuple[str, str, str, float]]:
         """(session_id, owner, base_model, created_at) of `owner`'s sessions (everyone's for None)."""
         query = select(sessions.c.session_id, sessions.c.owner, sessions.c.base_model, sessions.c.created_at).order_by(
@@ -189,11 +197,12 @@ class Records:
                 )
             )
 
-    def finish_requests(self, answers: Iterable[tuple[str, str, bytes]]) -> None:
-        """Store (request_id, status, answer) for each finished request, in one transaction;
-        their bodies are no longer kept."""
+    def finish_requests(self, answers: Iterable[tuple[str, str, bytes]], entries: Iterable[ledger.Entry] = ()) -> None:
+        """Store (request_id, status, answer) for each finished request, and their `entries`
+        in the ledger, in one transaction; their bodies are no longer kept."""
         now = time.time()
         with self.engine.begin() as db:
+            ledger.write(db, entries)
             for request_id, status, answer in answers:
                 db.execute(
                     update(requests)

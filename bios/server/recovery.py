@@ -89,7 +89,7 @@ def _restore_session(
             service.records.finish_requests([(row.request_id, "done", entry.answer)])
             done.completed += 1
         else:  # it came before the journal's state (or has no number): it cannot run again
-            service.answer_now(row.request_id, row.owner, encode_error(APIConnectionError(RESTARTED)))
+            service.answer_now(row, encode_error(APIConnectionError(RESTARTED)))
             done.interrupted += 1
     service.engine.reopen_session(entry.state, next_seq=entry.seq + 1)
     service.adopt_session(session_id, owner)
@@ -123,5 +123,5 @@ def _run_again_or_answer(service: Service, resume: Resume, row: RequestRow, done
             done.resumed += 1
             return
     else:
-        service.answer_now(row.request_id, row.owner, encode_error(APIConnectionError(RESTARTED)))
+        service.answer_now(row, encode_error(APIConnectionError(RESTARTED)))
     done.interrupted += 1

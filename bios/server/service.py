@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy.exc
@@ -41,6 +41,7 @@ from bios.retry import retrying
 from bios.server.auth import NO_AUTH_OWNER
 from bios.server.db import Records, RequestRow
 from bios.server.journal import Journal
+from bios.server.ledger import Bill, Entry, Ledger, Usage
 from bios.server.polls import Polls
 from bios.simulation import SimulationReport, Simulator
 from bios.types import StateResult
@@ -60,6 +61,9 @@ class _Pending(Generic[R]):
     record: Recorder[R] | None
     encode: Callable[[R], bytes]
     encode_failure: Callable[[BaseException], bytes]
+    entry: Entry
+    """The request's ledger row as submitted: the writer fills in its end, status and usage."""
+    meter: Callable[[R], Usage]
 
 
 def encode_result(result: object) -> bytes:
@@ -75,6 +79,31 @@ def encode_error(error: BaseException) -> bytes:
 
         error = BackendError(f"internal error: {type(error).__name__}: {error}")
     return json.dumps({"status": "error", "error": error.to_dict()}).encode()
+
+
+def _metered(meter: Callable[[R], Usage], result: R) -> Usage:
+    """`meter(result)`, or no usage if the meter fails: an answer is never lost to its accounting."""
+    try:
+        return meter(result)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return Usage()
+
+
+def _entry(request_id: str, owner: str, kind: str, session_id: str | None, bill: Bill, body_bytes: int) -> Entry:
+    """The ledger row of a request submitted now, still pending."""
+    return Entry(
+        request_id,
+        owner,
+        kind,
+        session_id,
+        bill.client_session,
+        bill.base_model,
+        "pending",
+        time.time(),
+        0.0,
+        body_bytes,
+        0,
+    )
 
 
 class Service:
@@ -94,6 +123,8 @@ class Service:
         self.simulator = simulator
         """The service simulator the engine runs under (`bios serve --simulation`), if any."""
         self.records = records
+        self.ledger = Ledger(records.engine)
+        """Every finished request's usage, per owner (`bios.server.ledger`)."""
         self.journal = journal
         self.retention_s = retention_s
         self._lock = threading.Lock()
@@ -102,7 +133,8 @@ class Service:
         self._pending: dict[str, _Pending[Any]] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
         self._notices: dict[str, list[BiosError]] = {}  # request id → failed attempts its next polls hear of
-        self.notices_served: dict[int, int] = {}  # HTTP status → polls answered with a failed attempt
+        # (owner, HTTP status) → polls answered with a failed attempt
+        self.notices_served: dict[tuple[str, int], int] = {}
         self._changed = threading.Condition()
         self._polls = Polls(self._changed)
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -128,6 +160,10 @@ class Service:
         self.records.add_session(session_id, owner, base_model)
         self.journal.write(session_id, self.engine.export_state(session_id).result(), -1)
         self.adopt_session(session_id, owner)
+
+    def session_bill(self, session_id: str, meter: Callable[[R], Usage]) -> Bill[R]:
+        """The `Bill` of a request of Bios session `session_id`: its base model and `meter`."""
+        return Bill(self.records.session_base_model(session_id), None, meter)
 
     def adopt_session(self, session_id: str, owner: str) -> None:
         """Serve an already recorded session of `owner` (after a restart)."""
@@ -207,6 +243,16 @@ class Service:
             return [r for r in records if r.path in mine or self.records.checkpoint_owner(r.path) is None]
         return [r for r in records if r.path in mine]
 
+    def usage(self, owner: str) -> dict[str, int]:
+        """`owner`'s usage: the ledger's sums over its finished requests (`Usage`), and the
+        checkpoints it holds now (`checkpoint_count`, `checkpoint_bytes` on disk)."""
+        held = self.list_checkpoints(owner)
+        return {
+            **self.ledger.usage(owner).to_dict(),
+            "checkpoint_count": len(held),
+            "checkpoint_bytes": sum(c.size_bytes or 0 for c in held),
+        }
+
     def delete_checkpoint(self, owner: str, path: str) -> None:
         """Delete `owner`'s checkpoint `path` (NotFoundError if it is not `owner`'s)."""
         self.engine.delete_checkpoint(self.check_checkpoint(owner, path))
@@ -230,6 +276,7 @@ class Service:
         encode: Callable[[R], bytes] = encode_result,
         encode_failure: Callable[[BaseException], bytes] = encode_error,
         retry_transient: bool = False,
+        bill: Bill[R] | None = None,
     ) -> str:
         """Start `start()` as a request of `owner` and return its id; with an idempotency `key`
         seen before (same kind and body), the first request's id instead. A request the engine
@@ -239,13 +286,17 @@ class Service:
         adds a gradient, a `bios.wire.ForwardBackward` body that re-applies it after a restart.
         `stored`: the body from which a restart runs the request again (`resume`) if it is still
         pending then; kept until it finishes. `retry_transient`: retry a retryable failure here
-        (see the module docstring)."""
+        (see the module docstring). `bill`: what the request is accounted under in the ledger,
+        and the meter of its usage (by default: nothing used, no base model or client session);
+        a request that fails is entered in the ledger with no usage."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
         if key is not None:
             earlier = self._earlier(owner, key, body_hash)
             if earlier is not None:
                 return earlier
         request_id = f"req-{uuid.uuid4().hex}"
+        bill = bill or Bill()
+        entry = _entry(request_id, owner, kind, session_id, bill, len(body))
         try:
             self.records.add_request(
                 RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay, stored)
@@ -255,11 +306,13 @@ class Service:
             if earlier is None:
                 raise
             return earlier
-        pending = _Pending(owner, session_id, record, encode, encode_failure)
+        pending = _Pending(owner, session_id, record, encode, encode_failure, entry, bill.meter)
         try:
             self._start(request_id, kind, start, pending, session_id, seq, retry_transient)
         except BiosError as exc:
-            self.records.finish_requests([(request_id, "rejected", encode_error(exc))])
+            answer = encode_error(exc)
+            ended = replace(entry, status="rejected", finished_at=time.time(), answer_bytes=len(answer))
+            self.records.finish_requests([(request_id, "rejected", answer)], [ended])
             raise
         return request_id
 
@@ -272,23 +325,29 @@ class Service:
         encode: Callable[[R], bytes] = encode_result,
         encode_failure: Callable[[BaseException], bytes] = encode_error,
         retry_transient: bool = False,
+        bill: Bill[R] | None = None,
     ) -> None:
         """Run again a request filed before a restart (`row`, still pending) under its own id,
-        as `submit` runs a new one: its polls wait for the answer as usual. A request the
-        engine rejects at once is answered with `encode_failure(error)`."""
-        pending = _Pending(row.owner, row.session_id, record, encode, encode_failure)
+        as `submit` runs a new one: its polls wait for the answer as usual, and it is accounted
+        by `bill` when it ends. A request the engine rejects at once is answered with
+        `encode_failure(error)`."""
+        bill = bill or Bill()
+        entry = _entry(row.request_id, row.owner, row.kind, row.session_id, bill, len(row.body or b""))
+        pending = _Pending(row.owner, row.session_id, record, encode, encode_failure, entry, bill.meter)
         try:
             self._start(row.request_id, row.kind, start, pending, row.session_id, row.seq, retry_transient)
         except BiosError as exc:
-            self.answer_now(row.request_id, row.owner, encode_failure(exc))
+            self.answer_now(row, encode_failure(exc))
 
-    def answer_now(self, request_id: str, owner: str, envelope: bytes) -> None:
-        """Answer `owner`'s pending request `request_id` with `envelope`, which ran nowhere
-        (an `error` one, or another protocol's failure)."""
-        self.records.finish_requests([(request_id, "error", envelope)])
+    def answer_now(self, row: RequestRow, envelope: bytes) -> None:
+        """Answer the pending request `row` with `envelope`, which ran nowhere (an `error` one,
+        or another protocol's failure); the ledger enters it as an error with no usage."""
+        entry = _entry(row.request_id, row.owner, row.kind, row.session_id, Bill(), len(row.body or b""))
+        ended = replace(entry, status="error", finished_at=time.time(), answer_bytes=len(envelope))
+        self.records.finish_requests([(row.request_id, "error", envelope)], [ended])
         with self._lock:
-            self._answers[request_id] = (owner, envelope, time.time())
-        self._polls.wake([request_id])
+            self._answers[row.request_id] = (row.owner, envelope, time.time())
+        self._polls.wake([row.request_id])
 
     def _start(
         self,
@@ -367,22 +426,33 @@ class Service:
         """`answer`, waiting up to `timeout` seconds for it on the event loop. A request the
         service retried (`retry_transient`): each failed attempt is raised to one poll first."""
         found = self.answer(owner, request_id)
-        self._raise_notice(request_id)
+        self._raise_notice(owner, request_id)
         if found is not None or timeout <= 0:
             return found
         await self._polls.wait(request_id, timeout)
         found = self.answer(owner, request_id)
-        self._raise_notice(request_id)
+        self._raise_notice(owner, request_id)
         return found
 
-    def _raise_notice(self, request_id: str) -> None:
+    def retried_attempts(self, owner: str | None) -> dict[str, int]:
+        """How many polls of `owner`'s requests (everyone's for None) were answered with a
+        failed attempt the service retried, by HTTP status."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for (whose, status), n in sorted(self.notices_served.items(), key=lambda item: item[0][1]):
+                if owner is None or whose == owner:
+                    counts[str(status)] = counts.get(str(status), 0) + n
+        return counts
+
+    def _raise_notice(self, owner: str, request_id: str) -> None:
         with self._lock:
             waiting = self._notices.get(request_id)
             notice = waiting.pop(0) if waiting else None
             if waiting is not None and not waiting:
                 del self._notices[request_id]
             if notice is not None:
-                self.notices_served[notice.status] = self.notices_served.get(notice.status, 0) + 1
+                served = (owner, notice.status)
+                self.notices_served[served] = self.notices_served.get(served, 0) + 1
         if notice is not None:
             raise notice
 
@@ -395,7 +465,7 @@ class Service:
             batch = [self._finished.get()]
             while not self._finished.empty() and len(batch) < 256:
                 batch.append(self._finished.get())
-            answers: list[tuple[str, str, bytes, str]] = []
+            answers: list[tuple[str, str, bytes, str, Entry]] = []
             sessions: set[str | None] = set()  # of the answers collected and not yet committed
             for request_id, done in filter(None, batch):
                 with self._lock:
@@ -412,20 +482,28 @@ class Service:
                     except Exception as exc:  # noqa: BLE001 - the request fails with it
                         error = exc
                         envelope = pending.encode_failure(exc)
-                answers.append((request_id, "error" if error is not None else "done", envelope, pending.owner))
+                status = "error" if error is not None else "done"
+                usage = _metered(pending.meter, done.result()) if error is None else Usage()
+                entry = replace(
+                    pending.entry, status=status, finished_at=time.time(), answer_bytes=len(envelope), usage=usage
+                )
+                answers.append((request_id, status, envelope, pending.owner, entry))
                 sessions.add(pending.session_id)
             self._publish(answers)
             if None in batch:
                 return
 
-    def _publish(self, answers: list[tuple[str, str, bytes, str]]) -> None:
-        """Commit (request id, status, envelope, owner) answers, keep them in memory, wake their polls."""
+    def _publish(self, answers: list[tuple[str, str, bytes, str, Entry]]) -> None:
+        """Commit (request id, status, envelope, owner, ledger entry) answers with their ledger
+        entries, keep them in memory, wake their polls."""
         if not answers:
             return
-        self.records.finish_requests([(rid, status, envelope) for rid, status, envelope, _ in answers])
+        self.records.finish_requests(
+            [(rid, status, envelope) for rid, status, envelope, _, _ in answers], [entry for *_, entry in answers]
+        )
         now = time.time()
         with self._lock:
-            for rid, _, envelope, owner in answers:
+            for rid, _, envelope, owner, _ in answers:
                 self._answers[rid] = (owner, envelope, now)
                 del self._pending[rid]
         self._polls.wake([rid for rid, *_ in answers])

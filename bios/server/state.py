@@ -49,6 +49,11 @@ async def current_service(connection: HTTPConnection) -> Service:
     return server_state(connection).service
 
 
+async def current_keys(connection: HTTPConnection) -> KeyRing:
+    """FastAPI dependency: the keys the app accepts."""
+    return server_state(connection).keys
+
+
 async def owner(connection: HTTPConnection, authorization: str | None = Header(None)) -> str:
     """FastAPI dependency: the owner id of the `Authorization: Bearer KEY` header;
     AuthenticationError when the key is missing or unknown."""
@@ -61,5 +66,6 @@ async def idempotency_key(idempotency_key: str | None = Header(None)) -> str | N
 
 
 ServiceDep = Annotated[Service, Depends(current_service)]
+KeysDep = Annotated[KeyRing, Depends(current_keys)]
 OwnerDep = Annotated[str, Depends(owner)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]

@@ -94,6 +94,9 @@ class StateResult(ResultModel):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: float = 0.0
     """Unix time of the save, in seconds."""
+    size_bytes: int | None = None
+    """Bytes the checkpoint's files take on disk (every file of its directory); None where
+    the checkpoint was not measured."""
 
 
 class ModelInfo(ResultModel):

@@ -289,11 +289,71 @@ def interrupted_training(url: str, key: str, seed: int, batches: list, adam: dic
     return seen
 
 
+def accounts(url: str, key: str, text: list[str], steps: int, prompt: list[int]) -> dict:
+    """0.38's account surface after `steps` SFT steps, a save and a greedy sample of 2 x 4
+    tokens: the key as `tinker auth login` checks it, billing usage and checkpoint storage
+    (AdminClient and `tinker billing`), checkpoint sizes, and `tinker session export-trace`."""
+    import datetime
+    import os
+    import tempfile
+
+    import httpx
+    import tinker
+    from click.testing import CliRunner
+    from tinker import types
+    from tinker.cli.__main__ import main_cli
+    from tinker.cli.auth_api import TinkerAuthApi
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    client = _value(service.create_lora_training_client(MODEL, rank=8, seed=3))
+    tokenizer = client.get_tokenizer()
+    ids = [tokenizer.encode(t) for t in text]
+    data = [
+        types.Datum(model_input=types.ModelInput.from_ints(i[:-1]), loss_fn_inputs={"target_tokens": i[1:]})
+        for i in ids
+    ]
+    for _ in range(steps):
+        backward = client.forward_backward(data, "cross_entropy")
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        backward.result()
+    client.save_state("account-ckpt").result()
+    sampler = _value(service.create_sampling_client(base_model=MODEL))
+    params = types.SamplingParams(max_tokens=4, temperature=0.0)
+    sample = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=2, sampling_params=params).result()
+    seen: dict = {
+        "trained": steps * sum(len(i) - 1 for i in ids),
+        "sampled": sum(len(s.tokens) for s in sample.sequences),
+        "session_id": service.holder._session_id,
+    }
+    rest = service.create_rest_client()
+    seen["checkpoints"] = {c.tinker_path: c.size_bytes for c in rest.list_user_checkpoints().result().checkpoints}
+    with httpx.Client() as http:
+        seen["me"] = TinkerAuthApi(http, base_url=url).get_self_api_key(key).model_dump(mode="json")
+    admin = tinker.AdminClient(base_url=url, api_key=key)
+    hour = datetime.datetime.now(datetime.UTC).replace(minute=0, second=0, microsecond=0)
+    usage = admin.get_billing_usage(hour, hour + datetime.timedelta(hours=1)).result()
+    seen["usage"] = usage.model_dump(mode="json")
+    seen["storage"] = admin.get_current_checkpoint_storage_usage().result().model_dump(mode="json")
+    os.environ.update(TINKER_BASE_URL=url, TINKER_API_KEY=key)
+    out = os.path.join(tempfile.mkdtemp(), "session.pftrace")
+    cli = CliRunner()
+    exported = cli.invoke(main_cli, ["--format", "json", "session", "export-trace", seen["session_id"], "-o", out])
+    storage = cli.invoke(main_cli, ["--format", "json", "billing", "checkpoint-storage"])
+    seen["cli"] = {
+        "export_trace": [exported.exit_code, exported.stdout],
+        "checkpoint_storage": [storage.exit_code, storage.stdout],
+    }
+    with open(out, "rb") as trace:
+        seen["trace"] = json.load(trace)
+    return seen
+
+
 SCENARIOS = {
     "training": training,
     "intruder": intruder,
     "sft_steps": sft_steps,
     "interrupted_training": interrupted_training,
+    "accounts": accounts,
 }
 
 if __name__ == "__main__":

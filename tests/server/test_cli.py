@@ -35,6 +35,18 @@ def test_a_created_key_opens_the_server_and_its_sessions_are_listed(tmp_path):
     assert training.session_id in listed.stdout and MODEL in listed.stdout
 
 
+def test_keys_create_marks_an_operator_key_and_refuses_a_spaced_name(tmp_path):
+    from bios.server.auth import KeyRing, owner_of
+
+    operator = _bios("keys", "create", "ops", "--operator", home=tmp_path)
+    assert operator.returncode == 0 and "operator key" in operator.stderr
+    keys_file = tmp_path / "server" / "keys"
+    assert keys_file.read_text().split()[1:] == ["ops", "operator"]
+    assert KeyRing(keys_file).is_operator(owner_of(operator.stdout.strip()))
+    refused = _bios("keys", "create", "two words", home=tmp_path)
+    assert refused.returncode == 2 and "name" in refused.stderr and len(keys_file.read_text().splitlines()) == 1
+
+
 def test_serve_refuses_no_auth_off_loopback_and_a_server_without_keys(tmp_path):
     off_loopback = _bios("serve", "--no-auth", "--host", "0.0.0.0", "--backend", "emulator", home=tmp_path)
     assert off_loopback.returncode == 2 and "loopback" in off_loopback.stderr

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zstandard
 from server_process import ThreadedServer
+from tinker_http import PROTOBUF, TOKENS, forward_backward, http, new_run, new_session, result
 
 from bios.errors import NotFoundError
 from bios.server.tinker import codec, proto, session_routes
@@ -14,7 +15,6 @@ from bios.server.tinker.sessions import Releases, Sampler, SessionExpiredError, 
 from bios.types import SampledSequence, SampleResult
 
 KEY_A, KEY_B = "tml-protocol-alice-0123456789", "tml-protocol-bob-0123456789"
-TOKENS = [5, 17, 99, 3, 250, 7, 41, 8]
 
 
 @pytest.fixture(scope="module")
@@ -27,57 +27,6 @@ def server(tmp_path_factory):
             ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("protocol-home"))
         ) as running:
             yield running
-
-
-def http(server, key: str):
-    import httpx
-
-    return httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": key}, timeout=60)
-
-
-def result(client, request_id: str):
-    while True:
-        answer = client.post("/retrieve_future", json={"request_id": request_id, "allow_metadata_only": True})
-        if answer.status_code != 408:
-            return answer
-
-
-def new_session(client) -> str:
-    """A new Tinker session's id."""
-    return client.post(
-        "/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "test", "type": "create_session"}
-    ).json()["session_id"]
-
-
-def new_run(client) -> tuple[str, str]:
-    """(session id, model id) of a fresh rank-4 run on the tiny model."""
-    session = new_session(client)
-    body = {
-        "session_id": session,
-        "model_seq_id": 0,
-        "base_model": "bios/tiny",
-        "lora_config": {"rank": 4, "seed": 1},
-        "type": "create_model",
-    }
-    submitted = client.post("/create_model", json=body).json()
-    assert result(client, submitted["request_id"]).json() == {"model_id": f"{session}:train:0", "type": "create_model"}
-    return session, submitted["model_id"]
-
-
-def forward_backward(model_id: str, seq_id: int, forward_only: bool = False) -> bytes:
-    """A serialised ForwardBackwardRequest of one next-token datum over TOKENS."""
-    request = proto.ForwardBackwardRequest(
-        model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy", forward_only=forward_only
-    )
-    datum = request.data.add()
-    datum.model_input.add().encoded_text.tokens = np.asarray(TOKENS[:-1], "<i4").tobytes()
-    target = datum.loss_fn_inputs["target_tokens"]
-    target.dense, target.dtype = np.asarray(TOKENS[1:], "<i8").tobytes(), proto.DTYPE_INT64
-    target.shape.append(len(TOKENS) - 1)
-    return request.SerializeToString()
-
-
-PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
 def test_a_runs_requests_execute_in_seq_order_and_retries_get_the_first_request(server, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.slow  # installs two SDK releases and runs them in chil
 
 MODEL = "bios/tiny"
 KEY_A, KEY_B = "tml-tinker-alice-0123456789", "tml-tinker-bob-0123456789"
+KEY_C = "tml-tinker-carol-0123456789"
+"""Carol's key does only the account scenario, so its figures are exactly that scenario's."""
 TEXTS = (
     "the cat sat on the mat",
     "a quick brown fox jumps over the lazy dog",
@@ -40,7 +43,7 @@ def server(tmp_path_factory):
     from bios.server.tinker import session_routes
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B}")
+        patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B},{KEY_C}")
         patch.setitem(session_routes.CLIENT_CONFIG, "fwdbwd_max_chunk_len", 2)
         patch.setitem(session_routes.CLIENT_CONFIG, "proto_compress_fwdbwd", True)
         with ThreadedServer(ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("tinker-home"))) as running:
@@ -264,3 +267,35 @@ def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simu
         and min(report.faults[k] for k in ("transient", "timeout", "rate_limit", "session_expiry")) >= 1
     )
     assert sum(report.retries.values()) >= sum(heard.values())
+
+
+def test_the_sdks_account_calls_see_the_keys_own_usage_sizes_and_trace(server):
+    """0.38's login check, AdminClient usage and storage, checkpoint sizes and the CLI's
+    export-trace and billing commands, for a key that did exactly this scenario's work."""
+    from bios.server.auth import owner_of
+
+    seen = run_sdk("0.38.0", "accounts", url=server.url, key=KEY_C, text=TEXTS, steps=3, prompt=[5, 17, 99])
+    owner = owner_of(KEY_C)
+    assert seen["me"]["key_id"] == int(owner, 16) and seen["me"]["name"] == "BIOS_API_KEYS"
+    events = {e["event_info"]["type"]: e for e in seen["usage"]["data"]}
+    assert {t: e["event_info"].get("token_count", e["event_info"].get("count")) for t, e in events.items()} == {
+        "training": seen["trained"],
+        "sampling_prefill": 3,
+        "sampling_sample": seen["sampled"],
+        "checkpoint": 1,
+    }
+    assert seen["sampled"] == 2 * 4 and {e["session_id"] for e in events.values()} == {seen["session_id"]}
+    assert events["training"]["base_model"] == MODEL and seen["session_id"] in seen["usage"]["sessions"]
+    (size,) = seen["checkpoints"].values()
+    (held,) = seen["storage"]["data"]
+    assert held["checkpoint_count"] == 1 and held["size_bytes"] == size > 0
+    ((path, _),) = [(p, s) for p, s in seen["checkpoints"].items()]
+    directory = server.service.engine.store.root / server.service.records.sessions_of(owner)[0][0] / "weights"
+    assert size == sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()), path
+    code, out = seen["cli"]["export_trace"]
+    assert code == 0 and json.loads(out)["session_id"] == seen["session_id"]
+    spans = [e["name"] for e in seen["trace"]["traceEvents"] if e["ph"] == "X"]
+    assert spans[0] == "create_model" and spans[-2:] == ["save_weights", "sample"]
+    assert spans.count("optim_step") == 3 and "forward_backward" in spans
+    code, out = seen["cli"]["checkpoint_storage"]
+    assert code == 0 and json.loads(out)["data"][0]["size_bytes"] == size

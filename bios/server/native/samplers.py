@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter
 
 from bios import wire
+from bios.server import ledger
+from bios.server.ledger import Bill, Usage
 from bios.server.service import Service
 from bios.server.state import IdempotencyKeyDep, OwnerDep, ServiceDep
 
@@ -22,11 +25,14 @@ def _submit(
     sampler_id: str,
     body: wire.SamplerSample | wire.SamplerLogprobs,
     start: Callable[[], concurrent.futures.Future],
+    meter: Callable[[Any], Usage],
 ) -> wire.Submitted:
     """`who`'s request `kind` on sampler `sampler_id` (NotFoundError if it is not `who`'s),
-    started with `start()` unless `idem` names an earlier one (`Service.submit`)."""
+    started with `start()` unless `idem` names an earlier one (`Service.submit`), its usage in
+    the ledger by `meter`."""
     service.check_sampler(who, sampler_id)
-    return wire.Submitted(request_id=service.submit(who, kind, body.model_dump_json().encode(), idem, start))
+    bill = Bill(service.engine.samplers.handle(sampler_id).base_model, None, meter)
+    return wire.Submitted(request_id=service.submit(who, kind, body.model_dump_json().encode(), idem, start, bill=bill))
 
 
 @router.post("/v1/samplers")
@@ -56,7 +62,7 @@ def sampler_sample(
     start = lambda: service.engine.sampler_sample(
         sampler_id, body.prompt, body.sampling_params, body.num_samples, prompt_logprobs=body.prompt_logprobs
     )
-    return _submit(service, who, idem, "sample", sampler_id, body, start)
+    return _submit(service, who, idem, "sample", sampler_id, body, start, ledger.sampled(body.prompt))
 
 
 @router.post("/v1/samplers/{sampler_id}/logprobs")
@@ -64,4 +70,4 @@ def sampler_logprobs(
     sampler_id: str, body: wire.SamplerLogprobs, who: OwnerDep, service: ServiceDep, idem: IdempotencyKeyDep
 ) -> wire.Submitted:
     start = lambda: service.engine.sampler_logprobs(sampler_id, body.prompt)
-    return _submit(service, who, idem, "logprobs", sampler_id, body, start)
+    return _submit(service, who, idem, "logprobs", sampler_id, body, start, ledger.prefilled(body.prompt))

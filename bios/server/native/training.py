@@ -18,6 +18,8 @@ from fastapi import APIRouter
 
 from bios import wire
 from bios.engine.engine import WithState
+from bios.server import ledger
+from bios.server.ledger import Usage
 from bios.server.service import Recorder, Service, encode_result
 from bios.server.state import IdempotencyKeyDep, OwnerDep, ServiceDep
 
@@ -38,13 +40,25 @@ def _submit(
     record: Recorder[R] | None = None,
     replay: bytes | None = None,
     encode: Callable[[R], bytes] = encode_result,
+    meter: Callable[[R], Usage] = ledger.nothing,
 ) -> wire.Submitted:
     """`who`'s request `kind` at `body.seq` of session `session_id` (NotFoundError if it is not
-    `who`'s), started with `start()` unless `idem` names an earlier one (`Service.submit`)."""
+    `who`'s), started with `start()` unless `idem` names an earlier one (`Service.submit`),
+    its usage in the ledger by `meter`."""
     service.check_session(who, session_id)
     raw = body.model_dump_json().encode()
     request_id = service.submit(
-        who, kind, raw, idem, start, session_id=session_id, seq=body.seq, record=record, replay=replay, encode=encode
+        who,
+        kind,
+        raw,
+        idem,
+        start,
+        session_id=session_id,
+        seq=body.seq,
+        record=record,
+        replay=replay,
+        encode=encode,
+        bill=service.session_bill(session_id, meter),
     )
     return wire.Submitted(request_id=request_id)
 
@@ -62,7 +76,8 @@ def forward_backward(
         session_id, body.seq, body.data, body.loss_fn, body.loss_fn_config, backward=body.backward
     )
     replay = body.model_dump_json().encode() if body.backward else None
-    return _submit(service, who, idem, "forward_backward", session_id, body, start, replay=replay)
+    meter = ledger.trained(body.data)
+    return _submit(service, who, idem, "forward_backward", session_id, body, start, replay=replay, meter=meter)
 
 
 @router.post("/v1/sessions/{session_id}/optim_step")
@@ -71,7 +86,9 @@ def optim_step(
 ) -> wire.Submitted:
     start = lambda: service.engine.optim_step_and_export(session_id, body.seq, body.adam_params)
     record = service.durable_recorder(session_id, body.seq)
-    return _submit(service, who, idem, "optim_step", session_id, body, start, record=record, encode=_changed)
+    return _submit(
+        service, who, idem, "optim_step", session_id, body, start, record=record, encode=_changed, meter=ledger.step
+    )
 
 
 @router.post("/v1/sessions/{session_id}/sample")
@@ -79,7 +96,7 @@ def session_sample(
     session_id: str, body: wire.SessionSample, who: OwnerDep, service: ServiceDep, idem: IdempotencyKeyDep
 ) -> wire.Submitted:
     start = lambda: service.engine.sample(session_id, body.seq, body.prompt, body.sampling_params, body.num_samples)
-    return _submit(service, who, idem, "sample", session_id, body, start)
+    return _submit(service, who, idem, "sample", session_id, body, start, meter=ledger.sampled(body.prompt))
 
 
 @router.post("/v1/sessions/{session_id}/save_state")
@@ -88,7 +105,7 @@ def save_state(
 ) -> wire.Submitted:
     start = lambda: service.engine.save_state(session_id, body.seq, body.name, body.metadata, body.kind)
     record = service.checkpoint_recorder(who, session_id)
-    return _submit(service, who, idem, "save_state", session_id, body, start, record=record)
+    return _submit(service, who, idem, "save_state", session_id, body, start, record=record, meter=ledger.saved)
 
 
 @router.post("/v1/sessions/{session_id}/load_state")

@@ -5,7 +5,7 @@
 `Service`, engine, keys and ownership rules as the native API.
 
 Modules: `routes` (the router), `session_routes` / `training_routes` / `weights_routes` /
-`sampling_routes` / `rest_routes` (the endpoints), `context` (what they share), `bodies` (JSON
+`sampling_routes` / `rest_routes` / `account_routes` (the endpoints), `context` (what they share), `bodies` (JSON
 bodies), `proto` and `codec` (protobuf messages and tensor encodings), `answers` (how results
 are stored and served), `ids` (model ids, sequence ids, checkpoint paths), `sessions` (client
 sessions and expiry), `tokenizers` and `archive` (checkpoint downloads).

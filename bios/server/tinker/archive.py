@@ -30,7 +30,8 @@ COMPLETE_MARKER = "checkpoint_complete"
 
 
 class ArchiveSigner:
-    """Signs and checks download tokens for checkpoint paths."""
+    """Signs and checks download tokens: each grants one string (a checkpoint path, or what
+    another download names) until it expires."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key or secrets.token_bytes(32)
@@ -42,16 +43,16 @@ class ArchiveSigner:
         return f"{payload}.{self._sign(payload)}", expires
 
     def path(self, token: str, now: float | None = None) -> str:
-        """The checkpoint path `token` grants; NotFoundError if it is forged, malformed or expired."""
+        """The string `token` grants; NotFoundError if it is forged, malformed or expired."""
         payload, _, signature = token.partition(".")
         try:
             if not hmac.compare_digest(signature, self._sign(payload)):
                 raise ValueError("bad signature")
             path, expires = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         except ValueError:
-            raise NotFoundError("no archive at this URL", field="url") from None
+            raise NotFoundError("url: no download at this URL", field="url") from None
         if (time.time() if now is None else now) > expires:
-            raise NotFoundError("this archive URL has expired; ask for a new one", field="url")
+            raise NotFoundError("url: this download URL has expired; ask for a new one", field="url")
         return path
 
     def _sign(self, payload: str) -> str:

@@ -23,8 +23,10 @@ from fastapi import Depends, FastAPI, Header
 from starlette.requests import HTTPConnection
 
 from bios.errors import BiosError, NotFoundError
+from bios.server import ledger
 from bios.server.auth import KeyRing
 from bios.server.db import RequestRow
+from bios.server.ledger import Bill, Usage
 from bios.server.service import Recorder, Service
 from bios.server.tinker import answers, ids
 from bios.server.tinker.archive import ArchiveSigner
@@ -45,7 +47,8 @@ class Plan(Generic[R]):
     sequence number `seq` of `run`'s Bios session, if it has one), `encode` stores its answer,
     `record` and `replay` are the service's hooks that keep a run's training across a restart.
     `hashed` is what its idempotency `key` covers (a retry with another body is a 409);
-    `model_id`, the run it answers with (None for a sample)."""
+    `model_id`, the run it answers with (None for a sample); `bill`, what the ledger accounts
+    it under (nothing used by default)."""
 
     who: str
     kind: str
@@ -58,6 +61,7 @@ class Plan(Generic[R]):
     record: Recorder | None = None
     replay: bytes | None = None
     model_id: str | None = None
+    bill: Bill | None = None
 
 
 Planner = Callable[["Tinker", str, bytes], Plan[Any]]
@@ -99,9 +103,10 @@ class Tinker:
     def submit(self, plan: Plan[R], stored: bytes | None) -> str:
         """`Service.submit` of `plan`: answers stored in the Tinker encoding, the idempotency
         key (a retry with the same key and body gets the first request, another body a 409),
-        filed under its run's Bios session at its sequence number. With `stored` (the body its
-        planner reads back), a restart runs it again if it is still pending then. The SDK never
-        resubmits a failed request, so the service retries retryable failures."""
+        filed under its run's Bios session at its sequence number, accounted in the ledger by
+        its bill. With `stored` (the body its planner reads back), a restart runs it again if
+        it is still pending then. The SDK never resubmits a failed request, so the service
+        retries retryable failures."""
         return self.service.submit(
             plan.who,
             f"tinker.{plan.kind}",
@@ -116,6 +121,7 @@ class Tinker:
             encode=plan.encode,
             encode_failure=answers.failure,
             retry_transient=True,
+            bill=plan.bill,
         )
 
     def accept(self, plan: Plan[R], stored: bytes) -> dict:
@@ -132,13 +138,13 @@ class Tinker:
         planner = PLANNERS.get(row.kind.removeprefix("tinker."))
         if planner is None or row.body is None:
             self._give_up(row)
-            self.service.answer_now(row.request_id, row.owner, answers.gone(GONE))
+            self.service.answer_now(row, answers.gone(GONE))
             return False
         try:
             plan = planner(self, row.owner, row.body)
         except BiosError as exc:
             self._give_up(row)
-            self.service.answer_now(row.request_id, row.owner, answers.failure(exc))
+            self.service.answer_now(row, answers.failure(exc))
             return False
         if plan.run is None and plan.model_id is not None:
             self.sessions.adopt(row.owner, session_of(plan.model_id))
@@ -149,6 +155,7 @@ class Tinker:
             encode=plan.encode,
             encode_failure=answers.failure,
             retry_transient=True,
+            bill=plan.bill,
         )
         return True
 
@@ -259,10 +266,13 @@ class RunRequest:
         *,
         record: Recorder | None = None,
         replay: bytes | None = None,
+        meter: Callable[[R], Usage] = ledger.nothing,
     ) -> Plan[R]:
-        """The plan of this request: `start` at `seq` of the run under `key`."""
+        """The plan of this request: `start` at `seq` of the run under `key`, accounted to the
+        run's Tinker session and base model by `meter`."""
+        bill = Bill(self.run.base_model, session_of(self.run.model_id), meter)
         return Plan(
-            self.who, kind, hashed, self.key, start, encode, self.run, self.seq, record, replay, self.run.model_id
+            self.who, kind, hashed, self.key, start, encode, self.run, self.seq, record, replay, self.run.model_id, bill
         )
 
 

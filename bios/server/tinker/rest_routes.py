@@ -39,6 +39,7 @@ def _checkpoint(tinker: Tinker, record: StateResult) -> dict:
         "checkpoint_type": CHECKPOINT_TYPES[record.kind],
         "time": iso(record.created_at),
         "tinker_path": path,
+        "size_bytes": record.size_bytes,
         "public": False,
         "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
     }

@@ -6,11 +6,18 @@ from fastapi import APIRouter, FastAPI
 
 from bios.server.auth import KeyRing
 from bios.server.service import Service
-from bios.server.tinker import rest_routes, sampling_routes, session_routes, training_routes, weights_routes
+from bios.server.tinker import (
+    account_routes,
+    rest_routes,
+    sampling_routes,
+    session_routes,
+    training_routes,
+    weights_routes,
+)
 from bios.server.tinker.context import Tinker, install_on
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
-for _part in (session_routes, training_routes, weights_routes, sampling_routes, rest_routes):
+for _part in (session_routes, training_routes, weights_routes, sampling_routes, rest_routes, account_routes):
     router.include_router(_part.router)
 
 

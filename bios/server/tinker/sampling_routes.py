@@ -15,6 +15,8 @@ from functools import partial
 from fastapi import APIRouter
 
 from bios.errors import InvalidRequestError, UnsupportedError
+from bios.server import ledger
+from bios.server.ledger import Bill
 from bios.server.tinker import codec
 from bios.server.tinker.answers import proto_answer
 from bios.server.tinker.bodies import CreateSampler, Sample, model_input, sampling_params
@@ -88,5 +90,8 @@ def asample(body: Sample, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     )
     encode = proto_answer(partial(codec.sample_response, prompt_logprobs_last_n=body.prompt_logprobs_last_n))
     key = None if body.seq_id is None else f"tinker/{sampler.sampler_id}/{body.seq_id}"
-    request_id = tinker.submit(Plan(who, "sample", body.model_dump_json().encode(), key, start, encode), None)
+    bill = Bill(sampler.base_model, sampler.session_id, ledger.sampled(prompt))
+    request_id = tinker.submit(
+        Plan(who, "sample", body.model_dump_json().encode(), key, start, encode, bill=bill), None
+    )
     return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}

@@ -101,6 +101,15 @@ class Sessions:
                 runs = self._releases.runs_of(owner, session_id)
                 self._sessions[session_id] = _Session(owner, time.monotonic(), runs=runs)
 
+    def owns(self, owner: str, session_id: str) -> bool:
+        """Whether `session_id` is `owner`'s session, live or over (while it is remembered)."""
+        with self._lock:
+            try:
+                self._owned(owner, session_id)
+            except NotFoundError:
+                return False
+        return True
+
     def add_run(self, owner: str, session_id: str, run_session_id: str) -> None:
         """File Bios session `run_session_id` as a training run of `owner`'s live session."""
         with self._lock:

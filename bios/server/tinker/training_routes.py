@@ -21,6 +21,8 @@ from google.protobuf.message import Message
 from bios import wire
 from bios.engine.engine import WithState
 from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError, UnsupportedError
+from bios.server import ledger
+from bios.server.ledger import Bill
 from bios.server.tinker import codec, ids
 from bios.server.tinker.answers import json_answer, proto_answer
 from bios.server.tinker.bodies import CreateModel, ModelRef, OptimStep, user_metadata
@@ -87,7 +89,8 @@ def plan_create_model(tinker: Tinker, who: str, body: CreateModel) -> Plan[str]:
     )
     encode = json_answer(lambda mid: {"model_id": mid, "type": "create_model"})
     hashed = body.model_dump_json().encode()
-    return Plan(who, "create_model", hashed, f"tinker/{model_id}", start, encode, model_id=model_id)
+    bill: Bill[str] = Bill(body.base_model, body.session_id)
+    return Plan(who, "create_model", hashed, f"tinker/{model_id}", start, encode, model_id=model_id, bill=bill)
 
 
 @router.post("/create_model")
@@ -149,7 +152,7 @@ def plan_forward_backward(tinker: Tinker, who: str, raw: bytes) -> Plan:
         if backward
         else None
     )
-    return req.plan(kind, raw, start, encode, replay=replay)
+    return req.plan(kind, raw, start, encode, replay=replay, meter=ledger.trained(data))
 
 
 def _raise(error: BiosError) -> NoReturn:
@@ -180,7 +183,8 @@ def plan_optim_step(tinker: Tinker, who: str, body: OptimStep) -> Plan:
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
     start = lambda: tinker.engine.optim_step_and_export(req.session_id, req.seq, req.ordered(lambda: adam(body)))
     record = tinker.service.durable_recorder(req.session_id, req.seq)
-    return req.plan("optim_step", body.model_dump_json().encode(), start, json_answer(_step_metrics), record=record)
+    raw = body.model_dump_json().encode()
+    return req.plan("optim_step", raw, start, json_answer(_step_metrics), record=record, meter=ledger.step)
 
 
 @router.post("/optim_step")

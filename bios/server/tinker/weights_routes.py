@@ -18,6 +18,8 @@ from fastapi import APIRouter
 from bios.engine.checkpoints import checkpoint_path
 from bios.engine.engine import WithState
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
+from bios.server import ledger
+from bios.server.ledger import Bill
 from bios.server.tinker import ids
 from bios.server.tinker.answers import json_answer
 from bios.server.tinker.bodies import LoadWeights, SaveForSampler, SaveWeights, user_metadata
@@ -61,7 +63,8 @@ def plan_save_weights(tinker: Tinker, who: str, body: SaveWeights) -> Plan:
     )
     record = tinker.service.checkpoint_recorder(who, req.session_id)
     encode = _saved_answer(tinker, "save_weights")
-    return req.plan("save_weights", body.model_dump_json().encode(), start, encode, record=record)
+    raw = body.model_dump_json().encode()
+    return req.plan("save_weights", raw, start, encode, record=record, meter=ledger.saved)
 
 
 @router.post("/save_weights")
@@ -86,7 +89,7 @@ def plan_save_for_sampler(tinker: Tinker, who: str, body: SaveForSampler) -> Pla
         )
         record = tinker.service.checkpoint_recorder(who, req.session_id)
         encode = _saved_answer(tinker, "save_weights_for_sampler")
-        return req.plan("save_for_sampler", hashed, start, encode, record=record)
+        return req.plan("save_for_sampler", hashed, start, encode, record=record, meter=ledger.saved)
     return _snapshot_sampler(req, hashed)
 
 
@@ -191,7 +194,9 @@ def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, model_id: str)
 
     start = lambda: done(tinker.new_run(who, model_id, create, user_metadata(body.user_metadata)))
     hashed = body.model_dump_json().encode()
-    return Plan(who, "load_weights", hashed, f"tinker/{model_id}", start, _loaded(body, model_id), model_id=model_id)
+    bill: Bill[str] = Bill(body.base_model, ids.session_of(model_id))
+    key = f"tinker/{model_id}"
+    return Plan(who, "load_weights", hashed, key, start, _loaded(body, model_id), model_id=model_id, bill=bill)
 
 
 def _checkpoint_to_load(tinker: Tinker, who: str, body: LoadWeights) -> str:
