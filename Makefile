@@ -6,7 +6,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 # Small matrices: one BLAS thread is faster and steadier than several fighting for 2 cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test check lint models clean
+.PHONY: demo test test-remote test-conformance check lint models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,11 +40,18 @@ lint: $(VENV)/.dev
 check: $(VENV)/.dev lint
 	$(BIN)/python -m pytest -m "not slow"
 
-# The tests; the API tests again through a live `bios serve`; then the conformance suite's ci
-# profile against the JAX backend (its compiled programs are in the cache the tests filled).
+# The tests; then, side by side, the API tests again through a live `bios serve` and the
+# conformance suite's ci profile against the JAX backend (its compiled programs are in the cache
+# the tests filled).
 test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-remote test-conformance
+
+# The two last steps of `make test`, side by side (each prints when it ends).
+test-remote: $(VENV)/.dev
 	$(BIN)/python -m pytest --remote -m "api and not inprocess"
+
+test-conformance: $(VENV)/.dev
 	$(BIN)/python -m conformance --backend jax --profile ci
 
 clean:

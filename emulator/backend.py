@@ -194,12 +194,19 @@ class EmulatorBackend:
         train_dropout = item.backward and adapter is not None and adapter.spec.dropout > 0
         grads = None if adapter is None or not item.backward else _zeros_like(adapter.weights)
         logprobs, losses = [], []
+        shared: dict[bytes, np.ndarray] = {}  # without a backward pass, data with the same tokens share one forward
         for datum, (tokens, inputs) in enumerate(zip(item.tokens, item.inputs)):
             lora = None
             if adapter is not None:
                 dropout = self._dropout(adapter, datum) if train_dropout else None
                 lora = Lora(adapter.weights, adapter.spec.scale, dropout)
-            logits, cache = forward(model, base, lora, tokens)
+            key = np.asarray(tokens, dtype=np.int64).tobytes()
+            if grads is None and key in shared:
+                logits = shared[key]
+            else:
+                logits, cache = forward(model, base, lora, tokens)
+                if grads is None:
+                    shared[key] = logits
             targets = np.asarray(inputs["target_tokens"], dtype=np.int64)
             lp = token_logprobs(logits, targets)
             loss, d_lp = elementwise_loss(item.loss_fn, lp, inputs, item.loss_config)

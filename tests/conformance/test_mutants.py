@@ -1,5 +1,6 @@
 """Every planted fault of conformance.mutants is caught by the conformance suite's ci profile,
-by the property `CAUGHT_BY` names, and the unmodified emulator passes those properties.
+by the property `CAUGHT_BY` names (that the unmodified emulator passes every property is shown
+by tests/server/test_conformance_remote.py, a server on the emulator against the emulator).
 
 Each mutant costs one property run (the one that catches it); which one, and the error it
 reports, is printed with `pytest -s`.
@@ -54,10 +55,3 @@ def test_mutant_is_caught_by_its_property(name):
     result = report.results[0]
     print(f"\n{name}: {result.name} failed after {result.examples} examples, {result.seconds:.1f} s: {result.error}")
     assert report.failed == [CAUGHT_BY[name]], f"mutant {name} ({MUTANTS[name]}) passed {CAUGHT_BY[name]}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("prop", sorted(set(CAUGHT_BY.values())))
-def test_the_emulator_passes_the_properties_that_catch_mutants(prop):
-    report = run("emulator", profile="ci", only=prop)
-    assert report.failed == [], report.results[0].error
