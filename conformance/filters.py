@@ -35,9 +35,19 @@ def _prefix_reaching(probs: np.ndarray, top_p: float) -> int:
     return min(int(np.searchsorted(np.cumsum(probs), top_p, side="left")) + 1, len(probs))
 
 
-def _order(lp: np.ndarray) -> np.ndarray:
-    """Token ids by descending lp, ties by lower id."""
-    return np.argsort(-lp, kind="stable")
+@dataclass(frozen=True)
+class Ranked:
+    """Log-probabilities [V] in S1's order, sorted once: `order` the token ids by descending lp
+    (ties by lower id), `z` the lp in that order."""
+
+    order: np.ndarray
+    z: np.ndarray
+
+
+def ranked(lp: np.ndarray) -> Ranked:
+    """`lp` [V] sorted for S1."""
+    order = np.argsort(-lp, kind="stable")
+    return Ranked(order, lp[order])
 
 
 def _spread(order: np.ndarray, kept: np.ndarray, vocab: int) -> np.ndarray:
@@ -48,7 +58,7 @@ def _spread(order: np.ndarray, kept: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def _filtered(
-    lp: np.ndarray,
+    r: Ranked,
     temperature: float,
     top_k: int,
     top_p: float,
@@ -61,8 +71,7 @@ def _filtered(
     `top_p_first` applies top-p to the whole vocabulary before top-k, `top_p_unscaled` decides
     the top-p prefix on the probabilities before temperature, `cut_shift` moves the top-p cut by
     that many tokens."""
-    order = _order(lp)
-    z = lp[order]
+    z = r.z
     k = len(z) if top_k == -1 else top_k
     tempered = _softmax(z / temperature)
     if top_p_first:
@@ -71,27 +80,27 @@ def _filtered(
         deciding = _softmax(z[:k]) if top_p_unscaled else tempered[:k] / tempered[:k].sum()
         n = _prefix_reaching(deciding, top_p)
     n = int(np.clip(n + cut_shift, 1, k))
-    return _spread(order, tempered[:n], len(lp))
+    return _spread(r.order, tempered[:n], len(z))
 
 
 def sampling_distribution(lp: np.ndarray, temperature: float, top_k: int = -1, top_p: float = 1.0) -> np.ndarray:
     """S1's distribution [V] of the next token for unscaled log-probabilities `lp` [V] (any
     additive constant), temperature > 0: z/temperature, top-k (ties by lower id), top-p over
     the renormalised top-k set (the smallest prefix reaching top_p), renormalised."""
-    return _filtered(lp, temperature, top_k, top_p)
+    return _filtered(ranked(lp), temperature, top_k, top_p)
 
 
-Misreading = Callable[[np.ndarray, float, int, float], np.ndarray]
+Misreading = Callable[[Ranked, float, int, float], np.ndarray]
 
 MISREADINGS: dict[str, Misreading] = {
-    "top-p before top-k": lambda lp, t, k, p: _filtered(lp, t, k, p, top_p_first=True),
-    "top-p before temperature": lambda lp, t, k, p: _filtered(lp, t, k, p, top_p_unscaled=True),
-    "temperature twice": lambda lp, t, k, p: _filtered(lp, t * t, k, p),
-    "temperature ignored": lambda lp, t, k, p: _filtered(lp, 1.0, k, p),
-    "top-p one token short": lambda lp, t, k, p: _filtered(lp, t, k, p, cut_shift=-1),
-    "top-p one token long": lambda lp, t, k, p: _filtered(lp, t, k, p, cut_shift=1),
+    "top-p before top-k": lambda r, t, k, p: _filtered(r, t, k, p, top_p_first=True),
+    "top-p before temperature": lambda r, t, k, p: _filtered(r, t, k, p, top_p_unscaled=True),
+    "temperature twice": lambda r, t, k, p: _filtered(r, t * t, k, p),
+    "temperature ignored": lambda r, t, k, p: _filtered(r, 1.0, k, p),
+    "top-p one token short": lambda r, t, k, p: _filtered(r, t, k, p, cut_shift=-1),
+    "top-p one token long": lambda r, t, k, p: _filtered(r, t, k, p, cut_shift=1),
 }
-"""Name → the draw distribution of a sampler that breaks S1 in that one way."""
+"""Name → the draw distribution of a sampler that breaks S1 in that one way, for ranked lp."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +137,10 @@ def separation(expected: np.ndarray, other: np.ndarray, draws: int) -> float:
     )
 
 
-def _candidates(lp: np.ndarray, temperature: float, top_k: int) -> list[float]:
+def _candidates(r: Ranked, temperature: float, top_k: int) -> list[float]:
     """top_p values halfway between two consecutive cumulative masses of the renormalised
     top-k set (so no token sits near the cut), plus 1.0 (no top-p)."""
-    z = np.sort(lp)[::-1]
+    z = r.z
     k = len(z) if top_k == -1 else top_k
     kept = _softmax(z[:k] / temperature)
     cumulative = np.cumsum(kept)[: min(k, 16)]
@@ -139,12 +148,11 @@ def _candidates(lp: np.ndarray, temperature: float, top_k: int) -> list[float]:
     return [float(p) for p in mids[1:] if p < 1 - 1e-3] + [1.0]
 
 
-def _clear_of_ties(lp: np.ndarray, top_k: int) -> bool:
+def _clear_of_ties(r: Ranked, top_k: int) -> bool:
     """The k-th and (k+1)-th largest lp differ by far more than float32 rounding moves them."""
     if top_k == -1:
         return True
-    z = np.sort(lp)[::-1]
-    return z[top_k - 1] - z[top_k] > 10 * tol.KEPT_SET_LOGIT_SLACK
+    return r.z[top_k - 1] - r.z[top_k] > 10 * tol.KEPT_SET_LOGIT_SLACK
 
 
 def choose_filters(lp: np.ndarray, draws: int, *, top_k_and_top_p: bool) -> Filters:
@@ -154,20 +162,20 @@ def choose_filters(lp: np.ndarray, draws: int, *, top_k_and_top_p: bool) -> Filt
     With `top_k_and_top_p` both filters are active; otherwise neither is (temperature alone,
     every token kept), and only the temperature's misreadings are scored."""
     best: Filters | None = None
+    r = ranked(lp)
     names = list(MISREADINGS) if top_k_and_top_p else ["temperature twice", "temperature ignored"]
     for temperature in TEMPERATURES:
         for top_k in TOP_KS if top_k_and_top_p else (-1,):
-            if (top_k == -1) == top_k_and_top_p or not _clear_of_ties(lp, top_k):
+            if (top_k == -1) == top_k_and_top_p or not _clear_of_ties(r, top_k):
                 continue
-            for top_p in _candidates(lp, temperature, top_k) if top_k_and_top_p else [1.0]:
+            for top_p in _candidates(r, temperature, top_k) if top_k_and_top_p else [1.0]:
                 if top_k_and_top_p and top_p == 1.0:
                     continue
-                expected = sampling_distribution(lp, temperature, top_k, top_p)
+                expected = _filtered(r, temperature, top_k, top_p)
                 if len(fit_bins(expected, draws)) < 2:
                     continue
                 power = {
-                    name: separation(expected, MISREADINGS[name](lp, temperature, top_k, top_p), draws)
-                    for name in names
+                    name: separation(expected, MISREADINGS[name](r, temperature, top_k, top_p), draws) for name in names
                 }
                 if best is None or min(power.values()) > min(best.power.values()):
                     best = Filters(temperature, top_k, top_p, expected, power)

@@ -200,13 +200,13 @@ class EmulatorBackend:
             if adapter is not None:
                 dropout = self._dropout(adapter, datum) if train_dropout else None
                 lora = Lora(adapter.weights, adapter.spec.scale, dropout)
-            key = np.asarray(tokens, dtype=np.int64).tobytes()
-            if grads is None and key in shared:
-                logits = shared[key]
-            else:
+            if grads is not None:
                 logits, cache = forward(model, base, lora, tokens)
-                if grads is None:
-                    shared[key] = logits
+            else:
+                key = np.asarray(tokens, dtype=np.int64).tobytes()
+                if key not in shared:
+                    shared[key], _ = forward(model, base, lora, tokens)
+                logits = shared[key]
             targets = np.asarray(inputs["target_tokens"], dtype=np.int64)
             lp = token_logprobs(logits, targets)
             loss, d_lp = elementwise_loss(item.loss_fn, lp, inputs, item.loss_config)
