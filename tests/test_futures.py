@@ -194,6 +194,7 @@ def test_forward_backward_async_gives_a_future_to_await(service: bios.ServiceCli
     assert fut.result().loss == sync_session.forward(batch).result().loss
 
 
+@pytest.mark.inprocess  # holds the in-process engine's worker; a server's request would not wait for it
 def test_blocking_call_from_async_code_on_a_real_request(
     service: bios.ServiceClient, training: bios.TrainingClient
 ) -> None:
