@@ -31,8 +31,8 @@ from backends.jax.batch import (
     micro_batches,
     token_budget,
 )
-from backends.jax.compiled import host, host_all
-from backends.jax.sharding import make_mesh
+from backends.jax.compiled import host_all
+from backends.jax.sharding import make_mesh, rows_multiple
 from backends.jax.slots import SlotTable
 from backends.jax.weights import load_base
 from bios.backend import (
@@ -209,9 +209,10 @@ class JaxBackend:
             key=lambda row: row.slot,
         )
         outputs = Outputs([len(work.tokens) for work, _ in items], report)
-        for chunk in micro_batches(rows, served.tokens_per_call):
+        multiple = rows_multiple(self.mesh)
+        for chunk, plan in micro_batches(rows, served.tokens_per_call, multiple, served.spec.max_seq_len):
             active = served.slots.active(row.slot for row in chunk)
-            batch = Batch.pack(chunk, loss_fn, self.mesh, served.spec.max_seq_len, active.index)
+            batch = Batch.pack(chunk, plan, loss_fn, self.mesh, active.index)
             slots, lora = jnp.asarray(active.slots), served.slots.lora
             if backward:
                 n_rows, length = batch.tokens.shape
@@ -229,7 +230,7 @@ class JaxBackend:
                 )
             else:
                 lp, el = compiled.forward(served.spec, served.base, lora, slots, batch, loss_fn, active.rank)
-            outputs.add(chunk, host(lp), host(el))
+            outputs.add(chunk, plan, *host_all(lp, el))
 
     @staticmethod
     def _row(served: _Served, work: ForwardBackwardWork, slot: int, request: int, datum: int, backward: bool) -> Row:

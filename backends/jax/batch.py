@@ -24,15 +24,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from backends.jax.sharding import batch_sharding, rows_multiple
+from backends.jax.sharding import batch_sharding
 from bios.backend import ForwardBackwardOutput
 from bios.catalog import ModelSpec
 from bios.losses import LOSSES
 
 MIN_TOKENS = 16
 """Smallest token bucket of a training batch."""
-MIN_ROWS = 4
-"""Smallest row bucket of a training batch."""
+FINE_TOKENS = 128
+"""Above this many tokens per row, rows are bucketed by quarter octaves (`token_bucket`)."""
+PACK_TOKENS = 512
+"""Several data are packed into batch rows longer than the longest datum only up to this many
+tokens: attention's cost grows with the square of a row's length."""
 CPU_ACTIVATION_BYTES = 2 << 30
 """Activations a forward_backward may keep on a device without memory statistics (CPU)."""
 DEFAULT_TOKENS_PER_CALL = 16384
@@ -43,6 +46,17 @@ def bucket(n: int, minimum: int = 1, multiple: int = 1, cap: int | None = None) 
     """The smallest power of two >= max(n, minimum), rounded up to `multiple`, at most `cap` (if >= n)."""
     size = max(minimum, 1 << max(0, int(n - 1).bit_length()))
     size = -(-size // multiple) * multiple
+    return max(n, min(size, cap)) if cap is not None else size
+
+
+def token_bucket(n: int, cap: int | None = None) -> int:
+    """Tokens per row of a training batch for rows of up to `n` tokens: a power of two from
+    MIN_TOKENS to FINE_TOKENS, then quarter octaves (128, 160, 192, 224, 256, 320, ...), so a
+    long row is padded by at most 25 %. At most `cap` (if >= n)."""
+    size = bucket(n, MIN_TOKENS)
+    if size > FINE_TOKENS:
+        step = size // 8
+        size = -(-n // step) * step
     return max(n, min(size, cap)) if cap is not None else size
 
 
@@ -74,49 +88,127 @@ class Row:
 
 
 @dataclass(frozen=True)
-class Batch:
-    """A padded, slot-sorted batch: rows B, tokens T (both bucketed), N = B*T.
+class Layout:
+    """Where the rows of one micro-batch sit in its padded [B, T] batch: batch row j holds the
+    rows `lanes[j]` (indices into the micro-batch) back to back, in that order; rows past
+    `len(lanes)` are padding. Only rows of one adapter share a batch row, and a row with
+    dropout has one to itself."""
 
-    tokens, targets: [B, T] int32; mask: [B, T] float32 (0 on padding); inputs: the loss's
-    per-token inputs [B, T]; config: the loss's settings, each [B, 1]; adapter: [B] int32, each
-    row's adapter among the active slots of the call (slots.py `Active`).
+    shape: tuple[int, int]
+    """[B, T]: bucketed batch rows and tokens per batch row."""
+    lanes: tuple[tuple[int, ...], ...]
+
+    @property
+    def packed(self) -> bool:
+        """Some batch row holds several rows (attention must then keep them apart)."""
+        return any(len(lane) > 1 for lane in self.lanes)
+
+    @property
+    def padded_tokens(self) -> int:
+        """B·T, what the compiled program computes."""
+        return self.shape[0] * self.shape[1]
+
+    def places(self, rows: Sequence[Row]) -> list[tuple[int, int]]:
+        """(batch row, first token) of each of `rows`, the rows this layout was made for."""
+        places = [(0, 0)] * len(rows)
+        for j, lane in enumerate(self.lanes):
+            offset = 0
+            for i in lane:
+                places[i] = (j, offset)
+                offset += rows[i].length
+        return places
+
+
+def layout(rows: Sequence[Row], multiple: int, max_tokens: int) -> Layout:
+    """The layout of `rows` (at least one) with the fewer padded tokens B·T of two: batch rows
+    as long as the longest row, each holding as many rows as fit; or, when the rows' total fits
+    in PACK_TOKENS and `max_tokens`, batch rows as long as that total (all rows of one adapter
+    in one). T is a `token_bucket` (never shorter than the longest row; at most `max_tokens`
+    unless a row is longer); rows are packed first-fit by decreasing length; B is a power of two
+    and a multiple of `multiple` (the data-parallel devices). Only two widths are tried, so a
+    training loop meets few shapes. Deterministic in `rows`. Pure."""
+    widths = [token_bucket(max(row.length for row in rows), cap=max_tokens)]
+    total = token_bucket(sum(row.length for row in rows))
+    if widths[0] < total <= min(PACK_TOKENS, max_tokens):
+        widths.append(total)
+    plans = [
+        Layout((bucket(len(lanes), multiple=multiple), width), lanes)
+        for width in widths
+        for lanes in [_first_fit(rows, width)]
+    ]
+    return min(plans, key=lambda plan: plan.padded_tokens)
+
+
+def _first_fit(rows: Sequence[Row], width: int) -> tuple[tuple[int, ...], ...]:
+    """Rows packed into lanes of `width` tokens: by slot, longest first (ties in order), each
+    into the first lane of its slot with room; rows with dropout alone."""
+    lanes: list[list[int]] = []
+    room: list[int] = []
+    first_of_slot = 0
+    slot = None
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i].slot, -rows[i].length, i)):
+        row = rows[i]
+        if row.slot != slot:
+            slot, first_of_slot = row.slot, len(lanes)
+        fits = [] if row.dropout_rate > 0 else [j for j in range(first_of_slot, len(lanes)) if room[j] >= row.length]
+        if fits:
+            lanes[fits[0]].append(i)
+            room[fits[0]] -= row.length
+        else:
+            lanes.append([i])
+            room.append(0 if row.dropout_rate > 0 else width - row.length)
+    return tuple(tuple(lane) for lane in lanes)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A padded batch laid out by a `Layout`: rows B, tokens T (both bucketed), N = B*T.
+
+    tokens, targets: [B, T] int32; positions: [B, T] int32, each token's position in its own
+    datum (RoPE); mask: [B, T] float32 (0 on padding); inputs: the loss's per-token inputs
+    [B, T]; config: the loss's settings, per token [B, T]; adapter: [B] int32, each row's
+    adapter among the active slots of the call (slots.py `Active`).
+    segments: [B, T] int32, which of its row's data each token belongs to (-1 on padding), so
+    attention keeps packed data apart; None when every row holds one datum (plain causal).
     With LoRA dropout, dropout_seed [B] uint32 seeds each row's masks and dropout_rate [B] is
     its adapter's rate (both None when no row of the batch uses dropout).
     """
 
     tokens: jax.Array
     targets: jax.Array
+    positions: jax.Array
     mask: jax.Array
     inputs: dict[str, jax.Array]
     config: dict[str, jax.Array]
     adapter: jax.Array
+    segments: jax.Array | None = None
     dropout_seed: jax.Array | None = None
     dropout_rate: jax.Array | None = None
 
     @classmethod
-    def pack(cls, rows: Sequence[Row], loss_fn: str, mesh: Mesh, max_tokens: int, adapter: dict[int, int]) -> Batch:
-        """`rows` (sorted by slot, at least one) padded to bucketed [B, T] and split by rows over `mesh`.
-
-        Row i of the batch is rows[i], with adapter `adapter[rows[i].slot]`; padding rows have
-        mask 0 and the last row's adapter. T is at most `max_tokens` (unless a row is longer). Pure.
-        """
+    def pack(cls, rows: Sequence[Row], plan: Layout, loss_fn: str, mesh: Mesh, adapter: dict[int, int]) -> Batch:
+        """`rows` placed as `plan` says and split by batch rows over `mesh`. Batch row j has the
+        adapter `adapter[slot]` of its rows' slot; padding rows have mask 0 and the last used
+        row's adapter. Pure."""
         spec = LOSSES[loss_fn]
         names = [n for n in spec.inputs if n != "target_tokens"]
-        b = bucket(len(rows), minimum=MIN_ROWS, multiple=rows_multiple(mesh))
-        t = bucket(max(row.length for row in rows), MIN_TOKENS, cap=max_tokens)
-        tokens, targets, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, t), np.float32)
+        b, t = plan.shape
+        tokens, targets, positions = (np.zeros((b, t), np.int32) for _ in range(3))
+        segments, mask = np.full((b, t), -1, np.int32), np.zeros((b, t), np.float32)
         inputs = {name: np.zeros((b, t), np.float32) for name in names}
-        config = {key: np.zeros((b, 1), np.float32) for key in spec.config}
-        slots = np.full(b, adapter[rows[-1].slot], np.int32)
+        config = {key: np.zeros((b, t), np.float32) for key in spec.config}
+        slots = np.full(b, adapter[rows[plan.lanes[-1][0]].slot], np.int32)
         seeds, rates = np.zeros(b, np.uint32), np.zeros(b, np.float32)
-        for i, row in enumerate(rows):
-            n = row.length
-            tokens[i, :n], targets[i, :n], mask[i, :n] = row.tokens, row.inputs["target_tokens"], 1.0
-            slots[i], seeds[i], rates[i] = adapter[row.slot], row.dropout_seed, row.dropout_rate
+        for i, (j, start) in enumerate(plan.places(rows)):
+            row = rows[i]
+            span = slice(start, start + row.length)
+            tokens[j, span], targets[j, span], mask[j, span] = row.tokens, row.inputs["target_tokens"], 1.0
+            positions[j, span], segments[j, span] = np.arange(row.length), plan.lanes[j].index(i)
+            slots[j], seeds[j], rates[j] = adapter[row.slot], row.dropout_seed, row.dropout_rate
             for name in names:
-                inputs[name][i, :n] = row.inputs[name]
+                inputs[name][j, span] = row.inputs[name]
             for key in config:
-                config[key][i] = row.config[key]
+                config[key][j, span] = row.config[key]
 
         def put(array: np.ndarray) -> jax.Array:
             return jax.device_put(array, batch_sharding(array.shape, mesh))
@@ -125,10 +217,12 @@ class Batch:
         return cls(
             tokens=put(tokens),
             targets=put(targets),
+            positions=put(positions),
             mask=put(mask),
             inputs={name: put(value) for name, value in inputs.items()},
             config={key: put(value) for key, value in config.items()},
             adapter=put(slots),
+            segments=put(segments) if plan.packed else None,
             dropout_seed=put(seeds) if dropout else None,
             dropout_rate=put(rates) if dropout else None,
         )
@@ -136,24 +230,37 @@ class Batch:
 
 jax.tree_util.register_dataclass(
     Batch,
-    data_fields=["tokens", "targets", "mask", "inputs", "config", "adapter", "dropout_seed", "dropout_rate"],
+    data_fields=[
+        "tokens",
+        "targets",
+        "positions",
+        "mask",
+        "inputs",
+        "config",
+        "adapter",
+        "segments",
+        "dropout_seed",
+        "dropout_rate",
+    ],
     meta_fields=[],
 )
 
 
-def micro_batches(rows: Sequence[Row], budget: int) -> list[list[Row]]:
-    """Consecutive runs of `rows` whose padded size (bucketed rows x bucketed tokens) stays
-    within `budget` tokens; a row longer than the budget runs alone."""
-    chunks: list[list[Row]] = [[]]
-    longest = 0
-    for row in rows:
-        candidate = max(longest, row.length)
-        if chunks[-1] and bucket(len(chunks[-1]) + 1) * bucket(candidate, MIN_TOKENS) > budget:
-            chunks.append([])
-            candidate = row.length
-        chunks[-1].append(row)
-        longest = candidate
-    return chunks
+def micro_batches(rows: Sequence[Row], budget: int, multiple: int, max_tokens: int) -> list[tuple[list[Row], Layout]]:
+    """`rows` cut into consecutive runs, each with its `layout`, whose padded tokens B·T stay
+    within `budget` (a run too large is halved until it fits; a row longer than the budget runs
+    alone)."""
+    done: list[tuple[list[Row], Layout]] = []
+    pending = [list(rows)]
+    while pending:
+        run = pending.pop()
+        plan = layout(run, multiple, max_tokens)
+        if plan.padded_tokens <= budget or len(run) == 1:
+            done.append((run, plan))
+        else:
+            half = len(run) // 2
+            pending += [run[half:], run[:half]]
+    return done
 
 
 class Outputs:
@@ -165,11 +272,11 @@ class Outputs:
         self.logprobs: dict[tuple[int, int], np.ndarray] = {}
         self.elementwise: dict[tuple[int, int], np.ndarray] = {}
 
-    def add(self, rows: list[Row], logprobs: np.ndarray, elementwise: np.ndarray) -> None:
-        """Take the results of a batch of `rows`: logprobs, elementwise [B, T] (host arrays)."""
-        for i, row in enumerate(rows):
-            key = (row.request, row.datum)
-            self.logprobs[key], self.elementwise[key] = logprobs[i, : row.length], elementwise[i, : row.length]
+    def add(self, rows: list[Row], plan: Layout, logprobs: np.ndarray, elementwise: np.ndarray) -> None:
+        """Take the results of a batch of `rows` laid out by `plan`: logprobs, elementwise [B, T] (host arrays)."""
+        for row, (j, start) in zip(rows, plan.places(rows), strict=True):
+            key, span = (row.request, row.datum), slice(start, start + row.length)
+            self.logprobs[key], self.elementwise[key] = logprobs[j, span], elementwise[j, span]
             self.remaining[row.request] -= 1
             if self.remaining[row.request] == 0:
                 self._finish(row.request)

@@ -21,7 +21,7 @@ from backends.jax import model, optimizer
 from backends.jax.batch import Batch, Decoded, DecodeRows
 from backends.jax.losses import LOSS_FUNCTIONS
 from backends.jax.ops import Routing
-from backends.jax.params import compact_index
+from backends.jax.params import put_part, take_part
 from bios.catalog import ModelSpec
 
 
@@ -35,12 +35,12 @@ def routing(slot: jax.Array, scale: jax.Array) -> Routing:
 
 def _take(tree: dict[str, jax.Array], slots: jax.Array, rank: int) -> dict[str, jax.Array]:
     """The compact LoRA state of `slots` [A] at `rank` columns: `[L, A, in, rank]`, ... (one gather each)."""
-    return {k: v[compact_index(k, v.ndim, slots, rank)] for k, v in tree.items()}
+    return {k: take_part(v, k, slots, rank) for k, v in tree.items()}
 
 
 def _put(tree: dict[str, jax.Array], new: dict[str, jax.Array], slots: jax.Array, rank: int) -> dict[str, jax.Array]:
     """`tree` with its `slots` [A] part at `rank` columns replaced by the compact `new` (in place when donated)."""
-    return {k: v.at[compact_index(k, v.ndim, slots, rank)].set(new[k]) for k, v in tree.items()}
+    return {k: put_part(v, k, slots, rank, new[k]) for k, v in tree.items()}
 
 
 def _trainable(lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -54,7 +54,7 @@ def _per_token(
     if dropout and batch.dropout_seed is not None:
         keys = jax.vmap(jax.random.key)(batch.dropout_seed)
         route = Routing(route.adapter, route.scale, route.onehot, keys, batch.dropout_rate)
-    hidden = model.hidden_states(spec, base, lora, batch.tokens, route, remat)
+    hidden = model.hidden_states(spec, base, lora, batch.tokens, batch.positions, batch.segments, route, remat)
     lp = model.token_logprobs(base, lora, hidden, batch.targets, route, remat=remat)
     elementwise = LOSS_FUNCTIONS[loss_fn](lp, batch.inputs, batch.config) * batch.mask
     return jnp.sum(elementwise), (lp, elementwise)
@@ -96,7 +96,7 @@ def forward_backward(
         return _per_token(spec, base, {**params, "scale": active["scale"]}, batch, loss_fn, dropout=True, remat=remat)
 
     grads, (lp, elementwise) = jax.grad(total, has_aux=True)(_trainable(active))
-    added = {k: v.at[compact_index(k, v.ndim, adapters, rank)].add(grads[k]) for k, v in accumulator.items()}
+    added = {k: put_part(v, k, adapters, rank, grads[k], add=True) for k, v in accumulator.items()}
     return added, lp, elementwise
 
 

@@ -101,26 +101,39 @@ def hidden_states(
     base: dict[str, jax.Array],
     lora: dict[str, jax.Array],
     tokens: jax.Array,
+    positions: jax.Array,
+    segments: jax.Array | None,
     routing: Routing,
     remat: bool = True,
 ) -> jax.Array:
-    """Tokens [B, T] (each row from position 0, right-padded) → final-normed hidden [B, T, D]
-    in the weights' dtype (the residual stream itself is float32: ops.py, Precision). With
-    `remat`, a gradient keeps only each layer's input and recomputes the layer's activations."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    """Tokens [B, T] at their positions [B, T] in their own data → final-normed hidden [B, T, D]
+    in the weights' dtype (the residual stream itself is float32: ops.py, Precision).
+
+    segments: None when each row is one datum from position 0 (plain causal attention); else
+    [B, T] int32 saying which of its row's data each token belongs to, and a token attends only
+    to the earlier tokens of its own datum. With `remat`, a gradient keeps only each layer's
+    input and recomputes the layer's activations."""
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
     x = base["embed_tokens"][tokens].astype(jnp.float32)
+    mask = None if segments is None else _segment_mask(segments)
 
     def layer(x: jax.Array, params: tuple[dict, dict, jax.Array]) -> tuple[jax.Array, None]:
         p, lo, index = params
         route = routing.at_layer(index)
         q, k, v = _attention_inputs(spec, p, lo, x, cos, sin, route)
-        x = _attention_output(spec, p, lo, x, q, k, v, None, route)
+        x = _attention_output(spec, p, lo, x, q, k, v, mask, route)
         return _mlp_block(spec, p, lo, x, route), None
 
     scanned = jax.checkpoint(layer) if remat else layer
     x, _ = jax.lax.scan(scanned, x, (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers)))
     return rms_norm(x, base["norm"], spec.rms_eps)
+
+
+def _segment_mask(segments: jax.Array) -> jax.Array:
+    """[B, 1, T, T] bool: token t sees token s of its row when s <= t and both are of one datum."""
+    t = segments.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    return (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
 
 
 def _unembedding(base: dict[str, jax.Array]) -> jax.Array:
@@ -139,13 +152,15 @@ def token_logprobs(
 ) -> jax.Array:
     """L6 `log softmax(logits)[target]` for hidden [B, T, D] and targets [B, T] → [B, T] float32.
 
-    Computed over chunks of `chunk` tokens; with `remat` each is recomputed in the backward
+    Computed over chunks of at most `chunk` tokens; with `remat` each is recomputed in the backward
     pass, so the [B*T, V] logits never exist at once. The lm_head LoRA `u B` of each token is one product
     with the A adapters' B factors side by side ([A*R, V]), u placed in its adapter's block.
     """
     b, t, d = hidden.shape
     n = b * t
-    pad = (-n) % chunk
+    pieces = -(-n // chunk)
+    chunk = -(-n // pieces)  # pieces of at most `chunk` tokens, as even as the tokens allow
+    pad = pieces * chunk - n
     flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     flat_y = jnp.pad(targets.reshape(n), (0, pad))
     dropped = lora_input(hidden, routing, SITES["lm_head"])  # not in a layer: no layer fold
@@ -160,9 +175,11 @@ def token_logprobs(
         logits = logits + jnp.einsum("cr,rv->cv", uc, lora_b)
         return jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=1)
 
-    pieces = (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk), u.reshape(-1, chunk, u.shape[-1]))
     mapped = jax.checkpoint(chunk_logprobs) if remat else chunk_logprobs
-    return jax.lax.map(mapped, pieces).reshape(-1)[:n].reshape(b, t)
+    if pieces == 1:
+        return mapped((flat_h, flat_y, u))[:n].reshape(b, t)
+    split = (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk), u.reshape(-1, chunk, u.shape[-1]))
+    return jax.lax.map(mapped, split).reshape(-1)[:n].reshape(b, t)
 
 
 def _blocks(u: jax.Array, routing: Routing) -> jax.Array:

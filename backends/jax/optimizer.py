@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from backends.jax.params import compact_index, slot_axis
+from backends.jax.params import put_part, slot_axis, take_part
 
 Tree = dict[str, jax.Array]
 State = tuple[optax.OptState, tuple[optax.OptState, ...]]
@@ -82,7 +82,7 @@ def with_moments(state: State, count: jax.Array, mu: Tree, nu: Tree) -> State:
 def take_slots(state: State, slots: jax.Array, rank: int) -> State:
     """The state of the `slots` [A] only, moments at their first `rank` columns (a gather each)."""
     adam = _adam(state)
-    take = lambda tree: {k: v[compact_index(k, v.ndim, slots, rank, axis=0)] for k, v in tree.items()}
+    take = lambda tree: {k: take_part(v, k, slots, rank, axis=0) for k, v in tree.items()}
     return with_moments(state, adam.count[slots], take(adam.mu), take(adam.nu))
 
 
@@ -91,7 +91,7 @@ def put_slots(state: State, part: State, slots: jax.Array, rank: int) -> State:
     adam, new = _adam(state), _adam(part)
 
     def put(tree: Tree, values: Tree) -> Tree:
-        return {k: v.at[compact_index(k, v.ndim, slots, rank, axis=0)].set(values[k]) for k, v in tree.items()}
+        return {k: put_part(v, k, slots, rank, values[k], axis=0) for k, v in tree.items()}
 
     return with_moments(state, adam.count.at[slots].set(new.count), put(adam.mu, new.mu), put(adam.nu, new.nu))
 

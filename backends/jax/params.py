@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bios.catalog import ModelSpec
@@ -134,6 +136,50 @@ def compact_index(name: str, ndim: int, slots: object, rank: int, axis: int | No
     if name != "scale":
         index[ndim - 1 if name.endswith(".a") else ndim - 2] = slice(0, rank)
     return tuple(index)
+
+
+def take_part(array: jax.Array, name: str, slots: jax.Array, rank: int, axis: int | None = None) -> jax.Array:
+    """`array[compact_index(...)]`: the `slots` [A] part, first `rank` columns, of LoRA-state
+    array `name` (slot axis `axis` as in `compact_index`). One slot is read as a dynamic slice,
+    which XLA reads in place, rather than a gather."""
+    if slots.shape[0] != 1:
+        return array[compact_index(name, array.ndim, slots, rank, axis)]
+    start, sizes = _part_window(array, name, slots, rank, axis)
+    return jax.lax.dynamic_slice(array, start, sizes)
+
+
+def put_part(
+    array: jax.Array,
+    name: str,
+    slots: jax.Array,
+    rank: int,
+    values: jax.Array,
+    axis: int | None = None,
+    add: bool = False,
+) -> jax.Array:
+    """`array` with its `take_part` replaced by (or, with `add`, increased by) `values`; in place
+    when donated. One slot is written as a dynamic update slice rather than a scatter."""
+    if slots.shape[0] != 1:
+        part = array.at[compact_index(name, array.ndim, slots, rank, axis)]
+        return part.add(values) if add else part.set(values)
+    start, sizes = _part_window(array, name, slots, rank, axis)
+    if add:
+        values = values + jax.lax.dynamic_slice(array, start, sizes)
+    return jax.lax.dynamic_update_slice(array, values.astype(array.dtype), start)
+
+
+def _part_window(
+    array: jax.Array, name: str, slots: jax.Array, rank: int, axis: int | None
+) -> tuple[list[jax.Array], list[int]]:
+    """(start indices, sizes) of the one-slot part `take_part` reads."""
+    slot = slot_axis(name) if axis is None else axis
+    start: list[jax.Array] = [jnp.int32(0)] * array.ndim
+    start[slot] = slots[0].astype(jnp.int32)
+    sizes = list(array.shape)
+    sizes[slot] = 1
+    if name != "scale":
+        sizes[array.ndim - 1 if name.endswith(".a") else array.ndim - 2] = rank
+    return start, sizes
 
 
 def lora_shapes(spec: ModelSpec, slots: int, rank: int) -> dict[str, tuple[int, ...]]:

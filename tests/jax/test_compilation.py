@@ -30,8 +30,10 @@ def test_a_varied_training_loop_compiles_few_programs():
         )
     client.optim_step(types.AdamParams()).result()
     grown = {name: count - before[name] for name, count in compiled.compile_counts().items()}
-    # rows bucket to {4, 8} and tokens to {16, 32, 64}: at most 6 shapes; hyperparameters never recompile
-    assert 1 <= grown["forward_backward"] <= 6, grown
+    # 1-8 data of 2-59 tokens: batch rows as long as the longest datum (16, 32 or 64 tokens, 1-8
+    # of them), or all data packed into one row as long as their total (16-512 tokens by quarter
+    # octaves above 128); hyperparameters never recompile
+    assert 1 <= grown["forward_backward"] <= 10, grown
     assert grown["adam_update"] <= 1 and grown["write_back"] <= 1, grown
 
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backends.jax import compiled
-from backends.jax.batch import CPU_ACTIVATION_BYTES, Batch, Row, kept_activations
-from backends.jax.sharding import make_mesh
+from backends.jax import compiled, optimizer
+from backends.jax.batch import CPU_ACTIVATION_BYTES, Batch, Row, kept_activations, layout
+from backends.jax.sharding import make_mesh, rows_multiple
 from backends.jax.slots import Active, SlotTable
 from backends.jax.weights import load_base
 from bios.backend import AdapterSpec
@@ -28,9 +28,9 @@ MESH = make_mesh(1, None)
 BASE = load_base(SPEC, MESH, jnp.float32)
 
 
-def _table(capacity: int, ranks: tuple[int, ...]) -> SlotTable:
-    """A slot table of `capacity` slots holding one adapter per rank (slots 1..)."""
-    table = SlotTable(SPEC, MESH, capacity, SPEC.max_lora_rank)
+def _table(capacity: int, ranks: tuple[int, ...], max_rank: int = SPEC.max_lora_rank) -> SlotTable:
+    """A slot table of `capacity` slots up to `max_rank`, holding one adapter per rank (slots 1..)."""
+    table = SlotTable(SPEC, MESH, capacity, max_rank)
     for i, rank in enumerate(ranks):
         spec = AdapterSpec(f"a{i}", MODEL, rank, 2.0 * rank, MODULES)
         table.add(spec, init_lora_weights(SPEC, MODULES, rank, i), None, 0)
@@ -59,12 +59,15 @@ def _batch(table: SlotTable, ranks: tuple[int, ...]) -> tuple[Batch, Active]:
         for i in range(4)
     ]
     active = table.active(row.slot for row in rows)
-    return Batch.pack(rows, LOSS, MESH, SPEC.max_seq_len, active.index), active
+    plan = layout(rows, rows_multiple(MESH), SPEC.max_seq_len)
+    return Batch.pack(rows, plan, LOSS, MESH, active.index), active
 
 
-def _training_cost(capacity: int, ranks: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+def _training_cost(
+    capacity: int, ranks: tuple[int, ...], max_rank: int = SPEC.max_lora_rank
+) -> dict[str, tuple[float, float]]:
     """Costs of forward_backward over 4 rows of 32 tokens (shared among the adapters) and of optim_step."""
-    table = _table(capacity, ranks)
+    table = _table(capacity, ranks, max_rank)
     batch, active = _batch(table, ranks)
     slots = jnp.asarray(active.slots)
     hyper = {name: jnp.full(len(active.slots), 0.01) for name in ("learning_rate", "beta1", "beta2", "eps")}
@@ -135,6 +138,39 @@ def test_lora_cost_follows_the_adapter_rank_not_the_padding():
     assert moved[8] < moved[16] < moved[32], moved
     decode = {rank: _decode_cost(4, (rank,))[0] for rank in (8, 32)}
     assert decode[8] < decode[32]
+
+
+def _plain_cost(rank: int) -> dict[str, tuple[float, float]]:
+    """Costs of the same training step written plainly for one adapter: the gradient of the loss
+    with respect to its own factors ([L, 1, in, rank], ...) and an Adam step on them, no slot table."""
+    table = _table(4, (rank,))
+    batch, active = _batch(table, (rank,))
+    lora = compiled.compact(table.lora, jnp.asarray(active.slots), active.rank)
+    trainable = {k: v for k, v in lora.items() if k != "scale"}
+
+    def gradient(params: dict, batch: Batch) -> dict:
+        loss = lambda p: compiled._per_token(SPEC, BASE, {**p, "scale": lora["scale"]}, batch, LOSS, dropout=False)[0]
+        return jax.grad(loss)(params)
+
+    hyper = {name: jnp.full(1, 0.01) for name in ("learning_rate", "beta1", "beta2", "eps")}
+    hyper |= {name: jnp.zeros(1) for name in ("weight_decay", "grad_clip_norm")}
+    state = optimizer.init_state(trainable)
+    step = jax.jit(optimizer.step).lower(trainable, state, trainable, hyper)
+    return {"forward_backward": _cost(jax.jit(gradient).lower(trainable, batch)), "optim_step": _cost(step)}
+
+
+def test_a_rank_16_adapter_costs_what_a_plain_lora_step_costs():
+    """One rank-16 adapter open: each program costs the same with 4 slots up to rank 32 as with
+    16 slots up to rank 128, and the step (forward_backward and optim_step) is within 10 % of the
+    step written without slots."""
+    small, large, plain = _training_cost(4, (16,)), _training_cost(16, (16,), max_rank=128), _plain_cost(16)
+    for program in ("forward_backward", "optim_step"):
+        for measure in (0, 1):
+            assert large[program][measure] == pytest.approx(small[program][measure], rel=0.1), (program, measure)
+    step = [tuple(sum(cost[program][m] for program in cost) for m in (0, 1)) for cost in (small, plain)]
+    assert step[0][0] == pytest.approx(step[1][0], rel=0.1), step
+    assert step[0][1] == pytest.approx(step[1][1], rel=0.1), step
+    assert small["forward_backward"][0] == pytest.approx(plain["forward_backward"][0], rel=0.1)
 
 
 def test_lora_cost_grows_with_the_active_adapters():
