@@ -285,7 +285,7 @@ class JaxBackend:
             slots.lora,
             slots.opt_state,
             slots.accumulator,
-            {k: jnp.asarray(v) for k, v in hyper.items()},
+            jax.device_put(hyper),
             jnp.asarray(active.slots),
             active.rank,
         )

@@ -210,22 +210,21 @@ class Batch:
             for key in config:
                 config[key][j, span] = row.config[key]
 
-        def put(array: np.ndarray) -> jax.Array:
-            return jax.device_put(array, batch_sharding(array.shape, mesh))
-
         dropout = bool(rates.any())
-        return cls(
-            tokens=put(tokens),
-            targets=put(targets),
-            positions=put(positions),
-            mask=put(mask),
-            inputs={name: put(value) for name, value in inputs.items()},
-            config={key: put(value) for key, value in config.items()},
-            adapter=put(slots),
-            segments=put(segments) if plan.packed else None,
-            dropout_seed=put(seeds) if dropout else None,
-            dropout_rate=put(rates) if dropout else None,
-        )
+        host = {
+            "tokens": tokens,
+            "targets": targets,
+            "positions": positions,
+            "mask": mask,
+            "inputs": inputs,
+            "config": config,
+            "adapter": slots,
+            "segments": segments if plan.packed else None,
+            "dropout_seed": seeds if dropout else None,
+            "dropout_rate": rates if dropout else None,
+        }
+        shardings = jax.tree.map(lambda array: batch_sharding(array.shape, mesh), host)
+        return cls(**jax.device_put(host, shardings))  # one transfer for every array
 
 
 jax.tree_util.register_dataclass(
