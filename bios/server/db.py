@@ -67,6 +67,7 @@ requests = Table(
     Column("finished_at", Float, nullable=True),
     UniqueConstraint("owner", "idempotency_key", name="one_request_per_key"),
     Index("requests_by_finish", "status", "finished_at"),
+    Index("requests_by_session", "session_id", "seq"),  # forget_replays on every step, session_requests
 )
 
 checkpoints = Table(
@@ -137,13 +138,16 @@ def connect(url: str) -> SqlEngine:
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:
-    """Add the nullable columns a database made by an earlier Bios lacks (`requests.body`)."""
+    """Add the nullable columns and the indexes a database made by an earlier Bios lacks
+    (`requests.body`, `requests_by_session`)."""
     present = {column["name"] for column in inspect(engine).get_columns("requests")}
     with engine.begin() as db:
         for column in requests.columns:
             if column.name not in present:
                 kind = column.type.compile(dialect=engine.dialect)
                 db.execute(text(f"ALTER TABLE requests ADD COLUMN {column.name} {kind}"))
+        for index in requests.indexes:
+            index.create(db, checkfirst=True)
 
 
 class Records:

@@ -301,10 +301,6 @@ class Service:
         and the meter of its usage (by default: nothing used, no base model or client session);
         a request that fails is entered in the ledger with no usage."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
-        if key is not None:
-            earlier = self._earlier(owner, key, body_hash)
-            if earlier is not None:
-                return earlier
         request_id = f"req-{uuid.uuid4().hex}"
         bill = bill or Bill()
         entry = _entry(request_id, owner, kind, session_id, bill, len(body))
@@ -312,7 +308,7 @@ class Service:
             self.records.add_request(
                 RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay, stored)
             )
-        except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
+        except sqlalchemy.exc.IntegrityError:  # the key was used before (a retry), maybe concurrently
             earlier = self._earlier(owner, key, body_hash) if key is not None else None
             if earlier is None:
                 raise

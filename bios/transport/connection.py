@@ -156,6 +156,8 @@ class Connection:
         by `submit`) and resolve `future` with it; long-poll instead if the stream ends without it."""
         try:
             envelope = await anext(lines, None)
+            async for _ in lines:  # the stream's end: a connection read to its end is kept for reuse
+                pass
         except httpx.TransportError:
             envelope = None
         except BaseException as exc:  # noqa: BLE001 - a close (cancellation) belongs to the future
