@@ -7,7 +7,9 @@ work is still running and otherwise the stored envelope `{"status": "done", "res
 `{"status": "error", "error": BiosError.to_dict()}`. Errors of synchronous calls are answered
 with the error's HTTP status and the same `{"error": ...}` body. Every mutating request carries
 an `Idempotency-Key` header: a retry with the same key and body gets the first answer, the same
-key with a different body is a 409.
+key with a different body is a 409. A work request carrying `Bios-Stream-Answer: 1` is answered
+with a stream of lines instead (`STREAM_ANSWER_HEADER`): the `Submitted` line at once, then the
+envelope as soon as the work is done, so the answer costs no second request.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ hold the request (no answer came); once the server answered a try with a retryab
 the next try gets a new key (see `bios.retry`)."""
 MAX_WAIT_S = 30.0
 """The longest a long-poll is held before the server answers 408 (not done yet)."""
+STREAM_ANSWER_HEADER = "Bios-Stream-Answer"
+"""Sent (`1`) with work: the answer is `STREAM_MEDIA_TYPE`, the `Submitted` JSON and a newline at
+once, then the envelope and a newline when the work is done within `MAX_WAIT_S` — else the
+stream ends after the first line and the client polls `GET /v1/requests/{id}` as usual."""
+STREAM_MEDIA_TYPE = "application/x-ndjson"
 
 
 class Body(BaseModel):

@@ -4,7 +4,7 @@ The routes live in `bios.server.native` (Bios's own `/v1` protocol, see `bios.wi
 `bios.server.tinker` (the official Tinker SDK's `/api/v1` protocol). Synchronous routes run in
 FastAPI's thread pool and call the engine; long-polls are coroutines on the event loop, so
 thousands of waiting clients hold no thread. Every error is a `BiosError` answered with its
-status and `{"error": {...}}`; request bodies over `max_body_bytes` get 413. The OpenAPI
+status and `{"error": {...}}`; request bodies over `max_body_bytes` get 413 (`Admission`). The OpenAPI
 schema is at /openapi.json (and browsable at /docs).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -27,7 +27,7 @@ from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTo
 from bios.server import native, tinker
 from bios.server.auth import KeyRing
 from bios.server.service import Service
-from bios.server.state import ServerState, attach, server_state, state_of
+from bios.server.state import ServerState, attach, state_of
 
 
 def create_app(
@@ -35,12 +35,11 @@ def create_app(
 ) -> FastAPI:
     """The application serving `service` to the holders of `keys`."""
     app = FastAPI(title="Bios", version="1", lifespan=_lifespan)
-    attach(app, ServerState(service, keys, max_body_bytes, prune_every_s))
-    app.add_middleware(AttemptNumbers)
+    attach(app, ServerState(service, keys, prune_every_s))
+    app.add_middleware(Admission, max_body_bytes=max_body_bytes)
     app.exception_handler(BiosError)(_bios_error)
     app.exception_handler(RequestValidationError)(_invalid_body)
     app.exception_handler(StarletteHTTPException)(_no_route)
-    app.middleware("http")(_limit_body)
     app.include_router(native.router)
     tinker.install(app, service, keys)  # the official Tinker SDK's /api/v1 protocol
     return app
@@ -89,33 +88,38 @@ async def _no_route(request: Request, exc: StarletteHTTPException) -> Response:
     return JSONResponse({"error": error.to_dict()}, status_code=404)
 
 
-async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """413 for a request whose Content-Length exceeds the app's `max_body_bytes`."""
-    limit = server_state(request).max_body_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        error = RequestTooLargeError(
-            f"body: {int(length)} bytes exceed this server's limit of {limit} bytes; send smaller batches",
-            field="body",
-        )
-        return JSONResponse({"error": error.to_dict()}, status_code=413)
-    return await call_next(request)
+class Admission:
+    """ASGI middleware in front of every route (plain ASGI: no task or stream per request).
+    A request whose Content-Length exceeds `max_body_bytes` is answered 413 unread. A request
+    carrying `Bios-Attempt: n` (a client's n-th try of one request) submits its work as attempt
+    n (`bios.clock.attempt`), so that a simulating backend draws that try's faults, not the
+    first try's again."""
 
-
-class AttemptNumbers:
-    """ASGI middleware: a request carrying `Bios-Attempt: n` (a client's n-th try of one request)
-    submits its work as attempt n (`bios.clock.attempt`), so that a simulating backend draws
-    that try's faults, not the first try's again."""
-
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        header = wire.ATTEMPT_HEADER.lower().encode()
-        raw = dict(scope.get("headers") or ()).get(header) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            error = RequestTooLargeError(
+                f"body: {int(length)} bytes exceed this server's limit of {self.max_body_bytes} bytes; "
+                "send smaller batches",
+                field="body",
+            )
+            await JSONResponse({"error": error.to_dict()}, status_code=413)(scope, receive, send)
+            return
+        raw = headers.get(_ATTEMPT)
         number = int(raw) if raw is not None and raw.isdigit() and int(raw) >= 1 else None
         if number is None:
             await self.app(scope, receive, send)
             return
         with attempt(number, None):
             await self.app(scope, receive, send)
+
+
+_ATTEMPT = wire.ATTEMPT_HEADER.lower().encode()

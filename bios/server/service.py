@@ -129,6 +129,7 @@ class Service:
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._session_owner: dict[str, str] = {}
+        self._session_base: dict[str, str | None] = {}  # session id → base model, read once
         self._sampler_owner: dict[str, str] = {}
         self._pending: dict[str, _Pending[Any]] = {}
         self._answers: dict[str, tuple[str, bytes, float]] = {}  # request id → (owner, envelope, finished at)
@@ -162,8 +163,16 @@ class Service:
         self.adopt_session(session_id, owner)
 
     def session_bill(self, session_id: str, meter: Callable[[R], Usage]) -> Bill[R]:
-        """The `Bill` of a request of Bios session `session_id`: its base model and `meter`."""
-        return Bill(self.records.session_base_model(session_id), None, meter)
+        """The `Bill` of a request of Bios session `session_id`: its base model (read from the
+        records once per session, since it never changes) and `meter`."""
+        with self._lock:
+            known = session_id in self._session_base
+            base_model = self._session_base.get(session_id)
+        if not known:
+            base_model = self.records.session_base_model(session_id)
+            with self._lock:
+                self._session_base[session_id] = base_model
+        return Bill(base_model, None, meter)
 
     def adopt_session(self, session_id: str, owner: str) -> None:
         """Serve an already recorded session of `owner` (after a restart)."""
@@ -187,6 +196,8 @@ class Service:
         self.check_session(owner, session_id)
         self.engine.close_session(session_id)
         self.journal.delete(session_id)
+        with self._lock:
+            self._session_base.pop(session_id, None)
         self._announce()
 
     def add_sampler(
@@ -290,10 +301,6 @@ class Service:
         and the meter of its usage (by default: nothing used, no base model or client session);
         a request that fails is entered in the ledger with no usage."""
         body_hash = hashlib.sha256(kind.encode() + b"\0" + (session_id or "").encode() + b"\0" + body).hexdigest()
-        if key is not None:
-            earlier = self._earlier(owner, key, body_hash)
-            if earlier is not None:
-                return earlier
         request_id = f"req-{uuid.uuid4().hex}"
         bill = bill or Bill()
         entry = _entry(request_id, owner, kind, session_id, bill, len(body))
@@ -301,7 +308,7 @@ class Service:
             self.records.add_request(
                 RequestRow(request_id, owner, kind, session_id, seq, key, body_hash, "pending", None, replay, stored)
             )
-        except sqlalchemy.exc.IntegrityError:  # a concurrent retry with the same key got there first
+        except sqlalchemy.exc.IntegrityError:  # the key was used before (a retry), maybe concurrently
             earlier = self._earlier(owner, key, body_hash) if key is not None else None
             if earlier is None:
                 raise

@@ -20,12 +20,11 @@ from bios.server.service import Service
 
 @dataclass(frozen=True, slots=True)
 class ServerState:
-    """One app's service (and through it the engine), the keys it accepts, the largest request
-    body it reads (bytes) and how often it forgets old answers (seconds)."""
+    """One app's service (and through it the engine), the keys it accepts and how often it
+    forgets old answers (seconds)."""
 
     service: Service
     keys: KeyRing
-    max_body_bytes: int
     prune_every_s: float
 
 
@@ -60,12 +59,23 @@ async def owner(connection: HTTPConnection, authorization: str | None = Header(N
     return server_state(connection).keys.authenticate(bearer(authorization))
 
 
-async def idempotency_key(idempotency_key: str | None = Header(None)) -> str | None:
-    """FastAPI dependency: the `Idempotency-Key` header, if sent."""
-    return idempotency_key
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """How a work request was sent: its `Idempotency-Key` header (`key`, None if not sent), and
+    whether it asked for its answer streamed after the request id (`wire.STREAM_ANSWER_HEADER`)."""
+
+    key: str | None
+    stream: bool
+
+
+async def submission(
+    idempotency_key: str | None = Header(None), bios_stream_answer: str | None = Header(None)
+) -> Submission:
+    """FastAPI dependency: the `Submission` of a work request, read from its headers."""
+    return Submission(idempotency_key, bios_stream_answer == "1")
 
 
 ServiceDep = Annotated[Service, Depends(current_service)]
 KeysDep = Annotated[KeyRing, Depends(current_keys)]
 OwnerDep = Annotated[str, Depends(owner)]
-IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
+SubmissionDep = Annotated[Submission, Depends(submission)]

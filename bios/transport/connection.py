@@ -5,7 +5,8 @@ Failures become BiosErrors: the error a failed answer carries, else NoAnswerErro
 came: a connection failure, a gateway's 502/504), RateLimitError (429, with its Retry-After),
 ServiceUnavailableError (503) — retryable ones for `bios.retry` to retry. A mutating request
 carries the retry layer's idempotency key and attempt number. Work is posted and its answer
-long-polled by a task on the loop (a 408 is "not yet": poll again).
+read from the same response (streamed after its request id) or long-polled, by a task on the
+loop (a 408 is "not yet": poll again).
 
 Imports the contract layer and the wire only, never the engine.
 """
@@ -16,7 +17,7 @@ import asyncio
 import concurrent.futures
 import json
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -79,9 +80,12 @@ class Connection:
         params: dict | None = None,
         *,
         mutating: bool = False,
+        stream: bool = False,
     ) -> httpx.Response:
         """Send once (retrying is bios.retry's). A mutating request carries the idempotency key and
         attempt number of the retry layer (this coroutine runs in the caller's contextvars).
+        With `stream`, work asks for its answer streamed (`wire.STREAM_ANSWER_HEADER`) and the
+        response is returned once its headers are in, its body unread (the caller closes it).
         Raises NoAnswerError when no answer came, else the error of a status >= 400 (see
         `_error_of`), except a long-poll's 408, which is returned."""
         headers = (
@@ -89,14 +93,19 @@ class Connection:
             if mutating
             else {}
         )
+        if stream:
+            headers[wire.STREAM_ANSWER_HEADER] = "1"
         content = body.model_dump_json().encode() if body is not None else None
         if content is not None:
             headers["Content-Type"] = "application/json"
         if self._clock is None and path != CAPABILITIES:
             await self.capabilities()  # learn the server's clock before its first answer
         what = f"{method} {self.base_url}{path}"
+        request = self._http.build_request(method, path, content=content, params=params, headers=headers)
         try:
-            response = await self._http.request(method, path, content=content, params=params, headers=headers)
+            response = await self._http.send(request, stream=stream)
+            if stream and response.status_code >= 400:
+                await response.aread()
         except httpx.TransportError as exc:
             raise NoAnswerError(f"{what}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 400 and response.status_code != 408:
@@ -107,11 +116,60 @@ class Connection:
         return await self.send("POST", path, body, mutating=True)
 
     async def submit(self, path: str, body: BaseModel, decode: Decode) -> concurrent.futures.Future:
-        """Post work; the future resolves with `decode(result)` once the server has the answer."""
-        request_id = wire.Submitted.model_validate_json((await self.post(path, body)).content).request_id
+        """Post work; the future resolves with `decode(result)` once the server has the answer.
+        While a long-poll slot is free, the work is posted asking for its answer streamed after
+        its request id, and the slot is held until the answer comes on that response (one round
+        trip, no poll); if the stream ends without it, the answer is long-polled as usual.
+        Without a free slot, the request id comes alone and a poll waits for a slot."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.loop.task(self._poll(request_id, decode, future))
+        if self._poll_slots.locked():
+            request_id = wire.Submitted.model_validate_json((await self.post(path, body)).content).request_id
+            self.loop.task(self._poll(request_id, decode, future))
+            return future
+        await self._poll_slots.acquire()
+        try:
+            response = await self.send("POST", path, body, mutating=True, stream=True)
+        except BaseException:
+            self._poll_slots.release()
+            raise
+        lines = response.aiter_lines()
+        try:
+            request_id = wire.Submitted.model_validate_json(await anext(lines)).request_id
+        except BaseException as exc:
+            self._poll_slots.release()
+            await response.aclose()
+            if isinstance(exc, (httpx.TransportError, StopAsyncIteration)):
+                raise NoAnswerError(f"POST {self.base_url}{path}: the answer broke off: {exc!r}") from None
+            raise
+        self.loop.task(self._streamed(response, lines, request_id, decode, future))
         return future
+
+    async def _streamed(
+        self,
+        response: httpx.Response,
+        lines: AsyncIterator[str],
+        request_id: str,
+        decode: Decode,
+        future: concurrent.futures.Future,
+    ) -> None:
+        """Read the envelope that follows the request id on `response` (holding a poll slot, taken
+        by `submit`) and resolve `future` with it; long-poll instead if the stream ends without it."""
+        try:
+            envelope = await anext(lines, None)
+            async for _ in lines:  # the stream's end: a connection read to its end is kept for reuse
+                pass
+        except httpx.TransportError:
+            envelope = None
+        except BaseException as exc:  # noqa: BLE001 - a close (cancellation) belongs to the future
+            self.loop.deliver(future, _raiser(exc))
+            return
+        finally:
+            self._poll_slots.release()
+            await response.aclose()
+        if not envelope:
+            await self._poll(request_id, decode, future)
+            return
+        self.loop.deliver(future, lambda: _answer(envelope.encode(), decode))
 
     async def _poll(self, request_id: str, decode: Decode, future: concurrent.futures.Future) -> None:
         """Long-poll the request's answer (a 408 is "not yet") and resolve `future` with it."""

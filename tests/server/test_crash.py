@@ -159,7 +159,7 @@ def test_sampling_clients_are_served_again_after_a_restart(tmp_path):
         server.stop()
 
 
-def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies(tmp_path):
+def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies_and_the_indexes(tmp_path):
     import sqlalchemy
 
     from bios.server.db import Records, RequestRow, connect
@@ -184,3 +184,5 @@ def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies(tmp_pa
     records.finish_requests([("req-1", "done", b"J{}")])
     finished = records.request("req-1")
     assert finished is not None and finished.body is None and records.pending_requests() == []
+    indexes = {index["name"] for index in sqlalchemy.inspect(records.engine).get_indexes("requests")}
+    assert {"requests_by_session", "requests_by_finish"} <= indexes

@@ -1,13 +1,18 @@
-"""The answers of requests: `GET /v1/requests/{id}`, long-polled on the event loop."""
+"""The answers of requests: `GET /v1/requests/{id}`, long-polled on the event loop, and the
+answer to a work request itself (`submitted`): its id, followed in the same response by its
+envelope when the client asked for it streamed."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bios import wire
 from bios.errors import NotFoundError
-from bios.server.state import OwnerDep, ServiceDep
+from bios.server.service import Service
+from bios.server.state import OwnerDep, ServiceDep, Submission
 
 router = APIRouter()
 
@@ -25,3 +30,20 @@ async def request_answer(
     if found is None:
         return JSONResponse({"status": "pending", "request_id": request_id}, status_code=408)
     return Response(found, media_type=JSON)
+
+
+def submitted(service: Service, who: str, request_id: str, how: Submission) -> Response:
+    """The answer to `who`'s work request `request_id`: `Submitted` JSON; streamed (`how.stream`),
+    that line and then, once the work is done within `wire.MAX_WAIT_S`, its envelope line (the
+    stream ends after the first line otherwise, and the client polls)."""
+    head = wire.Submitted(request_id=request_id).model_dump_json().encode()
+    if not how.stream:
+        return Response(head, media_type=JSON)
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield head + b"\n"
+        found = await service.wait(who, request_id, wire.MAX_WAIT_S)
+        if found is not None:
+            yield found + b"\n"
+
+    return StreamingResponse(lines(), media_type=wire.STREAM_MEDIA_TYPE)

@@ -7,12 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 
 from bios import wire
 from bios.server import ledger
 from bios.server.ledger import Bill, Usage
+from bios.server.native.requests import submitted
 from bios.server.service import Service
-from bios.server.state import IdempotencyKeyDep, OwnerDep, ServiceDep
+from bios.server.state import OwnerDep, ServiceDep, Submission, SubmissionDep
 
 router = APIRouter()
 
@@ -20,19 +22,20 @@ router = APIRouter()
 def _submit(
     service: Service,
     who: str,
-    idem: str | None,
+    how: Submission,
     kind: str,
     sampler_id: str,
     body: wire.SamplerSample | wire.SamplerLogprobs,
     start: Callable[[], concurrent.futures.Future],
     meter: Callable[[Any], Usage],
-) -> wire.Submitted:
+) -> Response:
     """`who`'s request `kind` on sampler `sampler_id` (NotFoundError if it is not `who`'s),
-    started with `start()` unless `idem` names an earlier one (`Service.submit`), its usage in
-    the ledger by `meter`."""
+    started with `start()` unless its idempotency key names an earlier one (`Service.submit`),
+    its usage in the ledger by `meter`; answered as `how` asks (`submitted`)."""
     service.check_sampler(who, sampler_id)
     bill = Bill(service.engine.samplers.handle(sampler_id).base_model, None, meter)
-    return wire.Submitted(request_id=service.submit(who, kind, body.model_dump_json().encode(), idem, start, bill=bill))
+    request_id = service.submit(who, kind, body.model_dump_json().encode(), how.key, start, bill=bill)
+    return submitted(service, who, request_id, how)
 
 
 @router.post("/v1/samplers")
@@ -55,19 +58,19 @@ def delete_sampler(sampler_id: str, who: OwnerDep, service: ServiceDep) -> dict:
     return {}
 
 
-@router.post("/v1/samplers/{sampler_id}/sample")
+@router.post("/v1/samplers/{sampler_id}/sample", response_model=wire.Submitted)
 def sampler_sample(
-    sampler_id: str, body: wire.SamplerSample, who: OwnerDep, service: ServiceDep, idem: IdempotencyKeyDep
-) -> wire.Submitted:
+    sampler_id: str, body: wire.SamplerSample, who: OwnerDep, service: ServiceDep, how: SubmissionDep
+) -> Response:
     start = lambda: service.engine.sampler_sample(
         sampler_id, body.prompt, body.sampling_params, body.num_samples, prompt_logprobs=body.prompt_logprobs
     )
-    return _submit(service, who, idem, "sample", sampler_id, body, start, ledger.sampled(body.prompt))
+    return _submit(service, who, how, "sample", sampler_id, body, start, ledger.sampled(body.prompt))
 
 
-@router.post("/v1/samplers/{sampler_id}/logprobs")
+@router.post("/v1/samplers/{sampler_id}/logprobs", response_model=wire.Submitted)
 def sampler_logprobs(
-    sampler_id: str, body: wire.SamplerLogprobs, who: OwnerDep, service: ServiceDep, idem: IdempotencyKeyDep
-) -> wire.Submitted:
+    sampler_id: str, body: wire.SamplerLogprobs, who: OwnerDep, service: ServiceDep, how: SubmissionDep
+) -> Response:
     start = lambda: service.engine.sampler_logprobs(sampler_id, body.prompt)
-    return _submit(service, who, idem, "logprobs", sampler_id, body, start, ledger.prefilled(body.prompt))
+    return _submit(service, who, how, "logprobs", sampler_id, body, start, ledger.prefilled(body.prompt))

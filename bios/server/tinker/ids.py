@@ -69,10 +69,12 @@ def engine_seq(seq_id: int | None) -> int:
 
 
 class Runs:
-    """The `tinker_runs` table: Tinker model id <-> Bios session, filed under an owner."""
+    """The `tinker_runs` table: Tinker model id <-> Bios session, filed under an owner. A run is
+    never changed or removed once filed, so each is read from the table once (`find`)."""
 
     def __init__(self, db: SqlEngine) -> None:
         self.db = db
+        self._known: dict[str, Run] = {}  # model id → its run, as filed
         _metadata.create_all(db)
 
     def add(self, run: Run) -> None:
@@ -98,7 +100,11 @@ class Runs:
 
     def find(self, owner: str, model_id: str) -> Run | None:
         """`owner`'s run `model_id`, None if there is none (or it is another owner's)."""
-        run = self._one(runs_table.c.model_id == model_id)
+        run = self._known.get(model_id)
+        if run is None:
+            run = self._one(runs_table.c.model_id == model_id)
+            if run is not None:
+                self._known[model_id] = run
         return run if run is not None and run.owner == owner else None
 
     def of_session(self, session_id: str) -> Run | None:
