@@ -183,7 +183,8 @@ def extend(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feed tokens [B, T] at positions start[b].. of each row, reading and writing the KV cache
     (keys, values: [L, B, C, K, E]), row b with its adapter `routing.adapter[b]` among the A of
-    `lora` (compiled.routing). Returns (logits [B, T, V] float32, the updated cache)."""
+    `lora` (compiled.routing). Returns (logits [B, T, V] float32, the updated cache); the
+    cache is updated in place when donated, and entries past its capacity C are not written."""
     b, t = tokens.shape
     capacity = cache[0].shape[2]
     positions = start[:, None] + jnp.arange(t)[None, :]
