@@ -215,9 +215,10 @@ def _next_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """S1 and S2 for every row (pure): see `choose`, which compiles it alone; `decode` runs it per step.
 
-    A sampled row draws by the Gumbel-max trick over its kept tokens, the noise indexed by token
-    id, so a row's draw does not depend on the other rows; the vocabulary is sorted (`_kept`)
-    only when some sampled row filters by top-k or top-p."""
+    A sampled row draws by inverting the cumulative distribution of its kept tokens (in id
+    order) at one uniform number from its key, so a row's draw does not depend on the other
+    rows and costs one random number, not one per vocabulary entry; the vocabulary is sorted
+    (`_kept`) only when some sampled row filters by top-k or top-p."""
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1)
     sampled = temperature > 0
@@ -227,9 +228,14 @@ def _next_tokens(
         filtering, lambda: _kept(z, top_k, top_p), lambda: jnp.ones(z.shape, bool)
     )  # equal for a row that does not filter
     row_keys = jax.vmap(lambda key, j, s: jax.random.fold_in(jax.random.fold_in(key, j), s))(keys, index, step)
-    noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(row_keys)
-    drawn = jnp.argmax(jnp.where(kept, z + noise, -jnp.inf), axis=-1)
-    token = jnp.where(sampled, drawn, greedy).astype(jnp.int32)
+    uniform = jax.vmap(jax.random.uniform)(row_keys)  # [B] in [0, 1)
+    weights = jnp.where(kept, jnp.exp(z - jnp.max(z, axis=-1, keepdims=True)), 0.0)  # the most likely: 1
+    cumulative = jnp.cumsum(weights, axis=-1)
+    # The first token whose cumulative weight exceeds the drawn fraction of the total: a token
+    # of weight 0 never is; rounding can leave none, then the last kept token is drawn.
+    drawn = jnp.sum(cumulative <= (uniform * cumulative[:, -1])[:, None], axis=-1)
+    last_kept = vocab - 1 - jnp.argmax(kept[:, ::-1], axis=-1)
+    token = jnp.where(sampled, jnp.minimum(drawn, last_kept), greedy).astype(jnp.int32)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logprob
 
@@ -297,12 +303,8 @@ def decode(
         start = jnp.where(done, 0, jnp.minimum(rows.position + count, capacity - 1))
         slot = jnp.where(done, 0, rows.slot)
 
-        def feed(cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            new_logits, cache = model.extend(spec, base, lora, fed[:, None], start, cache, routing(slot, lora["scale"]))
-            return new_logits[:, 0], cache
-
-        logits, cache = jax.lax.cond(jnp.all(done), lambda c: (logits, c), feed, cache)
-        return i + 1, logits, cache, tokens, logprobs, done, count
+        logits, cache = model.extend(spec, base, lora, fed[:, None], start, cache, routing(slot, lora["scale"]))
+        return i + 1, logits[:, 0], cache, tokens, logprobs, done, count
 
     state = (
         jnp.int32(0),

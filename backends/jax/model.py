@@ -200,29 +200,31 @@ def extend(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feed tokens [B, T] at positions start[b].. of each row, reading and writing the KV cache
     (keys, values: [L, B, C, K, E]), row b with its adapter `routing.adapter[b]` among the A of
-    `lora` (compiled.routing). Returns (logits [B, T, V] float32, the updated cache)."""
-    t = tokens.shape[1]
+    `lora` (compiled.routing). Returns (logits [B, T, V] float32, the updated cache); the
+    cache is updated in place when donated, and entries past its capacity C are not written."""
+    b, t = tokens.shape
     capacity = cache[0].shape[2]
     positions = start[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_tables(rope_inv_freq(spec), positions)
     visible = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
     x = base["embed_tokens"][tokens].astype(jnp.float32)
+    rows = jnp.arange(b)[:, None]
 
-    def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
-        return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd.astype(row.dtype), (s, 0, 0)))(
-            buffer, new, start
-        )
-
-    def layer(x: jax.Array, params: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        p, lo, keys, values = params
+    def layer(carry: tuple, params: tuple) -> tuple[tuple, None]:
+        # The cache rides in the carry and only the new tokens' entries are written, in place:
+        # as scanned input and output it would be copied whole at every call.
+        x, keys, values = carry
+        p, lo, index = params
         q, k, v = _attention_inputs(spec, p, lo, x, cos, sin, routing)
-        keys, values = write(keys, k), write(values, v)
-        x = _attention_output(spec, p, lo, x, q, keys, values, visible[:, None], routing)
-        return _mlp_block(spec, p, lo, x, routing), (keys, values)
+        keys = keys.at[index, rows, positions].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[index, rows, positions].set(v.astype(values.dtype), mode="drop")
+        x = _attention_output(spec, p, lo, x, q, keys[index], values[index], visible[:, None], routing)
+        return (_mlp_block(spec, p, lo, x, routing), keys, values), None
 
-    x, new_cache = jax.lax.scan(layer, x, (_layer_params(base), _layer_lora(lora), cache[0], cache[1]))
+    layers = (_layer_params(base), _layer_lora(lora), jnp.arange(spec.n_layers))
+    (x, keys, values), _ = jax.lax.scan(layer, (x, *cache), layers)
     hidden = rms_norm(x, base["norm"], spec.rms_eps)
     logits = jnp.einsum(
         "btd,dv->btv", hidden, _unembedding(base).astype(hidden.dtype), preferred_element_type=jnp.float32
     )
-    return logits + lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing), new_cache
+    return logits + lora_delta(hidden, lora["lora.lm_head.a"], lora["lora.lm_head.b"], routing), (keys, values)

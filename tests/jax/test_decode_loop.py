@@ -209,3 +209,19 @@ def test_one_host_round_trip_per_chunk_and_linear_stop_string_decoding(model, mo
     assert len(out.sequences[0].tokens) == n
     assert len(fetched) == -(-n // CHUNK)  # one transfer per chunk (prompt logprobs not asked)
     assert tokenizer.decoded == sum(min(i + 1, 10) for i in range(n))  # O(n), not n (n + 1) / 2
+
+
+def test_a_decode_chunk_updates_the_cache_in_place(model):
+    """The compiled decode loop writes each step's keys and values into the donated cache where
+    it lies: no copy of a whole cache anywhere in the program (a per-step copy would move the
+    whole cache through memory at every token)."""
+    base, lora, _ = model
+    requests = sampler._requests(SPEC, [(work(num_samples=2, temperature=1.0), 1)], CountingTokenizer)
+    pool = sampler._pool(SPEC, base, lora, jnp.float32, requests, sampler.MAX_ROWS)
+    rows = pool._settings(len(pool.rows))
+    program = compiled.decode.lower(SPEC, base, lora, pool.logits, pool.cache, rows, CHUNK).compile().as_text()
+    cache_shape = "f32[" + ",".join(map(str, pool.cache[0].shape)) + "]"
+    copied = [
+        line for line in program.splitlines() if cache_shape in line and (" copy(" in line or "broadcast(" in line)
+    ]
+    assert not copied, copied[:3]
