@@ -21,7 +21,7 @@ from backends.jax import model, optimizer
 from backends.jax.batch import Batch, Decoded, DecodeRows
 from backends.jax.losses import LOSS_FUNCTIONS
 from backends.jax.ops import Routing
-from backends.jax.params import put_part, take_part
+from backends.jax.params import put_part, slot_axis, take_part
 from bios.catalog import ModelSpec
 
 
@@ -160,6 +160,17 @@ def compact(lora: dict, adapters: jax.Array, rank: int) -> dict:
     """The LoRA state of the `adapters` [A] slots at `rank` columns (`[L, A, in, rank]`, ...,
     scale [A]): what `extend` reads, for a sampling call that uses only those adapters."""
     return _take(lora, adapters, rank)
+
+
+@jax.jit
+def slot_state(lora: dict, opt_state: optimizer.State, slot: jax.Array) -> tuple[dict, dict, dict, jax.Array]:
+    """Slot `slot`'s LoRA factors (slot axis removed, every column: `lora.<module>.a` [L, in, R],
+    ...), its Adam first and second moments (the same, from the optimizer's slot-major trees)
+    and its step count: what an export of the adapter reads, gathered by one program."""
+    mu, nu = optimizer.adam_moments(opt_state)
+    weights = {k: jnp.take(v, slot, axis=slot_axis(k)) for k, v in lora.items() if k != "scale"}
+    first, second = ({k: v[slot] for k, v in moments.items()} for moments in (mu, nu))
+    return weights, first, second, optimizer.step_count(opt_state)[slot]
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
@@ -331,6 +342,7 @@ PROGRAMS = {
     "adam_update": adam_update,
     "write_back": write_back,
     "compact": compact,
+    "slot_state": slot_state,
     "extend": extend,
     "copy_rows": copy_rows,
     "choose": choose,

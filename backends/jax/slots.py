@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from backends.jax import optimizer
+from backends.jax import compiled, optimizer
 from backends.jax.batch import bucket
 from backends.jax.compiled import host
 from backends.jax.params import adapter_weights, lora_shapes, slot_arrays, slot_axis, slot_index
@@ -112,20 +112,17 @@ class SlotTable:
         return {k: host(v[slot_index(k, slot)]) for k, v in self.lora.items() if k != "scale"}
 
     def export(self, adapter_id: str) -> AdapterState:
-        """The adapter's weights and Adam moments (bios.weights names, at its own rank) and step."""
+        """The adapter's weights and Adam moments (bios.weights names, at its own rank) and step,
+        gathered by one program and fetched in one transfer."""
         slot, spec = self.adapters[adapter_id]
-        modules = spec.target_modules
-        mu, nu = optimizer.adam_moments(self.opt_state)
+        leaves, tree = jax.tree.flatten(compiled.slot_state(self.lora, self.opt_state, jnp.int32(slot)))
+        weights, first, second, step = jax.tree.unflatten(tree, compiled.host_all(*leaves))
 
-        def take(slot_major: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-            return adapter_weights(self.spec, {k: host(v[slot]) for k, v in slot_major.items()}, modules, spec.rank)
+        def named(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return adapter_weights(self.spec, arrays, spec.target_modules, spec.rank)
 
         return AdapterState(
-            spec=spec,
-            step=int(host(optimizer.step_count(self.opt_state))[slot]),
-            weights=adapter_weights(self.spec, self.arrays(adapter_id), modules, spec.rank),
-            adam_m=take(mu),
-            adam_v=take(nu),
+            spec=spec, step=int(step), weights=named(weights), adam_m=named(first), adam_v=named(second)
         )
 
     def _write(self, slot: int, weights: dict, moments: tuple[dict, dict] | None, step: int, scale: float) -> None:
