@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 MODEL = "bios/tiny"
 TOKENS = 64
@@ -87,21 +88,7 @@ def bios_client(steps: int, server_pid: int | None = None, **client_args: str) -
     from bios import types
 
     training = bios.ServiceClient(**client_args).create_lora_training_client(MODEL, rank=8, seed=0)
-    adam = types.AdamParams(learning_rate=1e-3)
-
-    def step(i: int) -> None:
-        t = _tokens(i)
-        datum = types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:]})
-        training.forward_backward([datum], "cross_entropy").result()
-        training.optim_step(adam).result()
-
-    sampler = training.save_weights_and_get_sampling_client("bench")
-    prompt = types.ModelInput.from_ints(_tokens(0)[:16])
-    params = types.SamplingParams(max_tokens=4, temperature=0.0)
-    probes = _probes(server_pid)
-    return _timed(
-        steps, step, lambda: sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result(), probes
-    )
+    return _rounds(steps, training, training.save_weights_and_get_sampling_client("bench"), types, server_pid)
 
 
 def sdk_client(url: str, steps: int, server_pid: int) -> dict[str, list[float]]:
@@ -110,8 +97,15 @@ def sdk_client(url: str, steps: int, server_pid: int) -> dict[str, list[float]]:
     import tinker
     from tinker import types
 
-    service = tinker.ServiceClient(base_url=url, api_key="tml-bench-key")
-    training = service.create_lora_training_client(MODEL, rank=8, seed=0)
+    training = tinker.ServiceClient(base_url=url, api_key="tml-bench-key").create_lora_training_client(
+        MODEL, rank=8, seed=0
+    )
+    return _rounds(steps, training, training.save_weights_and_get_sampling_client(), types, server_pid)
+
+
+def _rounds(steps: int, training: Any, sampler: Any, types: Any, server_pid: int | None) -> dict[str, list[float]]:
+    """`steps` training steps and SAMPLES samples through `training` and `sampler`, clients of
+    either API (`types` is that API's types module)."""
     adam = types.AdamParams(learning_rate=1e-3)
 
     def step(i: int) -> None:
@@ -120,12 +114,13 @@ def sdk_client(url: str, steps: int, server_pid: int) -> dict[str, list[float]]:
         training.forward_backward([datum], "cross_entropy").result()
         training.optim_step(adam).result()
 
-    sampler = training.save_weights_and_get_sampling_client()
     prompt = types.ModelInput.from_ints(_tokens(0)[:16])
     params = types.SamplingParams(max_tokens=4, temperature=0.0)
-    probes = _probes(server_pid)
     return _timed(
-        steps, step, lambda: sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result(), probes
+        steps,
+        step,
+        lambda: sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result(),
+        _probes(server_pid),
     )
 
 
