@@ -31,7 +31,8 @@ class Polls:
         event = self._events.setdefault(request_id, asyncio.Event())
         self._count(request_id, +1)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             pass
         finally:

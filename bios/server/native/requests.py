@@ -4,10 +4,11 @@ envelope when the client asked for it streamed."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from bios import wire
 from bios.errors import NotFoundError
@@ -40,10 +41,24 @@ def submitted(service: Service, who: str, request_id: str, how: Submission) -> R
     if not how.stream:
         return Response(head, media_type=JSON)
 
-    async def lines() -> AsyncIterator[bytes]:
-        yield head + b"\n"
-        found = await service.wait(who, request_id, wire.MAX_WAIT_S)
-        if found is not None:
-            yield found + b"\n"
+    return _StreamedAnswer(head, lambda: service.wait(who, request_id, wire.MAX_WAIT_S))
 
-    return StreamingResponse(lines(), media_type=wire.STREAM_MEDIA_TYPE)
+
+class _StreamedAnswer(Response):
+    """`head` as the first line at once, then the line `answer()` gives (nothing if it gives
+    None), then the end of the body. Sent straight to the ASGI server: unlike starlette's
+    StreamingResponse, no task group watches for a disconnect meanwhile (the wait is bounded,
+    and a server drops what is sent to a client that went away)."""
+
+    media_type = wire.STREAM_MEDIA_TYPE
+
+    def __init__(self, head: bytes, answer: Callable[[], Awaitable[bytes | None]]) -> None:
+        self.status_code, self.background = 200, None
+        self.init_headers()  # without a body: no Content-Length, the body is chunked
+        self._head, self._answer = head, answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self._head + b"\n", "more_body": True})
+        found = await self._answer()
+        await send({"type": "http.response.body", "body": b"" if found is None else found + b"\n"})
