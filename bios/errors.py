@@ -171,7 +171,8 @@ _BY_CODE: dict[str, type[BiosError]] = {
 
 
 class BlockingCallError(BiosError, RuntimeError):
-    """A blocking `.result()` was called inside a running event loop; await the future instead."""
+    """A blocking call that could never return: made on the thread of the event loop that would
+    have to answer it. Await the call's `*_async` twin there instead."""
 
     code = "blocking_call"
     status = 400

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import weakref
 from collections.abc import Callable, Generator
 from typing import Generic, TypeVar
 
 from bios.clock import Clock
-from bios.errors import APITimeoutError, BlockingCallError
+from bios.errors import APITimeoutError
 from bios.types import RequestTiming
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def pinned(future: concurrent.futures.Future[T], owner: object) -> concurrent.futures.Future[T]:
@@ -74,10 +76,12 @@ class BiosFuture(Generic[T]):
     def result(self, timeout: float | None = None) -> T:
         """Block until the result is ready and return it, or raise the request's `BiosError`.
 
-        Raises APITimeoutError after `timeout` seconds, and BlockingCallError when called from
-        inside a running event loop (use `await future` or the `*_async` method there).
+        Raises APITimeoutError after `timeout` seconds. Inside a running event loop it still
+        waits (the request runs on the engine's or the transport's own threads, never on the
+        caller's loop, so this cannot deadlock) but logs a warning: the loop is stalled
+        meanwhile, and `await future` would not stall it.
         """
-        self._refuse_to_block_a_running_loop()
+        self._warn_if_blocking_a_running_loop()
         try:
             return self._inner.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -101,9 +105,9 @@ class BiosFuture(Generic[T]):
         return self._inner.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The request's error, None if it succeeded; waits like `result` (and, like it, refuses
-        to block a running event loop)."""
-        self._refuse_to_block_a_running_loop()
+        """The request's error, None if it succeeded; waits like `result` (and, like it, warns
+        when it stalls a running event loop)."""
+        self._warn_if_blocking_a_running_loop()
         try:
             return self._inner.exception(timeout)
         except concurrent.futures.TimeoutError:
@@ -112,16 +116,42 @@ class BiosFuture(Generic[T]):
             if self._inner.done():
                 settle_clock(self._inner)
 
-    def _refuse_to_block_a_running_loop(self) -> None:
-        """BlockingCallError if this thread runs an event loop and the result is not ready."""
+    def future(self) -> concurrent.futures.Future[T]:
+        """A `concurrent.futures.Future` that completes with this request's result or error, for
+        code built on the standard futures (`concurrent.futures.wait`, `as_completed`). Waiting
+        on it does not move a simulated clock; cancelling it gives up that future only, not the
+        request, which runs on (its result stays available here)."""
+        mirror: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def copy_state(inner: concurrent.futures.Future) -> None:
+            if not mirror.set_running_or_notify_cancel():
+                return
+            if inner.cancelled():
+                mirror.set_exception(concurrent.futures.CancelledError())
+            elif (error := inner.exception()) is not None:
+                mirror.set_exception(error)
+            else:
+                mirror.set_result(inner.result())
+
+        self._inner.add_done_callback(copy_state)
+        return mirror
+
+    async def coroutine(self) -> T:
+        """This future as a coroutine (`asyncio.create_task(future.coroutine())`): awaits it."""
+        return await self
+
+    def _warn_if_blocking_a_running_loop(self) -> None:
+        """Log a warning if this thread runs an event loop and the result is not ready."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return
         if not self._inner.done():
-            raise BlockingCallError(
-                f"{self._method}: waiting here would block the running event loop; "
-                f"use `await` on the future or call {self._method}_async instead"
+            log.warning(
+                "%s: .result() inside a running event loop stalls the loop until the request is "
+                "done; use `await` on the future or call %s_async instead",
+                self._method,
+                self._method,
             )
 
     def add_done_callback(self, fn: Callable[[BiosFuture[T]], object]) -> None:

@@ -1,5 +1,6 @@
-"""`BiosFuture`: blocking and asyncio use, callbacks, timeouts, the guard against blocking a
-running event loop, and giving up a wait without cancelling the request. Then the async
+"""`BiosFuture`: blocking and asyncio use, callbacks, timeouts, the warning when a wait stalls
+a running event loop, the standard-future and coroutine views, and giving up a wait without
+cancelling the request. Then the async
 calling patterns of the seed examples against the emulator."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from helpers import random_batch
 
 import bios
 from bios import types
-from bios.errors import APITimeoutError, BiosError, BlockingCallError, NotFoundError
+from bios.errors import APITimeoutError, BiosError, NotFoundError
 from bios.futures import BiosFuture
 from bios.transport.inprocess import default_pool
 
@@ -142,20 +143,66 @@ def test_giving_up_a_wait_does_not_cancel_the_request() -> None:
     assert (a.result(), b.result(), c.result()) == ("late a", "late b", "late c")
 
 
-def test_blocking_result_inside_a_running_loop_names_the_async_method() -> None:
-    async def main() -> tuple[BlockingCallError, object]:
+def test_result_inside_a_running_loop_waits_and_warns_naming_the_async_method(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> object:
         inner, future = pending("forward_backward")
-        try:
-            future.result()
-        except BlockingCallError as exc:
-            error = exc
-        inner.set_result("ready")
-        return error, future.result()  # finished futures never block, so this is allowed
+        threading.Timer(0.05, inner.set_result, ("ready",)).start()  # the engine answers from its thread
+        return future.result(timeout=5)
 
-    error, value = asyncio.run(main())
-    assert "forward_backward_async" in error.message and "await" in error.message
-    assert isinstance(error, RuntimeError) and error.code == "blocking_call"
-    assert value == "ready"
+    with caplog.at_level("WARNING", logger="bios.futures"):
+        assert asyncio.run(main()) == "ready"
+    (record,) = caplog.records
+    assert "forward_backward_async" in record.getMessage() and "await" in record.getMessage()
+
+
+def test_a_finished_future_read_inside_a_running_loop_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> object:
+        future = BiosFuture.completed("ready", "sample")
+        return future.result(), future.exception()
+
+    with caplog.at_level("WARNING", logger="bios.futures"):
+        assert asyncio.run(main()) == ("ready", None)
+    assert not caplog.records
+
+
+def test_a_sync_call_inside_a_running_loop_completes_on_the_engine(training: bios.TrainingClient) -> None:
+    async def main() -> types.ForwardBackwardResult:
+        return training.forward_backward(random_batch(1), "cross_entropy").result(timeout=30)
+
+    assert asyncio.run(main()).loss > 0
+
+
+def test_future_gives_a_standard_future_that_mirrors_the_request() -> None:
+    inner, future = pending("sample")
+    standard = future.future()
+    assert isinstance(standard, concurrent.futures.Future) and not standard.done()
+    inner.set_result(7)
+    assert standard.result(timeout=1) == 7
+    failed_inner, failed = pending("optim_step")
+    failed_standard = failed.future()
+    error = NotFoundError("session_id: no training session 's'", field="session_id")
+    failed_inner.set_exception(error)
+    assert failed_standard.exception(timeout=1) is error
+
+
+def test_cancelling_the_standard_future_leaves_the_request_running() -> None:
+    inner, future = pending("sample")
+    standard = future.future()
+    assert standard.cancel()
+    inner.set_result("late")  # the engine resolving it later must not fail
+    assert not inner.cancelled() and future.result() == "late"
+
+
+def test_coroutine_awaits_the_future_as_a_task() -> None:
+    async def main() -> object:
+        inner, future = pending("sample")
+        task = asyncio.create_task(future.coroutine())
+        asyncio.get_running_loop().call_later(0.01, inner.set_result, "sampled")
+        return await task
+
+    assert asyncio.run(main()) == "sampled"
 
 
 # ---- the seed's async pattern on the emulator ----------------------------------------------
@@ -196,36 +243,33 @@ def test_forward_backward_async_gives_a_future_to_await(service: bios.ServiceCli
 
 @pytest.mark.inprocess  # holds the in-process engine's worker; a server's request would not wait for it
 def test_blocking_call_from_async_code_on_a_real_request(
-    service: bios.ServiceClient, training: bios.TrainingClient
+    service: bios.ServiceClient, training: bios.TrainingClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`.result()` inside a coroutine on a request that has not finished is refused (the engine's
-    worker is held so that the request cannot finish first); the request itself is unaffected."""
+    """`.result()` inside a coroutine on a request that has not finished waits for it (the
+    engine's worker is held, then released from another thread) and warns once."""
     engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]), service.config.backend_options)
     entered, gate = threading.Event(), threading.Event()
     engine.scheduler.call(lambda: (entered.set(), gate.wait()))
     entered.wait()
 
-    async def main() -> tuple[str, types.SampleResult]:
+    async def main() -> types.SampleResult:
         fut = training.sample(types.ModelInput.from_ints([5, 6, 7]), types.SamplingParams(max_tokens=4, seed=1))
-        try:
-            fut.result()
-        except BlockingCallError as exc:
-            message = exc.message
-        finally:
-            gate.set()
-        return message, await fut
+        threading.Timer(0.05, gate.set).start()
+        return fut.result(timeout=30)
 
-    message, result = asyncio.run(main())
-    assert "sample_async" in message
+    with caplog.at_level("WARNING", logger="bios.futures"):
+        result = asyncio.run(main())
     assert len(result.sequences) == 1 and 1 <= len(result.sequences[0].tokens) <= 4
+    assert ["sample_async" in record.getMessage() for record in caplog.records] == [True]
 
 
-def test_exception_refuses_to_block_a_running_event_loop():
-    pending = BiosFuture(concurrent.futures.Future(), "sample")
+def test_exception_inside_a_running_loop_waits_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    inner, future = pending("sample")
 
-    async def inside_loop():
-        with pytest.raises(BlockingCallError) as err:
-            pending.exception()
-        return err.value.message
+    async def inside_loop() -> BaseException | None:
+        threading.Timer(0.05, inner.set_result, ("sampled",)).start()
+        return future.exception(timeout=5)
 
-    assert "sample_async" in asyncio.run(inside_loop())
+    with caplog.at_level("WARNING", logger="bios.futures"):
+        assert asyncio.run(inside_loop()) is None
+    assert "sample_async" in caplog.records[0].getMessage()

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from bios.errors import BiosError
+from bios.errors import BiosError, BlockingCallError
 
 T = TypeVar("T")
 SPAWNED_GRACE_S = 5.0
@@ -42,7 +42,7 @@ class LoopThread:
         The one blocking path of the transport (the thread that calls it waits)."""
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError(f"{self.name}: a blocking call on the transport's own loop would never return")
+            raise BlockingCallError(f"{self.name}: a blocking call on the transport's own loop would never return")
         future = self._schedule(coro)
         try:
             return future.result()

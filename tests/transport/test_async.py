@@ -137,3 +137,25 @@ def test_the_loop_runs_other_tasks_while_the_server_holds_a_request(server, monk
         gate.set()
         service.transport.close()
     assert models >= 1 and still_waiting and loss > 0
+
+
+def test_a_blocking_wait_on_the_transports_own_loop_is_refused_not_deadlocked() -> None:
+    """The one wait that could never return (on the thread of the loop that must answer it)."""
+    loop = LoopThread("refusal")
+
+    async def nested() -> str:
+        inner = asyncio.sleep(0, "never run")
+        try:
+            loop.wait(inner)
+        except bios.BlockingCallError as error:
+            return error.message
+        return "waited"
+
+    async def nothing() -> None:
+        pass
+
+    try:
+        message = loop.wait(nested())
+    finally:
+        loop.close(nothing)
+    assert "own loop would never return" in message
