@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 import weakref
 from collections.abc import Callable, Generator
-from typing import Generic, TypeVar
+from typing import Generic, Self, TypeVar
 
 from bios.clock import Clock
 from bios.errors import APITimeoutError
@@ -197,3 +197,29 @@ class BiosFuture(Generic[T]):
     def __repr__(self) -> str:
         state = "done" if self._inner.done() else "pending"
         return f"<BiosFuture {self._method} {state}>"
+
+
+class ReadyClient:
+    """A client that is also the finished future of its own making. The tinker SDK's `create_*`
+    calls hand back a future of the client; Bios's hand back the client itself, which answers
+    that future's calls too: `.result()`, `await client`, `.future()` and `.coroutine()` all
+    give the client, so code written either way runs."""
+
+    def result(self, timeout: float | None = None) -> Self:
+        """This client (it is ready: nothing to wait for)."""
+        return self
+
+    async def result_async(self, timeout: float | None = None) -> Self:
+        return self
+
+    def future(self) -> concurrent.futures.Future[Self]:
+        """A finished `concurrent.futures.Future` holding this client."""
+        done: concurrent.futures.Future[Self] = concurrent.futures.Future()
+        done.set_result(self)
+        return done
+
+    async def coroutine(self) -> Self:
+        return self
+
+    def __await__(self) -> Generator[object, None, Self]:
+        return self.coroutine().__await__()

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Concatenate, ParamSpec
 
-from bios.futures import BiosFuture, pinned
+from bios.futures import BiosFuture, ReadyClient, pinned
 from bios.handles import SamplerHandle
 from bios.retry import call_with_retries, retrying, retrying_async
 from bios.tokenizer import Tokenizer
@@ -23,7 +23,16 @@ P = ParamSpec("P")
 Future = concurrent.futures.Future
 
 
-class SamplingClient:
+def in_either_order(sampling_params: SamplingParams | int, num_samples: int | SamplingParams) -> tuple:
+    """(sampling_params, num_samples), given in Bios's order or swapped, as the tinker SDK's
+    positional `sample(prompt, num_samples, sampling_params)` passes them. Anything else is
+    returned as it came, for validation to name."""
+    if isinstance(num_samples, SamplingParams) and isinstance(sampling_params, int):
+        return num_samples, sampling_params
+    return sampling_params, num_samples
+
+
+class SamplingClient(ReadyClient):
     """Samples from one fixed set of weights. Create it with `ServiceClient.create_sampling_client`
     or `TrainingClient.save_weights_and_get_sampling_client`."""
 
@@ -44,7 +53,10 @@ class SamplingClient:
         """`num_samples` completions of `prompt` (docs/losses.md S1–S3).
 
         With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]).
+        The tinker SDK's positional order, `sample(prompt, num_samples, sampling_params)`, is
+        accepted too.
         """
+        sampling_params, num_samples = in_either_order(sampling_params, num_samples)
         future = self._send(
             "sample",
             self._transport.sampler_sample,
@@ -63,6 +75,7 @@ class SamplingClient:
         include_prompt_logprobs: bool = False,
     ) -> SampleResult:
         t = self._transport
+        sampling_params, num_samples = in_either_order(sampling_params, num_samples)
         future = await self._send_async(
             "sample",
             t.sampler_sample,

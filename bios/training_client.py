@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec
 from bios import custom_loss, training_step
 from bios.clock import Clock
 from bios.errors import BiosError, InvalidRequestError
-from bios.futures import BiosFuture, TimedFuture, pinned, unsettled
+from bios.futures import BiosFuture, ReadyClient, TimedFuture, pinned, unsettled
 from bios.retry import call_with_retries, call_with_retries_async, retrying, retrying_async
 from bios.tokenizer import Tokenizer
 from bios.transport import Transport
@@ -43,7 +44,7 @@ P = ParamSpec("P")
 Future = concurrent.futures.Future
 
 
-class TrainingClient:
+class TrainingClient(ReadyClient):
     """A training session on the service. Create it with `ServiceClient.create_lora_training_client`."""
 
     def __init__(
@@ -295,20 +296,21 @@ class TrainingClient:
         )
         return BiosFuture(pinned(future, self), "save_weights_for_sampler")
 
-    def save_weights_and_get_sampling_client(self, name: str) -> SamplingClient:
-        """Freeze the current weights and return a SamplingClient on them."""
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """Freeze the current weights and return a SamplingClient on them. Without `name`, the
+        snapshot is named `sampler-<12 hex digits>`, unique to this call."""
         from bios.sampling_client import SamplingClient
 
-        path = self.save_weights_for_sampler(name).result().path
+        path = self.save_weights_for_sampler(name or _fresh_sampler_name()).result().path
         handle = call_with_retries(
             lambda: self._transport.create_sampler(model_path=path), "create_sampling_client", self._clock
         )
         return SamplingClient(self._transport, handle)
 
-    async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
         from bios.sampling_client import SamplingClient
 
-        path = (await (await self.save_weights_for_sampler_async(name))).path
+        path = (await (await self.save_weights_for_sampler_async(name or _fresh_sampler_name()))).path
         handle = await call_with_retries_async(
             lambda: self._transport.create_sampler_async(model_path=path), "create_sampling_client", self._clock
         )
@@ -396,3 +398,8 @@ def _custom_inputs(data: Sequence[Datum], loss_fn: object) -> tuple[list[Datum],
     items = list(data) if isinstance(data, (list, tuple)) else data
     reduced = custom_loss.logprob_data(items)
     return list(items), reduced
+
+
+def _fresh_sampler_name() -> str:
+    """A name for a sampler snapshot the caller did not name."""
+    return f"sampler-{uuid.uuid4().hex[:12]}"

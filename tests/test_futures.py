@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import random_batch
+from helpers import MODEL, random_batch
 
 import bios
 from bios import types
@@ -243,10 +243,13 @@ def test_forward_backward_async_gives_a_future_to_await(service: bios.ServiceCli
 
 @pytest.mark.inprocess  # holds the in-process engine's worker; a server's request would not wait for it
 def test_blocking_call_from_async_code_on_a_real_request(
-    service: bios.ServiceClient, training: bios.TrainingClient, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`.result()` inside a coroutine on a request that has not finished waits for it (the
-    engine's worker is held, then released from another thread) and warns once."""
+    in-process engine's worker is held, then released from another thread) and warns once."""
+    monkeypatch.delenv("BIOS_BASE_URL", raising=False)  # in-process even under --remote
+    service = bios.ServiceClient(backend="emulator")
+    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=0)
     engine = default_pool().engine("emulator", Path(os.environ["BIOS_HOME"]), service.config.backend_options)
     entered, gate = threading.Event(), threading.Event()
     engine.scheduler.call(lambda: (entered.set(), gate.wait()))

@@ -117,6 +117,23 @@ def test_model_input_rejects_negative_and_unknown_chunks() -> None:
     assert info.value.field == "ModelInput.chunks.0.type" and "encoded_text" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("tokens", "hint"),
+    [
+        ("hello", "tokenizer.encode(text)"),
+        (b"hi", "tokenizer.encode(text)"),
+        ([1, 2.5], "integer token ids"),
+        ([1, "a"], "integer token ids"),
+        (7, "integer token ids"),
+        (np.array([1.0, 2.0]), "integer token ids"),
+    ],
+)
+def test_from_ints_refuses_text_and_non_integers_naming_the_field(tokens: object, hint: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        types.ModelInput.from_ints(tokens)  # type: ignore[arg-type]
+    assert info.value.field == "ModelInput.tokens" and hint in info.value.message
+
+
 def test_datum_accepts_lists_numpy_and_tensor_data_alike() -> None:
     mi = types.ModelInput.from_ints([1, 2, 3])
     targets, weights = [2, 3, 4], [1.0, 0.5, 0.0]

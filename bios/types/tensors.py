@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -82,8 +83,22 @@ class ModelInput(RequestModel):
 
     @classmethod
     def from_ints(cls, tokens: Sequence[int] | np.ndarray) -> ModelInput:
-        """One text chunk holding `tokens`."""
-        return cls(chunks=[EncodedTextChunk(tokens=[int(t) for t in tokens])])
+        """One text chunk holding `tokens` (ints, numpy integers included). InvalidRequestError
+        naming `ModelInput.tokens` for text or any id that is not an integer."""
+        if isinstance(tokens, str | bytes):
+            raise InvalidRequestError(
+                f"ModelInput.tokens: expected token ids, got the text {tokens[:40]!r}; "
+                "encode it first: ModelInput.from_ints(tokenizer.encode(text))",
+                field="ModelInput.tokens",
+            )
+        try:
+            ids = [operator.index(t) for t in tokens]
+        except TypeError:
+            raise InvalidRequestError(
+                f"ModelInput.tokens: expected a sequence of integer token ids, got {repr(tokens)[:80]}",
+                field="ModelInput.tokens",
+            ) from None
+        return cls(chunks=[EncodedTextChunk(tokens=ids)])
 
     @classmethod
     def empty(cls) -> ModelInput:

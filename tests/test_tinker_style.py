@@ -1,0 +1,66 @@
+"""Code written for the tinker SDK runs on Bios unchanged: the `create_*` calls whose SDK
+versions hand back a future of the client, `sample`'s SDK positional order, and
+`save_weights_and_get_sampling_client()` without a name. In-process and (`--remote`) served."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+from helpers import MODEL, random_batch
+
+import bios
+from bios import types
+
+pytestmark = pytest.mark.api
+
+PROMPT, GREEDY = types.ModelInput.from_ints([7, 300, 41]), types.SamplingParams(max_tokens=3, temperature=0.0)
+
+
+def test_a_created_training_client_is_also_its_own_finished_future(service: bios.ServiceClient) -> None:
+    made = service.create_lora_training_client(MODEL, rank=4, seed=3)
+    assert made.result() is made and made.result(timeout=1) is made
+    assert isinstance(made.future(), concurrent.futures.Future) and made.future().result(timeout=0) is made
+    training = service.create_lora_training_client(MODEL, rank=4, seed=3).result()  # the SDK's style
+    assert training.forward_backward(random_batch(1), "cross_entropy").result().loss > 0
+
+
+def test_awaiting_a_create_call_gives_the_client(service: bios.ServiceClient) -> None:
+    async def main() -> tuple[bios.TrainingClient, bios.SamplingClient, bios.TrainingClient]:
+        training = await service.create_lora_training_client(MODEL, rank=4, seed=3)
+        sampler = await service.create_sampling_client(base_model=MODEL)
+        task = asyncio.create_task(training.coroutine())
+        return training, sampler, await task
+
+    training, sampler, again = asyncio.run(main())
+    assert isinstance(training, bios.TrainingClient) and again is training
+    assert isinstance(sampler, bios.SamplingClient) and sampler.result() is sampler
+
+
+def test_sample_takes_the_sdks_positional_order_with_the_same_answer(service: bios.ServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=MODEL)
+    ours = sampler.sample(PROMPT, GREEDY, 2).result()
+    sdk_order = sampler.sample(PROMPT, 2, GREEDY).result()
+    by_name = sampler.sample(prompt=PROMPT, num_samples=2, sampling_params=GREEDY).result()
+    assert [s.tokens for s in sdk_order.sequences] == [s.tokens for s in ours.sequences]
+    assert [s.tokens for s in by_name.sequences] == [s.tokens for s in ours.sequences]
+    assert len(ours.sequences) == 2 and all(len(s.tokens) == 3 for s in ours.sequences)
+    swapped_async = asyncio.run(sampler.sample_async(PROMPT, 2, GREEDY))
+    assert [s.tokens for s in swapped_async.sequences] == [s.tokens for s in ours.sequences]
+
+
+def test_sample_with_neither_order_is_a_typed_error_naming_the_field(service: bios.ServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=MODEL)
+    with pytest.raises(bios.InvalidRequestError) as info:
+        sampler.sample(PROMPT, 2, 3).result()  # type: ignore[arg-type]
+    assert "sampling_params" in (info.value.field or "")
+
+
+def test_save_weights_and_get_sampling_client_without_a_name(training: bios.TrainingClient) -> None:
+    training.train(random_batch(2), learning_rate=1e-2)
+    first = training.save_weights_and_get_sampling_client()
+    second = training.save_weights_and_get_sampling_client()
+    a, b = first.sample(PROMPT, GREEDY).result(), second.sample(PROMPT, GREEDY).result()
+    assert a.sequences[0].tokens == b.sequences[0].tokens  # the same weights, two snapshots
+    assert asyncio.run(training.save_weights_and_get_sampling_client_async()).sample(PROMPT, GREEDY).result() == a
