@@ -158,19 +158,41 @@ class ServiceClient:
     def create_training_client_from_state(
         self, path: str | os.PathLike, base_model: str | None = None
     ) -> TrainingClient:
-        """A new session resuming the state saved at `path` (bios://SESSION/weights/NAME: weights,
-        optimizer moments, step), or starting at step 0 from the Hugging Face PEFT LoRA adapter in
-        local directory `path` on `base_model` (required then)."""
-        t, label = self._transport, "create_training_client_from_state"
-        info = call_with_retries(lambda: t.create_session_from_state(path, base_model), label, self._clock)
-        return self._training_client(info, call_with_retries(lambda: t.next_seq(info.session_id), label, self._clock))
+        """A new session starting from the weights saved at `path` (bios://SESSION/weights/NAME)
+        with a fresh optimizer (step 0, zero Adam moments), as the tinker SDK's call does, or from
+        the Hugging Face PEFT LoRA adapter in local directory `path` on `base_model` (required
+        then). `create_training_client_from_state_with_optimizer` resumes the moments and step too."""
+        return self._from_state(path, base_model, optimizer=False)
 
     async def create_training_client_from_state_async(
         self, path: str | os.PathLike, base_model: str | None = None
     ) -> TrainingClient:
+        return await self._from_state_async(path, base_model, optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(
+        self, path: str | os.PathLike, base_model: str | None = None
+    ) -> TrainingClient:
+        """A new session resuming the state saved at `path`: weights, Adam moments and step."""
+        return self._from_state(path, base_model, optimizer=True)
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, path: str | os.PathLike, base_model: str | None = None
+    ) -> TrainingClient:
+        return await self._from_state_async(path, base_model, optimizer=True)
+
+    def _from_state(self, path: str | os.PathLike, base_model: str | None, *, optimizer: bool) -> TrainingClient:
+        t, label = self._transport, "create_training_client_from_state"
+        info = call_with_retries(
+            lambda: t.create_session_from_state(path, base_model, optimizer=optimizer), label, self._clock
+        )
+        return self._training_client(info, call_with_retries(lambda: t.next_seq(info.session_id), label, self._clock))
+
+    async def _from_state_async(
+        self, path: str | os.PathLike, base_model: str | None, *, optimizer: bool
+    ) -> TrainingClient:
         t, label = self._transport, "create_training_client_from_state"
         info = await call_with_retries_async(
-            lambda: t.create_session_from_state_async(path, base_model), label, self._clock
+            lambda: t.create_session_from_state_async(path, base_model, optimizer=optimizer), label, self._clock
         )
         seq = await call_with_retries_async(lambda: t.next_seq_async(info.session_id), label, self._clock)
         return self._training_client(info, seq)

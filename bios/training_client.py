@@ -269,17 +269,31 @@ class TrainingClient(ReadyClient):
         return BiosFuture(pinned(future, self), "save_state")
 
     def load_state(self, path: str) -> TrainingClient:
-        """Restore weights, optimizer state and step from `path` into this session; returns it.
-
-        Pending gradients are discarded. The checkpoint must be of the same base model.
-        """
-        seq = self._reserve()
-        BiosFuture(pinned(self._send(seq, "load_state", self._transport.load_state, path), self), "load_state").result()
-        return self
+        """Load the weights saved at `path` into this session with a fresh optimizer (step 0,
+        zero Adam moments), as the tinker SDK's `load_state` does; `load_state_with_optimizer`
+        restores the moments and step too. Pending gradients are discarded; the checkpoint must
+        be of the same base model. Returns this client (a finished future of itself)."""
+        return self._load(path, optimizer=False)
 
     async def load_state_async(self, path: str) -> TrainingClient:
+        return await self._load_async(path, optimizer=False)
+
+    def load_state_with_optimizer(self, path: str) -> TrainingClient:
+        """Restore weights, Adam moments and step from `path` into this session (see `load_state`)."""
+        return self._load(path, optimizer=True)
+
+    async def load_state_with_optimizer_async(self, path: str) -> TrainingClient:
+        return await self._load_async(path, optimizer=True)
+
+    def _load(self, path: str, *, optimizer: bool) -> TrainingClient:
+        seq = self._reserve()
+        future = self._send(seq, "load_state", self._transport.load_state, path, optimizer=optimizer)
+        BiosFuture(pinned(future, self), "load_state").result()
+        return self
+
+    async def _load_async(self, path: str, *, optimizer: bool) -> TrainingClient:
         seq, t = self._reserve(), self._transport
-        future = await self._send_async(seq, "load_state", t.load_state, t.load_state_async, path)
+        future = await self._send_async(seq, "load_state", t.load_state, t.load_state_async, path, optimizer=optimizer)
         await BiosFuture(pinned(future, self), "load_state")
         return self
 

@@ -51,6 +51,8 @@ class CreateSession(Body):
 class SessionFromState(Body):
     path: str
     base_model: str | None = None
+    optimizer: bool = True
+    """Restore the checkpoint's Adam moments and step too (False: its weights, at step 0)."""
 
 
 class Ordered(Body):
@@ -84,6 +86,8 @@ class SaveState(Ordered):
 
 class LoadState(Ordered):
     path: str
+    optimizer: bool = True
+    """Restore the checkpoint's Adam moments and step too (False: its weights, at step 0)."""
 
 
 class CreateSampler(Body):

@@ -273,20 +273,20 @@ class BackendMachine(RuleBasedStateMachine):
 
     @rule(session=sessions, checkpoint=checkpoints)
     def load_state(self, session: Pair, checkpoint: Pair) -> None:
-        note(f"{session.label}.load_state({checkpoint.label})")
-        session.candidate.load_state(checkpoint.candidate)
-        session.reference.load_state(checkpoint.reference)
+        note(f"{session.label}.load_state_with_optimizer({checkpoint.label})")
+        session.candidate.load_state_with_optimizer(checkpoint.candidate)
+        session.reference.load_state_with_optimizer(checkpoint.reference)
 
     @precondition(lambda self: len(self.live) < MAX_SESSIONS)
     @rule(target=sessions, checkpoint=checkpoints)
     def resume(self, checkpoint: Pair) -> Pair:
         pair = Pair(
-            self.candidate.create_training_client_from_state(checkpoint.candidate),
-            self.reference.create_training_client_from_state(checkpoint.reference),
+            self.candidate.create_training_client_from_state_with_optimizer(checkpoint.candidate),
+            self.reference.create_training_client_from_state_with_optimizer(checkpoint.reference),
             f"s{next(self._labels)}",
         )
         self.live.append(pair)
-        note(f"{pair.label} = service.create_training_client_from_state({checkpoint.label})")
+        note(f"{pair.label} = service.create_training_client_from_state_with_optimizer({checkpoint.label})")
         return pair
 
     # ---- errors ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from helpers import MODEL, make_datum, random_batch, saved_weights
+from helpers import MODEL, make_datum, random_batch, saved_state, saved_weights
 
 import bios
 from bios import types
@@ -135,15 +135,38 @@ def test_save_and_load_state_resumes_bit_identically(service, training):
     uninterrupted = _continue(training, batch, 2)
     final = saved_weights(training.save_state("uninterrupted").result().path)
 
-    resumed = service.create_training_client_from_state(checkpoint.path)
+    resumed = service.create_training_client_from_state_with_optimizer(checkpoint.path)
     assert resumed.get_info().step == 3
     assert _continue(resumed, batch, 2) == uninterrupted
     resumed_final = saved_weights(resumed.save_state("resumed").result().path)
     assert all(np.array_equal(final[k], resumed_final[k]) for k in final)
 
-    training.load_state(checkpoint.path)  # into the same session: optimizer moments come back too
+    training.load_state_with_optimizer(checkpoint.path)  # into the same session: moments come back too
     assert training.get_info().step == 3
     assert _continue(training, batch, 2) == uninterrupted
+
+
+def test_load_state_and_from_state_take_the_weights_with_a_fresh_optimizer(service, training):
+    """As in the tinker SDK: the plain calls restore the weights only (step 0, zero Adam
+    moments); the `_with_optimizer` calls resume the moments and step as well."""
+    batch = random_batch(seed=9)
+    _continue(training, batch, 2)
+    path = training.save_state("weights-and-moments").result().path
+    saved = saved_state(path)
+
+    fresh = service.create_training_client_from_state(path)
+    reloaded = service.create_lora_training_client(base_model=MODEL, rank=8, seed=5).load_state(path)
+    resumed = service.create_training_client_from_state_with_optimizer(path)
+    assert [c.get_info().step for c in (fresh, reloaded, resumed)] == [0, 0, 2]
+    for client, name in ((fresh, "fresh"), (reloaded, "reloaded")):
+        state = saved_state(client.save_state(name).result().path)
+        assert all(np.array_equal(state.weights[k], saved.weights[k]) for k in saved.weights)
+        assert all(not np.any(m) for m in state.adam_m.values()) and all(not np.any(v) for v in state.adam_v.values())
+    first_steps = [client.train(batch, learning_rate=1e-2) for client in (fresh, reloaded, resumed)]
+    assert [r.step for r in first_steps] == [1, 1, 3]
+    after = [saved_weights(c.save_state(f"after-{i}").result().path) for i, c in enumerate((fresh, reloaded, resumed))]
+    assert all(np.array_equal(after[0][k], after[1][k]) for k in after[0])  # the same fresh Adam step
+    assert any(not np.array_equal(after[0][k], after[2][k]) for k in after[0])  # moments change the step
 
 
 def test_load_state_discards_pending_gradients(service):
@@ -151,9 +174,9 @@ def test_load_state_discards_pending_gradients(service):
     client = service.create_lora_training_client(base_model=MODEL, rank=8, seed=1)
     client.train(batch, learning_rate=1e-2)
     path = client.save_state("clean").result().path
-    reference = _continue(service.create_training_client_from_state(path), batch, 1)
+    reference = _continue(service.create_training_client_from_state_with_optimizer(path), batch, 1)
     client.forward_backward(random_batch(seed=8))  # pending, then discarded by load_state
-    assert _continue(client.load_state(path), batch, 1) == reference
+    assert _continue(client.load_state_with_optimizer(path), batch, 1) == reference
 
 
 def test_weighted_cross_entropy_is_a_plain_sum(training):

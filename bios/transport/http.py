@@ -106,16 +106,18 @@ class HttpTransport:
         )
         return TrainingInfo.model_validate((await self._wire.post("/v1/sessions", body)).json())
 
-    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
-        return self._loop.wait(self._session_from_state(path, base_model))
+    def create_session_from_state(
+        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+    ) -> TrainingInfo:
+        return self._loop.wait(self._session_from_state(path, base_model, optimizer))
 
     async def create_session_from_state_async(
-        self, path: str | os.PathLike, base_model: str | None = None
+        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
     ) -> TrainingInfo:
-        return await self._loop.run(self._session_from_state(path, base_model))
+        return await self._loop.run(self._session_from_state(path, base_model, optimizer))
 
-    async def _session_from_state(self, path: object, base_model: str | None) -> TrainingInfo:
-        body = wire.SessionFromState(path=_text(path, "path"), base_model=base_model)
+    async def _session_from_state(self, path: object, base_model: str | None, optimizer: bool) -> TrainingInfo:
+        body = wire.SessionFromState(path=_text(path, "path"), base_model=base_model, optimizer=optimizer)
         return TrainingInfo.model_validate((await self._wire.post("/v1/sessions/from_state", body)).json())
 
     def session_info(self, session_id: str) -> TrainingInfo:
@@ -248,16 +250,18 @@ class HttpTransport:
 
         return await self._ordered(session_id, seq, "save_state", body, StateResult.model_validate)
 
-    def load_state(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
-        return self._loop.wait(self._load_state(session_id, seq, path))
+    def load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[TrainingInfo]:
+        return self._loop.wait(self._load_state(session_id, seq, path, optimizer))
 
-    async def load_state_async(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
-        return await self._loop.run(self._load_state(session_id, seq, path))
+    async def load_state_async(
+        self, session_id: str, seq: int, path: str, *, optimizer: bool = True
+    ) -> Future[TrainingInfo]:
+        return await self._loop.run(self._load_state(session_id, seq, path, optimizer))
 
-    async def _load_state(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
+    async def _load_state(self, session_id: str, seq: int, path: str, optimizer: bool) -> Future[TrainingInfo]:
         def body() -> wire.LoadState:
             validation.parse_path(path)
-            return wire.LoadState(seq=seq, path=path)
+            return wire.LoadState(seq=seq, path=path, optimizer=optimizer)
 
         return await self._ordered(session_id, seq, "load_state", body, TrainingInfo.model_validate)
 

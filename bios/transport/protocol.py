@@ -77,12 +77,15 @@ class Transport(Protocol):
 
     async def create_session_async(self, base_model: str, lora: LoraConfig) -> TrainingInfo: ...
 
-    def create_session_from_state(self, path: str | os.PathLike, base_model: str | None = None) -> TrainingInfo:
-        """A new session resuming the checkpoint at `path` (or, in-process, a PEFT directory)."""
+    def create_session_from_state(
+        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+    ) -> TrainingInfo:
+        """A new session resuming the checkpoint at `path` (or, in-process, a PEFT directory):
+        its weights, and with `optimizer` its Adam moments and step (else step 0, zero moments)."""
         ...
 
     async def create_session_from_state_async(
-        self, path: str | os.PathLike, base_model: str | None = None
+        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
     ) -> TrainingInfo: ...
 
     def session_info(self, session_id: str) -> TrainingInfo:
@@ -170,11 +173,14 @@ class Transport(Protocol):
         kind: Literal["state", "sampler"] = "state",
     ) -> Future[StateResult]: ...
 
-    def load_state(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]:
-        """The session's adapter, moments and step replaced by `path`'s."""
+    def load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[TrainingInfo]:
+        """The session's adapter replaced by `path`'s, and with `optimizer` its moments and step
+        too (else step 0 and zero moments)."""
         ...
 
-    async def load_state_async(self, session_id: str, seq: int, path: str) -> Future[TrainingInfo]: ...
+    async def load_state_async(
+        self, session_id: str, seq: int, path: str, *, optimizer: bool = True
+    ) -> Future[TrainingInfo]: ...
 
     # ---- sampling clients -----------------------------------------------------------------
 

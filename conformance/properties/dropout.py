@@ -104,7 +104,7 @@ def prop_dropout_only_in_training_with_fresh_masks(pair: Pair, lora, rate, warm,
     candidate = pair.session(lora.model_copy(update={"dropout": rate}))
     candidate.train(warm, learning_rate=2e-2)
     path = candidate.save_state(pair.name("drop")).result().path
-    reference = pair.reference.create_training_client_from_state(path)
+    reference = pair.reference.create_training_client_from_state_with_optimizer(path)
     pair.same_forward(
         "forward of a dropout adapter vs reference on its weights",
         candidate.forward(probe).result(),
@@ -120,7 +120,7 @@ def prop_dropout_only_in_training_with_fresh_masks(pair: Pair, lora, rate, warm,
         "greedy first-token logprob of a dropout adapter", got.logprobs[:1], expected.logprobs[:1], tol.LOGPROB_ATOL
     )
 
-    twin = pair.candidate.create_training_client_from_state(path)
+    twin = pair.candidate.create_training_client_from_state_with_optimizer(path)
     copies = [probe[0], probe[0]]
     first = logprobs(candidate.forward_backward(copies).result())
     again = logprobs(twin.forward_backward(copies).result())

@@ -120,7 +120,7 @@ def prop_optim_step_matches_reference(pair: Pair, lora, adam, requests) -> None:
             0.0,
             tol.WEIGHT_ATOL_PER_LR,
         )
-    loaded = pair.reference.create_training_client_from_state(got_path)
+    loaded = pair.reference.create_training_client_from_state_with_optimizer(got_path)
     assert loaded.get_info().step == len(requests), f"loaded step {loaded.get_info().step}"
     pair.same_forward(
         "candidate state on reference",

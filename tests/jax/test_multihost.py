@@ -124,14 +124,18 @@ def test_two_processes_serve_what_one_serves_and_share_checkpoints(tmp_path, mon
     assert pair.exit_codes() == [143, 0]  # SIGTERM to process 0 (128 + 15) ends the follower too
 
     with Group(home, processes=2, devices=2) as two:
-        resumed = bios.ServiceClient(base_url=two.leader.url).create_training_client_from_state(written["path"])
+        resumed = bios.ServiceClient(base_url=two.leader.url).create_training_client_from_state_with_optimizer(
+            written["path"]
+        )
         np.testing.assert_allclose(_train(resumed, range(2, 4)), continued_losses, rtol=1e-6)
         _same(_observe(resumed, "two-4"), continued)
         # a single process's checkpoint (Orbax, the jax backend's own format) loads on process 0 alone
-        from_one = bios.ServiceClient(base_url=two.leader.url).create_training_client_from_state(expected["path"])
+        from_one = bios.ServiceClient(base_url=two.leader.url).create_training_client_from_state_with_optimizer(
+            expected["path"]
+        )
         np.testing.assert_allclose(_train(from_one, range(2, 4)), continued_losses, rtol=1e-6)
     assert two.exit_codes() == [143, 0]
 
-    alone = single.create_training_client_from_state(written["path"])
+    alone = single.create_training_client_from_state_with_optimizer(written["path"])
     np.testing.assert_allclose(_train(alone, range(2, 4)), continued_losses, rtol=1e-6)
     _same(_observe(alone, "alone-4"), continued)

@@ -146,7 +146,7 @@ def test_state_saved_on_one_backend_loads_on_the_other(pair):
     path = origin.save_state("portable").result().path
     session, _, name = path.removeprefix("bios://").split("/")
     assert (Path(os.environ["BIOS_HOME"]) / "checkpoints" / session / "weights" / name / "orbax").is_dir()
-    on_emulator = emulator.create_training_client_from_state(path)
+    on_emulator = emulator.create_training_client_from_state_with_optimizer(path)
     assert on_emulator.get_info().step == 3
     continued_jax, continued_emulator = (
         origin.train(batch, learning_rate=1e-2),
@@ -154,7 +154,7 @@ def test_state_saved_on_one_backend_loads_on_the_other(pair):
     )
     assert continued_jax.step == continued_emulator.step == 4
     assert np.isclose(continued_jax.loss, continued_emulator.loss, rtol=1e-5)
-    back = service.create_training_client_from_state(on_emulator.save_state("back").result().path)
+    back = service.create_training_client_from_state_with_optimizer(on_emulator.save_state("back").result().path)
     assert np.isclose(
         back.train(batch, learning_rate=1e-2).loss, on_emulator.train(batch, learning_rate=1e-2).loss, rtol=1e-5
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bios import types
+from bios.backend import AdapterState
 from bios.engine import CheckpointStore
 
 MODEL = "bios/tiny"
@@ -27,7 +28,12 @@ def random_batch(seed: int, size: int = 4, length: int = 12, vocab: int = 4096) 
     return [make_datum(rng.integers(4, vocab, length).tolist()) for _ in range(size)]
 
 
+def saved_state(path: str) -> AdapterState:
+    """The adapter state (weights, Adam moments, step) stored at checkpoint `path`, exactly as
+    the backend held it."""
+    return CheckpointStore(Path(os.environ["BIOS_HOME"]) / "checkpoints").load(path, "inspected")
+
+
 def saved_weights(path: str) -> dict[str, np.ndarray]:
     """The LoRA weights stored at checkpoint `path`, exactly as the backend held them."""
-    store = CheckpointStore(Path(os.environ["BIOS_HOME"]) / "checkpoints")
-    return store.load(path, "inspected").weights
+    return saved_state(path).weights

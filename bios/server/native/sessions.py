@@ -34,7 +34,9 @@ def session_from_state(body: wire.SessionFromState, who: OwnerDep, service: Serv
             field="path",
         )
     service.check_checkpoint(who, body.path)
-    return _opened(service, who, service.engine.create_session_from_state(body.path, body.base_model))
+    return _opened(
+        service, who, service.engine.create_session_from_state(body.path, body.base_model, optimizer=body.optimizer)
+    )
 
 
 @router.get("/v1/sessions/{session_id}", response_model=TrainingInfo)

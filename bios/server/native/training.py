@@ -116,6 +116,6 @@ def load_state(
 ) -> Response:
     service.check_session(who, session_id)
     service.check_checkpoint(who, body.path)
-    start = lambda: service.engine.load_state_and_export(session_id, body.seq, body.path)
+    start = lambda: service.engine.load_state_and_export(session_id, body.seq, body.path, optimizer=body.optimizer)
     record = service.durable_recorder(session_id, body.seq)
     return _submit(service, who, how, "load_state", session_id, body, start, record=record, encode=_changed)
