@@ -1,10 +1,13 @@
-"""Custom losses (docs/losses.md L7): evaluated with jax on the client, exact gradients."""
+"""Custom losses (docs/losses.md L7): evaluated with jax or PyTorch on the client, exact gradients."""
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from helpers import MODEL, saved_weights
 
 from bios import types
@@ -29,14 +32,39 @@ def weighted_cross_entropy(data, logprobs):
     return loss, {"tokens": float(sum(len(lp) for lp in logprobs))}
 
 
-def test_custom_cross_entropy_gives_the_built_in_gradient(service):
+def torch_weighted_cross_entropy(data, logprobs, scale=1.0):
+    """The tinker SDK's style: torch tensors in, a torch scalar out."""
+    loss = sum(-(d.loss_fn_inputs["weights"].to_torch() * lp).sum() for d, lp in zip(data, logprobs)) * scale
+    return loss, {"tokens": float(sum(lp.numel() for lp in logprobs))}
+
+
+class TorchLoss:
+    """A loss object with `__call__`, written with torch functions."""
+
+    def __call__(self, data, logprobs):
+        weights = [d.loss_fn_inputs["weights"].to_torch() for d in data]
+        loss = -torch.stack([(w * lp).sum() for w, lp in zip(weights, logprobs)]).sum()
+        return loss, {"tokens": float(torch.cat(logprobs).numel())}
+
+
+@pytest.mark.parametrize(
+    "custom_loss",
+    [
+        weighted_cross_entropy,
+        torch_weighted_cross_entropy,
+        functools.partial(torch_weighted_cross_entropy),
+        TorchLoss(),
+    ],
+    ids=["jax", "torch", "torch partial", "torch object"],
+)
+def test_custom_cross_entropy_gives_the_built_in_gradient(service, custom_loss):
     built_in = service.create_lora_training_client(base_model=MODEL, rank=8, seed=3)
     custom = service.create_lora_training_client(base_model=MODEL, rank=8, seed=3)
     adam = types.AdamParams(learning_rate=1e-2)
     for _ in range(3):
         expected = built_in.forward_backward(_data(), "cross_entropy")
         expected_step = built_in.optim_step(adam)
-        got = custom.forward_backward_custom(_data(), weighted_cross_entropy)
+        got = custom.forward_backward_custom(_data(), custom_loss)
         got_step = custom.optim_step(adam)  # queued behind the custom loss's backward
         assert np.isclose(got.result().loss, expected.result().loss, rtol=1e-6)
         assert got.result().metrics["tokens"] == 10.0

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from bios.errors import InvalidRequestError
+from bios.errors import InvalidRequestError, UnsupportedError
 from bios.types._base import RequestModel, field_error
 
 TensorDtype = Literal["int64", "float32"]
@@ -55,6 +55,20 @@ class TensorData(RequestModel):
         """The array, with its dtype and shape restored."""
         array = np.asarray(self.data, dtype=np.int64 if self.dtype == "int64" else np.float32)
         return array.reshape(self.shape) if self.shape is not None else array
+
+    def to_torch(self) -> Any:
+        """The array as a `torch.Tensor` (int64 or float32), as the tinker SDK's custom losses
+        read their inputs. UnsupportedError when torch is not installed."""
+        try:
+            import torch
+        except ImportError:
+            raise UnsupportedError("TensorData.to_torch needs torch: pip install torch", field="torch") from None
+        return torch.from_numpy(self.to_numpy())
+
+    @classmethod
+    def from_torch(cls, tensor: Any) -> TensorData:
+        """Wrap a `torch.Tensor` as `from_numpy` wraps an array (detached, on the CPU)."""
+        return cls.from_numpy(tensor.detach().cpu().numpy())
 
     def tolist(self) -> list[Any]:
         """Nested Python lists of the values."""
