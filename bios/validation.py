@@ -11,6 +11,7 @@ Contract layer: imports NumPy and the contract layer only.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -203,7 +204,7 @@ def sample_work(
         raise InvalidRequestError(
             f"prompt has {ids.size} tokens, leaving no room to generate within {model.max_seq_len}", field="prompt"
         )
-    stop_ids = params.stop_token_ids()
+    stop_ids = params.stop_token_ids() if params.stop is not None else end_of_sequence(model)
     if stop_ids:
         check_tokens(stop_ids, model, "sampling_params.stop")
     return SampleWork(
@@ -220,6 +221,14 @@ def sample_work(
         stop_strings=params.stop_strings(),
         prompt_logprobs=prompt_logprobs,
     )
+
+
+@functools.cache
+def end_of_sequence(model: ModelSpec) -> tuple[int, ...]:
+    """The stop token ids of a sample that names none (`stop=None`), as in the tinker SDK: the
+    model's end-of-sequence token, if its tokenizer has one. (`stop=[]` stops at nothing.)"""
+    eos = model.tokenizer().eos_token_id
+    return (eos,) if eos is not None and 0 <= eos < model.vocab_size else ()
 
 
 def checkpoint_name(name: object) -> str:

@@ -64,3 +64,26 @@ def test_save_weights_and_get_sampling_client_without_a_name(training: bios.Trai
     a, b = first.sample(PROMPT, GREEDY).result(), second.sample(PROMPT, GREEDY).result()
     assert a.sequences[0].tokens == b.sequences[0].tokens  # the same weights, two snapshots
     assert asyncio.run(training.save_weights_and_get_sampling_client_async()).sample(PROMPT, GREEDY).result() == a
+
+
+def test_stop_none_ends_at_the_models_eos_and_an_empty_stop_list_at_nothing(service: bios.ServiceClient) -> None:
+    """As in the tinker SDK. The model is first taught to answer the prompt with EOS."""
+    training = service.create_lora_training_client(MODEL, rank=8, seed=6)
+    eos = training.get_tokenizer().eos_token_id
+    assert eos is not None
+    prompt = [7, 300, 41, 9]
+    taught = types.Datum(
+        model_input=types.ModelInput.from_ints(prompt), loss_fn_inputs={"target_tokens": [*prompt[1:], eos]}
+    )
+    for _ in range(30):
+        training.train([taught], learning_rate=5e-2)
+    sampler = training.save_weights_and_get_sampling_client()
+
+    def greedy(**stop: object) -> types.SampledSequence:
+        params = types.SamplingParams(max_tokens=5, temperature=0.0, **stop)
+        return sampler.sample(types.ModelInput.from_ints(prompt), params).result().sequences[0]
+
+    at_eos, unstopped = greedy(), greedy(stop=[])
+    assert (at_eos.tokens, at_eos.stop_reason) == ([eos], "stop")
+    assert unstopped.tokens[0] == eos and len(unstopped.tokens) == 5 and unstopped.stop_reason == "length"
+    assert greedy(stop=[eos]).tokens == [eos]

@@ -38,7 +38,9 @@ class SamplingParams(RequestModel):
     seed: int | None = Field(None, ge=0)
     """Seed of the sampler's random stream; None draws a fresh one."""
     stop: str | list[str] | list[int] | None = None
-    """Stop strings or stop token ids; generation ends after the first match, which is kept."""
+    """Stop strings or stop token ids; generation ends after the first match, which is kept.
+    None (the default) stops at the model's end-of-sequence token, as in the tinker SDK; an
+    empty list stops at nothing but `max_tokens`."""
 
     @field_validator("top_k")
     @classmethod

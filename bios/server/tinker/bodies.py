@@ -127,12 +127,11 @@ def model_input(prompt: dict[str, Any]) -> ModelInput:
     return ModelInput.from_ints(tokens)
 
 
-def sampling_params(params: dict[str, Any], eos_token_id: int | None) -> SamplingParams:
-    """Tinker sampling params as Bios ones. Tinker stops at EOS when `stop` is absent (an
-    empty list disables every stop); no `max_tokens` means Bios's default."""
-    stop = params.get("stop", [eos_token_id] if eos_token_id is not None else None)
+def sampling_params(params: dict[str, Any]) -> SamplingParams:
+    """Tinker sampling params as Bios ones, whose `stop` means the same (absent or None: stop
+    at EOS; an empty list: at nothing); no `max_tokens` means Bios's default."""
     given = {k: params[k] for k in ("max_tokens", "seed", "temperature", "top_k", "top_p") if params.get(k) is not None}
-    return SamplingParams(**given, stop=stop)
+    return SamplingParams(**given, stop=params.get("stop"))
 
 
 def user_metadata(metadata: dict[str, Any] | None) -> dict[str, str]:

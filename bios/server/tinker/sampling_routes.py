@@ -83,8 +83,7 @@ def asample(body: Sample, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     sampler = tinker.sessions.sampler(who, body.sampling_session_id)
     unsupported_sampling(body)
     engine = tinker.engine
-    eos = engine.tokenizer(sampler.base_model).eos_token_id
-    prompt, params = model_input(body.prompt), sampling_params(body.sampling_params, eos)
+    prompt, params = model_input(body.prompt), sampling_params(body.sampling_params)
     start = lambda: engine.sampler_sample(
         sampler.sampler_id, prompt, params, body.num_samples, prompt_logprobs=bool(body.prompt_logprobs)
     )
