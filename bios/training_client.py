@@ -257,15 +257,35 @@ class TrainingClient(ReadyClient):
 
     # ---- state --------------------------------------------------------------------------------
 
-    def save_state(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
-        """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`."""
+    def save_state(
+        self,
+        name: str,
+        metadata: dict | None = None,
+        *,
+        ttl_seconds: float | None = None,
+        user_metadata: dict | None = None,
+    ) -> BiosFuture[StateResult]:
+        """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`. With
+        `ttl_seconds` the checkpoint is gone that long after the save (its `expires_at`).
+        `user_metadata` is the tinker SDK's name for `metadata`."""
+        meta = _one_metadata(metadata, user_metadata)  # before a sequence number is taken
         seq, t = self._reserve(), self._transport
-        future = self._send(seq, "save_state", t.save_state, name, metadata, "state")
+        future = self._send(seq, "save_state", t.save_state, name, meta, "state", ttl_seconds=ttl_seconds)
         return BiosFuture(pinned(future, self), "save_state")
 
-    async def save_state_async(self, name: str, metadata: dict | None = None) -> BiosFuture[StateResult]:
+    async def save_state_async(
+        self,
+        name: str,
+        metadata: dict | None = None,
+        *,
+        ttl_seconds: float | None = None,
+        user_metadata: dict | None = None,
+    ) -> BiosFuture[StateResult]:
+        meta = _one_metadata(metadata, user_metadata)
         seq, t = self._reserve(), self._transport
-        future = await self._send_async(seq, "save_state", t.save_state, t.save_state_async, name, metadata, "state")
+        future = await self._send_async(
+            seq, "save_state", t.save_state, t.save_state_async, name, meta, "state", ttl_seconds=ttl_seconds
+        )
         return BiosFuture(pinned(future, self), "save_state")
 
     def load_state(self, path: str) -> TrainingClient:
@@ -417,3 +437,13 @@ def _custom_inputs(data: Sequence[Datum], loss_fn: object) -> tuple[list[Datum],
 def _fresh_sampler_name() -> str:
     """A name for a sampler snapshot the caller did not name."""
     return f"sampler-{uuid.uuid4().hex[:12]}"
+
+
+def _one_metadata(metadata: dict | None, user_metadata: dict | None) -> dict | None:
+    """The checkpoint metadata given under either name (InvalidRequestError if under both)."""
+    if metadata is not None and user_metadata is not None:
+        raise InvalidRequestError(
+            "user_metadata: pass metadata or user_metadata (the tinker SDK's name for it), not both",
+            field="user_metadata",
+        )
+    return metadata if metadata is not None else user_metadata

@@ -231,6 +231,18 @@ def end_of_sequence(model: ModelSpec) -> tuple[int, ...]:
     return (eos,) if eos is not None and 0 <= eos < model.vocab_size else ()
 
 
+def ttl_seconds(value: object) -> float | None:
+    """A checkpoint's time to live: None (no expiry) or a positive, finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise InvalidRequestError(
+            f"ttl_seconds: expected a positive number of seconds or None (no expiry), got {value!r}",
+            field="ttl_seconds",
+        )
+    return float(value)
+
+
 def checkpoint_name(name: object) -> str:
     """A checkpoint name: 1–128 of letters, digits, '.', '_', '-', starting with a letter or digit."""
     if not isinstance(name, str) or not CHECKPOINT_NAME.match(name) or ".." in name:

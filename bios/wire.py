@@ -82,6 +82,8 @@ class SaveState(Ordered):
     name: str
     metadata: dict[str, Any] | None = None
     kind: Literal["state", "sampler"] = "state"
+    ttl_seconds: float | None = None
+    """The checkpoint is gone this long after the save (None: kept until deleted)."""
 
 
 class LoadState(Ordered):

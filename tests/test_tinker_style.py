@@ -1,11 +1,13 @@
 """Code written for the tinker SDK runs on Bios unchanged: the `create_*` calls whose SDK
-versions hand back a future of the client, `sample`'s SDK positional order, and
-`save_weights_and_get_sampling_client()` without a name. In-process and (`--remote`) served."""
+versions hand back a future of the client, `sample`'s SDK positional order and stop semantics,
+`save_weights_and_get_sampling_client()` without a name, and `save_state` with `ttl_seconds`
+and `user_metadata`. In-process and (`--remote`) served."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
 import pytest
 from helpers import MODEL, random_batch
@@ -87,3 +89,33 @@ def test_stop_none_ends_at_the_models_eos_and_an_empty_stop_list_at_nothing(serv
     assert (at_eos.tokens, at_eos.stop_reason) == ([eos], "stop")
     assert unstopped.tokens[0] == eos and len(unstopped.tokens) == 5 and unstopped.stop_reason == "length"
     assert greedy(stop=[eos]).tokens == [eos]
+
+
+def test_a_checkpoint_saved_with_a_ttl_is_gone_once_it_runs_out(service: bios.ServiceClient) -> None:
+    training = service.create_lora_training_client(MODEL, rank=4, seed=7)
+    training.train(random_batch(1), learning_rate=1e-2)
+    lasting = training.save_state("lasting", user_metadata={"run": "a"}).result()
+    brief = training.save_state("brief", ttl_seconds=1.0).result()
+    assert lasting.expires_at is None and lasting.metadata == {"run": "a"}
+    assert brief.expires_at is not None and 0.9 <= brief.expires_at - brief.created_at <= 1.1
+    assert service.create_training_client_from_state(brief.path).get_info().base_model == MODEL  # still there
+    time.sleep(max(0.0, brief.expires_at - time.time()) + 0.05)
+    with pytest.raises(bios.NotFoundError) as gone:
+        service.create_training_client_from_state_with_optimizer(brief.path)
+    assert gone.value.field == "path" and "expired" in gone.value.message
+    assert service.create_training_client_from_state(lasting.path).get_info().base_model == MODEL
+    assert training.save_state("after", ttl_seconds=60).result().step == 1  # the session goes on
+
+
+@pytest.mark.parametrize("ttl", [0, -5, float("inf"), "1h", True])
+def test_a_bad_ttl_is_a_typed_error_that_saves_nothing(service: bios.ServiceClient, ttl: object) -> None:
+    training = service.create_lora_training_client(MODEL, rank=4, seed=8)
+    with pytest.raises(bios.InvalidRequestError) as refused:
+        training.save_state("never", ttl_seconds=ttl).result()  # type: ignore[arg-type]
+    assert refused.value.field == "ttl_seconds"
+    with pytest.raises(bios.InvalidRequestError) as both:
+        training.save_state("never", metadata={"a": 1}, user_metadata={"b": "2"})
+    assert both.value.field == "user_metadata"
+    with pytest.raises(bios.NotFoundError):
+        service.create_training_client_from_state(f"bios://{training.session_id}/weights/never")
+    assert training.train(random_batch(1), learning_rate=1e-2).step == 1  # no sequence number was lost

@@ -61,10 +61,13 @@ class CheckpointStore:
         name: str,
         metadata: dict[str, Any],
         model: ModelSpec | None = None,
+        ttl_seconds: float | None = None,
     ) -> StateResult:
         """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name.
 
-        A sampler snapshot also gets its PEFT export in `peft/`, which needs `model` (the adapter's base)."""
+        A sampler snapshot also gets its PEFT export in `peft/`, which needs `model` (the adapter's base).
+        With `ttl_seconds`, the checkpoint is gone that long after the save: reading it is then a
+        NotFoundError, listing skips it, and its files are deleted when next looked at."""
         if kind == "sampler" and model is None:
             raise ValueError("a sampler checkpoint needs the ModelSpec of its base model to write its PEFT adapter")
         tensors = {f"weights/{k}": v for k, v in state.weights.items()}
@@ -81,7 +84,8 @@ class CheckpointStore:
             step=state.step,
             base_model=state.spec.base_model,
             metadata=metadata,
-            created_at=time.time(),
+            created_at=(now := time.time()),
+            expires_at=None if ttl_seconds is None else now + ttl_seconds,
         )
         final = self._directory(session_id, kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +156,9 @@ class CheckpointStore:
             for meta in sorted(self.root.glob(f"{session_id or '*'}/*/*/checkpoint.json")):
                 if not meta.parent.name.startswith("."):
                     record = StateResult.model_validate(json.loads(meta.read_text())["record"])
+                    if _expired(record.expires_at):
+                        shutil.rmtree(meta.parent, ignore_errors=True)
+                        continue
                     records.append(record.model_copy(update={"size_bytes": _size_of(meta.parent)}))
         return sorted(records, key=lambda r: r.created_at)
 
@@ -162,15 +169,27 @@ class CheckpointStore:
             shutil.rmtree(self._directory(*parse_path(path)))
 
     def _read_json(self, path: str) -> dict[str, Any]:
-        session_id, kind, name = parse_path(path)
+        """The checkpoint.json of `path`; NotFoundError if there is none or it has expired (its
+        files are deleted then)."""
+        directory = self._directory(*parse_path(path))
         try:
             with _LOCK:
-                data: dict[str, Any] = json.loads(
-                    (self._directory(session_id, kind, name) / "checkpoint.json").read_text()
-                )
+                data: dict[str, Any] = json.loads((directory / "checkpoint.json").read_text())
+                expires_at = data["record"].get("expires_at")
+                if _expired(expires_at):
+                    shutil.rmtree(directory, ignore_errors=True)
+                    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires_at))
+                    raise NotFoundError(
+                        f"path: checkpoint {path} expired at {when} (its ttl_seconds ran out); save a new one",
+                        field="path",
+                    )
                 return data
         except FileNotFoundError:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path") from None
+
+
+def _expired(expires_at: float | None) -> bool:
+    return expires_at is not None and time.time() >= expires_at
 
 
 def _size_of(directory: Path) -> int:

@@ -274,17 +274,26 @@ class Engine:
     # ---- checkpoints of a session ------------------------------------------------------------
 
     def save_state(
-        self, session_id: str, seq: int, name: str, metadata: dict[str, Any] | None = None, kind: str = "state"
+        self,
+        session_id: str,
+        seq: int,
+        name: str,
+        metadata: dict[str, Any] | None = None,
+        kind: str = "state",
+        ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
-        """Checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler")."""
+        """Checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler"); with
+        `ttl_seconds`, the checkpoint is gone that long after the save (`CheckpointStore.save`)."""
         session = self._session(session_id)
 
         def build() -> Job[StateResult]:
             checked_name, checked_meta = validation.checkpoint_name(name), validation.metadata(metadata)
+            ttl = validation.ttl_seconds(ttl_seconds)
+            model = session.model
 
             def save() -> StateResult:
                 state = self.backend.export_state(session.adapter.adapter_id)
-                record = self.store.save(state, session.session_id, kind, checked_name, checked_meta, session.model)
+                record = self.store.save(state, session.session_id, kind, checked_name, checked_meta, model, ttl)
                 if kind == "sampler":
                     self.snapshots.remember(record, state)
                 return record

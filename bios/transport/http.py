@@ -228,8 +228,9 @@ class HttpTransport:
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
+        ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
-        return self._loop.wait(self._save_state(session_id, seq, name, metadata, kind))
+        return self._loop.wait(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds))
 
     async def save_state_async(
         self,
@@ -238,15 +239,23 @@ class HttpTransport:
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
+        ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
-        return await self._loop.run(self._save_state(session_id, seq, name, metadata, kind))
+        return await self._loop.run(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds))
 
     async def _save_state(
-        self, session_id: str, seq: int, name: str, metadata: dict | None, kind: Literal["state", "sampler"]
+        self,
+        session_id: str,
+        seq: int,
+        name: str,
+        metadata: dict | None,
+        kind: Literal["state", "sampler"],
+        ttl_seconds: float | None,
     ) -> Future[StateResult]:
         def body() -> wire.SaveState:
-            checked = validation.checkpoint_name(name)
-            return wire.SaveState(seq=seq, name=checked, metadata=validation.metadata(metadata), kind=kind)
+            checked, meta = validation.checkpoint_name(name), validation.metadata(metadata)
+            ttl = validation.ttl_seconds(ttl_seconds)
+            return wire.SaveState(seq=seq, name=checked, metadata=meta, kind=kind, ttl_seconds=ttl)
 
         return await self._ordered(session_id, seq, "save_state", body, StateResult.model_validate)
 

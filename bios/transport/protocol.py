@@ -160,8 +160,10 @@ class Transport(Protocol):
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
+        ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
-        """A training checkpoint (kind "state") or a sampler snapshot ("sampler") of the session."""
+        """A training checkpoint (kind "state") or a sampler snapshot ("sampler") of the session,
+        gone `ttl_seconds` after the save if that is given."""
         ...
 
     async def save_state_async(
@@ -171,6 +173,7 @@ class Transport(Protocol):
         name: str,
         metadata: dict | None = None,
         kind: Literal["state", "sampler"] = "state",
+        ttl_seconds: float | None = None,
     ) -> Future[StateResult]: ...
 
     def load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[TrainingInfo]:

@@ -97,6 +97,9 @@ class StateResult(ResultModel):
     size_bytes: int | None = None
     """Bytes the checkpoint's files take on disk (every file of its directory); None where
     the checkpoint was not measured."""
+    expires_at: float | None = None
+    """Unix time from which the checkpoint is gone (saved with `ttl_seconds`); None: it stays
+    until deleted."""
 
 
 class ModelInfo(ResultModel):

@@ -289,6 +289,20 @@ def interrupted_training(url: str, key: str, seed: int, batches: list, adam: dic
     return seen
 
 
+def expiring_checkpoint(url: str, key: str) -> dict:
+    """A checkpoint saved with `ttl_seconds=1`: resumable at once, gone once the second passed."""
+    import time
+
+    import tinker
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    client = _value(service.create_lora_training_client(MODEL, rank=4, seed=2))
+    path = client.save_state("brief", ttl_seconds=1).result().path
+    at_once = _failure(lambda: service.create_training_client_from_state(path))
+    time.sleep(1.2)
+    return {"at_once": at_once, "later": _failure(lambda: service.create_training_client_from_state(path))}
+
+
 def accounts(url: str, key: str, text: list[str], steps: int, prompt: list[int]) -> dict:
     """0.38's account surface after `steps` SFT steps, a save and a greedy sample of 2 x 4
     tokens: the key as `tinker auth login` checks it, billing usage and checkpoint storage
@@ -354,6 +368,7 @@ SCENARIOS = {
     "sft_steps": sft_steps,
     "interrupted_training": interrupted_training,
     "accounts": accounts,
+    "expiring_checkpoint": expiring_checkpoint,
 }
 
 if __name__ == "__main__":

@@ -269,6 +269,11 @@ def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simu
     assert sum(report.retries.values()) >= sum(heard.values())
 
 
+def test_a_checkpoint_saved_with_the_sdks_ttl_expires(server):
+    seen = run_sdk("0.38.0", "expiring_checkpoint", url=server.url, key=KEY_B)
+    assert seen == {"at_once": "no error", "later": "NotFoundError"}
+
+
 def test_the_sdks_account_calls_see_the_keys_own_usage_sizes_and_trace(server):
     """0.38's login check, AdminClient usage and storage, checkpoint sizes and the CLI's
     export-trace and billing commands, for a key that did exactly this scenario's work."""

@@ -45,8 +45,8 @@ def _saved_answer(tinker: Tinker, kind: str) -> Callable[[StateResult], bytes]:
 
 @resumable(SaveWeights.model_validate_json, "save_weights")
 def plan_save_weights(tinker: Tinker, who: str, body: SaveWeights) -> Plan:
-    """save_state: weights + optimizer state as `tinker://RUN/weights/NAME`. TTLs are not
-    enforced: a checkpoint stays until it is deleted."""
+    """save_state: weights + optimizer state as `tinker://RUN/weights/NAME`, gone `ttl_seconds`
+    after the save when the SDK gives one."""
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
 
     def prepare() -> str:
@@ -59,7 +59,7 @@ def plan_save_weights(tinker: Tinker, who: str, body: SaveWeights) -> Plan:
         return body.path
 
     start = lambda: tinker.engine.save_state(
-        req.session_id, req.seq, req.ordered(prepare), user_metadata(body.user_metadata), "state"
+        req.session_id, req.seq, req.ordered(prepare), user_metadata(body.user_metadata), "state", body.ttl_seconds
     )
     record = tinker.service.checkpoint_recorder(who, req.session_id)
     encode = _saved_answer(tinker, "save_weights")
@@ -85,7 +85,7 @@ def plan_save_for_sampler(tinker: Tinker, who: str, body: SaveForSampler) -> Pla
     if body.path:
         name = body.path
         start = lambda: tinker.engine.save_state(
-            req.session_id, req.seq, name, user_metadata(body.user_metadata), "sampler"
+            req.session_id, req.seq, name, user_metadata(body.user_metadata), "sampler", body.ttl_seconds
         )
         record = tinker.service.checkpoint_recorder(who, req.session_id)
         encode = _saved_answer(tinker, "save_weights_for_sampler")
