@@ -26,6 +26,7 @@ from bios.errors import (
     UnsupportedError,
 )
 from bios.futures import BiosFuture
+from bios.rest_client import RestClient
 from bios.sampling_client import SamplingClient
 from bios.service_client import ServiceClient
 from bios.simulation import SimulationConfig
@@ -47,6 +48,7 @@ __all__ = [
     "NotFoundError",
     "RateLimitError",
     "RequestTooLargeError",
+    "RestClient",
     "SamplingClient",
     "ServiceClient",
     "ServiceUnavailableError",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from bios.clock import Clock
 from bios.config import ClientConfig
 from bios.errors import InvalidRequestError
+from bios.rest_client import RestClient
 from bios.retry import call_with_retries, call_with_retries_async
 from bios.sampling_client import SamplingClient
 from bios.simulation import SimulationConfig, SimulationReport
@@ -215,6 +216,10 @@ class ServiceClient:
             self._clock,
         )
         return SamplingClient(self._transport, handle)
+
+    def create_rest_client(self) -> RestClient:
+        """A client of the service's training runs and checkpoints (listing, deleting)."""
+        return RestClient(self._transport)
 
     def _training_client(self, info: TrainingInfo, next_seq: int) -> TrainingClient:
         return TrainingClient(self._transport, info, next_seq, self._custom_losses)

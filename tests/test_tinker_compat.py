@@ -23,7 +23,7 @@ BIOS_SIDE: dict[str, tuple[object, ...]] = {
     "tinker.ServiceClient": (bios.ServiceClient,),
     "tinker.TrainingClient": (bios.TrainingClient,),
     "tinker.SamplingClient": (bios.SamplingClient,),
-    "tinker.RestClient": (),
+    "tinker.RestClient": (bios.RestClient,),
     "tinker.APIFuture": (bios.BiosFuture,),
     "tinker": (bios, bios.types),
     "tinker.types": (bios.types,),

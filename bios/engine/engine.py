@@ -390,6 +390,8 @@ class Engine:
     create_session_async = waiting_twin(create_session)
     create_session_from_state_async = waiting_twin(create_session_from_state)
     session_info_async = queued_twin(session_info)
+    list_checkpoints_async = waiting_twin(list_checkpoints)
+    delete_checkpoint_async = waiting_twin(delete_checkpoint)
     next_seq_async = queued_twin(next_seq)
     skip_async = queued_twin(skip)
     forward_backward_async = queued_twin(forward_backward)

@@ -334,14 +334,24 @@ class HttpTransport:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def list_checkpoints(self, session_id: str | None = None) -> list[StateResult]:
+        return self._loop.wait(self._list_checkpoints(session_id))
+
+    async def list_checkpoints_async(self, session_id: str | None = None) -> list[StateResult]:
+        return await self._loop.run(self._list_checkpoints(session_id))
+
+    async def _list_checkpoints(self, session_id: str | None) -> list[StateResult]:
         params = {"session_id": session_id} if session_id else None
-        return _CHECKPOINTS.validate_json(
-            self._loop.wait(self._wire.send("GET", "/v1/checkpoints", params=params)).content
-        )
+        return _CHECKPOINTS.validate_json((await self._wire.send("GET", "/v1/checkpoints", params=params)).content)
 
     def delete_checkpoint(self, path: str) -> None:
+        self._loop.wait(self._delete_checkpoint(path))
+
+    async def delete_checkpoint_async(self, path: str) -> None:
+        await self._loop.run(self._delete_checkpoint(path))
+
+    async def _delete_checkpoint(self, path: str) -> None:
         validation.parse_path(path)
-        self._loop.wait(self._wire.send("DELETE", "/v1/checkpoints", params={"path": path}, mutating=True))
+        await self._wire.send("DELETE", "/v1/checkpoints", params={"path": path}, mutating=True)
 
     # ---- helpers (coroutines on the transport's loop) --------------------------------------
 

@@ -94,6 +94,18 @@ class Transport(Protocol):
 
     async def session_info_async(self, session_id: str) -> TrainingInfo: ...
 
+    def list_checkpoints(self, session_id: str | None = None) -> list[StateResult]:
+        """The caller's checkpoints (of one session, if given), oldest first."""
+        ...
+
+    async def list_checkpoints_async(self, session_id: str | None = None) -> list[StateResult]: ...
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Remove the caller's checkpoint at `path`; NotFoundError if there is none."""
+        ...
+
+    async def delete_checkpoint_async(self, path: str) -> None: ...
+
     def close_session(self, session_id: str) -> None:
         """End the session once its running requests are done. Never blocks and never raises
         (it runs from finalizers): an unknown session or an unreachable service is ignored."""

@@ -2,6 +2,7 @@
 
 from bios.types.params import AdamParams, LoraConfig, SamplingParams
 from bios.types.results import (
+    CheckpointList,
     ForwardBackwardOutput,
     ForwardBackwardResult,
     ModelInfo,
@@ -22,6 +23,7 @@ ModelOutput = ForwardBackwardResult
 
 __all__ = [
     "AdamParams",
+    "CheckpointList",
     "Datum",
     "EncodedTextChunk",
     "ForwardBackwardOutput",

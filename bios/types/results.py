@@ -131,6 +131,12 @@ class ServerCapabilities(ResultModel):
     second (0: simulated time jumps). Its clients back off on simulated time too."""
 
 
+class CheckpointList(ResultModel):
+    """`RestClient.list_checkpoints` / `list_user_checkpoints`: checkpoints, oldest first."""
+
+    checkpoints: list[StateResult] = Field(default_factory=list)
+
+
 class TrainingInfo(ResultModel):
     """`TrainingClient.get_info()`: the session's identity, model, adapter and step."""
 

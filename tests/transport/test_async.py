@@ -17,7 +17,7 @@ from bios import types
 from bios.server import ServerOptions
 from bios.transport.loop import LoopThread
 
-CLIENTS = (bios.ServiceClient, bios.TrainingClient, bios.SamplingClient)
+CLIENTS = (bios.ServiceClient, bios.TrainingClient, bios.SamplingClient, bios.RestClient)
 PROMPT, GREEDY = types.ModelInput.from_ints([7, 300, 41]), types.SamplingParams(max_tokens=3, temperature=0.0)
 
 
@@ -62,16 +62,25 @@ async def _call_every_async_method(service: bios.ServiceClient) -> set[str]:
     assert (await run(training, "train_async", batch, learning_rate=1e-2)).step == 2
     assert (await run(training, "sample_async", PROMPT, GREEDY)).sequences
     state = (await (await run(training, "save_state_async", "async-state"))).path
-    assert await run(training, "load_state_async", state) is training
+    assert await run(training, "load_state_with_optimizer_async", state) is training
     assert (await run(training, "get_info_async")).step == 2
     await (await run(training, "save_weights_for_sampler_async", "async-frozen"))
     sampler = await run(training, "save_weights_and_get_sampling_client_async", "async-sampler")
-    resumed = await run(service, "create_training_client_from_state_async", state)
+    resumed = await run(service, "create_training_client_from_state_with_optimizer_async", state)
     assert (await run(resumed, "get_info_async")).step == 2
+    fresh = await run(service, "create_training_client_from_state_async", state)
+    assert await run(fresh, "load_state_async", state) is fresh and (await fresh.get_info_async()).step == 0
     base = await run(service, "create_sampling_client_async", base_model=MODEL)
     for client in (sampler, base):
         assert (await run(client, "sample_async", PROMPT, GREEDY)).sequences
         assert len(await run(client, "compute_logprobs_async", PROMPT)) == 3
+    assert await run(training, "result_async") is training and await run(base, "result_async") is base
+    rest = service.create_rest_client()
+    assert (await run(rest, "get_training_run_async", training.session_id)).step == 2
+    assert state in {c.path for c in (await run(rest, "list_checkpoints_async", training.session_id)).checkpoints}
+    assert state in {c.path for c in (await run(rest, "list_user_checkpoints_async")).checkpoints}
+    await run(rest, "delete_checkpoint_async", training.session_id, "sampler_weights/async-frozen")
+    await run(rest, "delete_checkpoint_from_tinker_path_async", state)
     return called
 
 

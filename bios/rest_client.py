@@ -1,0 +1,95 @@
+"""`RestClient`: what the service keeps for the caller — training runs and checkpoints — as the
+tinker SDK's `RestClient` offers it. A training run is a Bios training session (its id is the
+session id); checkpoint paths are `bios://` paths. Each method returns a finished `BiosFuture`
+(the SDK's return futures) and has an `*_async` twin giving the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from bios.clock import Clock
+from bios.errors import InvalidRequestError
+from bios.futures import BiosFuture
+from bios.retry import call_with_retries, call_with_retries_async
+from bios.transport import Transport
+from bios.types import CheckpointList, TrainingInfo
+from bios.validation import parse_path
+
+T = TypeVar("T")
+
+
+class RestClient:
+    """Runs and checkpoints of the service. Create it with `ServiceClient.create_rest_client()`."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def get_training_run(self, training_run_id: str) -> BiosFuture[TrainingInfo]:
+        """The training session `training_run_id`: base model, LoRA config, step."""
+        return self._now("get_training_run", lambda: self._transport.session_info(training_run_id))
+
+    async def get_training_run_async(self, training_run_id: str) -> TrainingInfo:
+        return await self._later("get_training_run", lambda: self._transport.session_info_async(training_run_id))
+
+    def list_checkpoints(self, training_run_id: str) -> BiosFuture[CheckpointList]:
+        """The checkpoints saved from training session `training_run_id`, oldest first."""
+        return self._now("list_checkpoints", lambda: self._listed(self._transport.list_checkpoints(training_run_id)))
+
+    async def list_checkpoints_async(self, training_run_id: str) -> CheckpointList:
+        listed = await self._later("list_checkpoints", lambda: self._transport.list_checkpoints_async(training_run_id))
+        return self._listed(listed)
+
+    def list_user_checkpoints(self) -> BiosFuture[CheckpointList]:
+        """Every checkpoint of the caller (in-process: every one in `BIOS_HOME`), oldest first."""
+        return self._now("list_user_checkpoints", lambda: self._listed(self._transport.list_checkpoints()))
+
+    async def list_user_checkpoints_async(self) -> CheckpointList:
+        return self._listed(await self._later("list_user_checkpoints", self._transport.list_checkpoints_async))
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> BiosFuture[None]:
+        """Remove checkpoint `checkpoint_id` (`weights/NAME` or `sampler_weights/NAME`) of
+        session `training_run_id`; NotFoundError if there is none."""
+        path = _path(training_run_id, checkpoint_id)
+        return self._now("delete_checkpoint", lambda: self._transport.delete_checkpoint(path))
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        path = _path(training_run_id, checkpoint_id)
+        await self._later("delete_checkpoint", lambda: self._transport.delete_checkpoint_async(path))
+
+    def delete_checkpoint_from_tinker_path(self, path: str) -> BiosFuture[None]:
+        """Remove the checkpoint at `path` (a `bios://` path); NotFoundError if there is none."""
+        return self._now("delete_checkpoint", lambda: self._transport.delete_checkpoint(path))
+
+    async def delete_checkpoint_from_tinker_path_async(self, path: str) -> None:
+        await self._later("delete_checkpoint", lambda: self._transport.delete_checkpoint_async(path))
+
+    @staticmethod
+    def _listed(checkpoints: list) -> CheckpointList:
+        return CheckpointList(checkpoints=checkpoints)
+
+    def _clock(self) -> Clock:
+        return self._transport.clock
+
+    def _now(self, label: str, call: Callable[[], T]) -> BiosFuture[T]:
+        """`call()` retried per the retry contract, as a finished future (its error raised here)."""
+        return BiosFuture.completed(call_with_retries(call, label, self._clock), label)
+
+    async def _later(self, label: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await call_with_retries_async(call, label, self._clock)
+
+
+def _path(training_run_id: str, checkpoint_id: str) -> str:
+    """`bios://RUN/KIND/NAME` for checkpoint id `KIND/NAME`; InvalidRequestError naming
+    `checkpoint_id` for any other shape."""
+    path = f"bios://{training_run_id}/{checkpoint_id}"
+    try:
+        parse_path(path)
+    except InvalidRequestError:
+        raise InvalidRequestError(
+            f"checkpoint_id {checkpoint_id!r} of training run {training_run_id!r}: expected "
+            "weights/NAME or sampler_weights/NAME",
+            field="checkpoint_id",
+        ) from None
+    return path
