@@ -10,9 +10,10 @@ from __future__ import annotations
 import concurrent.futures
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec
 
-from bios.futures import BiosFuture, ReadyClient, pinned
+from bios.errors import InvalidRequestError
+from bios.futures import BiosFuture, ReadyClient, TimedFuture, pinned
 from bios.handles import SamplerHandle
 from bios.retry import call_with_retries, retrying, retrying_async
 from bios.tokenizer import Tokenizer
@@ -32,6 +33,30 @@ def in_either_order(sampling_params: SamplingParams | int, num_samples: int | Sa
     return sampling_params, num_samples
 
 
+def _last_n(last_n: object, prompt_logprobs: bool) -> int | None:
+    """A checked `prompt_logprobs_last_n`: None, or an int >= 1 with prompt logprobs asked for."""
+    if last_n is None:
+        return None
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1 or not prompt_logprobs:
+        raise InvalidRequestError(
+            f"prompt_logprobs_last_n: expected an int >= 1 with include_prompt_logprobs=True, got {last_n!r}",
+            field="prompt_logprobs_last_n",
+        )
+    return last_n
+
+
+def _scoring_last(logprobs: list[float | None], last_n: int) -> list[float | None]:
+    """`logprobs` with all but the last `last_n` entries None."""
+    cut = max(len(logprobs) - last_n, 0)
+    return [None] * cut + logprobs[cut:]
+
+
+def _sample_scoring_last(result: SampleResult, last_n: int) -> SampleResult:
+    if result.prompt_logprobs is None:
+        return result
+    return result.model_copy(update={"prompt_logprobs": _scoring_last(result.prompt_logprobs, last_n)})
+
+
 class SamplingClient(ReadyClient):
     """Samples from one fixed set of weights. Create it with `ServiceClient.create_sampling_client`
     or `TrainingClient.save_weights_and_get_sampling_client`."""
@@ -49,14 +74,18 @@ class SamplingClient(ReadyClient):
         sampling_params: SamplingParams,
         num_samples: int = 1,
         include_prompt_logprobs: bool = False,
+        *,
+        prompt_logprobs_last_n: int | None = None,
     ) -> BiosFuture[SampleResult]:
         """`num_samples` completions of `prompt` (docs/losses.md S1–S3).
 
-        With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]).
+        With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]);
+        with `prompt_logprobs_last_n` too, only the last that many are given (earlier ones None).
         The tinker SDK's positional order, `sample(prompt, num_samples, sampling_params)`, is
         accepted too.
         """
         sampling_params, num_samples = in_either_order(sampling_params, num_samples)
+        last_n = _last_n(prompt_logprobs_last_n, include_prompt_logprobs)
         future = self._send(
             "sample",
             self._transport.sampler_sample,
@@ -65,7 +94,7 @@ class SamplingClient(ReadyClient):
             num_samples,
             prompt_logprobs=include_prompt_logprobs,
         )
-        return BiosFuture(pinned(future, self), "sample")
+        return BiosFuture(pinned(self._keeping_last(future, last_n, _sample_scoring_last), self), "sample")
 
     async def sample_async(
         self,
@@ -73,9 +102,12 @@ class SamplingClient(ReadyClient):
         sampling_params: SamplingParams,
         num_samples: int = 1,
         include_prompt_logprobs: bool = False,
+        *,
+        prompt_logprobs_last_n: int | None = None,
     ) -> SampleResult:
         t = self._transport
         sampling_params, num_samples = in_either_order(sampling_params, num_samples)
+        last_n = _last_n(prompt_logprobs_last_n, include_prompt_logprobs)
         future = await self._send_async(
             "sample",
             t.sampler_sample,
@@ -85,17 +117,43 @@ class SamplingClient(ReadyClient):
             num_samples,
             prompt_logprobs=include_prompt_logprobs,
         )
-        return await BiosFuture(pinned(future, self), "sample")
+        return await BiosFuture(pinned(self._keeping_last(future, last_n, _sample_scoring_last), self), "sample")
 
-    def compute_logprobs(self, prompt: ModelInput) -> BiosFuture[list[float | None]]:
-        """log p(prompt[t] | prompt[:t]) for every t; None for t = 0. Equals `forward`'s logprobs."""
+    def compute_logprobs(
+        self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> BiosFuture[list[float | None]]:
+        """log p(prompt[t] | prompt[:t]) for every t; None for t = 0. Equals `forward`'s logprobs.
+        With `prompt_logprobs_last_n`, only the last that many are given (earlier ones None)."""
+        last_n = _last_n(prompt_logprobs_last_n, True)
         future = self._send("compute_logprobs", self._transport.sampler_logprobs, prompt)
-        return BiosFuture(pinned(future, self), "compute_logprobs")
+        return BiosFuture(pinned(self._keeping_last(future, last_n, _scoring_last), self), "compute_logprobs")
 
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+    async def compute_logprobs_async(
+        self, prompt: ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> list[float | None]:
         t = self._transport
+        last_n = _last_n(prompt_logprobs_last_n, True)
         future = await self._send_async("compute_logprobs", t.sampler_logprobs, t.sampler_logprobs_async, prompt)
-        return await BiosFuture(pinned(future, self), "compute_logprobs")
+        return await BiosFuture(pinned(self._keeping_last(future, last_n, _scoring_last), self), "compute_logprobs")
+
+    def _keeping_last(self, future: Future, last_n: int | None, keep: Callable[[Any, int], Any]) -> Future:
+        """`future`, or (with `last_n`) a future of `keep(its result, last_n)` that carries its
+        timing, so that waiting on it moves a simulated clock as waiting on `future` would."""
+        if last_n is None:
+            return future
+        kept = TimedFuture(self._transport.clock)
+
+        def copy(done: Future) -> None:
+            kept.timing = getattr(done, "timing", None)
+            if done.cancelled():
+                kept.cancel()
+            elif (error := done.exception()) is not None:
+                kept.set_exception(error)
+            else:
+                kept.set_result(keep(done.result(), last_n))
+
+        future.add_done_callback(copy)
+        return kept
 
     def get_tokenizer(self) -> Tokenizer:
         """The base model's tokenizer."""

@@ -119,3 +119,26 @@ def test_a_bad_ttl_is_a_typed_error_that_saves_nothing(service: bios.ServiceClie
     with pytest.raises(bios.NotFoundError):
         service.create_training_client_from_state(f"bios://{training.session_id}/weights/never")
     assert training.train(random_batch(1), learning_rate=1e-2).step == 1  # no sequence number was lost
+
+
+def test_prompt_logprobs_last_n_scores_only_the_last_tokens(service: bios.ServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=MODEL)
+    prompt = types.ModelInput.from_ints([7, 300, 41, 9, 12, 800])
+    every = sampler.compute_logprobs(prompt).result()
+    assert sampler.compute_logprobs(prompt, prompt_logprobs_last_n=2).result() == [None] * 4 + every[4:]
+    assert sampler.compute_logprobs(prompt, 50).result() == every
+    sampled = sampler.sample(prompt, GREEDY, 1, True, prompt_logprobs_last_n=3).result()
+    assert sampled.prompt_logprobs == [None] * 3 + every[3:]
+    scored = asyncio.run(sampler.compute_logprobs_async(prompt, prompt_logprobs_last_n=1))
+    assert scored == [None] * 5 + every[5:]
+
+
+@pytest.mark.parametrize("last_n", [0, -1, 2.0, "2", True])
+def test_a_bad_prompt_logprobs_last_n_is_a_typed_error(service: bios.ServiceClient, last_n: object) -> None:
+    sampler = service.create_sampling_client(base_model=MODEL)
+    with pytest.raises(bios.InvalidRequestError) as refused:
+        sampler.compute_logprobs(PROMPT, prompt_logprobs_last_n=last_n)  # type: ignore[arg-type]
+    assert refused.value.field == "prompt_logprobs_last_n"
+    with pytest.raises(bios.InvalidRequestError) as without:
+        sampler.sample(PROMPT, GREEDY, prompt_logprobs_last_n=2)  # no include_prompt_logprobs
+    assert without.value.field == "prompt_logprobs_last_n"
