@@ -148,7 +148,12 @@ def test_sampling_client_example(service):
         sampling_params=bios.types.SamplingParams(max_tokens=256, temperature=0.7, top_p=0.9),
         num_samples=4,
     ).result()
-    assert [len(s.tokens) for s in result.sequences] == [256] * 4
+    eos = training_client.get_tokenizer().eos_token_id
+    assert len(result.sequences) == 4
+    for seq in result.sequences:  # no stop given: each ends at max_tokens or at the model's EOS
+        assert (len(seq.tokens), seq.stop_reason) == (256, "length") or (
+            seq.tokens[-1] == eos and seq.stop_reason == "stop" and len(seq.tokens) <= 256
+        )
 
 
 def test_async_train_step_example(service):

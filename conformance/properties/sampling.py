@@ -36,9 +36,12 @@ def _trained_twins(pair: Pair, lora: types.LoraConfig, warm: list) -> tuple:
     return twins
 
 
-def _check_lengths_and_stops(seq: types.SampledSequence, params: types.SamplingParams, decode, max_new: int) -> None:
-    """S3 on one sequence: stops exactly at the first stop token/string, else at max_tokens."""
-    ids, strings = params.stop_token_ids(), params.stop_strings()
+def _check_lengths_and_stops(seq: types.SampledSequence, params: types.SamplingParams, tokenizer, max_new: int) -> None:
+    """S3 on one sequence: stops exactly at the first stop token/string (the model's EOS when
+    `stop` is None), else at max_tokens."""
+    eos = tokenizer.eos_token_id
+    ids = params.stop_token_ids() if params.stop is not None else (() if eos is None else (eos,))
+    strings, decode = params.stop_strings(), tokenizer.decode
     assert 1 <= len(seq.tokens) <= params.max_tokens, f"{len(seq.tokens)} tokens for max_tokens {params.max_tokens}"
     assert len(seq.logprobs) == len(seq.tokens), "one logprob per token"
 
@@ -146,8 +149,8 @@ def prop_seeded_sampling_repeats_and_honours_stops(pair: Pair, lora, warm, promp
         assert [s.stop_reason for s in other.sequences] == [s.stop_reason for s in first.sequences]
     tokenizer = client.get_tokenizer()
     for seq in first.sequences:
-        _check_lengths_and_stops(seq, params, tokenizer.decode, pair.spec["max_seq_len"] - len(prompt))
-    free = client.sample(model_input, params.model_copy(update={"stop": None})).result().sequences[0].tokens
+        _check_lengths_and_stops(seq, params, tokenizer, pair.spec["max_seq_len"] - len(prompt))
+    free = client.sample(model_input, params.model_copy(update={"stop": []})).result().sequences[0].tokens
     planted = free[len(free) // 2]
     end = free.index(planted) + 1
     stopped = client.sample(model_input, params.model_copy(update={"stop": [planted]})).result().sequences[0]
