@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bios.errors import InvalidRequestError
+from bios.errors import InvalidRequestError, UnsupportedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,7 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("ppo", _POLICY_INPUTS, config=dict(_CLIP)),
         LossSpec("cispo", _POLICY_INPUTS, config=dict(_CLIP)),
         LossSpec("dro", _POLICY_INPUTS, config={"beta": 0.05}),
+        LossSpec("gspo", (*_POLICY_INPUTS, "sequence_ratio_mask"), config=dict(_CLIP)),
     )
 }
 """Every built-in loss, by name. Formulas: docs/losses.md."""
@@ -80,8 +81,18 @@ INTEGER_INPUTS = frozenset({"target_tokens"})
 """Inputs holding token ids; every other input is a float per token."""
 
 
+UNPUBLISHED = {
+    "stable_reinforce": "its objective, computed from what the tinker service records at sampling "
+    "time, is not published; train with ppo, cispo or gspo",
+}
+"""Losses the tinker SDK names that Bios does not offer, and why."""
+
+
 def loss_spec(name: str) -> LossSpec:
-    """The spec of built-in loss `name`; InvalidRequestError (field `loss_fn`) if unknown."""
+    """The spec of built-in loss `name`; InvalidRequestError (field `loss_fn`) if unknown,
+    UnsupportedError for a loss of `UNPUBLISHED`."""
+    if isinstance(name, str) and name in UNPUBLISHED:
+        raise UnsupportedError(f"loss_fn: {name!r} is not offered by Bios: {UNPUBLISHED[name]}", field="loss_fn")
     try:
         return LOSSES[name]
     except (KeyError, TypeError):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from bios import TrainingClient, types
 from bios.errors import BiosError, InvalidRequestError, NotFoundError
 
-LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
 BUCKET_EDGES = (15, 16, 17, 31, 32, 33, 63, 64, 65)
 """Datum lengths at and either side of the JAX token buckets."""
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -81,6 +81,8 @@ def datum_batches(
         else:
             inputs["logprobs"] = rng.uniform(-14, -3, n).astype(np.float32)
             inputs["advantages"] = _with_zeros(rng, rng.normal(0, 1, n), 0.2).astype(np.float32)
+            if loss_fn == "gspo":
+                inputs["sequence_ratio_mask"] = (rng.random(n) < 0.7).astype(np.float32)
         batch.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs))
     return batch
 
@@ -88,7 +90,7 @@ def datum_batches(
 def loss_fn_configs(loss_fn: str) -> st.SearchStrategy[dict[str, float] | None]:
     """None (defaults) or a random valid `loss_fn_config` for `loss_fn`."""
     floats = lambda lo, hi: st.floats(lo, hi, allow_nan=False, allow_infinity=False)
-    if loss_fn in ("ppo", "cispo"):
+    if loss_fn in ("ppo", "cispo", "gspo"):
         config = st.fixed_dictionaries(
             {"clip_low_threshold": floats(0.5, 1.0), "clip_high_threshold": floats(1.0, 2.0)}
         )

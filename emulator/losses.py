@@ -1,4 +1,4 @@
-"""The built-in losses L1–L5 of docs/losses.md, one datum at a time: each gives the
+"""The built-in losses L1–L5 and L9 of docs/losses.md, one datum at a time: each gives the
 elementwise loss `[T]` and its derivative with respect to the log-probabilities `lp` `[T]`.
 
 Inputs are the datum's `loss_fn_inputs` (complete, optional ones filled) as float64 `[T]`
@@ -40,11 +40,25 @@ def importance_sampling(lp: np.ndarray, inputs: dict[str, np.ndarray], config: d
     return value, value.copy()
 
 
-def ppo(lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]) -> LossResult:
-    """L3 `-min(r·A, clip(r)·A)`, derivative `-r·A` where `r·A <= clip(r)·A`, else 0. [T]."""
-    r, adv = _ratio(lp, inputs), inputs["advantages"]
+def _clipped_surrogate(r: np.ndarray, adv: np.ndarray, config: dict[str, float]) -> LossResult:
+    """`-min(r·A, clip(r)·A)` for a ratio `r` whose derivative w.r.t. lp[t] is its value: the
+    derivative `-r·A` where `r·A <= clip(r)·A`, else 0. [T]."""
     unclipped, clipped = r * adv, _clip(r, config) * adv
     return -np.minimum(unclipped, clipped), np.where(unclipped <= clipped, -unclipped, 0.0)
+
+
+def ppo(lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]) -> LossResult:
+    """L3 `-min(r·A, clip(r)·A)`, derivative `-r·A` where `r·A <= clip(r)·A`, else 0. [T]."""
+    return _clipped_surrogate(_ratio(lp, inputs), inputs["advantages"], config)
+
+
+def gspo(lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]) -> LossResult:
+    """L9: L3 with every token's ratio the sequence ratio `s = exp(mean over M of (lp - q))`,
+    M the tokens `sequence_ratio_mask` marks (s = 1 when it marks none), each token carrying
+    the gradient of its own lp only. [T]."""
+    marked = inputs["sequence_ratio_mask"] != 0
+    log_s = float(np.mean((lp - inputs["logprobs"])[marked])) if marked.any() else 0.0
+    return _clipped_surrogate(np.full_like(lp, np.exp(log_s)), inputs["advantages"], config)
 
 
 def cispo(lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]) -> LossResult:
@@ -65,6 +79,7 @@ LOSSES: dict[str, Callable[[np.ndarray, dict[str, np.ndarray], dict[str, float]]
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
 }
 
 

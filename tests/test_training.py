@@ -207,9 +207,15 @@ def test_policy_losses_run_and_report_logprobs(training):
         "ppo": -np.minimum(ratio * advantages, np.clip(ratio, 0.8, 1.2) * advantages).sum(),
         "cispo": -(np.clip(ratio, 0.8, 1.2) * logprobs * advantages).sum(),
         "dro": -(logprobs * advantages - 0.025 * (logprobs - sampler.astype(np.float32)) ** 2).sum(),
+        "gspo": -np.minimum(ratio[6:].prod() ** (1 / 5) * advantages, 1.2 * advantages).sum(),  # s = e^0.5 > 1.2
     }
+    marked = np.arange(len(logprobs)) >= 6
+    gspo_datum = types.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={**datum.loss_fn_inputs, "sequence_ratio_mask": marked.astype(float)},
+    )
     for loss_fn, value in expected.items():
-        result = training.forward([datum], loss_fn=loss_fn).result()
+        result = training.forward([gspo_datum if loss_fn == "gspo" else datum], loss_fn=loss_fn).result()
         assert np.isclose(result.loss, value, rtol=1e-5), loss_fn
     wider = training.forward(
         [datum], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}

@@ -56,7 +56,7 @@ def _per_token(
         route = Routing(route.adapter, route.scale, route.onehot, keys, batch.dropout_rate)
     hidden = model.hidden_states(spec, base, lora, batch.tokens, batch.positions, batch.segments, route, remat)
     lp = model.token_logprobs(base, lora, hidden, batch.targets, route, remat=remat)
-    elementwise = LOSS_FUNCTIONS[loss_fn](lp, batch.inputs, batch.config) * batch.mask
+    elementwise = LOSS_FUNCTIONS[loss_fn](lp, batch.inputs, batch.config, batch.segments) * batch.mask
     return jnp.sum(elementwise), (lp, elementwise)
 
 

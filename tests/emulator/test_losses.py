@@ -1,4 +1,4 @@
-"""The emulator's losses L1–L5 on hand-picked numbers, against the table of docs/losses.md."""
+"""The emulator's losses L1–L5 and L9 on hand-picked numbers, against the table of docs/losses.md."""
 
 from __future__ import annotations
 
@@ -64,6 +64,24 @@ def test_cispo_l4_clips_the_ratio_and_stops_its_gradient():
     r3 = math.exp(0.1)
     np.testing.assert_allclose(loss, [-1.2 * LN2, -0.8 * -LN2 * 2.0, r3 * 0.1])
     np.testing.assert_allclose(d_lp, [-1.2, -1.6, r3])
+
+
+def test_gspo_l9_clips_the_sequence_ratio_over_the_marked_tokens_only():
+    # lp - q = ln 2, ln 2, 5 (unmarked): s = exp(mean(ln 2, ln 2)) = 2 for every token
+    lp, inputs = policy_inputs([LN2, LN2, 5.0], [1.0, -1.0, 1.0])
+    inputs["sequence_ratio_mask"] = np.array([1.0, 1.0, 0.0])
+    loss, d_lp = elementwise_loss("gspo", lp, inputs, CLIP)
+    np.testing.assert_allclose(loss, [-1.2, 2.0, -1.2])  # s = 2 > 1.2: A > 0 clipped, A < 0 not
+    np.testing.assert_allclose(d_lp, [0.0, 2.0, 0.0])
+    # s = exp(mean(0.1, -0.3)) = e^-0.1, inside the clip range: every token is -s·A with derivative -s·A
+    lp, inputs = policy_inputs([0.1, -0.3, 0.0], [2.0, 1.0, -1.0])
+    inputs["sequence_ratio_mask"] = np.array([1.0, 1.0, 0.0])
+    s = math.exp(-0.1)
+    loss, d_lp = elementwise_loss("gspo", lp, inputs, CLIP)
+    np.testing.assert_allclose(loss, [-2 * s, -s, s])
+    np.testing.assert_allclose(d_lp, [-2 * s, -s, s])
+    inputs["sequence_ratio_mask"] = np.zeros(3)  # nothing marked: s = 1
+    np.testing.assert_allclose(elementwise_loss("gspo", lp, inputs, CLIP)[0], [-2.0, -1.0, 1.0])
 
 
 def test_dro_l5():

@@ -59,10 +59,10 @@ def test_micro_batches_stay_within_the_budget_in_order():
     assert all(plan.padded_tokens <= 128 for _, plan in runs)
 
 
-@pytest.mark.parametrize("loss_fn", ["cross_entropy", "ppo"])
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "ppo", "gspo"])
 def test_packed_data_get_the_results_they_get_alone(loss_fn):
     """Data packed into one row (two sessions, so two adapters in one call) give each datum the
-    logprobs, loss and gradient it gets in a call of its own."""
+    logprobs, loss and gradient it gets in a call of its own (GSPO's sequence ratio too)."""
     service = bios.ServiceClient(backend="jax")
     rng = np.random.default_rng(3)
     lengths = ([9, 23, 14], [31, 6])
@@ -71,12 +71,14 @@ def test_packed_data_get_the_results_they_get_alone(loss_fn):
         batch = []
         for n in sizes:
             datum = make_datum(rng.integers(4, 4096, n + 1).tolist())
-            if loss_fn == "ppo":
+            if loss_fn != "cross_entropy":
                 inputs = {
                     "target_tokens": datum.loss_fn_inputs["target_tokens"],
                     "logprobs": rng.normal(-8, 1, n).tolist(),
                     "advantages": rng.normal(0, 1, n).tolist(),
                 }
+                if loss_fn == "gspo":
+                    inputs["sequence_ratio_mask"] = (rng.random(n) < 0.6).tolist()
                 datum = types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs)
             batch.append(datum)
         batches.append((seed, batch))

@@ -33,7 +33,8 @@ def pair():
     return bios.ServiceClient(backend="emulator"), bios.ServiceClient(backend="jax")
 
 
-def _policy_batch(seed: int) -> list[types.Datum]:
+def _policy_batch(seed: int, gspo: bool = False) -> list[types.Datum]:
+    """Policy-loss data; with `gspo`, each datum's `sequence_ratio_mask` marks its last two thirds."""
     rng = np.random.default_rng(seed)
     data = []
     for length in (7, 12, 19):
@@ -43,7 +44,12 @@ def _policy_batch(seed: int) -> list[types.Datum]:
         data.append(
             types.Datum(
                 model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": sampler_lp, "advantages": advantages},
+                loss_fn_inputs={
+                    "target_tokens": tokens[1:],
+                    "logprobs": sampler_lp,
+                    "advantages": advantages,
+                    **({"sequence_ratio_mask": (np.arange(length) >= length // 3).astype(np.float32)} if gspo else {}),
+                },
             )
         )
     return data
@@ -57,10 +63,10 @@ def _ce_batch(seed: int) -> list[types.Datum]:
     ]
 
 
-@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"])
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"])
 def test_losses_and_logprobs_match_the_emulator(pair, loss_fn):
     emulator, jax_ = (s.create_lora_training_client(MODEL, rank=8, seed=4, train_unembed=True) for s in pair)
-    data = _ce_batch(1) if loss_fn == "cross_entropy" else _policy_batch(1)
+    data = _ce_batch(1) if loss_fn == "cross_entropy" else _policy_batch(1, gspo=loss_fn == "gspo")
     for client in (emulator, jax_):  # one step first, so B is non-zero and every factor matters
         client.train(data, loss_fn=loss_fn, learning_rate=1e-2)
     expected, got = emulator.forward_backward(data, loss_fn).result(), jax_.forward_backward(data, loss_fn).result()

@@ -19,7 +19,7 @@ from helpers import make_datum, random_batch
 import bios
 from bios import types
 from bios.engine import CheckpointStore
-from bios.errors import BiosError, InvalidRequestError, NotFoundError
+from bios.errors import BiosError, InvalidRequestError, NotFoundError, UnsupportedError
 
 VOCAB, MAX_SEQ, MAX_RANK = 4096, 256, 32  # facts of bios/tiny
 GOOD = random_batch(7, size=3)
@@ -118,7 +118,21 @@ SESSION_CASES: list[Case] = [
         lambda sv, t, o: t.forward_backward(GOOD, "mse"),
         InvalidRequestError,
         "loss_fn",
-        "cross_entropy, importance_sampling, ppo, cispo, dro",
+        "cross_entropy, importance_sampling, ppo, cispo, dro, gspo",
+    ),
+    (
+        "gspo without its mask",
+        lambda sv, t, o: t.forward_backward([ppo_datum()], "gspo"),
+        InvalidRequestError,
+        "data[0].loss_fn_inputs.sequence_ratio_mask",
+        "needs target_tokens, logprobs, advantages, sequence_ratio_mask",
+    ),
+    (
+        "stable_reinforce",
+        lambda sv, t, o: t.forward_backward([ppo_datum()], "stable_reinforce"),
+        UnsupportedError,
+        "loss_fn",
+        "objective",
     ),
     (
         "unknown config key",
