@@ -14,7 +14,7 @@ from bios.errors import InvalidRequestError
 from bios.futures import BiosFuture
 from bios.retry import call_with_retries, call_with_retries_async
 from bios.transport import Transport
-from bios.types import CheckpointList, TrainingInfo
+from bios.types import CheckpointList, ExternalWeightsUrls, StateResult, TrainingInfo
 from bios.validation import parse_path
 
 T = TypeVar("T")
@@ -49,8 +49,8 @@ class RestClient:
         return self._listed(await self._later("list_user_checkpoints", self._transport.list_checkpoints_async))
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> BiosFuture[None]:
-        """Remove checkpoint `checkpoint_id` (`weights/NAME` or `sampler_weights/NAME`) of
-        session `training_run_id`; NotFoundError if there is none."""
+        """Remove checkpoint `checkpoint_id` (`weights/NAME`, `sampler_weights/NAME` or
+        `external_weights/NAME`) of session `training_run_id`; NotFoundError if there is none."""
         path = _path(training_run_id, checkpoint_id)
         return self._now("delete_checkpoint", lambda: self._transport.delete_checkpoint(path))
 
@@ -64,6 +64,24 @@ class RestClient:
 
     async def delete_checkpoint_from_tinker_path_async(self, path: str) -> None:
         await self._later("delete_checkpoint", lambda: self._transport.delete_checkpoint_async(path))
+
+    def set_checkpoint_ttl_from_tinker_path(self, path: str, ttl_seconds: float | None) -> BiosFuture[StateResult]:
+        """Make the checkpoint at `path` (a `bios://` path) expire `ttl_seconds` from now (None:
+        never); its record, with the new `expires_at`. NotFoundError if there is none."""
+        return self._now("set_checkpoint_ttl", lambda: self._transport.set_checkpoint_ttl(path, ttl_seconds))
+
+    async def set_checkpoint_ttl_from_tinker_path_async(self, path: str, ttl_seconds: float | None) -> StateResult:
+        return await self._later(
+            "set_checkpoint_ttl", lambda: self._transport.set_checkpoint_ttl_async(path, ttl_seconds)
+        )
+
+    def get_external_weights_urls(self, path: str) -> BiosFuture[ExternalWeightsUrls]:
+        """One download URL per file of external weights `path` (`save_weights_external`):
+        signed URLs from a server, `file://` URLs in-process (see `ExternalWeightsUrls`)."""
+        return self._now("get_external_weights_urls", lambda: self._transport.external_weights_urls(path))
+
+    async def get_external_weights_urls_async(self, path: str) -> ExternalWeightsUrls:
+        return await self._later("get_external_weights_urls", lambda: self._transport.external_weights_urls_async(path))
 
     @staticmethod
     def _listed(checkpoints: list) -> CheckpointList:
@@ -89,7 +107,7 @@ def _path(training_run_id: str, checkpoint_id: str) -> str:
     except InvalidRequestError:
         raise InvalidRequestError(
             f"checkpoint_id {checkpoint_id!r} of training run {training_run_id!r}: expected "
-            "weights/NAME or sampler_weights/NAME",
+            "weights/NAME, sampler_weights/NAME or external_weights/NAME",
             field="checkpoint_id",
         ) from None
     return path

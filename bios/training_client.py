@@ -26,6 +26,7 @@ from bios.tokenizer import Tokenizer
 from bios.transport import Transport
 from bios.types import (
     AdamParams,
+    CheckpointKind,
     Datum,
     ForwardBackwardResult,
     ModelInput,
@@ -268,10 +269,7 @@ class TrainingClient(ReadyClient):
         """Checkpoint weights, optimizer state and step as `bios://SESSION/weights/NAME`. With
         `ttl_seconds` the checkpoint is gone that long after the save (its `expires_at`).
         `user_metadata` is the tinker SDK's name for `metadata`."""
-        meta = _one_metadata(metadata, user_metadata)  # before a sequence number is taken
-        seq, t = self._reserve(), self._transport
-        future = self._send(seq, "save_state", t.save_state, name, meta, "state", ttl_seconds=ttl_seconds)
-        return BiosFuture(pinned(future, self), "save_state")
+        return self._save("save_state", "state", name, _one_metadata(metadata, user_metadata), ttl_seconds)
 
     async def save_state_async(
         self,
@@ -282,11 +280,7 @@ class TrainingClient(ReadyClient):
         user_metadata: dict | None = None,
     ) -> BiosFuture[StateResult]:
         meta = _one_metadata(metadata, user_metadata)
-        seq, t = self._reserve(), self._transport
-        future = await self._send_async(
-            seq, "save_state", t.save_state, t.save_state_async, name, meta, "state", ttl_seconds=ttl_seconds
-        )
-        return BiosFuture(pinned(future, self), "save_state")
+        return await self._save_async("save_state", "state", name, meta, ttl_seconds)
 
     def load_state(self, path: str) -> TrainingClient:
         """Load the weights saved at `path` into this session with a fresh optimizer (step 0,
@@ -317,18 +311,43 @@ class TrainingClient(ReadyClient):
         await BiosFuture(pinned(future, self), "load_state")
         return self
 
-    def save_weights_for_sampler(self, name: str) -> BiosFuture[StateResult]:
-        """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training never changes it."""
-        seq, t = self._reserve(), self._transport
-        future = self._send(seq, "save_weights_for_sampler", t.save_state, name, None, "sampler")
-        return BiosFuture(pinned(future, self), "save_weights_for_sampler")
+    def save_weights_for_sampler(
+        self, name: str, ttl_seconds: float | None = None, user_metadata: dict | None = None
+    ) -> BiosFuture[StateResult]:
+        """Freeze the current weights as `bios://SESSION/sampler_weights/NAME`; later training
+        never changes it (`ttl_seconds`, `user_metadata`: as for `save_state`)."""
+        return self._save("save_weights_for_sampler", "sampler", name, user_metadata, ttl_seconds)
 
-    async def save_weights_for_sampler_async(self, name: str) -> BiosFuture[StateResult]:
+    async def save_weights_for_sampler_async(
+        self, name: str, ttl_seconds: float | None = None, user_metadata: dict | None = None
+    ) -> BiosFuture[StateResult]:
+        return await self._save_async("save_weights_for_sampler", "sampler", name, user_metadata, ttl_seconds)
+
+    def save_weights_external(self, name: str, ttl_seconds: float | None = None) -> BiosFuture[StateResult]:
+        """Save the current weights to download, as `bios://SESSION/external_weights/NAME`: a
+        Hugging Face PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`)
+        whose file URLs `RestClient.get_external_weights_urls` gives (`ttl_seconds`: as for
+        `save_state`)."""
+        return self._save("save_weights_external", "external", name, None, ttl_seconds)
+
+    async def save_weights_external_async(self, name: str, ttl_seconds: float | None = None) -> BiosFuture[StateResult]:
+        return await self._save_async("save_weights_external", "external", name, None, ttl_seconds)
+
+    def _save(
+        self, label: str, kind: CheckpointKind, name: str, meta: dict | None, ttl_seconds: float | None
+    ) -> BiosFuture[StateResult]:
+        seq, t = self._reserve(), self._transport
+        future = self._send(seq, label, t.save_state, name, meta, kind, ttl_seconds=ttl_seconds)
+        return BiosFuture(pinned(future, self), label)
+
+    async def _save_async(
+        self, label: str, kind: CheckpointKind, name: str, meta: dict | None, ttl_seconds: float | None
+    ) -> BiosFuture[StateResult]:
         seq, t = self._reserve(), self._transport
         future = await self._send_async(
-            seq, "save_weights_for_sampler", t.save_state, t.save_state_async, name, None, "sampler"
+            seq, label, t.save_state, t.save_state_async, name, meta, kind, ttl_seconds=ttl_seconds
         )
-        return BiosFuture(pinned(future, self), "save_weights_for_sampler")
+        return BiosFuture(pinned(future, self), label)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Freeze the current weights and return a SamplingClient on them. Without `name`, the

@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEME = "bios://"
-KIND_DIRS = {"state": "weights", "sampler": "sampler_weights"}
+KIND_DIRS = {"state": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 """Checkpoint kind → the path segment that names it (`bios://SESSION/weights/NAME`)."""
 
 
@@ -287,7 +287,7 @@ def metadata(value: object) -> dict:
 
 
 def parse_path(path: object) -> tuple[str, str, str]:
-    """(session_id, kind, name) of a `bios://SESSION/weights|sampler_weights/NAME` path;
+    """(session_id, kind, name) of a `bios://SESSION/weights|sampler_weights|external_weights/NAME` path;
     InvalidRequestError naming `path` for anything else."""
     if not isinstance(path, str) or not path.startswith(SCHEME):
         raise InvalidRequestError(f"path {path!r} is not a checkpoint path (bios://SESSION/weights/NAME)", field="path")
@@ -295,7 +295,8 @@ def parse_path(path: object) -> tuple[str, str, str]:
     kinds = {v: k for k, v in KIND_DIRS.items()}
     if len(parts) != 3 or parts[1] not in kinds or not all(parts) or any(p.startswith(".") for p in parts):
         raise InvalidRequestError(
-            f"path {path!r} is malformed; expected bios://SESSION/weights/NAME or bios://SESSION/sampler_weights/NAME",
+            f"path {path!r} is malformed; expected bios://SESSION/weights/NAME, bios://SESSION/sampler_weights/NAME "
+            "or bios://SESSION/external_weights/NAME",
             field="path",
         )
     return parts[0], kinds[parts[1]], parts[2]

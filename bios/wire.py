@@ -14,11 +14,11 @@ envelope as soon as the work is done, so the answer costs no second request.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from bios.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
+from bios.types import AdamParams, CheckpointKind, Datum, LoraConfig, ModelInput, SamplingParams
 
 API_KEY_HEADER = "Authorization"
 """Carries `Bearer <api key>`."""
@@ -81,7 +81,7 @@ class SessionSample(Ordered):
 class SaveState(Ordered):
     name: str
     metadata: dict[str, Any] | None = None
-    kind: Literal["state", "sampler"] = "state"
+    kind: CheckpointKind = "state"
     ttl_seconds: float | None = None
     """The checkpoint is gone this long after the save (None: kept until deleted)."""
 
@@ -90,6 +90,12 @@ class LoadState(Ordered):
     path: str
     optimizer: bool = True
     """Restore the checkpoint's Adam moments and step too (False: its weights, at step 0)."""
+
+
+class CheckpointTtl(Body):
+    path: str
+    ttl_seconds: float | None = None
+    """The checkpoint is gone this long from now (None: kept until deleted)."""
 
 
 class CreateSampler(Body):

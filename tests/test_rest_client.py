@@ -1,12 +1,19 @@
 """`RestClient` (`ServiceClient.create_rest_client()`): a session as a training run, its
-checkpoints listed and deleted, with typed errors for bad ids. In-process and (`--remote`) served."""
+checkpoints listed, deleted and given a time to live, external weights downloaded by URL, with
+typed errors for bad ids. In-process and (`--remote`) served."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import MODEL, random_batch
+from helpers import MODEL, make_datum, random_batch
+from safetensors.numpy import load as load_safetensors
 
 import bios
 from bios import types
@@ -61,3 +68,89 @@ def test_bad_ids_are_typed_errors_that_delete_nothing(service: bios.ServiceClien
     with pytest.raises(bios.NotFoundError):
         rest.get_training_run("session-000000000000")
     assert [c.path for c in rest.list_checkpoints(training.session_id).result().checkpoints] == [kept.path]
+
+
+def download(rest, path: str, into: Path) -> dict[str, bytes]:
+    """Every file of external weights `path`, fetched by plain GET (no key) into `into`."""
+    urls = rest.get_external_weights_urls(path).result()
+    files = {name: urllib.request.urlopen(url).read() for name, url in urls.urls.items()}
+    for name, content in files.items():
+        (into / name).write_bytes(content)
+    return files
+
+
+def test_external_weights_download_as_a_peft_adapter_with_a_time_to_live(
+    service: bios.ServiceClient, tmp_path: Path
+) -> None:
+    rest = service.create_rest_client()
+    training = service.create_lora_training_client(MODEL, rank=4, seed=11)
+    training.train(random_batch(1), learning_rate=1e-2)
+    external = training.save_weights_external("hf").result()
+    assert (external.kind, external.path) == ("external", f"bios://{training.session_id}/external_weights/hf")
+    assert external.expires_at is None and external.size_bytes
+
+    files = download(rest, external.path, tmp_path)
+    assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads(files["adapter_config.json"])
+    assert (config["peft_type"], config["r"], config["base_model_name_or_path"]) == ("LORA", 4, MODEL)
+    tensors = load_safetensors(files["adapter_model.safetensors"])
+    assert tensors and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in tensors)
+    assert max(np.abs(v).max() for k, v in tensors.items() if "lora_B" in k) > 0, "one step trains B away from 0"
+    assert external.path in {c.path for c in rest.list_checkpoints(training.session_id).result().checkpoints}
+
+    before = time.time()
+    timed = rest.set_checkpoint_ttl_from_tinker_path(external.path, 3600).result()
+    assert timed.expires_at == pytest.approx(before + 3600, abs=60)
+    assert rest.set_checkpoint_ttl_from_tinker_path(external.path, None).result().expires_at is None
+    rest.set_checkpoint_ttl_from_tinker_path(external.path, 0.3).result()
+    time.sleep(0.5)
+    with pytest.raises(bios.NotFoundError) as expired:
+        rest.get_external_weights_urls(external.path)
+    assert expired.value.field == "path" and "expired" in str(expired.value)
+    assert external.path not in {c.path for c in rest.list_checkpoints(training.session_id).result().checkpoints}
+
+
+def test_bad_external_weights_requests_are_typed_errors_that_change_nothing(service: bios.ServiceClient) -> None:
+    rest = service.create_rest_client()
+    training = service.create_lora_training_client(MODEL, rank=4, seed=12)
+    state = training.save_state("state").result()
+    external = training.save_weights_external("kept", ttl_seconds=3600).result()
+    with pytest.raises(bios.InvalidRequestError) as bad_name:
+        training.save_weights_external("../escape")
+    assert bad_name.value.field == "name"
+    with pytest.raises(bios.InvalidRequestError) as bad_ttl:
+        training.save_weights_external("hf", ttl_seconds=-1)
+    assert bad_ttl.value.field == "ttl_seconds"
+    with pytest.raises(bios.InvalidRequestError) as not_external:
+        rest.get_external_weights_urls(state.path)
+    assert not_external.value.field == "path" and "save_weights_external" in str(not_external.value)
+    with pytest.raises(bios.InvalidRequestError) as malformed:
+        rest.get_external_weights_urls("bios://nowhere")
+    assert malformed.value.field == "path"
+    with pytest.raises(bios.NotFoundError):
+        rest.get_external_weights_urls(f"bios://{training.session_id}/external_weights/never-saved")
+    for ttl in (0, -5, float("inf"), "1h", True):
+        with pytest.raises(bios.InvalidRequestError) as bad:
+            rest.set_checkpoint_ttl_from_tinker_path(external.path, ttl)  # type: ignore[arg-type]
+        assert bad.value.field == "ttl_seconds"
+    with pytest.raises(bios.NotFoundError):
+        rest.set_checkpoint_ttl_from_tinker_path(f"bios://{training.session_id}/weights/never-saved", 60)
+    listed = rest.list_checkpoints(training.session_id).result().checkpoints
+    assert [(c.path, c.expires_at) for c in listed] == [(state.path, None), (external.path, external.expires_at)]
+    assert training.train(random_batch(2), learning_rate=1e-2).step == 1, "the refusals took no sequence number"
+
+
+@pytest.mark.inprocess  # a server loads only its own checkpoints, not a directory of the caller's
+def test_downloaded_external_weights_load_back_with_the_same_logprobs(
+    service: bios.ServiceClient, tmp_path: Path
+) -> None:
+    training = service.create_lora_training_client(MODEL, rank=4, alpha=8.0, seed=13)
+    for _ in range(2):
+        training.train(random_batch(3), learning_rate=1e-2)
+    download(service.create_rest_client(), training.save_weights_external("hf").result().path, tmp_path)
+    reloaded = service.create_training_client_from_state(tmp_path, base_model=MODEL)
+    datum = [make_datum(list(range(5, 25)))]
+    ours, theirs = (
+        c.forward(datum, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data for c in (training, reloaded)
+    )
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6)

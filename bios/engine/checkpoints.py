@@ -1,10 +1,11 @@
 """The checkpoint store: adapter states on disk under `BIOS_HOME/checkpoints`, named by `bios://` paths.
 
 `bios://SESSION/weights/NAME` holds a training state (weights + Adam moments + step);
-`bios://SESSION/sampler_weights/NAME` a frozen sampler snapshot (weights only). Each is a
+`bios://SESSION/sampler_weights/NAME` a frozen sampler snapshot (weights only);
+`bios://SESSION/external_weights/NAME` weights saved to be downloaded. Each is a
 directory with the tensors (`adapter.safetensors`, or `orbax/` when the backend asks for Orbax:
-see tensor_files.py) and `checkpoint.json` (a sampler snapshot also `peft/`, the
-same weights as a Hugging Face PEFT LoRA adapter that PEFT and vLLM load), written to a
+see tensor_files.py) and `checkpoint.json` (a sampler snapshot and external weights also `peft/`,
+the same weights as a Hugging Face PEFT LoRA adapter that PEFT and vLLM load), written to a
 temporary directory and renamed into place, so a reader never sees half a checkpoint.
 """
 
@@ -27,11 +28,13 @@ from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
 from bios.engine.peft import CONFIG_FILE, write_peft_adapter
 from bios.engine.tensor_files import read_tensors, write_tensors
-from bios.errors import NotFoundError
+from bios.errors import InvalidRequestError, NotFoundError
 from bios.types import StateResult
 from bios.validation import KIND_DIRS, SCHEME, parse_path
 
 PEFT_DIR = "peft"
+WITH_PEFT = ("sampler", "external")
+"""The kinds of checkpoint saved with their PEFT export."""
 _LOCK = threading.RLock()
 """Held while a checkpoint directory is swapped and while one is read, so that a reader in this
 process (any store) sees the old checkpoint or the new one, never the gap between them."""
@@ -65,11 +68,12 @@ class CheckpointStore:
     ) -> StateResult:
         """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name.
 
-        A sampler snapshot also gets its PEFT export in `peft/`, which needs `model` (the adapter's base).
+        A sampler snapshot or external weights also get their PEFT export in `peft/`, which needs
+        `model` (the adapter's base).
         With `ttl_seconds`, the checkpoint is gone that long after the save: reading it is then a
         NotFoundError, listing skips it, and its files are deleted when next looked at."""
-        if kind == "sampler" and model is None:
-            raise ValueError("a sampler checkpoint needs the ModelSpec of its base model to write its PEFT adapter")
+        if kind in WITH_PEFT and model is None:
+            raise ValueError(f"a {kind} checkpoint needs the ModelSpec of its base model to write its PEFT adapter")
         tensors = {f"weights/{k}": v for k, v in state.weights.items()}
         if kind == "state":
             tensors |= {f"adam_m/{k}": v for k, v in state.adam_m.items()}
@@ -95,7 +99,7 @@ class CheckpointStore:
             (staging / "checkpoint.json").write_text(
                 json.dumps({"record": record.model_dump(), "adapter": spec}, indent=1)
             )
-            if kind == "sampler":
+            if kind in WITH_PEFT:
                 write_peft_adapter(state, model, staging / PEFT_DIR)  # type: ignore[arg-type]
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # the old checkpoint, if any, stays as it was
@@ -135,7 +139,8 @@ class CheckpointStore:
         )
 
     def peft_directory(self, path: str) -> Path:
-        """The local directory of the PEFT LoRA adapter exported with sampler checkpoint `path`
+        """The local directory of the PEFT LoRA adapter exported with checkpoint `path` (a sampler
+        snapshot or external weights)
         (`adapter_config.json` + `adapter_model.safetensors`); NotFoundError if it has none."""
         directory = self._directory(*parse_path(path)) / PEFT_DIR
         with _LOCK:
@@ -143,11 +148,39 @@ class CheckpointStore:
             if not (directory / CONFIG_FILE).is_file():
                 raise NotFoundError(
                     f"path: checkpoint {path} ({record.kind}) has no PEFT export; sampler checkpoints "
-                    "(save_weights_for_sampler, bios://SESSION/sampler_weights/NAME) "
-                    "saved by this version of Bios carry one",
+                    "(save_weights_for_sampler, bios://SESSION/sampler_weights/NAME) and external "
+                    "weights (save_weights_external) saved by this version of Bios carry one",
                     field="path",
                 )
         return directory
+
+    def external_files(self, path: str) -> dict[str, Path]:
+        """The files of external weights checkpoint `path` (its PEFT adapter), keyed by their
+        path within it. NotFoundError if there is no such checkpoint; InvalidRequestError naming
+        `path` for another kind of checkpoint."""
+        with _LOCK:
+            record = self.record(path)
+            if record.kind != "external":
+                raise InvalidRequestError(
+                    f"path: {path} is not external weights; save them with save_weights_external "
+                    "(bios://SESSION/external_weights/NAME) to download them",
+                    field="path",
+                )
+            directory = self.peft_directory(path)
+            return {f.relative_to(directory).as_posix(): f for f in sorted(directory.rglob("*")) if f.is_file()}
+
+    def set_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
+        """Make checkpoint `path` expire `ttl_seconds` from now (None: keep it until deleted);
+        its record as it is now. NotFoundError if there is no such checkpoint (or it expired)."""
+        with _LOCK:
+            data = self._read_json(path)
+            expires_at = None if ttl_seconds is None else time.time() + ttl_seconds
+            data["record"]["expires_at"] = expires_at
+            meta = self._directory(*parse_path(path)) / "checkpoint.json"
+            staging = meta.with_name(f".checkpoint.json.{uuid.uuid4().hex[:6]}")
+            staging.write_text(json.dumps(data, indent=1))
+            os.replace(staging, meta)
+        return self.record(path)
 
     def list(self, session_id: str | None = None) -> list[StateResult]:
         """Every checkpoint (of one session, if given), oldest first, each with its `size_bytes`."""

@@ -35,6 +35,7 @@ from bios.tokenizer import Tokenizer
 from bios.types import (
     AdamParams,
     Datum,
+    ExternalWeightsUrls,
     ForwardBackwardResult,
     LoraConfig,
     ModelInput,
@@ -282,7 +283,8 @@ class Engine:
         kind: str = "state",
         ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
-        """Checkpoint the session (kind "state") or freeze a sampler snapshot ("sampler"); with
+        """Checkpoint the session (kind "state"), freeze a sampler snapshot ("sampler") or save
+        its weights to download ("external", as a PEFT adapter); with
         `ttl_seconds`, the checkpoint is gone that long after the save (`CheckpointStore.save`)."""
         session = self._session(session_id)
 
@@ -380,6 +382,15 @@ class Engine:
         parse_path(path)
         self.store.delete(path)
 
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
+        parse_path(path)
+        return self.store.set_ttl(path, validation.ttl_seconds(ttl_seconds))
+
+    def external_weights_urls(self, path: str) -> ExternalWeightsUrls:
+        """`file://` URLs of the files of external weights checkpoint `path`."""
+        parse_path(path)
+        return ExternalWeightsUrls(urls={name: file.as_uri() for name, file in self.store.external_files(path).items()})
+
     def close(self) -> None:
         self.scheduler.close()
         self.backend.close()
@@ -392,6 +403,8 @@ class Engine:
     session_info_async = queued_twin(session_info)
     list_checkpoints_async = waiting_twin(list_checkpoints)
     delete_checkpoint_async = waiting_twin(delete_checkpoint)
+    set_checkpoint_ttl_async = waiting_twin(set_checkpoint_ttl)
+    external_weights_urls_async = waiting_twin(external_weights_urls)
     next_seq_async = queued_twin(next_seq)
     skip_async = queued_twin(skip)
     forward_backward_async = queued_twin(forward_backward)

@@ -67,10 +67,12 @@ def _peft_state(catalog: Catalog, directory: Path, base_model: str | None, sessi
 
 
 def training_state(record: StateResult) -> StateResult:
-    """`record` if it is a full training state; sampler snapshots lack the optimizer moments."""
+    """`record` if it is a full training state; sampler snapshots and external weights lack the
+    optimizer moments."""
     if record.kind != "state":
+        what = "a sampler snapshot" if record.kind == "sampler" else "external weights"
         raise InvalidRequestError(
-            f"path {record.path} is a sampler snapshot (weights only); resume training from a "
+            f"path {record.path} is {what} (weights only); resume training from a "
             "save_state checkpoint (bios://SESSION/weights/NAME)",
             field="path",
         )

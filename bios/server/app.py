@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bios import wire
 from bios.clock import attempt
 from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTooLargeError
-from bios.server import native, tinker
+from bios.server import downloads, native, tinker
 from bios.server.auth import KeyRing
 from bios.server.service import Service
 from bios.server.state import ServerState, attach, state_of
@@ -41,6 +41,7 @@ def create_app(
     app.exception_handler(RequestValidationError)(_invalid_body)
     app.exception_handler(StarletteHTTPException)(_no_route)
     app.include_router(native.router)
+    app.include_router(downloads.router)  # signed URLs: no API key
     tinker.install(app, service, keys)  # the official Tinker SDK's /api/v1 protocol
     return app
 

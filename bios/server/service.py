@@ -264,6 +264,10 @@ class Service:
             "checkpoint_bytes": sum(c.size_bytes or 0 for c in held),
         }
 
+    def set_checkpoint_ttl(self, owner: str, path: str, ttl_seconds: float | None) -> StateResult:
+        """Make `owner`'s checkpoint `path` expire `ttl_seconds` from now (None: never)."""
+        return self.engine.set_checkpoint_ttl(self.check_checkpoint(owner, path), ttl_seconds)
+
     def delete_checkpoint(self, owner: str, path: str) -> None:
         """Delete `owner`'s checkpoint `path` (NotFoundError if it is not `owner`'s)."""
         self.engine.delete_checkpoint(self.check_checkpoint(owner, path))

@@ -8,7 +8,7 @@ loop and never waits for a worker thread behind slow synchronous routes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header
@@ -16,16 +16,18 @@ from starlette.requests import HTTPConnection
 
 from bios.server.auth import KeyRing, bearer
 from bios.server.service import Service
+from bios.server.signing import DownloadSigner
 
 
 @dataclass(frozen=True, slots=True)
 class ServerState:
-    """One app's service (and through it the engine), the keys it accepts and how often it
-    forgets old answers (seconds)."""
+    """One app's service (and through it the engine), the keys it accepts, how often it
+    forgets old answers (seconds) and the signer of its download URLs."""
 
     service: Service
     keys: KeyRing
     prune_every_s: float
+    signer: DownloadSigner = field(default_factory=DownloadSigner)
 
 
 def attach(app: FastAPI, state: ServerState) -> None:
@@ -46,6 +48,11 @@ def server_state(connection: HTTPConnection) -> ServerState:
 async def current_service(connection: HTTPConnection) -> Service:
     """FastAPI dependency: the app's `Service`."""
     return server_state(connection).service
+
+
+async def current_state(connection: HTTPConnection) -> ServerState:
+    """FastAPI dependency: the app's `ServerState`."""
+    return server_state(connection)
 
 
 async def current_keys(connection: HTTPConnection) -> KeyRing:
@@ -76,6 +83,7 @@ async def submission(
 
 
 ServiceDep = Annotated[Service, Depends(current_service)]
+ServerStateDep = Annotated[ServerState, Depends(current_state)]
 KeysDep = Annotated[KeyRing, Depends(current_keys)]
 OwnerDep = Annotated[str, Depends(owner)]
 SubmissionDep = Annotated[Submission, Depends(submission)]

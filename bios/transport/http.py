@@ -19,7 +19,6 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Literal
 
 from pydantic import BaseModel, TypeAdapter
 
@@ -32,7 +31,9 @@ from bios.tokenizer import Tokenizer
 from bios.transport.connection import Connection, Decode
 from bios.types import (
     AdamParams,
+    CheckpointKind,
     Datum,
+    ExternalWeightsUrls,
     ForwardBackwardResult,
     LoraConfig,
     ModelInput,
@@ -227,7 +228,7 @@ class HttpTransport:
         seq: int,
         name: str,
         metadata: dict | None = None,
-        kind: Literal["state", "sampler"] = "state",
+        kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
         return self._loop.wait(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds))
@@ -238,7 +239,7 @@ class HttpTransport:
         seq: int,
         name: str,
         metadata: dict | None = None,
-        kind: Literal["state", "sampler"] = "state",
+        kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
         return await self._loop.run(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds))
@@ -249,7 +250,7 @@ class HttpTransport:
         seq: int,
         name: str,
         metadata: dict | None,
-        kind: Literal["state", "sampler"],
+        kind: CheckpointKind,
         ttl_seconds: float | None,
     ) -> Future[StateResult]:
         def body() -> wire.SaveState:
@@ -352,6 +353,29 @@ class HttpTransport:
     async def _delete_checkpoint(self, path: str) -> None:
         validation.parse_path(path)
         await self._wire.send("DELETE", "/v1/checkpoints", params={"path": path}, mutating=True)
+
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
+        return self._loop.wait(self._set_checkpoint_ttl(path, ttl_seconds))
+
+    async def set_checkpoint_ttl_async(self, path: str, ttl_seconds: float | None) -> StateResult:
+        return await self._loop.run(self._set_checkpoint_ttl(path, ttl_seconds))
+
+    async def _set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
+        validation.parse_path(path)
+        body = wire.CheckpointTtl(path=path, ttl_seconds=validation.ttl_seconds(ttl_seconds))
+        answer = await self._wire.send("PUT", "/v1/checkpoints/ttl", body=body, mutating=True)
+        return StateResult.model_validate_json(answer.content)
+
+    def external_weights_urls(self, path: str) -> ExternalWeightsUrls:
+        return self._loop.wait(self._external_weights_urls(path))
+
+    async def external_weights_urls_async(self, path: str) -> ExternalWeightsUrls:
+        return await self._loop.run(self._external_weights_urls(path))
+
+    async def _external_weights_urls(self, path: str) -> ExternalWeightsUrls:
+        validation.parse_path(path)
+        answer = await self._wire.send("GET", "/v1/checkpoints/external_weights_urls", params={"path": path})
+        return ExternalWeightsUrls.model_validate_json(answer.content)
 
     # ---- helpers (coroutines on the transport's loop) --------------------------------------
 

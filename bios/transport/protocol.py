@@ -26,14 +26,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Literal, Protocol
+from typing import Protocol
 
 from bios.clock import Clock
 from bios.handles import SamplerHandle
 from bios.tokenizer import Tokenizer
 from bios.types import (
     AdamParams,
+    CheckpointKind,
     Datum,
+    ExternalWeightsUrls,
     ForwardBackwardResult,
     LoraConfig,
     ModelInput,
@@ -106,6 +108,19 @@ class Transport(Protocol):
 
     async def delete_checkpoint_async(self, path: str) -> None: ...
 
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
+        """Make the caller's checkpoint at `path` expire `ttl_seconds` from now (None: never);
+        its record. NotFoundError if there is none."""
+        ...
+
+    async def set_checkpoint_ttl_async(self, path: str, ttl_seconds: float | None) -> StateResult: ...
+
+    def external_weights_urls(self, path: str) -> ExternalWeightsUrls:
+        """Download URLs of the files of the caller's external weights checkpoint `path`."""
+        ...
+
+    async def external_weights_urls_async(self, path: str) -> ExternalWeightsUrls: ...
+
     def close_session(self, session_id: str) -> None:
         """End the session once its running requests are done. Never blocks and never raises
         (it runs from finalizers): an unknown session or an unreachable service is ignored."""
@@ -171,7 +186,7 @@ class Transport(Protocol):
         seq: int,
         name: str,
         metadata: dict | None = None,
-        kind: Literal["state", "sampler"] = "state",
+        kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
     ) -> Future[StateResult]:
         """A training checkpoint (kind "state") or a sampler snapshot ("sampler") of the session,
@@ -184,7 +199,7 @@ class Transport(Protocol):
         seq: int,
         name: str,
         metadata: dict | None = None,
-        kind: Literal["state", "sampler"] = "state",
+        kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
     ) -> Future[StateResult]: ...
 

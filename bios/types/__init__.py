@@ -2,7 +2,9 @@
 
 from bios.types.params import AdamParams, LoraConfig, SamplingParams
 from bios.types.results import (
+    CheckpointKind,
     CheckpointList,
+    ExternalWeightsUrls,
     ForwardBackwardOutput,
     ForwardBackwardResult,
     ModelInfo,
@@ -23,9 +25,11 @@ ModelOutput = ForwardBackwardResult
 
 __all__ = [
     "AdamParams",
+    "CheckpointKind",
     "CheckpointList",
     "Datum",
     "EncodedTextChunk",
+    "ExternalWeightsUrls",
     "ForwardBackwardOutput",
     "ForwardBackwardResult",
     "LoraConfig",

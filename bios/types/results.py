@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Literal
 
 from pydantic import Field, JsonValue
@@ -82,13 +83,18 @@ class SampleResult(ResultModel):
 SampleResponse = SampleResult
 
 
+CheckpointKind = Literal["state", "sampler", "external"]
+"""A training state (weights + optimizer, for resuming), a sampler snapshot (weights, for
+sampling) or external weights (weights as a Hugging Face PEFT adapter, for downloading)."""
+
+
 class StateResult(ResultModel):
     """A saved checkpoint: its `bios://` path, id, name and the user's metadata."""
 
     path: str
     id: str
     name: str
-    kind: Literal["state", "sampler"] = "state"
+    kind: CheckpointKind = "state"
     step: int = 0
     base_model: str = ""
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
@@ -100,6 +106,16 @@ class StateResult(ResultModel):
     expires_at: float | None = None
     """Unix time from which the checkpoint is gone (saved with `ttl_seconds`); None: it stays
     until deleted."""
+
+
+class ExternalWeightsUrls(ResultModel):
+    """Where to download the files of an external weights checkpoint (`save_weights_external`):
+    one URL per file, keyed by the file's path within the checkpoint (`adapter_config.json`,
+    `adapter_model.safetensors`). A served URL is signed and needs no API key until `expires`;
+    in-process the URLs are `file://` URLs that last as long as the checkpoint (`expires` None)."""
+
+    urls: dict[str, str]
+    expires: datetime.datetime | None = None
 
 
 class ModelInfo(ResultModel):

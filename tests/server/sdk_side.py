@@ -11,6 +11,7 @@ import json
 import sys
 
 MODEL = "bios/tiny"
+AGE_RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 
 
 def _value(x):
@@ -47,7 +48,9 @@ def training(url: str, key: str, text: list[str], prompt: str) -> dict:
     seen["state"] = _resume(service, client, data, adam, state, seen)
     seen["unsupported"] = {
         "forward_before": _forward(client, data),
-        "save_weights_external": _failure(lambda: client.save_weights_external("hf")),
+        "encrypted_external": _failure(
+            lambda: client.save_weights_external("hf", age_encryption_recipients=[AGE_RECIPIENT])
+        ),
     }
     seen["unsupported"]["forward_after"] = _forward(client, data)
     _listing(service.create_rest_client(), state, seen)
@@ -303,6 +306,63 @@ def expiring_checkpoint(url: str, key: str) -> dict:
     return {"at_once": at_once, "later": _failure(lambda: service.create_training_client_from_state(path))}
 
 
+def checkpoint_download(url: str, key: str, tokens: list[int], steps: int, output: str) -> dict:
+    """`tinker checkpoint download` of a checkpoint of `steps` SFT steps on `tokens` into
+    `output` (0.38's CLI exports it through temporary external weights), the run's logprobs of
+    `tokens` and the run's checkpoints afterwards."""
+    import os
+
+    import tinker
+    from click.testing import CliRunner
+    from tinker import types
+    from tinker.cli.__main__ import main_cli
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    client = _value(service.create_lora_training_client(MODEL, rank=4, seed=5))
+    data = [
+        types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]})
+    ]
+    for _ in range(steps):
+        _step(client, data, types.AdamParams(learning_rate=1e-2))
+    logprobs = client.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    path = client.save_state("final").result().path
+    os.environ.update(TINKER_BASE_URL=url, TINKER_API_KEY=key)
+    downloaded = CliRunner().invoke(main_cli, ["--format", "json", "checkpoint", "download", path, "--output", output])
+    rest = service.create_rest_client()
+    return {
+        "path": path,
+        "cli": [downloaded.exit_code, downloaded.stdout, repr(downloaded.exception)],
+        "logprobs": logprobs,
+        "checkpoints": [c.tinker_path for c in rest.list_checkpoints(client.model_id).result().checkpoints],
+    }
+
+
+def sessions(url: str, key: str) -> dict:
+    """A session opened with user metadata and a display name, one run and one sampler in it,
+    as `RestClient.list_sessions` and `get_session` see it; and another session's listing."""
+    import tinker
+
+    service = tinker.ServiceClient(
+        user_metadata={"team": "bios"}, display_name="sessions test", base_url=url, api_key=key
+    )
+    client = _value(service.create_lora_training_client(MODEL, rank=4, seed=1))
+    sampler = _value(service.create_sampling_client(base_model=MODEL))
+    sampler.sample(tinker.types.ModelInput.from_ints([5, 6]), 1, tinker.types.SamplingParams(max_tokens=1)).result()
+    rest = service.create_rest_client()
+    session_id = service.holder._session_id
+    other = tinker.ServiceClient(base_url=url, api_key=key)
+    _value(other.create_sampling_client(base_model=MODEL))
+    return {
+        "session_id": session_id,
+        "model_id": client.model_id,
+        "listed": rest.list_sessions().result().sessions,
+        "second_page": rest.list_sessions(limit=1, offset=1).result().sessions,
+        "session": rest.get_session(session_id).result().model_dump(mode="json"),
+        "other": other.holder._session_id,
+        "unknown": _failure(lambda: rest.get_session("sess-0000000000000000")),
+    }
+
+
 def accounts(url: str, key: str, text: list[str], steps: int, prompt: list[int]) -> dict:
     """0.38's account surface after `steps` SFT steps, a save and a greedy sample of 2 x 4
     tokens: the key as `tinker auth login` checks it, billing usage and checkpoint storage
@@ -369,6 +429,8 @@ SCENARIOS = {
     "interrupted_training": interrupted_training,
     "accounts": accounts,
     "expiring_checkpoint": expiring_checkpoint,
+    "checkpoint_download": checkpoint_download,
+    "sessions": sessions,
 }
 
 if __name__ == "__main__":

@@ -84,9 +84,9 @@ def test_refused_requests_give_up_their_seq_id(server):
     assert alice.post("/forward_backward", content=custom.SerializeToString(), headers=PROTOBUF).status_code == 400
     external = alice.post(
         "/save_weights_external",
-        json={"model_id": model_id, "seq_id": 2, "path": "hf", "type": "save_weights_external"},
+        json={"model_id": model_id, "seq_id": 2, "path": "hf", "age_encryption_recipients": ["age1x"]},
     )
-    assert external.status_code == 400 and "not supported" in external.json()["error"]["message"]
+    assert external.status_code == 400 and external.json()["error"]["field"] == "age_encryption_recipients"
     dimuon = alice.post(
         "/optim_step",
         json={"model_id": model_id, "seq_id": 3, "optimizer_params": {"type": "dimuon", "learning_rate": 0.1}},
@@ -118,6 +118,62 @@ def test_refused_requests_give_up_their_seq_id(server):
         "optimizer_config": {"type": "dimuon", "version": 1},
     }
     assert alice.post("/create_model", json=unsupported).status_code == 400
+
+
+def test_an_unloaded_run_frees_its_adapter_and_stays_listed_with_its_checkpoints(server):
+    alice, bob = http(server, KEY_A), http(server, KEY_B)
+    _, model_id = new_run(alice)
+    saved = alice.post("/save_weights", json={"model_id": model_id, "seq_id": 1, "path": "kept"}).json()["request_id"]
+    path = result(alice, saved).json()["path"]
+    assert bob.post("/unload_model", json={"model_id": model_id}).status_code == 404, "another key's run"
+    assert alice.post("/unload_model", json={"model_id": "nobody:train:0"}).status_code == 404
+    assert alice.post("/get_info", json={"model_id": model_id}).status_code == 200, "refusals unload nothing"
+
+    unloaded = alice.post("/unload_model", json={"model_id": model_id, "type": "unload_model"}).json()
+    assert unloaded["model_id"] == model_id
+    assert result(alice, unloaded["request_id"]).json() == {"model_id": model_id, "type": "unload_model"}
+    again = alice.post("/unload_model", json={"model_id": model_id}).json()["request_id"]
+    assert result(alice, again).json()["model_id"] == model_id, "unloading twice is harmless"
+    assert alice.post("/get_info", json={"model_id": model_id}).status_code == 404, "the adapter is gone"
+    assert alice.get(f"/training_runs/{model_id}").json()["last_checkpoint"]["tinker_path"] == path
+    assert path in [c["tinker_path"] for c in alice.get(f"/training_runs/{model_id}/checkpoints").json()["checkpoints"]]
+
+
+def test_external_weights_urls_and_ttls_refuse_bad_input_and_change_nothing(server):
+    import httpx
+
+    alice, bob = http(server, KEY_A), http(server, KEY_B)
+    _, model_id = new_run(alice)
+    body = {"model_id": model_id, "seq_id": 1, "path": "hf", "ttl_seconds": 7200}
+    external = result(alice, alice.post("/save_weights_external", json=body).json()["request_id"]).json()
+    assert external["path"] == f"tinker://{model_id}/external_weights/hf" and external["size_bytes"] > 0
+    state = result(alice, alice.post("/save_weights", json={**body, "seq_id": 2, "path": "st"}).json()["request_id"])
+    checkpoints = f"/training_runs/{model_id}/checkpoints"
+
+    def listed() -> list:
+        return [(c["checkpoint_id"], c["checkpoint_type"]) for c in alice.get(checkpoints).json()["checkpoints"]]
+
+    before = listed()
+    assert before == [("external_weights/hf", "external"), ("weights/st", "training")]
+    for bad in (0, -5, "1h"):
+        refused = alice.put(f"{checkpoints}/external_weights/hf/ttl", json={"ttl_seconds": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == "ttl_seconds"
+    assert bob.put(f"{checkpoints}/external_weights/hf/ttl", json={"ttl_seconds": 60}).status_code == 404
+    not_external = alice.get(f"{checkpoints}/weights/st/external_weights_urls")
+    assert not_external.status_code == 400 and not_external.json()["error"]["field"] == "path"
+    assert alice.get(f"{checkpoints}/external_weights/nope/external_weights_urls").status_code == 404
+    assert bob.get(f"{checkpoints}/external_weights/hf/external_weights_urls").status_code == 404
+    assert listed() == before and state.status_code == 200
+
+    signed = alice.get(f"{checkpoints}/external_weights/hf/external_weights_urls").json()
+    url = signed["urls"]["adapter_config.json"]
+    assert httpx.get(url).json()["peft_type"] == "LORA", "a signed URL needs no key"
+    assert httpx.get(url.replace("adapter_config.json", "checkpoint.json")).status_code == 404
+    token = url.split("/downloads/")[1].split("/")[0]
+    forged = token[:-1] + ("1" if token.endswith("0") else "0")
+    assert httpx.get(url.replace(token, forged)).status_code == 404, "a forged token"
+    assert alice.put(f"{checkpoints}/external_weights/hf/ttl", json={"ttl_seconds": None}).status_code == 200
+    assert alice.get(checkpoints).json()["checkpoints"][0]["checkpoint_id"] == "external_weights/hf"
 
 
 def test_a_retried_unnamed_sampler_save_gets_the_first_sampling_session(server):

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow  # installs two SDK releases and runs them in chil
 MODEL = "bios/tiny"
 KEY_A, KEY_B = "tml-tinker-alice-0123456789", "tml-tinker-bob-0123456789"
 KEY_C = "tml-tinker-carol-0123456789"
+KEY_D = "tml-tinker-dave-0123456789"
+"""Dave's key only lists its sessions, so it has no others."""
 """Carol's key does only the account scenario, so its figures are exactly that scenario's."""
 TEXTS = (
     "the cat sat on the mat",
@@ -43,7 +45,7 @@ def server(tmp_path_factory):
     from bios.server.tinker import session_routes
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B},{KEY_C}")
+        patch.setenv("BIOS_API_KEYS", f"{KEY_A},{KEY_B},{KEY_C},{KEY_D}")
         patch.setitem(session_routes.CLIENT_CONFIG, "fwdbwd_max_chunk_len", 2)
         patch.setitem(session_routes.CLIENT_CONFIG, "proto_compress_fwdbwd", True)
         with ThreadedServer(ServerOptions(backend="emulator", home=tmp_path_factory.mktemp("tinker-home"))) as running:
@@ -201,7 +203,7 @@ def test_runs_and_checkpoints_are_listed(trained):
 
 def test_unsupported_features_are_refused_without_stalling_the_run(trained):
     _, seen = trained
-    assert seen["unsupported"]["save_weights_external"] == "BadRequestError"
+    assert seen["unsupported"]["encrypted_external"] == "BadRequestError"
     assert seen["unsupported"]["forward_after"] == pytest.approx(seen["unsupported"]["forward_before"], rel=1e-9)
 
 
@@ -272,6 +274,55 @@ def test_the_sdk_trains_through_simulated_faults_to_the_same_losses(server, simu
 def test_a_checkpoint_saved_with_the_sdks_ttl_expires(server):
     seen = run_sdk("0.38.0", "expiring_checkpoint", url=server.url, key=KEY_B)
     assert seen == {"at_once": "no error", "later": "NotFoundError"}
+
+
+def test_the_clis_checkpoint_download_is_a_peft_adapter_that_computes_what_bios_does(server, service, tmp_path):
+    """0.38's `tinker checkpoint download` of a trained run's checkpoint: a PEFT adapter that
+    `peft` loads on the base model (Bios's merged export of an untrained adapter), giving the
+    run's logprobs; the CLI's temporary external weights are deleted afterwards."""
+    import numpy as np
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bios.export import export_merged
+
+    tokens = list(range(5, 29))
+    seen = run_sdk(
+        "0.38.0", "checkpoint_download", url=server.url, key=KEY_B, tokens=tokens, steps=3, output=str(tmp_path)
+    )
+    exit_code, stdout, error = seen["cli"]
+    assert exit_code == 0, (stdout, error)
+    destination = Path(json.loads(stdout)["destination"])
+    assert destination.parent == tmp_path and sorted(p.name for p in destination.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert seen["checkpoints"] == [seen["path"]], "the temporary export is deleted"
+
+    untrained = service.create_lora_training_client(MODEL, rank=4).save_state("sdk-download-base").result().path
+    base = export_merged(untrained, tmp_path / "base", catalog=service.transport.catalog)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    adapted = peft.PeftModel.from_pretrained(model, destination).eval()
+
+    def logprobs() -> np.ndarray:
+        with torch.no_grad():
+            logits = adapted(input_ids=torch.tensor([tokens[:-1]]), use_cache=False).logits[0].double()
+        return logits.log_softmax(-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].numpy()
+
+    np.testing.assert_allclose(logprobs(), seen["logprobs"], rtol=0, atol=1e-4)
+    with adapted.disable_adapter():
+        assert np.abs(logprobs() - seen["logprobs"]).max() > 1e-2, "the adapter changes nothing"
+
+
+def test_the_sdks_session_listing_sees_the_keys_sessions_runs_samplers_and_metadata(server):
+    seen = run_sdk("0.38.0", "sessions", url=server.url, key=KEY_D)
+    assert seen["listed"] == [seen["session_id"], seen["other"]], "the key's sessions, oldest first"
+    assert seen["second_page"] == [seen["other"]]
+    session = seen["session"]
+    assert session["training_run_ids"] == [seen["model_id"]] and len(session["sampler_ids"]) == 1
+    assert (session["user_metadata"], session["display_name"]) == ({"team": "bios"}, "sessions test")
+    assert seen["unknown"] == "NotFoundError"
 
 
 def test_the_sdks_account_calls_see_the_keys_own_usage_sizes_and_trace(server):

@@ -81,6 +81,9 @@ async def _call_every_async_method(service: bios.ServiceClient) -> set[str]:
     assert state in {c.path for c in (await run(rest, "list_user_checkpoints_async")).checkpoints}
     await run(rest, "delete_checkpoint_async", training.session_id, "sampler_weights/async-frozen")
     await run(rest, "delete_checkpoint_from_tinker_path_async", state)
+    external = (await (await run(training, "save_weights_external_async", "async-external"))).path
+    assert "adapter_config.json" in (await run(rest, "get_external_weights_urls_async", external)).urls
+    assert (await run(rest, "set_checkpoint_ttl_from_tinker_path_async", external, 60.0)).expires_at
     return called
 
 

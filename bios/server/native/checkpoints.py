@@ -1,11 +1,14 @@
-"""Listing and deleting the caller's checkpoints."""
+"""The caller's checkpoints: listing, deleting, their time to live, and the download URLs of
+external weights."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from bios.server.state import OwnerDep, ServiceDep
-from bios.types import StateResult
+from bios import wire
+from bios.server.downloads import external_weights_urls
+from bios.server.state import OwnerDep, ServerStateDep, ServiceDep
+from bios.types import ExternalWeightsUrls, StateResult
 
 router = APIRouter()
 
@@ -21,3 +24,13 @@ def list_checkpoints(who: OwnerDep, service: ServiceDep, session_id: str | None 
 def delete_checkpoint(path: str, who: OwnerDep, service: ServiceDep) -> dict:
     service.delete_checkpoint(who, path)
     return {}
+
+
+@router.put("/v1/checkpoints/ttl", response_model=StateResult)
+def set_checkpoint_ttl(body: wire.CheckpointTtl, who: OwnerDep, service: ServiceDep) -> StateResult:
+    return service.set_checkpoint_ttl(who, body.path, body.ttl_seconds)
+
+
+@router.get("/v1/checkpoints/external_weights_urls", response_model=ExternalWeightsUrls)
+def get_external_weights_urls(path: str, request: Request, who: OwnerDep, state: ServerStateDep) -> ExternalWeightsUrls:
+    return external_weights_urls(state.service, state.signer, request, who, path)

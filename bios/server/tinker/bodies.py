@@ -18,6 +18,11 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class CreateSession(Body):
+    user_metadata: dict[str, Any] | None = None
+    display_name: str | None = None
+
+
 class SessionRef(Body):
     session_id: str
 
@@ -67,6 +72,14 @@ class SaveWeights(Body):
     overwrite: bool = False
     ttl_seconds: int | None = None
     user_metadata: dict[str, Any] | None = None
+
+
+class SaveExternal(SaveWeights):
+    age_encryption_recipients: list[str] | None = None
+
+
+class CheckpointTtl(Body):
+    ttl_seconds: int | None = None
 
 
 class SaveForSampler(SaveWeights):

@@ -28,8 +28,8 @@ from bios.server.auth import KeyRing
 from bios.server.db import RequestRow
 from bios.server.ledger import Bill, Usage
 from bios.server.service import Recorder, Service
+from bios.server.signing import DownloadSigner
 from bios.server.tinker import answers, ids
-from bios.server.tinker.archive import ArchiveSigner
 from bios.server.tinker.ids import Run, Runs, session_of
 from bios.server.tinker.sessions import Releases, Sessions
 from bios.types import TrainingInfo
@@ -88,17 +88,30 @@ def resumable(
 class Tinker:
     """The Tinker side of one `Service`: model ids filed in its database, sessions in memory."""
 
-    def __init__(self, service: Service, keys: KeyRing) -> None:
+    def __init__(self, service: Service, keys: KeyRing, signer: DownloadSigner) -> None:
         self.service = service
         self.engine = service.engine
         self.keys = keys
         self.runs = Runs(service.records.engine)
         self.sessions = Sessions(
-            Releases(sampler=service.drop_sampler, run=service.close_session, runs_of=self.runs.of_tinker_session)
+            Releases(sampler=service.drop_sampler, run=service.close_session, runs_of=self._bios_sessions_of)
         )
         self.home = service.engine.store.root.parent
-        self.signer = ArchiveSigner()
+        self.signer = signer
         self._chain = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bios-tinker")
+
+    def _bios_sessions_of(self, owner: str, session_id: str) -> list[str]:
+        """The Bios sessions training the runs `owner`'s Tinker session `session_id` created."""
+        return [run.session_id for run in self.runs.of_tinker_session(owner, session_id)]
+
+    def session_ids(self, owner: str) -> list[str]:
+        """`owner`'s Tinker sessions, oldest first: those in memory and, after a restart, those
+        known by the runs they created."""
+        created = self.sessions.remembered(owner)
+        runs, _ = self.runs.page(owner, 1 << 30, 0)
+        for run in runs:
+            created.setdefault(session_of(run.model_id), run.created_at)
+        return sorted(created, key=lambda session_id: (created[session_id], session_id))
 
     def submit(self, plan: Plan[R], stored: bytes | None) -> str:
         """`Service.submit` of `plan`: answers stored in the Tinker encoding, the idempotency

@@ -4,7 +4,8 @@ A Tinker training run `SESSION:train:N` (the id the SDK itself derives) is one B
 session; the pairing is filed in table `tinker_runs` of the server's database, so runs and
 their checkpoints stay listable after a restart. Tinker numbers a model's requests 1, 2, ...;
 the engine's lane for the session starts at 0. A checkpoint
-`tinker://RUN/weights|sampler_weights/NAME` is `bios://SESSION/weights|sampler_weights/NAME`.
+`tinker://RUN/KIND/NAME` is `bios://SESSION/KIND/NAME`, KIND one of weights, sampler_weights
+and external_weights.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.engine import Row
 from sqlalchemy.sql import ColumnElement
 
-from bios.errors import InvalidRequestError, NotFoundError, UnsupportedError
+from bios.errors import InvalidRequestError, NotFoundError
 from bios.validation import SCHEME, parse_path
 
 TINKER_SCHEME = "tinker://"
-KIND_DIRS = ("weights", "sampler_weights")
+KIND_DIRS = ("weights", "sampler_weights", "external_weights")
 
 _metadata = MetaData()
 runs_table = Table(
@@ -111,13 +112,14 @@ class Runs:
         """The run trained by Bios session `session_id`, if it is one."""
         return self._one(runs_table.c.session_id == session_id)
 
-    def of_tinker_session(self, owner: str, session_id: str) -> list[str]:
-        """The Bios sessions of `owner`'s runs created by Tinker session `session_id`."""
+    def of_tinker_session(self, owner: str, session_id: str) -> list[Run]:
+        """`owner`'s runs created by Tinker session `session_id`, oldest first."""
         prefix = runs_table.c.model_id.startswith(model_id(session_id, ""), autoescape=True)
         with self.db.connect() as tx:
-            return list(
-                tx.execute(select(runs_table.c.session_id).where(runs_table.c.owner == owner, prefix)).scalars()
+            rows = tx.execute(
+                select(runs_table).where(runs_table.c.owner == owner, prefix).order_by(runs_table.c.created_at)
             )
+            return [_run(row) for row in rows]
 
     def page(self, owner: str, limit: int, offset: int) -> tuple[list[Run], int]:
         """`owner`'s runs, oldest first, `limit` of them from `offset`, and how many there are."""
@@ -164,15 +166,12 @@ def _run(row: Row) -> Run:
 
 
 def _parse_tinker_path(path: object) -> tuple[str, str, str]:
-    """(run id, kind directory, name) of `tinker://RUN/weights|sampler_weights/NAME`."""
+    """(run id, kind directory, name) of `tinker://RUN/KIND/NAME`, KIND one of `KIND_DIRS`."""
     parts = path[len(TINKER_SCHEME) :].split("/") if isinstance(path, str) and path.startswith(TINKER_SCHEME) else []
-    if len(parts) == 3 and parts[1] == "external_weights":
-        raise UnsupportedError(
-            f"path {path!r}: external (Hugging Face format) weights are not supported by Bios", field="path"
-        )
     if len(parts) != 3 or parts[1] not in KIND_DIRS or not all(parts):
         raise InvalidRequestError(
-            f"path {path!r} is not a checkpoint path (tinker://RUN/weights/NAME or tinker://RUN/sampler_weights/NAME)",
+            f"path {path!r} is not a checkpoint path (tinker://RUN/weights/NAME, "
+            "tinker://RUN/sampler_weights/NAME or tinker://RUN/external_weights/NAME)",
             field="path",
         )
     return parts[0], parts[1], parts[2]

@@ -14,14 +14,15 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from bios.errors import InvalidRequestError
+from bios.server.downloads import external_weights_urls
 from bios.server.tinker.archive import build_archive
-from bios.server.tinker.bodies import WeightsInfo
+from bios.server.tinker.bodies import CheckpointTtl, WeightsInfo
 from bios.server.tinker.context import Tinker, TinkerDep, TinkerOwnerDep
 from bios.server.tinker.ids import Run
 from bios.types import StateResult
 from bios.types.params import ATTENTION_MODULES, MLP_MODULES
 
-CHECKPOINT_TYPES = {"state": "training", "sampler": "sampler"}
+CHECKPOINT_TYPES = {"state": "training", "sampler": "sampler", "external": "external"}
 
 router = APIRouter()
 
@@ -125,6 +126,26 @@ def list_user_checkpoints(
 def delete_checkpoint(run_id: str, kind: str, name: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     tinker.service.delete_checkpoint(who, tinker.runs.bios_path(who, f"tinker://{run_id}/{kind}/{name}"))
     return {}
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
+def set_checkpoint_ttl(
+    run_id: str, kind: str, name: str, body: CheckpointTtl, who: TinkerOwnerDep, tinker: TinkerDep
+) -> dict:
+    """The checkpoint expires `ttl_seconds` from now (None: never)."""
+    tinker.service.set_checkpoint_ttl(who, _bios_checkpoint(tinker, who, run_id, kind, name), body.ttl_seconds)
+    return {}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls")
+def get_external_weights_urls(
+    run_id: str, kind: str, name: str, request: Request, who: TinkerOwnerDep, tinker: TinkerDep
+) -> dict:
+    """`{"urls": {FILE: URL}, "expires"}`: signed URLs (no API key needed) of the files of an
+    external weights checkpoint, valid for 15 minutes."""
+    path = _bios_checkpoint(tinker, who, run_id, kind, name)
+    signed = external_weights_urls(tinker.service, tinker.signer, request, who, path)
+    return {"urls": signed.urls, "expires": signed.expires.isoformat() if signed.expires else None}
 
 
 @router.post("/weights_info")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, FastAPI
 
 from bios.server.auth import KeyRing
 from bios.server.service import Service
+from bios.server.state import state_of
 from bios.server.tinker import (
     account_routes,
     rest_routes,
@@ -23,5 +24,5 @@ for _part in (session_routes, training_routes, weights_routes, sampling_routes, 
 
 def install(app: FastAPI, service: Service, keys: KeyRing) -> None:
     """Answer the Tinker SDK's `/api/v1` requests on `app`, from `service`, to the holders of `keys`."""
-    install_on(app, Tinker(service, keys))
+    install_on(app, Tinker(service, keys, state_of(app).signer))
     app.include_router(router)

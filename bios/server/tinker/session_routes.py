@@ -5,12 +5,12 @@ Trivial routes and the long-poll are coroutines: they never wait for a worker th
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
 from bios.server.native.discovery import healthz
 from bios.server.tinker import answers
-from bios.server.tinker.bodies import Retrieve, SessionRef
+from bios.server.tinker.bodies import CreateSession, Retrieve, SessionRef, user_metadata
 from bios.server.tinker.context import TinkerDep, TinkerOwnerDep
 
 HOLD_S = 30.0
@@ -43,8 +43,30 @@ async def dynamic_config(who: TinkerOwnerDep) -> dict:
 
 
 @router.post("/create_session")
-def create_session(who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
-    return {"type": "create_session", "session_id": tinker.sessions.create(who)}
+def create_session(body: CreateSession, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    session_id = tinker.sessions.create(who, user_metadata(body.user_metadata), body.display_name)
+    return {"type": "create_session", "session_id": session_id}
+
+
+@router.get("/sessions")
+def list_sessions(
+    who: TinkerOwnerDep, tinker: TinkerDep, limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0)
+) -> dict:
+    """The caller's session ids, oldest first (`RestClient.list_sessions`)."""
+    return {"sessions": tinker.session_ids(who)[offset : offset + limit]}
+
+
+@router.get("/sessions/{session_id}")
+def get_session(session_id: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """The session's training runs (every one it created), live sampling sessions, user
+    metadata and display name (`RestClient.get_session`)."""
+    facts = tinker.sessions.facts(who, session_id)
+    return {
+        "training_run_ids": [run.model_id for run in tinker.runs.of_tinker_session(who, session_id)],
+        "sampler_ids": facts.sampler_ids,
+        "user_metadata": facts.user_metadata,
+        "display_name": facts.display_name,
+    }
 
 
 @router.post("/session_heartbeat")

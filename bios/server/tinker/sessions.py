@@ -44,11 +44,25 @@ class Sampler:
     model_path: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    """What a session says of itself: its live sampling sessions, and the user metadata and
+    display name it was created with (none for a session known again after a restart)."""
+
+    sampler_ids: list[str]
+    user_metadata: dict[str, str]
+    display_name: str | None
+    created_at: float
+
+
 @dataclass(slots=True)
 class _Session:
     owner: str
     last_seen: float
     over: bool = False
+    created_at: float = field(default_factory=time.time)
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    display_name: str | None = None
     runs: list[str] = field(default_factory=list)  # Bios session ids
     samplers: dict[Hashable, str] = field(default_factory=dict)  # sampling_session_seq_id (or other key) -> sampler id
 
@@ -73,13 +87,26 @@ class Sessions:
         self._sessions: dict[str, _Session] = {}
         self._samplers: dict[str, Sampler] = {}
 
-    def create(self, owner: str) -> str:
+    def create(self, owner: str, user_metadata: dict[str, str] | None = None, display_name: str | None = None) -> str:
         """A new session of `owner`; also ends sessions that expired meanwhile."""
         self.expire()
         session_id = f"sess-{uuid.uuid4().hex[:16]}"
+        session = _Session(owner, time.monotonic(), user_metadata=dict(user_metadata or {}), display_name=display_name)
         with self._lock:
-            self._sessions[session_id] = _Session(owner, time.monotonic())
+            self._sessions[session_id] = session
         return session_id
+
+    def facts(self, owner: str, session_id: str) -> SessionFacts:
+        """What `owner`'s session `session_id` says of itself (NotFoundError for another's)."""
+        with self._lock:
+            s = self._owned(owner, session_id)
+            return SessionFacts(list(s.samplers.values()), dict(s.user_metadata), s.display_name, s.created_at)
+
+    def remembered(self, owner: str) -> dict[str, float]:
+        """`owner`'s sessions held in memory (live, or over but not yet forgotten), each with
+        the unix time it was created."""
+        with self._lock:
+            return {k: s.created_at for k, s in self._sessions.items() if s.owner == owner}
 
     def heartbeat(self, owner: str, session_id: str) -> None:
         """Keep `owner`'s session alive; SessionExpiredError once it is over."""

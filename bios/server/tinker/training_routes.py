@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from bios import wire
 from bios.engine.engine import WithState
-from bios.errors import BiosError, InvalidRequestError, RequestTooLargeError, UnsupportedError
+from bios.errors import BiosError, InvalidRequestError, NotFoundError, RequestTooLargeError, UnsupportedError
 from bios.server import ledger
 from bios.server.ledger import Bill
 from bios.server.tinker import codec, ids
@@ -117,6 +117,31 @@ def get_info(body: ModelRef, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
         "optimizer_config": {"type": "adamw"},
         "model_data": {"arch": arch, "model_name": run.base_model, "tokenizer_id": str(directory)},
     }
+
+
+@resumable(ModelRef.model_validate_json, "unload_model")
+def plan_unload_model(tinker: Tinker, who: str, body: ModelRef) -> Plan:
+    """Free the run's adapter once its running requests are done. The run and its checkpoints
+    stay listed; later requests of the run are not found (unloading twice is harmless)."""
+    run = tinker.runs.get(who, body.model_id)
+
+    def unload() -> str:
+        try:
+            tinker.service.close_session(who, run.session_id)
+        except NotFoundError:
+            pass  # unloaded already
+        return run.model_id
+
+    encode = json_answer(lambda model_id: {"model_id": model_id, "type": "unload_model"})
+    key = f"tinker/{run.model_id}/unload"
+    return Plan(
+        who, "unload_model", body.model_dump_json().encode(), key, lambda: done(unload()), encode, model_id=run.model_id
+    )
+
+
+@router.post("/unload_model")
+def unload_model(body: ModelRef, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    return tinker.accept(plan_unload_model(tinker, who, body), body.model_dump_json().encode())
 
 
 def _loss_inputs(request: Message) -> tuple[list[Datum], dict[str, float] | None]:

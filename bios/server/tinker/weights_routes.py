@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import NoReturn
 
 from fastapi import APIRouter
 
@@ -22,7 +21,7 @@ from bios.server import ledger
 from bios.server.ledger import Bill
 from bios.server.tinker import ids
 from bios.server.tinker.answers import json_answer
-from bios.server.tinker.bodies import LoadWeights, SaveForSampler, SaveWeights, user_metadata
+from bios.server.tinker.bodies import LoadWeights, SaveExternal, SaveForSampler, SaveWeights, user_metadata
 from bios.server.tinker.context import Plan, RunRequest, Tinker, TinkerDep, TinkerOwnerDep, done, resumable
 from bios.server.tinker.sessions import Sampler
 from bios.types import StateResult, TrainingInfo
@@ -127,24 +126,42 @@ def _snapshot_sampler(req: RunRequest, hashed: bytes) -> Plan:
     return req.plan("save_for_sampler", hashed, start, encode)
 
 
-@resumable(SaveWeights.model_validate_json, "save_external")
-def plan_save_external(tinker: Tinker, who: str, body: SaveWeights) -> Plan:
-    """Unsupported (Bios does not export merged Hugging Face weights); gives up its seq_id."""
+@resumable(SaveExternal.model_validate_json, "save_external")
+def plan_save_external(tinker: Tinker, who: str, body: SaveExternal) -> Plan:
+    """The weights as a Hugging Face PEFT adapter, `tinker://RUN/external_weights/NAME`, whose
+    files `external_weights_urls` hands out (gone `ttl_seconds` after the save when given).
+    Bios stores no encrypted files: `age_encryption_recipients` is refused."""
     req = RunRequest.of(tinker, who, body.model_id, body.seq_id)
 
-    def refuse() -> NoReturn:
-        raise UnsupportedError(
-            "save_weights_external: exporting Hugging Face weights is not "
-            "supported by Bios; use save_weights_for_sampler (a PEFT LoRA adapter)",
-            field="path",
-        )
+    def prepare() -> str:
+        if body.age_encryption_recipients:
+            raise UnsupportedError(
+                "age_encryption_recipients: Bios does not encrypt external weights; leave it out "
+                "(the download URLs are signed and expire)",
+                field="age_encryption_recipients",
+            )
+        if not body.path:
+            raise InvalidRequestError("path: name the external weights", field="path")
+        return body.path
 
-    start = lambda: req.ordered(refuse)
-    return req.plan("save_external", body.model_dump_json().encode(), start, json_answer(dict))
+    start = lambda: tinker.engine.save_state(
+        req.session_id, req.seq, req.ordered(prepare), user_metadata(body.user_metadata), "external", body.ttl_seconds
+    )
+    record = tinker.service.checkpoint_recorder(who, req.session_id)
+
+    def answer(result: StateResult) -> dict:
+        return {
+            "path": tinker.runs.tinker_path(result.path),
+            "size_bytes": result.size_bytes,
+            "type": "save_weights_external",
+        }
+
+    encode = json_answer(answer)
+    return req.plan("save_external", body.model_dump_json().encode(), start, encode, record=record, meter=ledger.saved)
 
 
 @router.post("/save_weights_external")
-def save_weights_external(body: SaveWeights, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+def save_weights_external(body: SaveExternal, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     return tinker.accept(plan_save_external(tinker, who, body), body.model_dump_json().encode())
 
 
