@@ -212,7 +212,7 @@ def sample_work(
         base_model=model.name,
         prompt=ids,
         num_samples=num_samples,
-        max_tokens=params.max_tokens,
+        max_tokens=params.max_tokens or model.max_seq_len - int(ids.size),
         temperature=params.temperature,
         top_k=params.top_k,
         top_p=params.top_p,

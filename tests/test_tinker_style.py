@@ -91,6 +91,15 @@ def test_stop_none_ends_at_the_models_eos_and_an_empty_stop_list_at_nothing(serv
     assert greedy(stop=[eos]).tokens == [eos]
 
 
+def test_no_max_tokens_generates_until_the_context_is_full(service: bios.ServiceClient) -> None:
+    """As in the tinker SDK, where `max_tokens` is None unless given."""
+    sampler = service.create_sampling_client(base_model=MODEL)
+    context = next(m.max_seq_len for m in service.get_server_capabilities().supported_models if m.model_name == MODEL)
+    prompt = types.ModelInput.from_ints([7, 300, 41])
+    drawn = sampler.sample(prompt, types.SamplingParams(temperature=0.0, stop=[])).result().sequences[0]
+    assert (len(drawn.tokens), drawn.stop_reason) == (context - 3, "length")
+
+
 def test_a_checkpoint_saved_with_a_ttl_is_gone_once_it_runs_out(service: bios.ServiceClient) -> None:
     training = service.create_lora_training_client(MODEL, rank=4, seed=7)
     training.train(random_batch(1), learning_rate=1e-2)

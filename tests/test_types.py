@@ -172,7 +172,7 @@ def test_datum_rejects_what_is_not_an_array(bad: object) -> None:
 
 def test_sampling_defaults() -> None:
     p = types.SamplingParams()
-    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (16, 1.0, 1.0, -1, None, None)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (None, 1.0, 1.0, -1, None, None)
     assert p.stop_strings() == () and p.stop_token_ids() == ()
 
 

@@ -27,8 +27,10 @@ def _as_bool(value: object) -> bool:
 class SamplingParams(RequestModel):
     """How to draw a completion."""
 
-    max_tokens: int = Field(16, ge=1)
-    """Tokens to generate per sample, at most; a stop sequence is included in the count."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens to generate per sample, at most; a stop sequence is included in the count. None
+    (the default, as in the tinker SDK): until a stop, or until prompt and completion fill the
+    model's context (`max_seq_len`)."""
     temperature: float = Field(1.0, ge=0.0)
     """Softmax temperature; 0 means greedy (argmax) decoding."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)

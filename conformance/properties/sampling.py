@@ -38,11 +38,12 @@ def _trained_twins(pair: Pair, lora: types.LoraConfig, warm: list) -> tuple:
 
 def _check_lengths_and_stops(seq: types.SampledSequence, params: types.SamplingParams, tokenizer, max_new: int) -> None:
     """S3 on one sequence: stops exactly at the first stop token/string (the model's EOS when
-    `stop` is None), else at max_tokens."""
+    `stop` is None), else at max_tokens (None: at the end of the context, `max_new` tokens)."""
     eos = tokenizer.eos_token_id
     ids = params.stop_token_ids() if params.stop is not None else (() if eos is None else (eos,))
     strings, decode = params.stop_strings(), tokenizer.decode
-    assert 1 <= len(seq.tokens) <= params.max_tokens, f"{len(seq.tokens)} tokens for max_tokens {params.max_tokens}"
+    limit = max_new if params.max_tokens is None else min(params.max_tokens, max_new)
+    assert 1 <= len(seq.tokens) <= limit, f"{len(seq.tokens)} tokens for max_tokens {params.max_tokens}"
     assert len(seq.logprobs) == len(seq.tokens), "one logprob per token"
 
     def stops_at(i: int) -> bool:
@@ -57,9 +58,7 @@ def _check_lengths_and_stops(seq: types.SampledSequence, params: types.SamplingP
         assert first is None, (
             f"a stop sequence ends at token {first} but generation went on to {len(seq.tokens)} ({seq.stop_reason})"
         )
-        assert len(seq.tokens) == min(params.max_tokens, max_new), (
-            f"stopped for length at {len(seq.tokens)}, max_tokens {params.max_tokens}"
-        )
+        assert len(seq.tokens) == limit, f"stopped for length at {len(seq.tokens)}, max_tokens {params.max_tokens}"
 
 
 @conformance_property(

@@ -142,7 +142,7 @@ def model_input(prompt: dict[str, Any]) -> ModelInput:
 
 def sampling_params(params: dict[str, Any]) -> SamplingParams:
     """Tinker sampling params as Bios ones, whose `stop` means the same (absent or None: stop
-    at EOS; an empty list: at nothing); no `max_tokens` means Bios's default."""
+    at EOS; an empty list: at nothing); no `max_tokens`: until a stop or the context is full."""
     given = {k: params[k] for k in ("max_tokens", "seed", "temperature", "top_k", "top_p") if params.get(k) is not None}
     return SamplingParams(**given, stop=params.get("stop"))
 
