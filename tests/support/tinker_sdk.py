@@ -2,8 +2,9 @@
 
 Each release is installed once with `pip install --no-deps --target .cache/tinker-sdk/VERSION`
 (its dependencies are in the dev environment; BIOS_TINKER_WHEELS names a wheel directory for
-offline installs). A child runs one scenario of tests/server/sdk_side.py and prints what it
-saw as one line of JSON; the tests make every assertion.
+offline installs). A child runs one scenario of tests/server/sdk_side.py (or of another side
+script, with more pinned directories on its path: cookbook_release.py) and prints what it saw as
+one line of JSON; the tests make every assertion.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 SDK_SIDE = REPO / "tests" / "server" / "sdk_side.py"
 
 
-def sdk_directory(version: str) -> Path:
-    """A directory holding the `tinker` package of `version`, installed on first use."""
+def pinned_directory(name: str, *requirements: str) -> Path:
+    """The directory `name` of the SDK cache, holding `requirements` (pinned `pip` specifiers)
+    installed with `--no-deps` on first use. The directory appears whole or not at all."""
     root = Path(os.environ.get("BIOS_TINKER_SDK_CACHE", REPO / ".cache" / "tinker-sdk"))
-    target = root / version
-    if (target / "tinker" / "__init__.py").is_file():
+    target = root / name
+    if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=root, prefix=f".{version}.")
+    staging = tempfile.mkdtemp(dir=root, prefix=f".{name}.")
     command = [
         sys.executable,
         "-m",
@@ -39,7 +41,7 @@ def sdk_directory(version: str) -> Path:
         "--no-deps",
         "--target",
         staging,
-        f"tinker=={version}",
+        *requirements,
     ]
     if os.environ.get("BIOS_TINKER_WHEELS"):
         command += ["--no-index", "--find-links", os.environ["BIOS_TINKER_WHEELS"]]
@@ -51,16 +53,31 @@ def sdk_directory(version: str) -> Path:
     return target
 
 
-def start_sdk(version: str, scenario: str, **arguments: object) -> subprocess.Popen:
-    """Start `scenario` (a function of sdk_side.py) with SDK `version` in a child process."""
-    env = {**os.environ, "PYTHONPATH": str(sdk_directory(version)), "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
+def sdk_directory(version: str) -> Path:
+    """A directory holding the `tinker` package of `version`, installed on first use."""
+    return pinned_directory(version, f"tinker=={version}")
+
+
+def start_child(script: Path, path: list[Path], scenario: str, **arguments: object) -> subprocess.Popen:
+    """Start `scenario` (a function of `script`) in a child process whose PYTHONPATH is `path`."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(map(str, path)),
+        "HF_HUB_OFFLINE": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
     return subprocess.Popen(
-        [sys.executable, str(SDK_SIDE), scenario, json.dumps(arguments)],
+        [sys.executable, str(script), scenario, json.dumps(arguments)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def start_sdk(version: str, scenario: str, **arguments: object) -> subprocess.Popen:
+    """Start `scenario` (a function of sdk_side.py) with SDK `version` in a child process."""
+    return start_child(SDK_SIDE, [sdk_directory(version)], scenario, **arguments)
 
 
 def sdk_result(child: subprocess.Popen, timeout: float = 600) -> dict:
@@ -70,7 +87,7 @@ def sdk_result(child: subprocess.Popen, timeout: float = 600) -> dict:
     except subprocess.TimeoutExpired:
         child.kill()
         stdout, stderr = child.communicate()
-    assert child.returncode == 0, f"the SDK child failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    assert child.returncode == 0, f"the child failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return json.loads(stdout.strip().splitlines()[-1])
 
 
