@@ -124,7 +124,7 @@ def _custom_loss(client, data, adam, seen: dict) -> None:
         "surrogate": metrics["surrogate_loss:sum"],
         "metric": metrics["datums:sum"],
         "forward_loss": seen["forward_loss"],
-        "step": stepped.result().metrics["step"],
+        "step": stepped.result().metrics["optimizer_step"],
     }
 
 
@@ -267,7 +267,7 @@ def interrupted_training(url: str, key: str, seed: int, batches: list, adam: dic
     """A seeded rank-4 run trained on `batches` (per step, a list of token sequences), each
     step's forward_backward and optim_step pipelined, while the server may die and restart;
     each acknowledged step is appended to the file `progress`. What it saw: the run, the steps
-    acknowledged (optim_step's "step"), the first error (None) and the final checkpoint."""
+    acknowledged (optim_step's "optimizer_step"), the first error (None) and the final checkpoint."""
     import tinker
     from tinker import types
 
@@ -283,7 +283,7 @@ def interrupted_training(url: str, key: str, seed: int, batches: list, adam: dic
             backward = client.forward_backward(data, "cross_entropy")
             stepped = client.optim_step(types.AdamParams(**adam))
             backward.result()
-            seen["steps"].append(stepped.result().metrics["step"])
+            seen["steps"].append(stepped.result().metrics["optimizer_step"])
             with open(progress, "a") as file:
                 file.write(f"{seen['steps'][-1]}\n")
         seen["path"] = client.save_state("final").result().path

@@ -93,6 +93,7 @@ def test_the_supervised_loop_lowers_the_loss_as_the_native_loop_does(server, ser
     losses = [row["train_mean_nll"] for row in rows]
     per_epoch = len(CONVERSATIONS) // BATCH
     assert len(losses) == 2 * per_epoch
+    assert [row["step"] for row in rows] == list(range(len(losses))), "the cookbook's own step count is logged"
     assert all(second < first for first, second in zip(losses, losses[per_epoch:])), "each batch's loss fell"
     assert losses[-1] < 0.8 * losses[0], losses
 

@@ -59,7 +59,9 @@ def test_a_runs_requests_execute_in_seq_order_and_retries_get_the_first_request(
     assert output.loss_fn_outputs[0].num_datums == 1 and logprobs.size == len(TOKENS) - 1
     assert output.metrics["loss:sum"] == pytest.approx(-logprobs.sum(), rel=1e-5)
     stepped = result(alice, step).json()["metrics"]
-    assert stepped["step"] == 1.0 and stepped["grad_norm"] > 0, "the optimizer step ran after the gradient of seq 1"
+    assert stepped["optimizer_step"] == 1.0 and stepped["grad_norm"] > 0, (
+        "the optimizer step ran after the gradient of seq 1"
+    )
 
     compressed = zstandard.ZstdCompressor().compress(forward_backward(model_id, 3, forward_only=True))
     forward = alice.post(

@@ -198,8 +198,10 @@ def forward_backward(
 
 
 def _step_metrics(done: WithState[OptimStepResult]) -> dict:
-    """The SDK's optim_step answer: the step's metrics, and its step number as a float."""
-    return {"metrics": {**done.result.metrics, "step": float(done.result.step)}}
+    """The SDK's optim_step answer: the step's metrics, and its step number as a float under
+    `optimizer_step` (not `step`, which tinker-cookbook's loops use for their own step count
+    when they log these metrics)."""
+    return {"metrics": {**done.result.metrics, "optimizer_step": float(done.result.step)}}
 
 
 @resumable(OptimStep.model_validate_json, "optim_step")
