@@ -136,6 +136,8 @@ class SampleWork:
     stop_token_ids: tuple[int, ...]
     stop_strings: tuple[str, ...]
     prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    """k > 0: also the k most likely tokens at each prompt position (`SampleOutput.topk_prompt`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,9 @@ class SampleOutput:
     sequences: tuple[SampledOutput, ...]
     prompt_logprobs: np.ndarray | None = None
     """[T] log p(prompt[t] | prompt[:t]); entry 0 is NaN (nothing predicts the first token)."""
+    topk_prompt: tuple[np.ndarray, np.ndarray] | None = None
+    """With `topk_prompt_logprobs` k: (token ids [T-1, k] int64, their logprobs [T-1, k]
+    float32), row t-1 the k most likely tokens after prompt[:t], most likely first."""
 
 
 ResultCallback = Callable[[int, object], None]

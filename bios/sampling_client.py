@@ -34,7 +34,8 @@ def in_either_order(sampling_params: SamplingParams | int, num_samples: int | Sa
 
 
 def _last_n(last_n: object, prompt_logprobs: bool) -> int | None:
-    """A checked `prompt_logprobs_last_n`: None, or an int >= 1 with prompt logprobs asked for."""
+    """A checked `prompt_logprobs_last_n`: None, or an int >= 1 with prompt logprobs asked for
+    (it then applies to top-k prompt logprobs too)."""
     if last_n is None:
         return None
     if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1 or not prompt_logprobs:
@@ -45,6 +46,15 @@ def _last_n(last_n: object, prompt_logprobs: bool) -> int | None:
     return last_n
 
 
+def _topk(k: object) -> int:
+    """A `topk_prompt_logprobs` of the right type (its upper bound is the service's to check)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InvalidRequestError(
+            f"topk_prompt_logprobs: expected 0 (none) or a positive int, got {k!r}", field="topk_prompt_logprobs"
+        )
+    return k
+
+
 def _scoring_last(logprobs: list[float | None], last_n: int) -> list[float | None]:
     """`logprobs` with all but the last `last_n` entries None."""
     cut = max(len(logprobs) - last_n, 0)
@@ -52,9 +62,14 @@ def _scoring_last(logprobs: list[float | None], last_n: int) -> list[float | Non
 
 
 def _sample_scoring_last(result: SampleResult, last_n: int) -> SampleResult:
-    if result.prompt_logprobs is None:
-        return result
-    return result.model_copy(update={"prompt_logprobs": _scoring_last(result.prompt_logprobs, last_n)})
+    """`result` with its prompt logprobs and top-k prompt logprobs kept for the last `last_n`
+    prompt positions only."""
+    kept = {
+        name: _scoring_last(value, last_n)
+        for name in ("prompt_logprobs", "topk_prompt_logprobs")
+        if (value := getattr(result, name)) is not None
+    }
+    return result.model_copy(update=kept)
 
 
 class SamplingClient(ReadyClient):
@@ -74,17 +89,21 @@ class SamplingClient(ReadyClient):
         sampling_params: SamplingParams,
         num_samples: int = 1,
         include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
         *,
         prompt_logprobs_last_n: int | None = None,
     ) -> BiosFuture[SampleResult]:
         """`num_samples` completions of `prompt` (docs/losses.md S1–S3).
 
         With `include_prompt_logprobs`, the result's `prompt_logprobs[t]` is log p(prompt[t] | prompt[:t]);
-        with `prompt_logprobs_last_n` too, only the last that many are given (earlier ones None).
+        with `topk_prompt_logprobs` k > 0, its `topk_prompt_logprobs[t]` is the k most likely
+        `(token, logprob)` after prompt[:t]; with `prompt_logprobs_last_n` too, only the last
+        that many positions are given (earlier ones None) of both.
         The tinker SDK's positional order, `sample(prompt, num_samples, sampling_params)`, is
         accepted too.
         """
         sampling_params, num_samples = in_either_order(sampling_params, num_samples)
+        topk = _topk(topk_prompt_logprobs)
         last_n = _last_n(prompt_logprobs_last_n, include_prompt_logprobs)
         future = self._send(
             "sample",
@@ -93,6 +112,7 @@ class SamplingClient(ReadyClient):
             sampling_params,
             num_samples,
             prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk,
         )
         return BiosFuture(pinned(self._keeping_last(future, last_n, _sample_scoring_last), self), "sample")
 
@@ -102,11 +122,13 @@ class SamplingClient(ReadyClient):
         sampling_params: SamplingParams,
         num_samples: int = 1,
         include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
         *,
         prompt_logprobs_last_n: int | None = None,
     ) -> SampleResult:
         t = self._transport
         sampling_params, num_samples = in_either_order(sampling_params, num_samples)
+        topk = _topk(topk_prompt_logprobs)
         last_n = _last_n(prompt_logprobs_last_n, include_prompt_logprobs)
         future = await self._send_async(
             "sample",
@@ -116,6 +138,7 @@ class SamplingClient(ReadyClient):
             sampling_params,
             num_samples,
             prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk,
         )
         return await BiosFuture(pinned(self._keeping_last(future, last_n, _sample_scoring_last), self), "sample")
 

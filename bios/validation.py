@@ -29,6 +29,9 @@ T = TypeVar("T")
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEME = "bios://"
+MAX_TOPK = 64
+"""The most top-k prompt logprobs a sample gives per position."""
+
 KIND_DIRS = {"state": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 """Checkpoint kind → the path segment that names it (`bios://SESSION/weights/NAME`)."""
 
@@ -194,8 +197,10 @@ def sample_work(
     num_samples: int,
     *,
     prompt_logprobs: bool = False,
+    topk_prompt_logprobs: int = 0,
 ) -> SampleWork:
-    """A checked `sample` request; the prompt must leave room for one generated token."""
+    """A checked `sample` request; the prompt must leave room for one generated token, and
+    `topk_prompt_logprobs` is 0 or an int in 1..min(MAX_TOPK, vocabulary)."""
     instance(prompt, ModelInput, "prompt")
     instance(params, SamplingParams, "sampling_params")
     sample_count(num_samples)
@@ -220,7 +225,18 @@ def sample_work(
         stop_token_ids=stop_ids,
         stop_strings=params.stop_strings(),
         prompt_logprobs=prompt_logprobs,
+        topk_prompt_logprobs=topk_count(topk_prompt_logprobs, model),
     )
+
+
+def topk_count(k: object, model: ModelSpec) -> int:
+    """A checked `topk_prompt_logprobs`: 0 (none) or an int in 1..min(MAX_TOPK, vocab_size)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= min(MAX_TOPK, model.vocab_size):
+        raise InvalidRequestError(
+            f"topk_prompt_logprobs: expected 0 (none) or an int from 1 to {min(MAX_TOPK, model.vocab_size)}, got {k!r}",
+            field="topk_prompt_logprobs",
+        )
+    return k
 
 
 @functools.cache

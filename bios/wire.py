@@ -108,6 +108,7 @@ class SamplerSample(Body):
     sampling_params: SamplingParams
     num_samples: int = 1
     prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
 
 
 class SamplerLogprobs(Body):

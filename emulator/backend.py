@@ -32,7 +32,7 @@ from bios.errors import BiosError, ConflictError, InvalidRequestError, NotFoundE
 from bios.weights import dropout_scale, init_lora_weights, load_base_weights, lora_shapes
 from emulator.decode import KVCache, extend
 from emulator.losses import LOSSES, elementwise_loss
-from emulator.model import Lora, backward, forward, token_logprobs, token_logprobs_backward
+from emulator.model import Lora, backward, forward, token_logprobs, token_logprobs_backward, top_logprobs
 from emulator.optim import adam_step
 from emulator.sampler import generate
 
@@ -261,9 +261,11 @@ class EmulatorBackend:
         lora = None if adapter is None else Lora(adapter.weights, adapter.spec.scale)
         prompt = np.asarray(item.prompt, dtype=np.int64)
         logits, prefix = extend(model, base, lora, prompt, KVCache.empty(model))
-        prompt_logprobs = None
+        prompt_logprobs = topk = None
         if item.prompt_logprobs:
             prompt_logprobs = np.concatenate([[np.nan], token_logprobs(logits[:-1], prompt[1:])])
+        if item.topk_prompt_logprobs:
+            topk = top_logprobs(logits[:-1], item.topk_prompt_logprobs)
 
         def stepper() -> Callable[[int], np.ndarray]:
             cache = prefix
@@ -292,7 +294,7 @@ class EmulatorBackend:
             )
             for j in range(item.num_samples)
         )
-        return SampleOutput(sequences, prompt_logprobs)
+        return SampleOutput(sequences, prompt_logprobs, topk)
 
     def close(self) -> None:
         """Drop every adapter, cached base weight and tokenizer."""

@@ -179,6 +179,14 @@ def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_softmax(logits)[np.arange(len(targets)), targets]
 
 
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` most likely tokens of each row, most likely first (ties: lower id first), and
+    their logprobs. logits: [T, V] → (ids [T, k] int64, logprobs [T, k])."""
+    lp = log_softmax(logits)
+    ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
+    return ids.astype(np.int64), np.take_along_axis(lp, ids, axis=-1)
+
+
 def token_logprobs_backward(logits: np.ndarray, targets: np.ndarray, d_lp: np.ndarray) -> np.ndarray:
     """L6, backward: `d logits[t] = d_lp[t] · (onehot(target[t]) - softmax(logits[t]))`.
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from helpers import MODEL, random_batch
 
+import bios
 from bios import types
 
 pytestmark = pytest.mark.api
@@ -161,3 +162,33 @@ def test_a_temporary_sampling_client_lives_until_its_requests_are_done(service, 
     )  # client dropped at once
     gc.collect()
     assert len(future.result().sequences[0].tokens) == 12
+
+
+def test_topk_prompt_logprobs_are_the_most_likely_next_tokens(service):
+    """Row t holds the k most likely tokens after prompt[:t], most likely first: the first is
+    what greedy sampling of prompt[:t] draws, with the logprob it reports."""
+    sampler = service.create_sampling_client(base_model=MODEL)
+    tokens = [0, 310, 52, 977, 41]
+    result = sampler.sample(_prompt(tokens), GREEDY, 1, True, 4).result()
+    topk = result.topk_prompt_logprobs
+    assert topk is not None and topk[0] is None and [len(row) for row in topk[1:]] == [4] * 4
+    for t, row in enumerate(topk[1:], start=1):
+        logprobs = [lp for _, lp in row]
+        assert logprobs == sorted(logprobs, reverse=True) and sum(np.exp(logprobs)) <= 1 + 1e-6
+        assert result.prompt_logprobs[t] <= logprobs[0] + 1e-6
+        if tokens[t] in (ids := [token for token, _ in row]):
+            assert logprobs[ids.index(tokens[t])] == pytest.approx(result.prompt_logprobs[t], abs=1e-5)
+        greedy = sampler.sample(_prompt(tokens[:t]), types.SamplingParams(max_tokens=1, temperature=0.0)).result()
+        assert greedy.sequences[0].tokens == [row[0][0]]
+        assert greedy.sequences[0].logprobs[0] == pytest.approx(row[0][1], abs=1e-5)
+    tail = sampler.sample(_prompt(tokens), GREEDY, 1, True, 2, prompt_logprobs_last_n=2).result()
+    assert tail.prompt_logprobs[:3] == tail.topk_prompt_logprobs[:3] == [None] * 3
+    assert tail.topk_prompt_logprobs[3:] == [row[:2] for row in topk[3:]]
+
+
+@pytest.mark.parametrize("k", [-1, True, "3", 2.0, 10**6])
+def test_a_bad_topk_prompt_logprobs_is_a_typed_error(service, k):
+    sampler = service.create_sampling_client(base_model=MODEL)
+    with pytest.raises(bios.InvalidRequestError) as bad:
+        sampler.sample(_prompt(), GREEDY, topk_prompt_logprobs=k).result()
+    assert bad.value.field == "topk_prompt_logprobs"

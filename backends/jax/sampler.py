@@ -63,6 +63,13 @@ def _prompt_logprobs(logits: jax.Array, prompts: np.ndarray) -> np.ndarray:
     return compiled.host(jnp.take_along_axis(lp, jnp.asarray(prompts[:, 1:, None]), axis=-1)[..., 0])
 
 
+def _top_prompt_logprobs(logits: jax.Array, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely tokens after each prompt prefix, from one prompt's prefill logits
+    [T, V]: (ids [T-1, k] int64, logprobs [T-1, k] float32), most likely first."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits[:-1], axis=-1), k)
+    return compiled.host(ids).astype(np.int64), compiled.host(values).astype(np.float32)
+
+
 @dataclass
 class _Request:
     """One work item being sampled: its settings and its samples as they finish."""
@@ -80,6 +87,8 @@ class _Request:
     """Finished samples by sample index."""
     prompt_logprobs: np.ndarray | None = None
     """[T-1] float32 log p(prompt[t] | prompt[:t]) for t >= 1, when the work asks for them."""
+    topk_prompt: tuple[np.ndarray, np.ndarray] | None = None
+    """The work's top-k prompt logprobs (`SampleOutput.topk_prompt`), when it asks for them."""
 
     stop_strings: StopStrings | None = None
     """Its stop strings' checker, when it has any."""
@@ -91,9 +100,10 @@ class _Request:
     def output(self) -> SampleOutput:
         """The result, samples in index order; `prompt_logprobs` [T] has NaN at 0."""
         sequences = tuple(self.finished[j] for j in range(self.work.num_samples))
-        if self.prompt_logprobs is None:
-            return SampleOutput(sequences, None)
-        return SampleOutput(sequences, np.concatenate([[np.nan], self.prompt_logprobs]).astype(np.float32))
+        prompt_lp = None
+        if self.prompt_logprobs is not None:
+            prompt_lp = np.concatenate([[np.nan], self.prompt_logprobs]).astype(np.float32)
+        return SampleOutput(sequences, prompt_lp, self.topk_prompt)
 
 
 @dataclass
@@ -180,6 +190,8 @@ class DecodePool:
             n = request.prompt_length
             if request.work.prompt_logprobs:
                 request.prompt_logprobs = _prompt_logprobs(logits[p : p + 1, :n], prompts[p : p + 1, :n])[0]
+            if request.work.topk_prompt_logprobs:
+                request.topk_prompt = _top_prompt_logprobs(logits[p, :n], request.work.topk_prompt_logprobs)
             for j in range(request.work.num_samples):
                 row = free.pop(0)
                 self.rows[row] = _Sample(request, j)

@@ -365,9 +365,17 @@ class Engine:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
     ) -> Future[SampleResult]:
         """Completions from a frozen snapshot or base model."""
-        return self.samplers.sample(sampler_id, prompt, params, num_samples, prompt_logprobs=prompt_logprobs)
+        return self.samplers.sample(
+            sampler_id,
+            prompt,
+            params,
+            num_samples,
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+        )
 
     def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:
         """log p(prompt[t] | prompt[:t]), None for t = 0."""

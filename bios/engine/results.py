@@ -43,10 +43,15 @@ def forward_result(output: ForwardBackwardOutput) -> ForwardBackwardResult:
 
 
 def sample_result(output: SampleOutput) -> SampleResult:
-    """The sequences of `output`, and its prompt logprobs (None for the first token)."""
-    prompt_lp = None
+    """The sequences of `output`, its prompt logprobs and top-k prompt logprobs (None for the
+    first token)."""
+    prompt_lp = topk = None
     if output.prompt_logprobs is not None:
         prompt_lp = [None if i == 0 else float(x) for i, x in enumerate(output.prompt_logprobs)]
+    if output.topk_prompt is not None:
+        ids, lps = output.topk_prompt
+        rows = [list(zip(map(int, i), map(float, lp), strict=True)) for i, lp in zip(ids, lps, strict=True)]
+        topk = [None, *rows]
     return SampleResult(
         sequences=[
             SampledSequence(
@@ -57,6 +62,7 @@ def sample_result(output: SampleOutput) -> SampleResult:
             for s in output.sequences
         ],
         prompt_logprobs=prompt_lp,
+        topk_prompt_logprobs=topk,
     )
 
 

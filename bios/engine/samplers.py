@@ -73,12 +73,19 @@ class Samplers:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
     ) -> Future[SampleResult]:
         """Completions from a frozen snapshot or base model."""
         handle = self.handle(sampler_id)
         model = self.catalog.get(handle.base_model)
         work = validation.sample_work(
-            handle.adapter_id, model, prompt, params, num_samples, prompt_logprobs=prompt_logprobs
+            handle.adapter_id,
+            model,
+            prompt,
+            params,
+            num_samples,
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
         )
         job = Job(Batched("sample", handle.base_model, work), results.sample_result, source=sampler_id)
         return self.scheduler.submit(None, None, job)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Float,
     Index,
@@ -77,6 +78,7 @@ checkpoints = Table(
     Column("owner", String(64), nullable=False, index=True),
     Column("session_id", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("public", Boolean, nullable=True),  # published: any key may read it (load, sample from)
 )
 
 
@@ -139,15 +141,16 @@ def connect(url: str) -> SqlEngine:
 
 def _add_missing_columns(engine: SqlEngine) -> None:
     """Add the nullable columns and the indexes a database made by an earlier Bios lacks
-    (`requests.body`, `requests_by_session`)."""
-    present = {column["name"] for column in inspect(engine).get_columns("requests")}
+    (`requests.body`, `requests_by_session`, `checkpoints.public`)."""
     with engine.begin() as db:
-        for column in requests.columns:
-            if column.name not in present:
-                kind = column.type.compile(dialect=engine.dialect)
-                db.execute(text(f"ALTER TABLE requests ADD COLUMN {column.name} {kind}"))
-        for index in requests.indexes:
-            index.create(db, checkfirst=True)
+        for table in (requests, checkpoints):
+            present = {column["name"] for column in inspect(db).get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    db.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+            for index in table.indexes:
+                index.create(db, checkfirst=True)
 
 
 class Records:
@@ -301,6 +304,15 @@ class Records:
     def checkpoint_owner(self, path: str) -> str | None:
         with self.engine.connect() as db:
             return db.execute(select(checkpoints.c.owner).where(checkpoints.c.path == path)).scalar()
+
+    def is_public(self, path: str) -> bool:
+        """Whether checkpoint `path` is published."""
+        with self.engine.connect() as db:
+            return bool(db.execute(select(checkpoints.c.public).where(checkpoints.c.path == path)).scalar())
+
+    def set_public(self, path: str, public: bool) -> None:
+        with self.engine.begin() as db:
+            db.execute(update(checkpoints).where(checkpoints.c.path == path).values(public=public))
 
     def checkpoints_of(self, owner: str) -> set[str]:
         with self.engine.connect() as db:

@@ -232,6 +232,22 @@ class Service:
             raise NotFoundError(f"path: no checkpoint at {path}", field="path")
         return path
 
+    def readable_checkpoint(self, who: str, path: str) -> str:
+        """`path` if `who` may read it (load it, sample from it): its owner's, or published;
+        NotFoundError otherwise."""
+        try:
+            return self.check_checkpoint(who, path)
+        except NotFoundError:
+            if self.records.is_public(path):
+                return path
+            raise
+
+    def publish_checkpoint(self, owner: str, path: str, public: bool) -> None:
+        """Publish `owner`'s checkpoint `path` (any key may then read it) or, with `public`
+        False, unpublish it; doing either twice is harmless (the tinker SDK retries a 409 until
+        its progress timeout, hours later). NotFoundError if it is not `owner`'s."""
+        self.records.set_public(self.check_checkpoint(owner, path), public)
+
     def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder[StateResult]:
         """Files the checkpoint a save_state result names under `owner`."""
         return lambda _request_id, result, _answer: self.records.add_checkpoint(result.path, owner, session_id)

@@ -302,8 +302,11 @@ class HttpTransport:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
     ) -> Future[SampleResult]:
-        return self._loop.wait(self._sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs))
+        return self._loop.wait(
+            self._sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+        )
 
     async def sampler_sample_async(
         self,
@@ -313,13 +316,26 @@ class HttpTransport:
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
     ) -> Future[SampleResult]:
-        return await self._loop.run(self._sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs))
+        return await self._loop.run(
+            self._sampler_sample(sampler_id, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+        )
 
     async def _sampler_sample(
-        self, sampler_id: str, prompt: ModelInput, params: SamplingParams, num_samples: int, prompt_logprobs: bool
+        self,
+        sampler_id: str,
+        prompt: ModelInput,
+        params: SamplingParams,
+        num_samples: int,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
     ) -> Future[SampleResult]:
-        body = wire.SamplerSample(**_sample_fields(prompt, params, num_samples), prompt_logprobs=prompt_logprobs)
+        body = wire.SamplerSample(
+            **_sample_fields(prompt, params, num_samples),
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+        )
         return await self._wire.submit(f"/v1/samplers/{sampler_id}/sample", body, SampleResult.model_validate)
 
     def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:

@@ -234,8 +234,11 @@ class Transport(Protocol):
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
     ) -> Future[SampleResult]:
-        """Completions from the sampling target (unordered)."""
+        """Completions from the sampling target (unordered); with `prompt_logprobs` its
+        prompt's logprobs, with `topk_prompt_logprobs` k > 0 the k most likely tokens at each
+        prompt position."""
         ...
 
     async def sampler_sample_async(
@@ -246,6 +249,7 @@ class Transport(Protocol):
         num_samples: int = 1,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
     ) -> Future[SampleResult]: ...
 
     def sampler_logprobs(self, sampler_id: str, prompt: ModelInput) -> Future[list[float | None]]:

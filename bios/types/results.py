@@ -73,10 +73,13 @@ class SampledSequence(ResultModel):
 
 
 class SampleResult(ResultModel):
-    """Completions of one prompt; `prompt_logprobs` when asked for (first entry None)."""
+    """Completions of one prompt; `prompt_logprobs` when asked for (first entry None), and
+    `topk_prompt_logprobs` when asked for: at each prompt position t >= 1, the k most likely
+    `(token, logprob)` pairs after prompt[:t], most likely first (first entry None)."""
 
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     timing: RequestTiming | None = None
 
 

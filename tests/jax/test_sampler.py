@@ -15,7 +15,7 @@ from backends.jax.sampler import sample
 from bios.backend import SampleWork
 from bios.catalog import ModelSpec
 from bios.weights import generate_base_weights
-from emulator.model import Lora, forward, token_logprobs
+from emulator.model import Lora, forward, token_logprobs, top_logprobs
 from emulator.sampler import kept_set
 
 SPEC = ModelSpec(
@@ -269,6 +269,15 @@ def test_prompt_logprobs_match_the_reference(model):
     assert lp.shape == PROMPT.shape and np.isnan(lp[0])
     expected = token_logprobs(reference_logits(model, 1, PROMPT)[:-1], PROMPT[1:])
     np.testing.assert_allclose(lp[1:], expected, rtol=LP_RTOL)
+
+
+def test_topk_prompt_logprobs_match_the_reference(model):
+    (out,) = run(model, (work(max_tokens=2, topk_prompt_logprobs=5), 1))
+    ids, logprobs = out.topk_prompt
+    assert ids.shape == logprobs.shape == (len(PROMPT) - 1, 5) and out.prompt_logprobs is None
+    expected_ids, expected = top_logprobs(reference_logits(model, 1, PROMPT)[:-1], 5)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(logprobs, expected, rtol=LP_RTOL)
 
 
 def test_few_programs(programs_before):

@@ -337,9 +337,27 @@ def checkpoint_download(url: str, key: str, tokens: list[int], steps: int, outpu
     }
 
 
+def topk_prompt(url: str, key: str, prompt: list[int], k: int) -> dict:
+    """Top-k prompt logprobs of `prompt` on the base model, whole and for the last 2 positions."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    sampler = _value(service.create_sampling_client(base_model=MODEL))
+    params, tokens = types.SamplingParams(max_tokens=1, temperature=0.0), types.ModelInput.from_ints(prompt)
+    whole = sampler.sample(tokens, 1, params, include_prompt_logprobs=True, topk_prompt_logprobs=k).result()
+    tail = sampler.sample(tokens, 1, params, True, k, prompt_logprobs_last_n=2).result()
+    return {
+        "whole": whole.topk_prompt_logprobs,
+        "prompt_logprobs": whole.prompt_logprobs,
+        "tail": tail.topk_prompt_logprobs,
+    }
+
+
 def sessions(url: str, key: str) -> dict:
     """A session opened with user metadata and a display name, one run and one sampler in it,
-    as `RestClient.list_sessions` and `get_session` see it; and another session's listing."""
+    as `RestClient.list_sessions` and `get_session` see it; and another session's listing. A
+    checkpoint published and unpublished, as the checkpoint list sees it."""
     import tinker
 
     service = tinker.ServiceClient(
@@ -350,6 +368,19 @@ def sessions(url: str, key: str) -> dict:
     sampler.sample(tinker.types.ModelInput.from_ints([5, 6]), 1, tinker.types.SamplingParams(max_tokens=1)).result()
     rest = service.create_rest_client()
     session_id = service.holder._session_id
+    path = client.save_weights_for_sampler("published").result().path
+
+    def public() -> bool:
+        (checkpoint,) = rest.list_checkpoints(client.model_id).result().checkpoints
+        return checkpoint.public
+
+    publicity = [public()]
+    for _ in range(2):  # twice: harmless
+        rest.publish_checkpoint_from_tinker_path(path).result()
+    publicity.append(public())
+    for _ in range(2):
+        rest.unpublish_checkpoint_from_tinker_path(path).result()
+    publicity.append(public())
     other = tinker.ServiceClient(base_url=url, api_key=key)
     _value(other.create_sampling_client(base_model=MODEL))
     return {
@@ -360,6 +391,7 @@ def sessions(url: str, key: str) -> dict:
         "session": rest.get_session(session_id).result().model_dump(mode="json"),
         "other": other.holder._session_id,
         "unknown": _failure(lambda: rest.get_session("sess-0000000000000000")),
+        "publicity": publicity,
     }
 
 
@@ -431,6 +463,7 @@ SCENARIOS = {
     "expiring_checkpoint": expiring_checkpoint,
     "checkpoint_download": checkpoint_download,
     "sessions": sessions,
+    "topk_prompt": topk_prompt,
 }
 
 if __name__ == "__main__":

@@ -178,6 +178,33 @@ def test_external_weights_urls_and_ttls_refuse_bad_input_and_change_nothing(serv
     assert alice.get(checkpoints).json()["checkpoints"][0]["checkpoint_id"] == "external_weights/hf"
 
 
+def test_a_published_checkpoint_is_readable_by_any_key_until_unpublished(server):
+    alice, bob = http(server, KEY_A), http(server, KEY_B)
+    _, model_id = new_run(alice)
+    saved = alice.post("/save_weights_for_sampler", json={"model_id": model_id, "seq_id": 1, "path": "shared"})
+    path = result(alice, saved.json()["request_id"]).json()["path"]
+    publish = f"/training_runs/{model_id}/checkpoints/sampler_weights/shared/publish"
+    bob_session = new_session(bob)
+
+    def bob_samples() -> int:
+        body = {"session_id": bob_session, "sampling_session_seq_id": 0, "model_path": path}
+        return bob.post("/create_sampling_session", json=body).status_code
+
+    def listed_public() -> bool:
+        return alice.get(f"/training_runs/{model_id}/checkpoints").json()["checkpoints"][0]["public"]
+
+    assert bob_samples() == 404 and not listed_public()
+    assert bob.post(publish).status_code == 404, "only the owner publishes"
+    assert alice.post(publish).status_code == 200 and listed_public()
+    assert alice.post(publish).status_code == 200 and listed_public(), "publishing twice is harmless"
+    assert bob_samples() == 200
+    assert bob.post("/weights_info", json={"tinker_path": path}).json()["lora_rank"] == 4
+    assert bob.delete(f"/training_runs/{model_id}/checkpoints/sampler_weights/shared").status_code == 404
+    assert alice.delete(publish).status_code == 200 and not listed_public()
+    assert alice.delete(publish).status_code == 200 and not listed_public()
+    assert bob.post("/weights_info", json={"tinker_path": path}).status_code == 404
+
+
 def test_a_retried_unnamed_sampler_save_gets_the_first_sampling_session(server):
     alice = http(server, KEY_A)
     _, model_id = new_run(alice)
@@ -213,7 +240,8 @@ def test_a_retried_unnamed_sampler_save_gets_the_first_sampling_session(server):
     assert alice.post("/asample", json=sample).json() == submitted
     response = proto.SampleResponse.FromString(result(alice, submitted["request_id"]).content)
     assert len(response.sequences) == 3 and not response.HasField("prompt_logprobs")
-    assert alice.post("/asample", json={**sample, "seq_id": 1, "topk_prompt_logprobs": 2}).status_code == 400
+    topk = alice.post("/asample", json={**sample, "seq_id": 1, "topk_sample_logprobs": 2})
+    assert topk.status_code == 400 and topk.json()["error"]["field"] == "topk_sample_logprobs"
     assert not any(c.name.startswith("ephemeral-") for c in server.service.engine.list_checkpoints()), (
         "the snapshot is kept in no checkpoint"
     )

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from tinker_sdk import REPO, SDK_RELEASES, run_sdk, sdk_directory
 
+from bios import types
+
 pytestmark = pytest.mark.slow  # installs two SDK releases and runs them in child processes
 
 MODEL = "bios/tiny"
@@ -315,6 +317,24 @@ def test_the_clis_checkpoint_download_is_a_peft_adapter_that_computes_what_bios_
         assert np.abs(logprobs() - seen["logprobs"]).max() > 1e-2, "the adapter changes nothing"
 
 
+def test_the_sdks_topk_prompt_logprobs_are_bioss(server, service):
+    """0.38's `topk_prompt_logprobs` (and with `prompt_logprobs_last_n`) give the top-k rows
+    the native API gives for the same base model."""
+    prompt, k = [5, 17, 99, 3, 250], 3
+    seen = run_sdk("0.38.0", "topk_prompt", url=server.url, key=KEY_B, prompt=prompt, k=k)
+    ours = (
+        service.create_sampling_client(base_model=MODEL)
+        .sample(types.ModelInput.from_ints(prompt), types.SamplingParams(max_tokens=1), 1, True, k)
+        .result()
+    )
+    assert seen["whole"][0] is None and seen["tail"][:3] == [None] * 3
+    for theirs, row in zip(seen["whole"][1:], ours.topk_prompt_logprobs[1:], strict=True):
+        assert [token for token, _ in theirs] == [token for token, _ in row]
+        assert [lp for _, lp in theirs] == pytest.approx([lp for _, lp in row], abs=1e-5)
+    assert seen["tail"][3:] == seen["whole"][3:]
+    assert seen["prompt_logprobs"][1:] == pytest.approx(ours.prompt_logprobs[1:], abs=1e-5)
+
+
 def test_the_sdks_session_listing_sees_the_keys_sessions_runs_samplers_and_metadata(server):
     seen = run_sdk("0.38.0", "sessions", url=server.url, key=KEY_D)
     assert seen["listed"] == [seen["session_id"], seen["other"]], "the key's sessions, oldest first"
@@ -323,6 +343,7 @@ def test_the_sdks_session_listing_sees_the_keys_sessions_runs_samplers_and_metad
     assert session["training_run_ids"] == [seen["model_id"]] and len(session["sampler_ids"]) == 1
     assert (session["user_metadata"], session["display_name"]) == ({"team": "bios"}, "sessions test")
     assert seen["unknown"] == "NotFoundError"
+    assert seen["publicity"] == [False, True, False]
 
 
 def test_the_sdks_account_calls_see_the_keys_own_usage_sizes_and_trace(server):

@@ -41,7 +41,7 @@ def _submit(
 @router.post("/v1/samplers")
 def create_sampler(body: wire.CreateSampler, who: OwnerDep, service: ServiceDep) -> wire.Sampler:
     if body.model_path is not None:
-        service.check_checkpoint(who, body.model_path)
+        service.readable_checkpoint(who, body.model_path)
     handle = service.engine.create_sampler(model_path=body.model_path, base_model=body.base_model)
     service.add_sampler(
         handle.sampler_id,
@@ -63,7 +63,12 @@ def sampler_sample(
     sampler_id: str, body: wire.SamplerSample, who: OwnerDep, service: ServiceDep, how: SubmissionDep
 ) -> Response:
     start = lambda: service.engine.sampler_sample(
-        sampler_id, body.prompt, body.sampling_params, body.num_samples, prompt_logprobs=body.prompt_logprobs
+        sampler_id,
+        body.prompt,
+        body.sampling_params,
+        body.num_samples,
+        prompt_logprobs=body.prompt_logprobs,
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
     return _submit(service, who, how, "sample", sampler_id, body, start, ledger.sampled(body.prompt))
 

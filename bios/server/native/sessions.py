@@ -33,7 +33,7 @@ def session_from_state(body: wire.SessionFromState, who: OwnerDep, service: Serv
             "load a local PEFT adapter with an in-process client",
             field="path",
         )
-    service.check_checkpoint(who, body.path)
+    service.readable_checkpoint(who, body.path)
     return _opened(
         service, who, service.engine.create_session_from_state(body.path, body.base_model, optimizer=body.optimizer)
     )

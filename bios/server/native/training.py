@@ -117,7 +117,7 @@ def load_state(
     session_id: str, body: wire.LoadState, who: OwnerDep, service: ServiceDep, how: SubmissionDep
 ) -> Response:
     service.check_session(who, session_id)
-    service.check_checkpoint(who, body.path)
+    service.readable_checkpoint(who, body.path)
     start = lambda: service.engine.load_state_and_export(session_id, body.seq, body.path, optimizer=body.optimizer)
     record = service.durable_recorder(session_id, body.seq)
     return _submit(service, who, how, "load_state", session_id, body, start, record=record, encode=_changed)

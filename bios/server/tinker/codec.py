@@ -16,6 +16,9 @@ from bios.errors import InvalidRequestError, UnsupportedError
 from bios.server.tinker import proto
 from bios.types import Datum, ForwardBackwardResult, ModelInput, SampleResult, TensorData
 
+MASK_LOGPROB = -99999.0
+"""The logprob of a top-k entry that holds no token (the SDK reads a row of them as None)."""
+
 _NUMPY: dict[int, np.dtype] = {proto.DTYPE_FLOAT32: np.dtype("<f4"), proto.DTYPE_INT64: np.dtype("<i8")}
 _INT64 = np.dtype("<i8")
 
@@ -132,7 +135,8 @@ def forward_backward_output(result: ForwardBackwardResult) -> bytes:
 
 def sample_response(result: SampleResult, prompt_logprobs_last_n: int | None = None) -> bytes:
     """`result` as a serialised `SampleResponse`; prompt logprobs not computed (the first one,
-    and all before the last `prompt_logprobs_last_n` when given) are NaN."""
+    and all before the last `prompt_logprobs_last_n` when given) are NaN, and their top-k rows
+    the SDK's sentinel (token 0, logprob `MASK_LOGPROB`)."""
     response = proto.SampleResponse(prompt_cache_hit_tokens=0)
     for sequence in result.sequences:
         response.sequences.add(
@@ -145,4 +149,20 @@ def sample_response(result: SampleResult, prompt_logprobs_last_n: int | None = N
         if prompt_logprobs_last_n is not None:
             values[: max(values.size - prompt_logprobs_last_n, 0)] = np.nan
         response.prompt_logprobs = values.tobytes()
+    if result.topk_prompt_logprobs is not None:
+        _fill_topk(response.topk_prompt_logprobs, result.topk_prompt_logprobs, prompt_logprobs_last_n)
     return response.SerializeToString()
+
+
+def _fill_topk(topk: Message, rows: list[list[tuple[int, float]] | None], last_n: int | None) -> None:
+    """Write top-k prompt logprobs into the `TopkLogprobs` message `topk`: [T, k] token ids
+    (int32) and logprobs (float32), rows not given (None, or before the last `last_n`) all
+    sentinel."""
+    k = max((len(row) for row in rows if row), default=0)
+    ids, logprobs = np.zeros((len(rows), k), "<i4"), np.full((len(rows), k), MASK_LOGPROB, "<f4")
+    first = 0 if last_n is None else max(len(rows) - last_n, 0)
+    for t, row in enumerate(rows):
+        if row and t >= first:
+            ids[t, : len(row)] = [token for token, _ in row]
+            logprobs[t, : len(row)] = [lp for _, lp in row]
+    topk.token_ids, topk.logprobs, topk.k, topk.length = ids.tobytes(), logprobs.tobytes(), k, len(rows)

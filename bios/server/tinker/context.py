@@ -104,6 +104,14 @@ class Tinker:
         """The Bios sessions training the runs `owner`'s Tinker session `session_id` created."""
         return [run.session_id for run in self.runs.of_tinker_session(owner, session_id)]
 
+    def readable_path(self, who: str, tinker_path: object) -> str:
+        """The Bios path of checkpoint `tinker_path` if `who` may read it (load it, sample from
+        it): its own or a published one; NotFoundError naming `path` otherwise."""
+        try:
+            return self.service.readable_checkpoint(who, self.runs.anyones_bios_path(tinker_path))
+        except NotFoundError:
+            raise NotFoundError(f"path: no checkpoint at {tinker_path}", field="path") from None
+
     def session_ids(self, owner: str) -> list[str]:
         """`owner`'s Tinker sessions, oldest first: those in memory and, after a restart, those
         known by the runs they created."""

@@ -101,12 +101,17 @@ class Runs:
 
     def find(self, owner: str, model_id: str) -> Run | None:
         """`owner`'s run `model_id`, None if there is none (or it is another owner's)."""
+        run = self._anyones(model_id)
+        return run if run is not None and run.owner == owner else None
+
+    def _anyones(self, model_id: str) -> Run | None:
+        """Run `model_id`, whoever's it is."""
         run = self._known.get(model_id)
         if run is None:
             run = self._one(runs_table.c.model_id == model_id)
             if run is not None:
                 self._known[model_id] = run
-        return run if run is not None and run.owner == owner else None
+        return run
 
     def of_session(self, session_id: str) -> Run | None:
         """The run trained by Bios session `session_id`, if it is one."""
@@ -137,6 +142,15 @@ class Runs:
         owner's run, InvalidRequestError for a malformed path."""
         run_id, kind, name = _parse_tinker_path(tinker_path)
         return f"{SCHEME}{self.get(owner, run_id).session_id}/{kind}/{name}"
+
+    def anyones_bios_path(self, tinker_path: object) -> str:
+        """The Bios checkpoint path of `tinker_path`, whoever's run it is (for reading a
+        published checkpoint); NotFoundError if there is no such run."""
+        run_id, kind, name = _parse_tinker_path(tinker_path)
+        run = self._anyones(run_id)
+        if run is None:
+            raise NotFoundError(f"path: no checkpoint at {tinker_path}", field="path")
+        return f"{SCHEME}{run.session_id}/{kind}/{name}"
 
     def tinker_path(self, bios_path: str) -> str:
         """The Tinker path of Bios checkpoint `bios_path` of a Tinker run."""

@@ -41,7 +41,7 @@ def _checkpoint(tinker: Tinker, record: StateResult) -> dict:
         "time": iso(record.created_at),
         "tinker_path": path,
         "size_bytes": record.size_bytes,
-        "public": False,
+        "public": tinker.service.records.is_public(record.path),
         "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
     }
 
@@ -148,10 +148,24 @@ def get_external_weights_urls(
     return {"urls": signed.urls, "expires": signed.expires.isoformat() if signed.expires else None}
 
 
+@router.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+def publish_checkpoint(run_id: str, kind: str, name: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """Any key may now read the checkpoint (load it, sample from it)."""
+    tinker.service.publish_checkpoint(who, _bios_checkpoint(tinker, who, run_id, kind, name), public=True)
+    return {}
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+def unpublish_checkpoint(run_id: str, kind: str, name: str, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
+    """Only its owner may read the checkpoint again."""
+    tinker.service.publish_checkpoint(who, _bios_checkpoint(tinker, who, run_id, kind, name), public=False)
+    return {}
+
+
 @router.post("/weights_info")
 def weights_info(body: WeightsInfo, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     """The LoRA configuration a checkpoint holds."""
-    path = tinker.service.check_checkpoint(who, tinker.runs.bios_path(who, body.tinker_path))
+    path = tinker.readable_path(who, body.tinker_path)
     spec = tinker.engine.store.load(path, "inspected").spec
     return {
         "base_model": spec.base_model,

@@ -3,9 +3,9 @@
 A sampling session is a Bios sampler on a saved checkpoint or a bare base model. `/asample`
 answers at once with the request id and one sequence id per sample (the SDK asserts both);
 the result is a protobuf `SampleResponse`. `(sampling_session_id, seq_id)` is the request's
-idempotency key. Prompt logprobs are supported (also only the last N); top-k logprobs,
-target-token logprobs and alternative prompt tokens are not. A sample is not run again after a
-restart: its poll is answered 410, and the SDK's sampling client submits it anew.
+idempotency key. Prompt logprobs and top-k prompt logprobs are supported (also only the last
+N); top-k logprobs of sampled tokens, target-token logprobs and alternative prompt tokens are
+not. A sample is not run again after a restart: its poll is answered 410, and the SDK's sampling client submits it anew.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ router = APIRouter()
 def unsupported_sampling(body: Sample) -> None:
     """UnsupportedError naming the first requested sampling feature Bios lacks."""
     for name, wanted in (
-        ("topk_prompt_logprobs", body.topk_prompt_logprobs > 0),
         ("topk_sample_logprobs", body.topk_sample_logprobs > 0),
         ("target_prompt_logprobs", body.target_prompt_logprobs is not None),
         ("prompt_alt_tokens_k", body.prompt_alt_tokens_k > 0),
@@ -47,9 +46,7 @@ def _new_sampler(tinker: Tinker, who: str, body: CreateSampler) -> str:
     session at `body.sampling_session_seq_id`; a concurrent retry's sampler if one got there first."""
     engine, service = tinker.engine, tinker.service
     if body.model_path is not None:
-        handle = engine.create_sampler(
-            model_path=service.check_checkpoint(who, tinker.runs.bios_path(who, body.model_path))
-        )
+        handle = engine.create_sampler(model_path=tinker.readable_path(who, body.model_path))
     else:
         handle = engine.create_sampler(base_model=body.base_model)
     service.add_sampler(handle.sampler_id, who)
@@ -85,7 +82,12 @@ def asample(body: Sample, who: TinkerOwnerDep, tinker: TinkerDep) -> dict:
     engine = tinker.engine
     prompt, params = model_input(body.prompt), sampling_params(body.sampling_params)
     start = lambda: engine.sampler_sample(
-        sampler.sampler_id, prompt, params, body.num_samples, prompt_logprobs=bool(body.prompt_logprobs)
+        sampler.sampler_id,
+        prompt,
+        params,
+        body.num_samples,
+        prompt_logprobs=bool(body.prompt_logprobs),
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
     encode = proto_answer(partial(codec.sample_response, prompt_logprobs_last_n=body.prompt_logprobs_last_n))
     key = None if body.seq_id is None else f"tinker/{sampler.sampler_id}/{body.seq_id}"

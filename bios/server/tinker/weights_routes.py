@@ -217,13 +217,11 @@ def _load_as_new_run(tinker: Tinker, who: str, body: LoadWeights, model_id: str)
 
 
 def _checkpoint_to_load(tinker: Tinker, who: str, body: LoadWeights) -> str:
-    """The Bios path of the caller's checkpoint `body.path` (NotFoundError for another key's)."""
+    """The Bios path of checkpoint `body.path`, the caller's or a published one (NotFoundError
+    for another key's unpublished one)."""
     if body.weights_access_token is not None:
         raise UnsupportedError(
             "weights_access_token: Bios loads only checkpoints of the caller's own key",
             field="weights_access_token",
         )
-    try:
-        return tinker.service.check_checkpoint(who, tinker.runs.bios_path(who, body.path))
-    except NotFoundError:
-        raise NotFoundError(f"path: no checkpoint at {body.path}", field="path") from None
+    return tinker.readable_path(who, body.path)
