@@ -98,18 +98,22 @@ class ShiftedTargets(EmulatorBackend):
     )
 
 
-def _ppo_no_min(
-    lp: np.ndarray, inputs: dict[str, np.ndarray], config: dict[str, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    r, adv = _losses._ratio(lp, inputs), inputs["advantages"]
+def _clipped_alone(r: np.ndarray, adv: np.ndarray, config: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     inside = (r >= config["clip_low_threshold"]) & (r <= config["clip_high_threshold"])
     return -_losses._clip(r, config) * adv, np.where(inside, -r * adv, 0.0)
 
 
-@_mutant("ppo_no_min", "L3: PPO uses the clipped term alone, without min(r·A, clip(r)·A) (one-sided clipping)")
+_NO_MIN = {name: _rebind(_losses.LOSSES[name], _clipped_surrogate=_clipped_alone) for name in ("ppo", "gspo")}
+
+
+@_mutant(
+    "ppo_no_min",
+    "L3 (and L9, its sequence-ratio form): PPO uses the clipped term alone, without min(r·A, clip(r)·A) "
+    "(one-sided clipping)",
+)
 class PpoNoMin(EmulatorBackend):
     _forward_backward = _rebind(
-        _emu_fb, elementwise_loss=_rebind(_losses.elementwise_loss, LOSSES={**_losses.LOSSES, "ppo": _ppo_no_min})
+        _emu_fb, elementwise_loss=_rebind(_losses.elementwise_loss, LOSSES={**_losses.LOSSES, **_NO_MIN})
     )
 
 
