@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 from typing import TYPE_CHECKING
 
+from bios import validation
 from bios.clock import Clock
 from bios.config import ClientConfig
 from bios.errors import InvalidRequestError
@@ -35,6 +36,8 @@ class ServiceClient:
     In-process, the engine comes from `engines` (default: the process's pool): clients of one
     pool with the same settings share it, batching together. Remote, the client owns its HTTP
     transport. `close()` (or leaving a `with` block) releases what the client owns.
+    `user_metadata` (strings to strings, as in the tinker SDK) is given to every training
+    session created here, under what a create call adds; it is in each `TrainingInfo`.
     """
 
     def __init__(
@@ -46,7 +49,9 @@ class ServiceClient:
         simulation: SimulationConfig | None = None,
         *,
         engines: EnginePool | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> None:
+        self._user_metadata = validation.user_metadata(user_metadata)
         self.config = ClientConfig.resolve(
             api_key=api_key, base_url=base_url, backend=backend, backend_options=backend_options, simulation=simulation
         )
@@ -105,6 +110,7 @@ class ServiceClient:
         train_attn: bool | None = None,
         train_unembed: bool | None = None,
         dropout: float | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingClient:
         """A new LoRA training session on `base_model`.
 
@@ -123,7 +129,8 @@ class ServiceClient:
             dropout=dropout,
         )
         t, label = self._transport, "create_lora_training_client"
-        info = call_with_retries(lambda: t.create_session(base_model, config), label, self._clock)
+        meta = self._session_metadata(user_metadata)
+        info = call_with_retries(lambda: t.create_session(base_model, config, meta), label, self._clock)
         return self._training_client(info, call_with_retries(lambda: t.next_seq(info.session_id), label, self._clock))
 
     async def create_lora_training_client_async(
@@ -139,6 +146,7 @@ class ServiceClient:
         train_attn: bool | None = None,
         train_unembed: bool | None = None,
         dropout: float | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingClient:
         config = _lora_config(
             lora_config,
@@ -152,48 +160,61 @@ class ServiceClient:
             dropout=dropout,
         )
         t, label = self._transport, "create_lora_training_client"
-        info = await call_with_retries_async(lambda: t.create_session_async(base_model, config), label, self._clock)
+        meta = self._session_metadata(user_metadata)
+        info = await call_with_retries_async(
+            lambda: t.create_session_async(base_model, config, meta), label, self._clock
+        )
         seq = await call_with_retries_async(lambda: t.next_seq_async(info.session_id), label, self._clock)
         return self._training_client(info, seq)
 
     def create_training_client_from_state(
-        self, path: str | os.PathLike, base_model: str | None = None
+        self, path: str | os.PathLike, base_model: str | None = None, *, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
         """A new session starting from the weights saved at `path` (bios://SESSION/weights/NAME)
         with a fresh optimizer (step 0, zero Adam moments), as the tinker SDK's call does, or from
         the Hugging Face PEFT LoRA adapter in local directory `path` on `base_model` (required
         then). `create_training_client_from_state_with_optimizer` resumes the moments and step too."""
-        return self._from_state(path, base_model, optimizer=False)
+        return self._from_state(path, base_model, user_metadata, optimizer=False)
 
     async def create_training_client_from_state_async(
-        self, path: str | os.PathLike, base_model: str | None = None
+        self, path: str | os.PathLike, base_model: str | None = None, *, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
-        return await self._from_state_async(path, base_model, optimizer=False)
+        return await self._from_state_async(path, base_model, user_metadata, optimizer=False)
 
     def create_training_client_from_state_with_optimizer(
-        self, path: str | os.PathLike, base_model: str | None = None
+        self, path: str | os.PathLike, base_model: str | None = None, *, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
         """A new session resuming the state saved at `path`: weights, Adam moments and step."""
-        return self._from_state(path, base_model, optimizer=True)
+        return self._from_state(path, base_model, user_metadata, optimizer=True)
 
     async def create_training_client_from_state_with_optimizer_async(
-        self, path: str | os.PathLike, base_model: str | None = None
+        self, path: str | os.PathLike, base_model: str | None = None, *, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
-        return await self._from_state_async(path, base_model, optimizer=True)
+        return await self._from_state_async(path, base_model, user_metadata, optimizer=True)
 
-    def _from_state(self, path: str | os.PathLike, base_model: str | None, *, optimizer: bool) -> TrainingClient:
-        t, label = self._transport, "create_training_client_from_state"
+    def _session_metadata(self, user_metadata: object) -> dict[str, str]:
+        """This client's user metadata under the create call's (a typed error for a bad one)."""
+        return {**self._user_metadata, **validation.user_metadata(user_metadata)}
+
+    def _from_state(
+        self, path: str | os.PathLike, base_model: str | None, user_metadata: object, *, optimizer: bool
+    ) -> TrainingClient:
+        t, label, meta = self._transport, "create_training_client_from_state", self._session_metadata(user_metadata)
         info = call_with_retries(
-            lambda: t.create_session_from_state(path, base_model, optimizer=optimizer), label, self._clock
+            lambda: t.create_session_from_state(path, base_model, optimizer=optimizer, user_metadata=meta),
+            label,
+            self._clock,
         )
         return self._training_client(info, call_with_retries(lambda: t.next_seq(info.session_id), label, self._clock))
 
     async def _from_state_async(
-        self, path: str | os.PathLike, base_model: str | None, *, optimizer: bool
+        self, path: str | os.PathLike, base_model: str | None, user_metadata: object, *, optimizer: bool
     ) -> TrainingClient:
-        t, label = self._transport, "create_training_client_from_state"
+        t, label, meta = self._transport, "create_training_client_from_state", self._session_metadata(user_metadata)
         info = await call_with_retries_async(
-            lambda: t.create_session_from_state_async(path, base_model, optimizer=optimizer), label, self._clock
+            lambda: t.create_session_from_state_async(path, base_model, optimizer=optimizer, user_metadata=meta),
+            label,
+            self._clock,
         )
         seq = await call_with_retries_async(lambda: t.next_seq_async(info.session_id), label, self._clock)
         return self._training_client(info, seq)

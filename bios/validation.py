@@ -270,6 +270,17 @@ def checkpoint_name(name: object) -> str:
     return name
 
 
+def user_metadata(value: object) -> dict[str, str]:
+    """A session's user metadata, as the tinker SDK has it: None ({}) or a dict of strings to strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidRequestError(
+            f"user_metadata: expected a dict of strings to strings, got {value!r}", field="user_metadata"
+        )
+    return dict(value)
+
+
 def metadata(value: object) -> dict:
     """User metadata: a JSON object of finite numbers, strings, booleans, null, lists and objects."""
     if value is None:

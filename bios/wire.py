@@ -46,6 +46,7 @@ class Body(BaseModel):
 class CreateSession(Body):
     base_model: str
     lora_config: LoraConfig
+    user_metadata: dict[str, str] | None = None
 
 
 class SessionFromState(Body):
@@ -53,6 +54,7 @@ class SessionFromState(Body):
     base_model: str | None = None
     optimizer: bool = True
     """Restore the checkpoint's Adam moments and step too (False: its weights, at step 0)."""
+    user_metadata: dict[str, str] | None = None
 
 
 class Ordered(Body):

@@ -91,6 +91,24 @@ def test_stop_none_ends_at_the_models_eos_and_an_empty_stop_list_at_nothing(serv
     assert greedy(stop=[eos]).tokens == [eos]
 
 
+@pytest.mark.inprocess  # makes its own client; tests/server/test_crash.py holds a served one to the same
+def test_user_metadata_of_the_service_client_and_the_create_call_is_in_the_training_info() -> None:
+    with bios.ServiceClient(backend="emulator", user_metadata={"team": "bios", "run": "x"}) as service:
+        fresh = service.create_lora_training_client(MODEL, rank=4, user_metadata={"run": "fresh"})
+        assert fresh.get_info().user_metadata == {"team": "bios", "run": "fresh"}
+        path = fresh.save_state("with-metadata").result().path
+        resumed = service.create_training_client_from_state_with_optimizer(path, user_metadata={"from": path})
+        assert resumed.get_info().user_metadata == {"team": "bios", "run": "x", "from": path}
+        assert service.create_rest_client().get_training_run(fresh.session_id).result().user_metadata["run"] == "fresh"
+        for bad in ({"n": 1}, ["run"], "run"):
+            with pytest.raises(bios.InvalidRequestError) as refused:
+                service.create_lora_training_client(MODEL, rank=4, user_metadata=bad)  # type: ignore[arg-type]
+            assert refused.value.field == "user_metadata"
+    with pytest.raises(bios.InvalidRequestError) as refused:
+        bios.ServiceClient(backend="emulator", user_metadata={"n": 1})  # type: ignore[dict-item]
+    assert refused.value.field == "user_metadata"
+
+
 def test_no_max_tokens_generates_until_the_context_is_full(service: bios.ServiceClient) -> None:
     """As in the tinker SDK, where `max_tokens` is None unless given."""
     sampler = service.create_sampling_client(base_model=MODEL)

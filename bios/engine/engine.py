@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from bios import validation
@@ -65,6 +65,7 @@ class _Session:
     model: ModelSpec
     adapter: AdapterSpec
     step: int = 0
+    user_metadata: dict[str, str] = field(default_factory=dict)
 
 
 class Engine:
@@ -115,25 +116,34 @@ class Engine:
 
     # ---- sessions --------------------------------------------------------------------------
 
-    def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
+    def create_session(
+        self, base_model: str, lora: LoraConfig, user_metadata: dict[str, str] | None = None
+    ) -> TrainingInfo:
         """A new training session with a freshly initialised adapter."""
         validation.instance(lora, LoraConfig, "lora_config")
+        meta = validation.user_metadata(user_metadata)
         model = self.catalog.get(base_model)
         session_id = f"session-{uuid.uuid4().hex[:12]}"
         adapter = validation.lora_adapter(session_id, model, lora)
-        return self._open_session(_Session(session_id, model, adapter), state=None)
+        return self._open_session(_Session(session_id, model, adapter, user_metadata=meta), state=None)
 
     def create_session_from_state(
-        self, path: str | os.PathLike[str], base_model: str | None = None, *, optimizer: bool = True
+        self,
+        path: str | os.PathLike[str],
+        base_model: str | None = None,
+        *,
+        optimizer: bool = True,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingInfo:
         """A new session starting from `path`: a `bios://SESSION/weights/NAME` training state
         (weights, optimizer moments and step; with `optimizer` False the weights only, at step 0
         with zero moments), or a local Hugging Face PEFT LoRA adapter directory on `base_model`
         (at step 0 with zero moments). See `bios.engine.resume.starting_state`."""
+        meta = validation.user_metadata(user_metadata)
         session_id = f"session-{uuid.uuid4().hex[:12]}"
         state = resume.starting_state(self.store, self.catalog, path, base_model, session_id, optimizer=optimizer)
         model = self.catalog.get(state.spec.base_model)
-        return self._open_session(_Session(session_id, model, state.spec, state.step), state=state)
+        return self._open_session(_Session(session_id, model, state.spec, state.step, meta), state=state)
 
     def _open_session(self, session: _Session, state: AdapterState | None) -> TrainingInfo:
         self.scheduler.call(lambda: self.backend.create_adapter(session.adapter, state)).result()
@@ -142,14 +152,16 @@ class Engine:
         self.scheduler.open_lane(session.session_id)
         return self.session_info(session.session_id)
 
-    def reopen_session(self, state: AdapterState, next_seq: int) -> TrainingInfo:
+    def reopen_session(
+        self, state: AdapterState, next_seq: int, user_metadata: dict[str, str] | None = None
+    ) -> TrainingInfo:
         """Serve again a session that existed before a restart: adapter `state` (whose
         `spec.adapter_id` is the session id), its requests numbered from `next_seq` on."""
         session_id = state.spec.adapter_id
         model = self.catalog.get(state.spec.base_model)
         self.scheduler.call(lambda: self.backend.create_adapter(state.spec, state)).result()
         with self._lock:
-            self._sessions[session_id] = _Session(session_id, model, state.spec, state.step)
+            self._sessions[session_id] = _Session(session_id, model, state.spec, state.step, dict(user_metadata or {}))
         self.scheduler.open_lane(session_id, next_seq)
         return self.session_info(session_id)
 
@@ -184,6 +196,7 @@ class Engine:
             lora_config=lora,
             step=session.step,
             model_name=session.model.name,
+            user_metadata=dict(session.user_metadata),
         )
 
     def session_ids(self) -> list[str]:

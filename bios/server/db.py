@@ -9,6 +9,7 @@ database holds who owns them.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     create_engine,
     delete,
@@ -48,6 +50,7 @@ sessions = Table(
     Column("owner", String(64), nullable=False, index=True),
     Column("base_model", String(256), nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("user_metadata", Text, nullable=True),  # JSON object of strings, as created
 )
 
 requests = Table(
@@ -141,9 +144,9 @@ def connect(url: str) -> SqlEngine:
 
 def _add_missing_columns(engine: SqlEngine) -> None:
     """Add the nullable columns and the indexes a database made by an earlier Bios lacks
-    (`requests.body`, `requests_by_session`, `checkpoints.public`)."""
+    (`requests.body`, `requests_by_session`, `checkpoints.public`, `sessions.user_metadata`)."""
     with engine.begin() as db:
-        for table in (requests, checkpoints):
+        for table in (sessions, requests, checkpoints):
             present = {column["name"] for column in inspect(db).get_columns(table.name)}
             for column in table.columns:
                 if column.name not in present:
@@ -161,13 +164,25 @@ class Records:
 
     # ---- sessions ---------------------------------------------------------------------------
 
-    def add_session(self, session_id: str, owner: str, base_model: str) -> None:
+    def add_session(
+        self, session_id: str, owner: str, base_model: str, user_metadata: dict[str, str] | None = None
+    ) -> None:
         with self.engine.begin() as db:
             db.execute(
                 insert(sessions).values(
-                    session_id=session_id, owner=owner, base_model=base_model, created_at=time.time()
+                    session_id=session_id,
+                    owner=owner,
+                    base_model=base_model,
+                    created_at=time.time(),
+                    user_metadata=json.dumps(user_metadata or {}),
                 )
             )
+
+    def session_metadata(self, session_id: str) -> dict[str, str]:
+        """The user metadata session `session_id` was created with ({} if none)."""
+        with self.engine.connect() as db:
+            stored = db.execute(select(sessions.c.user_metadata).where(sessions.c.session_id == session_id)).scalar()
+        return json.loads(stored) if stored else {}
 
     def session_owner(self, session_id: str) -> str | None:
         with self.engine.connect() as db:

@@ -91,7 +91,9 @@ def _restore_session(
         else:  # it came before the journal's state (or has no number): it cannot run again
             service.answer_now(row, encode_error(APIConnectionError(RESTARTED)))
             done.interrupted += 1
-    service.engine.reopen_session(entry.state, next_seq=entry.seq + 1)
+    service.engine.reopen_session(
+        entry.state, next_seq=entry.seq + 1, user_metadata=service.records.session_metadata(session_id)
+    )
     service.adopt_session(session_id, owner)
     tinker = any(row.kind.startswith("tinker.") for row in rows)
     replays = {

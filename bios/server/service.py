@@ -156,9 +156,11 @@ class Service:
 
     # ---- ownership ------------------------------------------------------------------------------
 
-    def add_session(self, session_id: str, owner: str, base_model: str) -> None:
-        """Record a new session of `owner` and make its initial state durable."""
-        self.records.add_session(session_id, owner, base_model)
+    def add_session(
+        self, session_id: str, owner: str, base_model: str, user_metadata: dict[str, str] | None = None
+    ) -> None:
+        """Record a new session of `owner` (with its user metadata) and make its initial state durable."""
+        self.records.add_session(session_id, owner, base_model, user_metadata)
         self.journal.write(session_id, self.engine.export_state(session_id).result(), -1)
         self.adopt_session(session_id, owner)
 

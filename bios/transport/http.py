@@ -95,30 +95,53 @@ class HttpTransport:
 
     # ---- sessions -------------------------------------------------------------------------
 
-    def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
-        return self._loop.wait(self._create_session(base_model, lora))
+    def create_session(
+        self, base_model: str, lora: LoraConfig, user_metadata: dict[str, str] | None = None
+    ) -> TrainingInfo:
+        return self._loop.wait(self._create_session(base_model, lora, user_metadata))
 
-    async def create_session_async(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
-        return await self._loop.run(self._create_session(base_model, lora))
+    async def create_session_async(
+        self, base_model: str, lora: LoraConfig, user_metadata: dict[str, str] | None = None
+    ) -> TrainingInfo:
+        return await self._loop.run(self._create_session(base_model, lora, user_metadata))
 
-    async def _create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
+    async def _create_session(self, base_model: str, lora: LoraConfig, user_metadata: object) -> TrainingInfo:
         body = wire.CreateSession(
-            base_model=str(base_model), lora_config=validation.instance(lora, LoraConfig, "lora_config")
+            base_model=str(base_model),
+            lora_config=validation.instance(lora, LoraConfig, "lora_config"),
+            user_metadata=validation.user_metadata(user_metadata),
         )
         return TrainingInfo.model_validate((await self._wire.post("/v1/sessions", body)).json())
 
     def create_session_from_state(
-        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+        self,
+        path: str | os.PathLike,
+        base_model: str | None = None,
+        *,
+        optimizer: bool = True,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingInfo:
-        return self._loop.wait(self._session_from_state(path, base_model, optimizer))
+        return self._loop.wait(self._session_from_state(path, base_model, optimizer, user_metadata))
 
     async def create_session_from_state_async(
-        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+        self,
+        path: str | os.PathLike,
+        base_model: str | None = None,
+        *,
+        optimizer: bool = True,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingInfo:
-        return await self._loop.run(self._session_from_state(path, base_model, optimizer))
+        return await self._loop.run(self._session_from_state(path, base_model, optimizer, user_metadata))
 
-    async def _session_from_state(self, path: object, base_model: str | None, optimizer: bool) -> TrainingInfo:
-        body = wire.SessionFromState(path=_text(path, "path"), base_model=base_model, optimizer=optimizer)
+    async def _session_from_state(
+        self, path: object, base_model: str | None, optimizer: bool, user_metadata: object
+    ) -> TrainingInfo:
+        body = wire.SessionFromState(
+            path=_text(path, "path"),
+            base_model=base_model,
+            optimizer=optimizer,
+            user_metadata=validation.user_metadata(user_metadata),
+        )
         return TrainingInfo.model_validate((await self._wire.post("/v1/sessions/from_state", body)).json())
 
     def session_info(self, session_id: str) -> TrainingInfo:

@@ -73,21 +73,36 @@ class Transport(Protocol):
 
     # ---- sessions ---------------------------------------------------------------------------
 
-    def create_session(self, base_model: str, lora: LoraConfig) -> TrainingInfo:
-        """A new training session on `base_model` with a freshly initialised adapter."""
+    def create_session(
+        self, base_model: str, lora: LoraConfig, user_metadata: dict[str, str] | None = None
+    ) -> TrainingInfo:
+        """A new training session on `base_model` with a freshly initialised adapter, carrying
+        `user_metadata` (strings to strings) in its `TrainingInfo`."""
         ...
 
-    async def create_session_async(self, base_model: str, lora: LoraConfig) -> TrainingInfo: ...
+    async def create_session_async(
+        self, base_model: str, lora: LoraConfig, user_metadata: dict[str, str] | None = None
+    ) -> TrainingInfo: ...
 
     def create_session_from_state(
-        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+        self,
+        path: str | os.PathLike,
+        base_model: str | None = None,
+        *,
+        optimizer: bool = True,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingInfo:
         """A new session resuming the checkpoint at `path` (or, in-process, a PEFT directory):
         its weights, and with `optimizer` its Adam moments and step (else step 0, zero moments)."""
         ...
 
     async def create_session_from_state_async(
-        self, path: str | os.PathLike, base_model: str | None = None, *, optimizer: bool = True
+        self,
+        path: str | os.PathLike,
+        base_model: str | None = None,
+        *,
+        optimizer: bool = True,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingInfo: ...
 
     def session_info(self, session_id: str) -> TrainingInfo:

@@ -164,3 +164,5 @@ class TrainingInfo(ResultModel):
     lora_config: LoraConfig
     step: int
     model_name: str = ""
+    user_metadata: dict[str, str] = Field(default_factory=dict)
+    """What the session was created with (`ServiceClient(user_metadata=)` and the create call's)."""

@@ -141,11 +141,11 @@ def test_sessions_resume_at_their_last_acknowledged_step_after_sigkill(tmp_path)
         server.stop()
 
 
-def test_sampling_clients_are_served_again_after_a_restart(tmp_path):
+def test_sampling_clients_and_session_metadata_are_served_again_after_a_restart(tmp_path):
     server = ServerProcess(tmp_path, "--backend", "emulator", env={"BIOS_API_KEYS": KEY}).start()
     try:
-        service = bios.ServiceClient(base_url=server.url, api_key=KEY)
-        training = service.create_lora_training_client(MODEL, rank=4, seed=5)
+        service = bios.ServiceClient(base_url=server.url, api_key=KEY, user_metadata={"team": "bios"})
+        training = service.create_lora_training_client(MODEL, rank=4, seed=5, user_metadata={"run": "a"})
         training.train(random_batch(seed=5), learning_rate=1e-2)
         tuned = training.save_weights_and_get_sampling_client("for-sampling")
         base = service.create_sampling_client(base_model=MODEL)
@@ -155,11 +155,12 @@ def test_sampling_clients_are_served_again_after_a_restart(tmp_path):
         server.start()
         after = [client.sample(prompt, greedy).result().sequences[0].tokens for client in (tuned, base)]
         assert after == before and before[0] != before[1]
+        assert training.get_info().user_metadata == {"team": "bios", "run": "a"}
     finally:
         server.stop()
 
 
-def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies_and_the_indexes(tmp_path):
+def test_a_database_of_an_earlier_bios_gains_its_missing_columns_and_the_indexes(tmp_path):
     import sqlalchemy
 
     from bios.server.db import Records, RequestRow, connect
@@ -175,6 +176,18 @@ def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies_and_th
                 "created_at FLOAT NOT NULL, finished_at FLOAT)"
             )
         )
+        db.execute(
+            sqlalchemy.text(
+                "CREATE TABLE sessions (session_id VARCHAR(64) PRIMARY KEY, owner VARCHAR(64) NOT NULL, "
+                "base_model VARCHAR(256) NOT NULL, created_at FLOAT NOT NULL)"
+            )
+        )
+        db.execute(
+            sqlalchemy.text(
+                "CREATE TABLE checkpoints (path VARCHAR(512) PRIMARY KEY, owner VARCHAR(64) NOT NULL, "
+                "session_id VARCHAR(64) NOT NULL, created_at FLOAT NOT NULL)"
+            )
+        )
     earlier.dispose()
     records = Records(connect(url))
     records.add_request(
@@ -186,3 +199,7 @@ def test_a_database_of_an_earlier_bios_gains_the_column_of_pending_bodies_and_th
     assert finished is not None and finished.body is None and records.pending_requests() == []
     indexes = {index["name"] for index in sqlalchemy.inspect(records.engine).get_indexes("requests")}
     assert {"requests_by_session", "requests_by_finish"} <= indexes
+    records.add_session("s", "owner", "bios/tiny", {"team": "bios"})
+    records.add_checkpoint("bios://s/weights/w", "owner", "s")
+    records.set_public("bios://s/weights/w", True)
+    assert records.session_metadata("s") == {"team": "bios"} and records.is_public("bios://s/weights/w")

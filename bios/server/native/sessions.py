@@ -15,14 +15,15 @@ router = APIRouter()
 
 
 def _opened(service: Service, who: str, info: TrainingInfo) -> TrainingInfo:
-    """`info` of a session the engine just created, filed under `who` and made durable."""
-    service.add_session(info.session_id, who, info.base_model)
+    """`info` of a session the engine just created, filed under `who` (with its user
+    metadata) and made durable."""
+    service.add_session(info.session_id, who, info.base_model, info.user_metadata)
     return info
 
 
 @router.post("/v1/sessions", response_model=TrainingInfo)
 def create_session(body: wire.CreateSession, who: OwnerDep, service: ServiceDep) -> TrainingInfo:
-    return _opened(service, who, service.engine.create_session(body.base_model, body.lora_config))
+    return _opened(service, who, service.engine.create_session(body.base_model, body.lora_config, body.user_metadata))
 
 
 @router.post("/v1/sessions/from_state", response_model=TrainingInfo)
@@ -34,9 +35,11 @@ def session_from_state(body: wire.SessionFromState, who: OwnerDep, service: Serv
             field="path",
         )
     service.readable_checkpoint(who, body.path)
-    return _opened(
-        service, who, service.engine.create_session_from_state(body.path, body.base_model, optimizer=body.optimizer)
+    engine = service.engine
+    info = engine.create_session_from_state(
+        body.path, body.base_model, optimizer=body.optimizer, user_metadata=body.user_metadata
     )
+    return _opened(service, who, info)
 
 
 @router.get("/v1/sessions/{session_id}", response_model=TrainingInfo)
