@@ -323,29 +323,46 @@ class TrainingClient(ReadyClient):
     ) -> BiosFuture[StateResult]:
         return await self._save_async("save_weights_for_sampler", "sampler", name, user_metadata, ttl_seconds)
 
-    def save_weights_external(self, name: str, ttl_seconds: float | None = None) -> BiosFuture[StateResult]:
+    def save_weights_external(
+        self, name: str, ttl_seconds: float | None = None, *, merged: str | None = None
+    ) -> BiosFuture[StateResult]:
         """Save the current weights to download, as `bios://SESSION/external_weights/NAME`: a
         Hugging Face PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`)
-        whose file URLs `RestClient.get_external_weights_urls` gives (`ttl_seconds`: as for
-        `save_state`)."""
-        return self._save("save_weights_external", "external", name, None, ttl_seconds)
+        and, with `merged` ("float32" or "bfloat16"), the base model with the adapter merged in
+        under `merged/` (config.json, model.safetensors, tokenizer files), whose file URLs
+        `RestClient.get_external_weights_urls` gives (`ttl_seconds`: as for `save_state`)."""
+        return self._save("save_weights_external", "external", name, None, ttl_seconds, merged)
 
-    async def save_weights_external_async(self, name: str, ttl_seconds: float | None = None) -> BiosFuture[StateResult]:
-        return await self._save_async("save_weights_external", "external", name, None, ttl_seconds)
+    async def save_weights_external_async(
+        self, name: str, ttl_seconds: float | None = None, *, merged: str | None = None
+    ) -> BiosFuture[StateResult]:
+        return await self._save_async("save_weights_external", "external", name, None, ttl_seconds, merged)
 
     def _save(
-        self, label: str, kind: CheckpointKind, name: str, meta: dict | None, ttl_seconds: float | None
+        self,
+        label: str,
+        kind: CheckpointKind,
+        name: str,
+        meta: dict | None,
+        ttl_seconds: float | None,
+        merged: str | None = None,
     ) -> BiosFuture[StateResult]:
         seq, t = self._reserve(), self._transport
-        future = self._send(seq, label, t.save_state, name, meta, kind, ttl_seconds=ttl_seconds)
+        future = self._send(seq, label, t.save_state, name, meta, kind, ttl_seconds=ttl_seconds, merged=merged)
         return BiosFuture(pinned(future, self), label)
 
     async def _save_async(
-        self, label: str, kind: CheckpointKind, name: str, meta: dict | None, ttl_seconds: float | None
+        self,
+        label: str,
+        kind: CheckpointKind,
+        name: str,
+        meta: dict | None,
+        ttl_seconds: float | None,
+        merged: str | None = None,
     ) -> BiosFuture[StateResult]:
         seq, t = self._reserve(), self._transport
         future = await self._send_async(
-            seq, label, t.save_state, t.save_state_async, name, meta, kind, ttl_seconds=ttl_seconds
+            seq, label, t.save_state, t.save_state_async, name, meta, kind, ttl_seconds=ttl_seconds, merged=merged
         )
         return BiosFuture(pinned(future, self), label)
 

@@ -259,6 +259,22 @@ def ttl_seconds(value: object) -> float | None:
     return float(value)
 
 
+MERGED_DTYPES = ("float32", "bfloat16")
+"""Tensor dtypes of a merged Hugging Face model (external weights, `bios export --merged`)."""
+
+
+def merged_dtype(value: object, kind: str) -> str | None:
+    """A checked `merged`: None, or a dtype of `MERGED_DTYPES` for external weights (kind "external")."""
+    if value is None:
+        return None
+    if value not in MERGED_DTYPES or kind != "external":
+        raise InvalidRequestError(
+            f"merged: expected None or one of {', '.join(MERGED_DTYPES)} when saving external weights, got {value!r}",
+            field="merged",
+        )
+    return str(value)
+
+
 def checkpoint_name(name: object) -> str:
     """A checkpoint name: 1–128 of letters, digits, '.', '_', '-', starting with a letter or digit."""
     if not isinstance(name, str) or not CHECKPOINT_NAME.match(name) or ".." in name:

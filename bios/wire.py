@@ -86,6 +86,8 @@ class SaveState(Ordered):
     kind: CheckpointKind = "state"
     ttl_seconds: float | None = None
     """The checkpoint is gone this long after the save (None: kept until deleted)."""
+    merged: str | None = None
+    """External weights only: also the merged model, in this dtype."""
 
 
 class LoadState(Ordered):

@@ -75,6 +75,7 @@ def download(rest, path: str, into: Path) -> dict[str, bytes]:
     urls = rest.get_external_weights_urls(path).result()
     files = {name: urllib.request.urlopen(url).read() for name, url in urls.urls.items()}
     for name, content in files.items():
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
         (into / name).write_bytes(content)
     return files
 
@@ -121,6 +122,9 @@ def test_bad_external_weights_requests_are_typed_errors_that_change_nothing(serv
     with pytest.raises(bios.InvalidRequestError) as bad_ttl:
         training.save_weights_external("hf", ttl_seconds=-1)
     assert bad_ttl.value.field == "ttl_seconds"
+    with pytest.raises(bios.InvalidRequestError) as bad_dtype:
+        training.save_weights_external("hf", merged="float16")
+    assert bad_dtype.value.field == "merged"
     with pytest.raises(bios.InvalidRequestError) as not_external:
         rest.get_external_weights_urls(state.path)
     assert not_external.value.field == "path" and "save_weights_external" in str(not_external.value)
@@ -154,3 +158,26 @@ def test_downloaded_external_weights_load_back_with_the_same_logprobs(
         c.forward(datum, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data for c in (training, reloaded)
     )
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6)
+
+
+def test_external_weights_with_a_merged_model_load_in_transformers_with_the_same_logprobs(
+    service: bios.ServiceClient, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    training = service.create_lora_training_client(MODEL, rank=4, alpha=8.0, seed=14)
+    for _ in range(2):
+        training.train(random_batch(4), learning_rate=1e-2)
+    external = training.save_weights_external("with-merged", merged="float32").result()
+    files = download(service.create_rest_client(), external.path, tmp_path)
+    assert {"adapter_config.json", "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"} <= set(
+        files
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32, attn_implementation="eager")
+    tokens = list(range(5, 25))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens[:-1]]), use_cache=False).logits[0].double()
+    theirs = logits.log_softmax(-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].numpy()
+    ours = training.forward([make_datum(tokens)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)

@@ -26,6 +26,7 @@ import numpy as np
 
 from bios.backend import AdapterSpec, AdapterState
 from bios.catalog import ModelSpec
+from bios.engine.merged import write_merged_model
 from bios.engine.peft import CONFIG_FILE, write_peft_adapter
 from bios.engine.tensor_files import read_tensors, write_tensors
 from bios.errors import InvalidRequestError, NotFoundError
@@ -33,6 +34,7 @@ from bios.types import StateResult
 from bios.validation import KIND_DIRS, SCHEME, parse_path
 
 PEFT_DIR = "peft"
+MERGED_DIR = "merged"
 WITH_PEFT = ("sampler", "external")
 """The kinds of checkpoint saved with their PEFT export."""
 _LOCK = threading.RLock()
@@ -65,13 +67,16 @@ class CheckpointStore:
         metadata: dict[str, Any],
         model: ModelSpec | None = None,
         ttl_seconds: float | None = None,
+        *,
+        merged: str | None = None,
     ) -> StateResult:
         """Write `state` (optimizer moments only for kind "state"), replacing an older one of the same name.
 
         A sampler snapshot or external weights also get their PEFT export in `peft/`, which needs
         `model` (the adapter's base).
         With `ttl_seconds`, the checkpoint is gone that long after the save: reading it is then a
-        NotFoundError, listing skips it, and its files are deleted when next looked at."""
+        NotFoundError, listing skips it, and its files are deleted when next looked at. External
+        weights with `merged` (a dtype of `MERGED_DTYPES`) also hold the merged model in `merged/`."""
         if kind in WITH_PEFT and model is None:
             raise ValueError(f"a {kind} checkpoint needs the ModelSpec of its base model to write its PEFT adapter")
         tensors = {f"weights/{k}": v for k, v in state.weights.items()}
@@ -101,6 +106,9 @@ class CheckpointStore:
             )
             if kind in WITH_PEFT:
                 write_peft_adapter(state, model, staging / PEFT_DIR)  # type: ignore[arg-type]
+            if merged is not None:
+                (staging / MERGED_DIR).mkdir()
+                write_merged_model(state, model, staging / MERGED_DIR, merged)  # type: ignore[arg-type]
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # the old checkpoint, if any, stays as it was
             raise
@@ -155,9 +163,10 @@ class CheckpointStore:
         return directory
 
     def external_files(self, path: str) -> dict[str, Path]:
-        """The files of external weights checkpoint `path` (its PEFT adapter), keyed by their
-        path within it. NotFoundError if there is no such checkpoint; InvalidRequestError naming
-        `path` for another kind of checkpoint."""
+        """The files of external weights checkpoint `path`, keyed by their path within it: its
+        PEFT adapter, and its merged model under `merged/` when it was saved with one.
+        NotFoundError if there is no such checkpoint; InvalidRequestError naming `path` for
+        another kind of checkpoint."""
         with _LOCK:
             record = self.record(path)
             if record.kind != "external":
@@ -166,8 +175,12 @@ class CheckpointStore:
                     "(bios://SESSION/external_weights/NAME) to download them",
                     field="path",
                 )
-            directory = self.peft_directory(path)
-            return {f.relative_to(directory).as_posix(): f for f in sorted(directory.rglob("*")) if f.is_file()}
+            adapter = self.peft_directory(path)
+            files = {f.name: f for f in sorted(adapter.iterdir()) if f.is_file()}
+            merged = adapter.parent / MERGED_DIR
+            if merged.is_dir():
+                files |= {f"{MERGED_DIR}/{f.name}": f for f in sorted(merged.iterdir()) if f.is_file()}
+            return files
 
     def set_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
         """Make checkpoint `path` expire `ttl_seconds` from now (None: keep it until deleted);

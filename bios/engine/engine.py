@@ -295,20 +295,24 @@ class Engine:
         metadata: dict[str, Any] | None = None,
         kind: str = "state",
         ttl_seconds: float | None = None,
+        merged: str | None = None,
     ) -> Future[StateResult]:
         """Checkpoint the session (kind "state"), freeze a sampler snapshot ("sampler") or save
-        its weights to download ("external", as a PEFT adapter); with
-        `ttl_seconds`, the checkpoint is gone that long after the save (`CheckpointStore.save`)."""
+        its weights to download ("external", as a PEFT adapter, and with `merged` a dtype the
+        merged model too); with `ttl_seconds`, the checkpoint is gone that long after the save
+        (`CheckpointStore.save`)."""
         session = self._session(session_id)
 
         def build() -> Job[StateResult]:
             checked_name, checked_meta = validation.checkpoint_name(name), validation.metadata(metadata)
-            ttl = validation.ttl_seconds(ttl_seconds)
+            ttl, dtype = validation.ttl_seconds(ttl_seconds), validation.merged_dtype(merged, kind)
             model = session.model
 
             def save() -> StateResult:
                 state = self.backend.export_state(session.adapter.adapter_id)
-                record = self.store.save(state, session.session_id, kind, checked_name, checked_meta, model, ttl)
+                record = self.store.save(
+                    state, session.session_id, kind, checked_name, checked_meta, model, ttl, merged=dtype
+                )
                 if kind == "sampler":
                     self.snapshots.remember(record, state)
                 return record

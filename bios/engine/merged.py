@@ -24,10 +24,11 @@ import numpy as np
 from bios.backend import AdapterState
 from bios.catalog import ModelSpec
 from bios.errors import InvalidRequestError, NotFoundError
+from bios.validation import MERGED_DTYPES
 from bios.weights import load_base_weights
 
-DTYPES = ("float32", "bfloat16")
-"""Tensor dtypes of a merged export."""
+DTYPES = MERGED_DTYPES
+"""Tensor dtypes of a merged model."""
 ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -253,8 +253,9 @@ class HttpTransport:
         metadata: dict | None = None,
         kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
+        merged: str | None = None,
     ) -> Future[StateResult]:
-        return self._loop.wait(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds))
+        return self._loop.wait(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds, merged))
 
     async def save_state_async(
         self,
@@ -264,8 +265,9 @@ class HttpTransport:
         metadata: dict | None = None,
         kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
+        merged: str | None = None,
     ) -> Future[StateResult]:
-        return await self._loop.run(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds))
+        return await self._loop.run(self._save_state(session_id, seq, name, metadata, kind, ttl_seconds, merged))
 
     async def _save_state(
         self,
@@ -275,11 +277,12 @@ class HttpTransport:
         metadata: dict | None,
         kind: CheckpointKind,
         ttl_seconds: float | None,
+        merged: str | None,
     ) -> Future[StateResult]:
         def body() -> wire.SaveState:
             checked, meta = validation.checkpoint_name(name), validation.metadata(metadata)
-            ttl = validation.ttl_seconds(ttl_seconds)
-            return wire.SaveState(seq=seq, name=checked, metadata=meta, kind=kind, ttl_seconds=ttl)
+            ttl, dtype = validation.ttl_seconds(ttl_seconds), validation.merged_dtype(merged, kind)
+            return wire.SaveState(seq=seq, name=checked, metadata=meta, kind=kind, ttl_seconds=ttl, merged=dtype)
 
         return await self._ordered(session_id, seq, "save_state", body, StateResult.model_validate)
 

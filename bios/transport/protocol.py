@@ -203,9 +203,11 @@ class Transport(Protocol):
         metadata: dict | None = None,
         kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
+        merged: str | None = None,
     ) -> Future[StateResult]:
-        """A training checkpoint (kind "state") or a sampler snapshot ("sampler") of the session,
-        gone `ttl_seconds` after the save if that is given."""
+        """A training checkpoint (kind "state"), a sampler snapshot ("sampler") or external
+        weights ("external": a PEFT adapter, and with `merged` a dtype, the merged model too)
+        of the session, gone `ttl_seconds` after the save if that is given."""
         ...
 
     async def save_state_async(
@@ -216,6 +218,7 @@ class Transport(Protocol):
         metadata: dict | None = None,
         kind: CheckpointKind = "state",
         ttl_seconds: float | None = None,
+        merged: str | None = None,
     ) -> Future[StateResult]: ...
 
     def load_state(self, session_id: str, seq: int, path: str, *, optimizer: bool = True) -> Future[TrainingInfo]:

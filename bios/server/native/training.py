@@ -106,7 +106,7 @@ def save_state(
     session_id: str, body: wire.SaveState, who: OwnerDep, service: ServiceDep, how: SubmissionDep
 ) -> Response:
     start = lambda: service.engine.save_state(
-        session_id, body.seq, body.name, body.metadata, body.kind, ttl_seconds=body.ttl_seconds
+        session_id, body.seq, body.name, body.metadata, body.kind, ttl_seconds=body.ttl_seconds, merged=body.merged
     )
     record = service.checkpoint_recorder(who, session_id)
     return _submit(service, who, how, "save_state", session_id, body, start, record=record, meter=ledger.saved)
