@@ -14,7 +14,7 @@ from bios.errors import InvalidRequestError
 from bios.futures import BiosFuture
 from bios.retry import call_with_retries, call_with_retries_async
 from bios.transport import Transport
-from bios.types import CheckpointList, ExternalWeightsUrls, StateResult, TrainingInfo
+from bios.types import CheckpointList, ExternalWeightsUrls, StateResult, TrainingInfo, TrainingRunList, WeightsInfo
 from bios.validation import parse_path
 
 T = TypeVar("T")
@@ -32,6 +32,38 @@ class RestClient:
 
     async def get_training_run_async(self, training_run_id: str) -> TrainingInfo:
         return await self._later("get_training_run", lambda: self._transport.session_info_async(training_run_id))
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> BiosFuture[TrainingRunList]:
+        """The caller's open training sessions, oldest first: `limit` of them from `offset`."""
+        window = _window(limit, offset)
+        return self._now("list_training_runs", lambda: _runs(self._transport.list_sessions(), window))
+
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0) -> TrainingRunList:
+        window = _window(limit, offset)
+        return _runs(await self._later("list_training_runs", self._transport.list_sessions_async), window)
+
+    def get_weights_info_by_tinker_path(self, path: str) -> BiosFuture[WeightsInfo]:
+        """What the checkpoint at `path` (a `bios://` path) holds: kind, base model, LoRA
+        configuration and step."""
+        return self._now("get_weights_info", lambda: self._transport.checkpoint_info(path))
+
+    async def get_weights_info_by_tinker_path_async(self, path: str) -> WeightsInfo:
+        return await self._later("get_weights_info", lambda: self._transport.checkpoint_info_async(path))
+
+    def publish_checkpoint_from_tinker_path(self, path: str) -> BiosFuture[StateResult]:
+        """Publish the checkpoint at `path` (a `bios://` path): on a server any key may then
+        load it and sample from it (in-process it is only marked `public`). Harmless twice."""
+        return self._now("publish_checkpoint", lambda: self._transport.publish_checkpoint(path, True))
+
+    async def publish_checkpoint_from_tinker_path_async(self, path: str) -> StateResult:
+        return await self._later("publish_checkpoint", lambda: self._transport.publish_checkpoint_async(path, True))
+
+    def unpublish_checkpoint_from_tinker_path(self, path: str) -> BiosFuture[StateResult]:
+        """Only the checkpoint's owner may read it again. Harmless twice."""
+        return self._now("unpublish_checkpoint", lambda: self._transport.publish_checkpoint(path, False))
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, path: str) -> StateResult:
+        return await self._later("unpublish_checkpoint", lambda: self._transport.publish_checkpoint_async(path, False))
 
     def list_checkpoints(self, training_run_id: str) -> BiosFuture[CheckpointList]:
         """The checkpoints saved from training session `training_run_id`, oldest first."""
@@ -111,3 +143,19 @@ def _path(training_run_id: str, checkpoint_id: str) -> str:
             field="checkpoint_id",
         ) from None
     return path
+
+
+def _window(limit: object, offset: object) -> slice:
+    """The slice of a listing `limit` items from `offset`; InvalidRequestError naming the bad one."""
+    start = _count(offset, "offset", least=0)
+    return slice(start, start + _count(limit, "limit", least=1))
+
+
+def _count(value: object, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidRequestError(f"{name}: expected an int >= {least}, got {value!r}", field=name)
+    return value
+
+
+def _runs(sessions: list[TrainingInfo], window: slice) -> TrainingRunList:
+    return TrainingRunList(training_runs=sessions[window])

@@ -181,3 +181,36 @@ def test_external_weights_with_a_merged_model_load_in_transformers_with_the_same
     theirs = logits.log_softmax(-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].numpy()
     ours = training.forward([make_datum(tokens)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_training_runs_are_listed_and_checkpoints_described_and_published(service: bios.ServiceClient) -> None:
+    rest = service.create_rest_client()
+    first = service.create_lora_training_client(MODEL, rank=4, seed=15)
+    second = service.create_lora_training_client(MODEL, rank=8, alpha=4.0, seed=16)
+    runs = rest.list_training_runs(limit=1000).result().training_runs
+    ids = [run.session_id for run in runs]
+    assert ids.index(first.session_id) < ids.index(second.session_id), "oldest first"
+    assert [
+        run.session_id
+        for run in rest.list_training_runs(limit=1, offset=ids.index(second.session_id)).result().training_runs
+    ] == [second.session_id]
+
+    second.train(random_batch(5), learning_rate=1e-2)
+    state = second.save_state("described").result()
+    info = rest.get_weights_info_by_tinker_path(state.path).result()
+    assert (info.kind, info.base_model, info.step) == ("state", MODEL, 1)
+    assert (info.lora_config.rank, info.lora_config.alpha) == (8, 4.0)
+
+    assert rest.publish_checkpoint_from_tinker_path(state.path).result().public
+    assert rest.publish_checkpoint_from_tinker_path(state.path).result().public, "harmless twice"
+    assert [c.public for c in rest.list_checkpoints(second.session_id).result().checkpoints] == [True]
+    assert not rest.unpublish_checkpoint_from_tinker_path(state.path).result().public
+
+    for bad in ({"limit": 0}, {"offset": -1}, {"limit": True}):
+        with pytest.raises(bios.InvalidRequestError) as refused:
+            rest.list_training_runs(**bad)
+        assert refused.value.field == next(iter(bad))
+    with pytest.raises(bios.NotFoundError):
+        rest.get_weights_info_by_tinker_path(f"bios://{second.session_id}/weights/never-saved")
+    with pytest.raises(bios.InvalidRequestError):
+        rest.publish_checkpoint_from_tinker_path("weights/described")

@@ -185,10 +185,18 @@ class CheckpointStore:
     def set_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
         """Make checkpoint `path` expire `ttl_seconds` from now (None: keep it until deleted);
         its record as it is now. NotFoundError if there is no such checkpoint (or it expired)."""
+        return self._update(path, expires_at=None if ttl_seconds is None else time.time() + ttl_seconds)
+
+    def set_public(self, path: str, public: bool) -> StateResult:
+        """Publish checkpoint `path` (a server lets any key read it) or unpublish it; its record
+        as it is now. NotFoundError if there is no such checkpoint (or it expired)."""
+        return self._update(path, public=public)
+
+    def _update(self, path: str, **changes: object) -> StateResult:
+        """Rewrite `changes` into the record of checkpoint `path` (atomically); the record."""
         with _LOCK:
             data = self._read_json(path)
-            expires_at = None if ttl_seconds is None else time.time() + ttl_seconds
-            data["record"]["expires_at"] = expires_at
+            data["record"].update(changes)
             meta = self._directory(*parse_path(path)) / "checkpoint.json"
             staging = meta.with_name(f".checkpoint.json.{uuid.uuid4().hex[:6]}")
             staging.write_text(json.dumps(data, indent=1))

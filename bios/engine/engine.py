@@ -45,6 +45,7 @@ from bios.types import (
     ServerCapabilities,
     StateResult,
     TrainingInfo,
+    WeightsInfo,
 )
 from bios.validation import parse_path
 
@@ -186,14 +187,10 @@ class Engine:
 
     def session_info(self, session_id: str) -> TrainingInfo:
         session = self._session(session_id)
-        spec = session.adapter
-        lora = LoraConfig(
-            rank=spec.rank, alpha=spec.alpha, target_modules=spec.target_modules, dropout=spec.dropout, seed=spec.seed
-        )
         return TrainingInfo(
             session_id=session_id,
             base_model=session.model.name,
-            lora_config=lora,
+            lora_config=_lora_config(session.adapter),
             step=session.step,
             model_name=session.model.name,
             user_metadata=dict(session.user_metadata),
@@ -203,6 +200,10 @@ class Engine:
         """The sessions open now."""
         with self._lock:
             return sorted(self._sessions)
+
+    def list_sessions(self) -> list[TrainingInfo]:
+        """The sessions open now (in-process, every one is the caller's)."""
+        return [self.session_info(session_id) for session_id in self.session_ids()]
 
     def next_seq(self, session_id: str) -> int:
         return self.scheduler.next_seq(self._session(session_id).session_id)
@@ -411,6 +412,21 @@ class Engine:
         parse_path(path)
         return self.store.set_ttl(path, validation.ttl_seconds(ttl_seconds))
 
+    def publish_checkpoint(self, path: str, public: bool) -> StateResult:
+        """Mark checkpoint `path` published (or not); in-process every checkpoint is the caller's
+        anyway, a server lets any key read a published one."""
+        parse_path(path)
+        return self.store.set_public(path, bool(public))
+
+    def checkpoint_info(self, path: str) -> WeightsInfo:
+        """What checkpoint `path` holds: its kind, base model, LoRA configuration and step."""
+        parse_path(path)
+        record = self.store.record(path)
+        spec = self.store.load(path, "inspected").spec
+        return WeightsInfo(
+            path=path, kind=record.kind, base_model=record.base_model, lora_config=_lora_config(spec), step=record.step
+        )
+
     def external_weights_urls(self, path: str) -> ExternalWeightsUrls:
         """`file://` URLs of the files of external weights checkpoint `path`."""
         parse_path(path)
@@ -428,6 +444,9 @@ class Engine:
     session_info_async = queued_twin(session_info)
     list_checkpoints_async = waiting_twin(list_checkpoints)
     delete_checkpoint_async = waiting_twin(delete_checkpoint)
+    list_sessions_async = waiting_twin(list_sessions)
+    publish_checkpoint_async = waiting_twin(publish_checkpoint)
+    checkpoint_info_async = waiting_twin(checkpoint_info)
     set_checkpoint_ttl_async = waiting_twin(set_checkpoint_ttl)
     external_weights_urls_async = waiting_twin(external_weights_urls)
     next_seq_async = queued_twin(next_seq)
@@ -440,3 +459,10 @@ class Engine:
     create_sampler_async = waiting_twin(create_sampler)
     sampler_sample_async = queued_twin(sampler_sample)
     sampler_logprobs_async = queued_twin(sampler_logprobs)
+
+
+def _lora_config(spec: AdapterSpec) -> LoraConfig:
+    """The LoRA configuration an adapter was created with."""
+    return LoraConfig(
+        rank=spec.rank, alpha=spec.alpha, target_modules=spec.target_modules, dropout=spec.dropout, seed=spec.seed
+    )

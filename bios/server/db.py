@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import (
-    Boolean,
     Column,
     Float,
     Index,
@@ -81,7 +80,6 @@ checkpoints = Table(
     Column("owner", String(64), nullable=False, index=True),
     Column("session_id", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
-    Column("public", Boolean, nullable=True),  # published: any key may read it (load, sample from)
 )
 
 
@@ -144,9 +142,9 @@ def connect(url: str) -> SqlEngine:
 
 def _add_missing_columns(engine: SqlEngine) -> None:
     """Add the nullable columns and the indexes a database made by an earlier Bios lacks
-    (`requests.body`, `requests_by_session`, `checkpoints.public`, `sessions.user_metadata`)."""
+    (`requests.body`, `requests_by_session`, `sessions.user_metadata`)."""
     with engine.begin() as db:
-        for table in (sessions, requests, checkpoints):
+        for table in (sessions, requests):
             present = {column["name"] for column in inspect(db).get_columns(table.name)}
             for column in table.columns:
                 if column.name not in present:
@@ -319,15 +317,6 @@ class Records:
     def checkpoint_owner(self, path: str) -> str | None:
         with self.engine.connect() as db:
             return db.execute(select(checkpoints.c.owner).where(checkpoints.c.path == path)).scalar()
-
-    def is_public(self, path: str) -> bool:
-        """Whether checkpoint `path` is published."""
-        with self.engine.connect() as db:
-            return bool(db.execute(select(checkpoints.c.public).where(checkpoints.c.path == path)).scalar())
-
-    def set_public(self, path: str, public: bool) -> None:
-        with self.engine.begin() as db:
-            db.execute(update(checkpoints).where(checkpoints.c.path == path).values(public=public))
 
     def checkpoints_of(self, owner: str) -> set[str]:
         with self.engine.connect() as db:

@@ -44,7 +44,7 @@ from bios.server.journal import Journal
 from bios.server.ledger import Bill, Entry, Ledger, Usage
 from bios.server.polls import Polls
 from bios.simulation import SimulationReport, Simulator
-from bios.types import StateResult
+from bios.types import StateResult, TrainingInfo
 from bios.validation import parse_path
 
 R = TypeVar("R")
@@ -240,15 +240,20 @@ class Service:
         try:
             return self.check_checkpoint(who, path)
         except NotFoundError:
-            if self.records.is_public(path):
+            if self.engine.store.record(path).public:
                 return path
             raise
 
-    def publish_checkpoint(self, owner: str, path: str, public: bool) -> None:
+    def publish_checkpoint(self, owner: str, path: str, public: bool) -> StateResult:
         """Publish `owner`'s checkpoint `path` (any key may then read it) or, with `public`
         False, unpublish it; doing either twice is harmless (the tinker SDK retries a 409 until
         its progress timeout, hours later). NotFoundError if it is not `owner`'s."""
-        self.records.set_public(self.check_checkpoint(owner, path), public)
+        return self.engine.publish_checkpoint(self.check_checkpoint(owner, path), public)
+
+    def list_sessions(self, owner: str) -> list[TrainingInfo]:
+        """`owner`'s open training sessions, oldest first."""
+        open_now = set(self.engine.session_ids())
+        return [self.engine.session_info(s) for s, *_ in self.records.sessions_of(owner) if s in open_now]
 
     def checkpoint_recorder(self, owner: str, session_id: str) -> Recorder[StateResult]:
         """Files the checkpoint a save_state result names under `owner`."""

@@ -43,10 +43,12 @@ from bios.types import (
     ServerCapabilities,
     StateResult,
     TrainingInfo,
+    WeightsInfo,
 )
 
 _LOGPROBS = TypeAdapter(list[float | None])
 _CHECKPOINTS = TypeAdapter(list[StateResult])
+_SESSIONS = TypeAdapter(list[TrainingInfo])
 
 
 class HttpTransport:
@@ -395,6 +397,38 @@ class HttpTransport:
     async def _delete_checkpoint(self, path: str) -> None:
         validation.parse_path(path)
         await self._wire.send("DELETE", "/v1/checkpoints", params={"path": path}, mutating=True)
+
+    def list_sessions(self) -> list[TrainingInfo]:
+        return self._loop.wait(self._list_sessions())
+
+    async def list_sessions_async(self) -> list[TrainingInfo]:
+        return await self._loop.run(self._list_sessions())
+
+    async def _list_sessions(self) -> list[TrainingInfo]:
+        return _SESSIONS.validate_json((await self._wire.send("GET", "/v1/sessions")).content)
+
+    def checkpoint_info(self, path: str) -> WeightsInfo:
+        return self._loop.wait(self._checkpoint_info(path))
+
+    async def checkpoint_info_async(self, path: str) -> WeightsInfo:
+        return await self._loop.run(self._checkpoint_info(path))
+
+    async def _checkpoint_info(self, path: str) -> WeightsInfo:
+        validation.parse_path(path)
+        answer = await self._wire.send("GET", "/v1/checkpoints/info", params={"path": path})
+        return WeightsInfo.model_validate_json(answer.content)
+
+    def publish_checkpoint(self, path: str, public: bool) -> StateResult:
+        return self._loop.wait(self._publish_checkpoint(path, public))
+
+    async def publish_checkpoint_async(self, path: str, public: bool) -> StateResult:
+        return await self._loop.run(self._publish_checkpoint(path, public))
+
+    async def _publish_checkpoint(self, path: str, public: bool) -> StateResult:
+        validation.parse_path(path)
+        method = "POST" if public else "DELETE"
+        answer = await self._wire.send(method, "/v1/checkpoints/publish", params={"path": path}, mutating=True)
+        return StateResult.model_validate_json(answer.content)
 
     def set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
         return self._loop.wait(self._set_checkpoint_ttl(path, ttl_seconds))

@@ -45,6 +45,7 @@ from bios.types import (
     ServerCapabilities,
     StateResult,
     TrainingInfo,
+    WeightsInfo,
 )
 
 
@@ -122,6 +123,25 @@ class Transport(Protocol):
         ...
 
     async def delete_checkpoint_async(self, path: str) -> None: ...
+
+    def list_sessions(self) -> list[TrainingInfo]:
+        """The caller's open training sessions, oldest first."""
+        ...
+
+    async def list_sessions_async(self) -> list[TrainingInfo]: ...
+
+    def checkpoint_info(self, path: str) -> WeightsInfo:
+        """What the checkpoint at `path` holds (the caller's, or a published one)."""
+        ...
+
+    async def checkpoint_info_async(self, path: str) -> WeightsInfo: ...
+
+    def publish_checkpoint(self, path: str, public: bool) -> StateResult:
+        """Publish the caller's checkpoint at `path` (on a server any key may then read it) or,
+        with `public` False, unpublish it; its record."""
+        ...
+
+    async def publish_checkpoint_async(self, path: str, public: bool) -> StateResult: ...
 
     def set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> StateResult:
         """Make the caller's checkpoint at `path` expire `ttl_seconds` from now (None: never);

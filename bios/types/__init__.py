@@ -18,6 +18,8 @@ from bios.types.results import (
     StopReason,
     TrainingInfo,
     TrainingResult,
+    TrainingRunList,
+    WeightsInfo,
 )
 from bios.types.tensors import Datum, EncodedTextChunk, ModelInput, TensorData, TensorDtype
 
@@ -49,4 +51,6 @@ __all__ = [
     "TensorDtype",
     "TrainingInfo",
     "TrainingResult",
+    "TrainingRunList",
+    "WeightsInfo",
 ]

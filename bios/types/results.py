@@ -109,6 +109,9 @@ class StateResult(ResultModel):
     expires_at: float | None = None
     """Unix time from which the checkpoint is gone (saved with `ttl_seconds`); None: it stays
     until deleted."""
+    public: bool = False
+    """Published (`RestClient.publish_checkpoint_from_tinker_path`): on a server, any key may
+    load it and sample from it."""
 
 
 class ExternalWeightsUrls(ResultModel):
@@ -154,6 +157,22 @@ class CheckpointList(ResultModel):
     """`RestClient.list_checkpoints` / `list_user_checkpoints`: checkpoints, oldest first."""
 
     checkpoints: list[StateResult] = Field(default_factory=list)
+
+
+class TrainingRunList(ResultModel):
+    """`RestClient.list_training_runs`: the caller's open training sessions, oldest first."""
+
+    training_runs: list[TrainingInfo] = Field(default_factory=list)
+
+
+class WeightsInfo(ResultModel):
+    """`RestClient.get_weights_info_by_tinker_path`: what a checkpoint holds."""
+
+    path: str
+    kind: CheckpointKind
+    base_model: str
+    lora_config: LoraConfig
+    step: int
 
 
 class TrainingInfo(ResultModel):

@@ -200,6 +200,4 @@ def test_a_database_of_an_earlier_bios_gains_its_missing_columns_and_the_indexes
     indexes = {index["name"] for index in sqlalchemy.inspect(records.engine).get_indexes("requests")}
     assert {"requests_by_session", "requests_by_finish"} <= indexes
     records.add_session("s", "owner", "bios/tiny", {"team": "bios"})
-    records.add_checkpoint("bios://s/weights/w", "owner", "s")
-    records.set_public("bios://s/weights/w", True)
-    assert records.session_metadata("s") == {"team": "bios"} and records.is_public("bios://s/weights/w")
+    assert records.session_metadata("s") == {"team": "bios"}

@@ -107,6 +107,32 @@ def test_a_key_can_neither_see_nor_touch_another_keys_objects(server):
     )
 
 
+def test_a_published_checkpoint_is_readable_by_another_key_until_unpublished(server):
+    alice, bob = _client(server, KEY_A), _client(server, KEY_B)
+    training = alice.create_lora_training_client(MODEL, rank=4, seed=21)
+    training.train(random_batch(seed=21), learning_rate=1e-2)
+    state = training.save_state("shared").result()
+    bob_rest = bob.create_rest_client()
+    with pytest.raises(bios.NotFoundError):
+        bob_rest.get_weights_info_by_tinker_path(state.path)
+    with pytest.raises(bios.NotFoundError):
+        bob_rest.publish_checkpoint_from_tinker_path(state.path)
+    alice.create_rest_client().publish_checkpoint_from_tinker_path(state.path).result()
+    assert bob_rest.get_weights_info_by_tinker_path(state.path).result().step == 1
+    resumed = bob.create_training_client_from_state_with_optimizer(state.path)
+    assert resumed.get_info().step == 1 and resumed.session_id in {
+        run.session_id for run in bob_rest.list_training_runs(limit=1000).result().training_runs
+    }
+    assert training.session_id not in {
+        run.session_id for run in bob_rest.list_training_runs(limit=1000).result().training_runs
+    }
+    with pytest.raises(bios.NotFoundError):
+        bob_rest.delete_checkpoint_from_tinker_path(state.path)
+    alice.create_rest_client().unpublish_checkpoint_from_tinker_path(state.path).result()
+    with pytest.raises(bios.NotFoundError):
+        bob.create_sampling_client(model_path=state.path)
+
+
 def test_a_retried_request_is_applied_once_and_a_reused_key_is_a_conflict(server):
     client = _client(server, KEY_A)
     training = client.create_lora_training_client(MODEL, rank=4, seed=2)

@@ -84,6 +84,11 @@ async def _call_every_async_method(service: bios.ServiceClient) -> set[str]:
     external = (await (await run(training, "save_weights_external_async", "async-external"))).path
     assert "adapter_config.json" in (await run(rest, "get_external_weights_urls_async", external)).urls
     assert (await run(rest, "set_checkpoint_ttl_from_tinker_path_async", external, 60.0)).expires_at
+    assert (await run(rest, "get_weights_info_by_tinker_path_async", external)).kind == "external"
+    assert (await run(rest, "publish_checkpoint_from_tinker_path_async", external)).public
+    assert not (await run(rest, "unpublish_checkpoint_from_tinker_path_async", external)).public
+    runs = (await run(rest, "list_training_runs_async", limit=1000)).training_runs
+    assert training.session_id in {r.session_id for r in runs}
     return called
 
 

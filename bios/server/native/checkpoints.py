@@ -1,5 +1,5 @@
-"""The caller's checkpoints: listing, deleting, their time to live, and the download URLs of
-external weights."""
+"""The caller's checkpoints: listing, deleting, what they hold, publishing, their time to live,
+and the download URLs of external weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from bios import wire
 from bios.server.downloads import external_weights_urls
 from bios.server.state import OwnerDep, ServerStateDep, ServiceDep
-from bios.types import ExternalWeightsUrls, StateResult
+from bios.types import ExternalWeightsUrls, StateResult, WeightsInfo
 
 router = APIRouter()
 
@@ -24,6 +24,21 @@ def list_checkpoints(who: OwnerDep, service: ServiceDep, session_id: str | None 
 def delete_checkpoint(path: str, who: OwnerDep, service: ServiceDep) -> dict:
     service.delete_checkpoint(who, path)
     return {}
+
+
+@router.get("/v1/checkpoints/info", response_model=WeightsInfo)
+def checkpoint_info(path: str, who: OwnerDep, service: ServiceDep) -> WeightsInfo:
+    return service.engine.checkpoint_info(service.readable_checkpoint(who, path))
+
+
+@router.post("/v1/checkpoints/publish", response_model=StateResult)
+def publish_checkpoint(path: str, who: OwnerDep, service: ServiceDep) -> StateResult:
+    return service.publish_checkpoint(who, path, public=True)
+
+
+@router.delete("/v1/checkpoints/publish", response_model=StateResult)
+def unpublish_checkpoint(path: str, who: OwnerDep, service: ServiceDep) -> StateResult:
+    return service.publish_checkpoint(who, path, public=False)
 
 
 @router.put("/v1/checkpoints/ttl", response_model=StateResult)

@@ -42,6 +42,12 @@ def session_from_state(body: wire.SessionFromState, who: OwnerDep, service: Serv
     return _opened(service, who, info)
 
 
+@router.get("/v1/sessions", response_model=list[TrainingInfo])
+def list_sessions(who: OwnerDep, service: ServiceDep) -> list[TrainingInfo]:
+    """The caller's open sessions, oldest first."""
+    return service.list_sessions(who)
+
+
 @router.get("/v1/sessions/{session_id}", response_model=TrainingInfo)
 def session_info(session_id: str, who: OwnerDep, service: ServiceDep) -> TrainingInfo:
     return service.engine.session_info(service.check_session(who, session_id))

@@ -41,7 +41,7 @@ def _checkpoint(tinker: Tinker, record: StateResult) -> dict:
         "time": iso(record.created_at),
         "tinker_path": path,
         "size_bytes": record.size_bytes,
-        "public": tinker.service.records.is_public(record.path),
+        "public": record.public,
         "user_metadata": {k: v if isinstance(v, str) else str(v) for k, v in record.metadata.items()},
     }
 
