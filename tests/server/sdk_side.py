@@ -309,7 +309,8 @@ def expiring_checkpoint(url: str, key: str) -> dict:
 def checkpoint_download(url: str, key: str, tokens: list[int], steps: int, output: str) -> dict:
     """`tinker checkpoint download` of a checkpoint of `steps` SFT steps on `tokens` into
     `output` (0.38's CLI exports it through temporary external weights), the run's logprobs of
-    `tokens` and the run's checkpoints afterwards."""
+    `tokens` and the run's checkpoints afterwards; then the CLI's other run and checkpoint
+    commands on it (JSON output), ending with its deletion."""
     import os
 
     import tinker
@@ -329,11 +330,28 @@ def checkpoint_download(url: str, key: str, tokens: list[int], steps: int, outpu
     os.environ.update(TINKER_BASE_URL=url, TINKER_API_KEY=key)
     downloaded = CliRunner().invoke(main_cli, ["--format", "json", "checkpoint", "download", path, "--output", output])
     rest = service.create_rest_client()
+    checkpoints = [c.tinker_path for c in rest.list_checkpoints(client.model_id).result().checkpoints]
+    commands = {
+        "run list": ["run", "list"],
+        "run info": ["run", "info", client.model_id],
+        "checkpoint list": ["checkpoint", "list", "--run-id", client.model_id],
+        "checkpoint info": ["checkpoint", "info", path],
+        "checkpoint set-ttl": ["checkpoint", "set-ttl", path, "--ttl", "7200"],
+        "checkpoint publish": ["checkpoint", "publish", path],
+        "checkpoint unpublish": ["checkpoint", "unpublish", path],
+        "checkpoint delete": ["checkpoint", "delete", path, "--yes"],
+    }
+    cli = {
+        name: [(done := CliRunner().invoke(main_cli, ["--format", "json", *args])).exit_code, done.stdout]
+        for name, args in commands.items()
+    }
     return {
         "path": path,
         "cli": [downloaded.exit_code, downloaded.stdout, repr(downloaded.exception)],
         "logprobs": logprobs,
-        "checkpoints": [c.tinker_path for c in rest.list_checkpoints(client.model_id).result().checkpoints],
+        "checkpoints": checkpoints,
+        "commands": cli,
+        "after_delete": [c.tinker_path for c in rest.list_checkpoints(client.model_id).result().checkpoints],
     }
 
 

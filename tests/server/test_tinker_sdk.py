@@ -301,6 +301,12 @@ def test_the_clis_checkpoint_download_is_a_peft_adapter_that_computes_what_bios_
         "adapter_model.safetensors",
     ]
     assert seen["checkpoints"] == [seen["path"]], "the temporary export is deleted"
+    commands = seen["commands"]
+    assert all(code == 0 for code, _ in commands.values()), commands
+    run_id = seen["path"].split("/")[2]
+    assert run_id in commands["run list"][1] and run_id in commands["run info"][1]
+    assert seen["path"] in commands["checkpoint list"][1] and seen["path"] in commands["checkpoint info"][1]
+    assert seen["after_delete"] == [], "tinker checkpoint delete removed it"
 
     untrained = service.create_lora_training_client(MODEL, rank=4).save_state("sdk-download-base").result().path
     base = export_merged(untrained, tmp_path / "base", catalog=service.transport.catalog)
