@@ -252,6 +252,11 @@ def test_sessions_heartbeat_finish_and_expire(server):
     session, model_id = new_run(alice)
     assert alice.post("/session_heartbeat", json={"session_id": session}).json() == {"type": "session_heartbeat"}
     assert bob.post("/session_heartbeat", json={"session_id": session}).status_code == 404
+    assert bob.get(f"/sessions/{session}").status_code == 404 and session not in bob.get("/sessions").json()["sessions"]
+    assert alice.get(f"/sessions/{session}").json()["training_run_ids"] == [model_id]
+    for bad in ({"limit": 0}, {"offset": -1}, {"limit": "x"}):
+        refused = alice.get("/sessions", params=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == next(iter(bad))
     assert http(server, "tml-not-a-key").post("/client/config", json={}).status_code == 401
     assert alice.post("/telemetry", json={"events": []}).json() == {"status": "accepted"}
     assert (
