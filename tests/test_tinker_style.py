@@ -1,7 +1,7 @@
 """Code written for the tinker SDK runs on Bios unchanged: the `create_*` calls whose SDK
 versions hand back a future of the client, `sample`'s SDK positional order and stop semantics,
-`save_weights_and_get_sampling_client()` without a name, and `save_state` with `ttl_seconds`
-and `user_metadata`. In-process and (`--remote`) served."""
+the SDK's result fields, `save_weights_and_get_sampling_client()` without a name, and
+`save_state` with `ttl_seconds` and `user_metadata`. In-process and (`--remote`) served."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def test_sample_takes_the_sdks_positional_order_with_the_same_answer(service: bi
     assert len(ours.sequences) == 2 and all(len(s.tokens) == 3 for s in ours.sequences)
     swapped_async = asyncio.run(sampler.sample_async(PROMPT, 2, GREEDY))
     assert [s.tokens for s in swapped_async.sequences] == [s.tokens for s in ours.sequences]
+
+
+def test_a_sample_has_the_sdks_sequence_id_and_prompt_cache_hit_tokens(service: bios.ServiceClient) -> None:
+    result = service.create_sampling_client(base_model=MODEL).sample(PROMPT, GREEDY, 2).result()
+    assert result.prompt_cache_hit_tokens == 0, "no prefix cache"
+    assert [s.sequence_id for s in result.sequences] == [None, None], "no provenance ids"
 
 
 def test_sample_with_neither_order_is_a_typed_error_naming_the_field(service: bios.ServiceClient) -> None:
