@@ -26,9 +26,9 @@ Future = concurrent.futures.Future
 
 def in_either_order(sampling_params: SamplingParams | int, num_samples: int | SamplingParams) -> tuple:
     """(sampling_params, num_samples), given in Bios's order or swapped, as the tinker SDK's
-    positional `sample(prompt, num_samples, sampling_params)` passes them. Anything else is
-    returned as it came, for validation to name."""
-    if isinstance(num_samples, SamplingParams) and isinstance(sampling_params, int):
+    positional `sample(prompt, num_samples, sampling_params)` passes them (its sampling params
+    Bios's or the SDK's own). Anything else is returned as it came, for validation to name."""
+    if isinstance(sampling_params, int) and not isinstance(num_samples, int):
         return num_samples, sampling_params
     return sampling_params, num_samples
 

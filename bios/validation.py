@@ -15,7 +15,7 @@ import functools
 import math
 import re
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -63,23 +63,41 @@ def check_tokens(
 
 
 def instance(value: object, cls: type[T], field: str) -> T:
-    """`value` if it is a `cls` (a bios.types model); InvalidRequestError naming `field` otherwise."""
-    if not isinstance(value, cls):
-        raise InvalidRequestError(
-            f"{field} must be a bios.types.{cls.__name__}, got {type(value).__name__}", field=field
-        )
-    return value
+    """`value` if it is a `cls` (a bios.types model), or the `cls` holding the same fields when
+    `value` is the tinker SDK's object of that name (`from_tinker`); InvalidRequestError naming
+    `field` otherwise."""
+    if isinstance(value, cls):
+        return value
+    if type(value).__name__ == cls.__name__ and type(value).__module__.partition(".")[0] == "tinker":
+        return from_tinker(value, cls, field)
+    raise InvalidRequestError(f"{field} must be a bios.types.{cls.__name__}, got {type(value).__name__}", field=field)
+
+
+def from_tinker(value: object, cls: type[T], field: str) -> T:
+    """The `cls` with the fields of the tinker SDK's object of that name (`ModelInput`,
+    `SamplingParams`, `AdamParams`, `LoraConfig`: pydantic models; `Datum`: a dataclass whose
+    arrays are the SDK's `TensorData`), so that code built on the SDK's types can hand them to
+    Bios's clients. A datum's provenance spans are left out, as `bios serve` leaves them out
+    of the SDK's requests: no Bios loss reads them. InvalidRequestError naming the field a
+    value Bios does not take (an image chunk, a field Bios lacks)."""
+    sdk: Any = value
+    if cls is Datum:
+        fields = {
+            "model_input": instance(sdk.model_input, ModelInput, f"{field}.model_input"),
+            "loss_fn_inputs": {name: tensor.to_numpy() for name, tensor in sdk.loss_fn_inputs.items()},
+        }
+        return cast(T, Datum(**fields))
+    return cast(T, cast(Any, cls).model_validate(sdk.model_dump()))
 
 
 def datum_list(data: object) -> list[Datum]:
-    """`data` as a non-empty list of `Datum`s; InvalidRequestError naming `data` or `data[i]`."""
+    """`data` as a non-empty list of `Datum`s (the tinker SDK's converted, `instance`);
+    InvalidRequestError naming `data` or `data[i]`."""
     if not isinstance(data, (list, tuple)):
         raise InvalidRequestError(f"data must be a list of bios.types.Datum, got {type(data).__name__}", field="data")
     if not data:
         raise InvalidRequestError("data is empty; give at least one Datum", field="data")
-    for i, datum in enumerate(data):
-        instance(datum, Datum, f"data[{i}]")
-    return list(data)
+    return [instance(datum, Datum, f"data[{i}]") for i, datum in enumerate(data)]
 
 
 def sample_count(num_samples: object) -> int:
@@ -185,7 +203,7 @@ def forward_work(
 
 def optim_work(adapter_id: str, adam: AdamParams) -> OptimStepWork:
     """A checked `optim_step` request (AdamParams already range-checked by its model)."""
-    instance(adam, AdamParams, "adam_params")
+    adam = instance(adam, AdamParams, "adam_params")
     return OptimStepWork(adapter_id=adapter_id, **adam.model_dump())
 
 
@@ -201,8 +219,8 @@ def sample_work(
 ) -> SampleWork:
     """A checked `sample` request; the prompt must leave room for one generated token, and
     `topk_prompt_logprobs` is 0 or an int in 1..min(MAX_TOPK, vocabulary)."""
-    instance(prompt, ModelInput, "prompt")
-    instance(params, SamplingParams, "sampling_params")
+    prompt = instance(prompt, ModelInput, "prompt")
+    params = instance(params, SamplingParams, "sampling_params")
     sample_count(num_samples)
     ids = check_tokens(prompt.to_ints(), model, "prompt")
     if ids.size >= model.max_seq_len:

@@ -1,16 +1,19 @@
 """Code written for the tinker SDK runs on Bios unchanged: the `create_*` calls whose SDK
 versions hand back a future of the client, `sample`'s SDK positional order and stop semantics,
-`save_weights_and_get_sampling_client()` without a name, and `save_state` with `ttl_seconds`
-and `user_metadata`. In-process and (`--remote`) served."""
+the SDK's result fields, its own request objects, `save_weights_and_get_sampling_client()`
+without a name, and `save_state` with `ttl_seconds` and `user_metadata`. In-process and
+(`--remote`) served."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import time
+from pathlib import Path
 
 import pytest
 from helpers import MODEL, random_batch
+from tinker_sdk import REPO, sdk_directory, sdk_result, start_child
 
 import bios
 from bios import types
@@ -50,6 +53,28 @@ def test_sample_takes_the_sdks_positional_order_with_the_same_answer(service: bi
     assert len(ours.sequences) == 2 and all(len(s.tokens) == 3 for s in ours.sequences)
     swapped_async = asyncio.run(sampler.sample_async(PROMPT, 2, GREEDY))
     assert [s.tokens for s in swapped_async.sequences] == [s.tokens for s in ours.sequences]
+
+
+def test_a_sample_has_the_sdks_sequence_id_and_prompt_cache_hit_tokens(service: bios.ServiceClient) -> None:
+    result = service.create_sampling_client(base_model=MODEL).sample(PROMPT, GREEDY, 2).result()
+    assert result.prompt_cache_hit_tokens == 0, "no prefix cache"
+    assert [s.sequence_id for s in result.sequences] == [None, None], "no provenance ids"
+
+
+def test_the_sdks_own_request_objects_give_the_answers_of_bios_ones() -> None:
+    """tinker.ModelInput, TensorData, Datum, AdamParams and SamplingParams handed to Bios's clients
+    (in a child process with SDK 0.38 on its path, tests/support/sdk_objects_side.py)."""
+    side = Path(__file__).parent / "support" / "sdk_objects_side.py"
+    seen = sdk_result(start_child(side, [sdk_directory("0.38.0"), REPO], "objects", tokens=[5, 310, 52, 977, 41, 8]))
+    sdk, ours = seen["sdk"], seen["bios"]
+    assert sdk["loss"] == pytest.approx(ours["loss"], rel=1e-9) and ours["loss"] > 0
+    assert sdk["loss_after"] == pytest.approx(ours["loss_after"], rel=1e-9) and ours["loss_after"] < ours["loss"]
+    assert sdk["sampled"] == ours["sampled"] and len(ours["sampled"]) == 4
+    assert sdk["positional"] == ours["positional"] == [ours["sampled"]] * 2
+    assert sdk["prompt_logprobs"][0] is None and sdk["prompt_logprobs"][1:] == pytest.approx(
+        ours["prompt_logprobs"][1:]
+    )
+    assert seen["refused"] == "SamplingParams.top_p", "an SDK object is validated as Bios's own"
 
 
 def test_sample_with_neither_order_is_a_typed_error_naming_the_field(service: bios.ServiceClient) -> None:

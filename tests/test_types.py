@@ -363,7 +363,7 @@ def test_results_ignore_unknown_fields_and_are_frozen() -> None:
     step = types.OptimStepResult.model_validate({"step": 3, "metrics": {"grad_norm": 1.5}, "added_later": [1]})
     assert step == types.OptimStepResult(step=3, metrics={"grad_norm": 1.5})
     seq = types.SampledSequence(tokens=[1], logprobs=[-0.5], stop_reason="length", entropy=2.0)
-    assert seq.model_dump() == {"tokens": [1], "logprobs": [-0.5], "stop_reason": "length"}
+    assert seq.model_dump() == {"tokens": [1], "logprobs": [-0.5], "stop_reason": "length", "sequence_id": None}
     info = types.TrainingInfo.model_validate(
         {"session_id": "s", "base_model": "m", "step": 0, "lora_config": {"rank": 4}, "x": 1}
     )

@@ -121,7 +121,7 @@ class Engine:
         self, base_model: str, lora: LoraConfig, user_metadata: dict[str, str] | None = None
     ) -> TrainingInfo:
         """A new training session with a freshly initialised adapter."""
-        validation.instance(lora, LoraConfig, "lora_config")
+        lora = validation.instance(lora, LoraConfig, "lora_config")
         meta = validation.user_metadata(user_metadata)
         model = self.catalog.get(base_model)
         session_id = f"session-{uuid.uuid4().hex[:12]}"

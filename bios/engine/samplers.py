@@ -94,7 +94,7 @@ class Samplers:
         """log p(prompt[t] | prompt[:t]), None for t = 0."""
         handle = self.handle(sampler_id)
         model = self.catalog.get(handle.base_model)
-        validation.instance(prompt, ModelInput, "prompt")
+        prompt = validation.instance(prompt, ModelInput, "prompt")
         ids = validation.check_tokens(prompt.to_ints(), model, "prompt")
         if ids.size == 1:
             done: Future[list[float | None]] = Future()

@@ -70,6 +70,9 @@ class SampledSequence(ResultModel):
     tokens: list[int]
     logprobs: list[float]
     stop_reason: StopReason
+    sequence_id: str | None = None
+    """The tinker SDK's id of a sampled sequence, which later requests may cite as provenance;
+    Bios's samplers give none (None), and no Bios loss reads provenance."""
 
 
 class SampleResult(ResultModel):
@@ -80,6 +83,9 @@ class SampleResult(ResultModel):
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_cache_hit_tokens: int = 0
+    """Prompt tokens served from a prefix cache, as the tinker SDK reports them; Bios keeps no
+    prefix cache, so always 0."""
     timing: RequestTiming | None = None
 
 

@@ -1,8 +1,10 @@
 """The cookbook side of tests/server/test_tinker_cookbook.py: run as `python cookbook_side.py
-SCENARIO JSON` in a child process whose path holds tinker-cookbook and the `tinker` SDK. Each
-scenario runs one of the cookbook's training loops (`main(config)`) against a server, and prints
-what the cookbook logged and every training call it sent as one line of JSON; the test makes
-every assertion. Imports only the standard library, `tinker`, `tinker_cookbook` and `chz`.
+SCENARIO JSON` in a child process whose path holds tinker-cookbook, the `tinker` SDK and this
+repository. The served scenarios run one of the cookbook's training loops (`main(config)`)
+against a server, and print what the cookbook logged and every training call it sent; the
+in-process one hands Bios's native clients to the cookbook's pieces that take a client object,
+and prints what they computed. Each prints one line of JSON; the test makes every assertion.
+Imports only the standard library, `tinker`, `tinker_cookbook`, `chz`, `torch` and `bios`.
 
 What the cookbook would fetch from the network is supplied here: it loads a model's tokenizer
 from the Hugging Face hub by name, so `bios/tiny` is registered (`register_tokenizer`) with the
@@ -20,14 +22,22 @@ from pathlib import Path
 
 import chz
 import tinker
-from tinker_cookbook import renderers, tokenizer_utils
+import torch
+from tinker_cookbook import checkpoint_utils, renderers, tokenizer_utils
+from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.rl import train as rl_train
+from tinker_cookbook.rl.data_processing import assemble_training_data, compute_advantages
+from tinker_cookbook.rl.metrics import compute_kl_sample_train, compute_post_kl
 from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder
+from tinker_cookbook.rl.rollouts import do_group_rollout
 from tinker_cookbook.rl.types import RLDataset, RLDatasetBuilder
 from tinker_cookbook.supervised import train as sl_train
+from tinker_cookbook.supervised.common import compute_mean_nll
 from tinker_cookbook.supervised.data import conversation_to_datum
 from tinker_cookbook.supervised.types import ChatDatasetBuilder, ChatDatasetBuilderCommonConfig, SupervisedDataset
 from tinker_cookbook.utils import cost_estimation
+
+import bios
 
 MODEL = "bios/tiny"
 RENDERER = "qwen3_instruct"
@@ -80,6 +90,89 @@ def reinforcement(url: str, key: str, tokenizer: str, log_path: str, steps: int,
     )
     asyncio.run(rl_train.main(config))
     return _logged(log_path, calls)
+
+
+def in_process(tokenizer: str, log_path: str, groups: int, group_size: int, conversation: list) -> dict:
+    """Bios's native in-process clients (emulator) handed to the cookbook's pieces that take a
+    client object, on one session: an RL step, an SFT step, then a checkpoint and a refreshed
+    sampler (`_rl_step`, `_sft_step`, `_refresh`)."""
+    _register_tokenizer(tokenizer)
+    Path(log_path).mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_in_process(log_path, groups, group_size, conversation))
+
+
+async def _in_process(log_path: str, groups: int, group_size: int, conversation: list) -> dict:
+    service = bios.ServiceClient(backend="emulator")
+    training = await service.create_lora_training_client_async(MODEL, rank=8, seed=0, train_unembed=True)
+    renderer = renderers.get_renderer(RENDERER, tokenizer_utils.get_tokenizer(MODEL))
+    sampler = await training.save_weights_and_get_sampling_client_async()
+    data, rl = await _rl_step(training, sampler, LetterUBatches(renderer, 1, groups, group_size))
+    sft = await _sft_step(training, conversation_to_datum(conversation, renderer, max_length=None))
+    return {"rl": rl, "sft": sft, "refresh": await _refresh(service, training, sampler, data, log_path)}
+
+
+async def _rl_step(
+    training: bios.TrainingClient, sampler: bios.SamplingClient, batches: LetterUBatches
+) -> tuple[list[tinker.Datum], dict]:
+    """Group rollouts through `TinkerTokenCompleter` on `sampler`, the cookbook's advantages and
+    datums, its `train_step` (forward_backward and optim_step) on `training`, then a Bios
+    `forward` of the datums under the updated weights: the datums, and what each stage gave."""
+    policy = TinkerTokenCompleter(sampling_client=sampler, max_tokens=8)
+    rollouts = await asyncio.gather(*(do_group_rollout(builder, policy) for builder in batches.get_batch(0)))
+    data, _ = assemble_training_data(rollouts, compute_advantages(rollouts))
+    trained = await rl_train.train_step(data, training, 1e-2, num_substeps=1, loss_fn="importance_sampling")
+    after = await training.forward([_unmasked(d) for d in data], "importance_sampling")
+    return data, {
+        "rewards": [group.get_total_rewards() for group in rollouts],
+        "actions": [[[t.ac.logprobs for t in traj.transitions] for traj in group.trajectories_G] for group in rollouts],
+        "data": [{k: v.tolist() for k, v in d.loss_fn_inputs.items()} for d in data],
+        "trained_logprobs": [logprobs.tolist() for logprobs in trained],
+        "kl_sample_train": compute_kl_sample_train(data, trained),
+        "loss_after": after.loss,
+        "logprobs_after": [out["logprobs"].tolist() for out in after.loss_fn_outputs],
+    }
+
+
+def _unmasked(datum: tinker.Datum) -> tinker.Datum:
+    """`datum` as the cookbook's `train_step` sends it: without the `mask`, which no loss reads."""
+    return tinker.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={k: v for k, v in datum.loss_fn_inputs.items() if k != "mask"},
+    )
+
+
+async def _sft_step(training: bios.TrainingClient, datum: tinker.Datum) -> dict:
+    """A conversation rendered by the cookbook, through Bios's forward_backward and optim_step:
+    the loss, the cookbook's mean NLL of the logprobs, the weights' sum and the loss after."""
+    result = await training.forward_backward([datum], "cross_entropy")
+    await training.optim_step(tinker.AdamParams(learning_rate=1e-2))
+    after = await training.forward([datum], "cross_entropy")
+    weights = datum.loss_fn_inputs["weights"]
+    return {
+        "loss": result.loss,
+        "mean_nll": compute_mean_nll([out["logprobs"] for out in result.loss_fn_outputs], [weights]),
+        "weight_sum": float(torch.sum(weights.to_torch())),
+        "loss_after": after.loss,
+    }
+
+
+async def _refresh(
+    service: bios.ServiceClient,
+    training: bios.TrainingClient,
+    before: bios.SamplingClient,
+    data: list[tinker.Datum],
+    log_path: str,
+) -> dict:
+    """`checkpoint_utils` saves the session's state and sampler weights; a sampler on the saved
+    weights, and the cookbook's KL of the RL datums' sampled logprobs to the old sampler's and
+    the new one's: the records and both KLs."""
+    paths = await checkpoint_utils.save_checkpoint_async(training, "000001", log_path, {"batch": 1}, kind="both")
+    after = await service.create_sampling_client_async(model_path=paths["sampler_path"])
+    return {
+        "checkpoints": [record.to_dict() for record in checkpoint_utils.load_checkpoints_file(log_path)],
+        "kl_before": (await compute_post_kl(data, before))[0],
+        "kl_after": (await compute_post_kl(data, after))[0],
+    }
 
 
 # ---- the datasets and the environment ------------------------------------------------------------
@@ -159,9 +252,14 @@ class LetterU(RLDatasetBuilder):
 def _offline(key: str, tokenizer: str) -> list[dict]:
     """Run the cookbook offline with `key`; returns the list its training calls are recorded in."""
     os.environ["TINKER_API_KEY"] = key
-    tokenizer_utils.register_tokenizer(MODEL, lambda: tokenizer_utils.get_tokenizer(tokenizer))
+    _register_tokenizer(tokenizer)
     cost_estimation.load_model_pricing = lambda **_: None
     return _record_training_calls()
+
+
+def _register_tokenizer(tokenizer: str) -> None:
+    """Make the cookbook load `MODEL`'s tokenizer from the local directory `tokenizer`."""
+    tokenizer_utils.register_tokenizer(MODEL, lambda: tokenizer_utils.get_tokenizer(tokenizer))
 
 
 def _record_training_calls() -> list[dict]:
@@ -196,7 +294,7 @@ def _logged(log_path: str, calls: list[dict]) -> dict:
     return {"metrics": records("metrics.jsonl"), "checkpoints": records("checkpoints.jsonl"), "calls": calls}
 
 
-SCENARIOS = {"supervised": supervised, "reinforcement": reinforcement}
+SCENARIOS = {"supervised": supervised, "reinforcement": reinforcement, "in_process": in_process}
 
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])

@@ -4,7 +4,9 @@ The cookbook's own `main(config)` of each loop runs unmodified in a child proces
 (tests/support/cookbook_release.py, cookbook_side.py) against a `ThreadedServer` on the emulator,
 with an in-memory chat dataset and a one-question environment on bios/tiny. The child reports what
 the cookbook logged and every training call it sent; here those calls are replayed on a native
-in-process session, which must pass through the same numbers.
+in-process session, which must pass through the same numbers. The cookbook's pieces that take a
+client object (completer, rollouts, RL data assembly, `train_step`, checkpointing, KL metrics)
+are also handed Bios's native in-process clients directly.
 """
 
 from __future__ import annotations
@@ -135,3 +137,69 @@ def test_the_rl_loop_samples_groups_trains_and_refreshes_its_sampler(server, ser
             assert trained == pytest.approx([s for s in sampled if s != 0.0], rel=1e-6, abs=1e-6), (
                 "the native loop's logprobs are the served sampler's at every step"
             )
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> dict:
+    """What the cookbook's pieces computed with Bios's native in-process clients (cookbook_side's
+    `in_process`): an RL step of 2 groups of 4 LetterU episodes, an SFT step on one conversation,
+    a checkpoint and a refreshed sampler."""
+    return run_cookbook(
+        "in_process",
+        tokenizer=Tokenizer.builtin().name_or_path,
+        log_path=str(tmp_path_factory.mktemp("cookbook-in-process")),
+        groups=2,
+        group_size=4,
+        conversation=CONVERSATIONS[5],
+    )
+
+
+def _actions(values: list[float], datum: dict) -> list[float]:
+    """The entries of `values` (aligned with `datum`'s targets) at its action tokens (mask 1)."""
+    return [v for v, m in zip(values, datum["mask"]) if m > 0]
+
+
+def test_cookbook_rollouts_and_train_step_run_on_native_clients(in_process):
+    rl = in_process["rl"]
+    assert [len(rewards) for rewards in rl["rewards"]] == [4, 4]
+    assert all(math.isfinite(r) and -0.1 <= r <= 1.0 for rewards in rl["rewards"] for r in rewards)
+    episodes = [
+        (reward - sum(rewards) / len(rewards), turns)
+        for rewards, group in zip(rl["rewards"], rl["actions"])
+        for reward, turns in zip(rewards, group)
+    ]
+    assert len(rl["data"]) == len(episodes) == 8, "one datum per single-turn episode"
+    for datum, (advantage, (sampled,)) in zip(rl["data"], episodes):
+        assert _actions(datum["logprobs"], datum) == pytest.approx(sampled, rel=1e-6), "the Bios sampler's"
+        assert _actions(datum["advantages"], datum) == pytest.approx([advantage] * len(sampled), abs=1e-6)
+    for datum, trained in zip(rl["data"], rl["trained_logprobs"]):
+        assert _actions(trained, datum) == pytest.approx(_actions(datum["logprobs"], datum), rel=1e-6, abs=1e-6), (
+            "Bios's forward_backward scores the actions as its sampler did"
+        )
+    assert rl["kl_sample_train"]["optim/kl_sample_train_v2"] == pytest.approx(0.0, abs=1e-9)
+
+    surrogate = -sum(
+        a * math.exp(lp - s)
+        for datum, after in zip(rl["data"], rl["logprobs_after"])
+        for lp, s, a in zip(after, datum["logprobs"], datum["advantages"])
+    )
+    assert rl["loss_after"] == pytest.approx(surrogate, rel=1e-5, abs=1e-6), "L2: -sum r[t] A[t]"
+    if any(a != 0 for datum in rl["data"] for a in datum["advantages"]):
+        assert rl["loss_after"] < 0, "the step raised the ratio of the tokens with positive advantage"
+
+
+def test_a_cookbook_rendered_conversation_trains_on_native_clients(in_process):
+    sft = in_process["sft"]
+    assert sft["weight_sum"] == pytest.approx(1.0), "the cookbook's mean reduction"
+    assert sft["loss"] == pytest.approx(sft["mean_nll"] * sft["weight_sum"], rel=1e-6)
+    assert sft["loss_after"] < sft["loss"]
+
+
+def test_cookbook_checkpoints_and_kl_see_the_refreshed_native_sampler(in_process):
+    refresh = in_process["refresh"]
+    (record,) = refresh["checkpoints"]
+    assert record["name"] == "000001" and record["batch"] == 1
+    assert record["state_path"].startswith("bios://") and record["state_path"].endswith("/weights/000001")
+    assert record["sampler_path"].endswith("/sampler_weights/000001")
+    assert refresh["kl_before"]["kl_pre_post_v2"] == pytest.approx(0.0, abs=1e-9), "the old sampler is unchanged"
+    assert refresh["kl_after"]["kl_pre_post_v2"] > 1e-3, "the new sampler serves the trained weights"

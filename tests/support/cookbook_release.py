@@ -5,8 +5,9 @@ pinned and with `--no-deps`, into one directory of the SDK cache (tinker_sdk.pin
 Its other requirements (torch, transformers, numpy, pydantic, rich, tqdm, anyio, safetensors,
 pillow, huggingface-hub, and python-dateutil for pandas) are already there; tml-renderers is
 imported only for the Inkling models, so it is left out. A child runs one scenario of
-tests/server/cookbook_side.py with the cookbook and SDK 0.38 on its path. (This module is not
-named `tinker_cookbook`: tests/support is on the path, and it would shadow the package.)
+tests/server/cookbook_side.py with the cookbook, SDK 0.38 and this repository (for `import bios`)
+on its path. (This module is not named `tinker_cookbook`: tests/support is on the path, and it
+would shadow the package.)
 """
 
 from __future__ import annotations
@@ -41,5 +42,5 @@ def cookbook_directory() -> Path:
 
 def run_cookbook(scenario: str, **arguments: object) -> dict:
     """Run `scenario` (a function of cookbook_side.py) in a child process: what it saw."""
-    path = [cookbook_directory(), sdk_directory(COOKBOOK_SDK)]
+    path = [cookbook_directory(), sdk_directory(COOKBOOK_SDK), REPO]
     return sdk_result(start_child(COOKBOOK_SIDE, path, scenario, **arguments), timeout=300)
