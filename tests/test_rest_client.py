@@ -185,11 +185,12 @@ def test_external_weights_with_a_merged_model_load_in_transformers_with_the_same
 
 def test_training_runs_are_listed_and_checkpoints_described_and_published(service: bios.ServiceClient) -> None:
     rest = service.create_rest_client()
-    first = service.create_lora_training_client(MODEL, rank=4, seed=15)
+    made = [service.create_lora_training_client(MODEL, rank=4, seed=15 + i) for i in range(4)]
     second = service.create_lora_training_client(MODEL, rank=8, alpha=4.0, seed=16)
+    made.append(second)
     runs = rest.list_training_runs(limit=1000).result().training_runs
     ids = [run.session_id for run in runs]
-    assert ids.index(first.session_id) < ids.index(second.session_id), "oldest first"
+    assert sorted(ids.index(c.session_id) for c in made) == [ids.index(c.session_id) for c in made], "oldest first"
     assert [
         run.session_id
         for run in rest.list_training_runs(limit=1, offset=ids.index(second.session_id)).result().training_runs

@@ -202,8 +202,10 @@ class Engine:
             return sorted(self._sessions)
 
     def list_sessions(self) -> list[TrainingInfo]:
-        """The sessions open now (in-process, every one is the caller's)."""
-        return [self.session_info(session_id) for session_id in self.session_ids()]
+        """The sessions open now, oldest first (in-process, every one is the caller's)."""
+        with self._lock:
+            opened = list(self._sessions)  # a dict keeps the order in which sessions were opened
+        return [self.session_info(session_id) for session_id in opened]
 
     def next_seq(self, session_id: str) -> int:
         return self.scheduler.next_seq(self._session(session_id).session_id)
