@@ -10,6 +10,7 @@ the caller's event loop on the network.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import uuid
@@ -205,7 +206,8 @@ class TrainingClient(ReadyClient):
         and the optimizer step is skipped if the forward_backward fails.
         """
         adam, config = training_step.settings(loss_fn, learning_rate, kwargs)
-        return self._then_step(self.forward_backward(data, loss_fn, config), adam).result()
+        forward = self.forward_backward(data, loss_fn, config)
+        return self._then_step(forward, adam, self._reserve()).result()
 
     async def train_async(
         self,
@@ -215,12 +217,19 @@ class TrainingClient(ReadyClient):
         **kwargs: object,
     ) -> TrainingResult:
         adam, config = training_step.settings(loss_fn, learning_rate, kwargs)
-        return await self._then_step(await self.forward_backward_async(data, loss_fn, config), adam)
+        forward = await self.forward_backward_async(data, loss_fn, config)
+        step_seq = self._reserve()  # before any other request of this client: the step follows the forward
+        # Off the event loop: when the forward is done already, its callback sends the
+        # optim_step at once, and a remote transport's send waits for the server.
+        return await (await asyncio.to_thread(self._then_step, forward, adam, step_seq))
 
-    def _then_step(self, forward: BiosFuture[ForwardBackwardResult], adam: AdamParams) -> BiosFuture[TrainingResult]:
-        """The optim_step at the next sequence number, sent once `forward` succeeded (its number
-        is released if it failed); the combined TrainingResult."""
-        step_seq = self._reserve()
+    def _then_step(
+        self, forward: BiosFuture[ForwardBackwardResult], adam: AdamParams, step_seq: int
+    ) -> BiosFuture[TrainingResult]:
+        """The optim_step at sequence number `step_seq` (reserved right after `forward`'s), sent
+        once `forward` succeeded (its number is released if it failed); the combined
+        TrainingResult. The optim_step is sent on the thread that completes `forward`, or on
+        this one if it is complete already."""
         outer = TimedFuture(self._transport.clock)
 
         def after_forward(done: Future) -> None:

@@ -96,9 +96,8 @@ def _every_async_method() -> set[str]:
     return {f"{cls.__name__}.{name}" for cls in CLIENTS for name in _async_methods(cls)}
 
 
-def test_the_async_methods_never_make_a_blocking_call_on_the_loop(server, monkeypatch) -> None:
-    """The one blocking path of the HTTP transport refuses to run on a thread whose event loop
-    is running; every async method still works."""
+def _refuse_blocking_waits_on_a_running_loop(monkeypatch) -> None:
+    """Make the one blocking path of the HTTP transport fail on a thread whose event loop runs."""
     blocking = LoopThread.wait
 
     def refuse_on_a_running_loop(self, coro):
@@ -110,9 +109,36 @@ def test_the_async_methods_never_make_a_blocking_call_on_the_loop(server, monkey
         raise AssertionError("a blocking network call on the caller's event loop")
 
     monkeypatch.setattr(LoopThread, "wait", refuse_on_a_running_loop)
+
+
+def test_the_async_methods_never_make_a_blocking_call_on_the_loop(server, monkeypatch) -> None:
+    """The one blocking path of the HTTP transport refuses to run on a thread whose event loop
+    is running; every async method still works."""
+    _refuse_blocking_waits_on_a_running_loop(monkeypatch)
     service = bios.ServiceClient(base_url=server.url)
     try:
         assert asyncio.run(_call_every_async_method(service)) == _every_async_method()
+    finally:
+        service.transport.close()
+
+
+def test_train_async_sends_its_step_off_the_loop_when_the_forward_is_done_first(server, monkeypatch) -> None:
+    """The optimizer step of `train_async` is chained to its forward_backward; when that is
+    done before the chaining, the step is still sent off the caller's event loop."""
+    service = bios.ServiceClient(base_url=server.url)
+    training = service.create_lora_training_client(MODEL, rank=4, seed=0)
+    forward_backward_async = bios.TrainingClient.forward_backward_async
+
+    async def done_first(self, *args, **kwargs):
+        future = await forward_backward_async(self, *args, **kwargs)
+        await future
+        return future
+
+    monkeypatch.setattr(bios.TrainingClient, "forward_backward_async", done_first)
+    _refuse_blocking_waits_on_a_running_loop(monkeypatch)
+    try:
+        trained = asyncio.run(training.train_async(random_batch(seed=6, size=2, length=8), learning_rate=1e-2))
+        assert trained.step == 1 and trained.loss > 0
     finally:
         service.transport.close()
 
