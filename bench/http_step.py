@@ -7,8 +7,9 @@ For each backend, times `steps` steps (forward_backward + optim_step of one 64-t
 bios/tiny, each waited for before the next) three ways: (a) the official Tinker SDK 0.38 (a
 child process, as tests/server run it) against `bios serve --no-auth`, (b) Bios's remote
 client against the same server, (c) Bios in-process on the same backend; and one greedy
-`sample` of 4 tokens each way. Prints p50 and p99 per step (or sample) and the HTTP overhead
-per request: (served p50 - in-process p50) / requests per round. Wall times on a busy machine
+`sample` of 4 tokens each way; and with Bios's clients, the same step as one `train()` call.
+Prints p50 and p99 per step (or sample) and the HTTP overhead per request: (served p50 -
+in-process p50) / requests per round. Wall times on a busy machine
 are mostly waits for a core, so it also prints the CPU time per request over the timed rounds
 of the in-process run, and of the server and the client when served: what the work costs,
 whatever the load.
@@ -88,7 +89,22 @@ def bios_client(steps: int, server_pid: int | None = None, **client_args: str) -
     from bios import types
 
     training = bios.ServiceClient(**client_args).create_lora_training_client(MODEL, rank=8, seed=0)
-    return _rounds(steps, training, training.save_weights_and_get_sampling_client("bench"), types, server_pid)
+    times = _rounds(steps, training, training.save_weights_and_get_sampling_client("bench"), types, server_pid)
+    return times | {"train": _trained(steps, training, types)}
+
+
+def _trained(steps: int, training: Any, types: Any) -> list[float]:
+    """Seconds of each of `steps` `train()` calls (after WARMUP): Bios's one-call step, whose
+    forward_backward and optim_step are sent together (and run fused where the backend can)."""
+    seconds = []
+    for i in range(WARMUP + steps):
+        t = _tokens(i)
+        datum = types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs={"target_tokens": t[1:]})
+        start = time.perf_counter()
+        training.train([datum], learning_rate=1e-3)
+        if i >= WARMUP:
+            seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def sdk_client(url: str, steps: int, server_pid: int) -> dict[str, list[float]]:
@@ -150,6 +166,9 @@ def _row(name: str, times: dict[str, list[float]], local: dict[str, list[float]]
         step_over = (step50 - _percentiles(local["step"])[0]) / 2
         sample_over = sample50 - _percentiles(local["sample"])[0]
         row += f"   overhead/request: step {step_over:5.2f} ms, sample {sample_over:5.2f} ms"
+    if "train" in times:
+        train50, train99 = _percentiles(times["train"])
+        row += f"\n  {'':<18} train() p50 {train50:7.2f} ms  p99 {train99:7.2f} ms"
     requests = 2 * steps + SAMPLES
     cpu = ", ".join(
         f"{key.removeprefix('cpu ')} {seconds[0] * 1e3 / requests:5.2f} ms"

@@ -208,6 +208,22 @@ class Backend(Protocol):
         ...
 
 
+TrainStepOutput = tuple[ForwardBackwardOutput | BiosError, OptimStepOutput | BiosError | None]
+"""A fused step's (forward_backward output, optim_step output); the step is None when it did not
+run because its forward_backward failed."""
+
+
+@runtime_checkable
+class FusedTraining(Protocol):
+    """A backend that may run a forward_backward and the optim_step right after it on the same
+    adapter as one step (the scheduler hands it such pairs when both are queued)."""
+
+    def train_step(self, work: Sequence[tuple[ForwardBackwardWork, OptimStepWork]]) -> list[TrainStepOutput]:
+        """For every pair (distinct adapters, one base model): its forward_backward, then, only if
+        that succeeded, its optim_step; outputs as the two methods would give them in turn."""
+        ...
+
+
 @runtime_checkable
 class ProcessGroup(Protocol):
     """A backend that spans several processes (one per host) running the same programs in lockstep.

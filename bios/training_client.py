@@ -10,7 +10,6 @@ the caller's event loop on the network.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import threading
 import uuid
@@ -93,10 +92,22 @@ class TrainingClient(ReadyClient):
         `loss_fn` is a built-in loss name (docs/losses.md); the loss is a plain sum over tokens.
         A callable runs as `forward_backward_custom`.
         """
+        return self._forward_backward(data, loss_fn, loss_fn_config, step_follows=False)
+
+    def _forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str | custom_loss.CustomLossFn,
+        loss_fn_config: dict[str, float] | None,
+        step_follows: bool,
+    ) -> BiosFuture[ForwardBackwardResult]:
+        """`forward_backward`; `step_follows`: an optim_step is sent right after it (`train`)."""
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
         seq, t = self._reserve(), self._transport
-        future = self._send(seq, "forward_backward", t.forward_backward, data, loss_fn, loss_fn_config, backward=True)
+        future = self._send(
+            seq, "forward_backward", t.forward_backward, data, loss_fn, loss_fn_config, step_follows=step_follows
+        )
         return BiosFuture(pinned(future, self), "forward_backward")
 
     async def forward_backward_async(
@@ -105,11 +116,21 @@ class TrainingClient(ReadyClient):
         loss_fn: str | custom_loss.CustomLossFn = "cross_entropy",
         loss_fn_config: dict[str, float] | None = None,
     ) -> BiosFuture[ForwardBackwardResult]:
+        return await self._forward_backward_async(data, loss_fn, loss_fn_config, step_follows=False)
+
+    async def _forward_backward_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str | custom_loss.CustomLossFn,
+        loss_fn_config: dict[str, float] | None,
+        step_follows: bool,
+    ) -> BiosFuture[ForwardBackwardResult]:
         if callable(loss_fn):
             return await self.forward_backward_custom_async(data, loss_fn)
         seq, t = self._reserve(), self._transport
+        call, call_async = t.forward_backward, t.forward_backward_async
         future = await self._send_async(
-            seq, "forward_backward", t.forward_backward, t.forward_backward_async, data, loss_fn, loss_fn_config
+            seq, "forward_backward", call, call_async, data, loss_fn, loss_fn_config, step_follows=step_follows
         )
         return BiosFuture(pinned(future, self), "forward_backward")
 
@@ -206,8 +227,10 @@ class TrainingClient(ReadyClient):
         and the optimizer step is skipped if the forward_backward fails.
         """
         adam, config = training_step.settings(loss_fn, learning_rate, kwargs)
-        forward = self.forward_backward(data, loss_fn, config)
-        return self._then_step(forward, adam, self._reserve()).result()
+        forward = self._forward_backward(data, loss_fn, config, step_follows=True)
+        t = self._transport
+        step = self._send(self._reserve(), "optim_step", t.optim_step, adam, after_forward=True)
+        return self._trained(forward, step).result()
 
     async def train_async(
         self,
@@ -217,33 +240,30 @@ class TrainingClient(ReadyClient):
         **kwargs: object,
     ) -> TrainingResult:
         adam, config = training_step.settings(loss_fn, learning_rate, kwargs)
-        forward = await self.forward_backward_async(data, loss_fn, config)
-        step_seq = self._reserve()  # before any other request of this client: the step follows the forward
-        # Off the event loop: when the forward is done already, its callback sends the
-        # optim_step at once, and a remote transport's send waits for the server.
-        return await (await asyncio.to_thread(self._then_step, forward, adam, step_seq))
+        forward = await self._forward_backward_async(data, loss_fn, config, step_follows=True)
+        t = self._transport
+        step = await self._send_async(
+            self._reserve(), "optim_step", t.optim_step, t.optim_step_async, adam, after_forward=True
+        )
+        return await self._trained(forward, step)
 
-    def _then_step(
-        self, forward: BiosFuture[ForwardBackwardResult], adam: AdamParams, step_seq: int
+    def _trained(
+        self, forward: BiosFuture[ForwardBackwardResult], step: Future[OptimStepResult]
     ) -> BiosFuture[TrainingResult]:
-        """The optim_step at sequence number `step_seq` (reserved right after `forward`'s), sent
-        once `forward` succeeded (its number is released if it failed); the combined
-        TrainingResult. The optim_step is sent on the thread that completes `forward`, or on
-        this one if it is complete already."""
+        """The TrainingResult of `forward` and of `step`, the optim_step queued right after it
+        with `after_forward` (so it runs only if `forward` succeeded, and the engine may fuse the
+        two): `forward`'s error if it failed, else `step`'s outcome."""
         outer = TimedFuture(self._transport.clock)
 
         def after_forward(done: Future) -> None:
+            step.add_done_callback(lambda opt: finish(done, opt))
+
+        def finish(done: Future, opt: Future) -> None:
             error = done.exception()
             if error is not None:
-                self._release(step_seq)
                 outer.set_exception(error)
-                return
-            try:
-                step = self._send(step_seq, "optim_step", self._transport.optim_step, adam)
-            except Exception as exc:  # noqa: BLE001 - reported through the train future
-                outer.set_exception(exc)
-                return
-            step.add_done_callback(lambda opt: training_step.combine(outer, done.result(), opt))
+            else:
+                training_step.combine(outer, done.result(), opt)
 
         unsettled(forward).add_done_callback(after_forward)  # the user has not waited: the clock stays
         return BiosFuture(pinned(outer, self), "train")

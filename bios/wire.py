@@ -72,6 +72,8 @@ class ForwardBackward(Ordered):
 
 class OptimStep(Ordered):
     adam_params: AdamParams
+    after_forward: bool = False
+    """Run only if the request at seq - 1 succeeded (what `train` sends)."""
 
 
 class SessionSample(Ordered):

@@ -23,6 +23,7 @@ import numpy as np
 from backends.jax import compiled, optimizer, sampler
 from backends.jax.batch import (
     Batch,
+    Layout,
     Outputs,
     Row,
     activation_budget,
@@ -33,7 +34,7 @@ from backends.jax.batch import (
 )
 from backends.jax.compiled import host_all
 from backends.jax.sharding import make_mesh, rows_multiple
-from backends.jax.slots import SlotTable
+from backends.jax.slots import Active, SlotTable
 from backends.jax.weights import load_base
 from bios.backend import (
     AdapterSpec,
@@ -46,6 +47,7 @@ from bios.backend import (
     ResultCallback,
     SampleOutput,
     SampleWork,
+    TrainStepOutput,
 )
 from bios.catalog import ModelSpec
 from bios.errors import BiosError, InvalidRequestError, NotFoundError
@@ -200,23 +202,12 @@ class JaxBackend:
         report: Callable[[int, ForwardBackwardOutput], None],
     ) -> None:
         """Run `items` (work, slot) in token-budgeted micro-batches; report each once all its rows ran."""
-        rows = sorted(
-            (
-                self._row(served, work, slot, i, d, backward)
-                for i, (work, slot) in enumerate(items)
-                for d in range(len(work.tokens))
-            ),
-            key=lambda row: row.slot,
-        )
         outputs = Outputs([len(work.tokens) for work, _ in items], report)
-        multiple = rows_multiple(self.mesh)
-        for chunk, plan in micro_batches(rows, served.tokens_per_call, multiple, served.spec.max_seq_len):
+        for chunk, plan in self._micro_batches(served, items, backward):
             active = served.slots.active(row.slot for row in chunk)
             batch = Batch.pack(chunk, plan, loss_fn, self.mesh, active.index)
             slots, lora = jnp.asarray(active.slots), served.slots.lora
             if backward:
-                n_rows, length = batch.tokens.shape
-                kept = kept_activations(served.spec, n_rows, length, self.mesh.shape["data"])
                 served.slots.accumulator, lp, el = compiled.forward_backward(
                     served.spec,
                     served.base,
@@ -226,11 +217,30 @@ class JaxBackend:
                     batch,
                     loss_fn,
                     active.rank,
-                    remat=kept > served.activation_budget,
+                    remat=self._remat(served, batch),
                 )
             else:
                 lp, el = compiled.forward(served.spec, served.base, lora, slots, batch, loss_fn, active.rank)
             outputs.add(chunk, plan, *host_all(lp, el))
+
+    def _micro_batches(
+        self, served: _Served, items: Sequence[tuple[ForwardBackwardWork, int]], backward: bool
+    ) -> list[tuple[list[Row], Layout]]:
+        """The rows of `items` (work, slot), sorted by slot, cut into token-budgeted micro-batches."""
+        rows = sorted(
+            (
+                self._row(served, work, slot, i, d, backward)
+                for i, (work, slot) in enumerate(items)
+                for d in range(len(work.tokens))
+            ),
+            key=lambda row: row.slot,
+        )
+        return micro_batches(rows, served.tokens_per_call, rows_multiple(self.mesh), served.spec.max_seq_len)
+
+    def _remat(self, served: _Served, batch: Batch) -> bool:
+        """Whether a gradient of `batch` recomputes activations instead of keeping them."""
+        n_rows, length = batch.tokens.shape
+        return kept_activations(served.spec, n_rows, length, self.mesh.shape["data"]) > served.activation_budget
 
     @staticmethod
     def _row(served: _Served, work: ForwardBackwardWork, slot: int, request: int, datum: int, backward: bool) -> Row:
@@ -276,25 +286,74 @@ class JaxBackend:
         report: Callable[[int, OptimStepOutput], None],
     ) -> None:
         active = slots.active(slot for _, _, slot in round_)
-        hyper = {name: np.zeros(len(active.slots), np.float32) for name in optimizer.HYPERPARAMETERS}
-        for item, _, slot in sorted(round_, key=lambda member: member[2]):  # the padding repeats the last
-            hyper_index = active.index[slot]
-            for name in hyper:
-                hyper[name][hyper_index:] = getattr(item, name)
         slots.lora, slots.opt_state, slots.accumulator, grad_norms, counts = compiled.optim_step(
             slots.lora,
             slots.opt_state,
             slots.accumulator,
-            jax.device_put(hyper),
+            _hyperparameters(active, [(item, slot) for item, _, slot in round_]),
             jnp.asarray(active.slots),
             active.rank,
         )
         norms, steps = host_all(grad_norms, counts)
-        for item, index, slot in round_:
-            slots.steps[item.adapter_id] = int(steps[active.index[slot]])
-            report(
-                index, OptimStepOutput(step=int(steps[active.index[slot]]), grad_norm=float(norms[active.index[slot]]))
-            )
+        _report_steps(slots, active, round_, norms, steps, report)
+
+    # ---- fused training step -------------------------------------------------------------------
+
+    def train_step(self, work: Sequence[tuple[ForwardBackwardWork, OptimStepWork]]) -> list[TrainStepOutput]:
+        """bios.backend FusedTraining: as one program (`compiled.train_step`) when every pair is a
+        valid backward pass of one loss whose rows fit one micro-batch; otherwise forward_backward,
+        then optim_step for the pairs whose forward_backward succeeded."""
+        fused = self._fusable(work)
+        if fused is None:
+            outputs = self.forward_backward([forward for forward, _ in work])
+            succeeded = [i for i, output in enumerate(outputs) if not isinstance(output, BiosError)]
+            stepped = dict(zip(succeeded, self.optim_step([work[i][1] for i in succeeded]), strict=True))
+            return [(output, stepped.get(i)) for i, output in enumerate(outputs)]
+        served, items, (chunk, plan) = fused
+        slots = served.slots
+        active = slots.active(slot for _, slot in items)
+        batch = Batch.pack(chunk, plan, work[0][0].loss_fn, self.mesh, active.index)
+        slots.lora, slots.opt_state, slots.accumulator, lp, el, grad_norms, counts = compiled.train_step(
+            served.spec,
+            served.base,
+            slots.lora,
+            slots.opt_state,
+            slots.accumulator,
+            jnp.asarray(active.slots),
+            batch,
+            _hyperparameters(active, [(step, slot) for (_, step), (_, slot) in zip(work, items, strict=True)]),
+            work[0][0].loss_fn,
+            active.rank,
+            remat=self._remat(served, batch),
+        )
+        logprobs, elementwise, norms, counted = host_all(lp, el, grad_norms, counts)
+        forwards: dict[int, ForwardBackwardOutput] = {}
+        Outputs([len(forward.tokens) for forward, _ in items], forwards.__setitem__).add(
+            chunk, plan, logprobs, elementwise
+        )
+        steps: dict[int, OptimStepOutput] = {}
+        round_ = [(step, i, slot) for i, ((_, step), (_, slot)) in enumerate(zip(work, items, strict=True))]
+        _report_steps(slots, active, round_, norms, counted, steps.__setitem__)
+        return [(forwards[i], steps[i]) for i in range(len(work))]
+
+    def _fusable(
+        self, work: Sequence[tuple[ForwardBackwardWork, OptimStepWork]]
+    ) -> tuple[_Served, list[tuple[ForwardBackwardWork, int]], tuple[list[Row], Layout]] | None:
+        """(the model, each forward_backward with its slot, the one micro-batch of their rows) when
+        `work` can run as one program; None otherwise."""
+        forwards = [forward for forward, _ in work]
+        first = forwards[0]
+        if any(f.base_model != first.base_model or f.loss_fn != first.loss_fn or not f.backward for f in forwards):
+            return None
+        if any(f.adapter_id is None or f.adapter_id != step.adapter_id for f, step in work):
+            return None
+        try:
+            served = self._model(first.base_model)
+            items = [(f, self._slot(f.adapter_id, f.base_model)) for f in forwards]
+        except BiosError:
+            return None
+        batches = self._micro_batches(served, items, backward=True)
+        return (served, items, batches[0]) if len(batches) == 1 else None
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -363,6 +422,32 @@ class ServedModel:
     """Largest LoRA rank R a slot holds."""
     adapters: tuple[str, ...]
     """Ids of the adapters it serves, sorted."""
+
+
+def _hyperparameters(active: Active, members: list[tuple[OptimStepWork, int]]) -> dict[str, jax.Array]:
+    """Each place of `active.slots`' Adam hyperparameters [A] (optimizer.HYPERPARAMETERS), from the
+    (work, slot) `members` stepped; a padding place repeats the last slot's."""
+    hyper = {name: np.zeros(len(active.slots), np.float32) for name in optimizer.HYPERPARAMETERS}
+    for item, slot in sorted(members, key=lambda member: member[1]):  # the padding repeats the last
+        for name in hyper:
+            hyper[name][active.index[slot] :] = getattr(item, name)
+    return jax.device_put(hyper)
+
+
+def _report_steps(
+    slots: SlotTable,
+    active: Active,
+    round_: list[tuple[OptimStepWork, int, int]],
+    norms: np.ndarray,
+    steps: np.ndarray,
+    report: Callable[[int, OptimStepOutput], None],
+) -> None:
+    """Record and report the step of every (work, index, slot) of `round_`, given the grad norms
+    and step counts [A] of `active`'s places."""
+    for item, index, slot in round_:
+        place = active.index[slot]
+        slots.steps[item.adapter_id] = int(steps[place])
+        report(index, OptimStepOutput(step=int(steps[place]), grad_norm=float(norms[place])))
 
 
 class _Reporter(Generic[Output]):

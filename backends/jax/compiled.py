@@ -90,14 +90,50 @@ def forward_backward(
     The gradient is taken for the `adapters` [A] slots at `rank` columns only (columns beyond an
     adapter's rank have zero gradient) and added into the accumulator there, in place; a slot
     repeated in `adapters` to fill the bucket gets no rows, so adds zero."""
-    active = _take(lora, adapters, rank)
+    grads, lp, elementwise = _gradient(spec, base, _take(lora, adapters, rank), batch, loss_fn, remat)
+    added = {k: put_part(v, k, adapters, rank, grads[k], add=True) for k, v in accumulator.items()}
+    return added, lp, elementwise
+
+
+def _gradient(
+    spec: ModelSpec, base: dict, active: dict, batch: Batch, loss_fn: str, remat: bool
+) -> tuple[dict, jax.Array, jax.Array]:
+    """(d loss / d compact LoRA arrays `active` (`_take`'s shapes), logprobs [B, T], elementwise [B, T])."""
 
     def total(params: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         return _per_token(spec, base, {**params, "scale": active["scale"]}, batch, loss_fn, dropout=True, remat=remat)
 
     grads, (lp, elementwise) = jax.grad(total, has_aux=True)(_trainable(active))
-    added = {k: put_part(v, k, adapters, rank, grads[k], add=True) for k, v in accumulator.items()}
-    return added, lp, elementwise
+    return grads, lp, elementwise
+
+
+@partial(jax.jit, static_argnames=("spec", "loss_fn", "rank", "remat"))
+def train_update(
+    spec: ModelSpec,
+    base: dict,
+    lora: dict,
+    opt_state: optimizer.State,
+    accumulator: dict,
+    adapters: jax.Array,
+    batch: Batch,
+    hyper: dict[str, jax.Array],
+    loss_fn: str,
+    rank: int,
+    remat: bool = True,
+) -> tuple[dict, optimizer.State, jax.Array, jax.Array, jax.Array]:
+    """`forward_backward` and `adam_update` of the `adapters` [A] slots at `rank` columns as one
+    program: each slot's update uses its pending accumulator plus this batch's gradient. A slot
+    repeated in `adapters` to fill the bucket (the padding repeats one) is updated from its
+    first place, which holds its rows' gradient. Pure: returns (new LoRA factors, new optimizer
+    state, grad_norm [A], logprobs [B, T], elementwise [B, T]), the first two `write_back`'s inputs."""
+    active = _take(lora, adapters, rank)
+    grads, lp, elementwise = _gradient(spec, base, active, batch, loss_fn, remat)
+    first = jnp.argmax(adapters[None, :] == adapters[:, None], axis=1)  # each place's first occurrence
+    pending = _take(accumulator, adapters, rank)
+    total = {k: pending[k] + jnp.take(g, first, axis=slot_axis(k)) for k, g in grads.items()}
+    state = optimizer.take_slots(opt_state, adapters, rank)
+    new_params, new_state, norms = optimizer.step(_trainable(active), state, total, hyper)
+    return new_params, new_state, norms, lp, elementwise
 
 
 @partial(jax.jit, static_argnames=("rank",))
@@ -137,6 +173,29 @@ def write_back(
         optimizer.put_slots(opt_state, new_state, adapters, rank),
         _put(accumulator, jax.tree.map(jnp.zeros_like, new_params), adapters, rank),
     )
+
+
+def train_step(
+    spec: ModelSpec,
+    base: dict,
+    lora: dict,
+    opt_state: optimizer.State,
+    accumulator: dict,
+    adapters: jax.Array,
+    batch: Batch,
+    hyper: dict[str, jax.Array],
+    loss_fn: str,
+    rank: int,
+    remat: bool = True,
+) -> tuple[dict, optimizer.State, dict, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`forward_backward` then `optim_step` of the `adapters` [A] slots, in two programs instead
+    of four (`train_update`, then `write_back` into the donated tables), with the same results.
+    Returns (lora, opt_state, accumulator, logprobs [B, T], elementwise [B, T], grad_norm [A], steps [A])."""
+    new_params, new_state, norms, lp, elementwise = train_update(
+        spec, base, lora, opt_state, accumulator, adapters, batch, hyper, loss_fn, rank, remat
+    )
+    lora, opt_state, accumulator = write_back(lora, opt_state, accumulator, new_params, new_state, adapters, rank)
+    return lora, opt_state, accumulator, lp, elementwise, norms, optimizer.step_count(new_state)
 
 
 def optim_step(
@@ -341,6 +400,7 @@ PROGRAMS = {
     "forward_backward": forward_backward,
     "adam_update": adam_update,
     "write_back": write_back,
+    "train_update": train_update,
     "compact": compact,
     "slot_state": slot_state,
     "extend": extend,

@@ -239,29 +239,43 @@ class Engine:
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
+        step_follows: bool = False,
     ) -> Future[ForwardBackwardResult]:
-        """Loss and logprobs of `data`; with backward, the gradient joins the accumulator."""
+        """Loss and logprobs of `data`; with backward, the gradient joins the accumulator. With
+        `step_follows`, the caller queues an optim_step at `seq + 1` right away (or skips that
+        number), and the two may run as one fused step."""
         session = self._session(session_id)
 
         def build() -> Job[ForwardBackwardResult]:
             work = validation.forward_work(
                 session.adapter.adapter_id, session.model, data, loss_fn, loss_fn_config, backward=backward
             )
-            return Job(Batched("forward_backward", session.model.name, work), results.forward_result)
+            batched = Batched("forward_backward", session.model.name, work)
+            return Job(batched, results.forward_result, step_follows=step_follows)
 
         return self._ordered(session, seq, build)
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
-        """Adam(W) on the accumulated gradient, which is then cleared."""
-        return self._optim_step(session_id, seq, adam, lambda session, result: result)
+    def optim_step(
+        self, session_id: str, seq: int, adam: AdamParams, *, after_forward: bool = False
+    ) -> Future[OptimStepResult]:
+        """Adam(W) on the accumulated gradient, which is then cleared. With `after_forward`, only
+        if the request at `seq - 1` succeeded (else a ConflictError saying so, and nothing changes)."""
+        return self._optim_step(session_id, seq, adam, lambda session, result: result, after_forward)
 
-    def optim_step_and_export(self, session_id: str, seq: int, adam: AdamParams) -> Future[WithState[OptimStepResult]]:
+    def optim_step_and_export(
+        self, session_id: str, seq: int, adam: AdamParams, *, after_forward: bool = False
+    ) -> Future[WithState[OptimStepResult]]:
         """`optim_step`, with the adapter's state right after the step, taken before any later
         request of the session runs."""
-        return self._optim_step(session_id, seq, adam, self._with_state)
+        return self._optim_step(session_id, seq, adam, self._with_state, after_forward)
 
     def _optim_step(
-        self, session_id: str, seq: int, adam: AdamParams, answer: Callable[[_Session, OptimStepResult], R]
+        self,
+        session_id: str,
+        seq: int,
+        adam: AdamParams,
+        answer: Callable[[_Session, OptimStepResult], R],
+        after_forward: bool,
     ) -> Future[R]:
         session = self._session(session_id)
 
@@ -272,7 +286,7 @@ class Engine:
 
         def build() -> Job[R]:
             work = validation.optim_work(session.adapter.adapter_id, adam)
-            return Job(Batched("optim_step", session.model.name, work), finish)
+            return Job(Batched("optim_step", session.model.name, work), finish, after_success=after_forward)
 
         return self._ordered(session, seq, build)
 

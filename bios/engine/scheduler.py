@@ -7,9 +7,15 @@ lane (sampling from frozen snapshots, the engine's own calls) have no order.
 
 Each round the worker takes the head of every ready lane and every unordered job, groups the
 backend work by (kind, base model) and makes ONE backend call per group, so concurrent
-sessions on the same base model share device calls. Only the worker thread touches the
-backend. With an `inline` hook there is no worker: the submitting thread runs every ready
-round itself, so jobs run in submission order.
+sessions on the same base model share device calls. One exception to "one at a time": when a
+lane's head is a forward_backward and the job right after it, already queued, is an
+optim_step, a backend that can (bios.backend FusedTraining) runs the two as one step; they are
+still answered in order, and if the forward_backward fails the optim_step goes back to its
+place in the lane, unrun. A forward_backward submitted with `step_follows` (by `train`) is
+not taken before its optim_step is queued (or its number skipped), so that the two always
+fuse there. Only the worker thread touches the backend. With an `inline` hook
+there is no worker: the submitting thread runs every ready round itself, so jobs run in
+submission order.
 
 Every job passes the engine's `RequestHook` (bios.admission) twice: when it is submitted and
 when it has run. A job that failed retryably having changed nothing leaves its sequence number
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from bios.admission import DIRECT, BackendWork, Kind, Outcome, Request, RequestHook
-from bios.backend import Backend, ForwardBackwardWork, OptimStepWork, ResultCallback, SampleWork
+from bios.backend import Backend, ForwardBackwardWork, FusedTraining, OptimStepWork, ResultCallback, SampleWork
 from bios.errors import BackendError, BiosError, ConflictError, NotFoundError
 
 BatchedKind = Literal["forward_backward", "optim_step", "sample"]
@@ -51,6 +57,8 @@ class Call:
 
 Work = Batched | Call
 R = TypeVar("R")
+Pair = tuple["Job[Any]", "Job[Any]"]
+"""A forward_backward job and the optim_step job right after it in its lane, run fused."""
 
 
 def _unchanged(output: Any) -> Any:
@@ -69,6 +77,12 @@ class Job(Generic[R]):
     """Who submitted an unordered job (a sampler id), for the hook; an ordered job's is its lane."""
     lane: str | None = None
     seq: int | None = None
+    step_follows: bool = False
+    """Its submitter queues an optim_step at seq + 1 right after it: a backend that fuses waits
+    for that (or for the number to be skipped) before taking this job, so that the two fuse."""
+    after_success: bool = False
+    """Run only if the job before it in its lane (seq - 1) ran and succeeded; otherwise fail,
+    changing nothing, with a ConflictError naming that job's error."""
 
     @property
     def kind(self) -> Kind:
@@ -85,6 +99,8 @@ class _Lane:
     next_seq: int = 0
     pending: dict[int, Job[Any] | None] = field(default_factory=dict)
     """seq → its job, or None for a number skipped (used by nothing)."""
+    last: tuple[int, BiosError | None] | None = None
+    """(seq, error or None) of the job of the lane answered last."""
 
 
 class Scheduler:
@@ -96,6 +112,7 @@ class Scheduler:
         self.backend_calls = 0
         self.jobs_run = 0
         self.inline = hook.inline if inline is None else inline
+        self._fusing = isinstance(backend, FusedTraining)
         self._lanes: dict[str, _Lane] = {}
         self._unordered: list[Job[Any]] = []
         self._cond = threading.Condition()
@@ -204,18 +221,39 @@ class Scheduler:
 
     # ---- rounds ---------------------------------------------------------------------------------
 
-    def _take_round(self) -> list[Job[Any]]:
-        """Heads of ready lanes plus all unordered jobs; advances each lane past its head."""
-        jobs, self._unordered = self._unordered, []
+    def _take_round(self) -> list[Job[Any] | Pair]:
+        """Heads of ready lanes plus all unordered jobs; advances each lane past its head. A head
+        that fuses with the job after it (`_fuses`) comes as a pair, and the lane moves past both."""
+        jobs: list[Job[Any] | Pair] = list(self._unordered)
+        self._unordered = []
         for lane in self._lanes.values():
             while lane.next_seq in lane.pending and lane.pending[lane.next_seq] is None:
                 del lane.pending[lane.next_seq]
                 lane.next_seq += 1
-            head = lane.pending.pop(lane.next_seq, None)
-            if head is not None:
-                jobs.append(head)
+            head = lane.pending.get(lane.next_seq)
+            if head is None or (head.step_follows and self._fusing and lane.next_seq + 1 not in lane.pending):
+                continue
+            del lane.pending[lane.next_seq]
+            lane.next_seq += 1
+            after = lane.pending.get(lane.next_seq)
+            if after is not None and self._fuses(head, after):
+                del lane.pending[lane.next_seq]
                 lane.next_seq += 1
+                jobs.append((head, after))
+            else:
+                jobs.append(head)
         return jobs
+
+    def _fuses(self, head: Job[Any], after: Job[Any]) -> bool:
+        """Whether `head` and the next job of its lane, `after`, may run as one fused training step."""
+        return (
+            self._fusing
+            and isinstance(head.work, Batched)
+            and isinstance(after.work, Batched)
+            and head.work.kind == "forward_backward"
+            and after.work.kind == "optim_step"
+            and head.work.base_model == after.work.base_model
+        )
 
     def _run_inline(self) -> None:
         """Inline mode: run every ready round now, in this thread, unless a thread (maybe this
@@ -250,16 +288,72 @@ class Scheduler:
                     return
             self._run_round(jobs)
 
-    def _run_round(self, jobs: list[Job[Any]]) -> None:
-        self.jobs_run += len(jobs)
+    def _run_round(self, jobs: list[Job[Any] | Pair]) -> None:
         groups: dict[tuple[BatchedKind, str], list[Job[Any]]] = defaultdict(list)
+        fused: dict[str, list[Pair]] = defaultdict(list)
         for job in jobs:
-            if isinstance(job.work, Batched):
+            if isinstance(job, tuple):
+                fused[cast(Batched, job[0].work).base_model].append(job)
+                self.jobs_run += 2
+                continue
+            self.jobs_run += 1
+            if job.after_success and (skipped := self._unsucceeded_predecessor(job)) is not None:
+                self._resolve(job, skipped)
+            elif isinstance(job.work, Batched):
                 groups[(job.work.kind, job.work.base_model)].append(job)
             else:
                 self._resolve(job, _called(job.work))
+        for pairs in fused.values():
+            self._run_pairs(pairs)
         for (kind, _model), group in groups.items():
             self._run_group(kind, group)
+
+    def _run_pairs(self, pairs: list[Pair]) -> None:
+        """One fused training call for (forward_backward, optim_step) pairs; each pair is answered
+        in order, and an optim_step that did not run goes back to its lane."""
+        self.backend_calls += 1
+        work = [(cast(Batched, forward.work).item, cast(Batched, step.work).item) for forward, step in pairs]
+        try:
+            outputs = cast(FusedTraining, self.backend).train_step(
+                cast(list[tuple[ForwardBackwardWork, OptimStepWork]], work)
+            )
+            if len(outputs) != len(pairs):
+                raise BackendError(f"backend train_step returned {len(outputs)} results for {len(pairs)} pairs")
+        except Exception as exc:  # noqa: BLE001 - a backend bug must fail its requests, not the worker
+            outputs = [(_as_backend_error(exc), None)] * len(pairs)
+        for (forward, step), (forward_output, step_output) in zip(pairs, outputs, strict=True):
+            if step_output is None:
+                self._requeue(step)  # first, so that a forward_backward reopened for its retry comes before it
+            self._resolve(forward, forward_output)
+            if step_output is not None:
+                self._resolve(step, step_output)
+
+    def _unsucceeded_predecessor(self, job: Job[Any]) -> ConflictError | None:
+        """None if the job before `job` in its lane ran and succeeded; else the error `job` fails with."""
+        with self._cond:
+            lane = self._lanes.get(job.lane) if job.lane is not None else None
+            last = lane.last if lane is not None else None
+        if job.seq is not None and last == (job.seq - 1, None):
+            return None
+        cause = last[1] if last is not None and job.seq is not None and last[0] == job.seq - 1 else None
+        reason = f"failed: {cause}" if cause is not None else "did not run"
+        return ConflictError(
+            f"{job.kind} at seq_id {job.seq} did not run: the request before it {reason}", field="seq_id"
+        )
+
+    def _requeue(self, job: Job[Any]) -> None:
+        """Put a lane job taken but not run back in its place, as the lane's next job."""
+        assert job.lane is not None and job.seq is not None
+        with self._cond:
+            lane = self._lanes.get(job.lane)
+            if lane is not None:
+                lane.pending[job.seq] = job
+                lane.next_seq = job.seq
+                self._cond.notify()
+                return
+        job.future.set_exception(
+            NotFoundError(f"session {job.lane!r} was closed before this request ran", field="session_id")
+        )
 
     def _run_group(self, kind: BatchedKind, group: list[Job[Any]]) -> None:
         """One backend call for `group`; each job is resolved when its output is on the host."""
@@ -286,6 +380,11 @@ class Scheduler:
         outcome = self.hook.settle(job.request(), job.future, _finished(job, output))
         if outcome.error is not None and outcome.error.retryable and not outcome.applied:
             self._reopen(job)
+        if job.lane is not None and job.seq is not None:
+            with self._cond:
+                lane = self._lanes.get(job.lane)
+                if lane is not None:
+                    lane.last = (job.seq, outcome.error)
         try:
             if outcome.error is not None:
                 job.future.set_exception(outcome.error)

@@ -188,7 +188,9 @@ class HttpTransport:
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
+        step_follows: bool = False,
     ) -> Future[ForwardBackwardResult]:
+        """The server takes each request as it comes: `step_follows` changes nothing here."""
         return self._loop.wait(self._forward_backward(session_id, seq, data, loss_fn, loss_fn_config, backward))
 
     async def forward_backward_async(
@@ -200,6 +202,7 @@ class HttpTransport:
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
+        step_follows: bool = False,
     ) -> Future[ForwardBackwardResult]:
         return await self._loop.run(self._forward_backward(session_id, seq, data, loss_fn, loss_fn_config, backward))
 
@@ -221,14 +224,22 @@ class HttpTransport:
 
         return await self._ordered(session_id, seq, "forward_backward", body, ForwardBackwardResult.model_validate)
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
-        return self._loop.wait(self._optim_step(session_id, seq, adam))
+    def optim_step(
+        self, session_id: str, seq: int, adam: AdamParams, *, after_forward: bool = False
+    ) -> Future[OptimStepResult]:
+        return self._loop.wait(self._optim_step(session_id, seq, adam, after_forward))
 
-    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
-        return await self._loop.run(self._optim_step(session_id, seq, adam))
+    async def optim_step_async(
+        self, session_id: str, seq: int, adam: AdamParams, *, after_forward: bool = False
+    ) -> Future[OptimStepResult]:
+        return await self._loop.run(self._optim_step(session_id, seq, adam, after_forward))
 
-    async def _optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
-        body = lambda: wire.OptimStep(seq=seq, adam_params=validation.instance(adam, AdamParams, "adam_params"))
+    async def _optim_step(
+        self, session_id: str, seq: int, adam: AdamParams, after_forward: bool
+    ) -> Future[OptimStepResult]:
+        body = lambda: wire.OptimStep(
+            seq=seq, adam_params=validation.instance(adam, AdamParams, "adam_params"), after_forward=after_forward
+        )
         return await self._ordered(session_id, seq, "optim_step", body, OptimStepResult.model_validate)
 
     def sample(

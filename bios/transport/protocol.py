@@ -184,8 +184,11 @@ class Transport(Protocol):
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
+        step_follows: bool = False,
     ) -> Future[ForwardBackwardResult]:
-        """Loss and logprobs; with `backward`, the gradient joins the session's accumulator."""
+        """Loss and logprobs; with `backward`, the gradient joins the session's accumulator.
+        `step_follows` promises an optim_step at `seq + 1` sent right after (or that number
+        skipped): a transport that can then fuses the two (a hint; others ignore it)."""
         ...
 
     async def forward_backward_async(
@@ -197,13 +200,21 @@ class Transport(Protocol):
         loss_fn_config: dict[str, float] | None = None,
         *,
         backward: bool = True,
+        step_follows: bool = False,
     ) -> Future[ForwardBackwardResult]: ...
 
-    def optim_step(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]:
-        """Adam(W) on the accumulated gradient, which is then cleared."""
+    def optim_step(
+        self, session_id: str, seq: int, adam: AdamParams, *, after_forward: bool = False
+    ) -> Future[OptimStepResult]:
+        """Adam(W) on the accumulated gradient, which is then cleared. With `after_forward`, only
+        if the request at `seq - 1` (a forward_backward) succeeded; otherwise the future fails
+        with a ConflictError and nothing changes. A forward_backward and an optim_step queued
+        together may run as one fused step."""
         ...
 
-    async def optim_step_async(self, session_id: str, seq: int, adam: AdamParams) -> Future[OptimStepResult]: ...
+    async def optim_step_async(
+        self, session_id: str, seq: int, adam: AdamParams, *, after_forward: bool = False
+    ) -> Future[OptimStepResult]: ...
 
     def sample(
         self, session_id: str, seq: int, prompt: ModelInput, params: SamplingParams, num_samples: int = 1

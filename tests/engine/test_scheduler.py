@@ -311,6 +311,143 @@ def test_close_fails_pending_jobs_and_refuses_new_ones(backend: FakeBackend) -> 
     assert backend.calls == [("forward_backward", ["a0"])]
 
 
+# ---- fused training steps ---------------------------------------------------------------------
+
+
+class FusingBackend(FakeBackend):
+    """A FakeBackend that also runs (forward_backward, optim_step) pairs as one `train_step` call;
+    a pair whose forward_backward fails (as `_answer` says) does not run its step."""
+
+    def train_step(self, work: list[tuple[str, str]]) -> list[tuple[object, object]]:
+        self.calls.append(("train_step", [f"{fb}+{step}" for fb, step in work]))
+        outputs: list[tuple[object, object]] = []
+        for fb, step in work:
+            forward = self._answer("forward_backward", fb)
+            outputs.append((forward, None if isinstance(forward, Exception) else self._answer("optim_step", step)))
+        return outputs
+
+
+@pytest.fixture
+def fusing() -> Iterator[tuple[Scheduler, FusingBackend]]:
+    backend = FusingBackend()
+    scheduler = Scheduler(backend)  # type: ignore[arg-type]
+    for lane in ("a", "b", "c"):
+        scheduler.open_lane(lane)
+    yield scheduler, backend
+    release_gates()
+    scheduler.close()
+
+
+def _answered_in_order(*futures: concurrent.futures.Future) -> list[int]:
+    """Records the order in which `futures` are answered (their indices), as they are."""
+    order: list[int] = []
+    for index, future in enumerate(futures):
+        future.add_done_callback(lambda _f, i=index: order.append(i))
+    return order
+
+
+def test_a_forward_backward_and_the_optim_step_queued_after_it_run_as_one_fused_call(
+    fusing: tuple[Scheduler, FusingBackend],
+) -> None:
+    sched, backend = fusing
+    gate = hold(sched)
+    pairs = [
+        (
+            sched.submit(lane, 0, job("forward_backward", f"{lane}0")),
+            sched.submit(lane, 1, job("optim_step", f"{lane}1")),
+        )
+        for lane in ("a", "b")
+    ]
+    alone = sched.submit("c", 0, job("forward_backward", "c0"))  # nothing queued after it: not fused
+    order = _answered_in_order(*pairs[0])
+    gate.set()
+    assert [(fb.result(timeout=30), step.result(timeout=30)) for fb, step in pairs] == [
+        (("forward_backward", f"{lane}0"), ("optim_step", f"{lane}1")) for lane in ("a", "b")
+    ]
+    assert alone.result(timeout=30) == ("forward_backward", "c0")
+    assert sorted(backend.calls) == [("forward_backward", ["c0"]), ("train_step", ["a0+a1", "b0+b1"])]
+    assert order == [0, 1] and sched.backend_calls == 2 and sched.jobs_run == 6  # with hold's call
+
+
+def test_only_a_forward_backward_followed_by_an_optim_step_on_one_model_fuses(
+    fusing: tuple[Scheduler, FusingBackend],
+) -> None:
+    sched, backend = fusing
+    gate = hold(sched)
+    futures = [
+        sched.submit("a", 0, job("optim_step", "a0")),
+        sched.submit("a", 1, job("forward_backward", "a1")),
+        sched.submit("b", 0, job("forward_backward", "b0")),
+        sched.submit("b", 1, job("sample", "b1")),
+        sched.submit("c", 0, job("forward_backward", "c0")),
+        sched.submit("c", 1, job("optim_step", "c1", model="n")),
+    ]
+    gate.set()
+    for future in futures:
+        future.result(timeout=30)
+    assert not any(kind == "train_step" for kind, _ in backend.calls)
+
+
+def test_a_failed_forward_backward_sends_its_optim_step_back_to_its_place(
+    fusing: tuple[Scheduler, FusingBackend],
+) -> None:
+    sched, backend = fusing
+    gate = hold(sched)
+    fb, step = sched.submit("a", 0, job("forward_backward", "reject")), sched.submit("a", 1, job("optim_step", "a1"))
+    later = sched.submit("a", 2, job("sample", "a2"))
+    gate.set()
+    assert isinstance(fb.exception(timeout=30), InvalidRequestError)
+    assert step.result(timeout=30) == ("optim_step", "a1")  # it ran after all, alone, in its place
+    assert later.result(timeout=30) == ("sample", "a2")
+    assert backend.calls == [("train_step", ["reject+a1"]), ("optim_step", ["a1"]), ("sample", ["a2"])]
+
+
+def test_a_step_after_success_is_refused_when_the_forward_backward_before_it_failed(
+    fusing: tuple[Scheduler, FusingBackend],
+) -> None:
+    sched, backend = fusing
+    gate = hold(sched)
+    fb = sched.submit("a", 0, job("forward_backward", "reject"))
+    step = sched.submit("a", 1, Job(Batched("optim_step", "m", "a1"), after_success=True))  # type: ignore[arg-type]
+    gate.set()
+    assert isinstance(fb.exception(timeout=30), InvalidRequestError)
+    error = step.exception(timeout=30)
+    assert isinstance(error, ConflictError) and error.field == "seq_id" and "bad item reject" in error.message
+    assert backend.calls == [("train_step", ["reject+a1"])]  # the step itself never ran
+    assert sched.submit("a", 2, job("optim_step", "a2")).result(timeout=30) == ("optim_step", "a2")
+
+
+def test_a_step_after_success_waits_for_the_retry_of_a_forward_backward_that_failed_retryably(
+    fusing: tuple[Scheduler, FusingBackend],
+) -> None:
+    sched, backend = fusing
+    gate = hold(sched)
+    flaky = sched.submit("a", 0, job("forward_backward", "flaky"))
+    step = sched.submit("a", 1, Job(Batched("optim_step", "m", "a1"), after_success=True))  # type: ignore[arg-type]
+    gate.set()
+    assert isinstance(flaky.exception(timeout=30), ServiceUnavailableError)
+    drain(sched)
+    assert not step.done()  # seq 0 is open again for the retry
+    retried = sched.submit("a", 0, job("forward_backward", "a0"))
+    assert retried.result(timeout=30) == ("forward_backward", "a0")
+    assert step.result(timeout=30) == ("optim_step", "a1")
+    assert backend.calls[0] == ("train_step", ["flaky+a1"])
+    assert backend.calls[1] == ("train_step", ["a0+a1"])  # the retry found the step queued after it
+
+
+def test_a_step_after_success_runs_after_a_forward_backward_that_ran_alone_and_not_after_a_skipped_one(
+    sched: Scheduler, backend: FakeBackend
+) -> None:
+    assert sched.submit("a", 0, job("forward_backward", "a0")).result(timeout=30) == ("forward_backward", "a0")
+    step = Job(Batched("optim_step", "m", "a1"), after_success=True)  # type: ignore[arg-type]
+    assert sched.submit("a", 1, step).result(timeout=30) == ("optim_step", "a1")
+    sched.skip("a", 2)
+    unrun = Job(Batched("optim_step", "m", "a3"), after_success=True)  # type: ignore[arg-type]
+    error = sched.submit("a", 3, unrun).exception(timeout=30)
+    assert isinstance(error, ConflictError) and "did not run" in error.message
+    assert backend.calls == [("forward_backward", ["a0"]), ("optim_step", ["a1"])]
+
+
 # ---- through the real engine --------------------------------------------------------------
 
 

@@ -77,6 +77,20 @@ def _training_cost(
     return {"forward_backward": _cost(fb), "optim_step": _cost(step)}
 
 
+def _fused_cost(capacity: int, ranks: tuple[int, ...]) -> tuple[float, float]:
+    """Cost of `train_update` (forward_backward and adam_update as one program) on `_batch`."""
+    table = _table(capacity, ranks)
+    batch, active = _batch(table, ranks)
+    slots = jnp.asarray(active.slots)
+    hyper = {name: jnp.full(len(active.slots), 0.01) for name in ("learning_rate", "beta1", "beta2", "eps")}
+    hyper |= {name: jnp.zeros(len(active.slots)) for name in ("weight_decay", "grad_clip_norm")}
+    return _cost(
+        compiled.train_update.lower(
+            SPEC, BASE, table.lora, table.opt_state, table.accumulator, slots, batch, hyper, LOSS, active.rank
+        )
+    )
+
+
 def _decode_cost(capacity: int, ranks: tuple[int, ...]) -> tuple[float, float]:
     """Cost of compacting the adapters and one decode step of 8 rows (one token each)."""
     table = _table(capacity, ranks)
@@ -102,6 +116,15 @@ def test_idle_slots_cost_nothing_in_training(one_adapter):
         assert one_adapter[4][program][0] == pytest.approx(one_adapter[32][program][0], rel=1e-3), program
     for program in ("forward_backward", "optim_step"):
         assert one_adapter[4][program][1] == pytest.approx(one_adapter[32][program][1], rel=0.02), program
+
+
+def test_the_fused_step_costs_what_its_two_programs_cost_and_nothing_for_idle_slots(one_adapter):
+    fused = {capacity: _fused_cost(capacity, (8,)) for capacity in (4, 32)}
+    separate = [sum(one_adapter[4][program][m] for program in one_adapter[4]) for m in (0, 1)]
+    assert fused[4][0] == pytest.approx(separate[0], rel=0.05), (fused, separate)
+    assert fused[4][1] == pytest.approx(separate[1], rel=0.05), (fused, separate)
+    assert fused[4][0] == pytest.approx(fused[32][0], rel=1e-3)
+    assert fused[4][1] == pytest.approx(fused[32][1], rel=0.02)
 
 
 def test_the_optimizer_writes_its_slots_back_in_place():

@@ -86,7 +86,9 @@ def forward_backward(
 def optim_step(
     session_id: str, body: wire.OptimStep, who: OwnerDep, service: ServiceDep, how: SubmissionDep
 ) -> Response:
-    start = lambda: service.engine.optim_step_and_export(session_id, body.seq, body.adam_params)
+    start = lambda: service.engine.optim_step_and_export(
+        session_id, body.seq, body.adam_params, after_forward=body.after_forward
+    )
     record = service.durable_recorder(session_id, body.seq)
     return _submit(
         service, who, how, "optim_step", session_id, body, start, record=record, encode=_changed, meter=ledger.step
