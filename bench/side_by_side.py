@@ -49,7 +49,7 @@ class Run:
     losses: list[float]
     tokens_per_second: float
     step_cost: tuple[float, float] | None = None
-    """XLA's cost analysis of the compiled forward_backward (FLOPs, bytes accessed), Bios only."""
+    """XLA's cost analysis of the compiled training step (FLOPs, bytes accessed), Bios only."""
 
     def line(self, name: str) -> str:
         rest = statistics.median(self.step_seconds[1:]) if len(self.step_seconds) > 1 else float("nan")
@@ -73,7 +73,7 @@ def run_bios(data: list[types.Datum], prompt: list[int], steps: int) -> Run:
         started = time.perf_counter()
         losses.append(training.train(data, learning_rate=LEARNING_RATE).loss)
         seconds.append(time.perf_counter() - started)
-    cost = forward_backward_cost(lambda: training.train(data, learning_rate=0.0))
+    cost = step_cost(lambda: training.train(data, learning_rate=0.0))
     sampler = training.save_weights_and_get_sampling_client("side-by-side")
     params = types.SamplingParams(max_tokens=SAMPLE_TOKENS, temperature=1.0, seed=0)
 
@@ -87,23 +87,24 @@ def run_bios(data: list[types.Datum], prompt: list[int], steps: int) -> Run:
     return Run(seconds, losses, tokens / elapsed, cost)
 
 
-def forward_backward_cost(step: Callable[[], object]) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) of the forward_backward program that `step` runs, from XLA's cost
-    analysis of the compiled program. XLA counts the body of the layer loop once, not per layer."""
+def step_cost(step: Callable[[], object]) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of the fused training program (`train_update`: forward, backward
+    and Adam update) that `step` runs, from XLA's cost analysis of the compiled program. XLA
+    counts the body of the layer loop once, not per layer."""
     from backends.jax import compiled
 
-    program = compiled.forward_backward
+    program = compiled.train_update
     calls: list[tuple[tuple, dict]] = []
 
     def recorded(*args: object, **kwargs: object) -> object:
         calls.append((args, kwargs))
         return program(*args, **kwargs)
 
-    compiled.forward_backward = recorded  # type: ignore[assignment]
+    compiled.train_update = recorded  # type: ignore[assignment]
     try:
         step()
     finally:
-        compiled.forward_backward = program
+        compiled.train_update = program
     args, kwargs = calls[-1]
     analysis = program.lower(*args, **kwargs).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
@@ -191,7 +192,7 @@ def main() -> None:
     print(f"Bios speed-up: training {ratio:.2f}x, sampling {ours.tokens_per_second / theirs.tokens_per_second:.2f}x")
     if ours.step_cost is not None:
         flops, moved = ours.step_cost
-        print(f"Bios forward_backward program (XLA cost analysis): {flops / 1e9:.2f} GFLOP, {moved / 1e9:.2f} GB")
+        print(f"Bios training step program (XLA cost analysis): {flops / 1e9:.2f} GFLOP, {moved / 1e9:.2f} GB")
     print(f"first-step losses agree to {abs(ours.losses[0] - theirs.losses[0]) / abs(theirs.losses[0]):.1e} (relative)")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
